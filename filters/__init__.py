@@ -1,0 +1,1 @@
+"""Builders for how one service's traffic is shaped in Envoy (listeners, clusters, endpoints, bootstrap)."""

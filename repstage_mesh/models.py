@@ -1,0 +1,180 @@
+"""The domain: services, members, roles and epochs, and the commands that change them.
+
+Everything here is immutable and JSON-serialisable, because commands travel through the
+Raft log and state is snapshotted to disk. Validation lives on the models (pydantic), so the
+REST API, the config file and the Raft log all refuse the same bad input the same way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case DNS label")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ServiceProtocol(StrEnum):
+    """How Envoy handles a service's traffic. redis and postgres are TCP with protocol-aware probes."""
+
+    TCP = "tcp"
+    HTTP = "http"
+    REDIS = "redis"
+    POSTGRES = "postgres"
+
+
+class Role(StrEnum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Member(Frozen):
+    """One replica of a service, reachable at address:port."""
+
+    name: Name
+    address: str = Field(description="IP address or DNS name the proxies connect to")
+    port: Port
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOSTNAME.match(value):
+                raise ValueError("must be an IP address or a DNS name") from None
+        return value
+
+
+class ServiceSpec(Frozen):
+    """What an operator declares about a service (config file or PUT /v1/services/{name})."""
+
+    name: Name
+    protocol: ServiceProtocol = ServiceProtocol.TCP
+    listen_port: Port = Field(description="Envoy listener whose traffic goes only to the primary")
+    read_port: Port | None = Field(default=None, description="optional Envoy listener over all healthy members")
+    members: tuple[Member, ...] = Field(min_length=1)
+    primary: Name | None = Field(default=None, description="initial primary, when known")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSpec:
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError("members: member names must be unique")
+        endpoints = [(m.address, m.port) for m in self.members]
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("members: two members share one address:port")
+        if self.read_port is not None and self.read_port == self.listen_port:
+            raise ValueError("read_port: must differ from listen_port")
+        if self.primary is not None and self.primary not in names:
+            raise ValueError(f"primary: {self.primary!r} is not one of the members {names}")
+        return self
+
+    def member(self, name: str) -> Member | None:
+        for m in self.members:
+            if m.name == name:
+                return m
+        return None
+
+
+class ServiceState(Frozen):
+    """A service as the replicated state holds it: the spec plus who is primary at which epoch."""
+
+    spec: ServiceSpec
+    primary: Name | None = None
+    epoch: int = Field(default=0, ge=0, description="Raft index that committed the current role; only grows")
+    changed_at: int = Field(default=0, ge=0, description="Raft index of the last change to this service")
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def role_of(self, member: str) -> Role:
+        return Role.PRIMARY if member == self.primary else Role.REPLICA
+
+
+class MeshState(Frozen):
+    """The whole replicated state. `index` is the Raft index of the last applied entry."""
+
+    services: dict[str, ServiceState] = Field(default_factory=dict)
+    index: int = 0
+    last_change: int = Field(default=0, description="Raft index of the last entry that changed anything")
+
+    def service(self, name: str) -> ServiceState | None:
+        return self.services.get(name)
+
+
+# --- Commands: every change to MeshState is one of these, committed through the log. ------------
+
+
+class PutService(Frozen):
+    """Define a service, or replace its spec. Keeps the current primary if it is still a member."""
+
+    kind: Literal["put_service"] = "put_service"
+    spec: ServiceSpec
+
+
+class DeleteService(Frozen):
+    kind: Literal["delete_service"] = "delete_service"
+    name: Name
+
+
+class SetPrimary(Frozen):
+    """Claim that `member` is the primary of `service` (None: no primary is known, fail closed).
+
+    `epoch`, when given, is the epoch the claimant asks for: it must be greater than the current
+    epoch (for example current + 1), or the claim is stale and refused. The epoch actually
+    committed is the Raft index of this entry, which is always greater than the current one.
+    """
+
+    kind: Literal["set_primary"] = "set_primary"
+    service: Name
+    member: Name | None
+    epoch: int | None = Field(default=None, ge=1)
+    cause: str = Field(default="announce", max_length=200)
+    trace: dict[str, str] | None = Field(default=None, description="W3C trace context carried through the log")
+
+
+class Noop(Frozen):
+    """Committed by a new leader before it acts (see DESIGN: stale leaders)."""
+
+    kind: Literal["noop"] = "noop"
+    term: int = 0
+    node: str = ""
+
+
+Command = Annotated[PutService | DeleteService | SetPrimary | Noop, Field(discriminator="kind")]
+
+
+class CommandEnvelope(Frozen):
+    """What is written to the log: the command plus a request id for idempotent retries."""
+
+    command: Command
+    request_id: str = ""
+
+
+class Rejection(Frozen):
+    """Why a command changed nothing. `code` maps to an HTTP status in the API."""
+
+    code: Literal["not_found", "stale_epoch", "conflict", "invalid"]
+    message: str
+    field: str | None = None
+
+
+class Outcome(Frozen):
+    """What applying one command produced: the result body, or a rejection."""
+
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    rejection: Rejection | None = None
