@@ -1,0 +1,181 @@
+"""Versioned snapshots of xDS resources, encoded once and shared by every stream.
+
+`cache` decides *what* each node gets (go-control-plane's split): a `Snapshot` is a
+consistent set of resources for one node group at one version. Each resource is encoded to
+`Any` bytes exactly once, when the snapshot is built; streams only frame those bytes.
+
+Versions: a snapshot carries the version its producer gives (RepStage uses the Raft index of
+the last change, so every control-plane replica renders the same version for the same state).
+The `version_info` sent for a type is `<version>-<digest>`, where the digest names the exact
+set of resources sent. A client that comes back with a version whose digest matches what it
+would be sent already has it, whichever replica it talks to, and gets no needless push.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import betterproto2
+
+from . import resources as res
+from . import wire
+
+DIGEST_BYTES = 8
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedResource:
+    """One resource, encoded once: its `Any` bytes, content digest, and what it refers to."""
+
+    type_url: str
+    name: str
+    any_bytes: bytes
+    digest: bytes
+    refs: frozenset[res.Ref] = frozenset()
+    delta_bytes: bytes = b""
+
+    @property
+    def version(self) -> str:
+        """Per-resource version (Delta xDS): the content digest, the same on every replica."""
+        return self.digest.hex()
+
+    @classmethod
+    def from_bytes(
+        cls, type_url: str, name: str, value: bytes, refs: Iterable[res.Ref] = ()
+    ) -> EncodedResource:
+        any_bytes = wire.encode_any(type_url, value)
+        digest = _digest(any_bytes)
+        delta = wire.encode_delta_resource(name, digest.hex(), any_bytes)
+        return cls(type_url, name, any_bytes, digest, frozenset(refs), delta)
+
+    @classmethod
+    def from_message(cls, message: betterproto2.Message, name: str | None = None) -> EncodedResource:
+        type_url = res.type_url_of(message)
+        resource_name = name if name is not None else str(getattr(message, "name", "")) or str(
+            getattr(message, "cluster_name", "")
+        )
+        if not resource_name:
+            raise ValueError(f"{type(message).__name__} has no name")
+        return cls.from_bytes(type_url, resource_name, bytes(message), res.references(type_url, message))
+
+
+def set_digest(items: Iterable[EncodedResource]) -> str:
+    """Digest of a set of resources (order-independent), as used in `version_info`."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for item in sorted(items, key=lambda r: r.name):
+        h.update(item.name.encode())
+        h.update(b"\0")
+        h.update(item.digest)
+    return h.hexdigest()
+
+
+def sotw_version(snapshot_version: str, items: Iterable[EncodedResource]) -> str:
+    return f"{snapshot_version}-{set_digest(items)}"
+
+
+def split_version(version_info: str) -> tuple[int, str]:
+    """(index, digest) of a `version_info` we produced; (-1, "") for anything else."""
+    index, sep, digest = version_info.partition("-")
+    if not sep or not index.isdigit():
+        return -1, ""
+    return int(index), digest
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent set of resources at one version, by type URL then name."""
+
+    version: str
+    resources: Mapping[str, Mapping[str, EncodedResource]]
+    _bodies: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.version.isdigit():
+            raise ValueError(f"snapshot version must be a decimal index, got {self.version!r}")
+
+    @classmethod
+    def build(
+        cls, version: str | int, messages: Mapping[str, Mapping[str, betterproto2.Message]]
+    ) -> Snapshot:
+        """Encode every message once. `messages` is {type_url: {name: message}}."""
+        encoded = {
+            type_url: {name: EncodedResource.from_message(msg, name) for name, msg in sorted(by_name.items())}
+            for type_url, by_name in messages.items()
+        }
+        snap = cls(str(version), encoded)
+        missing = snap.dangling_references()
+        if missing:
+            raise ValueError(f"inconsistent snapshot {version}: missing {sorted(missing)}")
+        return snap
+
+    def get(self, type_url: str) -> Mapping[str, EncodedResource]:
+        return self.resources.get(type_url, {})
+
+    @property
+    def index(self) -> int:
+        return int(self.version)
+
+    def dangling_references(self) -> set[res.Ref]:
+        """References to resources this snapshot does not hold (must be empty)."""
+        missing: set[res.Ref] = set()
+        for by_name in self.resources.values():
+            for item in by_name.values():
+                for ref_type, ref_name in item.refs:
+                    if ref_name not in self.get(ref_type):
+                        missing.add((ref_type, ref_name))
+        return missing
+
+    def sotw_body(self, type_url: str, items: tuple[EncodedResource, ...], version: str) -> bytes:
+        """The shared part of a DiscoveryResponse, memoised per (type, version_info)."""
+        key = (type_url, version)
+        body = self._bodies.get(key)
+        if body is None:
+            body = wire.sotw_body(version, (item.any_bytes for item in items), type_url)
+            self._bodies[key] = body
+        return body
+
+
+Listener = Callable[[str, Snapshot], None]
+
+
+class SnapshotCache:
+    """The current snapshot per node group, and who to tell when one changes.
+
+    `group_of` maps a node (id, cluster) to its group; the default puts every node in one.
+    Callbacks run synchronously in the caller (the event loop thread in the server).
+    """
+
+    def __init__(self, group_of: Callable[[str, str], str] | None = None) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._listeners: dict[str, set[Listener]] = {}
+        self.group_of: Callable[[str, str], str] = group_of or (lambda node_id, cluster: "")
+
+    def set_snapshot(self, group: str, snapshot: Snapshot) -> None:
+        current = self._snapshots.get(group)
+        if current is not None and snapshot.index < current.index:
+            raise ValueError(
+                f"snapshot version would go backwards for group {group!r}: {current.version} -> {snapshot.version}"
+            )
+        self._snapshots[group] = snapshot
+        for listener in list(self._listeners.get(group, ())):
+            listener(group, snapshot)
+
+    def get(self, group: str) -> Snapshot | None:
+        return self._snapshots.get(group)
+
+    def groups(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def watch(self, group: str, listener: Listener) -> Callable[[], None]:
+        self._listeners.setdefault(group, set()).add(listener)
+
+        def cancel() -> None:
+            self._listeners.get(group, set()).discard(listener)
+
+        return cancel

@@ -1,0 +1,405 @@
+"""The xDS stream protocol as a state machine with no I/O (h11 style).
+
+One `SotwStream` or `DeltaStream` per gRPC stream. Feed it what the client said
+(`receive(request)`) and what the cache holds (`update(snapshot)`); it returns actions:
+`Send` a response, and the `Acked` / `Nacked` / `Stale` facts the proxy tracker records. The
+server binds these to grpcio; the tests drive them with hypothesis, without sockets.
+
+What it guarantees (each is a property test in tests/test_xds_protocol.py):
+- nonces are unique per stream;
+- a NACKed content is never sent again to that stream (Envoy keeps its last good config);
+- versions never go backwards on a stream, and a client coming back with a newer version than
+  this replica holds is not sent anything older;
+- ADS ordering: clusters, endpoints, listeners, routes; a cluster (or endpoint, or route) that
+  a listener or cluster the client holds still refers to is kept until the referring
+  resource has been replaced and ACKed, so removals go out after the additions;
+- every route/endpoint name a sent listener or cluster refers to is sent when subscribed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from . import resources as res
+from .cache import EncodedResource, Snapshot, set_digest, sotw_version, split_version
+
+# --- events in -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    id: str
+    cluster: str = ""
+    metadata: Mapping[str, object] = field(default_factory=dict)
+    user_agent: str = ""
+
+
+@dataclass(frozen=True)
+class SotwRequest:
+    type_url: str
+    version_info: str = ""
+    response_nonce: str = ""
+    resource_names: tuple[str, ...] = ()
+    error: str | None = None
+    node: NodeInfo | None = None
+
+
+@dataclass(frozen=True)
+class DeltaRequest:
+    type_url: str
+    subscribe: tuple[str, ...] = ()
+    unsubscribe: tuple[str, ...] = ()
+    initial_versions: Mapping[str, str] = field(default_factory=dict)
+    response_nonce: str = ""
+    error: str | None = None
+    node: NodeInfo | None = None
+
+
+# --- actions out -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send a response. For SotW `version` is version_info and `removed` is empty; for Delta
+    `version` is system_version_info and `resources` are the added or changed ones."""
+
+    type_url: str
+    version: str
+    nonce: str
+    resources: tuple[EncodedResource, ...]
+    removed: tuple[str, ...]
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Acked:
+    type_url: str
+    version: str
+    nonce: str
+
+
+@dataclass(frozen=True)
+class Nacked:
+    type_url: str
+    version: str
+    nonce: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A request naming a nonce that is not the latest: ignored, as the protocol says."""
+
+    type_url: str
+    nonce: str
+
+
+Action = Send | Acked | Nacked | Stale
+
+
+class ProtocolError(Exception):
+    """The client broke the xDS protocol (a remote error): the stream should be closed."""
+
+
+# --- shared machinery ------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    nonce: str
+    version: str
+    resources: dict[str, EncodedResource]  # SotW: the full set sent; Delta: the updated ones
+    removed: tuple[str, ...] = ()
+    previous: dict[str, EncodedResource | None] = field(default_factory=dict)  # Delta: for NACK
+
+
+@dataclass
+class _TypeState:
+    requested: bool = False
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    acked: dict[str, EncodedResource] = field(default_factory=dict)
+    acked_version: str = ""
+    pending: dict[str, _Pending] = field(default_factory=dict)  # by nonce
+    last_nonce: str = ""
+    nacked: set[str] = field(default_factory=set)  # SotW: set digests; Delta: "name:digest"
+    floor: int = -1  # SotW: index of the version the client came back with
+    client_digest: str = ""  # SotW: digest of the version the client came back with
+    held: dict[str, EncodedResource] = field(default_factory=dict)  # Delta: what the client has
+    client_versions: dict[str, str] = field(default_factory=dict)  # Delta: name -> version
+    told_missing: set[str] = field(default_factory=set)  # Delta
+
+
+class _Stream:
+    def __init__(self, snapshot: Snapshot | None = None) -> None:
+        self.snapshot = snapshot
+        self.node: NodeInfo | None = None
+        self.types: dict[str, _TypeState] = {}
+        self._nonces = itertools.count(1)
+
+    def _next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+    def _type(self, type_url: str) -> _TypeState:
+        state = self.types.get(type_url)
+        if state is None:
+            state = self.types[type_url] = _TypeState()
+        return state
+
+    def update(self, snapshot: Snapshot) -> list[Action]:
+        """The cache has a new snapshot for this stream's group."""
+        if self.snapshot is not None and snapshot.index < self.snapshot.index:
+            return []  # never go backwards
+        self.snapshot = snapshot
+        return self._sync()
+
+    def _order(self) -> list[str]:
+        extra = sorted(t for t in self.types if t not in res.ADS_ORDER)
+        return [t for t in (*res.ADS_ORDER, *extra) if t in self.types]
+
+    def _sync(self) -> list[Action]:
+        if self.snapshot is None:
+            return []
+        actions: list[Action] = []
+        for type_url in self._order():
+            action = self._compute(type_url)
+            if action is not None:
+                actions.append(action)
+        return actions
+
+    def _compute(self, type_url: str) -> Send | None:
+        raise NotImplementedError
+
+    def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
+        raise NotImplementedError
+
+    def _referenced(self) -> set[res.Ref]:
+        """Everything some resource the client holds, or is being sent, refers to."""
+        refs: set[res.Ref] = set()
+        for state in self.types.values():
+            for item in self._held_resources(state):
+                refs.update(item.refs)
+        return refs
+
+    def _desired(self, type_url: str, state: _TypeState) -> dict[str, EncodedResource]:
+        assert self.snapshot is not None
+        current = self.snapshot.get(type_url)
+        if state.wildcard:
+            desired = dict(current)
+        else:
+            desired = {name: current[name] for name in state.names if name in current}
+        # Keep what the client holds and still needs: a resource gone from the snapshot that a
+        # held listener, route or cluster still refers to stays until that referrer is gone.
+        referenced = None
+        for item in self._held_resources(state):
+            if item.name in desired or item.name in current:
+                continue
+            if not state.wildcard and item.name not in state.names:
+                continue
+            if referenced is None:
+                referenced = self._referenced()
+            if (type_url, item.name) in referenced:
+                desired[item.name] = item
+        return desired
+
+
+class SotwStream(_Stream):
+    """State-of-the-world xDS over one ADS stream."""
+
+    kind = "sotw"
+
+    def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
+        yield from state.acked.values()
+        for pending in state.pending.values():
+            yield from pending.resources.values()
+
+    def receive(self, request: SotwRequest) -> list[Action]:
+        if request.node is not None and self.node is None:
+            self.node = request.node
+        if not request.type_url:
+            raise ProtocolError("request without type_url")
+        state = self._type(request.type_url)
+        actions: list[Action] = []
+        if request.response_nonce:
+            if request.response_nonce != state.last_nonce:
+                return [Stale(request.type_url, request.response_nonce)]
+            pending = state.pending.pop(request.response_nonce, None)
+            if pending is not None:
+                if request.error is not None:
+                    state.nacked.add(split_version(pending.version)[1])
+                    actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
+                else:
+                    state.acked = pending.resources
+                    state.acked_version = pending.version
+                    actions.append(Acked(request.type_url, pending.version, pending.nonce))
+        elif not state.requested and request.version_info:
+            # A client coming back (after a reconnect, maybe to another replica) with a version.
+            state.floor, state.client_digest = split_version(request.version_info)
+            state.acked_version = request.version_info
+        state.requested = True
+        names = set(request.resource_names)
+        state.wildcard = "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES)
+        state.names = names - {"*"}
+        actions.extend(self._sync())
+        return actions
+
+    def _compute(self, type_url: str) -> Send | None:
+        assert self.snapshot is not None
+        state = self.types[type_url]
+        if not state.requested:
+            return None
+        if self.snapshot.index < state.floor:
+            return None  # this replica is behind what the client already has
+        desired = self._desired(type_url, state)
+        items = tuple(desired[name] for name in sorted(desired))
+        digest = set_digest(items)
+        if state.client_digest:
+            # First look after a reconnect: does the client already hold exactly this?
+            came_back_with, state.client_digest = state.client_digest, ""
+            if came_back_with == digest:
+                state.acked = desired
+                return None
+        if state.pending:
+            latest = state.pending[state.last_nonce]
+            if split_version(latest.version)[1] == digest:
+                return None  # already on its way
+        elif state.acked_version and split_version(state.acked_version)[1] == digest:
+            return None  # the client has it
+        if digest in state.nacked:
+            return None  # rejected once: never again to this client
+        version = sotw_version(self.snapshot.version, items)
+        nonce = self._next_nonce()
+        state.last_nonce = nonce
+        state.pending = {nonce: _Pending(nonce, version, desired)}  # only the latest counts
+        return Send(type_url, version, nonce, items, (), self.snapshot)
+
+
+class DeltaStream(_Stream):
+    """Incremental (Delta) xDS over one ADS stream."""
+
+    kind = "delta"
+
+    def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
+        yield from state.held.values()
+        yield from state.acked.values()
+
+    def receive(self, request: DeltaRequest) -> list[Action]:
+        if request.node is not None and self.node is None:
+            self.node = request.node
+        if not request.type_url:
+            raise ProtocolError("request without type_url")
+        state = self._type(request.type_url)
+        actions: list[Action] = []
+        if request.response_nonce:
+            pending = state.pending.pop(request.response_nonce, None)
+            if pending is None:
+                actions.append(Stale(request.type_url, request.response_nonce))
+            elif request.error is not None:
+                for name, before in pending.previous.items():
+                    item = pending.resources.get(name)
+                    if item is not None:
+                        state.nacked.add(f"{name}:{item.version}")
+                    if before is None:
+                        state.held.pop(name, None)
+                        state.client_versions.pop(name, None)
+                    else:
+                        state.held[name] = before
+                        state.client_versions[name] = before.version
+                actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
+            else:
+                for name in pending.removed:
+                    state.acked.pop(name, None)
+                state.acked.update(pending.resources)
+                state.acked_version = pending.version
+                actions.append(Acked(request.type_url, pending.version, pending.nonce))
+        if not state.requested:
+            state.requested = True
+            state.client_versions.update(request.initial_versions)
+            subscribe = set(request.subscribe)
+            state.wildcard = not subscribe or "*" in subscribe
+        subscribe = set(request.subscribe)
+        if "*" in subscribe:
+            state.wildcard = True
+        if "*" in request.unsubscribe:
+            state.wildcard = False
+        state.names |= subscribe - {"*"}
+        for name in request.unsubscribe:
+            state.names.discard(name)
+            state.told_missing.discard(name)
+            if not state.wildcard:
+                state.held.pop(name, None)
+                state.client_versions.pop(name, None)
+        state.told_missing -= subscribe  # a new subscription is answered afresh
+        actions.extend(self._sync())
+        return actions
+
+    def _compute(self, type_url: str) -> Send | None:
+        assert self.snapshot is not None
+        state = self.types[type_url]
+        if not state.requested:
+            return None
+        desired = self._desired(type_url, state)
+        updates: dict[str, EncodedResource] = {}
+        for name in sorted(desired):
+            item = desired[name]
+            if state.client_versions.get(name) == item.version:
+                state.held.setdefault(name, item)
+                continue
+            if f"{name}:{item.version}" in state.nacked:
+                continue
+            updates[name] = item
+        removed = [name for name in sorted(state.client_versions) if name not in desired]
+        current = self.snapshot.get(type_url)
+        missing = sorted(
+            name for name in state.names
+            if name not in current and name not in desired and name not in state.client_versions
+            and name not in state.told_missing
+        )
+        if not updates and not removed and not missing:
+            return None
+        nonce = self._next_nonce()
+        previous: dict[str, EncodedResource | None] = {}
+        for name, item in updates.items():
+            previous[name] = state.held.get(name)
+            state.held[name] = item
+            state.client_versions[name] = item.version
+        for name in removed:
+            previous[name] = state.held.pop(name, None)
+            state.client_versions.pop(name, None)
+        state.told_missing.update(missing)
+        version = self.snapshot.version
+        all_removed = tuple(removed + missing)
+        state.pending[nonce] = _Pending(nonce, version, updates, all_removed, previous)
+        return Send(type_url, version, nonce, tuple(updates.values()), all_removed, self.snapshot)
+
+
+def digest_of(resources: Mapping[str, EncodedResource]) -> str:
+    return set_digest(resources.values())
+
+
+# --- sync state, for the tracker ---------------------------------------------------------------
+
+
+def type_sync_state(stream: SotwStream | DeltaStream, type_url: str) -> str:
+    """'synced', 'pending' (a response is in flight), 'nacked' (the client refused the current
+    content and keeps an older one), 'behind' (something newer is not yet sent) or 'idle'."""
+    state = stream.types.get(type_url)
+    if state is None or not state.requested or stream.snapshot is None:
+        return "idle"
+    if state.pending:
+        return "pending"
+    desired = stream._desired(type_url, state)
+    if isinstance(stream, SotwStream):
+        digest = set_digest(desired.values())
+        if state.acked_version and split_version(state.acked_version)[1] == digest:
+            return "synced"
+        return "nacked" if digest in state.nacked else "behind"
+    stale = [n for n, item in desired.items() if state.client_versions.get(n) != item.version]
+    extra = [n for n in state.client_versions if n not in desired]
+    if not stale and not extra:
+        return "synced"
+    if all(f"{n}:{desired[n].version}" in state.nacked for n in stale) and not extra:
+        return "nacked"
+    return "behind"

@@ -1,0 +1,201 @@
+"""grpcio (asyncio) binding of the ADS service: `StreamAggregatedResources` (SotW) and
+`DeltaAggregatedResources` (Delta) of envoy.service.discovery.v3.AggregatedDiscoveryService.
+
+`server` decides *how* things are sent (go-control-plane's split). Requests are parsed with
+envoy-data-plane's types; responses are framed from bytes the cache encoded once, so the
+per-stream cost of a push is a nonce and a concatenation. Each stream is one reader (the RPC
+handler) and one writer task draining a queue, so pushes from the cache never block on a
+slow proxy and never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from envoy_data_plane.envoy.config.core.v3 import Node
+from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
+from grpc import aio
+
+from . import wire
+from .cache import SnapshotCache
+from .protocol import (
+    Action,
+    DeltaRequest,
+    DeltaStream,
+    NodeInfo,
+    ProtocolError,
+    Send,
+    SotwRequest,
+    SotwStream,
+)
+from .tracker import ProxyTracker
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+_GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def node_info(node: Node | None) -> NodeInfo | None:
+    if node is None:
+        return None
+    metadata: dict[str, object] = {}
+    if node.metadata is not None:
+        try:
+            metadata = dict(node.metadata.to_dict())
+        except Exception:  # metadata is informative only
+            metadata = {}
+    return NodeInfo(id=node.id, cluster=node.cluster, metadata=metadata, user_agent=node.user_agent_name)
+
+
+def parse_sotw(data: bytes) -> SotwRequest:
+    msg = DiscoveryRequest.parse(data)
+    return SotwRequest(
+        type_url=msg.type_url,
+        version_info=msg.version_info,
+        response_nonce=msg.response_nonce,
+        resource_names=tuple(msg.resource_names),
+        error=None if msg.error_detail is None else (msg.error_detail.message or f"code {msg.error_detail.code}"),
+        node=node_info(msg.node),
+    )
+
+
+def parse_delta(data: bytes) -> DeltaRequest:
+    msg = DeltaDiscoveryRequest.parse(data)
+    return DeltaRequest(
+        type_url=msg.type_url,
+        subscribe=tuple(msg.resource_names_subscribe),
+        unsubscribe=tuple(msg.resource_names_unsubscribe),
+        initial_versions=dict(msg.initial_resource_versions),
+        response_nonce=msg.response_nonce,
+        error=None if msg.error_detail is None else (msg.error_detail.message or f"code {msg.error_detail.code}"),
+        node=node_info(msg.node),
+    )
+
+
+def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
+    if delta:
+        return wire.delta_response(
+            send.version,
+            (item.delta_bytes for item in send.resources),
+            send.type_url,
+            send.removed,
+            send.nonce,
+            control_plane_id,
+        )
+    body = send.snapshot.sotw_body(send.type_url, send.resources, send.version)
+    return body + wire.sotw_tail(send.nonce, control_plane_id)
+
+
+class AdsServer:
+    """Serves ADS from a SnapshotCache; records every stream in a ProxyTracker."""
+
+    def __init__(self, cache: SnapshotCache, tracker: ProxyTracker, control_plane_id: str = "") -> None:
+        self.cache = cache
+        self.tracker = tracker
+        self.control_plane_id = control_plane_id
+        self._ids = itertools.count(1)
+        self._server: aio.Server | None = None
+        self.port: int | None = None
+        self.streams: dict[int, SotwStream | DeltaStream] = {}
+        self.accepting = True
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(self._sotw),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(self._delta),
+            },
+        )
+
+    async def start(self, host: str, port: int) -> int:
+        server = aio.server(options=_GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((self.handler(),))
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"xDS: cannot listen on {host}:{port} (address in use or not available)")
+        await server.start()
+        self._server, self.port = server, bound
+        log.info("xDS (ADS, SotW and Delta) listening on %s:%d", host, bound)
+        return bound
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def _sotw(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> None:
+        await self._serve(requests, context, SotwStream(), parse_sotw)
+
+    async def _delta(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> None:
+        await self._serve(requests, context, DeltaStream(), parse_delta)
+
+    async def _serve(
+        self,
+        requests: AsyncIterator[bytes],
+        context: aio.ServicerContext,
+        stream: SotwStream | DeltaStream,
+        parse: Callable[[bytes], Any],
+    ) -> None:
+        stream_id = next(self._ids)
+        delta = isinstance(stream, DeltaStream)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        writer = asyncio.create_task(self._write(context, queue))
+        cancel_watch: Callable[[], None] | None = None
+
+        def emit(actions: list[Action]) -> None:
+            for action in actions:
+                if isinstance(action, Send):
+                    queue.put_nowait(frame(action, self.control_plane_id, delta))
+            self.tracker.record(stream_id, actions)
+
+        try:
+            async for data in requests:
+                try:
+                    request = parse(data)
+                except Exception as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse request: {exc}")
+                    return
+                if cancel_watch is None:
+                    node = request.node or NodeInfo(id=f"unknown-{stream_id}")
+                    group = self.cache.group_of(node.id, node.cluster)
+                    snapshot = self.cache.get(group)
+                    if snapshot is not None:
+                        stream.snapshot = snapshot
+                    self.streams[stream_id] = stream
+                    self.tracker.connect(stream_id, node, stream)
+                    cancel_watch = self.cache.watch(group, lambda _g, snap: emit(stream.update(snap)))
+                try:
+                    emit(stream.receive(request))
+                except ProtocolError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return
+                if writer.done():
+                    break
+        except asyncio.CancelledError:
+            raise
+        finally:
+            if cancel_watch is not None:
+                cancel_watch()
+            writer.cancel()
+            self.streams.pop(stream_id, None)
+            self.tracker.disconnect(stream_id)
+
+    @staticmethod
+    async def _write(context: aio.ServicerContext, queue: asyncio.Queue[bytes]) -> None:
+        while True:
+            data = await queue.get()
+            await context.write(data)

@@ -1,0 +1,192 @@
+"""Who is connected, and what each proxy was sent, ACKed and NACKed, per type.
+
+Fed by the server with the protocol's actions; read by the REST API (`/v1/proxies`), by
+metrics, and by whoever needs to wait for proxies to follow (break-before-make, failover
+traces) through observers. No I/O here; the clock is passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import resources as res
+from .cache import split_version
+from .protocol import (
+    Acked,
+    Action,
+    DeltaStream,
+    Nacked,
+    NodeInfo,
+    Send,
+    SotwStream,
+    Stale,
+    type_sync_state,
+)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class TypeStatus:
+    sent_version: str = ""
+    sent_nonce: str = ""
+    sent_at: float | None = None
+    acked_version: str = ""
+    acked_at: float | None = None
+    nacked_version: str = ""
+    nacked_at: float | None = None
+    error: str = ""
+    last_ack_latency: float | None = None
+    stale_requests: int = 0
+    _sent_times: dict[str, float] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ProxyRecord:
+    stream_id: int
+    node: NodeInfo
+    kind: str
+    control_plane: str
+    connected_at: float
+    stream: SotwStream | DeltaStream
+    disconnected_at: float | None = None
+    types: dict[str, TypeStatus] = field(default_factory=dict)
+
+    @property
+    def connected(self) -> bool:
+        return self.disconnected_at is None
+
+    def status(self, type_url: str) -> TypeStatus:
+        st = self.types.get(type_url)
+        if st is None:
+            st = self.types[type_url] = TypeStatus()
+        return st
+
+    def synced(self, min_index: int = 0) -> bool:
+        """True when every type the proxy asked for holds what this replica would send, from a
+        snapshot at index >= min_index (a NACKed type counts: it will not move)."""
+        snap = self.stream.snapshot
+        if snap is None or snap.index < min_index:
+            return False
+        return all(
+            type_sync_state(self.stream, t) in ("synced", "nacked", "idle") for t in self.stream.types
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        snap = self.stream.snapshot
+        types: dict[str, Any] = {}
+        for type_url, st in sorted(self.types.items()):
+            sync = type_sync_state(self.stream, type_url)
+            types[res.short_name(type_url)] = {
+                "type_url": type_url,
+                "sent_version": st.sent_version or None,
+                "sent_at": st.sent_at,
+                "acked_version": st.acked_version or None,
+                "acked_at": st.acked_at,
+                "nacked_version": st.nacked_version or None,
+                "nacked_at": st.nacked_at,
+                "error": st.error or None,
+                "last_ack_latency_seconds": st.last_ack_latency,
+                "sync": sync,
+                "behind": sync in ("behind", "pending"),
+            }
+        return {
+            "node_id": self.node.id,
+            "cluster": self.node.cluster,
+            "metadata": dict(self.node.metadata),
+            "user_agent": self.node.user_agent,
+            "stream_id": self.stream_id,
+            "stream_kind": self.kind,
+            "control_plane": self.control_plane,
+            "connected": self.connected,
+            "connected_at": self.connected_at,
+            "disconnected_at": self.disconnected_at,
+            "snapshot_version": snap.version if snap else None,
+            "synced": self.synced(),
+            "types": types,
+        }
+
+
+class TrackerObserver(Protocol):
+    """Hooks for metrics and traces. Every method is optional in spirit: implement all."""
+
+    def on_connect(self, record: ProxyRecord) -> None: ...
+    def on_disconnect(self, record: ProxyRecord) -> None: ...
+    def on_send(self, record: ProxyRecord, send: Send) -> None: ...
+    def on_ack(self, record: ProxyRecord, ack: Acked, latency: float | None) -> None: ...
+    def on_nack(self, record: ProxyRecord, nack: Nacked) -> None: ...
+
+
+class ProxyTracker:
+    def __init__(self, control_plane: str = "", clock: Clock = time.time, keep_disconnected: float = 600.0) -> None:
+        self.control_plane = control_plane
+        self.clock = clock
+        self.keep_disconnected = keep_disconnected
+        self.records: dict[int, ProxyRecord] = {}
+        self.observers: list[TrackerObserver] = []
+
+    def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream) -> ProxyRecord:
+        self._prune()
+        record = ProxyRecord(stream_id, node, stream.kind, self.control_plane, self.clock(), stream)
+        self.records[stream_id] = record
+        for obs in self.observers:
+            obs.on_connect(record)
+        return record
+
+    def disconnect(self, stream_id: int) -> None:
+        record = self.records.get(stream_id)
+        if record is None or record.disconnected_at is not None:
+            return
+        record.disconnected_at = self.clock()
+        for obs in self.observers:
+            obs.on_disconnect(record)
+
+    def record(self, stream_id: int, actions: list[Action]) -> None:
+        record = self.records.get(stream_id)
+        if record is None:
+            return
+        now = self.clock()
+        for action in actions:
+            st = record.status(action.type_url)
+            if isinstance(action, Send):
+                st.sent_version, st.sent_nonce, st.sent_at = action.version, action.nonce, now
+                st._sent_times[action.nonce] = now
+                if len(st._sent_times) > 16:
+                    st._sent_times.pop(next(iter(st._sent_times)))
+                for obs in self.observers:
+                    obs.on_send(record, action)
+            elif isinstance(action, Acked):
+                st.acked_version, st.acked_at = action.version, now
+                sent = st._sent_times.pop(action.nonce, None)
+                st.last_ack_latency = None if sent is None else now - sent
+                for obs in self.observers:
+                    obs.on_ack(record, action, st.last_ack_latency)
+            elif isinstance(action, Nacked):
+                st.nacked_version, st.nacked_at, st.error = action.version, now, action.error
+                st._sent_times.pop(action.nonce, None)
+                for obs in self.observers:
+                    obs.on_nack(record, action)
+            elif isinstance(action, Stale):
+                st.stale_requests += 1
+
+    def connected(self) -> list[ProxyRecord]:
+        return [r for r in self.records.values() if r.connected]
+
+    def unsynced(self, min_index: int) -> list[ProxyRecord]:
+        return [r for r in self.connected() if not r.synced(min_index)]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        self._prune()
+        return [r.to_dict() for r in sorted(self.records.values(), key=lambda r: (r.node.id, r.stream_id))]
+
+    def _prune(self) -> None:
+        horizon = self.clock() - self.keep_disconnected
+        for sid in [s for s, r in self.records.items() if r.disconnected_at is not None and r.disconnected_at < horizon]:
+            del self.records[sid]
+
+
+def version_index(version: str) -> int:
+    return split_version(version)[0]
