@@ -130,6 +130,7 @@ class _TypeState:
     held: dict[str, EncodedResource] = field(default_factory=dict)  # Delta: what the client has
     client_versions: dict[str, str] = field(default_factory=dict)  # Delta: name -> version
     told_missing: set[str] = field(default_factory=set)  # Delta
+    sent: dict[str, str] = field(default_factory=dict)  # SotW: recent nonce -> version
 
 
 class _Stream:
@@ -202,7 +203,46 @@ class _Stream:
                 referenced = self._referenced()
             if (type_url, item.name) in referenced:
                 desired[item.name] = item
+        if type_url in _GATED:
+            self._gate(type_url, state, desired)
         return desired
+
+    def _gate(self, type_url: str, state: _TypeState, desired: dict[str, EncodedResource]) -> None:
+        """A listener or route goes out only once the clusters it names were ACKed by the
+        client: if the cluster update is NACKed, the client keeps a consistent older config
+        instead of a listener pointing at nothing. Held back, the client keeps its version."""
+        for name, item in list(desired.items()):
+            if all(self._confirmed(ref_type, ref_name) for ref_type, ref_name in item.refs if ref_type == res.CLUSTER):
+                continue
+            older = self._client_copy(state, name)
+            if older is not None:
+                desired[name] = older
+            else:
+                del desired[name]
+
+    def _confirmed(self, type_url: str, name: str) -> bool:
+        state = self.types.get(type_url)
+        if state is None or not state.requested:
+            return True  # the client does not get this type from us: nothing to wait for
+        in_flight = any(
+            name in pending.resources or name in pending.removed for pending in state.pending.values()
+        )
+        if in_flight:
+            return False  # whatever the client has now may change with the response in flight
+        return name in state.acked or self._confirmed_otherwise(state, name)
+
+    def _confirmed_otherwise(self, state: _TypeState, name: str) -> bool:
+        return False
+
+    def _client_copy(self, state: _TypeState, name: str) -> EncodedResource | None:
+        """The version of `name` the client has (or is being sent), if any."""
+        if state.pending:
+            return state.pending[state.last_nonce].resources.get(name)
+        return state.acked.get(name)
+
+
+_SENT_HISTORY = 32
+_GATED = frozenset({res.LISTENER, res.ROUTE})
 
 
 class SotwStream(_Stream):
@@ -224,6 +264,12 @@ class SotwStream(_Stream):
         actions: list[Action] = []
         if request.response_nonce:
             if request.response_nonce != state.last_nonce:
+                # Ignored, as the protocol says; but a rejection of content we sent is
+                # remembered, so that content is never sent to this client again.
+                rejected = state.sent.get(request.response_nonce)
+                if request.error is not None and rejected is not None:
+                    state.nacked.add(split_version(rejected)[1])
+                    return [Nacked(request.type_url, rejected, request.response_nonce, request.error)]
                 return [Stale(request.type_url, request.response_nonce)]
             pending = state.pending.pop(request.response_nonce, None)
             if pending is not None:
@@ -273,6 +319,9 @@ class SotwStream(_Stream):
         nonce = self._next_nonce()
         state.last_nonce = nonce
         state.pending = {nonce: _Pending(nonce, version, desired)}  # only the latest counts
+        state.sent[nonce] = version
+        if len(state.sent) > _SENT_HISTORY:
+            del state.sent[next(iter(state.sent))]
         return Send(type_url, version, nonce, items, (), self.snapshot)
 
 
@@ -284,6 +333,15 @@ class DeltaStream(_Stream):
     def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
         yield from state.held.values()
         yield from state.acked.values()
+        for pending in state.pending.values():
+            yield from pending.resources.values()
+
+    def _client_copy(self, state: _TypeState, name: str) -> EncodedResource | None:
+        return state.held.get(name)
+
+    def _confirmed_otherwise(self, state: _TypeState, name: str) -> bool:
+        # After a reconnect the client names what it has in initial_resource_versions.
+        return name in state.client_versions
 
     def receive(self, request: DeltaRequest) -> list[Action]:
         if request.node is not None and self.node is None:

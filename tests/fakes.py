@@ -1,0 +1,271 @@
+"""In-memory test doubles: FakePlane implements repstage_mesh.plane.ControlPlane.
+
+FakePlane applies commands with `repstage_mesh.state.apply` when that module exists, else with
+the small state machine below (same rules: epochs only grow, stale claims are refused). Knobs:
+`fail` (an exception submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
+
+LiveApi runs the REST API for a FakePlane on a free loopback port in a background thread, for
+clients that are synchronous (the CLI, schemathesis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+
+from repstage_mesh.api import Operation, bound_port, build_app, start_api
+from repstage_mesh.api_models import ApiSettings
+from repstage_mesh.models import (
+    Command,
+    DeleteService,
+    MeshState,
+    Noop,
+    Outcome,
+    PutService,
+    Rejection,
+    ServiceSpec,
+    ServiceState,
+    SetPrimary,
+)
+
+Apply = Callable[[MeshState, Command, int], tuple[MeshState, Outcome]]
+
+
+def _reject(code: Any, message: str, field: str | None = None) -> Outcome:
+    return Outcome(ok=False, rejection=Rejection(code=code, message=message, field=field))
+
+
+def simple_apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Outcome]:
+    """A minimal state machine with the rules the API relies on."""
+    services = dict(state.services)
+    advanced = state.model_copy(update={"index": index})
+    if isinstance(command, Noop):
+        return advanced, Outcome(ok=True)
+    if isinstance(command, PutService):
+        spec = command.spec
+        old = services.get(spec.name)
+        if old is None:
+            primary = spec.primary
+            services[spec.name] = ServiceState(
+                spec=spec, primary=primary, epoch=index if primary else 0, changed_at=index
+            )
+        else:
+            keep = old.primary if old.primary and spec.member(old.primary) else None
+            epoch = old.epoch if keep == old.primary else index
+            services[spec.name] = ServiceState(
+                spec=spec, primary=keep, epoch=epoch, changed_at=index
+            )
+        new = state.model_copy(update={"index": index, "last_change": index, "services": services})
+        return new, Outcome(ok=True, result={"created": old is None})
+    if isinstance(command, DeleteService):
+        if command.name not in services:
+            return advanced, _reject("not_found", f"service {command.name!r} not found", "name")
+        del services[command.name]
+        new = state.model_copy(update={"index": index, "last_change": index, "services": services})
+        return new, Outcome(ok=True, result={"index": index})
+    assert isinstance(command, SetPrimary)
+    svc = services.get(command.service)
+    if svc is None:
+        return advanced, _reject("not_found", f"service {command.service!r} not found", "service")
+    if command.member is not None and svc.spec.member(command.member) is None:
+        return advanced, _reject(
+            "not_found", f"member {command.member!r} is not a member of {svc.name!r}", "member"
+        )
+    if command.epoch is not None and command.epoch <= svc.epoch:
+        return advanced, _reject(
+            "stale_epoch",
+            f"epoch {command.epoch} is not greater than the current epoch {svc.epoch}",
+            "epoch",
+        )
+    previous = svc.primary
+    if command.member == previous and command.epoch is None:
+        result = {
+            "primary": previous,
+            "epoch": svc.epoch,
+            "previous_primary": previous,
+            "changed": False,
+        }
+        return advanced, Outcome(ok=True, result=result)
+    services[svc.name] = svc.model_copy(
+        update={"primary": command.member, "epoch": index, "changed_at": index}
+    )
+    new = state.model_copy(update={"index": index, "last_change": index, "services": services})
+    result = {
+        "primary": command.member,
+        "epoch": index,
+        "previous_primary": previous,
+        "changed": True,
+    }
+    return new, Outcome(ok=True, result=result)
+
+
+def _pick_apply() -> Apply:
+    try:
+        from repstage_mesh.state import apply  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return simple_apply
+    return apply  # type: ignore[no-any-return, unused-ignore]
+
+
+class FakePlane:
+    """ControlPlane in memory."""
+
+    def __init__(
+        self,
+        node_id: str = "node-1",
+        services: Iterable[ServiceSpec] = (),
+        apply: Apply | None = None,
+    ):
+        self._node_id = node_id
+        self._apply = apply or _pick_apply()
+        self._state = MeshState()
+        self._registry = CollectorRegistry()
+        self._commits = Counter(
+            "repstage_fake_commits", "commands applied by the fake plane", registry=self._registry
+        )
+        self.fail: BaseException | None = None
+        self.is_ready = True
+        self.proxy_list: list[dict[str, Any]] = []
+        self.cluster_view: dict[str, Any] = {
+            "leader": node_id,
+            "term": 1,
+            "peers": [],
+            "quorum": True,
+        }
+        self.submitted: list[Command] = []
+        for spec in services:
+            self._commit(PutService(spec=spec))
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def state(self) -> MeshState:
+        return self._state
+
+    def _commit(self, command: Command) -> Outcome:
+        self._state, outcome = self._apply(self._state, command, self._state.index + 1)
+        self._commits.inc()
+        return outcome
+
+    async def submit(self, command: Command, timeout: float = 5.0) -> Outcome:
+        self.submitted.append(command)
+        if self.fail is not None:
+            raise self.fail
+        return self._commit(command)
+
+    def proxies(self) -> list[dict[str, Any]]:
+        return list(self.proxy_list)
+
+    def cluster(self) -> dict[str, Any]:
+        return {
+            **self.cluster_view,
+            "commit_index": self._state.index,
+            "applied_index": self._state.index,
+        }
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+
+def orders_spec(**overrides: Any) -> ServiceSpec:
+    data: dict[str, Any] = {
+        "name": "orders",
+        "protocol": "tcp",
+        "listen_port": 15000,
+        "read_port": 15001,
+        "members": [
+            {"name": "a", "address": "127.0.0.1", "port": 9001},
+            {"name": "b", "address": "127.0.0.1", "port": 9002},
+        ],
+        "primary": "a",
+    }
+    data.update(overrides)
+    return ServiceSpec.model_validate(data)
+
+
+# One proxy as the xDS tracker reports it (xds/tracker.py ProxyRecord.to_dict), with a NACK.
+PROXY = {
+    "node_id": "envoy-1",
+    "cluster": "edge",
+    "stream_kind": "delta",
+    "control_plane": "node-1",
+    "connected": True,
+    "synced": False,
+    "types": {
+        "cds": {
+            "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            "acked_version": "7",
+        },
+        "lds": {
+            "type_url": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "acked_version": "6",
+            "nacked_version": "7",
+            "error": "duplicate listener port",
+        },
+    },
+}
+
+
+class LiveApi:
+    """The REST API for `plane` on 127.0.0.1:<free port>, served from a background thread."""
+
+    def __init__(
+        self,
+        plane: FakePlane,
+        settings: ApiSettings | None = None,
+        extra_operations: Sequence[Operation] = (),
+    ) -> None:
+        self.plane = plane
+        self.extra_operations = extra_operations
+        self.settings = settings or ApiSettings(listen="127.0.0.1:0")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="live-api", daemon=True)
+        self._runner: Any = None
+        self.url = ""
+
+    def __enter__(self) -> LiveApi:
+        self._thread.start()
+        try:
+            future: Future[Any] = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+            self._runner = future.result(timeout=10)
+            self.url = f"http://127.0.0.1:{bound_port(self._runner)}"
+        except BaseException:
+            self._stop_loop()
+            raise
+        return self
+
+    async def _start(self) -> Any:
+        app = build_app(self.plane, self.settings, self.extra_operations)
+        return await start_api(app, "127.0.0.1", 0)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the server's loop (to touch the plane without racing the handlers)."""
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=10)
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._runner is not None:
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(
+                    timeout=10
+                )
+        finally:
+            self._stop_loop()

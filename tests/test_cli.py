@@ -1,0 +1,342 @@
+"""The CLI against a live API (FakePlane on a free loopback port), in table and JSON form."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from fakes import PROXY, FakePlane, LiveApi, orders_spec
+from pydantic import BaseModel
+
+from repstage_mesh import cli
+from repstage_mesh.api import Operation
+from repstage_mesh.api_models import ApiSettings
+from repstage_mesh.api_openapi import ListOf
+
+RW = "cli-rw-token-123"
+RO = "cli-ro-token-456"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REPSTAGE_API", raising=False)
+    monkeypatch.delenv("REPSTAGE_TOKEN", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture
+def plane() -> FakePlane:
+    p = FakePlane(services=[orders_spec()])
+    p.proxy_list = [PROXY]
+    return p
+
+
+@pytest.fixture
+def live(plane: FakePlane) -> Iterator[LiveApi]:
+    with LiveApi(plane) as server:
+        yield server
+
+
+@pytest.fixture
+def secured(plane: FakePlane) -> Iterator[LiveApi]:
+    settings = ApiSettings.model_validate(
+        {"listen": "127.0.0.1:0", "tokens": {"read_write": [RW], "read_only": [RO]}}
+    )
+    with LiveApi(plane, settings) as server:
+        yield server
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- status / services / proxies ------------------------------------------------------------------
+
+
+def test_status_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "status", "--api", live.url)
+    assert code == 0, err
+    for text in (
+        "Cluster",
+        "node-1",
+        "orders",
+        "a*",
+        "envoy-1",
+        "duplicate listener port",
+        "nacked",
+    ):
+        assert text in out, text
+
+    code, out, _ = run(capsys, "--json", "status", "--api", live.url)
+    assert code == 0
+    data = json.loads(out)
+    assert data["cluster"]["leader"] == "node-1"
+    assert [s["name"] for s in data["services"]] == ["orders"]
+    assert data["proxies"][0]["types"]["lds"]["error"] == "duplicate listener port"
+    assert data["applied_index"] == live.plane.state().index
+
+
+def test_services_list_and_get(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "services", "--api", live.url)
+    assert code == 0
+    assert "orders" in out and "15000 (read 15001)" in out
+
+    code, out, _ = run(capsys, "services", "list", "--json", "--api", live.url)
+    assert json.loads(out)["services"][0]["primary"] == "a"
+
+    code, out, _ = run(capsys, "services", "get", "orders", "--api", live.url)
+    assert code == 0
+    assert "Members" in out and "primary" in out and "replica" in out and "9002" in out
+
+    code, out, _ = run(capsys, "services", "get", "orders", "--json", "--api", live.url)
+    view = json.loads(out)
+    assert {m["name"]: m["role"] for m in view["members"]} == {"a": "primary", "b": "replica"}
+
+
+def test_services_get_unknown_prints_error_with_field(
+    live: LiveApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "services", "get", "nope", "--api", live.url)
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: service 'nope' not found")
+    assert "(field: name)" in err
+
+
+def test_proxies_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "proxies", "--api", live.url)
+    assert code == 0
+    assert "envoy-1" in out and "cds 7, lds 6" in out and "lds 7: duplicate listener port" in out
+
+    code, out, _ = run(capsys, "proxies", "--json", "--api", live.url)
+    assert json.loads(out)[0]["node_id"] == "envoy-1"
+
+
+def test_proxies_empty(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    live.call(lambda: setattr(live.plane, "proxy_list", []))
+    code, out, _ = run(capsys, "proxies", "--api", live.url)
+    assert code == 0 and "no proxies connected" in out
+
+
+# --- switchover -----------------------------------------------------------------------------------
+
+
+def test_switchover_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "switchover", "orders", "--to", "b", "--api", live.url)
+    assert code == 0, err
+    assert "primary a → b at epoch" in out
+    assert live.call(lambda: live.plane.state().service("orders").primary) == "b"  # type: ignore[union-attr]
+
+    code, out, _ = run(capsys, "switchover", "orders", "--to", "b", "--api", live.url)
+    assert "already b" in out and "nothing changed" in out
+
+    code, out, _ = run(capsys, "switchover", "orders", "--no-primary", "--json", "--api", live.url)
+    change = json.loads(out)
+    assert (change["primary"], change["previous_primary"], change["changed"]) == (None, "b", True)
+
+
+def test_switchover_stale_epoch_is_refused(
+    live: LiveApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        capsys, "switchover", "orders", "--to", "b", "--epoch", "1", "--api", live.url
+    )
+    assert code == 1
+    assert "not greater than" in err or "stale" in err, err
+    assert "(field: epoch)" in err
+    assert live.call(lambda: live.plane.state().service("orders").primary) == "a"  # type: ignore[union-attr]
+
+
+def test_switchover_unknown_member(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "switchover", "orders", "--to", "zz", "--api", live.url)
+    assert code == 1 and "(field: member)" in err
+
+
+def test_switchover_usage_error_is_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "switchover", "orders")
+    assert code == 2 and "--to" in err
+    code, _, _ = run(capsys, "--help")
+    assert code == 0
+
+
+# --- failovers ------------------------------------------------------------------------------------
+
+
+class FailoverItem(BaseModel):
+    service: str
+    from_member: str | None
+    to_member: str | None
+    epoch: int
+    cause: str
+
+
+async def _failovers(request: web.Request) -> web.Response:
+    item = FailoverItem(
+        service="orders", from_member="a", to_member="b", epoch=3, cause="probe: a down"
+    )
+    return web.json_response([item.model_dump()])
+
+
+FAILOVERS = Operation(
+    "GET", "/v1/failovers", "listFailovers", "Recent failovers", _failovers,
+    {200: ("failovers", ListOf(FailoverItem))}, tag="failovers",
+)  # fmt: skip
+
+
+def test_failovers_when_the_server_has_them(
+    plane: FakePlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with LiveApi(plane, extra_operations=[FAILOVERS]) as server:
+        code, out, err = run(capsys, "failovers", "--api", server.url)
+        assert code == 0, err
+        assert "Failovers" in out and "probe: a down" in out and "FROM_MEMBER" in out
+        code, out, _ = run(capsys, "failovers", "--json", "--api", server.url)
+        assert json.loads(out)[0]["to_member"] == "b"
+
+
+def test_failovers_not_supported_yet(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "failovers", "--api", live.url)
+    assert code == 1
+    assert "does not support /v1/failovers yet" in err and live.url in err
+
+
+# --- auth, environment, connection ----------------------------------------------------------------
+
+
+def test_token_from_environment(
+    secured: LiveApi, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REPSTAGE_API", secured.url)
+    code, _, err = run(capsys, "services")
+    assert code == 1 and "bearer token" in err
+
+    monkeypatch.setenv("REPSTAGE_TOKEN", RO)
+    code, out, _ = run(capsys, "services", "--json")
+    assert code == 0 and json.loads(out)["services"][0]["name"] == "orders"
+
+    code, _, err = run(capsys, "switchover", "orders", "--to", "b")
+    assert code == 1 and "read-only" in err
+    assert secured.call(lambda: secured.plane.submitted) == []
+
+    code, out, _ = run(capsys, "switchover", "orders", "--to", "b", "--token", RW, "--json")
+    assert code == 0 and json.loads(out)["primary"] == "b"
+
+
+def test_unreachable_api_names_the_url(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    code, _, err = run(capsys, "status", "--api", url)
+    assert code == 1
+    assert url in err and "--api" in err and "REPSTAGE_API" in err
+
+
+# --- validate -------------------------------------------------------------------------------------
+
+GOOD_CONFIG = """\
+xds: {listen: "127.0.0.1:18000"}
+api: {listen: "127.0.0.1:8080"}
+services:
+  - name: orders
+    protocol: tcp
+    listen_port: 15000
+    read_port: 15001
+    members:
+      - {name: a, address: 127.0.0.1, port: 9001}
+      - {name: b, address: 127.0.0.1, port: 9002}
+    primary: a
+"""
+
+
+@pytest.fixture
+def config_module() -> Any:
+    return pytest.importorskip(
+        "repstage_mesh.config", reason="repstage_mesh/config.py is not written yet"
+    )
+
+
+def test_validate_good_config(
+    config_module: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD_CONFIG)
+    # the CLI's own variables are not config
+    monkeypatch.setenv("REPSTAGE_API", "http://127.0.0.1:1")
+    monkeypatch.setenv("REPSTAGE_TOKEN", "whatever")
+    code, out, err = run(capsys, "validate", str(path))
+    assert code == 0, err
+    assert "valid" in out and "orders" in out and "auth off" in out
+
+    code, out, _ = run(capsys, "validate", str(path), "--json")
+    summary = json.loads(out)
+    assert summary["valid"] is True
+    assert summary["services"][0]["name"] == "orders"
+    assert summary["api"]["auth"] is False
+
+
+def test_validate_broken_config(
+    config_module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(GOOD_CONFIG.replace("port: 9002", "port: 70000"))
+    code, out, err = run(capsys, "validate", str(path))
+    assert code == 1
+    assert "services[0].members[1].port" in err
+    assert "error:" in err
+
+    code, out, _ = run(capsys, "validate", str(path), "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["valid"] is False
+    assert any(e["field"] == "services[0].members[1].port" for e in report["errors"])
+
+
+def test_validate_missing_file(
+    config_module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "validate", str(tmp_path / "nope.yaml"))
+    assert code == 1 and "not found" in err
+
+
+# --- delegated commands ---------------------------------------------------------------------------
+
+
+def test_delegated_commands_get_their_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    fake = types.ModuleType("fake_delegate")
+    fake.serve_main = lambda args: seen.setdefault("serve", args) and 0  # type: ignore[attr-defined]
+    fake.main = lambda args: seen.setdefault("other", args) and 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_delegate", fake)
+    monkeypatch.setattr(cli, "_DELEGATES", {"serve": ("fake_delegate", "serve_main"),
+                                            "bootstrap": ("fake_delegate", "main"), "demo": ("fake_delegate", "main")})  # fmt: skip
+
+    assert cli.main(["serve", "--config", "c.yaml"]) == 0
+    assert seen["serve"].config == "c.yaml"
+    assert cli.main(["bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--xds", "127.0.0.1:18001",
+                     "--admin-port", "9902", "--delta", "--out", "b.yaml"]) == 0  # fmt: skip
+    args = seen.pop("other")
+    assert (args.node_id, args.xds, args.admin_port, args.delta, args.out) == (
+        "e1", ["127.0.0.1:18000", "127.0.0.1:18001"], 9902, True, "b.yaml")  # fmt: skip
+    assert cli.main(["demo", "--keep", "--duration", "3"]) == 0
+    assert seen["other"].keep is True and seen["other"].duration == 3.0
+
+
+def test_delegated_command_missing_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(cli._DELEGATES, "demo", ("repstage_mesh.no_such_module", "main"))
+    code, _, err = run(capsys, "demo")
+    assert code == 1 and "not available" in err
