@@ -20,6 +20,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -46,7 +47,8 @@ from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .errors import MeshError
-from .models import _HOSTNAME, NAME_PATTERN, Name, ServiceSpec
+from .models import _HOSTNAME, NAME_PATTERN, Name, Port, ServiceSpec
+from .render import PrimaryStrategy, RenderOptions
 
 __all__ = [
     "ENV_PREFIX",
@@ -260,9 +262,33 @@ class RaftConfig(Section):
 
 
 class EnvoyConfig(Section):
+    """How replicated state is rendered for Envoy. Identical on every control-plane node."""
+
     listen_address: IPAddress = Field(
         default="0.0.0.0", description="where rendered listeners bind"
     )
+    primary_strategy: PrimaryStrategy = Field(
+        default=PrimaryStrategy.HEALTH_FENCE,
+        description="how open connections to a demoted primary are closed (see bench/close_on_switch.md)",
+    )
+    fence_port: Port = Field(
+        default=15990,
+        description="health_fence: a loopback port on each Envoy for the fence listener",
+    )
+    fence_interval_ms: int = Field(
+        default=100, ge=10, le=10_000,
+        description="health_fence: how often Envoy re-checks who the primary is; bounds how long an open connection to a demoted primary survives",
+    )
+
+    def render_options(self) -> RenderOptions:
+        interval = timedelta(milliseconds=self.fence_interval_ms)
+        return RenderOptions(
+            bind_address=self.listen_address,
+            primary_strategy=self.primary_strategy,
+            fence_port=self.fence_port,
+            fence_interval=interval,
+            fence_timeout=min(timedelta(seconds=1), interval * 10),
+        )
 
 
 class TelemetryConfig(Section):

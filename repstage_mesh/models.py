@@ -57,6 +57,66 @@ class Member(Frozen):
         return value
 
 
+class LeadershipSource(StrEnum):
+    """Where RepStage learns who the primary is."""
+
+    ANNOUNCE = "announce"  # POST /v1/services/{name}/primary from an orchestrator or a script
+    PROBE = "probe"  # RepStage asks every member (Redis ROLE, pg_is_in_recovery(), HTTP, TCP)
+    CONSUL = "consul"  # Consul health with blocking queries; primary = passing + tag
+
+
+class LeadershipMode(StrEnum):
+    FOLLOW = "follow"  # someone else promotes; RepStage routes
+    ORCHESTRATE = "orchestrate"  # RepStage promotes a replica when the primary fails
+
+
+class ProbeKind(StrEnum):
+    REDIS = "redis"
+    POSTGRES = "postgres"
+    HTTP = "http"
+    TCP = "tcp"
+
+
+class ProbeSpec(Frozen):
+    """How each member is asked whether it is the primary. Defaults suit a LAN."""
+
+    kind: ProbeKind | None = Field(default=None, description="default: from the service protocol (tcp for http services: use kind http with a path)")
+    interval: float = Field(default=0.1, gt=0, le=60, description="seconds between probes of one member")
+    timeout: float = Field(default=0.25, gt=0, le=60, description="seconds before a silent member counts as failed")
+    fall: int = Field(default=3, ge=1, le=100, description="consecutive failures before a member is down")
+    rise: int = Field(default=2, ge=1, le=100, description="consecutive successes before a member is up")
+    path: str = Field(default="/primary", description="http: path that answers expect_status only on the primary")
+    expect_status: int = Field(default=200, ge=100, le=599)
+    user: str | None = Field(default=None, description="postgres: user to connect as")
+    database: str = Field(default="postgres")
+    password_env: str | None = Field(default=None, description="name of an environment variable holding the password")
+
+
+class ConsulSourceSpec(Frozen):
+    service: str | None = Field(default=None, description="Consul service name; default: the RepStage service name")
+    tag: str = Field(default="primary", description="tag the primary instance carries (Patroni: primary)")
+    wait: float = Field(default=30.0, gt=0, le=600, description="blocking query wait, seconds")
+
+
+class HookSpec(Frozen):
+    """How to promote a member of a service RepStage has no built-in promotion for."""
+
+    command: tuple[str, ...] | None = Field(default=None, description="argv; {service} {member} {address} {port} are substituted")
+    url: str | None = Field(default=None, description="POSTed JSON {service, member, address, port, epoch}")
+    timeout: float = Field(default=10.0, gt=0, le=300)
+
+
+class LeadershipSpec(Frozen):
+    source: LeadershipSource = LeadershipSource.ANNOUNCE
+    mode: LeadershipMode = LeadershipMode.FOLLOW
+    probe: ProbeSpec = Field(default_factory=ProbeSpec)
+    consul: ConsulSourceSpec = Field(default_factory=ConsulSourceSpec)
+    promote_hook: HookSpec | None = None
+    ack_deadline: float = Field(default=2.0, gt=0, le=60, description="break-before-make: longest wait for proxies to stop routing to the old primary")
+    min_failover_interval: float = Field(default=5.0, ge=0, le=3600, description="hysteresis: no second automatic failover of this service within this many seconds")
+    max_lag_bytes: int | None = Field(default=None, ge=0, description="orchestrate: refuse to promote a replica further behind than this")
+
+
 class ServiceSpec(Frozen):
     """What an operator declares about a service (config file or PUT /v1/services/{name})."""
 
@@ -66,6 +126,7 @@ class ServiceSpec(Frozen):
     read_port: Port | None = Field(default=None, description="optional Envoy listener over all healthy members")
     members: tuple[Member, ...] = Field(min_length=1)
     primary: Name | None = Field(default=None, description="initial primary, when known")
+    leadership: LeadershipSpec = Field(default_factory=LeadershipSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSpec:

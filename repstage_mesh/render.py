@@ -25,6 +25,7 @@ import ipaddress
 from collections.abc import Iterable
 from datetime import timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any
 
 import betterproto2
@@ -129,17 +130,22 @@ def primary_cluster_name(service: ServiceState, options: RenderOptions) -> str:
     return naming.primary_cluster(service.name)
 
 
+def _empty() -> Resources:
+    return {CLUSTER: {}, CLUSTER_LOAD_ASSIGNMENT: {}, LISTENER: {}, ROUTE_CONFIGURATION: {}}
+
+
 def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -> Resources:
-    """All Envoy resources for `state`, by type URL then resource name (both sorted)."""
-    out: Resources = {
-        CLUSTER: {},
-        CLUSTER_LOAD_ASSIGNMENT: {},
-        LISTENER: {},
-        ROUTE_CONFIGURATION: {},
-    }
+    """All Envoy resources for `state`, by type URL then resource name (both sorted).
+
+    A service whose state and options are unchanged since an earlier call gets the very same
+    message objects back (a per-service cache): treat the messages as read-only. An encoder can
+    then reuse the bytes of everything but the services that changed (compare with `is`).
+    """
+    out = _empty()
     services = [state.services[name] for name in sorted(state.services)]
     for service in services:
-        _render_service(service, options, out)
+        for type_url, name, message in _service_resources(service, options):
+            out[type_url][name] = message
     if options.primary_strategy is PrimaryStrategy.HEALTH_FENCE:
         _render_fence(services, options, out)
     return {type_url: dict(sorted(named.items())) for type_url, named in out.items()}
@@ -159,6 +165,20 @@ def port_conflicts(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -
 
 
 # --- per service ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _service_resources(
+    service: ServiceState, options: RenderOptions
+) -> tuple[tuple[str, str, betterproto2.Message], ...]:
+    out = _empty()
+    _render_service(service, options, out)
+    return tuple((t, n, m) for t, named in out.items() for n, m in named.items())
+
+
+def clear_render_cache() -> None:
+    """Forget the per-service cache (tests; memory)."""
+    _service_resources.cache_clear()
 
 
 def _render_service(service: ServiceState, options: RenderOptions, out: Resources) -> None:
@@ -376,6 +396,7 @@ __all__ = [
     "PrimaryStrategy",
     "RenderOptions",
     "Resources",
+    "clear_render_cache",
     "port_conflicts",
     "primary_cluster_name",
     "render",

@@ -36,6 +36,7 @@ from repstage_mesh.render import (
     PrimaryStrategy,
     RenderOptions,
     Resources,
+    clear_render_cache,
     port_conflicts,
     primary_cluster_name,
     render,
@@ -501,6 +502,7 @@ def test_any_state_renders_consistently_and_deterministically(
     options = RenderOptions(primary_strategy=strategy, fence_port=60001)
     out = render(state, options)
     assert consistency_problems(out) == []
+    clear_render_cache()  # rendered afresh, not served from the per-service cache
     assert wire(out) == wire(render(state.model_copy(deep=True), options))
     shuffled = MeshState(services=dict(reversed(list(state.services.items()))))
     assert wire(out) == wire(render(shuffled, options))
@@ -533,3 +535,23 @@ def test_consistency_check_can_fail() -> None:
     assert "listener web-read-listener names missing cluster web-read" in problems
     assert "EDS cluster web-primary has no assignment" in problems
     assert "assignment web-read has no cluster" in problems
+
+
+def test_unchanged_services_keep_their_message_objects() -> None:
+    """An encoder can reuse the bytes of what did not change; what changed is new."""
+    options = RenderOptions()
+    cache, web = service("cache", "a"), service("web", "a", listen_port=18080)
+    before = render(mesh(cache, web), options)
+    after = render(mesh(cache, web.model_copy(update={"primary": "b", "epoch": 9})), options)
+    assert (
+        after[CLUSTER_LOAD_ASSIGNMENT]["cache-primary"]
+        is before[CLUSTER_LOAD_ASSIGNMENT]["cache-primary"]
+    )
+    assert after[LISTENER]["cache-primary-listener"] is before[LISTENER]["cache-primary-listener"]
+    assert (
+        after[CLUSTER_LOAD_ASSIGNMENT]["web-primary"]
+        is not before[CLUSTER_LOAD_ASSIGNMENT]["web-primary"]
+    )
+    assert bytes(after[CLUSTER_LOAD_ASSIGNMENT]["web-primary"]) != bytes(
+        before[CLUSTER_LOAD_ASSIGNMENT]["web-primary"]
+    )

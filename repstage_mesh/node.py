@@ -1,0 +1,250 @@
+"""One control-plane node: the replicated store, the renderer, the xDS server and the REST API.
+
+Data flow (DESIGN.md): a command is committed through Raft → every node applies it → the
+applied state is rendered (pure) → encoded once into a snapshot → the ADS server pushes it to
+this node's proxies → the tracker records their ACKs. Only the Raft leader decides (the
+failover engine is started and stopped with leadership); every node serves xDS and the API.
+
+`Node` implements `plane.ControlPlane` for the REST API. `serve_main` is `repstage-mesh serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .api import build_app, start_api
+from .api_models import ApiSettings
+from .config import ConfigError, Settings, load_config
+from .models import Command, CommandEnvelope, MeshState, Outcome, PutService
+from .render import RenderOptions, render
+from .replication import ReplicatedStore
+from .xds.cache import Snapshot, SnapshotCache
+from .xds.server import AdsServer
+from .xds.tracker import ProxyTracker
+
+log = logging.getLogger("repstage_mesh.node")
+
+SNAPSHOT_GROUP = ""
+
+
+def render_options(settings: Settings) -> RenderOptions:
+    """How this deployment renders state into Envoy config (the same on every node)."""
+    return settings.envoy.render_options()
+
+
+class Node:
+    """A running control-plane node. Create, `await start()`, `await stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._node_id = settings.node.id
+        self._registry = CollectorRegistry()
+        self.options = render_options(settings)
+        self.cache = SnapshotCache()
+        self.tracker = ProxyTracker(control_plane=self._node_id)
+        self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
+        self.store: ReplicatedStore | None = None
+        self.api_runner: web.AppRunner | None = None
+        self.api_port: int | None = None
+        self.xds_port: int | None = None
+        self._rendered_change = -1
+        self._ready = False
+        self._apply_listeners: list[Callable[[MeshState], None]] = []
+        self._started_at = time.time()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # --- ControlPlane -------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    def state(self) -> MeshState:
+        return self.store.state if self.store is not None else MeshState()
+
+    async def submit(self, command: Command, timeout: float = 5.0) -> Outcome:
+        if self.store is None:
+            raise RuntimeError("node not started")
+        envelope = CommandEnvelope(command=command, request_id=uuid.uuid4().hex)
+        return await self.store.submit(envelope, timeout)
+
+    def proxies(self) -> list[dict[str, Any]]:
+        return self.tracker.to_list()
+
+    def cluster(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.store.status() if self.store is not None else {}
+        status.update(
+            {
+                "node": self._node_id,
+                "xds_port": self.xds_port,
+                "api_port": self.api_port,
+                "snapshot_version": self.cache.get(SNAPSHOT_GROUP).version  # type: ignore[union-attr]
+                if self.cache.get(SNAPSHOT_GROUP)
+                else None,
+                "connected_proxies": len(self.tracker.connected()),
+                "started_at": self._started_at,
+            }
+        )
+        return status
+
+    def ready(self) -> bool:
+        return self._ready
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        data_dir = Path(settings.node.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        raft = settings.raft
+        peers = [str(p) for p in raft.peers] if raft.multi_node else []
+        self.store = await loop.run_in_executor(
+            None,
+            lambda: ReplicatedStore(
+                self._node_id,
+                raft.bind if raft.multi_node else None,
+                peers,
+                data_dir,
+                password=settings.raft_password(),
+                on_apply=lambda state, _outcome: self._on_apply(state),
+                loop=loop,
+            ),
+        )
+        self._on_apply(self.store.state)  # what the journal already holds
+        host, port = settings.host_port("xds.listen")
+        self.xds_port = await self.xds.start(host, port)
+        app = build_app(self, ApiSettings.from_config(settings.api))
+        api_host, api_port = settings.host_port("api.listen")
+        self.api_runner = await start_api(app, api_host, api_port)
+        from .api import bound_port
+
+        self.api_port = bound_port(self.api_runner)
+        self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
+        log.info(
+            "node %s: xDS on %s:%d, API on %s:%d, %s",
+            self._node_id, host, self.xds_port, api_host, self.api_port,
+            f"raft {raft.bind} with peers {peers}" if peers else "single node",
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.api_runner is not None:
+            await self.api_runner.cleanup()
+        await self.xds.stop(0.5)
+        if self.store is not None:
+            store, self.store = self.store, None
+            await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+    # --- applied state -> xDS -----------------------------------------------------------------
+
+    def on_apply(self, listener: Callable[[MeshState], None]) -> None:
+        self._apply_listeners.append(listener)
+
+    def _on_apply(self, state: MeshState) -> None:
+        """Runs on the event loop after each applied entry (in log order)."""
+        if state.last_change != self._rendered_change:
+            self._publish(state)
+        for listener in self._apply_listeners:
+            try:
+                listener(state)
+            except Exception:
+                log.exception("apply listener failed")
+
+    def _publish(self, state: MeshState) -> None:
+        try:
+            snapshot = Snapshot.build(state.last_change, render(state, self.options))
+        except Exception:
+            log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
+            return
+        current = self.cache.get(SNAPSHOT_GROUP)
+        if current is not None and snapshot.index < current.index:
+            return
+        self._rendered_change = state.last_change
+        self.cache.set_snapshot(SNAPSHOT_GROUP, snapshot)
+
+    async def _seed_services(self) -> None:
+        """Define the config file's services that the replicated state does not hold yet.
+
+        The file seeds; afterwards the REST API owns a service. A service whose spec in the
+        file differs from the replicated one is reported, not overwritten.
+        """
+        assert self.store is not None
+        specs = self.settings.specs()
+        while True:
+            try:
+                state = await self.store.read_barrier(timeout=5.0)
+            except Exception as exc:
+                log.info("waiting for the cluster before seeding services: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            break
+        for spec in specs:
+            have = state.service(spec.name)
+            if have is None:
+                try:
+                    await self.submit(PutService(spec=spec), timeout=10.0)
+                except Exception as exc:
+                    log.warning("could not define service %s from the config file: %s", spec.name, exc)
+            elif have.spec.model_copy(update={"primary": spec.primary}) != spec:
+                log.warning(
+                    "service %s in the config file differs from the replicated state; the "
+                    "replicated one is kept (change it with PUT /v1/services/%s)", spec.name, spec.name,
+                )
+        self._ready = True
+
+
+async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
+    node = await start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await node.stop()
+
+
+def serve_main(args: Any) -> int:
+    """`repstage-mesh serve --config FILE`."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(str(exc))
+        return 1
+
+    async def start() -> Node:
+        node = Node(settings)
+        await node.start()
+        return node
+
+    try:
+        asyncio.run(run_until_signalled(start))
+    except OSError as exc:
+        print(f"error: {exc}")
+        return 1
+    return 0
