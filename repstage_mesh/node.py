@@ -172,12 +172,12 @@ class Node:
 
     def _publish(self, state: MeshState) -> None:
         try:
-            snapshot = Snapshot.build(state.last_change, render(state, self.options))
+            previous = self.cache.get(SNAPSHOT_GROUP)
+            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous)
         except Exception:
             log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
             return
-        current = self.cache.get(SNAPSHOT_GROUP)
-        if current is not None and snapshot.index < current.index:
+        if previous is not None and snapshot.index < previous.index:
             return
         self._rendered_change = state.last_change
         self.cache.set_snapshot(SNAPSHOT_GROUP, snapshot)

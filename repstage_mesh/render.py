@@ -251,7 +251,9 @@ def _fenced_cluster_options(service: ServiceState, options: RenderOptions) -> di
         naming.fence_check_path(service.name),
         interval=options.fence_interval,
         timeout=options.fence_timeout,
-        unhealthy_threshold=1,
+        # A 503 from the fence fails the host at once whatever this says; the threshold only
+        # counts timeouts, so a slow fence listener does not cut the real primary's connections.
+        unhealthy_threshold=3,
         healthy_threshold=1,
     )
     return {

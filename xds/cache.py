@@ -94,6 +94,9 @@ class Snapshot:
     version: str
     resources: Mapping[str, Mapping[str, EncodedResource]]
     _bodies: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False, repr=False)
+    _messages: dict[tuple[str, str], tuple[betterproto2.Message, EncodedResource]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not self.version.isdigit():
@@ -101,14 +104,29 @@ class Snapshot:
 
     @classmethod
     def build(
-        cls, version: str | int, messages: Mapping[str, Mapping[str, betterproto2.Message]]
+        cls,
+        version: str | int,
+        messages: Mapping[str, Mapping[str, betterproto2.Message]],
+        previous: Snapshot | None = None,
     ) -> Snapshot:
-        """Encode every message once. `messages` is {type_url: {name: message}}."""
-        encoded = {
-            type_url: {name: EncodedResource.from_message(msg, name) for name, msg in sorted(by_name.items())}
-            for type_url, by_name in messages.items()
-        }
-        snap = cls(str(version), encoded)
+        """Encode every message once. `messages` is {type_url: {name: message}}.
+
+        With `previous`, a message that is the very same object as one `previous` was built
+        from is not encoded again (a renderer that caches unchanged resources gets
+        per-change cost, not per-state cost). Messages must be treated as read-only.
+        """
+        before = previous._messages if previous is not None else {}
+        encoded: dict[str, dict[str, EncodedResource]] = {}
+        sources: dict[tuple[str, str], tuple[betterproto2.Message, EncodedResource]] = {}
+        for type_url, by_name in messages.items():
+            out = encoded[type_url] = {}
+            for name, msg in sorted(by_name.items()):
+                key = (type_url, name)
+                old = before.get(key)
+                item = old[1] if old is not None and old[0] is msg else EncodedResource.from_message(msg, name)
+                out[name] = item
+                sources[key] = (msg, item)
+        snap = cls(str(version), encoded, _messages=sources)
         missing = snap.dangling_references()
         if missing:
             raise ValueError(f"inconsistent snapshot {version}: missing {sorted(missing)}")

@@ -41,7 +41,10 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    # Envoy's bootstrap (filters/bootstrap.py) pings every 2 s to notice a paused control-plane
+    # node; grpcio's defaults answer such pings with GOAWAY "too_many_pings" after ~11 s.
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 100_000),
     ("grpc.so_reuseport", 0),
