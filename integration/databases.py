@@ -1,19 +1,19 @@
 """Real databases for the integration tests: Redis 7 and PostgreSQL 15 from Debian, on loopback.
 
     with redis_group(replicas=2) as redis:      # primary "r0", replicas "r1", "r2", in sync
-        redis.kill("r0")                         # SIGKILL the whole process group
+        redis.kill("r0")                         # SIGKILL the server and all its children
         redis.stop("r1"); redis.cont("r1")       # SIGSTOP / SIGCONT
         redis.command("r1", "REPLICAOF", "NO", "ONE")
 
     with postgres_pair() as pg:                  # primary "pg0", streaming standby "pg1"
         pg.query("pg0", "SELECT 1")
 
-Everything started here is stopped when the `with` block ends, however it ends (SIGKILL of each
-process group, then the temp directory is removed). Each server runs in its own session so that
-kill/stop/cont hit the server and all its children (PostgreSQL backends too): a killed member
-looks like a dead host. Ports are picked free (bind port 0); waits poll a condition with a
+Everything started here is stopped when the `with` block ends, however it ends (SIGKILL, then
+the temp directory is removed). kill/stop/cont signal the server and all its descendants, read
+from /proc (PostgreSQL backends call setsid(), so a process group would miss them): a killed
+member looks like a dead host. Ports are picked free (bind port 0); waits poll a condition with a
 deadline. PostgreSQL refuses to run as root: initdb, postgres and pg_basebackup run as the
-`postgres` user (runuser) in a temp directory that user owns. The pytest fixtures
+`postgres` user (Popen user=) in a temp directory that user owns. The pytest fixtures
 `redis_group_fixture` and `postgres_pair_fixture` wrap the same context managers.
 """
 
@@ -46,7 +46,9 @@ def free_port(host: str = HOST) -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     """Poll `condition` until it returns something truthy; AssertionError naming `what` at the deadline."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -58,12 +60,16 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         except Exception as exc:  # the condition's own failures mean "not yet"
             last_error = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})")
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what} (last error: {last_error!r})"
+            )
         time.sleep(interval)
 
 
 def redis_server_binary() -> str | None:
-    return shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None)
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None
+    )
 
 
 def postgres_bindir() -> str | None:
@@ -75,9 +81,31 @@ def postgres_bindir() -> str | None:
     return None
 
 
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of `root`, deepest last (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    queue = list(children.get(root, []))
+    while queue:
+        pid = queue.pop(0)
+        out.append(pid)
+        queue.extend(children.get(pid, []))
+    return out
+
+
 @dataclass
 class Server:
-    """One database process (its own process group)."""
+    """One database server process."""
 
     name: str
     port: int
@@ -91,8 +119,11 @@ class Server:
         return f"{HOST}:{self.port}"
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
+        """Signal the server and every descendant (PostgreSQL backends call setsid(), so the
+        process group alone would miss them). All pids are read before any is signalled, so none is orphaned unseen."""
+        for pid in [*_descendants(self.process.pid), self.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -117,7 +148,7 @@ class _Group:
         return list(self.servers)
 
     def kill(self, name: str) -> None:
-        """SIGKILL the member's process group (the server and its children)."""
+        """SIGKILL the member: the server and all its children (a dead host)."""
         server = self.servers[name]
         server.signal(signal.SIGKILL)
         server.process.wait(timeout=10)
@@ -148,7 +179,13 @@ class RedisGroup(_Group):
     """A Redis primary (`r0`) and replicas (`r1`...). `client(name)` is a redis-py client."""
 
     def client(self, name: str, timeout: float = 2.0) -> redis.Redis:
-        return redis.Redis(host=HOST, port=self.port(name), socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+        return redis.Redis(
+            host=HOST,
+            port=self.port(name),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+        )
 
     def command(self, name: str, *args: Any) -> Any:
         with self.client(name) as c:
@@ -165,15 +202,43 @@ class RedisGroup(_Group):
         port = port or (old.port if old else free_port())
         workdir = self.directory / name
         workdir.mkdir(exist_ok=True)
-        argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir), "--protected-mode", "no", "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", "--logfile", ""]
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(workdir),
+            "--protected-mode",
+            "no",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--logfile",
+            "",
+        ]
         if replicaof is not None:
             argv += ["--replicaof", HOST, str(self.port(replicaof))]
         log = workdir / "redis.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         server = Server(name, port, process, log)
         self.servers[name] = server
-        wait_until(lambda: process.poll() is None and self.command(name, "PING") in (True, "PONG"), 10, f"redis {name} to answer PING\n{server.log_tail()}")
+        wait_until(
+            lambda: process.poll() is None and self.command(name, "PING") in (True, "PONG"),
+            10,
+            f"redis {name} to answer PING\n{server.log_tail()}",
+        )
         return server
 
     def wait_in_sync(self, primary: str, replicas: list[str], timeout: float = 15) -> None:
@@ -186,7 +251,12 @@ class RedisGroup(_Group):
             offset = int(role[1])
             for name in replicas:
                 r = self.role(name)
-                if r[0] != "slave" or r[3] != "connected" or int(r[4]) != offset or int(r[2]) != self.port(primary):
+                if (
+                    r[0] != "slave"
+                    or r[3] != "connected"
+                    or int(r[4]) != offset
+                    or int(r[2]) != self.port(primary)
+                ):
                     return False
             return True
 
@@ -211,8 +281,17 @@ def redis_group(replicas: int = 2) -> Iterator[RedisGroup]:
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _as_postgres(argv: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+def _as_postgres() -> dict[str, Any]:
+    """Popen arguments that run the child as `postgres` when we are root. (Not runuser: it
+    forks, so the server would not be our child.)"""
+    if os.geteuid() != 0:
+        return {}
+    return {
+        "user": "postgres",
+        "group": "postgres",
+        "extra_groups": [],
+        "env": {**os.environ, "HOME": str(Path("~postgres").expanduser())},
+    }
 
 
 class PostgresPair(_Group):
@@ -229,24 +308,49 @@ class PostgresPair(_Group):
             return cursor.fetchall() if cursor.description else []
 
     def _run(self, argv: list[str], timeout: float = 60) -> None:
-        result = subprocess.run(_as_postgres(argv), capture_output=True, timeout=timeout, cwd=self.directory)
+        result = subprocess.run(
+            argv, capture_output=True, **_as_postgres(), timeout=timeout, cwd=self.directory
+        )
         if result.returncode != 0:
-            raise RuntimeError(f"{argv[0]} failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
+            raise RuntimeError(
+                f"{argv[0]} failed ({result.returncode}): {result.stderr.decode(errors='replace')}"
+            )
 
     def start(self, name: str, port: int | None = None) -> Server:
         old = self.servers.get(name)
         port = port or (old.port if old else free_port())
         datadir = self.directory / name
         log = self.directory / f"{name}.log"
-        argv = _as_postgres([os.path.join(self.bindir, "postgres"), "-D", str(datadir), "-p", str(port), "-c", f"unix_socket_directories={self.directory}", "-c", f"listen_addresses={HOST}"])
+        argv = [
+            os.path.join(self.bindir, "postgres"),
+            "-D",
+            str(datadir),
+            "-p",
+            str(port),
+            "-c",
+            f"unix_socket_directories={self.directory}",
+            "-c",
+            f"listen_addresses={HOST}",
+        ]
         out = open(log, "ab")  # noqa: SIM115 - the child keeps it
         try:
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.directory)
+            process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.directory,
+                **_as_postgres(),
+            )
         finally:
             out.close()
         server = Server(name, port, process, log)
         self.servers[name] = server
-        wait_until(lambda: process.poll() is None and self.query(name, "SELECT 1") == [(1,)], 30, f"postgres {name} to accept connections\n{server.log_tail()}")
+        wait_until(
+            lambda: process.poll() is None and self.query(name, "SELECT 1") == [(1,)],
+            30,
+            f"postgres {name} to accept connections\n{server.log_tail()}",
+        )
         return server
 
     def wait_streaming(self, primary: str, standby: str, timeout: float = 30) -> None:
@@ -279,7 +383,19 @@ def postgres_pair() -> Iterator[PostgresPair]:
     pair.bindir = bindir
     try:
         primary = directory / "pg0"
-        pair._run([os.path.join(bindir, "initdb"), "-D", str(primary), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+        pair._run(
+            [
+                os.path.join(bindir, "initdb"),
+                "-D",
+                str(primary),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ]
+        )
         conf = "\n".join(
             [
                 "wal_level = replica",
@@ -295,10 +411,29 @@ def postgres_pair() -> Iterator[PostgresPair]:
             ]
         )
         _append_as_postgres(primary / "postgresql.conf", conf)
-        _append_as_postgres(primary / "pg_hba.conf", f"host replication all {HOST}/32 trust\nhost all all {HOST}/32 trust\n")
+        _append_as_postgres(
+            primary / "pg_hba.conf",
+            f"host replication all {HOST}/32 trust\nhost all all {HOST}/32 trust\n",
+        )
         pair.start("pg0")
         standby = directory / "pg1"
-        pair._run([os.path.join(bindir, "pg_basebackup"), "-h", HOST, "-p", str(pair.port("pg0")), "-U", "postgres", "-D", str(standby), "-R", "-X", "stream", "--no-sync"])
+        pair._run(
+            [
+                os.path.join(bindir, "pg_basebackup"),
+                "-h",
+                HOST,
+                "-p",
+                str(pair.port("pg0")),
+                "-U",
+                "postgres",
+                "-D",
+                str(standby),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ]
+        )
         pair.start("pg1")
         pair.wait_streaming("pg0", "pg1")
         yield pair

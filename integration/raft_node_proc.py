@@ -50,8 +50,11 @@ async def _handle(store: ReplicatedStore, request: dict[str, Any]) -> dict[str, 
             await store.submit(envelope, 5.0)
             samples.append(time.perf_counter() - start)
         samples.sort()
-        return {"ok": True, "p50_ms": samples[len(samples) // 2] * 1000,
-                "p99_ms": samples[int(len(samples) * 0.99)] * 1000}
+        return {
+            "ok": True,
+            "p50_ms": samples[len(samples) // 2] * 1000,
+            "p99_ms": samples[int(len(samples) * 0.99)] * 1000,
+        }
     raise ValueError(f"op: unknown {op!r}")
 
 
@@ -70,8 +73,14 @@ async def main(argv: list[str]) -> None:
             try:
                 _print(await _handle(store, request))
             except (ReplicationError, ValueError) as exc:
-                _print({"ok": False, "error": type(exc).__name__, "message": str(exc),
-                        "kinds": [c.__name__ for c in type(exc).__mro__]})
+                _print(
+                    {
+                        "ok": False,
+                        "error": type(exc).__name__,
+                        "message": str(exc),
+                        "kinds": [c.__name__ for c in type(exc).__mro__],
+                    }
+                )
     finally:
         store.close()
 

@@ -35,7 +35,11 @@ class Mesh:
     port: int
 
     def proxy(self) -> dict[str, Any]:
-        proxies = [p for p in self.cp.get("/v1/proxies") if p["node_id"] == self.envoy.node_id and p["connected"]]
+        proxies = [
+            p
+            for p in self.cp.get("/v1/proxies")
+            if p["node_id"] == self.envoy.node_id and p["connected"]
+        ]
         assert len(proxies) == 1, proxies
         return dict(proxies[0])
 
@@ -43,7 +47,9 @@ class Mesh:
         return bool(self.proxy()["synced"])
 
 
-def service(port: int, a: NamedTcpBackend, b: NamedTcpBackend, primary: str | None = "a") -> dict[str, Any]:
+def service(
+    port: int, a: NamedTcpBackend, b: NamedTcpBackend, primary: str | None = "a"
+) -> dict[str, Any]:
     return {
         "name": "orders",
         "protocol": "tcp",
@@ -60,14 +66,19 @@ def service(port: int, a: NamedTcpBackend, b: NamedTcpBackend, primary: str | No
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
         port = free_port()
-        cfg = {"services": [service(port, a, b)], "envoy": {"listen_address": "127.0.0.1", "fence_port": free_port()}}
+        cfg = {
+            "services": [service(port, a, b)],
+            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_port()},
+        }
         cp = ControlPlaneNode(wd, cfg)
         envoy = Envoy(wd, "edge-1", [cp.xds_address], delta=request.param == "delta")
         try:
             cp.start()
             envoy.start()
             m = Mesh(wd, cp, envoy, a, b, port)
-            wait_until(lambda: ask_once(port).startswith("a:"), 20, what="traffic reaches the primary a")
+            wait_until(
+                lambda: ask_once(port).startswith("a:"), 20, what="traffic reaches the primary a"
+            )
             wait_until(m.synced, 10, what="proxy synced")
             yield m
         finally:
@@ -81,8 +92,12 @@ def test_switch_moves_new_connections_and_closes_the_old_one(mesh: Mesh) -> None
         assert held.ask("w1") == "a:w1"
         status, body = mesh.cp.call("POST", "/v1/services/orders/primary", {"member": "b"})
         assert status == 200, body
-        assert body["primary"] == "b" and body["previous_primary"] == "a" and body["changed"] is True
-        wait_until(lambda: ask_once(mesh.port).startswith("b:"), 10, 0.005, "new connections reach b")
+        assert (
+            body["primary"] == "b" and body["previous_primary"] == "a" and body["changed"] is True
+        )
+        wait_until(
+            lambda: ask_once(mesh.port).startswith("b:"), 10, 0.005, "new connections reach b"
+        )
         # The connection opened to the demoted primary is closed, not left writing to it.
         wait_until(held.closed_by_peer, 10, 0.005, "the open connection to a is closed")
         with pytest.raises((ConnectionError, OSError)):
@@ -122,22 +137,38 @@ def test_no_primary_fails_closed_then_recovers(mesh: Mesh) -> None:
 def test_bad_input_is_refused_and_changes_nothing(mesh: Mesh) -> None:
     before = mesh.cp.get("/v1/services/orders")
     cases = [
-        ("POST", "/v1/services/orders/primary", {"member": "b", "epoch": before["epoch"]}, 409, "epoch"),
+        (
+            "POST",
+            "/v1/services/orders/primary",
+            {"member": "b", "epoch": before["epoch"]},
+            409,
+            "epoch",
+        ),
         ("POST", "/v1/services/orders/primary", {"member": "zz"}, 404, "member"),
         ("POST", "/v1/services/nope/primary", {"member": "a"}, 404, None),
         ("POST", "/v1/services/orders/primary", {"membr": "b"}, 422, "member"),
-        ("PUT", "/v1/services/orders", {"protocol": "tcp", "listen_port": 0, "members": []}, 422, "listen_port"),
+        (
+            "PUT",
+            "/v1/services/orders",
+            {"protocol": "tcp", "listen_port": 0, "members": []},
+            422,
+            "listen_port",
+        ),
     ]
     for method, path, body, code, field in cases:
         status, answer = mesh.cp.call(method, path, body)
         assert status == code, (path, body, status, answer)
         assert answer["error"]["message"], answer
         if field is not None:
-            assert field in (answer["error"]["field"] or "") + " " + answer["error"]["message"], answer
+            assert field in (answer["error"]["field"] or "") + " " + answer["error"]["message"], (
+                answer
+            )
     # A body that is not JSON at all.
     import urllib.request
 
-    req = urllib.request.Request(mesh.cp.api + "/v1/services/orders/primary", data=b"{not json", method="POST")
+    req = urllib.request.Request(
+        mesh.cp.api + "/v1/services/orders/primary", data=b"{not json", method="POST"
+    )
     try:
         urllib.request.urlopen(req, timeout=5)
     except urllib.error.HTTPError as err:
@@ -145,7 +176,11 @@ def test_bad_input_is_refused_and_changes_nothing(mesh: Mesh) -> None:
     else:  # pragma: no cover
         raise AssertionError("malformed JSON must be refused")
     after = mesh.cp.get("/v1/services/orders")
-    assert (after["primary"], after["epoch"], after["changed_at"]) == (before["primary"], before["epoch"], before["changed_at"])
+    assert (after["primary"], after["epoch"], after["changed_at"]) == (
+        before["primary"],
+        before["epoch"],
+        before["changed_at"],
+    )
     assert ask_once(mesh.port).startswith("a:")
 
 
@@ -158,7 +193,12 @@ def test_nack_is_recorded_not_resent_and_traffic_keeps_flowing(mesh: Mesh) -> No
     taken = blocker.getsockname()[1]
     try:
         with NamedTcpBackend("c") as c:
-            spec = {"protocol": "tcp", "listen_port": taken, "members": [{"name": "c", "address": "127.0.0.1", "port": c.port}], "primary": "c"}
+            spec = {
+                "protocol": "tcp",
+                "listen_port": taken,
+                "members": [{"name": "c", "address": "127.0.0.1", "port": c.port}],
+                "primary": "c",
+            }
             status, body = mesh.cp.call("PUT", "/v1/services/bad", spec)
             assert status in (200, 201), body
 
@@ -172,14 +212,27 @@ def test_nack_is_recorded_not_resent_and_traffic_keeps_flowing(mesh: Mesh) -> No
             # Another change makes the server look at every type again: the NACKed listener
             # content must not be sent again.
             mesh.cp.call("POST", "/v1/services/orders/primary", {"member": "b"})
-            wait_until(lambda: ask_once(mesh.port).startswith("b:"), 10, 0.005, "the good service keeps working")
-            wait_until(lambda: mesh.proxy()["types"]["eds"]["sync"] == "synced", 10, what="eds synced")
-            assert mesh.envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == rejected
+            wait_until(
+                lambda: ask_once(mesh.port).startswith("b:"),
+                10,
+                0.005,
+                "the good service keeps working",
+            )
+            wait_until(
+                lambda: mesh.proxy()["types"]["eds"]["sync"] == "synced", 10, what="eds synced"
+            )
+            assert (
+                mesh.envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == rejected
+            )
             assert mesh.proxy()["types"]["lds"]["sync"] == "nacked"
             # A later valid change is accepted.
             status, _ = mesh.cp.call("DELETE", "/v1/services/bad")
             assert status == 200
-            wait_until(lambda: mesh.proxy()["types"]["lds"]["sync"] == "synced", 10, what="valid change accepted")
+            wait_until(
+                lambda: mesh.proxy()["types"]["lds"]["sync"] == "synced",
+                10,
+                what="valid change accepted",
+            )
     finally:
         blocker.close()
 
@@ -192,7 +245,9 @@ def test_restart_keeps_versions_and_traffic(mesh: Mesh) -> None:
     # Envoy keeps its last config while the control plane is away.
     assert ask_once(mesh.port).startswith("b:")
     mesh.cp.start()
-    wait_until(lambda: any(p["connected"] for p in mesh.cp.get("/v1/proxies")), 20, what="envoy reconnects")
+    wait_until(
+        lambda: any(p["connected"] for p in mesh.cp.get("/v1/proxies")), 20, what="envoy reconnects"
+    )
     wait_until(mesh.synced, 10, what="synced after restart")
     after = mesh.envoy.versions()
     for short in ("cds", "lds"):

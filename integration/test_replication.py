@@ -65,7 +65,9 @@ def put(name: str = "db", port: int = 6379, request_id: str = "") -> CommandEnve
 
 
 def set_primary(member: str, service: str = "db", request_id: str = "") -> CommandEnvelope:
-    return CommandEnvelope(command=SetPrimary(service=service, member=member), request_id=request_id)
+    return CommandEnvelope(
+        command=SetPrimary(service=service, member=member), request_id=request_id
+    )
 
 
 class Cluster:
@@ -87,7 +89,12 @@ class Cluster:
 
         peers = [a for a in self.addresses if a != self.addresses[i]]
         store = ReplicatedStore(
-            f"n{i}", self.addresses[i], peers, self.dirs[i], password=PASSWORD, on_apply=on_apply,
+            f"n{i}",
+            self.addresses[i],
+            peers,
+            self.dirs[i],
+            password=PASSWORD,
+            on_apply=on_apply,
             timings=self.timings,
         )
         self.stores[i] = store
@@ -131,7 +138,8 @@ async def wait_leader(cluster: Cluster, timeout: float = ELECTION_DEADLINE) -> R
     # every live node knows it (so writes on followers are forwarded at once)
     await eventually(
         lambda: all(s.status()["leader"] == leader.self_address for s in cluster.live()),
-        timeout, "every node knows the leader",
+        timeout,
+        "every node knows the leader",
     )
     return leader
 
@@ -186,8 +194,13 @@ async def test_on_apply_runs_on_the_event_loop_when_given_one(tmp_path: Path) ->
     seen: list[tuple[int, bool, bool]] = []
 
     def on_apply(state: MeshState, outcome: Outcome | None) -> None:
-        seen.append((state.index, outcome is not None and outcome.ok,
-                     threading.current_thread() is threading.main_thread()))
+        seen.append(
+            (
+                state.index,
+                outcome is not None and outcome.ok,
+                threading.current_thread() is threading.main_thread(),
+            )
+        )
 
     loop = asyncio.get_running_loop()
     store = ReplicatedStore("solo", None, [], tmp_path / "solo", on_apply=on_apply, loop=loop)
@@ -234,7 +247,9 @@ def test_a_port_that_cannot_be_bound_fails_loudly(tmp_path: Path) -> None:
 # --- three nodes in one process -----------------------------------------------------------------
 
 
-async def test_write_on_a_follower_is_applied_everywhere_at_its_raft_index(cluster3: Cluster) -> None:
+async def test_write_on_a_follower_is_applied_everywhere_at_its_raft_index(
+    cluster3: Cluster,
+) -> None:
     leader = await wait_leader(cluster3)
     follower = cluster3.followers()[0]
     outcome = await follower.submit(put(request_id="req-put-1"), timeout=2)
@@ -312,7 +327,9 @@ async def test_leader_loss_elects_a_new_leader_and_writes_continue(cluster3: Clu
     assert encode_state(back.state) == encode_state(new.state)
 
 
-async def test_without_a_majority_submit_fails_with_no_quorum_in_bounded_time(cluster3: Cluster) -> None:
+async def test_without_a_majority_submit_fails_with_no_quorum_in_bounded_time(
+    cluster3: Cluster,
+) -> None:
     await wait_leader(cluster3)
     survivor = cluster3.stores[0]
     assert survivor is not None
@@ -393,7 +410,17 @@ async def test_five_nodes_survive_two_losses_but_not_three(tmp_path: Path) -> No
         cluster.stop(cluster.stores.index(leader))
         cluster.stop(cluster.stores.index(cluster.followers()[0]))
         survivor = await wait_leader(cluster)
-        outcome = await cluster.followers()[-1].submit(set_primary("a"), timeout=3)
+        # Elections may still churn on a loaded 2-core machine: an unknown outcome is retried
+        # (setting the same primary again is idempotent).
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                outcome = await cluster.followers()[-1].submit(set_primary("a"), timeout=3)
+                break
+            except CommitTimeout:
+                if time.monotonic() > deadline:
+                    raise
+                survivor = await wait_leader(cluster)
         assert outcome.ok
         await eventually(
             lambda: all(s.state.index == survivor.state.index for s in cluster.live()), 2, "applied"
@@ -419,8 +446,11 @@ async def test_compacted_log_reaches_a_lagging_node_as_a_snapshot(tmp_path: Path
         for i in range(40):
             await leader.submit(set_primary("ab"[i % 2]), timeout=2)
         await eventually(
-            lambda: all((d / "dump.bin").exists() for d in cluster.dirs if d != cluster.dirs[lagging]),
-            5, "the others compacted their logs",
+            lambda: all(
+                (d / "dump.bin").exists() for d in cluster.dirs if d != cluster.dirs[lagging]
+            ),
+            5,
+            "the others compacted their logs",
         )
         cluster.applied[lagging].clear()
         back = cluster.start(lagging)
@@ -459,16 +489,23 @@ async def test_a_node_with_the_wrong_password_never_joins(tmp_path: Path) -> Non
     try:
         for i, password in enumerate([PASSWORD, PASSWORD, "not-the-password"]):
             stores.append(node(i, password))
-        await eventually(lambda: any(s.is_leader() for s in stores[:2]), ELECTION_DEADLINE, "leader")
+        await eventually(
+            lambda: any(s.is_leader() for s in stores[:2]), ELECTION_DEADLINE, "leader"
+        )
         leader = next(s for s in stores[:2] if s.is_leader())
         outcome = await leader.submit(put(), timeout=2)
         assert outcome.ok
-        await eventually(lambda: "db" in stores[0].state.services and "db" in stores[1].state.services,
-                         2, "both good nodes applied")
+        await eventually(
+            lambda: "db" in stores[0].state.services and "db" in stores[1].state.services,
+            2,
+            "both good nodes applied",
+        )
         intruder = stores[2].status()
         assert intruder["leader"] is None and intruder["has_quorum"] is False
         assert "db" not in stores[2].state.services
-        assert [p["connected"] for p in leader.status()["peers"] if p["address"] == addresses[2]] == [False]
+        assert [
+            p["connected"] for p in leader.status()["peers"] if p["address"] == addresses[2]
+        ] == [False]
     finally:
         for store in stores:
             store.close()
@@ -485,10 +522,19 @@ class NodeProcess:
         self.address = address
 
     @classmethod
-    async def start(cls, node_id: str, address: str, data_dir: Path, peers: list[str]) -> NodeProcess:
+    async def start(
+        cls, node_id: str, address: str, data_dir: Path, peers: list[str]
+    ) -> NodeProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(WORKER), node_id, address, str(data_dir), PASSWORD, *peers,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(WORKER),
+            node_id,
+            address,
+            str(data_dir),
+            PASSWORD,
+            *peers,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         node = cls(proc, address)
         try:
@@ -559,7 +605,9 @@ async def processes(tmp_path: Path) -> AsyncIterator[list[NodeProcess]]:
             await node.stop()
 
 
-async def process_leader(nodes: list[NodeProcess], timeout: float = ELECTION_DEADLINE) -> NodeProcess:
+async def process_leader(
+    nodes: list[NodeProcess], timeout: float = ELECTION_DEADLINE
+) -> NodeProcess:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         views = [await n.status() for n in nodes]
@@ -580,11 +628,15 @@ async def test_processes_sigstopped_leader_is_deposed_and_cannot_confirm(
     assert answer["ok"], answer
 
     for node in (leader, others[0]):
-        bench = await node.call({"op": "bench", "envelope": set_primary("b").model_dump(mode="json"),
-                                 "n": 200}, timeout=30)
+        bench = await node.call(
+            {"op": "bench", "envelope": set_primary("b").model_dump(mode="json"), "n": 200},
+            timeout=30,
+        )
         role = "leader" if node is leader else "follower"
-        print(f"3 processes, commit from the {role}: p50 {bench['p50_ms']:.2f} ms, "
-              f"p99 {bench['p99_ms']:.2f} ms")
+        print(
+            f"3 processes, commit from the {role}: p50 {bench['p50_ms']:.2f} ms, "
+            f"p99 {bench['p99_ms']:.2f} ms"
+        )
 
     leader.signal(signal.SIGSTOP)
     start = time.monotonic()

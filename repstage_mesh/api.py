@@ -200,15 +200,36 @@ def _require_service(state: MeshState, name: str) -> ServiceState:
 # --- handlers -------------------------------------------------------------------------------------
 
 
+CONSISTENT = {
+    "consistent": "true: answer only after a Raft read barrier (a linearizable read; 503 without "
+    "quorum). Default: this node's applied copy, which a follower may hold slightly behind."
+}
+
+
+async def _read_state(request: web.Request) -> MeshState:
+    flag = request.query.get("consistent", "false").lower()
+    if flag not in ("true", "false", "1", "0"):
+        raise ApiError(400, "invalid", f"consistent: expected true or false, got {flag!r}", "consistent")
+    plane = _plane(request)
+    if flag in ("true", "1"):
+        try:
+            return await plane.read_state(consistent=True)
+        except CommitTimeout as exc:
+            raise ApiError(504, "commit_timeout", f"read barrier timed out: {exc}") from None
+        except NoQuorum as exc:
+            raise ApiError(503, "no_quorum", f"no quorum for a consistent read: {exc}") from None
+    return plane.state()
+
+
 async def list_services(request: web.Request) -> web.Response:
-    state = _plane(request).state()
+    state = await _read_state(request)
     views = [service_view(state, state.services[n]) for n in sorted(state.services)]
     return _ok(ServiceList(services=views, applied_index=state.index))
 
 
 async def get_service(request: web.Request) -> web.Response:
     name = _path_name(request)
-    state = _plane(request).state()
+    state = await _read_state(request)
     return _ok(service_view(state, _require_service(state, name)))
 
 
@@ -248,7 +269,7 @@ async def delete_service(request: web.Request) -> web.Response:
 
 async def get_primary(request: web.Request) -> web.Response:
     name = _path_name(request)
-    state = _plane(request).state()
+    state = await _read_state(request)
     svc = _require_service(state, name)
     return _ok(
         PrimaryView(
@@ -326,9 +347,10 @@ def operations() -> list[Operation]:
     svc = "/v1/services/{name}"
     return [
         Operation("GET", "/v1/services", "listServices", "List services", list_services,
-                  {200: ("services, sorted by name", ServiceList)}),
+                  {200: ("services, sorted by name", ServiceList)}, errors=(400, 503, 504), query_flags=CONSISTENT),
         Operation("GET", svc, "getService", "Get a service: spec, primary, epoch, member roles", get_service,
-                  {200: ("the service", ServiceView)}, errors=(404,), path_params=_NAME_PARAM),
+                  {200: ("the service", ServiceView)}, errors=(400, 404, 503, 504), path_params=_NAME_PARAM,
+                  query_flags=CONSISTENT),
         Operation("PUT", svc, "putService", "Define a service or replace its spec", put_service,
                   {200: ("replaced", ServiceView), 201: ("created", ServiceView)},
                   request=ServiceSpecBody, errors=(409, 503, 504), path_params=_NAME_PARAM,
@@ -336,7 +358,8 @@ def operations() -> list[Operation]:
         Operation("DELETE", svc, "deleteService", "Delete a service", delete_service,
                   {200: ("deleted", DeleteResult)}, errors=(404, 409, 503, 504), path_params=_NAME_PARAM),
         Operation("GET", svc + "/primary", "getPrimary", "Who is primary, at which epoch", get_primary,
-                  {200: ("the primary", PrimaryView)}, errors=(404,), path_params=_NAME_PARAM),
+                  {200: ("the primary", PrimaryView)}, errors=(400, 404, 503, 504), path_params=_NAME_PARAM,
+                  query_flags=CONSISTENT),
         Operation("POST", svc + "/primary", "setPrimary", "Set (or clear) the primary: a switchover", set_primary,
                   {200: ("the primary after the change", PrimaryChange)}, request=PrimaryRequest,
                   errors=(404, 409, 503, 504), path_params=_NAME_PARAM,

@@ -71,6 +71,7 @@ class Operation:
     tag: str = "services"
     description: str = ""
     path_params: Mapping[str, str] = field(default_factory=dict)
+    query_flags: Mapping[str, str] = field(default_factory=dict)  # boolean query parameters
 
     @property
     def is_write(self) -> bool:
@@ -159,6 +160,16 @@ def build_openapi(operations: Sequence[Operation], *, title: str, version: str) 
                 "example": "orders",
             }
             for name, description in op.path_params.items()
+        ]
+        params += [
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": description,
+                "schema": {"type": "boolean", "default": False},
+            }
+            for name, description in op.query_flags.items()
         ]
         if params:
             item["parameters"] = params

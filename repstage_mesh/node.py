@@ -77,6 +77,11 @@ class Node:
     def state(self) -> MeshState:
         return self.store.state if self.store is not None else MeshState()
 
+    async def read_state(self, consistent: bool = False) -> MeshState:
+        if not consistent or self.store is None:
+            return self.state()
+        return await self.store.read_barrier(timeout=5.0)
+
     async def submit(self, command: Command, timeout: float = 5.0) -> Outcome:
         if self.store is None:
             raise RuntimeError("node not started")

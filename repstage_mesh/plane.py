@@ -26,6 +26,11 @@ class ControlPlane(Protocol):
         """This node's applied copy of the replicated state."""
         ...
 
+    async def read_state(self, consistent: bool = False) -> MeshState:
+        """consistent=True: after a Raft read barrier (linearizable); raises NoQuorum or
+        CommitTimeout like submit. False: this node's applied copy."""
+        ...
+
     async def submit(self, command: Command, timeout: float = 5.0) -> Outcome:
         """Commit a command through the log; returns once applied on this node.
 

@@ -157,6 +157,11 @@ class FakePlane:
         self._commits.inc()
         return outcome
 
+    async def read_state(self, consistent: bool = False) -> MeshState:
+        if consistent and self.fail is not None:
+            raise self.fail
+        return self.state()
+
     async def submit(self, command: Command, timeout: float = 5.0) -> Outcome:
         self.submitted.append(command)
         if self.fail is not None:
