@@ -47,7 +47,7 @@ from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .errors import MeshError
-from .models import _HOSTNAME, NAME_PATTERN, Name, Port, ServiceSpec
+from .models import _HOSTNAME, NAME_PATTERN, Name, ServiceSpec
 from .render import PrimaryStrategy, RenderOptions
 
 __all__ = [
@@ -271,9 +271,9 @@ class EnvoyConfig(Section):
         default=PrimaryStrategy.HEALTH_FENCE,
         description="how open connections to a demoted primary are closed (see bench/close_on_switch.md)",
     )
-    fence_port: Port = Field(
+    fence_port: Annotated[int, Field(ge=1, le=65534)] = Field(
         default=15990,
-        description="health_fence: a loopback port on each Envoy for the fence listener",
+        description="health_fence: two loopback ports on each Envoy, fence_port and fence_port + 1, for the fence listeners",
     )
     fence_interval_ms: int = Field(
         default=100, ge=10, le=10_000,

@@ -156,6 +156,21 @@ class ServiceState(Frozen):
     primary: Name | None = None
     epoch: int = Field(default=0, ge=0, description="Raft index that committed the current role; only grows")
     changed_at: int = Field(default=0, ge=0, description="Raft index of the last change to this service")
+    promotions: tuple[tuple[str, int], ...] = Field(
+        default=(),
+        description="(member, how many times it became primary), sorted; the renderer uses it "
+        "to give a newly promoted member a fresh Envoy host so it is routable at once",
+    )
+
+    def promotion_count(self, member: str) -> int:
+        return dict(self.promotions).get(member, 0)
+
+    def promoted(self, member: str | None) -> tuple[tuple[str, int], ...]:
+        """`promotions` after `member` became primary (members no longer in the spec dropped)."""
+        counts = {m: c for m, c in self.promotions if self.spec.member(m) is not None}
+        if member is not None:
+            counts[member] = counts.get(member, 0) + 1
+        return tuple(sorted(counts.items()))
 
     @property
     def name(self) -> str:

@@ -20,6 +20,7 @@ strategy) is shared by all services: listener `repstage-fence-listener`, routes
 from __future__ import annotations
 
 FENCE_LISTENER = "repstage-fence-listener"
+FENCE_LISTENER_ALT = "repstage-fence-alt-listener"  # fence_port + 1 (see render: rotation)
 FENCE_ROUTES = "repstage-fence-routes"
 METADATA_NAMESPACE = "repstage"
 

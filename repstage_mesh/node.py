@@ -27,8 +27,9 @@ from .api import build_app, start_api
 from .api_models import ApiSettings
 from .config import ConfigError, Settings, load_config
 from .models import Command, CommandEnvelope, MeshState, Outcome, PutService
-from .render import RenderOptions, render
+from .render import PrimaryStrategy, RenderOptions, render
 from .replication import ReplicatedStore
+from .xds import resources as res
 from .xds.cache import Snapshot, SnapshotCache
 from .xds.server import AdsServer
 from .xds.tracker import ProxyTracker
@@ -51,6 +52,14 @@ class Node:
         self._node_id = settings.node.id
         self._registry = CollectorRegistry()
         self.options = render_options(settings)
+        # health_fence: the fence's answers (routes) must reach Envoy before the endpoints
+        # that are checked against them, or a promoted member fails its first check and waits
+        # a whole interval to become routable.
+        self.order = (
+            (res.CLUSTER, res.ROUTE, res.ENDPOINT, res.LISTENER, res.SECRET)
+            if self.options.primary_strategy is PrimaryStrategy.HEALTH_FENCE
+            else res.ADS_ORDER
+        )
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker(control_plane=self._node_id)
         self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
@@ -178,7 +187,7 @@ class Node:
     def _publish(self, state: MeshState) -> None:
         try:
             previous = self.cache.get(SNAPSHOT_GROUP)
-            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous)
+            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous, self.order)
         except Exception:
             log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
             return

@@ -174,7 +174,8 @@ def _put_service(state: MeshState, command: PutService, index: int) -> tuple[Mes
     if current is None:
         primary = spec.primary
         new = ServiceState(
-            spec=spec, primary=primary, epoch=index if primary is not None else 0, changed_at=index
+            spec=spec, primary=primary, epoch=index if primary is not None else 0, changed_at=index,
+            promotions=((primary, 1),) if primary is not None else (),
         )
         services = {**state.services, spec.name: new}
         result = _role_result(spec.name, None, new, True, created=True)
@@ -191,7 +192,9 @@ def _put_service(state: MeshState, command: PutService, index: int) -> tuple[Mes
     elif primary is None and spec.primary is not None:
         # No primary is known: the spec's declared primary is the best knowledge there is.
         primary, epoch = spec.primary, index
-    new = ServiceState(spec=spec, primary=primary, epoch=epoch, changed_at=index)
+    carried = ServiceState(spec=spec, primary=current.primary, promotions=current.promotions)
+    promotions = carried.promoted(primary if primary != current.primary else None)
+    new = ServiceState(spec=spec, primary=primary, epoch=epoch, changed_at=index, promotions=promotions)
     services = {**state.services, spec.name: new}
     result = _role_result(spec.name, current, new, True, created=False)
     return _with_services(state, services, index), Outcome(ok=True, result=result)
@@ -235,8 +238,14 @@ def _set_primary(state: MeshState, command: SetPrimary, index: int) -> tuple[Mes
         result = _role_result(command.service, current, current, False, cause=command.cause)
         return _unchanged(state, index), Outcome(ok=True, result=result)
 
+    promoted = command.member if command.member != current.primary else None
     new = current.model_copy(
-        update={"primary": command.member, "epoch": index, "changed_at": index}
+        update={
+            "primary": command.member,
+            "epoch": index,
+            "changed_at": index,
+            "promotions": current.promoted(promoted),
+        }
     )
     services = {**state.services, command.service: new}
     result = _role_result(command.service, current, new, True, cause=command.cause)

@@ -390,7 +390,7 @@ def test_health_fence_without_services_still_serves_the_fence() -> None:
     options = RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT)
     out = render(MeshState(), options)
     assert consistency_problems(out) == []
-    assert list(out[LISTENER]) == [naming.FENCE_LISTENER]
+    assert sorted(out[LISTENER]) == sorted([naming.FENCE_LISTENER, naming.FENCE_LISTENER_ALT])
     assert fence_answers(out) == {("/", None): 404}
 
 
@@ -555,3 +555,37 @@ def test_unchanged_services_keep_their_message_objects() -> None:
     assert bytes(after[CLUSTER_LOAD_ASSIGNMENT]["web-primary"]) != bytes(
         before[CLUSTER_LOAD_ASSIGNMENT]["web-primary"]
     )
+
+
+def test_a_promoted_member_checks_on_the_other_fence_port_and_a_demoted_one_keeps_its_port() -> None:
+    """Rotation: promotion gives a member a fresh Envoy host (checked at once); demotion keeps
+    the host, so its failing check closes its connections."""
+    from repstage_mesh.models import SetPrimary
+    from repstage_mesh.state import apply
+
+    options = RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT)
+    spec = ServiceSpec(
+        name="pg", listen_port=15432,
+        members=(Member(name="a", address="10.0.0.1", port=5432), Member(name="b", address="10.0.0.2", port=5432)),
+        primary="a",
+    )
+    from repstage_mesh.models import PutService
+
+    state, _ = apply(MeshState(), PutService(spec=spec), 1)
+
+    def ports(st: MeshState) -> dict[str, int]:
+        cla = render(st, options)[CLUSTER_LOAD_ASSIGNMENT]["pg-primary"]
+        return {
+            lb.metadata.filter_metadata[naming.METADATA_NAMESPACE].to_dict()["member"]: lb.endpoint.health_check_config.port_value
+            for loc in cla.endpoints for lb in loc.lb_endpoints
+        }
+
+    first = ports(state)
+    assert first == {"a": FENCE_PORT + 1, "b": FENCE_PORT}
+    state, _ = apply(state, SetPrimary(service="pg", member="b"), 2)
+    second = ports(state)
+    assert second == {"a": FENCE_PORT + 1, "b": FENCE_PORT + 1}  # a demoted: unchanged; b promoted: flipped
+    state, _ = apply(state, SetPrimary(service="pg", member=None), 3)
+    assert ports(state) == second  # fencing off changes no host
+    state, _ = apply(state, SetPrimary(service="pg", member="a"), 4)
+    assert ports(state) == {"a": FENCE_PORT, "b": FENCE_PORT + 1}

@@ -93,6 +93,12 @@ class Snapshot:
 
     version: str
     resources: Mapping[str, Mapping[str, EncodedResource]]
+    # The order types go out in when several change at once. The default is the xDS protocol's
+    # (clusters, endpoints, listeners, routes). A producer may move a type earlier when its
+    # resources only answer questions (RepStage's fence routes must reach Envoy before the
+    # endpoints that are checked against them); the protocol still holds back a listener or
+    # route until the clusters it names are ACKed, whatever the order.
+    order: tuple[str, ...] = res.ADS_ORDER
     _bodies: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False, repr=False)
     _messages: dict[tuple[str, str], tuple[betterproto2.Message, EncodedResource]] = field(
         default_factory=dict, compare=False, repr=False
@@ -108,6 +114,7 @@ class Snapshot:
         version: str | int,
         messages: Mapping[str, Mapping[str, betterproto2.Message]],
         previous: Snapshot | None = None,
+        order: tuple[str, ...] = res.ADS_ORDER,
     ) -> Snapshot:
         """Encode every message once. `messages` is {type_url: {name: message}}.
 
@@ -126,7 +133,7 @@ class Snapshot:
                 item = old[1] if old is not None and old[0] is msg else EncodedResource.from_message(msg, name)
                 out[name] = item
                 sources[key] = (msg, item)
-        snap = cls(str(version), encoded, _messages=sources)
+        snap = cls(str(version), encoded, order, _messages=sources)
         missing = snap.dangling_references()
         if missing:
             raise ValueError(f"inconsistent snapshot {version}: missing {sorted(missing)}")

@@ -157,8 +157,9 @@ class _Stream:
         return self._sync()
 
     def _order(self) -> list[str]:
-        extra = sorted(t for t in self.types if t not in res.ADS_ORDER)
-        return [t for t in (*res.ADS_ORDER, *extra) if t in self.types]
+        order = self.snapshot.order if self.snapshot is not None else res.ADS_ORDER
+        extra = sorted(t for t in self.types if t not in order)
+        return [t for t in (*order, *extra) if t in self.types]
 
     def _sync(self) -> list[Action]:
         if self.snapshot is None:
