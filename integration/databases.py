@@ -304,7 +304,7 @@ class PostgresPair(_Group):
 
     def query(self, name: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.dsn(name), autocommit=True) as conn:
-            cursor = conn.execute(sql, params)  # type: ignore[arg-type]
+            cursor = conn.execute(sql.encode(), params)
             return cursor.fetchall() if cursor.description else []
 
     def _run(self, argv: list[str], timeout: float = 60) -> None:

@@ -226,8 +226,8 @@ class ControlPlaneNode:
         self.config.setdefault("node", {})
         self.config["node"].setdefault("id", name)
         self.config["node"].setdefault("data_dir", str(workdir / name / "data"))
-        self.config.setdefault("xds", {"listen": f"127.0.0.1:{free_port()}"})
-        self.config.setdefault("api", {"listen": f"127.0.0.1:{free_port()}"})
+        self.config.setdefault("xds", {"listen": f"127.0.0.1:{free_low_port()}"})
+        self.config.setdefault("api", {"listen": f"127.0.0.1:{free_low_port()}"})
         (workdir / name).mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / name / "config.yaml"
         env = {k: v for k, v in os.environ.items() if not k.startswith("REPSTAGE_")}
@@ -284,7 +284,7 @@ class Envoy:
         extra_args: list[str] | None = None,
     ) -> None:
         self.node_id = node_id
-        self.admin_port = free_port()
+        self.admin_port = free_low_port()
         self.workdir = workdir / f"envoy-{node_id}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.bootstrap = self.workdir / "bootstrap.yaml"
@@ -432,3 +432,30 @@ def cluster_leader(nodes: list[ControlPlaneNode], timeout: float = 10.0) -> Cont
         return leader
 
     return wait_until(agreed, timeout, 0.02, "the live nodes agree on a leader")  # type: ignore[no-any-return]
+
+
+def free_low_port(consecutive: int = 1, host: str = "127.0.0.1") -> int:
+    """A port p such that p .. p + consecutive - 1 are free, picked below the kernel's ephemeral
+    range so that outgoing connections (Raft, xDS, HTTP) cannot take it before the listener
+    binds it. For Envoy listeners, and `envoy.fence_port` with consecutive=2 (the health fence
+    listens on fence_port and fence_port + 1)."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    low = max(low, 12000)
+    for _ in range(200):
+        port = random.randrange(10000, low - consecutive)
+        socks = [socket.socket() for _ in range(consecutive)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.bind((host, port + i))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return port
+    raise RuntimeError(f"no {consecutive} consecutive free ports found")

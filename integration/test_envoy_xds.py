@@ -19,7 +19,7 @@ from .harness import (
     LineClient,
     NamedTcpBackend,
     ask_once,
-    free_port,
+    free_low_port,
     wait_until,
     workdir,
 )
@@ -65,10 +65,10 @@ def service(
 @pytest.fixture(params=["sotw", "delta"])
 def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
     with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
-        port = free_port()
+        port = free_low_port()
         cfg = {
             "services": [service(port, a, b)],
-            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_port()},
+            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
         }
         cp = ControlPlaneNode(wd, cfg)
         envoy = Envoy(wd, "edge-1", [cp.xds_address], delta=request.param == "delta")
@@ -254,3 +254,33 @@ def test_restart_keeps_versions_and_traffic(mesh: Mesh) -> None:
         assert int(after[short].split("-")[0]) >= int(before[short].split("-")[0]), (before, after)
     assert ask_once(mesh.port).startswith("b:")
     assert mesh.cp.get("/v1/services/orders")["primary"] == "b"
+
+
+def _metrics(mesh: Mesh) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(mesh.cp.api + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_count_pushes_acks_and_proxies(mesh: Mesh) -> None:
+    before = _metrics(mesh)
+    eds = (("type", "eds"),)
+    assert before[("repstage_xds_connected_proxies", (("control_plane", "cp-1"), ("stream", mesh.proxy()["stream_kind"]), ("type", "eds")))] == 1
+    mesh.cp.call("POST", "/v1/services/orders/primary", {"member": "b"})
+    wait_until(mesh.synced, 10, what="synced")
+    after = wait_until(
+        lambda: (m := _metrics(mesh))[("repstage_xds_acks_total", eds)] > before[("repstage_xds_acks_total", eds)] and m,
+        10, what="the EDS ACK counted",
+    )
+    assert after[("repstage_xds_pushes_total", eds)] > before[("repstage_xds_pushes_total", eds)]
+    assert after[("repstage_xds_push_ack_seconds_count", eds)] > before[("repstage_xds_push_ack_seconds_count", eds)]
+    assert after[("repstage_raft_commit_seconds_count", ())] > before.get(("repstage_raft_commit_seconds_count", ()), 0)
+    assert after[("repstage_raft_is_leader", ())] == 1

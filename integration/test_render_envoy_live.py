@@ -55,6 +55,8 @@ from repstage_mesh.filters import (
 from repstage_mesh.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
 from repstage_mesh.render import PrimaryStrategy, RenderOptions, Resources, render
 
+from .harness import free_low_port, free_port
+
 ENVOY = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "envoy"
 pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason="envoy binary not installed")
 
@@ -64,12 +66,6 @@ FILES = {
     LISTENER: "lds",
     ROUTE_CONFIGURATION: "rds",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -239,7 +235,7 @@ def backends() -> Iterator[dict[str, Backend]]:
 def test_switchover_through_real_envoy(
     tmp_path: Path, backends: dict[str, Backend], strategy: PrimaryStrategy
 ) -> None:
-    listen_port, fence_port, admin_port = free_port(), free_port(), free_port()
+    listen_port, fence_port, admin_port = free_low_port(), free_low_port(2), free_port()
     spec = ServiceSpec(
         name="cache",
         protocol=ServiceProtocol.REDIS,
@@ -363,7 +359,7 @@ def test_http_service_through_real_envoy(tmp_path: Path, strategy: PrimaryStrate
     options = RenderOptions(
         primary_strategy=strategy,
         bind_address="127.0.0.1",
-        fence_port=free_port(),
+        fence_port=free_low_port(2),
         fence_interval=timedelta(milliseconds=200),
     )
 

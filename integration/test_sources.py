@@ -71,11 +71,11 @@ async def settled(
     collector: Collector, expected: dict[str, MemberStatus], timeout: float = 5
 ) -> None:
     for member, status in expected.items():
-        await collector.wait_for(
-            lambda o, m=member, s=status: o.member == m and o.status is s,
-            timeout,
-            f"{member} {status}",
-        )
+
+        def match(o: Observation, m: str = member, s: MemberStatus = status) -> bool:
+            return o.member == m and o.status is s
+
+        await collector.wait_for(match, timeout, f"{member} {status}")
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -103,11 +103,11 @@ async def test_redis_roles_offsets_and_kill(redis_group_fixture: RedisGroup) -> 
         primary_offset = int(redis.role("r0")[1])
         assert primary_offset > 0
         for name in ("r0", "r1", "r2"):
-            await collector.wait_for(
-                lambda o, n=name: o.member == n and (o.offset or 0) >= primary_offset,
-                5,
-                f"{name} offset >= {primary_offset}",
-            )
+
+            def caught_up(o: Observation, n: str = name) -> bool:
+                return o.member == n and (o.offset or 0) >= primary_offset
+
+            await collector.wait_for(caught_up, 5, f"{name} offset >= {primary_offset}")
         latest = runner.latest("orders", "r1")
         assert (
             latest is not None

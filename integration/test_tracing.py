@@ -170,6 +170,7 @@ async def test_failover_trace_spans_both_nodes(
         )  # exactly one per proxy
         for event in acks:
             assert event.attributes["repstage.latency_s"] >= 0
+            assert event.attributes["repstage.xds.send_ack_s"] >= 0
             assert str(event.attributes["repstage.version"]).startswith(str(NEW))
             assert res.short_name(res.ENDPOINT) in [
                 res.short_name(t) for t in event.attributes["repstage.xds.types"]

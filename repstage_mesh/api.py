@@ -150,18 +150,20 @@ async def _submit(request: web.Request, command: Command) -> Outcome:
     settings = request.app[SETTINGS]
     try:
         outcome = await _plane(request).submit(command, timeout=settings.commit_timeout)
-    except NoQuorum as exc:
-        raise ApiError(
-            503,
-            "no_quorum",
-            f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
-        ) from None
     except CommitTimeout as exc:
+        # Before NoQuorum: NoQuorumOutcomeUnknown is both (no majority now, but the write
+        # reached a leader and may still commit), and must not be reported as "nothing changed".
         raise ApiError(
             504,
             "commit_timeout",
             f"the write was not confirmed in time ({exc}); it may or may not have been applied: "
             "read the resource back before retrying",
+        ) from None
+    except NoQuorum as exc:
+        raise ApiError(
+            503,
+            "no_quorum",
+            f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
         ) from None
     except Rejected as exc:
         raise ApiError.from_rejection(exc.rejection) from None

@@ -18,6 +18,12 @@ always break-before-make:
     AwaitProxies(commit index, ack_deadline)              first_routable, per-proxy ACKs
     Done
 
+A planned switchover (`switchover(service, target, now)`) first polls `ReadPositions` until the
+target's position reaches the primary's (or its timeout: then nothing changes), then runs the
+same plan with a second catch-up check after the fence (the old primary no longer takes writes
+through the mesh; if the target does not catch up, the old primary is restored) and reports the
+write-unavailable window: fence committed -> the new primary's commit ACKed by every proxy.
+
 Decisions are made only from committed state plus observations:
 
 - follow (someone else promotes): the member observed PRIMARY becomes the committed primary.
@@ -27,8 +33,12 @@ Decisions are made only from committed state plus observations:
 - orchestrate (RepStage promotes): the committed primary DOWN -> the replica with the highest
   offset (ties: member order), refusing DOWN/UNKNOWN members, members not settled in their
   status, and members further behind than `max_lag_bytes`. A failed promotion tries the next
-  candidate, then stays fail-closed. An old primary that comes back claiming PRIMARY gets a
-  `Repoint` step.
+  candidate, then stays fail-closed. An old primary that comes back claiming PRIMARY, or a
+  replica that follows another upstream than the committed primary, gets a `Repoint` step
+  (rate-limited per member; nothing is committed for it). After a promotion, what was observed
+  of the promoted and re-pointed members is forgotten (UNKNOWN) until the sources report again,
+  so a stale "replica" observation cannot undo the promotion.
+- announce: never decided here (the API commits the announced primary, fenced by the epoch).
 
 Hysteresis: a plan that moves the primary away from a member, or promotes one, is an automatic
 failover; at most one per service per `min_failover_interval` (a later one is deferred, not
@@ -51,7 +61,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from .errors import MeshError
-from .models import LeadershipMode, LeadershipSource, MeshState, ServiceSpec, ServiceState, SetPrimary
+from .models import (
+    LeadershipMode,
+    LeadershipSource,
+    MeshState,
+    ServiceSpec,
+    ServiceState,
+    SetPrimary,
+)
 from .observations import MemberStatus, Observation
 
 __all__ = [
@@ -63,9 +80,11 @@ __all__ = [
     "DecisionRefused",
     "Done",
     "FailoverRecord",
-    "PromoteResult",
+    "Positions",
     "Promote",
+    "PromoteResult",
     "ProxyAcks",
+    "ReadPositions",
     "Repoint",
     "Step",
     "StepFailed",
@@ -132,6 +151,19 @@ class Repoint:
 
 
 @dataclass(frozen=True)
+class ReadPositions:
+    """Read the replication positions (Redis offset, PostgreSQL LSN) of `members` now, after
+    waiting `delay` seconds (a poll interval); result: Positions. Used by a switchover to wait for
+    the target to catch up (observations carry offsets only now and then)."""
+
+    service: str
+    record_id: str
+    spec: ServiceSpec
+    members: tuple[str, ...]
+    delay: float
+
+
+@dataclass(frozen=True)
 class Done:
     """The plan ended (nothing to execute)."""
 
@@ -141,7 +173,7 @@ class Done:
     reason: str
 
 
-Step = ConfirmLeadership | Commit | AwaitProxies | Promote | Repoint | Done
+Step = ConfirmLeadership | Commit | AwaitProxies | Promote | Repoint | ReadPositions | Done
 
 
 # --- step results ------------------------------------------------------------------------------
@@ -175,6 +207,13 @@ class PromoteResult:
 
 
 @dataclass(frozen=True)
+class Positions:
+    """ReadPositions' answer: each member's position, None when it could not be read."""
+
+    offsets: dict[str, int | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StepFailed:
     """A step raised or ran out of time. `unknown` = a commit may or may not have been applied."""
 
@@ -182,7 +221,7 @@ class StepFailed:
     unknown: bool = False
 
 
-StepResult = bool | CommitResult | ProxyAcks | PromoteResult | StepFailed | None
+StepResult = bool | CommitResult | ProxyAcks | PromoteResult | Positions | StepFailed | None
 
 
 class DecisionRefused(MeshError):
@@ -287,6 +326,7 @@ class _Plan:
     outstanding: Step | None = None
     confirmed: bool = False
     catchup_timeout: float = 0.0
+    polls: int = 0
 
 
 @dataclass
@@ -323,6 +363,7 @@ class Decider:
     `catchup_timeout`: default longest wait for a switchover target to catch up.
     `leadership_retry`: seconds to wait after a failed ConfirmLeadership or an aborted plan.
     `repoint_retry`: seconds between Repoint attempts for one member.
+    `poll_interval`: seconds between ReadPositions while a switchover waits for catch-up.
     `history`: how many records to keep. `wall_offset`: unix time minus the `now` clock, used
     only to fill `FailoverRecord.started_unix`.
     """
@@ -335,13 +376,15 @@ class Decider:
         catchup_timeout: float = 10.0,
         leadership_retry: float = 0.5,
         repoint_retry: float = 2.0,
+        poll_interval: float = 0.05,
         history: int = 100,
         wall_offset: float | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id: must not be empty")
         for name, value in (("settle", settle), ("catchup_timeout", catchup_timeout),
-                            ("leadership_retry", leadership_retry), ("repoint_retry", repoint_retry)):
+                            ("leadership_retry", leadership_retry), ("repoint_retry", repoint_retry),
+                            ("poll_interval", poll_interval)):
             if value < 0 or math.isnan(value):
                 raise ValueError(f"{name}: must not be negative, got {value}")
         if history < 1:
@@ -351,6 +394,7 @@ class Decider:
         self.catchup_timeout = catchup_timeout
         self.leadership_retry = leadership_retry
         self.repoint_retry = repoint_retry
+        self.poll_interval = poll_interval
         self.wall_offset = wall_offset
         self.state = MeshState()
         self._services: dict[str, _Service] = {}
@@ -391,8 +435,6 @@ class Decider:
         if obs.status is not MemberStatus.DOWN:
             v.upstream = obs.upstream
         v.detail = obs.detail
-        if obs.status is not MemberStatus.PRIMARY:
-            s.repoint_at.pop(obs.member, None)
         if obs.status is MemberStatus.REPLICA:
             s.needs_rejoin.discard(obs.member)  # an operator (or a hook) re-joined it
         return self._evaluate(obs.service, obs.at)
@@ -475,7 +517,20 @@ class Decider:
             return self._acks_done(step, s, plan, acks, result, now)
         if isinstance(step, Promote):
             return self._promote_done(step, s, plan, result, now)
+        if isinstance(step, ReadPositions):
+            return self._positions_done(step, s, plan, result, now)
         return []
+
+    def abandon(self, now: float, reason: str) -> list[Done]:
+        """End every running plan as failed (the executor stopped: leadership lost, shutdown).
+        What was committed stays committed; the next leader decides from there."""
+        done: list[Done] = []
+        for s in self._services.values():
+            if s.plan is not None:
+                for step in self._finish(s, s.plan, now, False, f"abandoned: {reason}"):
+                    assert isinstance(step, Done)
+                    done.append(step)
+        return done
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -620,15 +675,26 @@ class Decider:
 
     def _supersedes(self, spec: ServiceSpec, s: _Service, challenger: str, primary: str) -> bool:
         pv, cv = s.view(primary), s.view(challenger)
-        member = spec.member(challenger)
-        if pv.upstream is not None and member is not None and pv.upstream in (
-            challenger, f"{member.address}:{member.port}"
-        ):
+        if self._replicates_from(spec, cv, primary):
+            return False
+        if self._replicates_from(spec, pv, challenger):
             return True
         return pv.offset is not None and cv.offset is not None and pv.offset < cv.offset
 
+    def _rank(self, s: _Service, name: str, order: list[str]) -> tuple[int, int]:
+        """Sort key: highest offset first (unknown counts as lowest), then member order."""
+        offset = s.view(name).offset
+        return (-(offset if offset is not None else -1), order.index(name))
+
+    @staticmethod
+    def _replicates_from(spec: ServiceSpec, view: _View, other: str) -> bool:
+        member = spec.member(other)
+        return view.upstream is not None and member is not None and view.upstream in (
+            other, f"{member.address}:{member.port}"
+        )
+
     def _best(self, s: _Service, names: Iterable[str], order: list[str]) -> str:
-        return min(names, key=lambda n: (-(s.view(n).offset if s.view(n).offset is not None else -1), order.index(n)))
+        return min(names, key=lambda n: self._rank(s, n, order))
 
     def _candidates(
         self, svc: ServiceState, s: _Service, now: float, exclude: str | None
@@ -656,7 +722,7 @@ class Decider:
                     refused.append(f"{n}: {reference - v.offset} bytes behind > max_lag_bytes {max_lag}")
                     continue
             ok.append(n)
-        ok.sort(key=lambda n: (-(s.view(n).offset if s.view(n).offset is not None else -1), order.index(n)))
+        ok.sort(key=lambda n: self._rank(s, n, order))
         return ok, "; ".join(refused) or "none"
 
     def _repoints(self, svc: ServiceState, s: _Service, now: float) -> list[Step]:
@@ -670,22 +736,33 @@ class Decider:
             n = m.name
             if n == svc.primary or n in s.needs_rejoin:
                 continue
-            if not self._settled(s, n, MemberStatus.PRIMARY, now):
+            v = s.view(n)
+            if self._settled(s, n, MemberStatus.PRIMARY, now):
+                cause = f"{n!r} claims primary while {svc.primary!r} is the committed primary"
+            elif (self._settled(s, n, MemberStatus.REPLICA, now) and v.upstream is not None
+                  and not self._replicates_from(spec, v, svc.primary)):
+                cause = f"{n!r} replicates from {v.upstream}, not from the primary {svc.primary!r}"
+            else:
                 continue
             if now < s.repoint_at.get(n, -math.inf):
                 continue
             s.repoint_at[n] = now + self.repoint_retry
-            rec = self._new_record(svc, "repoint", spec.leadership.mode.value,
-                                   f"{n!r} claims primary while {svc.primary!r} is the committed primary",
-                                   n, svc.primary, now)
+            rec = self._new_record(svc, "repoint", spec.leadership.mode.value, cause, n, svc.primary, now)
             rec.event("detected", s.view(n).since, member=n)
             steps.append(Repoint(spec.name, rec.id, spec, n, svc.primary))
         return steps
+
+    @staticmethod
+    def _forget(s: _Service, member: str, now: float) -> None:
+        v = s.view(member)
+        v.status, v.since, v.upstream = MemberStatus.UNKNOWN, now, None
 
     def _repoint_done(self, step: Repoint, result: StepResult, now: float) -> list[Step]:
         rec = self.record(step.record_id)
         s = self._services.get(step.service)
         ok = isinstance(result, PromoteResult) and result.ok
+        if ok and s is not None:
+            self._forget(s, step.member, now)
         if s is not None and isinstance(result, PromoteResult) and result.needs_rejoin:
             s.needs_rejoin.update(result.needs_rejoin)
         if rec is not None:
@@ -733,6 +810,7 @@ class Decider:
         rec = plan.record
         step: Step
         if plan.phase in ("catchup", "final_catchup"):
+            plan.polls = 0
             return self._wait_check(name, s, plan, now)
         if plan.phase == "confirm":
             step = ConfirmLeadership(name, rec.id)
@@ -819,7 +897,7 @@ class Decider:
             if plan.kind == "switchover":
                 plan.phase = "final_catchup"
                 plan.deadline = now + plan.catchup_timeout
-                return self._wait_check(name, s, plan, now)
+                return self._advance(name, s, plan, now)
             plan.phase = "promote" if plan.promote else "commit"
             return self._advance(name, s, plan, now)
         # route acks
@@ -846,6 +924,10 @@ class Decider:
                       repointed=list(result.repointed), failed=list(result.failed))
             for failed in result.failed:
                 s.repoint_at.pop(failed, None)
+            # What was observed of the promoted and re-pointed members predates their new roles:
+            # forget it until the sources report again (UNKNOWN primary = keep, never act on it).
+            for member in (step.member, *result.repointed):
+                self._forget(s, member, now)
             plan.phase = "commit"
             return self._advance(step.service, s, plan, now)
         why = result.detail if isinstance(result, PromoteResult) else getattr(result, "message", repr(result))
@@ -870,32 +952,52 @@ class Decider:
         return self._finish(s, plan, now, False, f"promotion failed for every candidate, staying fail-closed (last: {why})")
 
     def _wait_check(self, name: str, s: _Service, plan: _Plan, now: float) -> list[Step]:
-        """Waiting phases (switchover catch-up) progress on observations and ticks."""
+        """Catch-up phases poll the positions with ReadPositions until caught up or the deadline."""
         if plan.phase not in ("catchup", "final_catchup") or plan.outstanding is not None:
             return []
         assert plan.target is not None and plan.old_primary is not None
-        tv, pv = s.view(plan.target), s.view(plan.old_primary)
-        since = plan.record.started_at if plan.phase == "catchup" else (plan.fenced_at or now)
-        fresh = tv.offset_at >= since and pv.offset_at >= since
-        caught = (fresh and tv.offset is not None and pv.offset is not None and tv.offset >= pv.offset
-                  and tv.status is MemberStatus.REPLICA)
-        if caught:
-            plan.record.event("caught_up", now, phase=plan.phase, offset=tv.offset, primary_offset=pv.offset)
-            if plan.phase == "catchup":
-                plan.phase = "confirm"
-            else:
-                plan.phase = "promote"
+        svc = self.state.service(name)
+        if svc is None:
+            return self._finish(s, plan, now, False, "service deleted")
+        delay = 0.0 if plan.polls == 0 else self.poll_interval
+        plan.polls += 1
+        step = ReadPositions(name, plan.record.id, svc.spec, (plan.old_primary, plan.target), delay)
+        plan.outstanding = step
+        return [step]
+
+    def _positions_done(
+        self, step: ReadPositions, s: _Service, plan: _Plan, result: StepResult, now: float
+    ) -> list[Step]:
+        assert plan.target is not None and plan.old_primary is not None
+        offsets = result.offsets if isinstance(result, Positions) else {}
+        target, primary = offsets.get(plan.target), offsets.get(plan.old_primary)
+        tv = s.view(plan.target)
+        if target is not None:
+            tv.offset, tv.offset_at = target, now
+        if primary is not None:
+            s.view(plan.old_primary).offset = primary
+            s.view(plan.old_primary).offset_at = now
+        if tv.status is MemberStatus.DOWN:
+            return self._catchup_failed(step.service, s, plan, now, f"{plan.target!r} is down")
+        if target is not None and primary is not None and target >= primary:
+            plan.record.event("caught_up", now, phase=plan.phase, offset=target, primary_offset=primary)
+            plan.phase = "confirm" if plan.phase == "catchup" else "promote"
             plan.deadline = math.inf
-            return self._advance(name, s, plan, now)
+            return self._advance(step.service, s, plan, now)
         if now >= plan.deadline:
-            lag = (pv.offset - tv.offset) if pv.offset is not None and tv.offset is not None else None
-            why = f"{plan.target!r} did not catch up with {plan.old_primary!r} (lag {lag}, status {tv.status.value})"
-            if plan.phase == "catchup":
-                return self._finish(s, plan, now, False, f"{why}: nothing changed")
-            plan.record.reason = f"{why} after fencing: old primary restored"
-            plan.phase = "restore"
-            return self._advance(name, s, plan, now)
-        return []
+            lag = (primary - target) if primary is not None and target is not None else None
+            failure = f": {result.message}" if isinstance(result, StepFailed) else ""
+            return self._catchup_failed(step.service, s, plan, now,
+                                        f"{plan.target!r} did not catch up with {plan.old_primary!r} "
+                                        f"(lag {lag}){failure}")
+        return self._wait_check(step.service, s, plan, now)
+
+    def _catchup_failed(self, name: str, s: _Service, plan: _Plan, now: float, why: str) -> list[Step]:
+        if plan.phase == "catchup":
+            return self._finish(s, plan, now, False, f"{why}: nothing changed")
+        plan.record.reason = f"{why} after fencing: old primary restored"
+        plan.phase = "restore"
+        return self._advance(name, s, plan, now)
 
     def _ack_deadline(self, name: str) -> float:
         svc = self.state.service(name)

@@ -102,6 +102,7 @@ class MeshMetrics:
         self._lock = threading.Lock()
         self._live: dict[int, ProxyRecord] = {}  # id(record) -> record, connected ones
         self._held: dict[tuple[int, str], None] = {}  # (id(record), type_url) NACKed, not since ACKed
+        self._type_children: dict[str, tuple[Any, Any, Any, Any]] = {}
         self.pushes = Counter(
             "repstage_xds_pushes", "xDS responses sent to proxies", ["type"], registry=registry
         )
@@ -159,21 +160,34 @@ class MeshMetrics:
                 del self._held[held]
 
     def on_send(self, record: ProxyRecord, send: Send) -> None:
-        self.pushes.labels(res.short_name(send.type_url)).inc()
+        self._by_type(send.type_url)[0].inc()
 
     def on_ack(self, record: ProxyRecord, ack: Acked, latency: float | None) -> None:
-        short = res.short_name(ack.type_url)
-        self.acks.labels(short).inc()
+        children = self._by_type(ack.type_url)
+        children[1].inc()
         if latency is not None:
-            self.push_ack.labels(short).observe(latency)
+            children[3].observe(latency)
         if self._held:
             with self._lock:
                 self._held.pop((id(record), ack.type_url), None)
 
     def on_nack(self, record: ProxyRecord, nack: Nacked) -> None:
-        self.nacks.labels(res.short_name(nack.type_url)).inc()
+        self._by_type(nack.type_url)[2].inc()
         with self._lock:
             self._held[(id(record), nack.type_url)] = None
+
+    def _by_type(self, type_url: str) -> tuple[Any, Any, Any, Any]:
+        """(pushes, acks, nacks, push_ack) children for a type: `labels()` takes a lock and
+        validates on every call (~5 µs), this dict lookup does not."""
+        children = self._type_children.get(type_url)
+        if children is None:
+            short = res.short_name(type_url)
+            children = (
+                self.pushes.labels(short), self.acks.labels(short),
+                self.nacks.labels(short), self.push_ack.labels(short),
+            )
+            self._type_children[type_url] = children
+        return children
 
     # --- facts observed elsewhere -------------------------------------------------------------
 

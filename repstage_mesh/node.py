@@ -26,9 +26,12 @@ from prometheus_client import CollectorRegistry
 from .api import build_app, start_api
 from .api_models import ApiSettings
 from .config import ConfigError, Settings, load_config
+from .errors import ReplicationError
+from .metrics import MeshMetrics, write_failure_code
 from .models import Command, CommandEnvelope, MeshState, Outcome, PutService
 from .render import PrimaryStrategy, RenderOptions, render
 from .replication import ReplicatedStore
+from .tracing import Tracing
 from .xds import resources as res
 from .xds.cache import Snapshot, SnapshotCache
 from .xds.server import AdsServer
@@ -62,6 +65,14 @@ class Node:
         )
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker(control_plane=self._node_id)
+        self.metrics = MeshMetrics(
+            self._registry, self._node_id,
+            raft_status=lambda: self.store.status() if self.store is not None else None,
+        )
+        self.tracker.observers.append(self.metrics)
+        self.tracing = Tracing.setup(settings.telemetry, self._node_id)
+        self.push_tracer = self.tracing.push_tracer()
+        self.push_tracer.attach(self.tracker)
         self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
         self.store: ReplicatedStore | None = None
         self.api_runner: web.AppRunner | None = None
@@ -95,7 +106,16 @@ class Node:
         if self.store is None:
             raise RuntimeError("node not started")
         envelope = CommandEnvelope(command=command, request_id=uuid.uuid4().hex)
-        return await self.store.submit(envelope, timeout)
+        started = time.perf_counter()
+        try:
+            outcome = await self.store.submit(envelope, timeout)
+        except ReplicationError as exc:
+            self.metrics.observe_write_failure(write_failure_code(exc))
+            raise
+        self.metrics.observe_commit(time.perf_counter() - started)
+        if not outcome.ok and outcome.rejection is not None:
+            self.metrics.observe_write_failure(outcome.rejection.code)
+        return outcome
 
     def proxies(self) -> list[dict[str, Any]]:
         return self.tracker.to_list()
@@ -136,11 +156,11 @@ class Node:
                 peers,
                 data_dir,
                 password=settings.raft_password(),
-                on_apply=lambda state, _outcome: self._on_apply(state),
+                on_apply=self._on_apply,
                 loop=loop,
             ),
         )
-        self._on_apply(self.store.state)  # what the journal already holds
+        self._on_apply(self.store.state, None)  # what the journal already holds
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
         app = build_app(self, ApiSettings.from_config(settings.api))
@@ -165,19 +185,27 @@ class Node:
         if self.api_runner is not None:
             await self.api_runner.cleanup()
         await self.xds.stop(0.5)
+        loop = asyncio.get_running_loop()
         if self.store is not None:
             store, self.store = self.store, None
-            await asyncio.get_running_loop().run_in_executor(None, store.close)
+            await loop.run_in_executor(None, store.close)
+        await loop.run_in_executor(None, self.tracing.shutdown)
 
     # --- applied state -> xDS -----------------------------------------------------------------
 
     def on_apply(self, listener: Callable[[MeshState], None]) -> None:
         self._apply_listeners.append(listener)
 
-    def _on_apply(self, state: MeshState) -> None:
+    def _on_apply(self, state: MeshState, outcome: Outcome | None = None) -> None:
         """Runs on the event loop after each applied entry (in log order)."""
         if state.last_change != self._rendered_change:
             self._publish(state)
+        trace = outcome.result.get("trace") if outcome is not None and outcome.ok else None
+        if trace and self._ready:
+            # A traced change of primary: this node's push to its proxies joins the trace.
+            service = state.service(str(outcome.result.get("service"))) if outcome else None
+            deadline = service.spec.leadership.ack_deadline if service is not None else 2.0
+            self.push_tracer.begin(state.last_change, dict(trace), timeout=deadline)
         for listener in self._apply_listeners:
             try:
                 listener(state)

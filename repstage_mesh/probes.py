@@ -27,6 +27,7 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -257,7 +258,14 @@ SELECT pg_is_in_recovery(),
 
 
 class PostgresProber:
-    """pg_is_in_recovery() and the LSN on one kept connection per member (autocommit)."""
+    """pg_is_in_recovery() and the LSN on one kept connection per member (autocommit).
+
+    psycopg answers a cancelled query by sending the server a cancel request and waiting up to
+    5 s + 5 s for it, which is exactly wrong for a silent server (and libpq < 17 does it
+    blocking the event loop). So the query is never cancelled: at the timeout the connection's
+    socket is shut down, the query fails at once with an OperationalError, and the probe is a
+    TIMEOUT. Only a connection attempt in progress is cancelled (psycopg connects cancel-safely).
+    """
 
     kind = ProbeKind.POSTGRES
 
@@ -276,51 +284,59 @@ class PostgresProber:
         self.database, self.password = database, password
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
-    async def _query(self) -> tuple[Any, ...] | None:
-        if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(
-                host=self.address,
-                port=self.port,
-                user=self.user,
-                dbname=self.database,
-                password=self.password,
-                connect_timeout=max(
-                    2, int(self.timeout + 0.999)
-                ),  # libpq's floor; asyncio.timeout bounds us
-                autocommit=True,
-                application_name="repstage-mesh-probe",
-            )
-        cursor = await self._conn.execute(_PG_QUERY)
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(
+            host=self.address,
+            port=self.port,
+            user=self.user,
+            dbname=self.database,
+            password=self.password,
+            connect_timeout=max(2, int(self.timeout + 0.999)),  # libpq's floor; we abort sooner
+            autocommit=True,
+            application_name="repstage-mesh-probe",
+        )
+        self._conn = conn
+        return conn
+
+    async def _attempt(self) -> tuple[Any, ...] | None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                cursor = await conn.execute(_PG_QUERY)
+                return await cursor.fetchone()
+            except psycopg.OperationalError:
+                if self._conn is not conn:  # aborted by the timeout: do not retry
+                    raise
+                self._finish(conn)  # a kept connection broke: ask once more on a fresh one
+        conn = await self._connect()
+        cursor = await conn.execute(_PG_QUERY)
         return await cursor.fetchone()
 
     async def probe(self) -> ProbeResult:
         started = time.monotonic()
+        task = asyncio.create_task(self._attempt())
         try:
-            async with asyncio.timeout(self.timeout):
-                try:
-                    row = await self._query()
-                except psycopg.OperationalError:
-                    if self._conn is None:
-                        raise
-                    await self.close()
-                    row = await self._query()
-        except TimeoutError as exc:
-            await self.close()
-            return _failure(exc, started)
+            done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        except asyncio.CancelledError:
+            await self._abort(task)
+            raise
+        if not done:
+            await self._abort(task)
+            return _failure(TimeoutError(), started)
+        latency = time.monotonic() - started
+        try:
+            row = task.result()
         except psycopg.OperationalError as exc:
             await self.close()
-            text = str(exc)
+            text = str(exc).strip()
             if "Connection refused" in text:
-                return ProbeResult.failed(
-                    ProbeOutcome.REFUSED, "connection refused", time.monotonic() - started
-                )
-            return ProbeResult.failed(
-                ProbeOutcome.ERROR, text.strip()[:300], time.monotonic() - started
-            )
+                return ProbeResult.failed(ProbeOutcome.REFUSED, "connection refused", latency)
+            if "server closed the connection" in text or "terminating connection" in text:
+                return ProbeResult.failed(ProbeOutcome.REFUSED, "connection closed", latency)
+            return ProbeResult.failed(ProbeOutcome.ERROR, text[:300], latency)
         except (psycopg.Error, OSError) as exc:
             await self.close()
             return _failure(exc, started)
-        latency = time.monotonic() - started
         if row is None:
             return ProbeResult.failed(ProbeOutcome.ERROR, "no row from the role query", latency)
         in_recovery, lsn, upstream = row
@@ -337,11 +353,33 @@ class PostgresProber:
             MemberStatus.PRIMARY, offset=offset, detail="not in recovery", latency=latency
         )
 
-    async def close(self) -> None:
+    async def _abort(self, task: asyncio.Task[Any]) -> None:
+        """Stop an overdue attempt without psycopg's cancel request."""
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            # Closing sends Terminate; a stopped server must not keep us waiting.
-            conn.pgconn.finish()
+            fd = conn.pgconn.socket
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        else:
+            task.cancel()  # still connecting
+        await asyncio.wait({task}, timeout=1.0)
+        if not task.done():
+            task.cancel()
+        else:
+            with contextlib.suppress(BaseException):
+                task.exception()
+        if conn is not None:
+            self._finish(conn)
+
+    @staticmethod
+    def _finish(conn: psycopg.AsyncConnection[Any]) -> None:
+        if not conn.closed:
+            conn.pgconn.finish()  # no Terminate round trip to wait for
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._finish(conn)
 
 
 # --- HTTP and TCP -----------------------------------------------------------------------------

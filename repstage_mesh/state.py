@@ -249,4 +249,6 @@ def _set_primary(state: MeshState, command: SetPrimary, index: int) -> tuple[Mes
     )
     services = {**state.services, command.service: new}
     result = _role_result(command.service, current, new, True, cause=command.cause)
+    if command.trace:
+        result["trace"] = dict(command.trace)  # every node's push joins the failover's trace
     return _with_services(state, services, index), Outcome(ok=True, result=result)

@@ -156,7 +156,9 @@ def test_parse_lsn() -> None:
     n=st.integers(min_value=1, max_value=200),
     ok_first=st.booleans(),
 )
-def test_alternating_flap_changes_status_at_most_once(ok, fail, n, ok_first) -> None:
+def test_alternating_flap_changes_status_at_most_once(
+    ok: ProbeResult, fail: ProbeResult, n: int, ok_first: bool
+) -> None:
     pattern = [ok, fail] if ok_first else [fail, ok]
     feed = [pattern[i % 2] for i in range(n)]
     assert len(status_changes(run(tracker(fall=3, rise=2), feed))) == 0
@@ -168,7 +170,9 @@ def test_alternating_flap_changes_status_at_most_once(ok, fail, n, ok_first) -> 
     fall=st.integers(min_value=1, max_value=5),
     rise=st.integers(min_value=1, max_value=5),
 )
-def test_every_change_is_earned_by_a_full_streak(feed, fall, rise) -> None:
+def test_every_change_is_earned_by_a_full_streak(
+    feed: list[ProbeResult], fall: int, rise: int
+) -> None:
     emitted = run(tracker(fall=fall, rise=rise), feed)
     changes = status_changes(emitted)
     for i, obs in changes:
@@ -191,7 +195,9 @@ def test_every_change_is_earned_by_a_full_streak(feed, fall, rise) -> None:
     fall=st.integers(min_value=1, max_value=5),
     rise=st.integers(min_value=1, max_value=5),
 )
-def test_one_member_up_down_changes_at_most_once_per_fall_plus_rise(feed, fall, rise) -> None:
+def test_one_member_up_down_changes_at_most_once_per_fall_plus_rise(
+    feed: list[ProbeResult], fall: int, rise: int
+) -> None:
     """Between a member going down and going down again lie at least rise + fall probes."""
     changes = status_changes(run(tracker(fall=fall, rise=rise), feed))
     downs = [i for i, o in changes if o.status is MemberStatus.DOWN]
@@ -204,7 +210,7 @@ def test_one_member_up_down_changes_at_most_once_per_fall_plus_rise(feed, fall, 
 
 @settings(max_examples=200)
 @given(feed=st.lists(results, max_size=200), fall=st.integers(1, 5), rise=st.integers(1, 5))
-def test_emission_matches_the_tracked_status(feed, fall, rise) -> None:
+def test_emission_matches_the_tracked_status(feed: list[ProbeResult], fall: int, rise: int) -> None:
     t = tracker(fall=fall, rise=rise)
     for i, result in enumerate(feed):
         before = t.status
