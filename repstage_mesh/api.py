@@ -209,6 +209,9 @@ CONSISTENT = {
 
 
 async def _read_state(request: web.Request) -> MeshState:
+    unknown = sorted(set(request.query) - set(CONSISTENT))
+    if unknown:
+        raise ApiError(400, "invalid", f"{unknown[0]}: unknown query parameter (known: consistent)", unknown[0])
     flag = request.query.get("consistent", "false").lower()
     if flag not in ("true", "false", "1", "0"):
         raise ApiError(400, "invalid", f"consistent: expected true or false, got {flag!r}", "consistent")

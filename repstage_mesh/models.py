@@ -180,10 +180,20 @@ class ServiceState(Frozen):
         return Role.PRIMARY if member == self.primary else Role.REPLICA
 
 
+class NodeAddress(Frozen):
+    """Where a control-plane node answers, so any node can carry a request to the leader."""
+
+    node_id: str
+    raft: str | None = None
+    api: str = Field(description="HOST:PORT of its REST API")
+    xds: str = Field(default="", description="HOST:PORT of its xDS server")
+
+
 class MeshState(Frozen):
     """The whole replicated state. `index` is the Raft index of the last applied entry."""
 
     services: dict[str, ServiceState] = Field(default_factory=dict)
+    nodes: dict[str, NodeAddress] = Field(default_factory=dict, description="control-plane nodes by id")
     index: int = 0
     last_change: int = Field(default=0, description="Raft index of the last entry that changed anything")
 
@@ -230,7 +240,14 @@ class Noop(Frozen):
     node: str = ""
 
 
-Command = Annotated[PutService | DeleteService | SetPrimary | Noop, Field(discriminator="kind")]
+class AnnounceNode(Frozen):
+    """A control-plane node says where its API answers (committed at start-up)."""
+
+    kind: Literal["announce_node"] = "announce_node"
+    node: NodeAddress
+
+
+Command = Annotated[PutService | DeleteService | SetPrimary | Noop | AnnounceNode, Field(discriminator="kind")]
 
 
 class CommandEnvelope(Frozen):

@@ -24,11 +24,21 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .api import build_app, start_api
+from .api_failovers import failover_operations
 from .api_models import ApiSettings
 from .config import ConfigError, Settings, load_config
+from .decider import DecisionRefused
 from .errors import ReplicationError
 from .metrics import MeshMetrics, write_failure_code
-from .models import Command, CommandEnvelope, MeshState, Outcome, PutService
+from .models import (
+    AnnounceNode,
+    Command,
+    CommandEnvelope,
+    MeshState,
+    NodeAddress,
+    Outcome,
+    PutService,
+)
 from .render import PrimaryStrategy, RenderOptions, render
 from .replication import ReplicatedStore
 from .tracing import Tracing
@@ -83,6 +93,10 @@ class Node:
         self._apply_listeners: list[Callable[[MeshState], None]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
+        from .engine import LeaderEngine  # the engine imports node for typing only
+
+        self.engine = LeaderEngine(self)
+        self._apply_listeners.append(self.engine.on_state)
 
     # --- ControlPlane -------------------------------------------------------------------------
 
@@ -163,13 +177,15 @@ class Node:
         self._on_apply(self.store.state, None)  # what the journal already holds
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
-        app = build_app(self, ApiSettings.from_config(settings.api))
+        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
         from .api import bound_port
 
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
+        self.engine.start()
+        await self.engine.register_in_consul(f"{api_host}:{self.api_port}")
         log.info(
             "node %s: xDS on %s:%d, API on %s:%d, %s",
             self._node_id, host, self.xds_port, api_host, self.api_port,
@@ -177,6 +193,7 @@ class Node:
         )
 
     async def stop(self) -> None:
+        await self.engine.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -252,7 +269,112 @@ class Node:
                     "service %s in the config file differs from the replicated state; the "
                     "replicated one is kept (change it with PUT /v1/services/%s)", spec.name, spec.name,
                 )
+        await self._announce()
         self._ready = True
+
+    async def _announce(self) -> None:
+        """Tell the cluster where this node's API answers (followers carry requests there)."""
+        assert self.store is not None
+        api_host, _ = self.settings.host_port("api.listen")
+        xds_host, _ = self.settings.host_port("xds.listen")
+        me = NodeAddress(
+            node_id=self._node_id,
+            raft=self.settings.raft.bind if self.settings.raft.multi_node else None,
+            api=f"{_reachable(api_host)}:{self.api_port}",
+            xds=f"{_reachable(xds_host)}:{self.xds_port}",
+        )
+        if self.state().nodes.get(self._node_id) == me:
+            return
+        for _ in range(20):
+            try:
+                await self.submit(AnnounceNode(node=me), timeout=5.0)
+                return
+            except Exception as exc:
+                log.info("could not announce this node yet: %s", exc)
+                await asyncio.sleep(0.5)
+
+    # --- failovers: the leader runs them, followers carry requests to it ----------------------
+
+    def _leader_api(self) -> str | None:
+        """HOST:PORT of the leader's API, None if this node leads or no leader is known."""
+        store = self.store
+        if store is None or store.is_leader():
+            return None
+        leader = store.leader()
+        for node in self.state().nodes.values():
+            if leader is not None and node.raft == leader:
+                return node.api
+        raise NoLeaderKnown("no Raft leader is known to this node right now; retry shortly")
+
+    async def _forward(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        api = self._leader_api()
+        assert api is not None
+        import aiohttp
+
+        headers = {}
+        tokens = self.settings.api.tokens.read_write if self.settings.api.tokens else ()
+        if tokens:
+            headers["Authorization"] = f"Bearer {tokens[0].get_secret_value()}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=660)) as session, session.request(
+            method, f"http://{api}{path}", json=body, headers=headers
+        ) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+        try:
+            if self._leader_api() is not None:
+                status, body = await self._forward("GET", "/v1/failovers")
+                if status == 200:
+                    return str(body["node_id"]), list(body["failovers"])
+        except (NoLeaderKnown, OSError, ValueError, KeyError) as exc:
+            log.info("failovers: answering from this node (%s)", exc)
+        return self._node_id, [r.as_dict() for r in self.engine.decider.records()]
+
+    async def failover(self, record_id: str) -> dict[str, Any] | None:
+        record = self.engine.decider.record(record_id)
+        if record is not None:
+            return record.as_dict()
+        try:
+            if self._leader_api() is not None:
+                status, body = await self._forward("GET", f"/v1/failovers/{record_id}")
+                return dict(body) if status == 200 else None
+        except (NoLeaderKnown, OSError, ValueError) as exc:
+            log.info("failover %s: leader not reachable (%s)", record_id, exc)
+        return None
+
+    async def switchover(self, service: str, to: str, timeout: float | None) -> tuple[int, dict[str, Any]]:
+        try:
+            if self._leader_api() is not None:
+                body: dict[str, Any] = {"to": to}
+                if timeout is not None:
+                    body["timeout"] = timeout
+                return await self._forward("POST", f"/v1/services/{service}/switchover", body)
+        except NoLeaderKnown as exc:
+            return 503, _error("no_quorum", str(exc))
+        if not self.engine.active:
+            return 503, _error("not_ready", "this node leads but has not started deciding yet; retry shortly")
+        try:
+            record = await self.engine.runner.switchover(service, to, timeout)
+        except DecisionRefused as exc:
+            status = {"not_found": 404, "conflict": 409, "invalid": 422}.get(exc.code, 409)
+            return status, _error(exc.code, str(exc), exc.field)
+        if record.status == "failed":
+            return 409, _error("switchover_failed", f"switchover {record.id} failed: {record.reason}", details=[record.as_dict()])
+        return 200, record.as_dict()
+
+
+class NoLeaderKnown(Exception):
+    pass
+
+
+def _error(code: str, message: str, field: str | None = None, details: list[Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field, "details": details or []}}
+
+
+def _reachable(host: str) -> str:
+    """A wildcard bind address is announced as loopback (set a concrete listen address in
+    multi-host deployments)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:

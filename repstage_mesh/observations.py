@@ -50,6 +50,9 @@ class Observation:
     detail: str = ""
     offset: int | None = None  # Redis master_repl_offset / slave offset, or a PostgreSQL LSN
     upstream: str | None = None  # for a replica: the address:port it replicates from, if known
+    # Monotonic time of the first probe result of the streak that established this status (for
+    # DOWN: the first failed probe), i.e. when the change began; None when the source cannot say.
+    since: float | None = None
 
 
 class ProbeOutcome(StrEnum):
@@ -114,6 +117,7 @@ class _Streak:
 
     status: MemberStatus | None = None  # DOWN for a failure run, the role for a success run
     length: int = 0
+    started: float = 0.0  # when the streak's first probe started (its `now` minus its latency)
     kinds: list[str] = field(default_factory=list)  # failure kinds of a failure run, oldest first
 
 
@@ -175,7 +179,7 @@ class ProbeTracker:
         if streak.status is status:
             streak.length += 1
         else:
-            self._streak = streak = _Streak(status=status, length=1)
+            self._streak = streak = _Streak(status=status, length=1, started=now - result.latency)
         if not result.succeeded:
             streak.kinds.append(str(result.outcome))
             del streak.kinds[: -self.fall]
@@ -193,7 +197,15 @@ class ProbeTracker:
             kinds = self._streak.kinds[-self.fall :]
             head = f"{result.outcome}: {result.detail}" if result.detail else str(result.outcome)
             detail = f"{head} ({len(kinds)} consecutive failures: {', '.join(kinds)})"
-            return Observation(self.service, self.member, status, now, self.source, detail)
+            return Observation(
+                self.service,
+                self.member,
+                status,
+                now,
+                self.source,
+                detail,
+                since=self._streak.started,
+            )
         return Observation(
             self.service,
             self.member,
@@ -203,6 +215,7 @@ class ProbeTracker:
             result.detail,
             result.offset,
             result.upstream,
+            since=self._streak.started,
         )
 
     def _refresh(self, result: ProbeResult, now: float) -> Observation | None:

@@ -524,7 +524,8 @@ class ProbeRunner:
     One asyncio task per member: probe, feed the member's ProbeTracker, deliver what it emits,
     then wait until `interval` after the probe started (a probe that times out is followed by
     the next one at once). `set_services` may be called before or after `start`; it keeps the
-    tasks (and their trackers) of members whose target is unchanged.
+    tasks (and their trackers) of members whose target is unchanged. `on_probe(service, member,
+    result)`, when given, sees every raw result (metrics: Metrics.observe_probe).
     """
 
     def __init__(
@@ -534,8 +535,10 @@ class ProbeRunner:
         clock: Clock = time.monotonic,
         offset_refresh: float = 1.0,
         prober_factory: ProberFactory | None = None,
+        on_probe: Callable[[str, str, ProbeResult], None] | None = None,
     ) -> None:
         self._on_observation = on_observation
+        self._on_probe = on_probe
         self._clock = clock
         self._offset_refresh = offset_refresh
         self._factory: ProberFactory = prober_factory or (
@@ -636,6 +639,11 @@ class ProbeRunner:
                 except TimeoutError:
                     await prober.close()
                     result = ProbeResult.failed(ProbeOutcome.TIMEOUT, "probe overran its timeout")
+                if self._on_probe is not None:
+                    try:
+                        self._on_probe(target.service, target.member.name, result)
+                    except Exception:
+                        log.exception("probe callback failed")
                 observation = tracker.feed(result, self._clock())
                 if observation is not None:
                     await self._deliver(observation)

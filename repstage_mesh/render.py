@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 import betterproto2
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LbEndpoint
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RetryPolicy
@@ -178,8 +179,9 @@ def _service_resources(
 
 
 def clear_render_cache() -> None:
-    """Forget the per-service cache (tests; memory)."""
-    _service_resources.cache_clear()
+    """Forget the render caches (tests; memory)."""
+    for cached in (_service_resources, _cluster_options, _eds_cluster, _listener_resources, _fence_listeners):
+        cached.cache_clear()
 
 
 def _render_service(service: ServiceState, options: RenderOptions, out: Resources) -> None:
@@ -187,17 +189,9 @@ def _render_service(service: ServiceState, options: RenderOptions, out: Resource
     spec = service.spec
     primary = primary_cluster_name(service, options)
     if options.primary_strategy is PrimaryStrategy.HEALTH_FENCE:
-        _add_cluster(
-            out,
-            _fenced_assignment(service, primary, options),
-            **_fenced_cluster_options(service, options),
-        )
+        _add_cluster(out, _fenced_assignment(service, primary, options), name, True, options)
     else:
-        _add_cluster(
-            out,
-            load_assignment(primary, _primary_endpoints(service)),
-            connect_timeout=options.connect_timeout,
-        )
+        _add_cluster(out, load_assignment(primary, _primary_endpoints(service)), name, False, options)
     _add_listener(
         out, service, naming.primary_listener(name), spec.listen_port, primary,
         naming.primary_routes(name), options,
@@ -207,8 +201,8 @@ def _render_service(service: ServiceState, options: RenderOptions, out: Resource
         _add_cluster(
             out,
             load_assignment(read, [_endpoint(service, m) for m in _member_names(service)]),
-            connect_timeout=options.connect_timeout,
-        )
+            name, False, options,
+        )  # fmt: skip
         _add_listener(
             out, service, naming.read_listener(name), spec.read_port, read,
             naming.read_routes(name), options,
@@ -256,9 +250,9 @@ def _primary_endpoints(service: ServiceState) -> list[LbEndpoint]:
     return [_endpoint(service, service.primary)]
 
 
-def _fenced_cluster_options(service: ServiceState, options: RenderOptions) -> dict[str, Any]:
+def _fenced_cluster_options(service_name: str, options: RenderOptions) -> dict[str, Any]:
     check = http_health_check(
-        naming.fence_check_path(service.name),
+        naming.fence_check_path(service_name),
         interval=options.fence_interval,
         timeout=options.fence_timeout,
         # A 503 from the fence fails the host at once whatever this says; the threshold only
@@ -291,7 +285,23 @@ def _fenced_assignment(
     return load_assignment(name, endpoints)
 
 
-def _add_cluster(out: Resources, assignment: ClusterLoadAssignment, **cluster: Any) -> None:
+@lru_cache(maxsize=8192)
+def _cluster_options(service_name: str, fenced: bool, options: RenderOptions) -> tuple[tuple[str, Any], ...]:
+    if fenced:
+        return tuple(_fenced_cluster_options(service_name, options).items())
+    return (("connect_timeout", options.connect_timeout),)
+
+
+@lru_cache(maxsize=8192)
+def _eds_cluster(name: str, service_name: str, fenced: bool, options: RenderOptions) -> Cluster:
+    """Cached: a cluster that did not change is the same object, so the xDS snapshot does not
+    encode it again (messages are read-only once rendered)."""
+    return eds_cluster(name, **dict(_cluster_options(service_name, fenced, options)))
+
+
+def _add_cluster(
+    out: Resources, assignment: ClusterLoadAssignment, service_name: str, fenced: bool, options: RenderOptions
+) -> None:
     """An EDS cluster and its assignment; a STRICT_DNS cluster when a host is a DNS name.
 
     EDS refuses endpoints that are not IP addresses, so a cluster with a member given by name
@@ -305,10 +315,10 @@ def _add_cluster(out: Resources, assignment: ClusterLoadAssignment, **cluster: A
         if lb.endpoint and lb.endpoint.address and lb.endpoint.address.socket_address
     ]
     if all(is_ip_address(a) for a in addresses):
-        out[CLUSTER][name] = eds_cluster(name, **cluster)
+        out[CLUSTER][name] = _eds_cluster(name, service_name, fenced, options)
         out[CLUSTER_LOAD_ASSIGNMENT][name] = assignment
     else:
-        out[CLUSTER][name] = dns_cluster(assignment, **cluster)
+        out[CLUSTER][name] = dns_cluster(assignment, **dict(_cluster_options(service_name, fenced, options)))
 
 
 def _add_listener(
@@ -320,13 +330,32 @@ def _add_listener(
     routes_name: str,
     options: RenderOptions,
 ) -> None:
+    for type_url, name, message in _listener_resources(
+        service.spec.protocol, service.name, listener_name, port, cluster, routes_name, options
+    ):
+        out[type_url][name] = message
+
+
+@lru_cache(maxsize=8192)
+def _listener_resources(
+    protocol: ServiceProtocol,
+    service_name: str,
+    listener_name: str,
+    port: int,
+    cluster: str,
+    routes_name: str,
+    options: RenderOptions,
+) -> tuple[tuple[str, str, betterproto2.Message], ...]:
+    """Cached like `_eds_cluster`: the listener (and HTTP routes) of a service whose primary
+    changed are the same objects as before."""
+    out = _empty()
     stat_prefix = listener_name.removesuffix("-listener")
     listener: Listener
-    if service.spec.protocol is ServiceProtocol.HTTP:
+    if protocol is ServiceProtocol.HTTP:
         routes = route_configuration(
             routes_name,
             [RouteEntry(prefix="/", target=ToCluster(cluster, retry=_retry(options)))],
-            virtual_host=service.name,
+            virtual_host=service_name,
         )
         out[ROUTE_CONFIGURATION][routes.name] = routes
         listener = http_listener(
@@ -337,7 +366,7 @@ def _add_listener(
             rds_route_config_name=routes.name,
             tracing=(
                 opentelemetry_tracing(
-                    options.tracing_collector_cluster, service_name=f"envoy-{service.name}"
+                    options.tracing_collector_cluster, service_name=f"envoy-{service_name}"
                 )
                 if options.tracing_collector_cluster
                 else None
@@ -355,6 +384,7 @@ def _add_listener(
             access_log=options.access_log,
         )
     out[LISTENER][listener.name] = listener
+    return tuple((t, n, m) for t, named in out.items() for n, m in named.items())
 
 
 def _retry(options: RenderOptions) -> RetryPolicy:
@@ -393,15 +423,23 @@ def _render_fence(services: list[ServiceState], options: RenderOptions, out: Res
         naming.FENCE_ROUTES, _fence_entries(services), virtual_host="fence"
     )
     out[ROUTE_CONFIGURATION][routes.name] = routes
-    for offset, name in enumerate((naming.FENCE_LISTENER, naming.FENCE_LISTENER_ALT)):
-        listener = http_listener(
+    for listener in _fence_listeners(options):
+        out[LISTENER][listener.name] = listener
+
+
+@lru_cache(maxsize=64)
+def _fence_listeners(options: RenderOptions) -> tuple[Listener, ...]:
+    assert options.fence_port is not None
+    return tuple(
+        http_listener(
             name,
             address=options.fence_address,
             port=options.fence_port + offset,
             stat_prefix="repstage-fence",
-            rds_route_config_name=routes.name,
+            rds_route_config_name=naming.FENCE_ROUTES,
         )
-        out[LISTENER][listener.name] = listener
+        for offset, name in enumerate((naming.FENCE_LISTENER, naming.FENCE_LISTENER_ALT))
+    )
 
 
 __all__ = [

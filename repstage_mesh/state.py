@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from .models import (
+    AnnounceNode,
     Command,
     CommandEnvelope,
     DeleteService,
@@ -61,6 +62,15 @@ def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Ou
         return _set_primary(state, command, index)
     if isinstance(command, Noop):
         return _unchanged(state, index), Outcome(ok=True, result={"noop": True})
+    if isinstance(command, AnnounceNode):
+        node = command.node
+        if state.nodes.get(node.node_id) == node:
+            return _unchanged(state, index), Outcome(ok=True, result={"node": node.node_id, "changed": False})
+        nodes = dict(sorted({**state.nodes, node.node_id: node}.items()))
+        # Not a change of routing: `last_change` (the xDS version) stays.
+        return state.model_copy(update={"nodes": nodes, "index": index}), Outcome(
+            ok=True, result={"node": node.node_id, "changed": True}
+        )
     raise TypeError(f"not a command: {type(command).__name__}")
 
 

@@ -86,6 +86,19 @@ def test_down_after_fall_refusals_says_refused() -> None:
     assert down.offset is None
 
 
+def test_since_is_when_the_streak_began() -> None:
+    t = tracker()
+    slow = ProbeResult.failed(ProbeOutcome.TIMEOUT, "silent", latency=0.25)
+    t.feed(PRIMARY, 0.0)
+    up = t.feed(PRIMARY, 0.1)
+    assert up is not None and up.since == 0.0
+    assert t.feed(slow, 0.5) is None
+    assert t.feed(slow, 0.75) is None
+    down = t.feed(slow, 1.0)
+    assert down is not None and down.status is MemberStatus.DOWN
+    assert down.since == 0.25  # the first failed probe started at 0.5 - 0.25
+
+
 def test_down_after_timeouts_says_timeout() -> None:
     t = tracker()
     emitted = run(t, [REPLICA, REPLICA, TIMEOUT, REFUSED, TIMEOUT])

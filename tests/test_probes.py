@@ -234,12 +234,14 @@ async def until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.002)
 
 
+raw: list[tuple[str, str, ProbeResult]] = []  # every raw result the runner's on_probe saw
 Parts = tuple[list[Observation], "Factory", ProbeRunner]
 
 
 @pytest.fixture
 async def runner_parts() -> AsyncIterator[Parts]:
     seen: list[Observation] = []
+    raw.clear()
     primary = ProbeResult.ok(MemberStatus.PRIMARY, offset=1)
     factory = Factory(
         {
@@ -252,7 +254,12 @@ async def runner_parts() -> AsyncIterator[Parts]:
             "x": lambda n: primary,
         }
     )
-    runner = ProbeRunner(seen.append, prober_factory=factory, offset_refresh=3600)
+    runner = ProbeRunner(
+        seen.append,
+        prober_factory=factory,
+        offset_refresh=3600,
+        on_probe=lambda s, m, r: raw.append((s, m, r)),
+    )
     try:
         yield seen, factory, runner
     finally:
@@ -283,6 +290,8 @@ async def test_runner_delivers_debounced_observations(runner_parts: Parts) -> No
         latest is not None and latest.offset is not None and latest.offset > 2
     )  # fresh, not emitted
     assert set(runner.statuses("orders")) == {"a", "b"}
+    a_results = [r.outcome for s, m, r in raw if (s, m) == ("orders", "a")]
+    assert a_results[:5] == [ProbeOutcome.OK] * 5 and ProbeOutcome.REFUSED in a_results
 
 
 async def test_runner_follows_config_changes(runner_parts: Parts) -> None:

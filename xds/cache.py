@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import betterproto2
 
+from . import encoding, wire
 from . import resources as res
-from . import wire
+
+encoding.install()
 
 DIGEST_BYTES = 8
 
