@@ -12,10 +12,12 @@ Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -212,25 +214,88 @@ def cmd_proxies(args: argparse.Namespace, client: ApiClient, out: Output) -> int
     return EXIT_OK
 
 
-def wait_for_catch_up(client: ApiClient, change: Mapping[str, Any], out: Output) -> None:
-    """Hook: after a switchover, wait until the proxies route to the new primary.
+def wait_for_catch_up(client: ApiClient, change: Mapping[str, Any], out: Output, timeout: float = 10.0) -> list[str]:
+    """After an announced change, wait until every connected proxy holds it (synced at a
+    snapshot at or after the change), showing progress; returns the proxies still behind."""
+    target = int(change.get("applied_index") or change.get("epoch") or 0)
+    deadline = time.monotonic() + timeout
+    behind: list[str] = []
+    with out.console.status("waiting for the proxies to follow...", spinner="dots") as status:
+        while True:
+            proxies = [p for p in client.get("/v1/proxies") if p.get("connected")]
+            behind = [
+                str(p["node_id"]) for p in proxies
+                if not p.get("synced") or int(p.get("snapshot_version") or 0) < target
+            ]
+            status.update(f"proxies following the change: {len(proxies) - len(behind)}/{len(proxies)}")
+            if not behind or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # polling the server
+    if behind:
+        _error(f"{len(behind)} proxy(ies) had not followed after {timeout:g}s: {', '.join(behind)}")
+    return behind
 
-    To do (lead): poll the server for the service's convergence at epoch `change["epoch"]`
-    (e.g. `/v1/proxies` items whose ACKed versions reach that epoch, or a future
-    `/v1/services/{name}/convergence`), showing a rich Progress of proxies caught up / total,
-    with a deadline and a clear message naming the proxies still behind. Today it returns at once.
-    """
-    return None
+
+def _orchestrated(client: ApiClient, service: str) -> bool:
+    svc = client.get(f"/v1/services/{_path(service)}")
+    return bool(svc.get("spec", {}).get("leadership", {}).get("mode") == "orchestrate")
 
 
 def cmd_switchover(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    if args.to is not None and args.epoch is None and _orchestrated(client, args.service):
+        return _planned_switchover(args, client, out)
     body: dict[str, Any] = {"member": None if args.no_primary else args.to, "cause": args.cause}
     if args.epoch is not None:
         body["epoch"] = args.epoch
     change = client.post(f"/v1/services/{_path(args.service)}/primary", body)
-    if change.get("changed"):
-        wait_for_catch_up(client, change, out)
+    behind: list[str] = []
+    if change.get("changed") and not out.as_json:
+        behind = wait_for_catch_up(client, change, out)
     out.show(change, render.switchover_text(change))
+    return EXIT_ERROR if behind else EXIT_OK
+
+
+def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """Orchestrate mode: the leader waits for the target to catch up, fences the old primary,
+    promotes the target and routes to it; progress is read from /v1/failovers meanwhile."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        waiting = ApiClient(client.base_url, client.token, timeout=max(client.timeout, 330.0))
+        try:
+            result["record"] = waiting.post(
+                f"/v1/services/{_path(args.service)}/switchover", {"to": args.to, "timeout": 300}
+            )
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    if out.as_json:
+        worker.join()
+    else:
+        with out.console.status(f"switchover of {args.service} to {args.to}...", spinner="dots") as status:
+            while worker.is_alive():
+                worker.join(0.1)
+                with contextlib.suppress(Exception):
+                    running = [
+                        r for r in client.get("/v1/failovers").get("failovers", [])
+                        if r.get("service") == args.service and r.get("status") == "running"
+                    ]
+                    if running and running[0].get("timeline"):
+                        last = running[0]["timeline"][-1]
+                        status.update(f"switchover of {args.service} to {args.to}: {last['name']} (+{last['elapsed_ms']:.0f} ms)")
+    if "error" in result:
+        raise result["error"]
+    record = result["record"]
+    lines = [f"{e['name']:<22} +{e['elapsed_ms']:.1f} ms" for e in record.get("timeline", [])]
+    summary = (
+        f"{args.service}: {record.get('old_primary')} -> {record.get('new_primary')} at epoch {record.get('epoch')}; "
+        f"writes unavailable {record.get('write_unavailable_ms')} ms"
+    )
+    out.show(record, summary, "\n".join(lines))
     return EXIT_OK
 
 

@@ -205,7 +205,8 @@ PROXY = {
     "stream_kind": "delta",
     "control_plane": "node-1",
     "connected": True,
-    "synced": False,
+    "synced": True,  # holds the committed state (its NACKed type will not move)
+    "snapshot_version": "1000000",
     "types": {
         "cds": {
             "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
