@@ -129,14 +129,14 @@ def test_stream_is_stable_then_moves_off_killed_and_paused_nodes(
         killed = first["server"]
         t = time.monotonic()
         stubs.procs[killed].kill()
-        second = stubs.next_open(5)
+        second = stubs.next_open(20)  # a bound for "it moves at all", not a speed figure
         print(f"\nkilled {killed}: stream on {second['server']} after {time.monotonic() - t:.2f}s")
         assert second["server"] != killed
 
         paused = second["server"]
         t = time.monotonic()
         os.kill(stubs.procs[paused].pid, signal.SIGSTOP)
-        third = stubs.next_open(8)
+        third = stubs.next_open(30)  # a bound for "it moves at all", not a speed figure
         print(f"paused {paused}: stream on {third['server']} after {time.monotonic() - t:.2f}s")
         assert third["server"] not in (killed, paused)
     finally:
