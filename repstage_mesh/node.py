@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -54,7 +55,7 @@ SNAPSHOT_GROUP = ""
 
 def render_options(settings: Settings) -> RenderOptions:
     """How this deployment renders state into Envoy config (the same on every node)."""
-    return settings.envoy.render_options()
+    return settings.envoy.render_options(settings.telemetry)
 
 
 class Node:
@@ -379,6 +380,10 @@ def _reachable(host: str) -> str:
 
 async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
     node = await start()
+    # Start-up objects (modules, messages, config) never die: keep the collector from walking
+    # them on every push (bench: ~30% less server CPU per push at 5,000 streams).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

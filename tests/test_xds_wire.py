@@ -67,3 +67,47 @@ def test_snapshot_memoises_body_and_refuses_dangling_references() -> None:
         assert "missing" in str(exc) and "'b'" in str(exc)
     else:  # pragma: no cover - the assertion below documents the failure
         raise AssertionError("a cluster without its load assignment must be refused")
+
+
+# --- requests: our wire scan must read what betterproto2 writes ---------------------------------
+
+from envoy_data_plane.envoy.config.core.v3 import Node  # noqa: E402
+from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest  # noqa: E402
+from envoy_data_plane.google.rpc import Status  # noqa: E402
+
+from repstage_mesh.xds.server import parse_delta, parse_sotw  # noqa: E402
+
+texts = st.text(max_size=30)
+
+
+@given(texts, st.lists(names, max_size=4), texts, texts, st.one_of(st.none(), st.tuples(st.integers(0, 16), texts)),
+       st.booleans())
+def test_parse_sotw_matches_betterproto2(version: str, resource_names: list[str], type_url: str, nonce: str,
+                                         error: tuple[int, str] | None, with_node: bool) -> None:
+    msg = DiscoveryRequest(
+        version_info=version, resource_names=resource_names, type_url=type_url, response_nonce=nonce,
+        error_detail=Status(code=error[0], message=error[1]) if error else None,
+        node=Node(id="edge-1", cluster="c", user_agent_name="envoy") if with_node else None,
+    )
+    parsed = parse_sotw(bytes(msg))
+    assert (parsed.version_info, list(parsed.resource_names), parsed.type_url, parsed.response_nonce) == (
+        version, resource_names, type_url, nonce)
+    assert parsed.error == (None if error is None else (error[1] or f"code {error[0]}"))
+    assert (parsed.node is not None) == with_node
+    if with_node:
+        assert parsed.node is not None and (parsed.node.id, parsed.node.cluster) == ("edge-1", "c")
+
+
+@given(texts, st.lists(names, max_size=3), st.lists(names, max_size=3),
+       st.dictionaries(names, texts, max_size=3), texts, st.one_of(st.none(), texts))
+def test_parse_delta_matches_betterproto2(type_url: str, sub: list[str], unsub: list[str], initial: dict[str, str],
+                                          nonce: str, error: str | None) -> None:
+    msg = DeltaDiscoveryRequest(
+        type_url=type_url, resource_names_subscribe=sub, resource_names_unsubscribe=unsub,
+        initial_resource_versions=initial, response_nonce=nonce,
+        error_detail=Status(code=3, message=error) if error is not None else None,
+    )
+    parsed = parse_delta(bytes(msg))
+    assert (parsed.type_url, list(parsed.subscribe), list(parsed.unsubscribe), dict(parsed.initial_versions),
+            parsed.response_nonce) == (type_url, sub, unsub, initial, nonce)
+    assert parsed.error == (None if error is None else (error or "code 3"))

@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 from envoy_data_plane.envoy.config.core.v3 import Node
-from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest
 from grpc import aio
 
 from . import wire
@@ -48,6 +47,10 @@ _GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 100_000),
     ("grpc.so_reuseport", 0),
+    # A restarted node sees every proxy reconnect at once; grpc's default pending-request
+    # limits cancel most of those streams (bench: 4,959 retries for 5,000 streams).
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
 ]
 
 
@@ -64,28 +67,60 @@ def node_info(node: Node | None) -> NodeInfo | None:
 
 
 def parse_sotw(data: bytes) -> SotwRequest:
-    msg = DiscoveryRequest.parse(data)
-    return SotwRequest(
-        type_url=msg.type_url,
-        version_info=msg.version_info,
-        response_nonce=msg.response_nonce,
-        resource_names=tuple(msg.resource_names),
-        error=None if msg.error_detail is None else (msg.error_detail.message or f"code {msg.error_detail.code}"),
-        node=node_info(msg.node),
-    )
+    """DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4,
+    response_nonce=5, error_detail=6}, read by a wire scan; only a node is parsed with
+    envoy-data-plane (it comes once per stream)."""
+    version = type_url = nonce = ""
+    names: list[str] = []
+    node: NodeInfo | None = None
+    error: str | None = None
+    for number, _, value in wire.iter_fields(data):
+        if not isinstance(value, bytes):
+            continue
+        if number == 1:
+            version = value.decode()
+        elif number == 2:
+            node = node_info(Node.parse(value))
+        elif number == 3:
+            names.append(value.decode())
+        elif number == 4:
+            type_url = value.decode()
+        elif number == 5:
+            nonce = value.decode()
+        elif number == 6:
+            error = wire.decode_status(value)
+    return SotwRequest(type_url, version, nonce, tuple(names), error, node)
 
 
 def parse_delta(data: bytes) -> DeltaRequest:
-    msg = DeltaDiscoveryRequest.parse(data)
-    return DeltaRequest(
-        type_url=msg.type_url,
-        subscribe=tuple(msg.resource_names_subscribe),
-        unsubscribe=tuple(msg.resource_names_unsubscribe),
-        initial_versions=dict(msg.initial_resource_versions),
-        response_nonce=msg.response_nonce,
-        error=None if msg.error_detail is None else (msg.error_detail.message or f"code {msg.error_detail.code}"),
-        node=node_info(msg.node),
-    )
+    """DeltaDiscoveryRequest{node=1, type_url=2, resource_names_subscribe=3,
+    resource_names_unsubscribe=4, initial_resource_versions=5, response_nonce=6,
+    error_detail=7}, read by a wire scan."""
+    type_url = nonce = ""
+    subscribe: list[str] = []
+    unsubscribe: list[str] = []
+    initial: dict[str, str] = {}
+    node: NodeInfo | None = None
+    error: str | None = None
+    for number, _, value in wire.iter_fields(data):
+        if not isinstance(value, bytes):
+            continue
+        if number == 1:
+            node = node_info(Node.parse(value))
+        elif number == 2:
+            type_url = value.decode()
+        elif number == 3:
+            subscribe.append(value.decode())
+        elif number == 4:
+            unsubscribe.append(value.decode())
+        elif number == 5:
+            key, version = wire.decode_map_entry(value)
+            initial[key] = version
+        elif number == 6:
+            nonce = value.decode()
+        elif number == 7:
+            error = wire.decode_status(value)
+    return DeltaRequest(type_url, tuple(subscribe), tuple(unsubscribe), initial, nonce, error, node)
 
 
 def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
