@@ -124,8 +124,8 @@ def rss_bytes(pid: int | None = None) -> int:
 
 
 def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+    """CPU seconds of this process, all threads (CLOCK_PROCESS_CPUTIME_ID, fine-grained)."""
+    return time.process_time()
 
 
 def loadavg() -> str:
