@@ -54,6 +54,8 @@ def wait_until(
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise  # the predicate knows it can never become true (e.g. the process exited)
         except Exception as exc:  # the thing may not be up yet
             last_exc = exc
         time.sleep(interval)  # polling interval, not synchronisation
@@ -431,7 +433,8 @@ def cluster_leader(nodes: list[ControlPlaneNode], timeout: float = 10.0) -> Cont
             return None
         return leader
 
-    return wait_until(agreed, timeout, 0.02, "the live nodes agree on a leader")  # type: ignore[no-any-return]
+    leader: ControlPlaneNode = wait_until(agreed, timeout, 0.02, "the live nodes agree on a leader")
+    return leader
 
 
 def free_low_port(consecutive: int = 1, host: str = "127.0.0.1") -> int:

@@ -112,10 +112,10 @@ def test_kill_primary_under_writes_promotes_a_replica(redis_mesh: RedisMesh) -> 
     # Every acknowledged write is on the new primary, except what asynchronous replication lost
     # before the kill; none acknowledged after the switch is missing.
     new_client = m.group.client(new)
-    switched = [e["at"] for e in record["timeline"] if e["name"] == "committed"][0]
+    switched = next(e["at"] for e in record["timeline"] if e["name"] == "committed")
     lost_before, missing_after = 0, 0
     values = new_client.mget([f"w:{n}" for n, _ in writer.acked])
-    for (n, at), value in zip(writer.acked, values, strict=True):
+    for (_n, at), value in zip(writer.acked, values, strict=True):
         if value is None:
             if at <= killed_at:
                 lost_before += 1

