@@ -37,7 +37,7 @@ from .http import (
 from .listeners import HTTP_CONNECTION_MANAGER, TCP_PROXY, http_listener, tcp_proxy_listener
 from .serialize import to_envoy_dict
 from .sources import ads_config_source
-from .tracing import opentelemetry_tracing
+from .tracing import collector_cluster, opentelemetry_tracing
 from .type_urls import (
     CLUSTER,
     CLUSTER_LOAD_ASSIGNMENT,
@@ -68,6 +68,7 @@ __all__ = [
     "XdsConnection",
     "ads_config_source",
     "build_bootstrap",
+    "collector_cluster",
     "dns_cluster",
     "eds_cluster",
     "high_circuit_breakers",

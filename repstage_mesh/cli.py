@@ -309,7 +309,8 @@ def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> i
             ) from None
         raise
     rows = failovers if isinstance(failovers, list) else failovers.get("failovers", [])
-    out.show(failovers, render.generic_table("Failovers", rows))
+    records = all(isinstance(r, Mapping) and "id" in r and "status" in r for r in rows)
+    out.show(failovers, render.failovers_table(rows) if records else render.generic_table("Failovers", rows))
     return EXIT_OK
 
 

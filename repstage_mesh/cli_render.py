@@ -78,11 +78,14 @@ def _versions(types: Mapping[str, Any], key: str) -> str:
 
 
 def proxies_table(proxies: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per proxy stream: per xDS type the version sent, ACKed and NACKed, and whether
+    it is behind what this node would send it now (its applied, committed state)."""
     table = _table(
-        "Proxies", "NODE ID", "CLUSTER", "STREAM", "CONTROL PLANE", "STATE", "ACKED", "NACKED"
+        "Proxies", "NODE ID", "CLUSTER", "STREAM", "CONTROL PLANE", "STATE", "SENT", "ACKED", "NACKED"
     )
     for p in proxies:
         types = p.get("types") or {}
+        behind = [name for name, t in sorted(types.items()) if (t or {}).get("behind")]
         state = (
             "disconnected"
             if p.get("connected") is False
@@ -91,16 +94,44 @@ def proxies_table(proxies: Sequence[Mapping[str, Any]]) -> Table:
         if any((t or {}).get("nacked_version") for t in types.values()):
             state = "nacked"
         style = {"synced": "green", "nacked": "red", "behind": "yellow"}.get(state, "")
+        label = f"{state} ({', '.join(behind)})" if behind and state in ("behind", "nacked") else state
         nacked = "; ".join(
             f"{name} {t['nacked_version']}: {t.get('error') or ''}".rstrip(": ")
             for name, t in sorted(types.items())
             if t.get("nacked_version")
         )
         table.add_row(str(p.get("node_id", "")), str(p.get("cluster", "")), str(p.get("stream_kind") or ""),
-                      str(p.get("control_plane") or ""), Text(state, style=style),
-                      _versions(types, "acked_version"), nacked or "-")  # fmt: skip
+                      str(p.get("control_plane") or ""), Text(label, style=style),
+                      _versions(types, "sent_version"), _versions(types, "acked_version"),
+                      nacked or "-")  # fmt: skip
     if not proxies:
         table.caption = "no proxies connected"
+    return table
+
+
+def _ms(value: Any) -> str:
+    return f"{float(value):.1f}" if isinstance(value, int | float) else "-"
+
+
+def failovers_table(records: Sequence[Mapping[str, Any]]) -> Table:
+    """Failover records (GET /v1/failovers), newest last: who moved where, at which epoch, how
+    long writes were unavailable, and the proxies that did not follow."""
+    table = _table("Failovers", "ID", "SERVICE", "KIND", "MODE", "OLD -> NEW", "EPOCH", "STATUS",
+                   "DURATION MS", "WRITES UNAVAILABLE MS", "NOT FOLLOWED", "CAUSE / REASON")  # fmt: skip
+    for r in records:
+        status = str(r.get("status", ""))
+        style = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "")
+        missed = sorted({*r.get("missed_fence", []), *r.get("missed_route", [])})
+        why = str(r.get("cause", ""))
+        if r.get("reason") and status == "failed":
+            why += f" / {r['reason']}"
+        table.add_row(str(r.get("id", "")), str(r.get("service", "")), str(r.get("kind", "")),
+                      str(r.get("mode", "")), f"{r.get('old_primary') or '-'} -> {r.get('new_primary') or '-'}",
+                      str(r.get("epoch") if r.get("epoch") is not None else "-"), Text(status, style=style),
+                      _ms(r.get("duration_ms")), _ms(r.get("write_unavailable_ms")),
+                      ", ".join(missed) or "-", why)  # fmt: skip
+    if not records:
+        table.caption = "no failovers recorded"
     return table
 
 
@@ -147,6 +178,7 @@ def switchover_text(result: Mapping[str, Any]) -> Text:
 
 __all__ = [
     "cluster_table",
+    "failovers_table",
     "generic_table",
     "proxies_table",
     "service_detail",

@@ -280,15 +280,36 @@ class EnvoyConfig(Section):
         description="health_fence: how often Envoy re-checks who the primary is; bounds how long an open connection to a demoted primary survives",
     )
 
-    def render_options(self) -> RenderOptions:
+    def render_options(self, telemetry: TelemetryConfig | None = None) -> RenderOptions:
+        """`telemetry` with envoy_tracing on adds Envoy's OpenTelemetry tracer to HTTP listeners
+        and the collector's cluster."""
         interval = timedelta(milliseconds=self.fence_interval_ms)
+        collector = telemetry.envoy_collector() if telemetry is not None else None
         return RenderOptions(
             bind_address=self.listen_address,
             primary_strategy=self.primary_strategy,
             fence_port=self.fence_port,
             fence_interval=interval,
             fence_timeout=min(timedelta(seconds=1), interval * 10),
+            tracing_collector_cluster=ENVOY_COLLECTOR_CLUSTER if collector is not None else None,
+            tracing_collector_address=collector,
+            tracing_sampling_percent=telemetry.envoy_sampling_percent if telemetry is not None else 100.0,
         )
+
+
+ENVOY_COLLECTOR_CLUSTER = "repstage-otel-collector"
+
+
+def _collector_host_port(value: str) -> tuple[str, int]:
+    """HOST:PORT or http://HOST:PORT of a plaintext OTLP/gRPC collector, as Envoy reaches it."""
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme != "http" or parts.path not in ("", "/") or parts.query:
+            raise ValueError(
+                f"Envoy exports spans over plaintext gRPC: give HOST:PORT or http://HOST:PORT, got {value!r}"
+            )
+        value = parts.netloc
+    return parse_host_port(value)
 
 
 class TelemetryConfig(Section):
@@ -296,6 +317,45 @@ class TelemetryConfig(Section):
         default=None, description="OTLP gRPC endpoint; None: no export"
     )
     service_name: str = Field(default="repstage-mesh", min_length=1)
+    envoy_tracing: bool = Field(
+        default=False,
+        description="HTTP services: Envoy's own OpenTelemetry tracer in the rendered "
+        "http_connection_manager, exporting to envoy_otlp_endpoint (default otlp_endpoint); the "
+        "collector's cluster is sent to Envoy over CDS",
+    )
+    envoy_otlp_endpoint: str | None = Field(
+        default=None,
+        description="HOST:PORT (or http://HOST:PORT) where Envoy reaches the collector, if not otlp_endpoint",
+    )
+    envoy_sampling_percent: float = Field(
+        default=100.0, ge=0.0, le=100.0,
+        description="share of requests without an incoming sampling decision that Envoy traces",
+    )
+
+    @model_validator(mode="after")
+    def _envoy(self) -> TelemetryConfig:
+        self.envoy_collector()
+        return self
+
+    def envoy_collector(self) -> tuple[str, int] | None:
+        """(host, port) of the collector Envoy exports to; None when envoy_tracing is off.
+        Only the config file counts (not OTEL_* variables): every node must render the same."""
+        if not self.envoy_tracing:
+            return None
+        field, value = (
+            ("envoy_otlp_endpoint", self.envoy_otlp_endpoint)
+            if self.envoy_otlp_endpoint is not None
+            else ("otlp_endpoint", self.otlp_endpoint)
+        )
+        if value is None:
+            raise ValueError(
+                "envoy_tracing: needs telemetry.otlp_endpoint or telemetry.envoy_otlp_endpoint "
+                "(the collector Envoy exports spans to)"
+            )
+        try:
+            return _collector_host_port(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from None
 
 
 class ConsulConfig(Section):

@@ -19,7 +19,7 @@ from .consul_source import ConsulRegistration, ConsulSource
 from .decider import Decider, FailoverRecord, ProxyAcks
 from .failover import FailoverRunner
 from .models import CommandEnvelope, MeshState, Outcome, SetPrimary
-from .observations import Observation
+from .observations import MemberStatus, Observation
 from .probes import ProbeRunner
 from .promote import DatabasePromoter
 from .tracing import FailoverTrace
@@ -57,6 +57,9 @@ class LeaderEngine:
         )
         self.active = False
         self._traces: dict[str, FailoverTrace] = {}
+        # (service, member) -> monotonic time of the first failed probe of its current DOWN
+        # streak: a failover trace (and its detection span) starts there.
+        self._down_since: dict[tuple[str, str], float] = {}
         self._watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -132,6 +135,12 @@ class LeaderEngine:
 
     def _observe(self, obs: Observation) -> None:
         self.node.metrics.observe_probe(obs.service, obs.member, obs.status.value)
+        key = (obs.service, obs.member)
+        if obs.status is MemberStatus.DOWN:
+            if key not in self._down_since:
+                self._down_since[key] = obs.since if obs.since is not None else obs.at
+        else:
+            self._down_since.pop(key, None)
         if self.active:
             self.runner.observe(obs)
 
@@ -161,11 +170,14 @@ class LeaderEngine:
             started = time.time()
             if record is not None and record.started_unix is not None:
                 started = record.started_unix
+                down = self._down_since.get((command.service, record.old_primary or ""))
+                if down is not None and record.kind == "failover":  # from the first failed probe
+                    started = min(started, down + (record.started_unix - record.started_at))
             ft = self.node.tracing.start_failover(
                 command.service,
                 record.old_primary if record is not None else (service.primary if service else None),
                 record.new_primary if record is not None else command.member,
-                cause=command.cause,
+                cause=record.cause if record is not None else command.cause,  # not the fence's "fence: ..."
                 mode=record.mode if record is not None else "unknown",
                 started_at=started,
             )
@@ -189,7 +201,9 @@ class LeaderEngine:
                 begin = times.get(start, record.started_at) if start else record.started_at
                 ft.record(name, unix(begin), unix(times[end]), **attrs)
 
-        span(FailoverTrace.DETECTION, None, "detected", cause=record.cause)
+        if "detected" in times:  # first failed probe (the trace's start) -> declared down
+            ft.record(FailoverTrace.DETECTION, min(ft.started_at, unix(times["detected"])), unix(times["detected"]),
+                      cause=record.cause)
         span(FailoverTrace.DECISION, "detected", "decided")
         span(FailoverTrace.COMMIT, "leadership_confirmed", "fenced", what="fail closed")
         span(FailoverTrace.PROMOTION, "proxies_fenced", "promoted", member=record.new_primary or "")

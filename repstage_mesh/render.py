@@ -47,6 +47,7 @@ from repstage_mesh.filters import (
     HealthStatus,
     RouteEntry,
     ToCluster,
+    collector_cluster,
     dns_cluster,
     eds_cluster,
     http_health_check,
@@ -92,6 +93,13 @@ class RenderOptions(BaseModel):
         default=None,
         description="when set, HTTP listeners send OpenTelemetry spans to this cluster",
     )
+    tracing_collector_address: tuple[str, int] | None = Field(
+        default=None,
+        description="(host, port) of the OTLP/gRPC collector (plaintext): when set with "
+        "tracing_collector_cluster and at least one HTTP service, that cluster is rendered over "
+        "CDS (STATIC for an IP, STRICT_DNS for a name); unset, the bootstrap must define it",
+    )
+    tracing_sampling_percent: float = Field(default=100.0, ge=0.0, le=100.0)
     fence_port: Annotated[int, Field(ge=1, le=65534)] | None = Field(
         default=None, description="port of the fence listener (required by health_fence)"
     )
@@ -149,6 +157,13 @@ def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -> Resour
             out[type_url][name] = message
     if options.primary_strategy is PrimaryStrategy.HEALTH_FENCE:
         _render_fence(services, options, out)
+    if (
+        options.tracing_collector_cluster
+        and options.tracing_collector_address is not None
+        and any(s.spec.protocol is ServiceProtocol.HTTP for s in services)
+    ):
+        host, port = options.tracing_collector_address
+        out[CLUSTER][options.tracing_collector_cluster] = _collector(options.tracing_collector_cluster, host, port)
     return {type_url: dict(sorted(named.items())) for type_url, named in out.items()}
 
 
@@ -180,8 +195,16 @@ def _service_resources(
 
 def clear_render_cache() -> None:
     """Forget the render caches (tests; memory)."""
-    for cached in (_service_resources, _cluster_options, _eds_cluster, _listener_resources, _fence_listeners):
+    for cached in (
+        _service_resources, _cluster_options, _eds_cluster, _listener_resources, _fence_listeners, _collector,
+    ):
         cached.cache_clear()
+
+
+@lru_cache(maxsize=16)
+def _collector(name: str, host: str, port: int) -> Cluster:
+    """The collector's cluster; the same object while the options stay (encode once)."""
+    return collector_cluster(name, host, port)
 
 
 def _render_service(service: ServiceState, options: RenderOptions, out: Resources) -> None:
@@ -366,7 +389,9 @@ def _listener_resources(
             rds_route_config_name=routes.name,
             tracing=(
                 opentelemetry_tracing(
-                    options.tracing_collector_cluster, service_name=f"envoy-{service_name}"
+                    options.tracing_collector_cluster,
+                    service_name=f"envoy-{service_name}",
+                    sampling_percent=options.tracing_sampling_percent,
                 )
                 if options.tracing_collector_cluster
                 else None

@@ -23,7 +23,8 @@ else the standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_END
 `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`: tracing is off, the SDK is not even
 imported, and every call below returns at once. Export is OTLP over gRPC with a
 BatchSpanProcessor (tuned by `OTEL_BSP_*`); TLS, headers, timeout and compression follow the
-exporter's own `OTEL_EXPORTER_OTLP_*` variables (an `http://` endpoint is plaintext). The
+exporter's own `OTEL_EXPORTER_OTLP_*` variables (an `http://` endpoint is plaintext, `https://`
+TLS; a bare HOST:PORT is plaintext unless `OTEL_EXPORTER_OTLP_[TRACES_]INSECURE` says otherwise). The
 service name is `telemetry.service_name` when set in the config, else `OTEL_SERVICE_NAME`, else
 "repstage-mesh"; `OTEL_RESOURCE_ATTRIBUTES` are added; `service.instance.id` is the node id.
 Each `Tracing` has its own TracerProvider (nothing global), so several nodes can share a process.
@@ -157,6 +158,19 @@ def _check_endpoint(where: str, value: str) -> None:
         parse_host_port(value)
     except ValueError as exc:
         raise ConfigError([(where, f"{exc} (or an http(s):// URL)")]) from None
+
+
+def _plaintext(endpoint: str | None, environ: Mapping[str, str] | None = None) -> bool | None:
+    """True for a bare HOST:PORT (what an OTel collector listens for by default), unless
+    `OTEL_EXPORTER_OTLP_TRACES_INSECURE` / `OTEL_EXPORTER_OTLP_INSECURE` decide; None (the
+    exporter decides: http:// plaintext, https:// TLS) for a URL. Without this the exporter
+    would open TLS to a bare HOST:PORT and drop every span against a plaintext collector."""
+    env = os.environ if environ is None else environ
+    if endpoint is None or "://" in endpoint:
+        return None
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_INSECURE") is not None or env.get("OTEL_EXPORTER_OTLP_INSECURE") is not None:
+        return None
+    return True
 
 
 # --- the failover trace (leader) --------------------------------------------------------------
@@ -616,7 +630,7 @@ class Tracing:
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(endpoint=endpoint)
+            exporter = OTLPSpanExporter(endpoint=endpoint, insecure=_plaintext(endpoint))
         provider.add_span_processor(BatchSpanProcessor(exporter))
         log.info("tracing: exporting failover traces over OTLP gRPC to %s", endpoint or type(exporter).__name__)
         return cls(node_id, provider)
