@@ -44,7 +44,7 @@ class LeaderEngine:
             DatabasePromoter(),
             on_done=self._done,
         )
-        self.probes = ProbeRunner(self._observe)
+        self.probes = ProbeRunner(self._observe, on_probe=self._probed)
         consul = node.settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         self.consul: ConsulSource | None = (
@@ -133,8 +133,12 @@ class LeaderEngine:
             if self.consul is not None:
                 self.consul.set_services(state.services.values())
 
+    def _probed(self, service: str, member: str, result: ProbeResult) -> None:
+        """Every probe answer, for repstage_probe_results_total (role, or how it failed)."""
+        outcome = result.role.value if result.role is not None else result.outcome.value
+        self.node.metrics.observe_probe(service, member, outcome)
+
     def _observe(self, obs: Observation) -> None:
-        self.node.metrics.observe_probe(obs.service, obs.member, obs.status.value)
         key = (obs.service, obs.member)
         if obs.status is MemberStatus.DOWN:
             if key not in self._down_since:
