@@ -19,7 +19,7 @@ from .consul_source import ConsulRegistration, ConsulSource
 from .decider import Decider, FailoverRecord, ProxyAcks
 from .failover import FailoverRunner
 from .models import CommandEnvelope, MeshState, Outcome, SetPrimary
-from .observations import MemberStatus, Observation
+from .observations import MemberStatus, Observation, ProbeResult
 from .probes import ProbeRunner
 from .promote import DatabasePromoter
 from .tracing import FailoverTrace
