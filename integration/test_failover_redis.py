@@ -4,55 +4,20 @@ deciding with probes in orchestrate mode, and a real Envoy carrying a continuous
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from repstage_mesh.workload import RedisWriter
 
 from .databases import RedisGroup, redis_group
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir
 
-
-@dataclass
-class Writer:
-    """SET w:<n> <n> through Envoy as fast as it can; records what was acknowledged."""
-
-    port: int
-    acked: list[tuple[int, float]] = field(default_factory=list)
-    failed: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        n = 0
-        client: redis.Redis | None = None
-        while not self.stop.is_set():
-            n += 1
-            try:
-                if client is None:
-                    # No hidden retries: every failed write is counted (redis-py retries 10x by default).
-                    client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                                         socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-                client.set(f"w:{n}", n)
-                self.acked.append((n, time.monotonic()))
-            except (redis.RedisError, OSError):
-                self.failed += 1
-                client = None
-                time.sleep(0.002)  # back off a reconnect loop against a refused port
-
-    def __enter__(self) -> Writer:
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
+Writer = RedisWriter  # SET w:<n> <n> through Envoy, every failure counted
 
 
 @dataclass

@@ -14,17 +14,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 import yaml
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -33,6 +30,7 @@ from rich.text import Text
 from .config import load_config
 from .filters.bootstrap import build_bootstrap
 from .node import Node
+from .workload import RedisWriter
 
 console = Console()
 
@@ -123,30 +121,7 @@ def redis_members(workdir: Path, names: list[str]) -> Iterator[list[RedisMember]
                 member.process.wait(5)
 
 
-@dataclass
-class Writer:
-    port: int
-    acked: list[tuple[int, float]] = field(default_factory=list)
-    failed: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        n, client = 0, None
-        while not self.stop.is_set():
-            n += 1
-            try:
-                if client is None:
-                    client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                                         socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-                client.set(f"demo:{n}", n)
-                self.acked.append((n, time.monotonic()))
-            except (redis.RedisError, OSError):
-                self.failed += 1
-                client = None
-                time.sleep(0.005)  # do not spin on a refused port
-
-
-def _view(writer: Writer, node: Node, killed_at: float | None, status: str) -> Group:
+def _view(writer: RedisWriter, node: Node, killed_at: float | None, status: str) -> Group:
     counters = Table.grid(padding=(0, 2))
     counters.add_row("writes acknowledged", str(len(writer.acked)), "failed", str(writer.failed))
     service = node.state().service("cache")
@@ -166,8 +141,7 @@ async def _run(duration: float, keep: bool) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="repstage-demo-"))
     envoy_proc: subprocess.Popen[bytes] | None = None
     node: Node | None = None
-    writer: Writer | None = None
-    thread: threading.Thread | None = None
+    writer: RedisWriter | None = None
     try:
         with redis_members(workdir, ["r1", "r2", "r3"]) as members:
             listen_port, fence_port = _free_low_port(), _free_low_port(2)
@@ -201,9 +175,7 @@ async def _run(duration: float, keep: bool) -> int:
                           f"clients write through Envoy at 127.0.0.1:{listen_port}")
             probe = redis.Redis(host="127.0.0.1", port=listen_port, socket_timeout=1)
             await asyncio.to_thread(_wait, lambda: probe.set("hello", 1), 30, "writes through Envoy")
-            writer = Writer(listen_port)
-            thread = threading.Thread(target=writer.run, daemon=True)
-            thread.start()
+            writer = RedisWriter(listen_port, prefix="demo:").start()
             killed_at: float | None = None
             resumed_at: float | None = None
             start = time.monotonic()
@@ -227,16 +199,13 @@ async def _run(duration: float, keep: bool) -> int:
                     if now - start > duration + 30 and not keep:
                         break
                     await asyncio.sleep(0.1)
-            writer.stop.set()
-            thread.join(5)
+            writer.close()
             return _summary(writer, node, members, killed_at, resumed_at)
     except KeyboardInterrupt:
         return 130
     finally:
         if writer is not None:
-            writer.stop.set()
-        if thread is not None:
-            thread.join(5)
+            writer.close()
         if envoy_proc is not None and envoy_proc.poll() is None:
             envoy_proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -248,7 +217,7 @@ async def _run(duration: float, keep: bool) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _summary(writer: Writer, node: Node, members: list[RedisMember], killed_at: float | None,
+def _summary(writer: RedisWriter, node: Node, members: list[RedisMember], killed_at: float | None,
              resumed_at: float | None) -> int:
     service = node.state().service("cache")
     new = service.primary if service else None
@@ -256,7 +225,7 @@ def _summary(writer: Writer, node: Node, members: list[RedisMember], killed_at: 
     lost = misrouted = 0
     if new in by_name and writer.acked:
         client = by_name[new].client()
-        keys = [f"demo:{n}" for n, _ in writer.acked]
+        keys = writer.keys()
         values: list[Any] = []
         for i in range(0, len(keys), 1000):
             values.extend(client.mget(keys[i:i + 1000]))

@@ -149,6 +149,14 @@ class _Stream:
             state = self.types[type_url] = _TypeState()
         return state
 
+    def _begin(self, request: SotwRequest | DeltaRequest) -> _TypeState:
+        """What every request does first: note the node (sent once), check the type."""
+        if request.node is not None and self.node is None:
+            self.node = request.node
+        if not request.type_url:
+            raise ProtocolError("request without type_url")
+        return self._type(request.type_url)
+
     def update(self, snapshot: Snapshot) -> list[Action]:
         """The cache has a new snapshot for this stream's group."""
         if self.snapshot is not None and snapshot.index < self.snapshot.index:
@@ -257,11 +265,7 @@ class SotwStream(_Stream):
             yield from pending.resources.values()
 
     def receive(self, request: SotwRequest) -> list[Action]:
-        if request.node is not None and self.node is None:
-            self.node = request.node
-        if not request.type_url:
-            raise ProtocolError("request without type_url")
-        state = self._type(request.type_url)
+        state = self._begin(request)
         actions: list[Action] = []
         if request.response_nonce:
             if request.response_nonce != state.last_nonce:
@@ -345,11 +349,7 @@ class DeltaStream(_Stream):
         return name in state.client_versions
 
     def receive(self, request: DeltaRequest) -> list[Action]:
-        if request.node is not None and self.node is None:
-            self.node = request.node
-        if not request.type_url:
-            raise ProtocolError("request without type_url")
-        state = self._type(request.type_url)
+        state = self._begin(request)
         actions: list[Action] = []
         if request.response_nonce:
             pending = state.pending.pop(request.response_nonce, None)
