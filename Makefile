@@ -34,14 +34,14 @@ integration: $(STAMP) system-deps
 	$(BIN)/pytest -q integration
 
 # The benchmarks behind bench/RESULTS.md (minutes, not seconds; never pass/fail on time).
-# failover_compare also needs HAProxy and redis-sentinel: apt-get install haproxy redis-sentinel
-bench: $(STAMP) system-deps
+bench: $(STAMP)
+	./scripts/system-deps.sh --bench
 	$(BIN)/python bench/xds_push_ack.py --envoys 1 20 --rounds 50
 	$(BIN)/python bench/xds_fanout.py --streams 1000 5000 --pushes 3
 	$(BIN)/python bench/raft_commit.py --sizes 1 3 5 --n 300 --kills 10
 	$(BIN)/python bench/close_on_switch.py
 	$(BIN)/python bench/tracing_overhead.py --proxies 1000 --rounds 20
-	$(BIN)/python bench/failover_compare.py
+	$(BIN)/python bench/failover_compare.py --write-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

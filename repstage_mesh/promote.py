@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -78,6 +78,14 @@ async def _redis_replicaof(address: str, port: int, master: tuple[str, int] | No
         await client.aclose()
 
 
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+async def _quietly(awaitable: Awaitable[object]) -> None:
+    with contextlib.suppress(Exception):
+        await awaitable
+
+
 async def redis_promote(
     target: Member,
     others: Sequence[Member],
@@ -86,6 +94,7 @@ async def redis_promote(
     password: str | None = None,
     username: str | None = None,
     repoint_timeout: float = 0.5,
+    background: Sequence[Member] = (),
 ) -> PromoteResult:
     """`REPLICAOF NO ONE` on `target`, then `REPLICAOF target` on each of `others` (in parallel,
     at most `repoint_timeout` seconds: the new primary's commit must not wait for a silent old
@@ -103,6 +112,14 @@ async def redis_promote(
     if not role or role[0] != "master":
         return PromoteResult(False, detail=f"{target.name} answers ROLE {role!r} after REPLICAOF NO ONE")
     remaining = max(0.1, min(repoint_timeout, deadline - loop.time()))
+    for member in background:
+        # The old primary of a failover is usually dead or silent: re-point it without making
+        # the new primary's commit wait (a SIGSTOPped one cost the whole repoint_timeout). If
+        # this misses, the decider re-points it when it is seen claiming primary again.
+        _BACKGROUND.add(task := loop.create_task(_quietly(asyncio.wait_for(
+            _redis_replicaof(member.address, member.port, (target.address, target.port), remaining, password, username),
+            remaining))))
+        task.add_done_callback(_BACKGROUND.discard)
     results = await asyncio.gather(
         *(asyncio.wait_for(
             _redis_replicaof(m.address, m.port, (target.address, target.port), remaining, password, username),
@@ -314,7 +331,10 @@ class DatabasePromoter:
         others = [m for m in spec.members if m.name != member]
         password = self._password(lead)
         if kind == "redis":
-            return await redis_promote(target, others, timeout, password=password, username=lead.probe.user)
+            waited = [m for m in others if m.name != old_primary]
+            later = [m for m in others if m.name == old_primary]
+            return await redis_promote(target, waited, timeout, password=password,
+                                       username=lead.probe.user, background=later)
         if kind == "postgres":
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout

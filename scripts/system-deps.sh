@@ -2,7 +2,12 @@
 # Installs the Debian packages RepStage Mesh's demo and tests use, when missing:
 # Redis 7 (redis-server) and PostgreSQL 15 server binaries (postgresql-15).
 set -euo pipefail
+# --bench: also what the side-by-side failover benchmark compares against.
 need=()
+if [ "${1:-}" = "--bench" ]; then
+  command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+  command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
+fi
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 pgbin=""
 for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && pgbin="$d"; done
@@ -18,4 +23,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # The packaged redis-server may have started a system instance; our tests and demo start their own.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+if command -v systemctl >/dev/null 2>&1; then
+  systemctl stop redis-server haproxy redis-sentinel >/dev/null 2>&1 || true
+fi
