@@ -11,6 +11,7 @@ slow proxy and never interleave.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from envoy_data_plane.envoy.config.core.v3 import Node
 from grpc import aio
 
 from . import wire
-from .cache import SnapshotCache
+from .cache import Snapshot, SnapshotCache
 from .protocol import (
     Action,
     DeltaRequest,
@@ -189,17 +190,9 @@ class AdsServer:
         parse: Callable[[bytes], Any],
     ) -> None:
         stream_id = next(self._ids)
-        delta = isinstance(stream, DeltaStream)
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        writer = asyncio.create_task(self._write(context, queue))
+        out = _Outbox(stream, stream_id, self, isinstance(stream, DeltaStream))
+        writer = asyncio.create_task(out.write(context))
         cancel_watch: Callable[[], None] | None = None
-
-        def emit(actions: list[Action]) -> None:
-            for action in actions:
-                if isinstance(action, Send):
-                    queue.put_nowait(frame(action, self.control_plane_id, delta))
-            self.tracker.record(stream_id, actions)
-
         try:
             async for data in requests:
                 try:
@@ -215,9 +208,9 @@ class AdsServer:
                         stream.snapshot = snapshot
                     self.streams[stream_id] = stream
                     self.tracker.connect(stream_id, node, stream)
-                    cancel_watch = self.cache.watch(group, lambda _g, snap: emit(stream.update(snap)))
+                    cancel_watch = self.cache.watch(group, lambda _g, snap: out.snapshot(snap))
                 try:
-                    emit(stream.receive(request))
+                    out.emit(stream.receive(request))
                 except ProtocolError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
@@ -232,8 +225,40 @@ class AdsServer:
             self.streams.pop(stream_id, None)
             self.tracker.disconnect(stream_id)
 
-    @staticmethod
-    async def _write(context: aio.ServicerContext, queue: asyncio.Queue[bytes]) -> None:
+
+class _Outbox:
+    """One stream's way out. A new snapshot only marks the stream; its writer task runs the
+    protocol's update and frames the responses, so a push to thousands of streams starts
+    writing to the first at once instead of after every stream was computed (and a stream
+    that is slow to drain computes only the latest snapshot)."""
+
+    def __init__(self, stream: SotwStream | DeltaStream, stream_id: int, server: AdsServer, delta: bool) -> None:
+        self.stream = stream
+        self.stream_id = stream_id
+        self.server = server
+        self.delta = delta
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.latest: Snapshot | None = None
+        self.wake = asyncio.Event()
+
+    def snapshot(self, snapshot: Snapshot) -> None:
+        self.latest = snapshot
+        self.wake.set()
+
+    def emit(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.frames.append(frame(action, self.server.control_plane_id, self.delta))
+        self.server.tracker.record(self.stream_id, actions)
+        if self.frames:
+            self.wake.set()
+
+    async def write(self, context: aio.ServicerContext) -> None:
         while True:
-            data = await queue.get()
-            await context.write(data)
+            await self.wake.wait()
+            self.wake.clear()
+            if self.latest is not None:
+                snapshot, self.latest = self.latest, None
+                self.emit(self.stream.update(snapshot))
+            while self.frames:
+                await context.write(self.frames.popleft())
