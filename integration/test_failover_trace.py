@@ -130,6 +130,11 @@ def test_one_trace_per_failover_across_every_node(rig: TraceRig) -> None:
     record: dict[str, Any] = wait_until(done_record, 20, 0.05, "the failover is done")
     fence_epoch, epoch = record["fence_epoch"], record["epoch"]
     assert fence_epoch is not None and epoch > fence_epoch, record
+    # Break-before-make waited for the proxies of EVERY node, not only the leader's own.
+    fenced = next(e for e in record["timeline"] if e["name"] == "proxies_fenced")
+    acked = " ".join(fenced["detail"]["acks"])
+    leader_log = (rig.leader.workdir / rig.leader.name / "serve.log").read_text()[-3000:]
+    assert "edge-3" in acked and "edge-1" in acked and "edge-2" in acked, (fenced, leader_log)
     pushes_expected = 2 * len(rig.nodes)  # the fence and the new primary, on every node
 
     def complete(spans: list[ReceivedSpan]) -> bool:
@@ -214,7 +219,8 @@ def test_one_trace_per_failover_across_every_node(rig: TraceRig) -> None:
 
 def test_a_proxy_that_does_not_follow_is_listed_on_its_nodes_push_span(rig: TraceRig) -> None:
     """edge-3 (on a follower) is paused: it gets the pushes but never ACKs. The follower's push
-    spans end at the ACK deadline listing it; the leader's failover is not held up by it."""
+    spans end at the ACK deadline listing it; the leader's break-before-make waits for it (it
+    asks every node for its proxies) until the deadline, then goes on and lists it."""
     follower = next(n for n in rig.nodes if rig.proxies_on(n) == ["edge-3"])
     rig.envoys["edge-3"].proc.signal(signal.SIGSTOP)
     try:
@@ -234,7 +240,9 @@ def test_a_proxy_that_does_not_follow_is_listed_on_its_nodes_push_span(rig: Trac
     finally:
         rig.envoys["edge-3"].proc.signal(signal.SIGCONT)
     (root,) = by_name(spans, "failover")
-    assert root.attributes["repstage.not_followed"] == [] and root.status_code != 2  # the leader's proxies followed
+    # the leader waited for the follower's proxy too, and lists it as not followed
+    assert [p.split("/")[-1].split("#")[0] for p in root.attributes["repstage.not_followed"]] == ["edge-3"]
+    assert any("edge-3" in p for p in record["missed_fence"]), record
     mine = [p for p in by_name(spans, "push") if p.service_instance == follower.name]
     assert sorted(p.attributes["repstage.version"] for p in mine) == sorted(versions)
     for push in mine:

@@ -217,21 +217,88 @@ class LeaderEngine:
         ft.end(not_followed=record.missed_route, error=record.reason if record.status == "failed" else None)
 
     async def await_proxies(self, min_index: int, timeout: float) -> ProxyAcks:
-        """Wait until every connected proxy holds a snapshot at or after `min_index` (each
-        type it asked for synced), or `timeout` seconds passed."""
+        """Wait until every proxy of EVERY control-plane node holds a snapshot at or after
+        `min_index` (each type it asked for synced), or `timeout` seconds passed. This node's
+        proxies are read from its tracker; the other nodes' from their `GET /v1/proxies`
+        (their addresses are in the replicated state). A node that does not answer counts as
+        one proxy that did not follow (`<node>:unreachable`): its proxies keep their last
+        config, which may still route to the old primary."""
         tracker = self.node.tracker
         deadline = time.monotonic() + timeout
         acked: dict[str, float] = {}
-        while True:
-            pending = []
-            for record in tracker.connected():
-                key = f"{record.node.id}#{record.stream_id}"
+        remote = _RemoteProxies(self.node)
+        try:
+            while True:
+                pending = []
+                for record in tracker.connected():
+                    key = f"{record.node.id}#{record.stream_id}"
+                    if key in acked:
+                        continue
+                    if record.synced(min_index):
+                        acked[key] = time.monotonic()
+                    else:
+                        pending.append(key)
+                pending += await remote.pending(min_index, acked)
+                if not pending or time.monotonic() >= deadline:
+                    return ProxyAcks(acked=acked, missed=tuple(sorted(pending)))
+                await asyncio.sleep(0.002)  # polling the tracker between ACKs
+        finally:
+            await remote.close()
+
+
+class _RemoteProxies:
+    """The other control-plane nodes' proxies, polled over their REST API during a failover."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.nodes = [n for n in node.state().nodes.values() if n.node_id != node.node_id]
+        self.done: set[str] = set()
+        self.session: Any = None
+
+    async def pending(self, min_index: int, acked: dict[str, float]) -> list[str]:
+        if not self.nodes:
+            return []
+        import aiohttp
+
+        if self.session is None:
+            headers = {}
+            configured = self.node.settings.api.tokens
+            tokens = (configured.read_only or configured.read_write) if configured is not None else ()
+            if tokens:
+                headers["Authorization"] = f"Bearer {tokens[0].get_secret_value()}"
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5), headers=headers)
+        answers = await asyncio.gather(
+            *(self._ask(n.node_id, n.api) for n in self.nodes if n.node_id not in self.done),
+            return_exceptions=True,
+        )
+        pending: list[str] = []
+        for node_id, answer in zip([n.node_id for n in self.nodes if n.node_id not in self.done], answers, strict=True):
+            if isinstance(answer, BaseException):
+                pending.append(f"{node_id}:unreachable")
+                continue
+            behind = 0
+            for proxy in answer:
+                if not proxy.get("connected"):
+                    continue
+                key = f"{node_id}/{proxy.get('node_id')}#{proxy.get('stream_id')}"
                 if key in acked:
                     continue
-                if record.synced(min_index):
+                version = proxy.get("snapshot_version")
+                if proxy.get("synced") and version is not None and int(version) >= min_index:
                     acked[key] = time.monotonic()
                 else:
                     pending.append(key)
-            if not pending or time.monotonic() >= deadline:
-                return ProxyAcks(acked=acked, missed=tuple(sorted(pending)))
-            await asyncio.sleep(0.002)  # polling the tracker between ACKs
+                    behind += 1
+            if behind == 0:
+                self.done.add(node_id)
+        return pending
+
+    async def _ask(self, node_id: str, api: str) -> list[dict[str, Any]]:
+        async with self.session.get(f"http://{api}/v1/proxies") as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{node_id}: /v1/proxies answered {resp.status}")
+            return list(await resp.json())
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()

@@ -148,6 +148,7 @@ class Node:
                 if self.cache.get(SNAPSHOT_GROUP)
                 else None,
                 "connected_proxies": len(self.tracker.connected()),
+                "nodes": [n.model_dump() for n in self.state().nodes.values()],
                 "started_at": self._started_at,
             }
         )

@@ -137,7 +137,7 @@ def _with_services(state: MeshState, services: Mapping[str, ServiceState], index
     # Services are kept sorted by name so that the state does not depend on the order in
     # which services were created and deleted.
     ordered = {name: services[name] for name in sorted(services)}
-    return MeshState(services=ordered, index=index, last_change=index)
+    return state.model_copy(update={"services": ordered, "index": index, "last_change": index})
 
 
 def _role_result(

@@ -413,3 +413,25 @@ TestMeshMachine = MeshMachine.TestCase
 def test_any_command_round_trips(command: Command, request_id: str) -> None:
     envelope = CommandEnvelope(command=command, request_id=request_id)
     assert decode_command(encode_command(envelope)) == envelope
+
+
+def test_node_addresses_survive_every_other_command() -> None:
+    """A service change must not drop what AnnounceNode recorded (a state rebuilt from its
+    services alone once lost every node address, and with it the leader's view of the
+    followers' proxies during break-before-make)."""
+    from repstage_mesh.models import (
+        AnnounceNode,
+        Member,
+        NodeAddress,
+        PutService,
+        ServiceSpec,
+        SetPrimary,
+    )
+
+    spec = ServiceSpec(name="s", listen_port=1000, members=(Member(name="a", address="127.0.0.1", port=1),
+                                                              Member(name="b", address="127.0.0.1", port=2)))
+    state, _ = apply(MeshState(), AnnounceNode(node=NodeAddress(node_id="cp-1", api="127.0.0.1:1")), 1)
+    state, _ = apply(state, PutService(spec=spec), 2)
+    state, _ = apply(state, SetPrimary(service="s", member="b"), 3)
+    assert list(state.nodes) == ["cp-1"]
+    assert state.last_change == 3
