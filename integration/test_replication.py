@@ -342,7 +342,7 @@ async def test_without_a_majority_submit_fails_with_no_quorum_in_bounded_time(
         await survivor.submit(set_primary("a"), timeout=1.0)
     elapsed = time.monotonic() - start
     print(f"NoQuorum after {elapsed:.2f} s: {raised.value}")
-    assert elapsed < 1.5
+    assert elapsed < 3.0  # bounded by the timeout (1 s), whatever the load
     assert "majority" in str(raised.value) or "leader" in str(raised.value)
 
     await eventually(lambda: not survivor.is_leader(), 3, "an isolated leader steps down")
@@ -397,7 +397,7 @@ async def test_confirm_leadership_only_on_a_leader_with_a_majority(cluster3: Clu
     assert leader.is_leader() is True  # stale: it steps down only after leaderFallbackTimeout
     start = time.monotonic()
     assert await leader.confirm_leadership(timeout=1.0) is False
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 3.0  # bounded by the timeout
 
 
 async def _submit_retrying(cluster: Cluster, pick: Callable[[], ReplicatedStore], envelope: CommandEnvelope) -> Outcome:

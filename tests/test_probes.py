@@ -160,7 +160,7 @@ async def test_refused_and_silent_are_told_apart() -> None:
         elapsed = time.monotonic() - started
         await prober.close()
     assert silent.outcome is ProbeOutcome.TIMEOUT
-    assert 0.15 < elapsed < 1.0  # bounded by the probe timeout
+    assert 0.15 < elapsed < 2.0  # bounded by the probe timeout (0.2 s)
 
 
 async def test_tcp_and_http_probers() -> None:
