@@ -432,9 +432,11 @@ async def test_five_nodes_survive_two_losses_but_not_three(tmp_path: Path) -> No
         )
         cluster.stop(cluster.stores.index(survivor))
         start = time.monotonic()
-        with pytest.raises(NoQuorum):
+        # No majority: refused (NoQuorum), or, when the node had already forwarded it to the
+        # leader that just went away, "outcome unknown" (CommitTimeout) — never a hang.
+        with pytest.raises((NoQuorum, CommitTimeout)):
             await cluster.live()[0].submit(set_primary("b"), timeout=1.0)
-        assert time.monotonic() - start < 3.0  # bounded: the timeout plus a tick, never a hang
+        assert time.monotonic() - start < 3.0  # bounded: the timeout plus a tick
     finally:
         cluster.close()
 
