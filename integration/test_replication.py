@@ -338,10 +338,12 @@ async def test_without_a_majority_submit_fails_with_no_quorum_in_bounded_time(
     cluster3.stop(2)
 
     start = time.monotonic()
-    with pytest.raises(NoQuorum) as raised:
+    # Refused (NoQuorum); or, if the survivor had forwarded the write to a leader that was just
+    # stopped, "outcome unknown" (CommitTimeout). Either way, within the timeout.
+    with pytest.raises((NoQuorum, CommitTimeout)) as raised:
         await survivor.submit(set_primary("a"), timeout=1.0)
     elapsed = time.monotonic() - start
-    print(f"NoQuorum after {elapsed:.2f} s: {raised.value}")
+    print(f"refused after {elapsed:.2f} s: {raised.value}")
     assert elapsed < 3.0  # bounded by the timeout (1 s), whatever the load
     assert "majority" in str(raised.value) or "leader" in str(raised.value)
 
