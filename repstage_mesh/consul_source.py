@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .models import LeadershipSource, ServiceSpec, ServiceState
-from .observations import MemberStatus, Observation
+from .observations import MemberStatus, Observation, specs_with_source
 
 __all__ = [
     "ConsulRegistration",
@@ -190,12 +190,7 @@ class ConsulSource:
         self._running = False
 
     def set_services(self, services: Iterable[ServiceState | ServiceSpec]) -> None:
-        specs = {}
-        for service in services:
-            spec = service.spec if isinstance(service, ServiceState) else service
-            if spec.leadership.source is LeadershipSource.CONSUL:
-                specs[spec.name] = spec
-        self._specs = specs
+        self._specs = {spec.name: spec for spec in specs_with_source(services, LeadershipSource.CONSUL)}
         if self._running:
             self._reconcile()
 

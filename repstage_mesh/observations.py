@@ -18,8 +18,12 @@ DOWN observation's `detail` says which it was (it starts with the last failure's
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
+
+from .models import LeadershipSource, ServiceSpec, ServiceState
 
 __all__ = [
     "MemberStatus",
@@ -239,3 +243,9 @@ class ProbeTracker:
         self._emitted = observation
         self._latest = observation
         return observation
+
+
+def specs_with_source(services: Iterable[Any], source: LeadershipSource) -> list[ServiceSpec]:
+    """The specs (from ServiceStates or ServiceSpecs) whose leadership comes from `source`."""
+    specs = (s.spec if isinstance(s, ServiceState) else s for s in services)
+    return [spec for spec in specs if spec.leadership.source is source]

@@ -52,6 +52,7 @@ from .observations import (
     ProbeResult,
     ProbeTracker,
     parse_lsn,
+    specs_with_source,
 )
 
 __all__ = [
@@ -556,10 +557,7 @@ class ProbeRunner:
 
     def set_services(self, services: Iterable[ServiceState | ServiceSpec]) -> None:
         specs: dict[tuple[str, str], tuple[_Target, ServiceSpec]] = {}
-        for service in services:
-            spec = service.spec if isinstance(service, ServiceState) else service
-            if spec.leadership.source is not LeadershipSource.PROBE:
-                continue
+        for spec in specs_with_source(services, LeadershipSource.PROBE):
             kind = probe_kind(spec)
             for member in spec.members:
                 specs[(spec.name, member.name)] = (
