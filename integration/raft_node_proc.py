@@ -17,10 +17,10 @@ import sys
 import time
 from typing import Any
 
-from repstage_mesh.errors import ReplicationError
-from repstage_mesh.models import CommandEnvelope
-from repstage_mesh.replication import ReplicatedStore
-from repstage_mesh.state import encode_state
+from repstage_mesh.core.errors import ReplicationError
+from repstage_mesh.core.models import CommandEnvelope
+from repstage_mesh.core.state import encode_state
+from repstage_mesh.raft.store import ReplicatedStore
 
 
 def _print(obj: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 
 from repstage_mesh.config import ENVOY_COLLECTOR_CLUSTER, EnvoyConfig, TelemetryConfig
 from repstage_mesh.filters import CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION
-from repstage_mesh.render import PrimaryStrategy, render
+from repstage_mesh.render.envoy import PrimaryStrategy, render
 
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir
 from .otlp_receiver import OtlpReceiver

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from repstage_mesh.workload import RedisWriter
+from repstage_mesh.cli.workload import RedisWriter
 
 from .databases import RedisGroup, redis_group
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir

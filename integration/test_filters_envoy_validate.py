@@ -24,6 +24,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManager,
 )
 
+from repstage_mesh.core.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
 from repstage_mesh.filters import (
     CLUSTER,
     CLUSTER_LOAD_ASSIGNMENT,
@@ -49,8 +50,7 @@ from repstage_mesh.filters import (
     tcp_proxy_listener,
     to_envoy_dict,
 )
-from repstage_mesh.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
-from repstage_mesh.render import PrimaryStrategy, RenderOptions, render
+from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions, render
 
 ENVOY = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "envoy"
 

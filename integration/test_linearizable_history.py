@@ -1,6 +1,6 @@
 """Issue 3's acceptance: a recorded history of concurrent writes and reads through the REST API
 of a three-node Raft cluster, during repeated kill -9 of the leader (each killed node restarted),
-is linearizable per service according to `repstage_mesh.linearizability`.
+is linearizable per service according to `integration.linearizability`.
 
 Operations: POST /v1/services/{s}/primary with and without an epoch claim, and
 GET /v1/services/{s}/primary?consistent=true (a Raft read barrier; plain GETs are
@@ -12,7 +12,7 @@ follower-local and not linearizable). Outcomes:
   checked history, so the checker also verifies the API's "nothing changed" promise.
 
 The checked history is saved as JSON in the test's tmp dir (re-check it with
-`python -m repstage_mesh.history FILE` after editing the initial state, see `initial`), the
+`python -m integration.history FILE` after editing the initial state, see `initial`), the
 raw record next to it, and the paths are printed on failure.
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from repstage_mesh.history import HistoryRecorder, save_history
-from repstage_mesh.linearizability import CheckResult, KeyResult, PrimaryRegister, check_key
+from integration.history import HistoryRecorder, save_history
+from integration.linearizability import CheckResult, KeyResult, PrimaryRegister, check_key
 
 from .harness import (
     ControlPlaneNode,

@@ -11,9 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from repstage_mesh.decider import Decider, FailoverRecord, ProxyAcks
-from repstage_mesh.failover import FailoverRunner
-from repstage_mesh.models import (
+from repstage_mesh.core.models import (
     CommandEnvelope,
     Member,
     MeshState,
@@ -21,15 +19,17 @@ from repstage_mesh.models import (
     PutService,
     ServiceSpec,
 )
-from repstage_mesh.observations import Observation
-from repstage_mesh.probes import ProbeRunner
-from repstage_mesh.promote import (
+from repstage_mesh.core.observations import Observation
+from repstage_mesh.core.state import apply
+from repstage_mesh.decide.decider import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.failover.promote import (
     DatabasePromoter,
     postgres_promote,
     redis_promote,
     repoint_old_primary,
 )
-from repstage_mesh.state import apply
+from repstage_mesh.failover.runner import FailoverRunner
+from repstage_mesh.sources.probes import ProbeRunner
 
 from .databases import (
     HOST,

@@ -42,6 +42,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManager,
 )
 
+from repstage_mesh.core.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
 from repstage_mesh.filters import (
     CLUSTER,
     CLUSTER_LOAD_ASSIGNMENT,
@@ -52,8 +53,7 @@ from repstage_mesh.filters import (
     pack,
     to_envoy_dict,
 )
-from repstage_mesh.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
-from repstage_mesh.render import PrimaryStrategy, RenderOptions, Resources, render
+from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions, Resources, render
 
 from .harness import free_low_port, free_port
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from repstage_mesh.errors import CommitTimeout, NoQuorum, ReplicationError
-from repstage_mesh.models import (
+from repstage_mesh.core.errors import CommitTimeout, NoQuorum, ReplicationError
+from repstage_mesh.core.models import (
     CommandEnvelope,
     Member,
     MeshState,
@@ -25,9 +25,9 @@ from repstage_mesh.models import (
     ServiceSpec,
     SetPrimary,
 )
-from repstage_mesh.raft_conf import RaftTimings
-from repstage_mesh.replication import RaftBindError, ReplicatedStore
-from repstage_mesh.state import encode_state
+from repstage_mesh.core.state import encode_state
+from repstage_mesh.raft.conf import RaftTimings
+from repstage_mesh.raft.store import RaftBindError, ReplicatedStore
 
 PASSWORD = "test-raft-password"
 ELECTION_DEADLINE = 5.0  # generous for a loaded 2-core machine; measured values are printed

@@ -14,9 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
-from repstage_mesh.models import ServiceSpec
-from repstage_mesh.observations import MemberStatus, Observation
-from repstage_mesh.probes import ProbeRunner
+from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.core.observations import MemberStatus, Observation
+from repstage_mesh.sources.probes import ProbeRunner
 
 from .databases import (
     PostgresPair,

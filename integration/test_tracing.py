@@ -17,8 +17,8 @@ import pytest
 from integration.fake_proxies import FakeProxy, snapshot
 from integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 from repstage_mesh.config import ConfigError, TelemetryConfig
-from repstage_mesh.models import SetPrimary
-from repstage_mesh.tracing import FailoverTrace, PushTracer, Tracing, resolve_endpoint
+from repstage_mesh.core.models import SetPrimary
+from repstage_mesh.telemetry.tracing import FailoverTrace, PushTracer, Tracing, resolve_endpoint
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.tracker import ProxyTracker
 

@@ -46,9 +46,9 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
-from .errors import MeshError
-from .models import _HOSTNAME, NAME_PATTERN, Name, ServiceSpec
-from .render import PrimaryStrategy, RenderOptions
+from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.models import _HOSTNAME, NAME_PATTERN, Name, ServiceSpec
+from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions
 
 __all__ = [
     "ENV_PREFIX",

@@ -24,14 +24,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .api import build_app, start_api
-from .api_failovers import failover_operations
-from .api_models import ApiSettings
-from .config import ConfigError, Settings, load_config
-from .decider import DecisionRefused
-from .errors import ReplicationError
-from .metrics import MeshMetrics, write_failure_code
-from .models import (
+from repstage_mesh.api.app import build_app, start_api
+from repstage_mesh.api.failovers import failover_operations
+from repstage_mesh.api.models import ApiSettings
+from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.core.errors import ReplicationError
+from repstage_mesh.core.models import (
     AnnounceNode,
     Command,
     CommandEnvelope,
@@ -40,13 +38,15 @@ from .models import (
     Outcome,
     PutService,
 )
-from .render import PrimaryStrategy, RenderOptions, render
-from .replication import ReplicatedStore
-from .tracing import Tracing
-from .xds import resources as res
-from .xds.cache import Snapshot, SnapshotCache
-from .xds.server import AdsServer
-from .xds.tracker import ProxyTracker
+from repstage_mesh.decide.decider import DecisionRefused
+from repstage_mesh.raft.store import ReplicatedStore
+from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions, render
+from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
+from repstage_mesh.telemetry.tracing import Tracing
+from repstage_mesh.xds import resources as res
+from repstage_mesh.xds.cache import Snapshot, SnapshotCache
+from repstage_mesh.xds.server import AdsServer
+from repstage_mesh.xds.tracker import ProxyTracker
 
 log = logging.getLogger("repstage_mesh.node")
 
@@ -96,7 +96,9 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        from .engine import LeaderEngine  # the engine imports node for typing only
+        from repstage_mesh.failover.engine import (
+            LeaderEngine,  # the engine imports node for typing only
+        )
 
         self.engine = LeaderEngine(self)
         self._apply_listeners.append(self.engine.on_state)
@@ -185,7 +187,7 @@ class Node:
         app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
-        from .api import bound_port
+        from repstage_mesh.api.app import bound_port
 
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))

@@ -1,6 +1,6 @@
-"""In-memory test doubles: FakePlane implements repstage_mesh.plane.ControlPlane.
+"""In-memory test doubles: FakePlane implements repstage_mesh.api.plane.ControlPlane.
 
-FakePlane applies commands with `repstage_mesh.state.apply` when that module exists, else with
+FakePlane applies commands with `repstage_mesh.core.state.apply` when that module exists, else with
 the small state machine below (same rules: epochs only grow, stale claims are refused). Knobs:
 `fail` (an exception submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
 
@@ -18,9 +18,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from repstage_mesh.api import Operation, bound_port, build_app, start_api
-from repstage_mesh.api_models import ApiSettings
-from repstage_mesh.models import (
+from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
+from repstage_mesh.api.models import ApiSettings
+from repstage_mesh.core.models import (
     Command,
     DeleteService,
     MeshState,
@@ -106,7 +106,7 @@ def simple_apply(state: MeshState, command: Command, index: int) -> tuple[MeshSt
 
 def _pick_apply() -> Apply:
     try:
-        from repstage_mesh.state import apply  # type: ignore[import-not-found, unused-ignore]
+        from repstage_mesh.core.state import apply  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return simple_apply
     return apply  # type: ignore[no-any-return, unused-ignore]

@@ -12,9 +12,16 @@ from aiohttp.test_utils import TestClient, TestServer
 from fakes import PROXY, FakePlane, LiveApi, orders_spec
 from openapi_spec_validator import validate as validate_openapi
 
-from repstage_mesh.api import PLANE, InsecureBindError, Operation, bound_port, build_app, start_api
-from repstage_mesh.api_models import ApiSettings, ErrorBody, HealthView
-from repstage_mesh.errors import CommitTimeout, NoQuorum
+from repstage_mesh.api.app import (
+    PLANE,
+    InsecureBindError,
+    Operation,
+    bound_port,
+    build_app,
+    start_api,
+)
+from repstage_mesh.api.models import ApiSettings, ErrorBody, HealthView
+from repstage_mesh.core.errors import CommitTimeout, NoQuorum
 
 RW = "rw-token-0123456789"
 RO = "ro-token-0123456789"
@@ -299,7 +306,7 @@ async def test_commit_timeout_is_504(make_client: MakeClient, plane: FakePlane) 
 
 async def test_no_quorum_with_an_unknown_outcome_is_504_not_503(make_client: MakeClient, plane: FakePlane) -> None:
     """A write that reached a leader may still commit: never answer "nothing changed" (503)."""
-    from repstage_mesh.replication import NoQuorumOutcomeUnknown
+    from repstage_mesh.raft.store import NoQuorumOutcomeUnknown
 
     plane.fail = NoQuorumOutcomeUnknown("reached a leader, then lost the majority")
     client = await make_client(plane)
@@ -328,7 +335,7 @@ async def test_unexpected_exception_is_500_json_and_logged(
 
     plane.proxies = boom  # type: ignore[method-assign]
     client = await make_client(plane)
-    with caplog.at_level(logging.ERROR, logger="repstage_mesh.api_errors"):
+    with caplog.at_level(logging.ERROR, logger="repstage_mesh.api.errors"):
         err = await error_of(await client.get("/v1/proxies"), 500, "internal")
     assert "tracker exploded" not in err["message"]
     assert any("tracker exploded" in (r.exc_text or "") for r in caplog.records)
@@ -423,7 +430,7 @@ async def test_start_api_loopback_warns_and_serves(
 ) -> None:
     from aiohttp import ClientSession
 
-    with caplog.at_level(logging.WARNING, logger="repstage_mesh.api"):
+    with caplog.at_level(logging.WARNING, logger="repstage_mesh.api.app"):
         runner = await start_api(build_app(plane), "127.0.0.1", 0)
     try:
         assert any("auth is off" in r.getMessage() for r in caplog.records)

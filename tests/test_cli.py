@@ -15,10 +15,10 @@ from aiohttp import web
 from fakes import PROXY, FakePlane, LiveApi, orders_spec
 from pydantic import BaseModel
 
-from repstage_mesh import cli
-from repstage_mesh.api import Operation
-from repstage_mesh.api_models import ApiSettings
-from repstage_mesh.api_openapi import ListOf
+from repstage_mesh.api.app import Operation
+from repstage_mesh.api.models import ApiSettings
+from repstage_mesh.api.openapi import ListOf
+from repstage_mesh.cli import main as cli
 
 RW = "cli-rw-token-123"
 RO = "cli-ro-token-456"

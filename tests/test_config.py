@@ -17,8 +17,8 @@ from repstage_mesh.config import (
     load_config,
     parse_host_port,
 )
-from repstage_mesh.errors import MeshError
-from repstage_mesh.models import ServiceProtocol, ServiceSpec
+from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.models import ServiceProtocol, ServiceSpec
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

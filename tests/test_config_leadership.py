@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from repstage_mesh.config import ConfigError, Settings, load_config
-from repstage_mesh.models import (
+from repstage_mesh.core.models import (
     LeadershipMode,
     LeadershipSource,
     ProbeKind,
     ServiceSpec,
 )
-from repstage_mesh.probes import probe_kind
+from repstage_mesh.sources.probes import probe_kind
 
 FILE = """
 services:

@@ -20,15 +20,15 @@ import pytest
 from aiohttp import web
 from consul_standin import ConsulStandIn, parse_duration
 
-from repstage_mesh.consul_source import (
+from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.core.observations import MemberStatus, Observation
+from repstage_mesh.sources.consul import (
     ConsulRegistration,
     ConsulSource,
     consul_client,
     health_observations,
     parse_consul_address,
 )
-from repstage_mesh.models import ServiceSpec
-from repstage_mesh.observations import MemberStatus, Observation
 
 WAIT = 30.0  # the blocking query's wait: every change must arrive well before it
 

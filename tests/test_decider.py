@@ -12,7 +12,19 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from repstage_mesh.decider import (
+from repstage_mesh.core.models import (
+    LeadershipMode,
+    LeadershipSource,
+    LeadershipSpec,
+    Member,
+    MeshState,
+    PutService,
+    ServiceSpec,
+    SetPrimary,
+)
+from repstage_mesh.core.observations import MemberStatus, Observation
+from repstage_mesh.core.state import apply
+from repstage_mesh.decide.decider import (
     AwaitProxies,
     Commit,
     CommitResult,
@@ -30,18 +42,6 @@ from repstage_mesh.decider import (
     StepFailed,
     StepResult,
 )
-from repstage_mesh.models import (
-    LeadershipMode,
-    LeadershipSource,
-    LeadershipSpec,
-    Member,
-    MeshState,
-    PutService,
-    ServiceSpec,
-    SetPrimary,
-)
-from repstage_mesh.observations import MemberStatus, Observation
-from repstage_mesh.state import apply
 
 P, R, D, U = MemberStatus.PRIMARY, MemberStatus.REPLICA, MemberStatus.DOWN, MemberStatus.UNKNOWN
 NAMES = ("a", "b", "c")
@@ -628,12 +628,12 @@ TestDeciderMachine.settings = settings(
 
 
 def test_backoff_doubles_for_failovers_in_a_row_and_resets_after_quiet() -> None:
-    from repstage_mesh.decider import MAX_BACKOFF, _backoff, _count_failover, _Service
+    from repstage_mesh.decide.decider import MAX_BACKOFF, _backoff, _count_failover, _Service
 
     assert _backoff(4.0, 0) == 4.0 and _backoff(4.0, 1) == 4.0
     assert _backoff(4.0, 2) == 8.0 and _backoff(4.0, 3) == 16.0
     assert _backoff(4.0, 50) == 4.0 * MAX_BACKOFF
-    from repstage_mesh.models import LeadershipSpec, Member, ServiceSpec, ServiceState
+    from repstage_mesh.core.models import LeadershipSpec, Member, ServiceSpec, ServiceState
 
     s = _Service()
     svc = ServiceState(spec=ServiceSpec(

@@ -20,10 +20,10 @@ from repstage_mesh.config import (
     TelemetryConfig,
     load_config,
 )
+from repstage_mesh.core.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
 from repstage_mesh.filters import CLUSTER, HTTP_CONNECTION_MANAGER, LISTENER
-from repstage_mesh.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
-from repstage_mesh.render import render
-from repstage_mesh.tracing import _plaintext
+from repstage_mesh.render.envoy import render
+from repstage_mesh.telemetry.tracing import _plaintext
 
 
 def state(*protocols: ServiceProtocol) -> MeshState:

@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from repstage_mesh.decider import Decider, DecisionRefused, FailoverRecord, PromoteResult, ProxyAcks
-from repstage_mesh.errors import CommitTimeout, NoQuorum
-from repstage_mesh.failover import FailoverRunner
-from repstage_mesh.models import (
+from repstage_mesh.core.errors import CommitTimeout, NoQuorum
+from repstage_mesh.core.models import (
     CommandEnvelope,
     HookSpec,
     LeadershipMode,
@@ -25,8 +23,16 @@ from repstage_mesh.models import (
     ServiceSpec,
     SetPrimary,
 )
-from repstage_mesh.observations import MemberStatus, Observation
-from repstage_mesh.state import apply
+from repstage_mesh.core.observations import MemberStatus, Observation
+from repstage_mesh.core.state import apply
+from repstage_mesh.decide.decider import (
+    Decider,
+    DecisionRefused,
+    FailoverRecord,
+    PromoteResult,
+    ProxyAcks,
+)
+from repstage_mesh.failover.runner import FailoverRunner
 
 P, R, D = MemberStatus.PRIMARY, MemberStatus.REPLICA, MemberStatus.DOWN
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repstage_mesh.history import HistoryRecorder, load_history, main, save_history
-from repstage_mesh.linearizability import (
+from integration.history import HistoryRecorder, load_history, main, save_history
+from integration.linearizability import (
     Operation,
     PrimaryRegister,
     Register,

@@ -9,10 +9,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from repstage_mesh.errors import CommitTimeout, NoQuorum, Rejected
-from repstage_mesh.metrics import MeshMetrics, write_failure_code
-from repstage_mesh.models import Rejection
-from repstage_mesh.replication import NoQuorumOutcomeUnknown
+from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
+from repstage_mesh.core.models import Rejection
+from repstage_mesh.raft.store import NoQuorumOutcomeUnknown
+from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
 from repstage_mesh.xds.protocol import (

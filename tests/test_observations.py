@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repstage_mesh.observations import (
+from repstage_mesh.core.observations import (
     MemberStatus,
     Observation,
     ProbeOutcome,

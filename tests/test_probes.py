@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from repstage_mesh.models import Member, ProbeKind, ServiceSpec
-from repstage_mesh.observations import MemberStatus, Observation, ProbeOutcome, ProbeResult
-from repstage_mesh.probes import (
+from repstage_mesh.core.models import Member, ProbeKind, ServiceSpec
+from repstage_mesh.core.observations import MemberStatus, Observation, ProbeOutcome, ProbeResult
+from repstage_mesh.sources.probes import (
     HttpProber,
     ProbeRunner,
     RedisProber,

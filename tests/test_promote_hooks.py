@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from repstage_mesh.models import ServiceSpec
-from repstage_mesh.promote import DatabasePromoter, post_http_hook, run_command_hook
+from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.failover.promote import DatabasePromoter, post_http_hook, run_command_hook
 
 PY = sys.executable
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from repstage_mesh.api import operations
-from repstage_mesh.api_failovers import failover_operations
+from repstage_mesh.api.app import operations
+from repstage_mesh.api.failovers import failover_operations
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

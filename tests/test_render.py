@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from repstage_mesh import naming
+from repstage_mesh.core import naming
+from repstage_mesh.core.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
 from repstage_mesh.filters import (
     CLUSTER,
     CLUSTER_LOAD_ASSIGNMENT,
@@ -31,8 +32,7 @@ from repstage_mesh.filters import (
     ROUTE_CONFIGURATION,
     TCP_PROXY,
 )
-from repstage_mesh.models import Member, MeshState, ServiceProtocol, ServiceSpec, ServiceState
-from repstage_mesh.render import (
+from repstage_mesh.render.envoy import (
     PrimaryStrategy,
     RenderOptions,
     Resources,
@@ -560,8 +560,8 @@ def test_unchanged_services_keep_their_message_objects() -> None:
 def test_a_promoted_member_checks_on_the_other_fence_port_and_a_demoted_one_keeps_its_port() -> None:
     """Rotation: promotion gives a member a fresh Envoy host (checked at once); demotion keeps
     the host, so its failing check closes its connections."""
-    from repstage_mesh.models import SetPrimary
-    from repstage_mesh.state import apply
+    from repstage_mesh.core.models import SetPrimary
+    from repstage_mesh.core.state import apply
 
     options = RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT)
     spec = ServiceSpec(
@@ -569,7 +569,7 @@ def test_a_promoted_member_checks_on_the_other_fence_port_and_a_demoted_one_keep
         members=(Member(name="a", address="10.0.0.1", port=5432), Member(name="b", address="10.0.0.2", port=5432)),
         primary="a",
     )
-    from repstage_mesh.models import PutService
+    from repstage_mesh.core.models import PutService
 
     state, _ = apply(MeshState(), PutService(spec=spec), 1)
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from pydantic import ValidationError
 
-from repstage_mesh.models import (
+from repstage_mesh.core.models import (
     Command,
     CommandEnvelope,
     DeleteService,
@@ -19,7 +19,7 @@ from repstage_mesh.models import (
     ServiceSpec,
     SetPrimary,
 )
-from repstage_mesh.state import (
+from repstage_mesh.core.state import (
     apply,
     decode_command,
     decode_state,
@@ -419,7 +419,7 @@ def test_node_addresses_survive_every_other_command() -> None:
     """A service change must not drop what AnnounceNode recorded (a state rebuilt from its
     services alone once lost every node address, and with it the leader's view of the
     followers' proxies during break-before-make)."""
-    from repstage_mesh.models import (
+    from repstage_mesh.core.models import (
         AnnounceNode,
         Member,
         NodeAddress,

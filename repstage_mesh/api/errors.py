@@ -1,0 +1,157 @@
+"""The API's error answers: one JSON shape for every error, and the middleware that guarantees it.
+
+Every error is `{"error": {"code", "message", "field", "details"}}` (see `api_models.ErrorBody`),
+whether it comes from a handler, from aiohttp's router (404, 405) or from a bug (500, logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import ValidationError
+
+from repstage_mesh.api.models import ErrorBody, ErrorDetail, ErrorInfo
+from repstage_mesh.core.models import Rejection
+
+log = logging.getLogger(__name__)
+
+REJECTION_STATUS: dict[str, int] = {
+    "not_found": 404,
+    "stale_epoch": 409,
+    "conflict": 409,
+    "invalid": 422,
+}
+
+_FIELD_PREFIX = re.compile(
+    r"^(?:Value error, )?([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.*)$", re.DOTALL
+)
+
+
+class ApiError(Exception):
+    """Raised by handlers; the middleware turns it into the JSON error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        details: list[ErrorDetail] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.details = details or []
+        self.headers = dict(headers or {})
+
+    @classmethod
+    def from_rejection(cls, rejection: Rejection) -> ApiError:
+        return cls(
+            REJECTION_STATUS.get(rejection.code, 422),
+            rejection.code,
+            rejection.message,
+            rejection.field,
+        )
+
+    def response(self) -> web.Response:
+        return error_response(
+            self.status, self.code, self.message, self.field, self.details, self.headers
+        )
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    details: list[ErrorDetail] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = ErrorBody(
+        error=ErrorInfo(code=code, message=message, field=field, details=details or [])
+    )
+    return web.json_response(body.model_dump(mode="json"), status=status, headers=headers)
+
+
+def _dotted(loc: tuple[int | str, ...], prefix: str | None = None) -> str | None:
+    parts = [str(p) for p in loc]
+    if prefix:
+        parts.insert(0, prefix)
+    return ".".join(parts) or None
+
+
+def validation_details(exc: ValidationError, prefix: str | None = None) -> list[ErrorDetail]:
+    """pydantic errors → details with dotted field paths (`members.1.port`).
+
+    Model-level validators in models.py start their message with "<field>: "; that field is used.
+    """
+    details = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err.get("loc", ()))
+        message = str(err.get("msg", "invalid value"))
+        field = _dotted(loc, prefix)
+        match = _FIELD_PREFIX.match(message)
+        if match:
+            named = match.group(1)
+            field = ".".join(p for p in (prefix, *map(str, loc), named) if p)
+            message = match.group(2)
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        details.append(ErrorDetail(field=field, message=message, type=str(err.get("type")) or None))
+    return details
+
+
+def invalid(exc: ValidationError, prefix: str | None = None) -> ApiError:
+    """A 422 naming the first offending field, with every problem in `details`."""
+    details = validation_details(exc, prefix)
+    first = details[0] if details else ErrorDetail(field=None, message="invalid request")
+    where = f"{first.field}: " if first.field else ""
+    more = f" (and {len(details) - 1} more problem(s), see details)" if len(details) > 1 else ""
+    return ApiError(422, "invalid", f"{where}{first.message}{more}", first.field, details)
+
+
+_HTTP_CODES: dict[int, tuple[str, str]] = {
+    404: ("not_found", "no such route: {method} {path}; see /openapi.json for the API"),
+    405: ("method_not_allowed", "{method} is not allowed on {path}; allowed: {allow}"),
+    413: ("too_large", "request body too large"),
+}
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    code, template = _HTTP_CODES.get(exc.status, ("http_error", exc.reason or "HTTP error"))
+    allow = exc.headers.get("Allow", "")
+    message = template.format(method=request.method, path=request.path, allow=allow or "none")
+    headers = {"Allow": allow} if allow else None
+    return error_response(exc.status, code, message, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost middleware: whatever goes wrong, the client gets the JSON error shape."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(request, exc)
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; the server log has the details")
+
+
+def json_of(value: Any) -> Any:
+    """Helper for handlers: a pydantic model or list of them, dumped in JSON mode."""
+    if isinstance(value, list):
+        return [json_of(v) for v in value]
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if dump is not None else value

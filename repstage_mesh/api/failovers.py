@@ -1,0 +1,122 @@
+"""REST endpoints for failovers and planned switchovers (issue 4), added to the API with
+`build_app(..., extra_operations=failover_operations())`.
+
+Failover records live on the Raft leader that ran them; a follower answers these endpoints by
+carrying the request to the leader (the node implements that in `FailoverPlane`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from repstage_mesh.api.app import _json_body, _ok, _parse, _path_name, _plane
+from repstage_mesh.api.errors import ApiError
+from repstage_mesh.api.openapi import Operation
+from repstage_mesh.core.models import Name
+
+
+class TimelineEventView(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    at: float = Field(description="the deciding node's monotonic clock, seconds")
+    elapsed_ms: float = Field(description="since the record started")
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class FailoverView(BaseModel):
+    """One failover, fail-closed period or switchover, as the node that ran it saw it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    service: str
+    cause: str
+    mode: str
+    kind: str
+    old_primary: str | None
+    new_primary: str | None
+    status: str = Field(description="running | done | failed")
+    reason: str = ""
+    epoch: int | None = None
+    fence_epoch: int | None = None
+    started_at: float
+    started_unix: float | None = None
+    timeline: list[TimelineEventView] = Field(default_factory=list)
+    missed_fence: list[str] = Field(default_factory=list, description="proxies that had not stopped routing to the old primary by the deadline")
+    missed_route: list[str] = Field(default_factory=list, description="proxies that had not ACKed the new primary by the deadline")
+    needs_rejoin: list[str] = Field(default_factory=list)
+    write_unavailable_ms: float | None = Field(default=None, description="fail-closed commit -> new primary ACKed by the proxies")
+    duration_ms: float | None = None
+
+
+class FailoverList(BaseModel):
+    failovers: list[FailoverView]
+    node_id: str = Field(description="the node whose history this is (the Raft leader)")
+
+
+class SwitchoverRequest(BaseModel):
+    """POST /v1/services/{name}/switchover body."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_extra={"examples": [{"to": "b", "timeout": 30}]}
+    )
+
+    to: Name = Field(description="the member to promote")
+    timeout: float | None = Field(default=None, gt=0, le=600, description="longest wait for the target to catch up, seconds")
+
+
+class FailoverPlane(Protocol):
+    async def failovers(self) -> tuple[str, list[dict[str, Any]]]: ...
+    async def failover(self, record_id: str) -> dict[str, Any] | None: ...
+    async def switchover(self, service: str, to: str, timeout: float | None) -> tuple[int, dict[str, Any]]: ...
+
+
+def _failover_plane(request: web.Request) -> FailoverPlane:
+    plane: Any = _plane(request)
+    if not hasattr(plane, "switchover"):
+        raise ApiError(404, "not_found", "this server does not run failovers")
+    return plane
+
+
+async def list_failovers(request: web.Request) -> web.Response:
+    node_id, records = await _failover_plane(request).failovers()
+    return _ok(FailoverList(node_id=node_id, failovers=[FailoverView.model_validate(r) for r in records]))
+
+
+async def get_failover(request: web.Request) -> web.Response:
+    record_id = request.match_info["id"]
+    record = await _failover_plane(request).failover(record_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no failover {record_id!r} on the leader; GET /v1/failovers lists them", "id")
+    return _ok(FailoverView.model_validate(record))
+
+
+async def switchover(request: web.Request) -> web.Response:
+    name = _path_name(request)
+    body = _parse(SwitchoverRequest, await _json_body(request))
+    status, answer = await _failover_plane(request).switchover(name, body.to, body.timeout)
+    if status != 200:
+        return web.json_response(answer, status=status)
+    return _ok(FailoverView.model_validate(answer))
+
+
+def failover_operations() -> list[Operation]:
+    return [
+        Operation("GET", "/v1/failovers", "listFailovers", "Recent failovers and switchovers (the leader's history)",
+                  list_failovers, {200: ("newest first", FailoverList)}, errors=(404, 503), tag="failovers"),
+        Operation("GET", "/v1/failovers/{id}", "getFailover", "One failover with its timeline", get_failover,
+                  {200: ("the record", FailoverView)}, errors=(404, 503), tag="failovers",
+                  path_params={"id": "failover record id"}),
+        Operation("POST", "/v1/services/{name}/switchover", "switchover",
+                  "Planned switchover: wait for the target to catch up, then fence, promote and route",
+                  switchover, {200: ("the finished switchover", FailoverView)}, request=SwitchoverRequest,
+                  errors=(404, 409, 503, 504), path_params={"name": "service name (lower-case DNS label)"},
+                  tag="failovers",
+                  description="Only for services in orchestrate mode; a follow-mode service's own "
+                  "orchestrator promotes (announce it with POST /v1/services/{name}/primary). The "
+                  "answer reports write_unavailable_ms, the window in which writes were refused."),
+    ]

@@ -1,0 +1,54 @@
+"""The seam between the REST API / CLI and a running control-plane node.
+
+`ControlPlane` is what `node.py` implements with Raft, the xDS server and the proxy tracker;
+tests implement it in memory. The API never reaches past this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from repstage_mesh.core.models import Command, MeshState, Outcome
+
+
+class ControlPlane(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """Prometheus registry that /metrics exposes."""
+        ...
+
+    def state(self) -> MeshState:
+        """This node's applied copy of the replicated state."""
+        ...
+
+    async def read_state(self, consistent: bool = False) -> MeshState:
+        """consistent=True: after a Raft read barrier (linearizable); raises NoQuorum or
+        CommitTimeout like submit. False: this node's applied copy."""
+        ...
+
+    async def submit(self, command: Command, timeout: float = 5.0) -> Outcome:
+        """Commit a command through the log; returns once applied on this node.
+
+        Raises errors.NoQuorum (no leader / no majority within the timeout) or
+        errors.CommitTimeout (result unknown).
+        """
+        ...
+
+    def proxies(self) -> list[dict[str, Any]]:
+        """One dict per connected (or recently seen) Envoy: node_id, cluster, stream kind,
+        control-plane node, connected_at, and per type URL: sent/acked/nacked version, last
+        error text, times, and `behind` (acked version differs from the committed one)."""
+        ...
+
+    def cluster(self) -> dict[str, Any]:
+        """Raft view: node id, leader, term, commit and applied index, peers, quorum."""
+        ...
+
+    def ready(self) -> bool:
+        """True once the node has applied the committed state and serves xDS."""
+        ...

@@ -1,0 +1,444 @@
+"""`repstage-mesh`: the operator CLI.
+
+Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
+http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
+`proxies`, `switchover`, `failovers`. `validate CONFIG` checks a config file offline. `serve`,
+`bootstrap` and `demo` hand over to their modules (imported lazily).
+
+Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
+`error: <message> (field: x)`; exit status 0 ok, 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from rich.console import Console
+
+from repstage_mesh.cli import views as render
+from repstage_mesh.cli.client import (
+    API_ENV,
+    DEFAULT_API,
+    TOKEN_ENV,
+    ApiClient,
+    ApiRequestError,
+    ApiUnreachable,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A problem to print as `error: ...` with exit status 1."""
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def _client_options(suppress: bool) -> argparse.ArgumentParser:
+    """--api/--token/--json/--timeout, accepted before or after the subcommand."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("API options")
+    group.add_argument(
+        "--api",
+        metavar="URL",
+        default=default,
+        help=f"API of a control-plane node (env {API_ENV}; default {DEFAULT_API})",
+    )
+    group.add_argument(
+        "--token", metavar="TOKEN", default=default, help=f"bearer token (env {TOKEN_ENV})"
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print JSON instead of tables",
+    )
+    group.add_argument("--timeout", type=float, metavar="SECONDS", default=default,
+                       help="HTTP timeout (default 10)")  # fmt: skip
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repstage-mesh",
+        description="RepStage Mesh: keep client traffic on the current primary of a replicated service.",
+        parents=[_client_options(suppress=False)],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = [_client_options(suppress=True)]
+
+    sub.add_parser("status", parents=common, help="cluster, services and proxies at a glance")
+
+    services = sub.add_parser("services", parents=common, help="list services, or show one")
+    services_sub = services.add_subparsers(dest="services_command", metavar="ACTION")
+    services_sub.add_parser("list", parents=common, help="list services (the default)")
+    get = services_sub.add_parser(
+        "get", parents=common, help="show one service with its members' roles"
+    )
+    get.add_argument("name", metavar="NAME")
+
+    sub.add_parser(
+        "proxies", parents=common, help="Envoy proxies and the versions they ACKed or NACKed"
+    )
+
+    switch = sub.add_parser("switchover", parents=common, help="make another member the primary")
+    switch.add_argument("service", metavar="SERVICE")
+    target = switch.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="MEMBER", help="the member to make primary")
+    target.add_argument(
+        "--no-primary",
+        action="store_true",
+        help="clear the primary: the primary listener refuses connections (fail closed)",
+    )
+    switch.add_argument(
+        "--epoch",
+        type=int,
+        metavar="N",
+        help="claimed epoch; refused unless greater than the current one",
+    )
+    switch.add_argument("--cause", default="cli switchover", help="recorded with the change")  # fmt: skip
+
+    sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
+
+    validate = sub.add_parser(
+        "validate", parents=common, help="check a config file; exit 1 on errors"
+    )
+    validate.add_argument("config", metavar="CONFIG")
+
+    serve = sub.add_parser("serve", help="run a control-plane node")
+    serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+
+    boot = sub.add_parser(
+        "bootstrap", help="print an Envoy bootstrap pointing at the control plane"
+    )
+    boot.add_argument("--node-id", required=True, help="Envoy node id")
+    boot.add_argument(
+        "--node-cluster", default=None, help="Envoy node cluster (default: the node id)"
+    )
+    boot.add_argument(
+        "--xds",
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="a control-plane xDS address; repeat for each node",
+    )
+    boot.add_argument(
+        "--admin-port", type=int, default=9901, metavar="N", help="Envoy admin port (default 9901)"
+    )
+    boot.add_argument(
+        "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of SotW"
+    )
+    boot.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout")  # fmt: skip
+
+    demo = sub.add_parser("demo", help="run the self-contained demo")
+    demo.add_argument("--keep", action="store_true", help="keep running after the scripted part")
+    demo.add_argument(
+        "--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS"
+    )
+    return parser
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.console = Console(soft_wrap=False)
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
+            self.console.width = max(self.console.width, 120)  # piped: do not fold tables at 80
+
+    def json(self, data: Any) -> None:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+    def show(self, data: Any, *renderables: Any) -> None:
+        if self.as_json:
+            self.json(data)
+            return
+        for item in renderables:
+            self.console.print(item)
+
+
+def _error(message: str, field: str | None = None) -> None:
+    suffix = f" (field: {field})" if field else ""
+    sys.stderr.write(f"error: {message}{suffix}\n")
+
+
+# --- client commands ------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    api = args.api or os.environ.get(API_ENV) or DEFAULT_API
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    return ApiClient(api, token, timeout=args.timeout or 10.0)
+
+
+def _path(name: str) -> str:
+    return quote(name, safe="")
+
+
+def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    cluster = client.get("/v1/cluster")
+    services = client.get("/v1/services")
+    proxies = client.get("/v1/proxies")
+    data = {"api": client.base_url, "cluster": cluster, "services": services["services"],
+            "applied_index": services["applied_index"], "proxies": proxies}  # fmt: skip
+    out.show(
+        data,
+        render.cluster_table(cluster),
+        render.services_table(services["services"], services["applied_index"]),
+        render.proxies_table(proxies),
+    )
+    return EXIT_OK
+
+
+def cmd_services(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    if args.services_command == "get":
+        service = client.get(f"/v1/services/{_path(args.name)}")
+        out.show(service, render.service_detail(service))
+        return EXIT_OK
+    services = client.get("/v1/services")
+    out.show(services, render.services_table(services["services"], services["applied_index"]))
+    return EXIT_OK
+
+
+def cmd_proxies(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    proxies = client.get("/v1/proxies")
+    out.show(proxies, render.proxies_table(proxies))
+    return EXIT_OK
+
+
+def wait_for_catch_up(client: ApiClient, change: Mapping[str, Any], out: Output, timeout: float = 10.0) -> list[str]:
+    """After an announced change, wait until every connected proxy holds it (synced at a
+    snapshot at or after the change), showing progress; returns the proxies still behind."""
+    target = int(change.get("applied_index") or change.get("epoch") or 0)
+    deadline = time.monotonic() + timeout
+    behind: list[str] = []
+    with out.console.status("waiting for the proxies to follow...", spinner="dots") as status:
+        while True:
+            proxies = [p for p in client.get("/v1/proxies") if p.get("connected")]
+            behind = [
+                str(p["node_id"]) for p in proxies
+                if not p.get("synced") or int(p.get("snapshot_version") or 0) < target
+            ]
+            status.update(f"proxies following the change: {len(proxies) - len(behind)}/{len(proxies)}")
+            if not behind or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # polling the server
+    if behind:
+        _error(f"{len(behind)} proxy(ies) had not followed after {timeout:g}s: {', '.join(behind)}")
+    return behind
+
+
+def _orchestrated(client: ApiClient, service: str) -> bool:
+    svc = client.get(f"/v1/services/{_path(service)}")
+    return bool(svc.get("spec", {}).get("leadership", {}).get("mode") == "orchestrate")
+
+
+def cmd_switchover(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    if args.to is not None and args.epoch is None and _orchestrated(client, args.service):
+        return _planned_switchover(args, client, out)
+    body: dict[str, Any] = {"member": None if args.no_primary else args.to, "cause": args.cause}
+    if args.epoch is not None:
+        body["epoch"] = args.epoch
+    change = client.post(f"/v1/services/{_path(args.service)}/primary", body)
+    behind: list[str] = []
+    if change.get("changed") and not out.as_json:
+        behind = wait_for_catch_up(client, change, out)
+    out.show(change, render.switchover_text(change))
+    return EXIT_ERROR if behind else EXIT_OK
+
+
+def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """Orchestrate mode: the leader waits for the target to catch up, fences the old primary,
+    promotes the target and routes to it; progress is read from /v1/failovers meanwhile."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        waiting = ApiClient(client.base_url, client.token, timeout=max(client.timeout, 330.0))
+        try:
+            result["record"] = waiting.post(
+                f"/v1/services/{_path(args.service)}/switchover", {"to": args.to, "timeout": 300}
+            )
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    if out.as_json:
+        worker.join()
+    else:
+        with out.console.status(f"switchover of {args.service} to {args.to}...", spinner="dots") as status:
+            while worker.is_alive():
+                worker.join(0.1)
+                with contextlib.suppress(Exception):
+                    running = [
+                        r for r in client.get("/v1/failovers").get("failovers", [])
+                        if r.get("service") == args.service and r.get("status") == "running"
+                    ]
+                    if running and running[0].get("timeline"):
+                        last = running[0]["timeline"][-1]
+                        status.update(f"switchover of {args.service} to {args.to}: {last['name']} (+{last['elapsed_ms']:.0f} ms)")
+    if "error" in result:
+        raise result["error"]
+    record = result["record"]
+    lines = [f"{e['name']:<22} +{e['elapsed_ms']:.1f} ms" for e in record.get("timeline", [])]
+    summary = (
+        f"{args.service}: {record.get('old_primary')} -> {record.get('new_primary')} at epoch {record.get('epoch')}; "
+        f"writes unavailable {record.get('write_unavailable_ms')} ms"
+    )
+    out.show(record, summary, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    try:
+        failovers = client.get("/v1/failovers")
+    except ApiRequestError as exc:
+        if exc.status == 404:
+            raise CliError(
+                f"the server at {client.base_url} does not support /v1/failovers yet (it answered 404)"
+            ) from None
+        raise
+    rows = failovers if isinstance(failovers, list) else failovers.get("failovers", [])
+    records = all(isinstance(r, Mapping) and "id" in r and "status" in r for r in rows)
+    out.show(failovers, render.failovers_table(rows) if records else render.generic_table("Failovers", rows))
+    return EXIT_OK
+
+
+# --- offline commands -----------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace, out: Output) -> int:
+    try:
+        from repstage_mesh.config import ConfigError, load_config
+    except ImportError:
+        raise CliError(
+            "config support is not available in this build (repstage_mesh.config is missing)"
+        ) from None
+    # REPSTAGE_API / REPSTAGE_TOKEN configure this CLI, not the node: keep them out of the config.
+    env = {k: v for k, v in os.environ.items() if k not in (API_ENV, TOKEN_ENV)}
+    try:
+        settings = load_config(args.config, env=env)
+    except ConfigError as exc:
+        if out.as_json:
+            errors = [{"field": path or None, "message": message} for path, message in exc.errors]
+            out.json({"valid": False, "config": args.config, "errors": errors})
+        else:
+            sys.stderr.write(
+                f"{args.config}: invalid configuration ({len(exc.errors)} problem(s))\n"
+            )
+            for path, message in exc.errors:
+                _error(message, path or None)
+        return EXIT_ERROR
+    services = [s.model_dump(mode="json") for s in settings.specs()]
+    tokens = settings.api.tokens
+    summary = {
+        "valid": True,
+        "config": args.config,
+        "node": settings.node.id,
+        "xds": settings.xds.listen,
+        "api": {
+            "listen": settings.api.listen,
+            "auth": bool(tokens and (tokens.read_write or tokens.read_only)),
+            "read_write_tokens": len(tokens.read_write) if tokens else 0,
+            "read_only_tokens": len(tokens.read_only) if tokens else 0,
+        },
+        "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
+        "services": services,
+    }
+    if out.as_json:
+        out.json(summary)
+        return EXIT_OK
+    auth = "on" if tokens and (tokens.read_write or tokens.read_only) else "off (loopback only)"
+    out.console.print(f"[green]{args.config}: valid[/green]")
+    out.console.print(
+        f"node {settings.node.id}; xds {settings.xds.listen}; api {settings.api.listen} (auth {auth}); "
+        f"raft {settings.raft.bind} with {len(settings.raft.peers)} peer(s); {len(services)} service(s)",
+        markup=False,
+    )
+    views = [
+        {**s, "epoch": "-", "members": [{**m, "role": "primary" if m["name"] == s.get("primary") else "replica"}
+                                        for m in s["members"]]}
+        for s in services
+    ]  # fmt: skip
+    out.console.print(render.services_table(views))
+    return EXIT_OK
+
+
+_DELEGATES: dict[str, tuple[str, str]] = {
+    "serve": ("repstage_mesh.node", "serve_main"),
+    "bootstrap": ("repstage_mesh.cli.bootstrap", "main"),
+    "demo": ("repstage_mesh.cli.demo", "main"),
+}
+
+
+def _delegate(command: str, args: argparse.Namespace) -> int:
+    module_name, function = _DELEGATES[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise CliError(
+                f"`repstage-mesh {command}` is not available in this build yet ({module_name} is missing)"
+            ) from None
+        raise
+    result = getattr(module, function)(args)
+    return int(result or 0)
+
+
+ClientCommand = Callable[[argparse.Namespace, ApiClient, Output], int]
+CLIENT_COMMANDS: dict[str, ClientCommand] = {
+    "status": cmd_status,
+    "services": cmd_services,
+    "proxies": cmd_proxies,
+    "switchover": cmd_switchover,
+    "failovers": cmd_failovers,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command in _DELEGATES:
+        try:
+            return _delegate(args.command, args)
+        except CliError as exc:
+            _error(str(exc))
+            return EXIT_ERROR
+    out = Output(as_json=bool(getattr(args, "json", False)))
+    try:
+        if args.command == "validate":
+            return cmd_validate(args, out)
+        client = _client(args)
+        return CLIENT_COMMANDS[args.command](args, client, out)
+    except ApiRequestError as exc:
+        _error(exc.message, exc.field)
+        return EXIT_ERROR
+    except (ApiUnreachable, CliError) as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

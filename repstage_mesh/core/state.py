@@ -1,0 +1,264 @@
+"""The replicated state machine: `apply(state, command, index)` and its (de)serialisation.
+
+`apply` is pure and deterministic: no I/O, no clock, no randomness, no dependence on dict
+order it did not create. Every control-plane replica applies the same log and must reach
+byte-identical states (`encode_state` of equal states gives equal bytes), because versions
+rendered for Envoy are Raft indexes (DESIGN, invariant 4).
+
+Rules (DESIGN, invariants 1 and 6):
+
+- The returned state always carries `index`; `last_change` and the touched service's
+  `changed_at` move to `index` only when something changed.
+- An epoch is the Raft index that committed a role, so epochs only grow.
+- A rejection changes nothing but `index`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from repstage_mesh.core.models import (
+    AnnounceNode,
+    Command,
+    CommandEnvelope,
+    DeleteService,
+    MeshState,
+    Noop,
+    Outcome,
+    PutService,
+    Rejection,
+    ServiceSpec,
+    ServiceState,
+    SetPrimary,
+)
+
+__all__ = [
+    "apply",
+    "decode_command",
+    "decode_state",
+    "encode_command",
+    "encode_state",
+    "initial_state",
+    "replay",
+]
+
+
+def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Outcome]:
+    """Apply one committed command at Raft index `index`; return the new state and the outcome.
+
+    `index` must be greater than `state.index` (Raft indexes only grow); anything else is a
+    programming error and raises ValueError, because an epoch taken from a reused index
+    could equal an existing one.
+    """
+    if index <= state.index:
+        raise ValueError(f"index {index} must be greater than the state's index {state.index}")
+    if isinstance(command, PutService):
+        return _put_service(state, command, index)
+    if isinstance(command, DeleteService):
+        return _delete_service(state, command, index)
+    if isinstance(command, SetPrimary):
+        return _set_primary(state, command, index)
+    if isinstance(command, Noop):
+        return _unchanged(state, index), Outcome(ok=True, result={"noop": True})
+    if isinstance(command, AnnounceNode):
+        node = command.node
+        if state.nodes.get(node.node_id) == node:
+            return _unchanged(state, index), Outcome(ok=True, result={"node": node.node_id, "changed": False})
+        nodes = dict(sorted({**state.nodes, node.node_id: node}.items()))
+        # Not a change of routing: `last_change` (the xDS version) stays.
+        return state.model_copy(update={"nodes": nodes, "index": index}), Outcome(
+            ok=True, result={"node": node.node_id, "changed": True}
+        )
+    raise TypeError(f"not a command: {type(command).__name__}")
+
+
+def initial_state(specs: Sequence[ServiceSpec]) -> list[Command]:
+    """The commands that seed a fresh log with the services a config file declares."""
+    return [PutService(spec=spec) for spec in specs]
+
+
+def replay(
+    commands: Iterable[Command], state: MeshState | None = None
+) -> tuple[MeshState, list[Outcome]]:
+    """Apply `commands` at consecutive indexes after `state.index` (a fresh state by default)."""
+    current = state if state is not None else MeshState()
+    outcomes: list[Outcome] = []
+    for command in commands:
+        current, outcome = apply(current, command, current.index + 1)
+        outcomes.append(outcome)
+    return current, outcomes
+
+
+# --- serialisation --------------------------------------------------------------------------
+
+
+def encode_command(envelope: CommandEnvelope) -> bytes:
+    """The bytes written to the Raft log for one command."""
+    return envelope.model_dump_json().encode()
+
+
+def decode_command(data: bytes) -> CommandEnvelope:
+    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input."""
+    return CommandEnvelope.model_validate_json(data)
+
+
+def encode_state(state: MeshState) -> bytes:
+    """Canonical bytes for a state: sorted keys, no whitespace; equal states give equal bytes."""
+    return json.dumps(
+        state.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def decode_state(data: bytes) -> MeshState:
+    """Inverse of `encode_state`. Raises pydantic.ValidationError on bad input."""
+    return MeshState.model_validate_json(data)
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+
+def _unchanged(state: MeshState, index: int) -> MeshState:
+    return state.model_copy(update={"index": index})
+
+
+RejectionCode = Literal["not_found", "stale_epoch", "conflict", "invalid"]
+
+
+def _reject(
+    state: MeshState, index: int, code: RejectionCode, message: str, field: str
+) -> tuple[MeshState, Outcome]:
+    rejection = Rejection(code=code, message=message, field=field)
+    return _unchanged(state, index), Outcome(ok=False, rejection=rejection)
+
+
+def _with_services(state: MeshState, services: Mapping[str, ServiceState], index: int) -> MeshState:
+    # Services are kept sorted by name so that the state does not depend on the order in
+    # which services were created and deleted.
+    ordered = {name: services[name] for name in sorted(services)}
+    return state.model_copy(update={"services": ordered, "index": index, "last_change": index})
+
+
+def _role_result(
+    name: str,
+    before: ServiceState | None,
+    after: ServiceState,
+    changed: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "service": name,
+        "primary": after.primary,
+        "epoch": after.epoch,
+        "changed": changed,
+        "previous_primary": before.primary if before is not None else None,
+        "previous_epoch": before.epoch if before is not None else 0,
+        **extra,
+    }
+
+
+def _port_conflict(state: MeshState, spec: ServiceSpec) -> tuple[str, str] | None:
+    """(field, message) when a port of `spec` is already used by another service."""
+    taken: dict[int, str] = {}
+    for other in state.services.values():
+        if other.name == spec.name:
+            continue
+        taken[other.spec.listen_port] = f"listen_port of service {other.name!r}"
+        if other.spec.read_port is not None:
+            taken[other.spec.read_port] = f"read_port of service {other.name!r}"
+    for field, port in (("listen_port", spec.listen_port), ("read_port", spec.read_port)):
+        if port is not None and port in taken:
+            return field, f"port {port} is already the {taken[port]}"
+    return None
+
+
+def _put_service(state: MeshState, command: PutService, index: int) -> tuple[MeshState, Outcome]:
+    spec = command.spec
+    conflict = _port_conflict(state, spec)
+    if conflict is not None:
+        field, message = conflict
+        return _reject(state, index, "conflict", message, field)
+
+    current = state.services.get(spec.name)
+    if current is None:
+        primary = spec.primary
+        new = ServiceState(
+            spec=spec, primary=primary, epoch=index if primary is not None else 0, changed_at=index,
+            promotions=((primary, 1),) if primary is not None else (),
+        )
+        services = {**state.services, spec.name: new}
+        result = _role_result(spec.name, None, new, True, created=True)
+        return _with_services(state, services, index), Outcome(ok=True, result=result)
+
+    if current.spec == spec:
+        result = _role_result(spec.name, current, current, False, created=False)
+        return _unchanged(state, index), Outcome(ok=True, result=result)
+
+    primary, epoch = current.primary, current.epoch
+    if primary is not None and spec.member(primary) is None:
+        # The primary was removed from the members: fail closed unless the spec names one.
+        primary, epoch = spec.primary, index
+    elif primary is None and spec.primary is not None:
+        # No primary is known: the spec's declared primary is the best knowledge there is.
+        primary, epoch = spec.primary, index
+    carried = ServiceState(spec=spec, primary=current.primary, promotions=current.promotions)
+    promotions = carried.promoted(primary if primary != current.primary else None)
+    new = ServiceState(spec=spec, primary=primary, epoch=epoch, changed_at=index, promotions=promotions)
+    services = {**state.services, spec.name: new}
+    result = _role_result(spec.name, current, new, True, created=False)
+    return _with_services(state, services, index), Outcome(ok=True, result=result)
+
+
+def _delete_service(
+    state: MeshState, command: DeleteService, index: int
+) -> tuple[MeshState, Outcome]:
+    current = state.services.get(command.name)
+    if current is None:
+        return _reject(state, index, "not_found", f"no service named {command.name!r}", "name")
+    services = {name: svc for name, svc in state.services.items() if name != command.name}
+    result = {
+        "service": command.name,
+        "deleted": True,
+        "changed": True,
+        "previous_primary": current.primary,
+        "previous_epoch": current.epoch,
+    }
+    return _with_services(state, services, index), Outcome(ok=True, result=result)
+
+
+def _set_primary(state: MeshState, command: SetPrimary, index: int) -> tuple[MeshState, Outcome]:
+    current = state.services.get(command.service)
+    if current is None:
+        return _reject(
+            state, index, "not_found", f"no service named {command.service!r}", "service"
+        )
+    if command.member is not None and current.spec.member(command.member) is None:
+        members = [m.name for m in current.spec.members]
+        message = f"{command.member!r} is not a member of service {command.service!r} (members: {members})"
+        return _reject(state, index, "not_found", message, "member")
+    if command.epoch is not None and command.epoch <= current.epoch:
+        message = (
+            f"epoch {command.epoch} is stale: the current epoch of service {command.service!r} is "
+            f"{current.epoch}; a claim must be greater (for example {current.epoch + 1})"
+        )
+        return _reject(state, index, "stale_epoch", message, "epoch")
+
+    if command.epoch is None and command.member == current.primary:
+        result = _role_result(command.service, current, current, False, cause=command.cause)
+        return _unchanged(state, index), Outcome(ok=True, result=result)
+
+    promoted = command.member if command.member != current.primary else None
+    new = current.model_copy(
+        update={
+            "primary": command.member,
+            "epoch": index,
+            "changed_at": index,
+            "promotions": current.promoted(promoted),
+        }
+    )
+    services = {**state.services, command.service: new}
+    result = _role_result(command.service, current, new, True, cause=command.cause)
+    if command.trace:
+        result["trace"] = dict(command.trace)  # every node's push joins the failover's trace
+    return _with_services(state, services, index), Outcome(ok=True, result=result)

@@ -1,0 +1,429 @@
+"""The replicated store: MeshState kept identical on 1, 3 or 5 nodes through pysyncobj's Raft log.
+
+Every change is a `CommandEnvelope`, encoded to bytes and appended to the log; every node applies
+committed entries in order with the pure `state.apply(state, command, index)`, where `index` is
+the Raft log index of the entry (the same on every replica, so it can serve as epoch and version).
+
+Threads: pysyncobj runs its own tick thread. Entries are applied, and `on_apply` is called, on that
+thread, unless the store was given an event loop: then `on_apply` is scheduled on the loop with
+`call_soon_threadsafe`, in log order. `submit` and `confirm_leadership` are coroutines; `status`,
+`state` and `is_leader` are cheap and safe from any thread.
+
+Errors (see errors.py): `NoQuorum` (no leader / no majority: not applied),
+`CommitTimeout` (the write may or may not be applied), `NoQuorumOutcomeUnknown` (both: there is no
+majority *and* the write was handed to a leader that may still commit it), `RaftBindError`.
+
+Limits inherited from pysyncobj: nothing is fsync'd (a power loss can lose acknowledged writes);
+the peer protocol is pickle over TCP, so multi-node mode requires a password (it encrypts and
+authenticates peers); there is no PreVote. The store must be constructed on a thread that outlives
+it (pysyncobj stops ticking when the constructing thread exits; we pin that to the main thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConsumer, replicated
+from pysyncobj.node import Node
+from pysyncobj.transport import Transport
+
+from repstage_mesh.core.errors import CommitTimeout, NoQuorum, ReplicationError
+from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Noop, Outcome, Rejection
+from repstage_mesh.raft.conf import LOCK_FILE, RaftTimings, build_conf
+
+if TYPE_CHECKING:
+    from pysyncobj import SyncObjConf
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "NoQuorumOutcomeUnknown",
+    "OnApply",
+    "RaftBindError",
+    "ReplicatedStore",
+    "StateMachine",
+]
+
+OnApply = Callable[[MeshState, Outcome | None], None]
+
+# pysyncobj's fail reasons, split by what they say about the command.
+_NOT_APPLIED = {
+    FAIL_REASON.QUEUE_FULL: "the command queue is full",
+    FAIL_REASON.MISSING_LEADER: "there is no leader",
+    FAIL_REASON.NOT_LEADER: "the node we forwarded to is no longer leader",
+    FAIL_REASON.DISCARDED: "a new leader replaced the entry",
+}
+_UNKNOWN = {
+    FAIL_REASON.LEADER_CHANGED: "the leader changed before it answered",
+    FAIL_REASON.UNKNOWN_OUTCOME: "the entry was applied through a snapshot before its answer came",
+}
+_RETRY_INTERVAL = 0.02
+
+
+class NoQuorumOutcomeUnknown(NoQuorum, CommitTimeout):
+    """No majority now, and the write reached a leader that may still commit it later."""
+
+
+class RaftBindError(ReplicationError):
+    """This node could not bind its Raft address."""
+
+
+class StateMachine(Protocol):
+    """The pure replicated state machine (the `repstage_mesh.core.state` module satisfies it)."""
+
+    def apply(self, state: MeshState, command: Command, index: int) -> tuple[MeshState, Outcome]: ...
+
+    def encode_command(self, envelope: CommandEnvelope) -> bytes: ...
+
+    def decode_command(self, data: bytes) -> CommandEnvelope: ...
+
+    def encode_state(self, state: MeshState) -> bytes: ...
+
+    def decode_state(self, data: bytes) -> MeshState: ...
+
+
+def _default_machine() -> StateMachine:
+    from repstage_mesh.core import state
+
+    return state
+
+
+class _LocalTransport(Transport):
+    """A single node needs no network: no listening socket, nobody to send to."""
+
+    def send(self, node: Any, message: Any) -> bool:
+        return False
+
+
+class _Applier(SyncObjConsumer):
+    """Holds the state; its replicated method is the only code that changes it.
+
+    Runs on pysyncobj's thread and must never raise: an exception would leave pysyncobj's applied
+    index behind and the entry would be applied again on the next tick.
+    """
+
+    def __init__(self, machine: StateMachine, notify: OnApply) -> None:
+        super().__init__()
+        self.machine = machine
+        self.notify = notify
+        self.state = MeshState()
+
+    @replicated
+    def apply_entry(self, data: bytes) -> Outcome:
+        # pysyncobj applies entry i while raftLastApplied == i - 1 and increments it afterwards
+        # (SyncObj.__applyLogEntries), on every replica, for replay and for live entries alike.
+        index: int = self._syncObj.raftLastApplied + 1
+        try:
+            envelope = self.machine.decode_command(data)
+            new_state, outcome = self.machine.apply(self.state, envelope.command, index)
+        except Exception as exc:  # deterministic on every replica: refuse, keep state
+            log.exception("log entry %d could not be applied; it changes nothing", index)
+            new_state = self.state.model_copy(update={"index": max(index, self.state.index)})
+            outcome = Outcome(
+                ok=False,
+                rejection=Rejection(code="invalid", message=f"entry {index} could not be applied: {exc}"),
+            )
+        self.state = new_state
+        self.notify(new_state, outcome)
+        return outcome
+
+    # Full dumps (log compaction, snapshots sent to lagging followers) hold the encoded state only.
+    def _serialize(self) -> dict[str, bytes]:
+        return {"state": self.machine.encode_state(self.state)}
+
+    def _deserialize(self, data: dict[str, bytes]) -> None:
+        self.state = self.machine.decode_state(data["state"])
+        self.notify(self.state, None)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What the tick thread last saw of sets that are unsafe to read from other threads."""
+
+    has_quorum: bool
+    connected: frozenset[str]
+
+
+def _node_id(node: Any) -> str | None:
+    return None if node is None else str(node.id)
+
+
+class ReplicatedStore:
+    """MeshState replicated by Raft. One instance per control-plane node.
+
+    `peers` are the other nodes' Raft addresses ("host:port"); none means a single node, which
+    needs no network but still keeps its journal and dumps in `data_dir`.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        self_address: str | None,
+        peers: Sequence[str],
+        data_dir: Path | str,
+        *,
+        password: str | None = None,
+        on_apply: OnApply | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        machine: StateMachine | None = None,
+        timings: RaftTimings | None = None,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id: must not be empty")
+        peers = [p for p in peers if p != self_address]
+        if len(set(peers)) != len(peers):
+            raise ValueError(f"peers: duplicate addresses in {list(peers)}")
+        if peers and not self_address:
+            raise ValueError("self_address: required when peers are given (the Raft bind address)")
+        if peers and not password:
+            raise ValueError(
+                "password: required when peers are given; pysyncobj's peer protocol is pickle over "
+                "TCP and without a password anyone who reaches the Raft port can run code"
+            )
+        if (len(peers) + 1) % 2 == 0:
+            log.warning("%d control-plane nodes: an even count tolerates no more failures than %d",
+                        len(peers) + 1, len(peers))
+        self.node_id = node_id
+        self.self_address = self_address
+        self.peers = tuple(peers)
+        self.data_dir = Path(data_dir)
+        self._on_apply = on_apply
+        self._loop = loop
+        self._machine = machine if machine is not None else _default_machine()
+        self._timings = timings or RaftTimings()
+        self._snapshot = _Snapshot(has_quorum=not peers, connected=frozenset())
+        self._closed = False
+        # pysyncobj's nodes hash and compare by id, so a plain Node finds the TCPNode of a peer.
+        self._peer_keys = tuple(Node(p) for p in self.peers)
+        self._applier = _Applier(self._machine, self._notify)
+        conf: SyncObjConf = build_conf(self.data_dir, password if peers else None, self._timings)
+        self._lock_file = _lock_data_dir(self.data_dir)
+        try:
+            if peers:
+                assert self_address is not None
+                self._sync = SyncObj(self_address, list(peers), conf=conf, consumers=[self._applier])
+            else:
+                self._sync = SyncObj(
+                    Node(self_address or f"local:{node_id}"), [], conf=conf,
+                    consumers=[self._applier], nodeClass=Node, transportClass=_LocalTransport,
+                )
+        except BaseException:
+            self._lock_file.close()
+            raise
+        # pysyncobj's tick thread stops when the thread that built it exits; tie it to the
+        # process's main thread instead so a store may be built from a worker thread.
+        self._sync._SyncObj__mainThread = threading.main_thread()
+        try:
+            self._sync.waitBinded()
+        except Exception as exc:
+            self._sync.destroy_synchronous()
+            self._lock_file.close()
+            self._closed = True
+            raise RaftBindError(
+                f"raft bind: cannot listen on {self_address} after {self._timings.bind_retries} "
+                "attempts (address in use or not local)"
+            ) from exc
+        self._sync.addOnTickCallback(self._on_tick)
+
+    # --- called on pysyncobj's thread -------------------------------------------------------------
+
+    def _notify(self, state: MeshState, outcome: Outcome | None) -> None:
+        callback = self._on_apply
+        if callback is None:
+            return
+        try:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(callback, state, outcome)
+            else:
+                callback(state, outcome)
+        except RuntimeError as exc:
+            if self._loop is None or not self._loop.is_closed():
+                log.exception("on_apply callback failed at index %d", state.index)
+            else:
+                log.debug("event loop closed; index %d not reported: %s", state.index, exc)
+        except Exception:
+            log.exception("on_apply callback failed at index %d", state.index)
+
+    def _on_tick(self) -> None:
+        sync = self._sync
+        if not self.peers:
+            self._wake_if_uncommitted()
+        connected = frozenset(key.id for key in self._peer_keys if sync.isNodeConnected(key))
+        self._snapshot = _Snapshot(has_quorum=sync.hasQuorum, connected=connected)
+
+    def _wake_if_uncommitted(self) -> None:
+        # A single node commits an entry on the tick after it appends it, but nothing (no peer
+        # reply) wakes pysyncobj's poller in between, so every commit would wait a whole
+        # autoTickPeriod (measured: 50 ms p50). Wake it when the log is ahead of the commit index.
+        sync = self._sync
+        journal = sync._SyncObj__raftLog
+        if len(journal) and journal[-1][1] > sync.raftCommitIndex:
+            notifier = getattr(sync, "_SyncObj__pipeNotifier", None)
+            if notifier is not None:
+                with contextlib.suppress(OSError):  # pipe full: a wake-up is pending anyway
+                    notifier.notify()
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> MeshState:
+        """This node's applied state (frozen; replaced, never mutated)."""
+        return self._applier.state
+
+    def is_leader(self) -> bool:
+        """pysyncobj's own view; may be stale (see DESIGN). For display only: decide with
+        `confirm_leadership`."""
+        return bool(self._sync._isLeader())
+
+    def leader(self) -> str | None:
+        """The leader's Raft address as this node last saw it, if that leader is reachable."""
+        leader = _node_id(self._sync._getLeader())
+        if leader is None:
+            return None
+        if leader == _node_id(self._sync.selfNode) or leader in self._snapshot.connected:
+            return leader
+        return None
+
+    def status(self) -> dict[str, Any]:
+        """This node's Raft view, JSON-serialisable (GET /v1/cluster)."""
+        snap = self._snapshot
+        is_leader = self.is_leader()
+        return {
+            "node": self.node_id,
+            "address": self.self_address,
+            "leader": self.leader(),
+            "is_leader": is_leader,
+            "term": int(self._sync.raftCurrentTerm),
+            "commit_index": int(self._sync.raftCommitIndex),
+            # pysyncobj counts an entry as applied only after our apply returns; the state may
+            # already hold it (and pysyncobj's own no-ops never reach the state)
+            "applied_index": max(int(self._sync.raftLastApplied), self.state.index),
+            "state_index": self.state.index,
+            "peers": [{"address": p, "connected": p in snap.connected} for p in self.peers],
+            "has_quorum": snap.has_quorum,
+        }
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    async def submit(self, envelope: CommandEnvelope, timeout: float) -> Outcome:
+        """Commit `envelope` through the log from any node; return its Outcome once it is
+        committed and applied on this node. Raises within `timeout` seconds (plus a tick):
+        NoQuorum (not applied), CommitTimeout (unknown), NoQuorumOutcomeUnknown (both)."""
+        if timeout <= 0:
+            raise ValueError("timeout: must be positive")
+        if self._closed:
+            raise ReplicationError("the replicated store is closed")
+        data = self._machine.encode_command(envelope)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        why_not = "no leader yet"
+        while True:
+            if self.leader() is None or not self._snapshot.has_quorum:
+                why_not = self._why_no_quorum()
+            else:
+                fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
+                self._applier.apply_entry(data, callback=_resolver(loop, fut))
+                done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - loop.time()))
+                if not done:
+                    raise self._timeout(timeout)
+                result, err = fut.result()
+                if err == FAIL_REASON.SUCCESS:
+                    assert isinstance(result, Outcome)
+                    return result
+                if err in _UNKNOWN:
+                    raise CommitTimeout(f"write outcome unknown: {_UNKNOWN[err]}")
+                if err not in _NOT_APPLIED:
+                    raise ReplicationError(f"write refused by raft (fail reason {err})")
+                why_not = _NOT_APPLIED[err]
+            if loop.time() + _RETRY_INTERVAL >= deadline:
+                raise NoQuorum(f"write not committed within {timeout:g} s: {why_not}; nothing was applied")
+            await asyncio.sleep(_RETRY_INTERVAL)  # back-off between attempts, not synchronisation
+
+    def _why_no_quorum(self) -> str:
+        if not self._snapshot.has_quorum:
+            reachable = len(self._snapshot.connected) + 1
+            return f"this node reaches {reachable} of {len(self.peers) + 1} nodes, no majority"
+        return "there is no leader (election in progress)"
+
+    def _timeout(self, timeout: float) -> CommitTimeout:
+        if self.leader() is None or not self._snapshot.has_quorum:
+            return NoQuorumOutcomeUnknown(
+                f"write not committed within {timeout:g} s: {self._why_no_quorum()}; it reached a "
+                "leader and may still be applied"
+            )
+        return CommitTimeout(f"write not confirmed within {timeout:g} s; it may or may not be applied")
+
+    async def read_barrier(self, timeout: float) -> MeshState:
+        """A linearizable read: commit a Noop through the log, then return this node's state,
+        which then includes every write committed before the call. Plain `state` on a follower
+        may lag (FACTS: follower-local reads are not linearizable). Raises like `submit`."""
+        await self.submit(CommandEnvelope(command=Noop(node=self.node_id)), timeout)
+        return self.state
+
+    async def confirm_leadership(self, timeout: float) -> bool:
+        """True only if this node is leader, commits a Noop in its current term, and is still
+        leader in that same term afterwards. Never raises for lack of quorum: answers False."""
+        term = int(self._sync.raftCurrentTerm)
+        if not self.is_leader():
+            return False
+        try:
+            await self.submit(CommandEnvelope(command=Noop(term=term, node=self.node_id)), timeout)
+        except ReplicationError:
+            return False
+        return self.is_leader() and int(self._sync.raftCurrentTerm) == term
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop pysyncobj and free its port and files. Idempotent; blocks for up to one tick."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sync.removeOnTickCallback(self._on_tick)
+        self._sync.destroy_synchronous()
+        self._lock_file.close()
+
+    def __enter__(self) -> ReplicatedStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold an exclusive lock on data_dir while the store runs: two nodes sharing one journal
+    would corrupt it. Released by closing the returned file (or by the process exiting)."""
+    handle = open(data_dir / LOCK_FILE, "ab")  # noqa: SIM115 (held open until close())
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ReplicationError(
+            f"data_dir: {data_dir} is in use by another running node (lock {LOCK_FILE} is held)"
+        ) from None
+    return handle
+
+
+def _resolver(
+    loop: asyncio.AbstractEventLoop, fut: asyncio.Future[tuple[Any, int]]
+) -> Callable[[Any, int], None]:
+    """A pysyncobj callback (called on its thread) that resolves `fut` on `loop`; never raises."""
+
+    def set_result(result: Any, err: int) -> None:
+        if not fut.done():
+            fut.set_result((result, err))
+
+    def callback(result: Any, err: int) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+            loop.call_soon_threadsafe(set_result, result, err)
+
+    return callback
+
