@@ -35,8 +35,8 @@ from prometheus_client import CollectorRegistry
 from integration.fake_proxies import FakeProxy, snapshot
 from integration.otlp_receiver import OtlpReceiver
 from repstage_mesh.config import TelemetryConfig
+from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics
-from repstage_mesh.telemetry.tracing import Tracing
 from repstage_mesh.xds.protocol import Acked
 from repstage_mesh.xds.tracker import ProxyTracker
 

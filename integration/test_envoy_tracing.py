@@ -21,7 +21,8 @@ from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 
 from repstage_mesh.config import ENVOY_COLLECTOR_CLUSTER, EnvoyConfig, TelemetryConfig
 from repstage_mesh.filters import CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER, ROUTE_CONFIGURATION
-from repstage_mesh.render.envoy import PrimaryStrategy, render
+from repstage_mesh.render.envoy import render
+from repstage_mesh.render.options import PrimaryStrategy
 
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir
 from .otlp_receiver import OtlpReceiver

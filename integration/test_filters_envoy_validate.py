@@ -50,7 +50,8 @@ from repstage_mesh.filters import (
     tcp_proxy_listener,
     to_envoy_dict,
 )
-from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions, render
+from repstage_mesh.render.envoy import render
+from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
 ENVOY = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "envoy"
 

@@ -21,7 +21,7 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.core.observations import Observation
 from repstage_mesh.core.state import apply
-from repstage_mesh.decide.decider import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
 from repstage_mesh.failover.promote import (
     DatabasePromoter,
     postgres_promote,

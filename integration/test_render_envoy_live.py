@@ -53,7 +53,8 @@ from repstage_mesh.filters import (
     pack,
     to_envoy_dict,
 )
-from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions, Resources, render
+from repstage_mesh.render.envoy import Resources, render
+from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
 from .harness import free_low_port, free_port
 

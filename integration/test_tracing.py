@@ -18,7 +18,7 @@ from integration.fake_proxies import FakeProxy, snapshot
 from integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 from repstage_mesh.config import ConfigError, TelemetryConfig
 from repstage_mesh.core.models import SetPrimary
-from repstage_mesh.telemetry.tracing import FailoverTrace, PushTracer, Tracing, resolve_endpoint
+from repstage_mesh.telemetry import FailoverTrace, PushTracer, Tracing, resolve_endpoint
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.tracker import ProxyTracker
 

@@ -46,9 +46,10 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
-from repstage_mesh.core.errors import MeshError
-from repstage_mesh.core.models import _HOSTNAME, NAME_PATTERN, Name, ServiceSpec
-from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions
+from repstage_mesh.core.addresses import parse_host_port
+from repstage_mesh.core.errors import ConfigError, format_errors
+from repstage_mesh.core.models import NAME_PATTERN, Name, ServiceSpec
+from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
 __all__ = [
     "ENV_PREFIX",
@@ -75,54 +76,9 @@ ENV_DELIMITER = "__"
 ErrorList = list[tuple[str, str]]
 
 
-class ConfigError(MeshError):
-    """The config file or the environment is wrong.
-
-    `errors` is a list of (field path, message), e.g. ("services[0].members[1].port", "...");
-    the path is "" for problems with the file as a whole. str() is a readable multi-line text.
-    """
-
-    def __init__(self, errors: Sequence[tuple[str, str]], source: str | None = None) -> None:
-        self.errors: ErrorList = list(errors)
-        self.source = source
-        super().__init__(format_errors(self.errors, source))
-
-
-def format_errors(errors: Sequence[tuple[str, str]], source: str | None = None) -> str:
-    """A readable multi-line message: a heading naming the source, then one line per problem."""
-    where = f" in {source}" if source else ""
-    count = "1 problem" if len(errors) == 1 else f"{len(errors)} problems"
-    lines = [f"invalid configuration{where} ({count}):"]
-    for path, message in errors:
-        lines.append(f"  {path}: {message}" if path else f"  {message}")
-    return "\n".join(lines)
-
-
 # --- field types ------------------------------------------------------------------------------
 
 _WILDCARDS = {"0.0.0.0", "::", ""}
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" → (host, port). Raises ValueError naming what was expected."""
-    error = ValueError(f"expected HOST:PORT, got {value!r}")
-    if not isinstance(value, str):
-        raise error
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", value)
-    if match is None:
-        raise error
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, got {value!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if match.group(1) or not _HOSTNAME.match(host):
-            raise ValueError(
-                f"expected HOST:PORT with an IP address or DNS name, got {value!r}"
-            ) from None
-    return host, port
 
 
 def _host_port(value: str) -> str:

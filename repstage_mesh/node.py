@@ -28,7 +28,7 @@ from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.config import ConfigError, Settings, load_config
-from repstage_mesh.core.errors import ReplicationError
+from repstage_mesh.core.errors import DecisionRefused, ReplicationError
 from repstage_mesh.core.models import (
     AnnounceNode,
     Command,
@@ -38,11 +38,11 @@ from repstage_mesh.core.models import (
     Outcome,
     PutService,
 )
-from repstage_mesh.decide.decider import DecisionRefused
 from repstage_mesh.raft.store import ReplicatedStore
-from repstage_mesh.render.envoy import PrimaryStrategy, RenderOptions, render
+from repstage_mesh.render.envoy import render
+from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
+from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
-from repstage_mesh.telemetry.tracing import Tracing
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
 from repstage_mesh.xds.server import AdsServer

@@ -306,7 +306,7 @@ async def test_commit_timeout_is_504(make_client: MakeClient, plane: FakePlane) 
 
 async def test_no_quorum_with_an_unknown_outcome_is_504_not_503(make_client: MakeClient, plane: FakePlane) -> None:
     """A write that reached a leader may still commit: never answer "nothing changed" (503)."""
-    from repstage_mesh.raft.store import NoQuorumOutcomeUnknown
+    from repstage_mesh.core.errors import NoQuorumOutcomeUnknown
 
     plane.fail = NoQuorumOutcomeUnknown("reached a leader, then lost the majority")
     client = await make_client(plane)

@@ -25,7 +25,7 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.core.state import apply
-from repstage_mesh.decide.decider import (
+from repstage_mesh.decide import (
     Decider,
     DecisionRefused,
     FailoverRecord,

@@ -9,9 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
+from repstage_mesh.core.errors import CommitTimeout, NoQuorum, NoQuorumOutcomeUnknown, Rejected
 from repstage_mesh.core.models import Rejection
-from repstage_mesh.raft.store import NoQuorumOutcomeUnknown
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot

@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from repstage_mesh.api.models import ErrorBody, ErrorDetail, ErrorInfo
+from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import Rejection
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ _FIELD_PREFIX = re.compile(
 )
 
 
-class ApiError(Exception):
+class ApiError(MeshError):
     """Raised by handlers; the middleware turns it into the JSON error answer."""
 
     def __init__(

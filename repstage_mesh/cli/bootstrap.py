@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from repstage_mesh.config import ConfigError, parse_host_port
+from repstage_mesh.core.addresses import parse_host_port
+from repstage_mesh.core.errors import ConfigError
 from repstage_mesh.filters.bootstrap import build_bootstrap
 
 

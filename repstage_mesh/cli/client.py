@@ -12,26 +12,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.errors import ApiRequestError, ApiUnreachable
+
+__all__ = ["API_ENV", "DEFAULT_API", "TOKEN_ENV", "ApiClient", "ApiRequestError", "ApiUnreachable"]
 
 DEFAULT_API = "http://127.0.0.1:8080"
 API_ENV = "REPSTAGE_API"
 TOKEN_ENV = "REPSTAGE_TOKEN"
-
-
-class ApiRequestError(MeshError):
-    """The API answered with an error."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-
-
-class ApiUnreachable(MeshError):
-    """No answer from the API at all."""
 
 
 class ApiClient:

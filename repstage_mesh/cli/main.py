@@ -33,13 +33,14 @@ from repstage_mesh.cli.client import (
     ApiRequestError,
     ApiUnreachable,
 )
+from repstage_mesh.core.errors import MeshError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CliError(Exception):
+class CliError(MeshError):
     """A problem to print as `error: ...` with exit status 1."""
 
 

@@ -1,15 +1,39 @@
-"""Every exception RepStage Mesh raises on purpose, in one place (httpx style).
+"""Every exception RepStage Mesh raises on purpose, in one tree rooted in `MeshError` (httpx style).
+
+A domain error carries a `code` (and, where input was wrong, the `field` it names); the REST
+API turns codes into HTTP statuses in one table (`api/errors.py`), the CLI into messages.
+Classes defined here are the domain's; the few defined elsewhere belong to an edge and are
+listed here with their module, so this docstring stays the one map of the tree
+(tests/test_errors.py fails when a class is missing from it or not under MeshError).
 
 MeshError
-├── ConfigError          the config file or environment is wrong (defined in config.py, re-exported here)
+├── ConfigError              the config file or environment is wrong (every problem, with its field path)
 ├── ReplicationError
-│   ├── NoQuorum         a write could not be committed: no leader or no majority (API: 503)
-│   ├── CommitTimeout    the write may or may not have been committed (API: 504)
-│   └── NotLeader        an operation only the confirmed Raft leader may do
-└── Rejected             the state machine refused a command (API: 404/409/422 by code)
+│   ├── NoQuorum             a write could not be committed: no leader or no majority (API 503)
+│   │   └── NoLeaderKnown    no Raft leader is known to this node, so nothing can be carried to it (API 503)
+│   ├── CommitTimeout        the write may or may not have been committed (API 504)
+│   ├── NoQuorumOutcomeUnknown  both: no majority now, but the write reached a leader (API 504)
+│   └── RaftBindError        this node could not bind its Raft address
+├── Rejected                 the state machine refused a command (API 404/409/422 by its code)
+├── DecisionRefused          the decider will not run a requested switchover (404/409/422 by its code)
+├── NotReady                 this node leads but has not started deciding yet (API 503)
+├── SwitchoverFailed         a switchover ran and failed; carries its record (API 409)
+├── ApiRequestError          another node's (or, for the CLI, the server's) API answered an error; relayed as is
+├── ApiUnreachable           no answer at all from an API
+├── ApiError                 api/errors.py: an HTTP error answer a handler raises
+├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
+├── CliError                 cli/main.py: a command line the CLI cannot carry out
+└── RespError                sources/probes.py: an error reply (-ERR ...) from Redis to a probe
+
+Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer
+imports nothing of the domain (an import-linter contract), and the error never leaves it: the
+server closes the offending stream.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 from repstage_mesh.core.models import Rejection
 
@@ -17,24 +41,114 @@ from repstage_mesh.core.models import Rejection
 class MeshError(Exception):
     """Base of every error RepStage Mesh raises on purpose."""
 
+    code: str = "internal"
+    field: str | None = None
+
+
+class ConfigError(MeshError):
+    """The config file or the environment is wrong.
+
+    `errors` is a list of (field path, message), e.g. ("services[0].members[1].port", "...");
+    the path is "" for problems with the file as a whole. str() is a readable multi-line text.
+    """
+
+    code = "invalid_config"
+
+    def __init__(self, errors: Sequence[tuple[str, str]], source: str | None = None) -> None:
+        self.errors: list[tuple[str, str]] = list(errors)
+        self.source = source
+        super().__init__(format_errors(self.errors, source))
+
+
+def format_errors(errors: Sequence[tuple[str, str]], source: str | None = None) -> str:
+    """A readable multi-line message: a heading naming the source, then one line per problem."""
+    where = f" in {source}" if source else ""
+    count = "1 problem" if len(errors) == 1 else f"{len(errors)} problems"
+    lines = [f"invalid configuration{where} ({count}):"]
+    for path, message in errors:
+        lines.append(f"  {path}: {message}" if path else f"  {message}")
+    return "\n".join(lines)
+
 
 class ReplicationError(MeshError):
-    pass
+    code = "replication"
 
 
 class NoQuorum(ReplicationError):
-    pass
+    code = "no_quorum"
+
+
+class NoLeaderKnown(NoQuorum):
+    """No Raft leader is known to this node right now (a request for the leader cannot be
+    carried to it)."""
 
 
 class CommitTimeout(ReplicationError):
-    pass
+    code = "commit_timeout"
 
 
-class NotLeader(ReplicationError):
-    pass
+class NoQuorumOutcomeUnknown(NoQuorum, CommitTimeout):
+    """No majority now, and the write reached a leader that may still commit it later."""
+
+    code = "commit_timeout"
+
+
+class RaftBindError(ReplicationError):
+    """This node could not bind its Raft address."""
 
 
 class Rejected(MeshError):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.message)
         self.rejection = rejection
+        self.code = rejection.code
+        self.field = rejection.field
+
+
+class DecisionRefused(MeshError):
+    """A switchover request the decider will not run. `code` is not_found, conflict or
+    invalid, like Rejection codes; `field` names the bad input."""
+
+    def __init__(self, code: str, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class NotReady(MeshError):
+    code = "not_ready"
+
+
+class SwitchoverFailed(MeshError):
+    """The switchover ran and failed; `record` is its failover record (as a dict)."""
+
+    code = "switchover_failed"
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class ApiRequestError(MeshError):
+    """An API answered with an error: its status, code, message, field and details."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        details: list[Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.details = list(details or [])
+
+
+class ApiUnreachable(MeshError):
+    """No answer from an API at all."""
+
+    code = "unreachable"

@@ -62,7 +62,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.errors import DecisionRefused
 from repstage_mesh.core.models import (
     LeadershipMode,
     LeadershipSource,
@@ -224,16 +224,6 @@ class StepFailed:
 
 
 StepResult = bool | CommitResult | ProxyAcks | PromoteResult | Positions | StepFailed | None
-
-
-class DecisionRefused(MeshError):
-    """A switchover request the decider will not run. `code` maps to an HTTP status like
-    Rejection codes (not_found 404, conflict 409, invalid 422); `field` names the bad input."""
-
-    def __init__(self, code: Literal["not_found", "conflict", "invalid"], message: str, field: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.field = field
 
 
 # --- records ------------------------------------------------------------------------------------

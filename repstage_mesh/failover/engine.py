@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from repstage_mesh.core.models import CommandEnvelope, MeshState, Outcome, SetPrimary
 from repstage_mesh.core.observations import MemberStatus, Observation, ProbeResult
-from repstage_mesh.decide.decider import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
 from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.runner import FailoverRunner
 from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
 from repstage_mesh.sources.probes import ProbeRunner
-from repstage_mesh.telemetry.tracing import FailoverTrace
+from repstage_mesh.telemetry import FailoverTrace
 
 if TYPE_CHECKING:
     from repstage_mesh.node import Node

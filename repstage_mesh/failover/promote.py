@@ -45,7 +45,7 @@ from repstage_mesh.core.models import (
     ServiceProtocol,
     ServiceSpec,
 )
-from repstage_mesh.decide.decider import PromoteResult
+from repstage_mesh.decide import PromoteResult
 from repstage_mesh.sources.probes import probe_once
 
 __all__ = [

@@ -35,7 +35,7 @@ from typing import Protocol
 from repstage_mesh.core.errors import CommitTimeout, ReplicationError
 from repstage_mesh.core.models import CommandEnvelope, MeshState, Outcome, ServiceSpec
 from repstage_mesh.core.observations import Observation
-from repstage_mesh.decide.decider import (
+from repstage_mesh.decide import (
     AwaitProxies,
     Commit,
     CommitResult,

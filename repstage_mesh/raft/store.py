@@ -35,7 +35,13 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConsumer, replicated
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
-from repstage_mesh.core.errors import CommitTimeout, NoQuorum, ReplicationError
+from repstage_mesh.core.errors import (
+    CommitTimeout,
+    NoQuorum,
+    NoQuorumOutcomeUnknown,
+    RaftBindError,
+    ReplicationError,
+)
 from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Noop, Outcome, Rejection
 from repstage_mesh.raft.conf import LOCK_FILE, RaftTimings, build_conf
 
@@ -66,14 +72,6 @@ _UNKNOWN = {
     FAIL_REASON.UNKNOWN_OUTCOME: "the entry was applied through a snapshot before its answer came",
 }
 _RETRY_INTERVAL = 0.02
-
-
-class NoQuorumOutcomeUnknown(NoQuorum, CommitTimeout):
-    """No majority now, and the write reached a leader that may still commit it later."""
-
-
-class RaftBindError(ReplicationError):
-    """This node could not bind its Raft address."""
 
 
 class StateMachine(Protocol):

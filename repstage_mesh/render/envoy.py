@@ -21,27 +21,21 @@ How an *open* connection to a demoted primary is cut is the `PrimaryStrategy`:
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
-from datetime import timedelta
-from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Any
 
 import betterproto2
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LbEndpoint
 from envoy_data_plane.envoy.config.listener.v3 import Listener
 from envoy_data_plane.envoy.config.route.v3 import RetryPolicy
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from repstage_mesh.core import naming
 from repstage_mesh.core.models import MeshState, ServiceProtocol, ServiceState
 from repstage_mesh.filters import (
     CLUSTER,
     CLUSTER_LOAD_ASSIGNMENT,
-    DEFAULT_RETRIABLE_STATUS_CODES,
-    DEFAULT_RETRY_ON,
     LISTENER,
     ROUTE_CONFIGURATION,
     DirectResponse,
@@ -61,72 +55,9 @@ from repstage_mesh.filters import (
     route_configuration,
     tcp_proxy_listener,
 )
+from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
 Resources = dict[str, dict[str, betterproto2.Message]]
-
-
-class PrimaryStrategy(StrEnum):
-    """How the primary cluster is rendered (see the module docstring)."""
-
-    EDS_ONLY = "eds_only"
-    EPOCH_CLUSTER = "epoch_cluster"
-    HEALTH_FENCE = "health_fence"
-
-
-class RenderOptions(BaseModel):
-    """Node-local choices of how state becomes Envoy config (identical on every node)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    bind_address: str = Field(default="0.0.0.0", description="address the service listeners bind")
-    primary_strategy: PrimaryStrategy = PrimaryStrategy.EDS_ONLY
-    connect_timeout: timedelta = Field(default=timedelta(seconds=1), gt=timedelta(0))
-    tcp_idle_timeout: timedelta | None = Field(
-        default=None, description="tcp_proxy idle timeout; None keeps Envoy's 1 h, 0 disables"
-    )
-    access_log: bool = False
-    http_retry_on: str = DEFAULT_RETRY_ON
-    http_num_retries: int = Field(default=3, ge=0, le=10)
-    http_per_try_timeout: timedelta | None = None
-    http_retriable_status_codes: tuple[int, ...] = DEFAULT_RETRIABLE_STATUS_CODES
-    tracing_collector_cluster: str | None = Field(
-        default=None,
-        description="when set, HTTP listeners send OpenTelemetry spans to this cluster",
-    )
-    tracing_collector_address: tuple[str, int] | None = Field(
-        default=None,
-        description="(host, port) of the OTLP/gRPC collector (plaintext): when set with "
-        "tracing_collector_cluster and at least one HTTP service, that cluster is rendered over "
-        "CDS (STATIC for an IP, STRICT_DNS for a name); unset, the bootstrap must define it",
-    )
-    tracing_sampling_percent: float = Field(default=100.0, ge=0.0, le=100.0)
-    fence_port: Annotated[int, Field(ge=1, le=65534)] | None = Field(
-        default=None, description="port of the fence listener (required by health_fence)"
-    )
-    fence_address: str = Field(
-        default="127.0.0.1", description="IP the fence listener binds and health checks connect to"
-    )
-    fence_interval: timedelta = Field(default=timedelta(milliseconds=250), gt=timedelta(0))
-    fence_timeout: timedelta = Field(default=timedelta(milliseconds=200), gt=timedelta(0))
-
-    @field_validator("bind_address", "fence_address")
-    @classmethod
-    def _ip(cls, value: str) -> str:
-        ipaddress.ip_address(value)  # raises ValueError naming the value
-        return value
-
-    @field_validator("tcp_idle_timeout", "http_per_try_timeout")
-    @classmethod
-    def _not_negative(cls, value: timedelta | None) -> timedelta | None:
-        if value is not None and value < timedelta(0):
-            raise ValueError("must not be negative")
-        return value
-
-    @model_validator(mode="after")
-    def _fence(self) -> RenderOptions:
-        if self.primary_strategy is PrimaryStrategy.HEALTH_FENCE and self.fence_port is None:
-            raise ValueError("fence_port: required by the health_fence strategy")
-        return self
 
 
 DEFAULT_OPTIONS = RenderOptions()

@@ -344,7 +344,7 @@ class ConsulRegistration:
         127.0.0.1."""
         from consul import Check
 
-        from repstage_mesh.config import parse_host_port
+        from repstage_mesh.core.addresses import parse_host_port
 
         host, port = parse_host_port(api_address)
         wildcard = host in ("0.0.0.0", "::", "")

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import aiohttp
 import psycopg
 
+from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import (
     LeadershipSource,
     Member,
@@ -115,7 +116,7 @@ def _failure(exc: BaseException, started: float) -> ProbeResult:
 # --- Redis: ROLE over raw RESP ----------------------------------------------------------------
 
 
-class RespError(Exception):
+class RespError(MeshError):
     """An error reply (-ERR ...) from Redis."""
 
 

@@ -65,7 +65,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from repstage_mesh.config import ConfigError, TelemetryConfig, parse_host_port
+from repstage_mesh.config import TelemetryConfig
+from repstage_mesh.core.addresses import parse_host_port
+from repstage_mesh.core.errors import ConfigError
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.protocol import Acked, Nacked, Send, type_sync_state
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
