@@ -159,6 +159,10 @@ class Node:
     def ready(self) -> bool:
         return self._ready
 
+    def failover_records(self) -> list[FailoverRecord]:
+        """This node's failover history, newest first (the leader's is the cluster's)."""
+        return self.engine.decider.records()
+
     # --- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:

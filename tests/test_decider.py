@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from repstage_mesh.core.errors import DecisionRefused
 from repstage_mesh.core.models import (
     LeadershipMode,
     LeadershipSource,
@@ -30,7 +31,6 @@ from repstage_mesh.decide import (
     CommitResult,
     ConfirmLeadership,
     Decider,
-    DecisionRefused,
     Done,
     Positions,
     Promote,

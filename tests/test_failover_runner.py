@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from repstage_mesh.core.errors import CommitTimeout, NoQuorum
+from repstage_mesh.core.errors import CommitTimeout, DecisionRefused, NoQuorum
 from repstage_mesh.core.models import (
     CommandEnvelope,
     HookSpec,
@@ -27,7 +27,6 @@ from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.core.state import apply
 from repstage_mesh.decide import (
     Decider,
-    DecisionRefused,
     FailoverRecord,
     PromoteResult,
     ProxyAcks,
