@@ -38,6 +38,7 @@ from repstage_mesh.core.models import (
     Outcome,
     PutService,
 )
+from repstage_mesh.decide import FailoverRecord
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
