@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-system-deps:
+system-deps: $(STAMP)
 	./scripts/system-deps.sh
 
 venv: $(STAMP)
@@ -20,9 +20,13 @@ venv: $(STAMP)
 run: $(STAMP) system-deps
 	$(BIN)/repstage-mesh demo
 
+# ruff, mypy, the layer contracts of ARCHITECTURE.md (pyproject.toml [tool.importlinter]),
+# and the size limits (scripts/check_sizes.py).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy repstage_mesh
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/check_sizes.py
 
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest -q -ra

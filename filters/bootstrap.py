@@ -63,6 +63,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     BackoffStrategy,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HealthCheck,
     Http2ProtocolOptions,
     KeepaliveSettings,
     Node,
@@ -127,12 +128,6 @@ def xds_cluster(
     if len(set(xds)) != len(xds):
         raise ValueError(f"xds: addresses repeat: {list(xds)}")
     all_ips = all(is_ip_address(host) for host, _ in xds)
-    h2 = Http2ProtocolOptions(
-        connection_keepalive=KeepaliveSettings(
-            interval=connection.keepalive_interval, timeout=connection.keepalive_timeout
-        )
-    )
-    timeout = min(connection.health_check_interval or timedelta(seconds=1), timedelta(seconds=1))
     return Cluster(
         name=XDS_CLUSTER,
         type=ClusterDiscoveryType.STATIC if all_ips else ClusterDiscoveryType.STRICT_DNS,
@@ -144,44 +139,57 @@ def xds_cluster(
         load_assignment=load_assignment(
             XDS_CLUSTER, [lb_endpoint(host, port) for host, port in xds]
         ),
-        typed_extension_protocol_options={
-            HTTP_PROTOCOL_OPTIONS: pack(
-                HttpProtocolOptions(
-                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                        http2_protocol_options=h2
-                    )
-                )
-            )
-        },
+        typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _xds_http2_options(connection)},
         upstream_connection_options=UpstreamConnectionOptions(
             tcp_keepalive=tcp_keepalive(
                 probes=3, time=timedelta(seconds=5), interval=timedelta(seconds=1)
             )
         ),
-        health_checks=(
-            [
-                tcp_health_check(
-                    interval=connection.health_check_interval,
-                    timeout=timeout,
-                    unhealthy_threshold=1,
-                    healthy_threshold=1,
-                )
-            ]
-            if connection.health_check_interval is not None
-            else []
-        ),
-        outlier_detection=(
-            OutlierDetection(
-                split_external_local_origin_errors=True,
-                consecutive_local_origin_failure=1,
-                enforcing_consecutive_local_origin_failure=100,
-                interval=timedelta(seconds=1),
-                base_ejection_time=timedelta(seconds=5),
-                max_ejection_percent=100,
-            )
-            if connection.outlier_detection
-            else None
-        ),
+        health_checks=_xds_health_checks(connection),
+        outlier_detection=_xds_outlier_detection(connection),
+    )
+
+
+def _xds_http2_options(connection: XdsConnection) -> Any:
+    """HTTP/2 with keepalive PINGs, packed for `typed_extension_protocol_options` (point 5)."""
+    h2 = Http2ProtocolOptions(
+        connection_keepalive=KeepaliveSettings(
+            interval=connection.keepalive_interval, timeout=connection.keepalive_timeout
+        )
+    )
+    return pack(
+        HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=h2)
+        )
+    )
+
+
+def _xds_health_checks(connection: XdsConnection) -> list[HealthCheck]:
+    """The active TCP health check of every control-plane node (point 4), if enabled."""
+    if connection.health_check_interval is None:
+        return []
+    timeout = min(connection.health_check_interval, timedelta(seconds=1))
+    return [
+        tcp_health_check(
+            interval=connection.health_check_interval,
+            timeout=timeout,
+            unhealthy_threshold=1,
+            healthy_threshold=1,
+        )
+    ]
+
+
+def _xds_outlier_detection(connection: XdsConnection) -> OutlierDetection | None:
+    """Eject the node whose connection just failed, at once (point 3), if enabled."""
+    if not connection.outlier_detection:
+        return None
+    return OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=1,
+        enforcing_consecutive_local_origin_failure=100,
+        interval=timedelta(seconds=1),
+        base_ejection_time=timedelta(seconds=5),
+        max_ejection_percent=100,
     )
 
 
@@ -211,6 +219,22 @@ def build_bootstrap(
     names = [c.name for c in static_clusters]
     if XDS_CLUSTER in names or len(set(names)) != len(names):
         raise ValueError(f"static_clusters: names must be unique and not {XDS_CLUSTER!r}: {names}")
+    bootstrap = Bootstrap(
+        node=Node(id=node_id, cluster=node_cluster),
+        admin=Admin(address=socket_address(admin_address, admin_port)),
+        dynamic_resources=_ads_resources(delta, connection),
+        static_resources=BootstrapStaticResources(
+            clusters=[xds_cluster(xds, connection), *static_clusters],
+            listeners=list(static_listeners),
+        ),
+        layered_runtime=_static_runtime(runtime),
+    )
+    return to_envoy_dict(bootstrap)
+
+
+def _ads_resources(delta: bool, connection: XdsConnection) -> BootstrapDynamicResources:
+    """Everything else (clusters, listeners and what they name) over one ADS stream to
+    `xds_cluster`, re-opened with a short back-off (point 2)."""
     grpc = GrpcService(
         envoy_grpc=GrpcServiceEnvoyGrpc(
             cluster_name=XDS_CLUSTER,
@@ -222,31 +246,21 @@ def build_bootstrap(
             ),
         )
     )
-    bootstrap = Bootstrap(
-        node=Node(id=node_id, cluster=node_cluster),
-        admin=Admin(address=socket_address(admin_address, admin_port)),
-        dynamic_resources=BootstrapDynamicResources(
-            ads_config=ApiConfigSource(
-                api_type=ApiConfigSourceApiType.DELTA_GRPC
-                if delta
-                else ApiConfigSourceApiType.GRPC,
-                transport_api_version=ApiVersion.V3,
-                grpc_services=[grpc],
-                set_node_on_first_message_only=True,
-            ),
-            cds_config=ads_config_source(),
-            lds_config=ads_config_source(),
+    return BootstrapDynamicResources(
+        ads_config=ApiConfigSource(
+            api_type=ApiConfigSourceApiType.DELTA_GRPC if delta else ApiConfigSourceApiType.GRPC,
+            transport_api_version=ApiVersion.V3,
+            grpc_services=[grpc],
+            set_node_on_first_message_only=True,
         ),
-        static_resources=BootstrapStaticResources(
-            clusters=[xds_cluster(xds, connection), *static_clusters],
-            listeners=list(static_listeners),
-        ),
-        layered_runtime=(
-            LayeredRuntime(
-                layers=[RuntimeLayer(name="static", static_layer=Struct.from_dict(dict(runtime)))]
-            )
-            if runtime
-            else None
-        ),
+        cds_config=ads_config_source(),
+        lds_config=ads_config_source(),
     )
-    return to_envoy_dict(bootstrap)
+
+
+def _static_runtime(runtime: Mapping[str, Any] | None) -> LayeredRuntime | None:
+    if not runtime:
+        return None
+    return LayeredRuntime(
+        layers=[RuntimeLayer(name="static", static_layer=Struct.from_dict(dict(runtime)))]
+    )

@@ -96,16 +96,7 @@ def eds_cluster(
       health status or metadata (no host added or removed) for up to a second; measured here,
       a new primary marked HEALTHY in EDS became routable only after 1.18 s with the default.
     """
-    if not name:
-        raise ValueError("name: must not be empty")
-    if connect_timeout <= timedelta(0):
-        raise ValueError(f"connect_timeout: must be positive, got {connect_timeout}")
-    if update_merge_window < timedelta(0):
-        raise ValueError(f"update_merge_window: must not be negative, got {update_merge_window}")
-    if not 0.0 <= healthy_panic_threshold <= 100.0:
-        raise ValueError(
-            f"healthy_panic_threshold: must be a percentage in [0, 100], got {healthy_panic_threshold}"
-        )
+    _check_eds_options(name, connect_timeout, healthy_panic_threshold, update_merge_window)
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.EDS,
@@ -129,6 +120,24 @@ def eds_cluster(
             else None
         ),
     )
+
+
+def _check_eds_options(
+    name: str,
+    connect_timeout: timedelta,
+    healthy_panic_threshold: float,
+    update_merge_window: timedelta,
+) -> None:
+    if not name:
+        raise ValueError("name: must not be empty")
+    if connect_timeout <= timedelta(0):
+        raise ValueError(f"connect_timeout: must be positive, got {connect_timeout}")
+    if update_merge_window < timedelta(0):
+        raise ValueError(f"update_merge_window: must not be negative, got {update_merge_window}")
+    if not 0.0 <= healthy_panic_threshold <= 100.0:
+        raise ValueError(
+            f"healthy_panic_threshold: must be a percentage in [0, 100], got {healthy_panic_threshold}"
+        )
 
 
 def dns_cluster(assignment: ClusterLoadAssignment, **options: Any) -> Cluster:

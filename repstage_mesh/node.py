@@ -27,8 +27,15 @@ from prometheus_client import CollectorRegistry
 from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
+from repstage_mesh.api.peers import PeerClient, PeerProxies
 from repstage_mesh.config import ConfigError, Settings, load_config
-from repstage_mesh.core.errors import DecisionRefused, ReplicationError
+from repstage_mesh.core.errors import (
+    MeshError,
+    NoLeaderKnown,
+    NotReady,
+    ReplicationError,
+    SwitchoverFailed,
+)
 from repstage_mesh.core.models import (
     AnnounceNode,
     Command,
@@ -38,10 +45,18 @@ from repstage_mesh.core.models import (
     Outcome,
     PutService,
 )
-from repstage_mesh.decide import FailoverRecord
+from repstage_mesh.core.observations import ProbeResult
+from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
+from repstage_mesh.failover.promote import DatabasePromoter
+from repstage_mesh.failover.proxies import NoRemoteProxies, await_proxies
+from repstage_mesh.failover.runner import FailoverRunner
+from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
+from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
+from repstage_mesh.sources.probes import ProbeRunner
 from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
@@ -60,7 +75,12 @@ def render_options(settings: Settings) -> RenderOptions:
 
 
 class Node:
-    """A running control-plane node. Create, `await start()`, `await stop()`."""
+    """A running control-plane node. Create, `await start()`, `await stop()`.
+
+    The composition root: `__init__` builds every part (metrics, tracing, xDS, the decider,
+    the failover runner, the leader engine and its sources) and wires them; `start` adds the
+    parts that bind (the Raft store, the xDS and API listeners).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -75,6 +95,7 @@ class Node:
             if self.options.primary_strategy is PrimaryStrategy.HEALTH_FENCE
             else res.ADS_ORDER
         )
+        self.store: ReplicatedStore | None = None
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker(control_plane=self._node_id)
         self.metrics = MeshMetrics(
@@ -86,7 +107,6 @@ class Node:
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)
         self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
-        self.store: ReplicatedStore | None = None
         self.api_runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.xds_port: int | None = None
@@ -97,11 +117,34 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        from repstage_mesh.failover.engine import (
-            LeaderEngine,  # the engine imports node for typing only
-        )
+        self._peers = PeerClient(_first_token(settings, read_only=False))
+        self._build_leader_engine()
 
-        self.engine = LeaderEngine(self)
+    def _build_leader_engine(self) -> None:
+        """The decider, the runner, the failover traces, the engine and its sources."""
+        settings = self.settings
+        self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
+        traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
+        self.runner = FailoverRunner(
+            self.decider, traces.traced(self._commit), self._confirm_leadership,
+            self.await_proxies, DatabasePromoter(), on_done=traces.done,
+        )
+        seat = LeaderSeat(
+            node_id=self._node_id, state=self.state, ready=self.ready,
+            believes_leader=lambda: self.store is not None and self.store.is_leader(),
+            confirm_leadership=self._confirm_leadership,
+        )
+        self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
+        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe))
+        consul = settings.consul
+        token = consul.token.get_secret_value() if consul.token is not None else None
+        if consul.address:
+            self.engine.add_source(ConsulSource(self.engine.observe, address=consul.address, token=token))
+        self.registration: ConsulRegistration | None = (
+            ConsulRegistration(address=consul.address, token=token)
+            if consul.address and consul.register_service
+            else None
+        )
         self._apply_listeners.append(self.engine.on_state)
 
     # --- ControlPlane -------------------------------------------------------------------------
@@ -162,7 +205,31 @@ class Node:
 
     def failover_records(self) -> list[FailoverRecord]:
         """This node's failover history, newest first (the leader's is the cluster's)."""
-        return self.engine.decider.records()
+        return self.decider.records()
+
+    # --- what the leader engine and the failover runner are given ----------------------------
+
+    async def _commit(self, envelope: CommandEnvelope, timeout: float) -> Outcome:
+        store = self.store
+        if store is None:
+            raise RuntimeError("node stopped")
+        return await store.submit(envelope, timeout)
+
+    async def _confirm_leadership(self, timeout: float) -> bool:
+        store = self.store
+        return store is not None and await store.confirm_leadership(timeout)
+
+    def _count_probe(self, service: str, member: str, result: ProbeResult) -> None:
+        """Every probe answer, for repstage_probe_results_total (role, or how it failed)."""
+        outcome = result.role.value if result.role is not None else result.outcome.value
+        self.metrics.observe_probe(service, member, outcome)
+
+    async def await_proxies(self, min_index: int, timeout: float) -> ProxyAcks:
+        """Until every proxy of EVERY control-plane node holds a snapshot at or after
+        `min_index`, or `timeout` (failover/proxies.py)."""
+        others = [n for n in self.state().nodes.values() if n.node_id != self._node_id]
+        remote = PeerProxies(others, _first_token(self.settings, read_only=True)) if others else NoRemoteProxies()
+        return await await_proxies(self.tracker, remote, min_index, timeout)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -182,6 +249,7 @@ class Node:
                 data_dir,
                 password=settings.raft_password(),
                 on_apply=self._on_apply,
+                on_role_change=lambda _leader: self.engine.leadership_changed(),
                 loop=loop,
             ),
         )
@@ -197,15 +265,26 @@ class Node:
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
-        await self.engine.register_in_consul(f"{api_host}:{self.api_port}")
+        await self._register_in_consul(f"{api_host}:{self.api_port}")
         log.info(
             "node %s: xDS on %s:%d, API on %s:%d, %s",
             self._node_id, host, self.xds_port, api_host, self.api_port,
             f"raft {raft.bind} with peers {peers}" if peers else "single node",
         )
 
+    async def _register_in_consul(self, api_address: str) -> None:
+        if self.registration is None:
+            return
+        try:
+            await self.registration.register_self(self._node_id, api_address)
+        except Exception as exc:
+            log.warning("could not register in Consul at %s: %s", self.settings.consul.address, exc)
+
     async def stop(self) -> None:
         await self.engine.stop()
+        if self.registration is not None:
+            with contextlib.suppress(Exception):
+                await self.registration.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -294,6 +373,7 @@ class Node:
                 )
         await self._announce()
         self._ready = True
+        self.engine.leadership_changed()
 
     async def _announce(self) -> None:
         """Tell the cluster where this node's API answers (followers carry requests there)."""
@@ -319,7 +399,7 @@ class Node:
     # --- failovers: the leader runs them, followers carry requests to it ----------------------
 
     def _leader_api(self) -> str | None:
-        """HOST:PORT of the leader's API, None if this node leads or no leader is known."""
+        """HOST:PORT of the leader's API, None if this node leads. Raises NoLeaderKnown."""
         store = self.store
         if store is None or store.is_leader():
             return None
@@ -329,69 +409,51 @@ class Node:
                 return node.api
         raise NoLeaderKnown("no Raft leader is known to this node right now; retry shortly")
 
-    async def _forward(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        api = self._leader_api()
-        assert api is not None
-        import aiohttp
-
-        headers = {}
-        tokens = self.settings.api.tokens.read_write if self.settings.api.tokens else ()
-        if tokens:
-            headers["Authorization"] = f"Bearer {tokens[0].get_secret_value()}"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=660)) as session, session.request(
-            method, f"http://{api}{path}", json=body, headers=headers
-        ) as resp:
-            return resp.status, await resp.json(content_type=None)
-
     async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
         try:
-            if self._leader_api() is not None:
-                status, body = await self._forward("GET", "/v1/failovers")
-                if status == 200:
-                    return str(body["node_id"]), list(body["failovers"])
-        except (NoLeaderKnown, OSError, ValueError, KeyError) as exc:
+            api = self._leader_api()
+            if api is not None:
+                body = await self._peers.call(api, "GET", "/v1/failovers")
+                return str(body["node_id"]), list(body["failovers"])
+        except (MeshError, KeyError, TypeError) as exc:
             log.info("failovers: answering from this node (%s)", exc)
-        return self._node_id, [r.as_dict() for r in self.engine.decider.records()]
+        return self._node_id, [r.as_dict() for r in self.decider.records()]
 
     async def failover(self, record_id: str) -> dict[str, Any] | None:
-        record = self.engine.decider.record(record_id)
+        record = self.decider.record(record_id)
         if record is not None:
             return record.as_dict()
         try:
-            if self._leader_api() is not None:
-                status, body = await self._forward("GET", f"/v1/failovers/{record_id}")
-                return dict(body) if status == 200 else None
-        except (NoLeaderKnown, OSError, ValueError) as exc:
+            api = self._leader_api()
+            if api is not None:
+                return dict(await self._peers.call(api, "GET", f"/v1/failovers/{record_id}"))
+        except (MeshError, TypeError, ValueError) as exc:
             log.info("failover %s: leader not reachable (%s)", record_id, exc)
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> tuple[int, dict[str, Any]]:
-        try:
-            if self._leader_api() is not None:
-                body: dict[str, Any] = {"to": to}
-                if timeout is not None:
-                    body["timeout"] = timeout
-                return await self._forward("POST", f"/v1/services/{service}/switchover", body)
-        except NoLeaderKnown as exc:
-            return 503, _error("no_quorum", str(exc))
+    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
+        api = self._leader_api()
+        if api is not None:
+            body: dict[str, Any] = {"to": to}
+            if timeout is not None:
+                body["timeout"] = timeout
+            return dict(await self._peers.call(api, "POST", f"/v1/services/{service}/switchover", body))
         if not self.engine.active:
-            return 503, _error("not_ready", "this node leads but has not started deciding yet; retry shortly")
-        try:
-            record = await self.engine.runner.switchover(service, to, timeout)
-        except DecisionRefused as exc:
-            status = {"not_found": 404, "conflict": 409, "invalid": 422}.get(exc.code, 409)
-            return status, _error(exc.code, str(exc), exc.field)
+            raise NotReady("this node leads but has not started deciding yet; retry shortly")
+        record = await self.runner.switchover(service, to, timeout)
         if record.status == "failed":
-            return 409, _error("switchover_failed", f"switchover {record.id} failed: {record.reason}", details=[record.as_dict()])
-        return 200, record.as_dict()
+            raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
+        return record.as_dict()
 
 
-class NoLeaderKnown(Exception):
-    pass
-
-
-def _error(code: str, message: str, field: str | None = None, details: list[Any] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "field": field, "details": details or []}}
+def _first_token(settings: Settings, *, read_only: bool) -> str | None:
+    """The token this node shows another node's API: a read-write one, or for reads the first
+    read-only one (a read-write one when there is none)."""
+    tokens = settings.api.tokens
+    if tokens is None:
+        return None
+    choice = (tokens.read_only or tokens.read_write) if read_only else tokens.read_write
+    return choice[0].get_secret_value() if choice else None
 
 
 def _reachable(host: str) -> str:

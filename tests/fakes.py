@@ -1,8 +1,8 @@
 """In-memory test doubles: FakePlane implements repstage_mesh.api.plane.ControlPlane.
 
-FakePlane applies commands with `repstage_mesh.core.state.apply` when that module exists, else with
-the small state machine below (same rules: epochs only grow, stale claims are refused). Knobs:
-`fail` (an exception submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
+FakePlane applies commands with the real state machine, `repstage_mesh.core.state.apply`; only
+Raft is left out (a command commits at the next index at once). Knobs: `fail` (an exception
+submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
 
 LiveApi runs the REST API for a FakePlane on a free loopback port in a background thread, for
 clients that are synchronous (the CLI, schemathesis).
@@ -20,109 +20,15 @@ from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.core.models import (
-    Command,
-    DeleteService,
-    MeshState,
-    Noop,
-    Outcome,
-    PutService,
-    Rejection,
-    ServiceSpec,
-    ServiceState,
-    SetPrimary,
-)
-
-Apply = Callable[[MeshState, Command, int], tuple[MeshState, Outcome]]
-
-
-def _reject(code: Any, message: str, field: str | None = None) -> Outcome:
-    return Outcome(ok=False, rejection=Rejection(code=code, message=message, field=field))
-
-
-def simple_apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Outcome]:
-    """A minimal state machine with the rules the API relies on."""
-    services = dict(state.services)
-    advanced = state.model_copy(update={"index": index})
-    if isinstance(command, Noop):
-        return advanced, Outcome(ok=True)
-    if isinstance(command, PutService):
-        spec = command.spec
-        old = services.get(spec.name)
-        if old is None:
-            primary = spec.primary
-            services[spec.name] = ServiceState(
-                spec=spec, primary=primary, epoch=index if primary else 0, changed_at=index
-            )
-        else:
-            keep = old.primary if old.primary and spec.member(old.primary) else None
-            epoch = old.epoch if keep == old.primary else index
-            services[spec.name] = ServiceState(
-                spec=spec, primary=keep, epoch=epoch, changed_at=index
-            )
-        new = state.model_copy(update={"index": index, "last_change": index, "services": services})
-        return new, Outcome(ok=True, result={"created": old is None})
-    if isinstance(command, DeleteService):
-        if command.name not in services:
-            return advanced, _reject("not_found", f"service {command.name!r} not found", "name")
-        del services[command.name]
-        new = state.model_copy(update={"index": index, "last_change": index, "services": services})
-        return new, Outcome(ok=True, result={"index": index})
-    assert isinstance(command, SetPrimary)
-    svc = services.get(command.service)
-    if svc is None:
-        return advanced, _reject("not_found", f"service {command.service!r} not found", "service")
-    if command.member is not None and svc.spec.member(command.member) is None:
-        return advanced, _reject(
-            "not_found", f"member {command.member!r} is not a member of {svc.name!r}", "member"
-        )
-    if command.epoch is not None and command.epoch <= svc.epoch:
-        return advanced, _reject(
-            "stale_epoch",
-            f"epoch {command.epoch} is not greater than the current epoch {svc.epoch}",
-            "epoch",
-        )
-    previous = svc.primary
-    if command.member == previous and command.epoch is None:
-        result = {
-            "primary": previous,
-            "epoch": svc.epoch,
-            "previous_primary": previous,
-            "changed": False,
-        }
-        return advanced, Outcome(ok=True, result=result)
-    services[svc.name] = svc.model_copy(
-        update={"primary": command.member, "epoch": index, "changed_at": index}
-    )
-    new = state.model_copy(update={"index": index, "last_change": index, "services": services})
-    result = {
-        "primary": command.member,
-        "epoch": index,
-        "previous_primary": previous,
-        "changed": True,
-    }
-    return new, Outcome(ok=True, result=result)
-
-
-def _pick_apply() -> Apply:
-    try:
-        from repstage_mesh.core.state import apply  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return simple_apply
-    return apply  # type: ignore[no-any-return, unused-ignore]
+from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
+from repstage_mesh.core.state import apply
 
 
 class FakePlane:
     """ControlPlane in memory."""
 
-    def __init__(
-        self,
-        node_id: str = "node-1",
-        services: Iterable[ServiceSpec] = (),
-        apply: Apply | None = None,
-    ):
+    def __init__(self, node_id: str = "node-1", services: Iterable[ServiceSpec] = ()):
         self._node_id = node_id
-        self._apply = apply or _pick_apply()
         self._state = MeshState()
         self._registry = CollectorRegistry()
         self._commits = Counter(
@@ -153,7 +59,7 @@ class FakePlane:
         return self._state
 
     def _commit(self, command: Command) -> Outcome:
-        self._state, outcome = self._apply(self._state, command, self._state.index + 1)
+        self._state, outcome = apply(self._state, command, self._state.index + 1)
         self._commits.inc()
         return outcome
 

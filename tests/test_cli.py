@@ -19,6 +19,7 @@ from repstage_mesh.api.app import Operation
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.openapi import ListOf
 from repstage_mesh.cli import main as cli
+from repstage_mesh.config import ConfigError, load_config
 
 RW = "cli-rw-token-123"
 RO = "cli-ro-token-456"
@@ -258,15 +259,7 @@ services:
 """
 
 
-@pytest.fixture
-def config_module() -> Any:
-    return pytest.importorskip(
-        "repstage_mesh.config", reason="repstage_mesh/config.py is not written yet"
-    )
-
-
 def test_validate_good_config(
-    config_module: Any,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -287,9 +280,7 @@ def test_validate_good_config(
     assert summary["api"]["auth"] is False
 
 
-def test_validate_broken_config(
-    config_module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_validate_broken_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(GOOD_CONFIG.replace("port: 9002", "port: 70000"))
     code, out, err = run(capsys, "validate", str(path))
@@ -302,11 +293,13 @@ def test_validate_broken_config(
     report = json.loads(out)
     assert report["valid"] is False
     assert any(e["field"] == "services[0].members[1].port" for e in report["errors"])
+    # the same problems the library reports
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={})
+    assert [e["field"] for e in report["errors"]] == [f or None for f, _ in raised.value.errors]
 
 
-def test_validate_missing_file(
-    config_module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "validate", str(tmp_path / "nope.yaml"))
     assert code == 1 and "not found" in err
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
+import socket
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from repstage_mesh import config as config_module
 from repstage_mesh.config import (
     ConfigError,
     ServiceConfig,
@@ -143,7 +143,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     [("web-01", "web-01"), ("Web_01.example.com", "web-01"), ("", "cp-1"), ("---", "cp-1")],
 )
 def test_default_node_id(monkeypatch: pytest.MonkeyPatch, hostname: str, expected: str) -> None:
-    monkeypatch.setattr(config_module.socket, "gethostname", lambda: hostname)
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
     assert default_node_id() == expected
 
 

@@ -628,7 +628,10 @@ TestDeciderMachine.settings = settings(
 
 
 def test_backoff_doubles_for_failovers_in_a_row_and_resets_after_quiet() -> None:
-    from repstage_mesh.decide.decider import MAX_BACKOFF, _backoff, _count_failover, _Service
+    from repstage_mesh.decide.policy import MAX_BACKOFF
+    from repstage_mesh.decide.policy import backoff as _backoff
+    from repstage_mesh.decide.policy import count_failover as _count_failover
+    from repstage_mesh.decide.view import ServiceView as _Service
 
     assert _backoff(4.0, 0) == 4.0 and _backoff(4.0, 1) == 4.0
     assert _backoff(4.0, 2) == 8.0 and _backoff(4.0, 3) == 16.0

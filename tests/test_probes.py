@@ -14,14 +14,14 @@ import pytest
 
 from repstage_mesh.core.models import Member, ProbeKind, ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation, ProbeOutcome, ProbeResult
-from repstage_mesh.sources.probes import (
+from repstage_mesh.sources.probers import (
     HttpProber,
-    ProbeRunner,
     RedisProber,
     TcpProber,
     parse_role_reply,
     probe_once,
 )
+from repstage_mesh.sources.probes import ProbeRunner
 
 
 def closed_port() -> int:
@@ -137,6 +137,20 @@ async def test_redis_prober_retries_a_broken_connection_once() -> None:
             await prober.close()
     assert again.role is MemberStatus.PRIMARY
     assert server.connections == 2
+
+
+async def test_redis_prober_retries_once_when_a_fresh_connection_closes() -> None:
+    server = RespServer(["close", "close", MASTER])
+    async with server as port:
+        prober = RedisProber("127.0.0.1", port, 0.5)
+        try:
+            closed = await prober.probe()  # opened, closed, retried once, closed again
+            assert server.connections == 2
+            again = await prober.probe()
+        finally:
+            await prober.close()
+    assert closed.outcome is ProbeOutcome.REFUSED and closed.detail.startswith("connection closed")
+    assert again.role is MemberStatus.PRIMARY and server.connections == 3
 
 
 async def test_redis_prober_error_reply_and_auth() -> None:

@@ -11,19 +11,31 @@ Writes validate first (pydantic models in api_models.py), then build one Command
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
+from repstage_mesh.api.http import (
+    CONSISTENT,
+    OPENAPI,
+    PLANE,
+    SETTINGS,
+    json_body,
+    ok,
+    parse,
+    path_name,
+    plane,
+    read_state,
+    require_service,
+    service_view,
+    submit,
+)
 from repstage_mesh.api.models import (
     ApiSettings,
     ClusterView,
@@ -42,16 +54,11 @@ from repstage_mesh.api.models import (
 )
 from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
-from repstage_mesh.core.errors import CommitTimeout, MeshError, NoQuorum, Rejected
+from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import (
-    NAME_PATTERN,
-    Command,
     DeleteService,
-    MeshState,
-    Outcome,
     PutService,
     ServiceSpec,
-    ServiceState,
     SetPrimary,
 )
 
@@ -71,12 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PLANE: web.AppKey[ControlPlane] = web.AppKey("plane")
-SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings", ApiSettings)
-OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
-
-M = TypeVar("M", bound=BaseModel)
-_NAME = re.compile(NAME_PATTERN)
 _NAME_PARAM = {"name": "service name (lower-case DNS label)"}
 
 
@@ -91,156 +92,24 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-# --- helpers --------------------------------------------------------------------------------------
-
-
-def _plane(request: web.Request) -> ControlPlane:
-    return request.app[PLANE]
-
-
-def _ok(model: BaseModel | list[Any], status: int = 200) -> web.Response:
-    if isinstance(model, list):
-        return web.json_response([m.model_dump(mode="json") for m in model], status=status)
-    return web.json_response(model.model_dump(mode="json"), status=status)
-
-
-def _path_name(request: web.Request, *, on_bad: int = 404) -> str:
-    name = request.match_info["name"]
-    if not _NAME.match(name):
-        if on_bad == 404:
-            raise ApiError(
-                404, "not_found", f"service {name!r} not found (not a valid service name)", "name"
-            )
-        raise ApiError(
-            422,
-            "invalid",
-            f"name: {name!r} is not a valid service name; use a lower-case DNS label (a-z, 0-9, '-')",
-            "name",
-        )
-    return name
-
-
-async def _json_body(request: web.Request) -> bytes:
-    raw = await request.read()
-    if not raw.strip():
-        raise ApiError(400, "malformed_json", "the request body is empty; send a JSON object")
-    try:
-        json.loads(raw)
-    except UnicodeDecodeError:
-        raise ApiError(
-            400, "malformed_json", "the request body is not UTF-8 text; send a JSON object"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400,
-            "malformed_json",
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-        ) from None
-    return raw
-
-
-def _parse(model: type[M], raw: bytes) -> M:
-    try:
-        return model.model_validate_json(raw, strict=True)
-    except ValidationError as exc:
-        raise invalid(exc) from None
-
-
-async def _submit(request: web.Request, command: Command) -> Outcome:
-    settings = request.app[SETTINGS]
-    try:
-        outcome = await _plane(request).submit(command, timeout=settings.commit_timeout)
-    except CommitTimeout as exc:
-        # Before NoQuorum: NoQuorumOutcomeUnknown is both (no majority now, but the write
-        # reached a leader and may still commit), and must not be reported as "nothing changed".
-        raise ApiError(
-            504,
-            "commit_timeout",
-            f"the write was not confirmed in time ({exc}); it may or may not have been applied: "
-            "read the resource back before retrying",
-        ) from None
-    except NoQuorum as exc:
-        raise ApiError(
-            503,
-            "no_quorum",
-            f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
-        ) from None
-    except Rejected as exc:
-        raise ApiError.from_rejection(exc.rejection) from None
-    if not outcome.ok:
-        if outcome.rejection is None:
-            raise ApiError(409, "conflict", "the command was refused")
-        raise ApiError.from_rejection(outcome.rejection)
-    return outcome
-
-
-def service_view(state: MeshState, svc: ServiceState) -> ServiceView:
-    spec = svc.spec
-    return ServiceView(
-        name=spec.name,
-        protocol=spec.protocol,
-        listen_port=spec.listen_port,
-        read_port=spec.read_port,
-        primary=svc.primary,
-        epoch=svc.epoch,
-        changed_at=svc.changed_at,
-        members=member_views(spec, svc.primary),
-        spec=spec,
-        applied_index=state.index,
-    )
-
-
-def _require_service(state: MeshState, name: str) -> ServiceState:
-    svc = state.service(name)
-    if svc is None:
-        raise ApiError(
-            404, "not_found", f"service {name!r} not found; GET /v1/services lists them", "name"
-        )
-    return svc
-
-
 # --- handlers -------------------------------------------------------------------------------------
 
 
-CONSISTENT = {
-    "consistent": "true: answer only after a Raft read barrier (a linearizable read; 503 without "
-    "quorum). Default: this node's applied copy, which a follower may hold slightly behind."
-}
-
-
-async def _read_state(request: web.Request) -> MeshState:
-    unknown = sorted(set(request.query) - set(CONSISTENT))
-    if unknown:
-        raise ApiError(400, "invalid", f"{unknown[0]}: unknown query parameter (known: consistent)", unknown[0])
-    flag = request.query.get("consistent", "false").lower()
-    if flag not in ("true", "false", "1", "0"):
-        raise ApiError(400, "invalid", f"consistent: expected true or false, got {flag!r}", "consistent")
-    plane = _plane(request)
-    if flag in ("true", "1"):
-        try:
-            return await plane.read_state(consistent=True)
-        except CommitTimeout as exc:
-            raise ApiError(504, "commit_timeout", f"read barrier timed out: {exc}") from None
-        except NoQuorum as exc:
-            raise ApiError(503, "no_quorum", f"no quorum for a consistent read: {exc}") from None
-    return plane.state()
-
-
 async def list_services(request: web.Request) -> web.Response:
-    state = await _read_state(request)
+    state = await read_state(request)
     views = [service_view(state, state.services[n]) for n in sorted(state.services)]
-    return _ok(ServiceList(services=views, applied_index=state.index))
+    return ok(ServiceList(services=views, applied_index=state.index))
 
 
 async def get_service(request: web.Request) -> web.Response:
-    name = _path_name(request)
-    state = await _read_state(request)
-    return _ok(service_view(state, _require_service(state, name)))
+    name = path_name(request)
+    state = await read_state(request)
+    return ok(service_view(state, require_service(state, name)))
 
 
 async def put_service(request: web.Request) -> web.Response:
-    name = _path_name(request, on_bad=422)
-    body = _parse(ServiceSpecBody, await _json_body(request))
+    name = path_name(request, on_bad=422)
+    body = parse(ServiceSpecBody, await json_body(request))
     if body.name is not None and body.name != name:
         raise ApiError(
             422,
@@ -253,30 +122,30 @@ async def put_service(request: web.Request) -> web.Response:
         spec = ServiceSpec.model_validate({**dict(body), "name": name})
     except ValidationError as exc:  # pragma: no cover
         raise invalid(exc) from None
-    existed = _plane(request).state().service(name) is not None
-    outcome = await _submit(request, PutService(spec=spec))
-    state = _plane(request).state()
+    existed = plane(request).state().service(name) is not None
+    outcome = await submit(request, PutService(spec=spec))
+    state = plane(request).state()
     svc = state.service(name)
     if svc is None:
         raise ApiError(
             409, "conflict", f"service {name!r} was deleted by a concurrent change; retry"
         )
     created = bool(outcome.result.get("created", not existed))
-    return _ok(service_view(state, svc), status=201 if created else 200)
+    return ok(service_view(state, svc), status=201 if created else 200)
 
 
 async def delete_service(request: web.Request) -> web.Response:
-    name = _path_name(request)
-    outcome = await _submit(request, DeleteService(name=name))
-    index = int(outcome.result.get("index", _plane(request).state().index))
-    return _ok(DeleteResult(deleted=name, applied_index=index))
+    name = path_name(request)
+    outcome = await submit(request, DeleteService(name=name))
+    index = int(outcome.result.get("index", plane(request).state().index))
+    return ok(DeleteResult(deleted=name, applied_index=index))
 
 
 async def get_primary(request: web.Request) -> web.Response:
-    name = _path_name(request)
-    state = await _read_state(request)
-    svc = _require_service(state, name)
-    return _ok(
+    name = path_name(request)
+    state = await read_state(request)
+    svc = require_service(state, name)
+    return ok(
         PrimaryView(
             service=name,
             primary=svc.primary,
@@ -288,20 +157,20 @@ async def get_primary(request: web.Request) -> web.Response:
 
 
 async def set_primary(request: web.Request) -> web.Response:
-    name = _path_name(request)
-    body = _parse(PrimaryRequest, await _json_body(request))
-    before = _plane(request).state().service(name)
+    name = path_name(request)
+    body = parse(PrimaryRequest, await json_body(request))
+    before = plane(request).state().service(name)
     command = SetPrimary(service=name, member=body.member, epoch=body.epoch, cause=body.cause)
-    outcome = await _submit(request, command)
-    state = _plane(request).state()
-    svc = _require_service(state, name)
+    outcome = await submit(request, command)
+    state = plane(request).state()
+    svc = require_service(state, name)
     result = outcome.result
     previous = result.get("previous_primary", before.primary if before else None)
     primary = result.get("primary", svc.primary)
     epoch = int(result.get("epoch", svc.epoch))
     before_epoch = before.epoch if before else 0
     changed = bool(result.get("changed", primary != previous or epoch != before_epoch))
-    return _ok(
+    return ok(
         PrimaryChange(
             service=name,
             primary=primary,
@@ -314,32 +183,32 @@ async def set_primary(request: web.Request) -> web.Response:
 
 
 async def list_proxies(request: web.Request) -> web.Response:
-    return _ok([ProxyView.model_validate(p) for p in _plane(request).proxies()])
+    return ok([ProxyView.model_validate(p) for p in plane(request).proxies()])
 
 
 async def get_cluster(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    view = {"node_id": plane.node_id, "applied_index": plane.state().index, **plane.cluster()}
-    return _ok(ClusterView.model_validate(view))
+    node = plane(request)
+    view = {"node_id": node.node_id, "applied_index": node.state().index, **node.cluster()}
+    return ok(ClusterView.model_validate(view))
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _ok(HealthView(node_id=_plane(request).node_id))
+    return ok(HealthView(node_id=plane(request).node_id))
 
 
 async def readyz(request: web.Request) -> web.Response:
-    plane = _plane(request)
-    if not plane.ready():
+    node = plane(request)
+    if not node.ready():
         raise ApiError(
             503,
             "not_ready",
             "this node has not yet applied the committed state or is not serving xDS",
         )
-    return _ok(ReadyView(ready=True, node_id=plane.node_id, applied_index=plane.state().index))
+    return ok(ReadyView(ready=True, node_id=node.node_id, applied_index=node.state().index))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(_plane(request).registry)
+    body = generate_latest(plane(request).registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

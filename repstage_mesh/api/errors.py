@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from repstage_mesh.api.models import ErrorBody, ErrorDetail, ErrorInfo
-from repstage_mesh.core.errors import MeshError
+from repstage_mesh.api.models import ErrorDetail
+from repstage_mesh.core.errors import ApiRequestError, MeshError, SwitchoverFailed
 from repstage_mesh.core.models import Rejection
 
 log = logging.getLogger(__name__)
 
-REJECTION_STATUS: dict[str, int] = {
+# The one table from a domain error's code to an HTTP status (core/errors.py lists the codes).
+STATUS_OF_CODE: dict[str, int] = {
     "not_found": 404,
     "stale_epoch": 409,
     "conflict": 409,
+    "switchover_failed": 409,
     "invalid": 422,
+    "invalid_config": 422,
+    "no_quorum": 503,
+    "not_ready": 503,
+    "unreachable": 503,
+    "commit_timeout": 504,
 }
+REJECTION_STATUS = STATUS_OF_CODE
+
+Detail = ErrorDetail | Mapping[str, Any]
 
 _FIELD_PREFIX = re.compile(
     r"^(?:Value error, )?([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.*)$", re.DOTALL
@@ -42,7 +52,7 @@ class ApiError(MeshError):
         code: str,
         message: str,
         field: str | None = None,
-        details: list[ErrorDetail] | None = None,
+        details: Sequence[Detail] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -62,6 +72,17 @@ class ApiError(MeshError):
             rejection.field,
         )
 
+    @classmethod
+    def from_domain(cls, exc: MeshError) -> ApiError:
+        """Any domain error as an HTTP answer: a relayed answer keeps its status; otherwise the
+        status comes from STATUS_OF_CODE (a code it does not list is 500)."""
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, ApiRequestError):
+            return cls(exc.status, exc.code, exc.message, exc.field, exc.details)
+        details = [exc.record] if isinstance(exc, SwitchoverFailed) else None
+        return cls(STATUS_OF_CODE.get(exc.code, 500), exc.code, str(exc), exc.field, details)
+
     def response(self) -> web.Response:
         return error_response(
             self.status, self.code, self.message, self.field, self.details, self.headers
@@ -73,13 +94,23 @@ def error_response(
     code: str,
     message: str,
     field: str | None = None,
-    details: list[ErrorDetail] | None = None,
+    details: Sequence[Detail] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    body = ErrorBody(
-        error=ErrorInfo(code=code, message=message, field=field, details=details or [])
-    )
-    return web.json_response(body.model_dump(mode="json"), status=status, headers=headers)
+    """The one JSON error shape (`api_models.ErrorBody`). A detail is an ErrorDetail, or a
+    record relayed as it is (a failed switchover's record)."""
+    body = {
+        "error": {
+            "code": code,
+            "message": message,
+            "field": field,
+            "details": [
+                d.model_dump(mode="json") if isinstance(d, ErrorDetail) else dict(d)
+                for d in details or ()
+            ],
+        }
+    }
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _dotted(loc: tuple[int | str, ...], prefix: str | None = None) -> str | None:
@@ -139,8 +170,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Outermost middleware: whatever goes wrong, the client gets the JSON error shape."""
     try:
         return await handler(request)
-    except ApiError as exc:
-        return exc.response()
+    except MeshError as exc:
+        if not isinstance(exc, ApiError) and exc.code not in STATUS_OF_CODE and not isinstance(exc, ApiRequestError):
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+        return ApiError.from_domain(exc).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -2,18 +2,19 @@
 `build_app(..., extra_operations=failover_operations())`.
 
 Failover records live on the Raft leader that ran them; a follower answers these endpoints by
-carrying the request to the leader (the node implements that in `FailoverPlane`).
+carrying the request to the leader (the node does that behind `ControlPlane`). Domain errors
+(a refused or failed switchover, no leader) become HTTP answers in the error middleware.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from repstage_mesh.api.app import _json_body, _ok, _parse, _path_name, _plane
 from repstage_mesh.api.errors import ApiError
+from repstage_mesh.api.http import json_body, ok, parse, path_name, plane
 from repstage_mesh.api.openapi import Operation
 from repstage_mesh.core.models import Name
 
@@ -69,39 +70,24 @@ class SwitchoverRequest(BaseModel):
     timeout: float | None = Field(default=None, gt=0, le=600, description="longest wait for the target to catch up, seconds")
 
 
-class FailoverPlane(Protocol):
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]: ...
-    async def failover(self, record_id: str) -> dict[str, Any] | None: ...
-    async def switchover(self, service: str, to: str, timeout: float | None) -> tuple[int, dict[str, Any]]: ...
-
-
-def _failover_plane(request: web.Request) -> FailoverPlane:
-    plane: Any = _plane(request)
-    if not hasattr(plane, "switchover"):
-        raise ApiError(404, "not_found", "this server does not run failovers")
-    return plane
-
-
 async def list_failovers(request: web.Request) -> web.Response:
-    node_id, records = await _failover_plane(request).failovers()
-    return _ok(FailoverList(node_id=node_id, failovers=[FailoverView.model_validate(r) for r in records]))
+    node_id, records = await plane(request).failovers()
+    return ok(FailoverList(node_id=node_id, failovers=[FailoverView.model_validate(r) for r in records]))
 
 
 async def get_failover(request: web.Request) -> web.Response:
     record_id = request.match_info["id"]
-    record = await _failover_plane(request).failover(record_id)
+    record = await plane(request).failover(record_id)
     if record is None:
         raise ApiError(404, "not_found", f"no failover {record_id!r} on the leader; GET /v1/failovers lists them", "id")
-    return _ok(FailoverView.model_validate(record))
+    return ok(FailoverView.model_validate(record))
 
 
 async def switchover(request: web.Request) -> web.Response:
-    name = _path_name(request)
-    body = _parse(SwitchoverRequest, await _json_body(request))
-    status, answer = await _failover_plane(request).switchover(name, body.to, body.timeout)
-    if status != 200:
-        return web.json_response(answer, status=status)
-    return _ok(FailoverView.model_validate(answer))
+    name = path_name(request)
+    body = parse(SwitchoverRequest, await json_body(request))
+    record = await plane(request).switchover(name, body.to, body.timeout)
+    return ok(FailoverView.model_validate(record))
 
 
 def failover_operations() -> list[Operation]:

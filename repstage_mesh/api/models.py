@@ -10,37 +10,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from repstage_mesh.config import ApiTokens
 from repstage_mesh.core.models import Name, Role, ServiceProtocol, ServiceSpec
 
 # --- settings -----------------------------------------------------------------------------------
-
-
-class ApiTokens(BaseModel):
-    """Bearer tokens. With none configured, auth is off and the API binds loopback only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    read_write: list[SecretStr] = Field(
-        default_factory=list, description="tokens allowed to read and write"
-    )
-    read_only: list[SecretStr] = Field(
-        default_factory=list, description="tokens allowed to read only"
-    )
-
-    @field_validator("read_write", "read_only")
-    @classmethod
-    def _tokens(cls, value: list[SecretStr]) -> list[SecretStr]:
-        for token in value:
-            secret = token.get_secret_value()
-            if not secret or secret != secret.strip() or any(c.isspace() for c in secret):
-                raise ValueError("a token must be non-empty and contain no whitespace")
-        return value
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.read_write or self.read_only)
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
@@ -88,9 +63,7 @@ class ApiSettings(BaseModel):
         tokens = getattr(api, "tokens", None)
         return cls(
             listen=api.listen,
-            tokens=ApiTokens(read_write=list(tokens.read_write), read_only=list(tokens.read_only))
-            if tokens is not None
-            else ApiTokens(),
+            tokens=tokens if tokens is not None else ApiTokens(),
             commit_timeout=commit_timeout,
         )
 

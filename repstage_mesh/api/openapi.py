@@ -92,8 +92,10 @@ def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": dict(schema)}}
 
 
-def build_openapi(operations: Sequence[Operation], *, title: str, version: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for `operations`."""
+_Refs = Mapping[tuple[Any, JsonSchemaMode], Any]
+
+
+def _wanted_models(operations: Sequence[Operation]) -> list[tuple[type[BaseModel], JsonSchemaMode]]:
     wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(ErrorBody, "serialization")]
     for op in operations:
         if op.request is not None:
@@ -102,84 +104,96 @@ def build_openapi(operations: Sequence[Operation], *, title: str, version: str) 
             model = body.model if isinstance(body, ListOf) else body
             if isinstance(model, type) and issubclass(model, BaseModel):
                 wanted.append((model, "serialization"))
-    unique = list(dict.fromkeys(wanted))
-    refs, defs = models_json_schema(unique, ref_template=REF_TEMPLATE)
-    schemas = defs.get("$defs", {})
+    return list(dict.fromkeys(wanted))
 
-    def schema_of(body: Body, mode: JsonSchemaMode) -> dict[str, Any]:
-        if isinstance(body, ListOf):
-            return {"type": "array", "items": dict(refs[(body.model, mode)])}
-        if isinstance(body, AnyObject):
-            return {"type": "object"}
-        if isinstance(body, Text):
-            return {"type": "string"}
-        return dict(refs[(body, mode)])
 
+def _schema_of(refs: _Refs, body: Body, mode: JsonSchemaMode) -> dict[str, Any]:
+    if isinstance(body, ListOf):
+        return {"type": "array", "items": dict(refs[(body.model, mode)])}
+    if isinstance(body, AnyObject):
+        return {"type": "object"}
+    if isinstance(body, Text):
+        return {"type": "string"}
+    return dict(refs[(body, mode)])
+
+
+def _responses(op: Operation, refs: _Refs) -> dict[str, Any]:
     error_ref = dict(refs[(ErrorBody, "serialization")])
+    responses: dict[str, Any] = {}
+    for status, (description, body) in sorted(op.success.items()):
+        if isinstance(body, Text):
+            content: dict[str, Any] = {body.media_type: {"schema": {"type": "string"}}}
+        else:
+            content = _json_content(_schema_of(refs, body, "serialization"))
+        responses[str(status)] = {"description": description, "content": content}
+    for status in op.error_statuses():
+        if str(status) in responses:
+            continue
+        response: dict[str, Any] = {
+            "description": ERROR_DESCRIPTIONS.get(status, "error"),
+            "content": _json_content(error_ref),
+        }
+        if status == 401:
+            response["headers"] = {
+                "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}
+            }
+        responses[str(status)] = response
+    return responses
+
+
+def _parameters(op: Operation) -> list[dict[str, Any]]:
+    params = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": description,
+            "schema": {"type": "string", "pattern": NAME_PATTERN},
+            "example": "orders",
+        }
+        for name, description in op.path_params.items()
+    ]
+    params += [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": {"type": "boolean", "default": False},
+        }
+        for name, description in op.query_flags.items()
+    ]
+    return params
+
+
+def _operation_item(op: Operation, refs: _Refs) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+        "responses": _responses(op, refs),
+    }
+    if op.description:
+        item["description"] = op.description
+    if op.open:
+        item["security"] = []
+    params = _parameters(op)
+    if params:
+        item["parameters"] = params
+    if op.request is not None:
+        item["requestBody"] = {
+            "required": True,
+            "content": _json_content(_schema_of(refs, op.request, "validation")),
+        }
+    return item
+
+
+def build_openapi(operations: Sequence[Operation], *, title: str, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for `operations`."""
+    refs, defs = models_json_schema(_wanted_models(operations), ref_template=REF_TEMPLATE)
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
-        responses: dict[str, Any] = {}
-        for status, (description, body) in sorted(op.success.items()):
-            if isinstance(body, Text):
-                content: dict[str, Any] = {body.media_type: {"schema": {"type": "string"}}}
-            else:
-                content = _json_content(schema_of(body, "serialization"))
-            responses[str(status)] = {"description": description, "content": content}
-        for status in op.error_statuses():
-            if str(status) in responses:
-                continue
-            response: dict[str, Any] = {
-                "description": ERROR_DESCRIPTIONS.get(status, "error"),
-                "content": _json_content(error_ref),
-            }
-            if status == 401:
-                response["headers"] = {
-                    "WWW-Authenticate": {
-                        "description": "Bearer challenge",
-                        "schema": {"type": "string"},
-                    }
-                }
-            responses[str(status)] = response
-        item: dict[str, Any] = {
-            "operationId": op.operation_id,
-            "summary": op.summary,
-            "tags": [op.tag],
-            "responses": responses,
-        }
-        if op.description:
-            item["description"] = op.description
-        if op.open:
-            item["security"] = []
-        params = [
-            {
-                "name": name,
-                "in": "path",
-                "required": True,
-                "description": description,
-                "schema": {"type": "string", "pattern": NAME_PATTERN},
-                "example": "orders",
-            }
-            for name, description in op.path_params.items()
-        ]
-        params += [
-            {
-                "name": name,
-                "in": "query",
-                "required": False,
-                "description": description,
-                "schema": {"type": "boolean", "default": False},
-            }
-            for name, description in op.query_flags.items()
-        ]
-        if params:
-            item["parameters"] = params
-        if op.request is not None:
-            item["requestBody"] = {
-                "required": True,
-                "content": _json_content(schema_of(op.request, "validation")),
-            }
-        paths.setdefault(op.path, {})[op.method.lower()] = item
-
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation_item(op, refs)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -193,7 +207,7 @@ def build_openapi(operations: Sequence[Operation], *, title: str, version: str) 
         },
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": defs.get("$defs", {}),
             "securitySchemes": {
                 SECURITY_SCHEME: {
                     "type": "http",

@@ -1,7 +1,8 @@
 """The seam between the REST API / CLI and a running control-plane node.
 
 `ControlPlane` is what `node.py` implements with Raft, the xDS server and the proxy tracker;
-tests implement it in memory. The API never reaches past this protocol.
+tests implement it in memory. The API never reaches past this protocol, and the protocol speaks
+in domain results and domain errors (core/errors.py): only `api/` turns them into HTTP.
 """
 
 from __future__ import annotations
@@ -51,4 +52,20 @@ class ControlPlane(Protocol):
 
     def ready(self) -> bool:
         """True once the node has applied the committed state and serves xDS."""
+        ...
+
+    # --- failovers (run by the Raft leader; a follower carries these to it) -----------------
+
+    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+        """(id of the node whose history this is, its failover records newest first)."""
+        ...
+
+    async def failover(self, record_id: str) -> dict[str, Any] | None:
+        """One failover record, or None when the leader has no such record."""
+        ...
+
+    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
+        """Run a planned switchover to `to` and return its finished record. Raises the domain
+        errors of core/errors.py: DecisionRefused, NotReady, NoLeaderKnown, SwitchoverFailed,
+        or ApiRequestError / ApiUnreachable relayed from the leader."""
         ...

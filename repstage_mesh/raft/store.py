@@ -6,8 +6,9 @@ the Raft log index of the entry (the same on every replica, so it can serve as e
 
 Threads: pysyncobj runs its own tick thread. Entries are applied, and `on_apply` is called, on that
 thread, unless the store was given an event loop: then `on_apply` is scheduled on the loop with
-`call_soon_threadsafe`, in log order. `submit` and `confirm_leadership` are coroutines; `status`,
-`state` and `is_leader` are cheap and safe from any thread.
+`call_soon_threadsafe`, in log order. `on_role_change` follows the same rule (see
+`ReplicatedStore`). `submit` and `confirm_leadership` are coroutines; `status`, `state` and
+`is_leader` are cheap and safe from any thread.
 
 Errors (see errors.py): `NoQuorum` (no leader / no majority: not applied),
 `CommitTimeout` (the write may or may not be applied), `NoQuorumOutcomeUnknown` (both: there is no
@@ -33,6 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConsumer, replicated
 from pysyncobj.node import Node
+from pysyncobj.syncobj import _RAFT_STATE
 from pysyncobj.transport import Transport
 
 from repstage_mesh.core.errors import (
@@ -53,12 +55,14 @@ log = logging.getLogger(__name__)
 __all__ = [
     "NoQuorumOutcomeUnknown",
     "OnApply",
+    "OnRoleChange",
     "RaftBindError",
     "ReplicatedStore",
     "StateMachine",
 ]
 
 OnApply = Callable[[MeshState, Outcome | None], None]
+OnRoleChange = Callable[[bool], None]
 
 # pysyncobj's fail reasons, split by what they say about the command.
 _NOT_APPLIED = {
@@ -154,11 +158,40 @@ def _node_id(node: Any) -> str | None:
     return None if node is None else str(node.id)
 
 
+def leadership_change(old_state: int, new_state: int) -> bool | None:
+    """What pysyncobj's `onStateChanged(old_state, new_state)` says about "am I leader":
+    True (became leader), False (stopped being leader), None (no change: follower <-> candidate,
+    or old == new, which pysyncobj never reports)."""
+    was_leader = old_state == _RAFT_STATE.LEADER
+    is_leader = new_state == _RAFT_STATE.LEADER
+    return is_leader if was_leader != is_leader else None
+
+
 class ReplicatedStore:
     """MeshState replicated by Raft. One instance per control-plane node.
 
     `peers` are the other nodes' Raft addresses ("host:port"); none means a single node, which
     needs no network but still keeps its journal and dumps in `data_dir`.
+
+    `on_role_change(is_leader)` is called with True when pysyncobj makes this node Raft leader
+    and with False when it stops being leader (stepping down for a higher term, or for hearing
+    from no majority within `leader_fallback_timeout`). Only changes of "am I leader" are
+    reported, so calls alternate True, False, True...; follower <-> candidate changes are not,
+    and nothing is reported for the initial state, which is never leader (the first call, if
+    any, is True). A single node elects itself through the same change (follower, candidate,
+    leader) shortly after start, so it too gets one True. It is called where `on_apply` is: on
+    `loop` via `call_soon_threadsafe` (in the order of the changes, and in order with
+    `on_apply`: a new leader's True comes before its first entry is applied) when the store has a loop,
+    otherwise on pysyncobj's thread in the middle of its state change (then it must be quick
+    and must not block). It may come before the constructor returns (the election runs on
+    pysyncobj's thread), is never called once `close()` has begun (a change already scheduled
+    on the loop is dropped: a closed store is not leader, and nothing says so), and its
+    exceptions are logged, never propagated into pysyncobj.
+
+    The callback only says "pysyncobj now believes this node is (or is no longer) leader": a
+    deposed leader that has not yet heard of the new term still believes it (see
+    `confirm_leadership`). Use it to wake up, not to decide: deciding still requires
+    `confirm_leadership`.
     """
 
     def __init__(
@@ -170,30 +203,18 @@ class ReplicatedStore:
         *,
         password: str | None = None,
         on_apply: OnApply | None = None,
+        on_role_change: OnRoleChange | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         machine: StateMachine | None = None,
         timings: RaftTimings | None = None,
     ) -> None:
-        if not node_id:
-            raise ValueError("node_id: must not be empty")
-        peers = [p for p in peers if p != self_address]
-        if len(set(peers)) != len(peers):
-            raise ValueError(f"peers: duplicate addresses in {list(peers)}")
-        if peers and not self_address:
-            raise ValueError("self_address: required when peers are given (the Raft bind address)")
-        if peers and not password:
-            raise ValueError(
-                "password: required when peers are given; pysyncobj's peer protocol is pickle over "
-                "TCP and without a password anyone who reaches the Raft port can run code"
-            )
-        if (len(peers) + 1) % 2 == 0:
-            log.warning("%d control-plane nodes: an even count tolerates no more failures than %d",
-                        len(peers) + 1, len(peers))
+        peers = _checked_peers(node_id, self_address, peers, password)
         self.node_id = node_id
         self.self_address = self_address
         self.peers = tuple(peers)
         self.data_dir = Path(data_dir)
         self._on_apply = on_apply
+        self._on_role_change = on_role_change
         self._loop = loop
         self._machine = machine if machine is not None else _default_machine()
         self._timings = timings or RaftTimings()
@@ -202,15 +223,22 @@ class ReplicatedStore:
         # pysyncobj's nodes hash and compare by id, so a plain Node finds the TCPNode of a peer.
         self._peer_keys = tuple(Node(p) for p in self.peers)
         self._applier = _Applier(self._machine, self._notify)
-        conf: SyncObjConf = build_conf(self.data_dir, password if peers else None, self._timings)
+        conf: SyncObjConf = build_conf(
+            self.data_dir, password if peers else None, self._timings, self._on_state_changed
+        )
         self._lock_file = _lock_data_dir(self.data_dir)
+        self._sync = self._start(conf)
+        self._sync.addOnTickCallback(self._on_tick)
+
+    def _start(self, conf: SyncObjConf) -> SyncObj:
+        """Build pysyncobj's node and wait until it listens. On failure, release the data dir."""
         try:
-            if peers:
-                assert self_address is not None
-                self._sync = SyncObj(self_address, list(peers), conf=conf, consumers=[self._applier])
+            if self.peers:
+                assert self.self_address is not None
+                sync = SyncObj(self.self_address, list(self.peers), conf=conf, consumers=[self._applier])
             else:
-                self._sync = SyncObj(
-                    Node(self_address or f"local:{node_id}"), [], conf=conf,
+                sync = SyncObj(
+                    Node(self.self_address or f"local:{self.node_id}"), [], conf=conf,
                     consumers=[self._applier], nodeClass=Node, transportClass=_LocalTransport,
                 )
         except BaseException:
@@ -218,18 +246,18 @@ class ReplicatedStore:
             raise
         # pysyncobj's tick thread stops when the thread that built it exits; tie it to the
         # process's main thread instead so a store may be built from a worker thread.
-        self._sync._SyncObj__mainThread = threading.main_thread()
+        sync._SyncObj__mainThread = threading.main_thread()
         try:
-            self._sync.waitBinded()
+            sync.waitBinded()
         except Exception as exc:
-            self._sync.destroy_synchronous()
-            self._lock_file.close()
             self._closed = True
+            sync.destroy_synchronous()
+            self._lock_file.close()
             raise RaftBindError(
-                f"raft bind: cannot listen on {self_address} after {self._timings.bind_retries} "
+                f"raft bind: cannot listen on {self.self_address} after {self._timings.bind_retries} "
                 "attempts (address in use or not local)"
             ) from exc
-        self._sync.addOnTickCallback(self._on_tick)
+        return sync
 
     # --- called on pysyncobj's thread -------------------------------------------------------------
 
@@ -249,6 +277,33 @@ class ReplicatedStore:
                 log.debug("event loop closed; index %d not reported: %s", state.index, exc)
         except Exception:
             log.exception("on_apply callback failed at index %d", state.index)
+
+    def _on_state_changed(self, old_state: int, new_state: int) -> None:
+        """pysyncobj's onStateChanged, called inside SyncObj.__setState; must never raise (that
+        would abort pysyncobj's state change half-way)."""
+        is_leader = leadership_change(old_state, new_state)
+        callback = self._on_role_change
+        if is_leader is None or self._closed:
+            return
+        log.info("raft: this node is %s leader (pysyncobj's view)", "now" if is_leader else "no longer")
+        if callback is None:
+            return
+        try:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._report_role, callback, is_leader)
+            else:
+                self._report_role(callback, is_leader)
+        except RuntimeError as exc:
+            if self._loop is None or not self._loop.is_closed():
+                log.exception("on_role_change callback failed (is_leader=%s)", is_leader)
+            else:
+                log.debug("event loop closed; is_leader=%s not reported: %s", is_leader, exc)
+        except Exception:
+            log.exception("on_role_change callback failed (is_leader=%s)", is_leader)
+
+    def _report_role(self, callback: OnRoleChange, is_leader: bool) -> None:
+        if not self._closed:  # checked where the callback runs: a change queued on the loop
+            callback(is_leader)  # before close() is dropped after it
 
     def _on_tick(self) -> None:
         sync = self._sync
@@ -394,6 +449,28 @@ class ReplicatedStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _checked_peers(
+    node_id: str, self_address: str | None, peers: Sequence[str], password: str | None
+) -> list[str]:
+    """The peers other than this node; raises ValueError for a configuration that cannot work."""
+    if not node_id:
+        raise ValueError("node_id: must not be empty")
+    others = [p for p in peers if p != self_address]
+    if len(set(others)) != len(others):
+        raise ValueError(f"peers: duplicate addresses in {others}")
+    if others and not self_address:
+        raise ValueError("self_address: required when peers are given (the Raft bind address)")
+    if others and not password:
+        raise ValueError(
+            "password: required when peers are given; pysyncobj's peer protocol is pickle over "
+            "TCP and without a password anyone who reaches the Raft port can run code"
+        )
+    if (len(others) + 1) % 2 == 0:
+        log.warning("%d control-plane nodes: an even count tolerates no more failures than %d",
+                    len(others) + 1, len(others))
+    return others
 
 
 def _lock_data_dir(data_dir: Path) -> IO[bytes]:

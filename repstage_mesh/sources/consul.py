@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import random
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from repstage_mesh.core.models import LeadershipSource, ServiceSpec, ServiceState
 from repstage_mesh.core.observations import MemberStatus, Observation, specs_with_source
+from repstage_mesh.sources.supervisor import KeyedTasks, ObservationCallback
 
 __all__ = [
     "ConsulRegistration",
@@ -51,7 +51,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOURCE = "consul"
-ObservationCallback = Callable[[Observation], Awaitable[None] | None]
 
 
 def parse_consul_address(address: str | None) -> dict[str, Any]:
@@ -177,37 +176,35 @@ class ConsulSource:
         max_backoff: float = 5.0,
         unknown_after_errors: int = 3,
     ) -> None:
-        self._on_observation = on_observation
         self._address, self._token = address, token
         self._clock = clock
         self._initial_backoff, self._max_backoff = initial_backoff, max_backoff
         self._unknown_after = unknown_after_errors
-        self._specs: dict[str, ServiceSpec] = {}
-        self._tasks: dict[str, tuple[ServiceSpec, asyncio.Task[None]]] = {}
         self._last: dict[str, dict[str, Observation]] = {}
         self.stats: dict[str, WatchStats] = {}
+        # One watch per service, restarted when anything in its spec changes. A stop keeps
+        # `_last` and `stats` (latest() answers after a stop); a dropped watch forgets `_last`.
+        self._tasks: KeyedTasks[str, ServiceSpec] = KeyedTasks(
+            self._spawn,
+            name=lambda name: f"consul watch {name}",
+            on_observation=on_observation,
+            log=log,
+            on_drop=lambda name: self._last.pop(name, None),
+        )
         self._client: Any = None
-        self._running = False
 
     def set_services(self, services: Iterable[ServiceState | ServiceSpec]) -> None:
-        self._specs = {spec.name: spec for spec in specs_with_source(services, LeadershipSource.CONSUL)}
-        if self._running:
-            self._reconcile()
+        specs = specs_with_source(services, LeadershipSource.CONSUL)
+        self._tasks.want({spec.name: spec for spec in specs})
 
     async def start(self) -> None:
-        if self._running:
+        if self._tasks.running:
             return
-        self._running = True
         self._client = consul_client(self._address, self._token)
-        self._reconcile()
+        self._tasks.start()
 
     async def stop(self) -> None:
-        self._running = False
-        tasks = [task for _, task in self._tasks.values()]
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.stop()
         client, self._client = self._client, None
         if client is not None:
             await client.close()
@@ -216,19 +213,9 @@ class ConsulSource:
         """The last Observation of every member of `service` (empty before the first answer)."""
         return dict(self._last.get(service, {}))
 
-    def _reconcile(self) -> None:
-        for name, (spec, task) in list(self._tasks.items()):
-            if self._specs.get(name) != spec or task.done():
-                task.cancel()
-                del self._tasks[name]
-                self._last.pop(name, None)
-        for name, spec in self._specs.items():
-            if name not in self._tasks:
-                self.stats[name] = WatchStats()
-                self._tasks[name] = (
-                    spec,
-                    asyncio.create_task(self._watch(spec), name=f"consul watch {name}"),
-                )
+    def _spawn(self, name: str, spec: ServiceSpec) -> Coroutine[Any, Any, None]:
+        self.stats[name] = WatchStats()
+        return self._watch(spec)
 
     async def _watch(self, spec: ServiceSpec) -> None:
         consul_spec = spec.leadership.consul
@@ -282,7 +269,7 @@ class ConsulSource:
             if previous is not None and previous.status is obs.status:
                 continue
             last[member] = obs
-            await self._deliver(obs)
+            await self._tasks.deliver(obs)
 
     async def _unknown(self, spec: ServiceSpec, detail: str) -> None:
         now = self._clock()
@@ -293,16 +280,6 @@ class ConsulSource:
                 for m in spec.members
             },
         )
-
-    async def _deliver(self, observation: Observation) -> None:
-        try:
-            outcome = self._on_observation(observation)
-            if inspect.isawaitable(outcome):
-                await outcome
-        except Exception:
-            log.exception(
-                "observation callback failed for %s/%s", observation.service, observation.member
-            )
 
 
 # --- the node's own registration -----------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Configuration: one YAML file plus `REPSTAGE_*` environment variables (pydantic-settings).
+
+Precedence, highest first: keyword arguments to `Settings(...)`, environment variables
+(`REPSTAGE_` prefix, `__` between nesting levels: `REPSTAGE_RAFT__PASSWORD`,
+`REPSTAGE_API__LISTEN`; lists and mappings as JSON), the YAML file, defaults.
+
+    settings = load_config("repstage.yaml")          # raises ConfigError
+    host, port = settings.host_port("xds.listen")
+    specs = settings.specs()                           # [ServiceSpec, ...]
+
+Every problem is reported with the path of the field it concerns (`services[0].members[1].port`),
+all problems at once. Relative paths (`node.data_dir`) are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+from repstage_mesh.config.loading import load_config
+from repstage_mesh.config.sections import (
+    ENV_PREFIX,
+    ENVOY_COLLECTOR_CLUSTER,
+    ApiConfig,
+    ApiTokens,
+    ConsulConfig,
+    EnvoyConfig,
+    NodeConfig,
+    RaftConfig,
+    ServiceConfig,
+    TelemetryConfig,
+    XdsConfig,
+    default_node_id,
+)
+from repstage_mesh.config.settings import Settings
+from repstage_mesh.core.addresses import parse_host_port
+from repstage_mesh.core.errors import ConfigError, format_errors
+
+__all__ = [
+    "ENVOY_COLLECTOR_CLUSTER",
+    "ENV_PREFIX",
+    "ApiConfig",
+    "ApiTokens",
+    "ConfigError",
+    "ConsulConfig",
+    "EnvoyConfig",
+    "NodeConfig",
+    "RaftConfig",
+    "ServiceConfig",
+    "Settings",
+    "TelemetryConfig",
+    "XdsConfig",
+    "default_node_id",
+    "format_errors",
+    "load_config",
+    "parse_host_port",
+]

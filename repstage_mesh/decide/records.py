@@ -1,0 +1,101 @@
+"""Failover records: what one plan (or one re-point) did and when, and the bounded history of them.
+
+Records live on the node that ran the plan (the Raft leader at the time); they are not
+replicated, so a new leader starts with an empty history.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["FailoverRecord", "History", "TimelineEvent"]
+
+@dataclass
+class TimelineEvent:
+    name: str
+    at: float  # the decider's clock (monotonic seconds)
+    elapsed_ms: float  # since the record started
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FailoverRecord:
+    """One failover, fail-closed period or switchover, as the node that ran it saw it.
+
+    Timeline event names: detected, decided, leadership_confirmed, caught_up, fenced,
+    proxies_fenced, promoted, promote_failed, committed, pushed, acked (one per proxy),
+    first_routable, repointed, done, failed.
+    """
+
+    id: str
+    service: str
+    cause: str
+    mode: str  # follow | orchestrate | switchover
+    kind: str  # failover | fail_closed | adopt | switchover | repoint
+    old_primary: str | None
+    new_primary: str | None
+    started_at: float
+    epoch: int | None = None  # the epoch of the last commit the plan made
+    fence_epoch: int | None = None
+    status: str = "running"  # running | done | failed
+    reason: str = ""
+    started_unix: float | None = None
+    timeline: list[TimelineEvent] = field(default_factory=list)
+    missed_fence: tuple[str, ...] = ()  # proxies that had not ACKed the fence by the deadline
+    missed_route: tuple[str, ...] = ()
+    needs_rejoin: tuple[str, ...] = ()
+    write_unavailable_ms: float | None = None  # fence committed -> new primary ACKed
+    duration_ms: float | None = None
+
+    def event(self, name: str, at: float, **detail: Any) -> None:
+        elapsed = round((at - self.started_at) * 1000.0, 3)
+        self.timeline.append(TimelineEvent(name, at, elapsed, detail))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable."""
+        data = asdict(self)
+        data["missed_fence"] = list(self.missed_fence)
+        data["missed_route"] = list(self.missed_route)
+        data["needs_rejoin"] = list(self.needs_rejoin)
+        return data
+
+    def end(self, now: float, ok: bool, reason: str) -> None:
+        """Mark the record ended (the caller adds the closing timeline event)."""
+        self.status = "done" if ok else "failed"
+        self.reason = reason
+        self.duration_ms = round((now - self.started_at) * 1000.0, 3)
+
+
+class History:
+    """The newest `size` records of this node, with their ids (`<node_id>-<n>`)."""
+
+    def __init__(self, node_id: str, size: int, wall_offset: float | None) -> None:
+        self.node_id = node_id
+        self.wall_offset = wall_offset  # unix time minus the `now` clock (for started_unix)
+        self._records: deque[FailoverRecord] = deque(maxlen=size)
+        self._seq = itertools.count(1)
+
+    def start(
+        self, service: str, kind: str, mode: str, cause: str,
+        old: str | None, new: str | None, now: float,
+    ) -> FailoverRecord:
+        """A new running record, kept in the history (the oldest one drops out when full)."""
+        rec = FailoverRecord(
+            id=f"{self.node_id}-{next(self._seq)}", service=service, cause=cause, mode=mode,
+            kind=kind, old_primary=old, new_primary=new, started_at=now,
+            started_unix=None if self.wall_offset is None else now + self.wall_offset,
+        )
+        self._records.append(rec)
+        return rec
+
+    def newest_first(self) -> list[FailoverRecord]:
+        return list(reversed(self._records))
+
+    def get(self, record_id: str) -> FailoverRecord | None:
+        for rec in self._records:
+            if rec.id == record_id:
+                return rec
+        return None
