@@ -312,6 +312,67 @@ async def test_observe_feeds_the_hook_always_and_the_runner_only_while_active(ri
 # --- with the real FailoverRunner and Decider ---------------------------------------------------
 
 
+# --- sources that fail or are slow to start ---------------------------------------------------
+
+
+async def test_a_source_that_fails_to_start_is_undone_and_retried(rig: Rig) -> None:
+    failures = [RuntimeError("consul agent unreachable")]
+    start = rig.sources[1].start
+
+    async def flaky() -> None:
+        if failures:
+            raise failures.pop()
+        await start()
+
+    rig.sources[1].start = flaky  # type: ignore[method-assign]
+    rig.seat.leader = True
+    rig.engine.leadership_changed()
+    # the first source was started, then stopped again when the second one failed ...
+    await eventually(lambda: rig.sources[0].calls[:3] == ["set_services", "start", "stop"], "undone")
+    assert not rig.engine.active and rig.runner.starts == 0
+    # ... and the engine tries again by itself (no new event) and gets there
+    await eventually(lambda: rig.engine.active, "the engine activates on the retry")
+    assert rig.sources[0].running and rig.sources[1].running and rig.runner.starts == 1
+    assert not rig.engine._follow.done()  # type: ignore[union-attr]
+
+
+async def test_stop_while_a_source_is_starting_stops_the_started_ones() -> None:
+    rig = Rig()
+    gate = asyncio.Event()
+
+    async def never() -> None:
+        await gate.wait()
+
+    rig.sources[1].start = never  # type: ignore[method-assign]
+    rig.engine.start()
+    rig.seat.leader = True
+    rig.engine.leadership_changed()
+    await eventually(lambda: rig.sources[0].running, "the first source started")
+    await rig.engine.stop()
+    assert not rig.sources[0].running and rig.sources[0].calls[-1] == "stop"
+    assert not rig.engine.active and rig.runner.starts == 0
+
+
+async def test_a_state_applied_while_sources_start_reaches_them(rig: Rig) -> None:
+    gate = asyncio.Event()
+    start = rig.sources[0].start
+
+    async def slow() -> None:
+        await gate.wait()
+        await start()
+
+    rig.sources[0].start = slow  # type: ignore[method-assign]
+    rig.seat.leader = True
+    rig.engine.leadership_changed()
+    await eventually(lambda: len(rig.seat.confirms) == 1 and rig.sources[0].services, "starting")
+    newer = with_service(rig.seat.mesh, orders_spec(name="billing", listen_port=15010, read_port=None))
+    rig.seat.mesh = newer
+    rig.engine.on_state(newer)
+    gate.set()
+    await eventually(lambda: rig.engine.active, "the engine activates")
+    assert [source.services[-1] for source in rig.sources] == [["billing", "orders"]] * 2
+
+
 class Promoter:
     async def promote(self, *args: Any) -> Any:
         raise AssertionError("no promotion expected")

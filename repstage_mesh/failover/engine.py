@@ -31,6 +31,7 @@ from repstage_mesh.failover.runner import FailoverRunner
 log = logging.getLogger("repstage_mesh.failover.engine")
 
 CONFIRM_RETRY = 0.1  # seconds before a failed leadership confirmation is tried again
+START_RETRY = 1.0  # seconds before starting again after a source failed to start
 CONFIRM_TIMEOUT = 2.0
 
 
@@ -71,6 +72,7 @@ class LeaderEngine:
         self._wake = asyncio.Event()
         self._follow: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._retry_after = CONFIRM_RETRY
 
     def add_source(self, source: LeadershipSource) -> None:
         self.sources.append(source)
@@ -84,8 +86,12 @@ class LeaderEngine:
     async def stop(self) -> None:
         if self._follow is not None:
             self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._follow
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("%s: the leadership follower had failed", self.seat.node_id)
         await self._deactivate("node stopping")
 
     def leadership_changed(self) -> None:
@@ -97,28 +103,53 @@ class LeaderEngine:
         while True:
             self._wake.clear()  # before looking: a change while we act wakes the next wait
             want = self.seat.believes_leader() and self.seat.ready()
-            if want and not self.active:
-                await self._activate()
-            elif not want and self.active:
-                await self._deactivate("this node is no longer the Raft leader")
-            if want and not self.active:  # not confirmed (yet): try again shortly
+            try:
+                if want and not self.active:
+                    await self._activate()
+                elif not want and self.active:
+                    await self._deactivate("this node is no longer the Raft leader")
+            except Exception:
+                log.exception("%s: could not follow a leadership change; trying again", self.seat.node_id)
+                self._retry_after = START_RETRY
+            if want and not self.active:  # not confirmed or not started (yet): try again
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), CONFIRM_RETRY)
+                    await asyncio.wait_for(self._wake.wait(), self._retry_after)
             else:
                 await self._wake.wait()
 
     async def _activate(self) -> None:
         async with self._lock:
+            self._retry_after = CONFIRM_RETRY
             if not await self.seat.confirm_leadership(CONFIRM_TIMEOUT):
                 return
             state = self.seat.state()
             self.runner.on_state(state)
+            await self._start_sources(state)
+            self.runner.start()
+            # States applied while the sources started reached only the runner.
+            latest = self.seat.state()
+            if latest is not state:
+                for source in self.sources:
+                    source.set_services(latest.services.values())
+            self.active = True
+            log.info("leader %s: watching %d service(s)", self.seat.node_id, len(latest.services))
+
+    async def _start_sources(self, state: MeshState) -> None:
+        """Start every source, or none: a source that fails to start (or a cancellation while
+        starting) stops the ones already started, then the error goes on."""
+        started: list[LeadershipSource] = []
+        try:
             for source in self.sources:
                 source.set_services(state.services.values())
                 await source.start()
-            self.runner.start()
-            self.active = True
-            log.info("leader %s: watching %d service(s)", self.seat.node_id, len(state.services))
+                started.append(source)
+        except BaseException:
+            for source in reversed(started):
+                try:
+                    await source.stop()
+                except Exception:
+                    log.exception("%s: a source failed to stop", self.seat.node_id)
+            raise
 
     async def _deactivate(self, reason: str) -> None:
         async with self._lock:
