@@ -315,3 +315,27 @@ async def test_tcp_probe_up_and_refused() -> None:
     finally:
         await runner.stop()
         server.close()
+
+
+async def test_a_redis_probe_cancelled_at_any_moment_stops(redis_group_fixture: RedisGroup) -> None:
+    """Cancelling a probing task must end it, wherever the cancellation lands (a dropped
+    cancellation once left `repstage-mesh demo` hanging at exit: redis-py wrote through
+    asyncio.wait_for, which in Python 3.11 can swallow one)."""
+    from repstage_mesh.sources.probers import RedisProber
+
+    port = redis_group_fixture.port(redis_group_fixture.names[0])
+
+    async def probe_forever(prober: RedisProber) -> None:
+        while True:
+            await prober.probe()
+            await asyncio.sleep(0)
+
+    for attempt in range(200):
+        prober = RedisProber("127.0.0.1", port, 0.25)
+        task = asyncio.create_task(probe_forever(prober))
+        for _ in range(attempt % 13):  # land the cancellation at a different point each time
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        await prober.close()
+        assert done and task.cancelled(), f"attempt {attempt}: the probe went on after its cancellation"

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -426,7 +427,7 @@ class Node:
         try:
             api = self._leader_api()
             if api is not None:
-                return dict(await self._peers.call(api, "GET", f"/v1/failovers/{record_id}"))
+                return dict(await self._peers.call(api, "GET", f"/v1/failovers/{quote(record_id, safe='')}"))
         except (MeshError, TypeError, ValueError) as exc:
             log.info("failover %s: leader not reachable (%s)", record_id, exc)
         return None

@@ -112,8 +112,9 @@ class LeaderEngine:
                 log.exception("%s: could not follow a leadership change; trying again", self.seat.node_id)
                 self._retry_after = START_RETRY
             if want and not self.active:  # not confirmed or not started (yet): try again
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._retry_after)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._retry_after):  # not wait_for: see failover/timeouts.py
+                        await self._wake.wait()
             else:
                 await self._wake.wait()
 

@@ -46,6 +46,7 @@ from repstage_mesh.core.models import (
     ServiceSpec,
 )
 from repstage_mesh.decide import PromoteResult
+from repstage_mesh.failover.timeouts import bounded
 from repstage_mesh.sources.probers import probe_once
 
 __all__ = [
@@ -111,7 +112,7 @@ async def redis_promote(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        role = await asyncio.wait_for(
+        role = await bounded(
             _redis_replicaof(target.address, target.port, None, timeout, password, username), timeout
         )
     except (TimeoutError, OSError, aioredis.RedisError) as exc:
@@ -123,12 +124,12 @@ async def redis_promote(
         # The old primary of a failover is usually dead or silent: re-point it without making
         # the new primary's commit wait (a SIGSTOPped one cost the whole repoint_timeout). If
         # this misses, the decider re-points it when it is seen claiming primary again.
-        _BACKGROUND.add(task := loop.create_task(_quietly(asyncio.wait_for(
+        _BACKGROUND.add(task := loop.create_task(_quietly(bounded(
             _redis_replicaof(member.address, member.port, (target.address, target.port), remaining, password, username),
             remaining))))
         task.add_done_callback(_BACKGROUND.discard)
     results = await asyncio.gather(
-        *(asyncio.wait_for(
+        *(bounded(
             _redis_replicaof(m.address, m.port, (target.address, target.port), remaining, password, username),
             remaining) for m in others),
         return_exceptions=True,
@@ -158,7 +159,7 @@ async def repoint_old_primary(
 ) -> PromoteResult:
     """Redis: make an old primary that came back a replica of `new_primary`."""
     try:
-        role = await asyncio.wait_for(
+        role = await bounded(
             _redis_replicaof(member.address, member.port, (new_primary.address, new_primary.port),
                              timeout, password, username),
             timeout,
@@ -278,12 +279,12 @@ async def run_command_hook(
     except OSError as exc:
         return PromoteResult(False, detail=f"promote_hook.command: cannot run {args[0]!r}: {exc}")
     try:
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        output, _ = await bounded(proc.communicate(), timeout)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 5.0)
+            await bounded(proc.wait(), 5.0)
         return PromoteResult(False, detail=f"promote_hook.command: killed after {timeout:g} s")
     text = output.decode(errors="replace").strip()[-_OUTPUT_LIMIT:]
     if proc.returncode != 0:
@@ -409,7 +410,7 @@ class DatabasePromoter:
             if member is None:
                 return None
             try:
-                result = await asyncio.wait_for(probe_once(spec, member), timeout)
+                result = await bounded(probe_once(spec, member), timeout)
             except (TimeoutError, OSError):
                 return None
             return result.offset if result.succeeded else None

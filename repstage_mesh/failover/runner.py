@@ -53,6 +53,7 @@ from repstage_mesh.decide import (
     StepFailed,
     StepResult,
 )
+from repstage_mesh.failover.timeouts import bounded
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class FailoverRunner:
         bound = (2 * (catchup + self.positions_timeout) + self.confirm_timeout
                  + 3 * self.commit_timeout + self.promote_timeout + 2 * ack + 10 * self.grace + 1.0)
         try:
-            await asyncio.wait_for(event.wait(), bound)
+            await bounded(event.wait(), bound)
         finally:
             self._finished.pop(record_id, None)
         record = self.decider.record(record_id)
@@ -197,7 +198,7 @@ class FailoverRunner:
         async def drained() -> None:
             while self._tasks:
                 await asyncio.wait(set(self._tasks))
-        await asyncio.wait_for(drained(), timeout)
+        await bounded(drained(), timeout)
 
     # --- execution -----------------------------------------------------------------------------
 
@@ -248,7 +249,7 @@ class FailoverRunner:
         """Run one step with bounded time; failures become results, never exceptions."""
         if isinstance(step, ConfirmLeadership):
             try:
-                return bool(await asyncio.wait_for(self._confirm(self.confirm_timeout),
+                return bool(await bounded(self._confirm(self.confirm_timeout),
                                                    self.confirm_timeout + self.grace))
             except Exception as exc:
                 log.warning("leadership not confirmed for %s: %r", step.record_id, exc)
@@ -257,14 +258,14 @@ class FailoverRunner:
             return await self._commit(step)
         if isinstance(step, AwaitProxies):
             try:
-                return await asyncio.wait_for(self._await_proxies(step.min_index, step.deadline),
+                return await bounded(self._await_proxies(step.min_index, step.deadline),
                                               step.deadline + self.grace)
             except Exception as exc:
                 return StepFailed(f"waiting for proxy ACKs failed: {exc!r}")
         if isinstance(step, Promote):
             timeout = self._promote_timeout(step.spec)
             try:
-                return await asyncio.wait_for(
+                return await bounded(
                     self._promoter.promote(step.spec, step.member, step.old_primary, step.epoch, timeout),
                     timeout + self.grace,
                 )
@@ -273,7 +274,7 @@ class FailoverRunner:
         if isinstance(step, Repoint):
             timeout = self._promote_timeout(step.spec)
             try:
-                return await asyncio.wait_for(
+                return await bounded(
                     self._promoter.repoint(step.spec, step.member, step.new_primary, timeout),
                     timeout + self.grace,
                 )
@@ -283,7 +284,7 @@ class FailoverRunner:
             if step.delay > 0:
                 await asyncio.sleep(step.delay)  # the decider's poll interval
             try:
-                offsets = await asyncio.wait_for(
+                offsets = await bounded(
                     self._promoter.positions(step.spec, step.members, self.positions_timeout),
                     self.positions_timeout + self.grace,
                 )
@@ -300,7 +301,7 @@ class FailoverRunner:
         self._commits += 1
         envelope = CommandEnvelope(command=step.command, request_id=f"{step.record_id}/{self._commits}")
         try:
-            outcome = await asyncio.wait_for(self._submit(envelope, self.commit_timeout),
+            outcome = await bounded(self._submit(envelope, self.commit_timeout),
                                              self.commit_timeout + self.grace)
         except CommitTimeout as exc:  # includes NoQuorumOutcomeUnknown
             return StepFailed(str(exc), unknown=True)

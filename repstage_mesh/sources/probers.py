@@ -184,8 +184,8 @@ class RedisProber:
     connection had been made when a ROLE failed (a connection that broke once made, kept or
     fresh, is retried once on a new one; a connect that failed is not), and a pool hides that.
     redis-py is configured to add nothing: RESP2 (no HELLO), no CLIENT SETINFO, no health-check
-    PING, no retries of its own (Retry(NoBackoff(), 0)), socket timeouts at the probe's; the
-    whole probe is bounded by `timeout` as well.
+    PING, no retries of its own (Retry(NoBackoff(), 0)), a connect timeout at the probe's; the
+    whole probe is bounded by `timeout` with asyncio.timeout.
     """
 
     kind = ProbeKind.REDIS
@@ -214,7 +214,10 @@ class RedisProber:
         return Connection(
             host=self.address,
             port=self.port,
-            socket_timeout=self.timeout,
+            # No socket_timeout: with one, redis-py writes through asyncio.wait_for, which in
+            # Python 3.11 can drop a cancellation (the probe task then never stops); the whole
+            # probe is bounded by asyncio.timeout instead.
+            socket_timeout=None,
             socket_connect_timeout=self.timeout,
             retry=Retry(NoBackoff(), 0),
             protocol=2,

@@ -225,7 +225,8 @@ class PushTracer:
         future: asyncio.Future[PushResult] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(future)
         try:
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can drop a cancellation in 3.11
+                return await future
         except TimeoutError:
             return None
         finally:
