@@ -1,1 +1,2 @@
-"""cli"""
+"""The `repstage-mesh` command line: commands and their tables, the HTTP client, `bootstrap`, and
+the `demo` with its Redis writer."""
