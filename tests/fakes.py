@@ -5,13 +5,15 @@ Raft is left out (a command commits at the next index at once). Knobs: `fail` (a
 submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
 
 LiveApi runs the REST API for a FakePlane on a free loopback port in a background thread, for
-clients that are synchronous (the CLI, schemathesis).
+clients that are synchronous (the CLI, schemathesis). `eventually` waits on a condition with a
+deadline (never a bare sleep).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -191,3 +193,12 @@ class LiveApi:
                 )
         finally:
             self._stop_loop()
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `predicate` (every 10 ms) until it holds; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.01)

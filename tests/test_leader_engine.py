@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from fakes import orders_spec
+from fakes import eventually, orders_spec
 
 from repstage_mesh.core.models import (
     LeadershipMode,
@@ -34,14 +34,6 @@ from repstage_mesh.failover.runner import FailoverRunner
 DEADLINE = 3.0
 LOST = "this node is no longer the Raft leader"
 
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll `predicate` (every 10 ms) until it holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 def with_service(state: MeshState, spec: ServiceSpec) -> MeshState:

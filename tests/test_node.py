@@ -8,7 +8,6 @@ activates on those events. Every node a test builds is stopped, even when the te
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import textwrap
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from fakes import orders_spec
+from fakes import eventually, orders_spec
 
 from repstage_mesh.config import load_config
 from repstage_mesh.core.errors import (
@@ -47,14 +46,6 @@ services:
     primary: a
 """
 
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll `predicate` (every 10 ms) until it holds; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:
