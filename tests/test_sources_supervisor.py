@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+from fakes import eventually
 
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.sources.supervisor import KeyedTasks
@@ -52,6 +53,8 @@ class Watches:
 
 
 async def settle() -> None:
+    """Let every task that is ready run a few steps: deterministic in one event loop, used only
+    before asserting that something did NOT happen (positive checks wait with `eventually`)."""
     for _ in range(3):
         await asyncio.sleep(0)
 
@@ -80,8 +83,7 @@ async def test_a_changed_spec_restarts_only_its_task() -> None:
     w.tasks.want({"a": "1", "b": "3"})
     assert w.spawned[-1] == ("b", "3") and len(w.spawned) == 3
     assert w.dropped == ["b"]  # dropped before its new task was spawned
-    await settle()
-    assert task_b.cancelled() and ("b", "2") in w.ended
+    await eventually(lambda: task_b.cancelled() and ("b", "2") in w.ended, "b's old task ended")
     assert not task_a.done() and w.task("a") is task_a  # unchanged spec: same task
     await w.tasks.stop()
 
@@ -93,8 +95,8 @@ async def test_a_removed_key_is_cancelled() -> None:
     await settle()
     task_b = w.task("b")
     w.tasks.want({"a": "1"})
-    await settle()
-    assert task_b.cancelled() and w.dropped == ["b"] and w.tasks.keys() == ["a"]
+    await eventually(task_b.cancelled, "b's task cancelled")
+    assert w.dropped == ["b"] and w.tasks.keys() == ["a"]
     assert w.spawned == [("a", "1"), ("b", "2")]
     w.tasks.want({})
     await settle()
@@ -106,8 +108,7 @@ async def test_a_finished_task_is_started_again_at_the_next_reconcile() -> None:
     w = Watches()
     w.tasks.want({"a": "finish"})
     w.tasks.start()
-    await settle()
-    assert w.ended == [("a", "finish")]
+    await eventually(lambda: w.ended == [("a", "finish")], "a's task finished")
     w.tasks.want({"a": "finish"})  # same spec, but its task is done
     assert w.spawned == [("a", "finish"), ("a", "finish")] and w.dropped == ["a"]
     await w.tasks.stop()
