@@ -43,8 +43,9 @@ _FIELD_PREFIX = re.compile(
 )
 
 
-class ApiError(MeshError):
-    """Raised by handlers; the middleware turns it into the JSON error answer."""
+class ApiError(ApiRequestError):
+    """Raised by handlers; the middleware turns it into the JSON error answer. The same fields
+    as an answer received from an API (ApiRequestError), plus the headers to send."""
 
     def __init__(
         self,
@@ -55,12 +56,7 @@ class ApiError(MeshError):
         details: Sequence[Detail] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.details = details or []
+        super().__init__(status, code, message, field, list(details or []))
         self.headers = dict(headers or {})
 
     @classmethod

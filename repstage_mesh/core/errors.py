@@ -19,8 +19,8 @@ MeshError
 ├── NotReady                 this node leads but has not started deciding yet (API 503)
 ├── SwitchoverFailed         a switchover ran and failed; carries its record (API 409)
 ├── ApiRequestError          another node's (or, for the CLI, the server's) API answered an error; relayed as is
+│   └── ApiError             api/errors.py: an HTTP error answer a handler raises (adds its headers)
 ├── ApiUnreachable           no answer at all from an API
-├── ApiError                 api/errors.py: an HTTP error answer a handler raises
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
 └── CliError                 cli/main.py: a command line the CLI cannot carry out
 
