@@ -56,7 +56,8 @@ from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
-from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
+from repstage_mesh.sources.consul import ConsulSource
+from repstage_mesh.sources.consul_registration import ConsulRegistration
 from repstage_mesh.sources.probes import ProbeRunner
 from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
@@ -140,9 +141,17 @@ class Node:
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
-            self.engine.add_source(ConsulSource(self.engine.observe, address=consul.address, token=token))
+            self.engine.add_source(ConsulSource(
+                self.engine.observe, address=consul.address, token=token,
+                on_anomaly=self.metrics.observe_consul_anomaly,
+            ))
         self.registration: ConsulRegistration | None = (
-            ConsulRegistration(address=consul.address, token=token)
+            ConsulRegistration(
+                address=consul.address, token=token, register_address=consul.register_address,
+                check_interval=consul.check_interval, deregister_after=consul.deregister_after,
+                resync_interval=consul.resync_interval,
+                on_restore=self.metrics.consul_reregistrations.inc,
+            )
             if consul.address and consul.register_service
             else None
         )

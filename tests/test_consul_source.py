@@ -22,13 +22,9 @@ from consul_standin import ConsulStandIn, parse_duration
 
 from repstage_mesh.core.models import ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
-from repstage_mesh.sources.consul import (
-    ConsulRegistration,
-    ConsulSource,
-    consul_client,
-    health_observations,
-    parse_consul_address,
-)
+from repstage_mesh.sources.consul import ConsulSource, consul_client, parse_consul_address
+from repstage_mesh.sources.consul_health import HealthAnswer, read_health
+from repstage_mesh.sources.consul_registration import ConsulRegistration
 
 WAIT = 30.0  # the blocking query's wait: every change must arrive well before it
 
@@ -424,47 +420,53 @@ def entry(
     }
 
 
+def observe(spec: ServiceSpec, entries: list[dict[str, Any]], tag: str = "primary") -> dict[str, Any]:
+    return read_health(spec, HealthAnswer(20, entries), tag, 5.0).observations
+
+
 def test_health_observations_matching_and_precedence() -> None:
     spec = service_spec("pg", MEMBERS)
     entries = [
         entry("pg-a", 1, ["primary"], "passing"),  # matched by ID although the port differs
         entry(
-            "patroni-node-2", 25002, ["primary"], "passing", "warning"
-        ),  # by address:port; warning → down
+            "patroni-node-2", 25002, ["primary"], "passing", "critical"
+        ),  # by address:port; critical → down
         entry(
             "whatever", 25003, ["replica"], "passing", address="10.9.9.9"
         ),  # service address wins: no match
         entry("stray", 9999, ["primary"], "passing"),  # matches nothing
     ]
-    out = health_observations(spec, entries, "primary", 5.0)
+    out = observe(spec, entries)
     assert {m: o.status for m, o in out.items()} == {
         "pg-a": MemberStatus.PRIMARY,
         "pg-b": MemberStatus.DOWN,
         "pg-c": MemberStatus.DOWN,
     }
-    assert out["pg-b"].detail.startswith("warning: c1")
+    assert out["pg-b"].detail.startswith("critical: c1")
     assert out["pg-c"].detail == "not registered in Consul"
     assert all(o.at == 5.0 and o.offset is None for o in out.values())
-    # Two instances for one member: the best one counts.
-    both = health_observations(
+    # Two instances for one member: refuse to guess.
+    both = read_health(
         spec,
-        [entry("pg-a", 25001, ["primary"], "critical"), entry("x", 25001, ["replica"], "passing")],
+        HealthAnswer(20, [entry("pg-a", 25001, ["primary"], "passing"), entry("x", 25001, ["replica"], "passing")]),
         "primary",
         0.0,
     )
-    assert both["pg-a"].status is MemberStatus.REPLICA
+    assert both.observations["pg-a"].status is MemberStatus.UNKNOWN
+    assert [a.kind for a in both.anomalies] == ["ambiguous"]
     # A failing node check (serfHealth) takes the member down.
     dead_node = entry("pg-a", 25001, ["primary"], "passing")
     dead_node["Checks"][0]["Status"] = "critical"
-    assert (
-        health_observations(spec, [dead_node], "primary", 0.0)["pg-a"].status is MemberStatus.DOWN
-    )
+    assert observe(spec, [dead_node])["pg-a"].status is MemberStatus.DOWN
 
 
 def test_custom_tag() -> None:
     spec = service_spec("pg", {"pg-a": 25001})
-    out = health_observations(spec, [entry("pg-a", 25001, ["leader"], "passing")], "leader", 0.0)
+    out = observe(spec, [entry("pg-a", 25001, ["leader"], "passing")], "leader")
     assert out["pg-a"].status is MemberStatus.PRIMARY
+    # With a custom tag, Patroni 2.x's `master` is not a primary tag.
+    out = observe(spec, [entry("pg-a", 25001, ["master"], "passing")], "leader")
+    assert out["pg-a"].status is MemberStatus.REPLICA
 
 
 @pytest.mark.parametrize(

@@ -291,6 +291,29 @@ class ConsulConfig(Section):
     token: Secret | None = None
     # `register` in the file; a field of that name would shadow BaseModel.register (ABCMeta).
     register_service: bool = Field(default=True, alias="register")
+    register_address: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT registered in Consul for this node's API and checked by Consul "
+        "(the address other hosts reach it at); default: api.listen unless it is a wildcard, "
+        "else the Consul agent's node address",
+    )
+    check_interval: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds between Consul's checks of /healthz"
+    )
+    deregister_after: float = Field(
+        default=60.0,
+        ge=60,
+        le=86400,
+        description="Consul removes this node's registration after its check is critical this "
+        "long (DeregisterCriticalServiceAfter; Consul's minimum is 1 min)",
+    )
+    resync_interval: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds between checks that the registration is still in Consul "
+        "(re-registered when it is gone)",
+    )
 
 
 class ServiceConfig(Section):

@@ -144,6 +144,18 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
+        self.consul_anomalies = Counter(
+            "repstage_consul_anomalies",
+            "Consul health answers that look wrong, by kind: acl_filtered, empty_answer, "
+            "ambiguous, superseded, stale_check, no_checks, warning",
+            ["service", "kind"],
+            registry=registry,
+        )
+        self.consul_reregistrations = Counter(
+            "repstage_consul_reregistrations",
+            "Times this node found its own Consul registration gone and registered again",
+            registry=registry,
+        )
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
@@ -205,6 +217,9 @@ class MeshMetrics:
     def observe_probe(self, service: str, member: str, result: str) -> None:
         """`result`: what the probe found, e.g. primary, replica, down, error."""
         self.probes.labels(service, member, result).inc()
+
+    def observe_consul_anomaly(self, service: str, kind: str) -> None:
+        self.consul_anomalies.labels(service, kind).inc()
 
     # --- scrape-time views --------------------------------------------------------------------
 
