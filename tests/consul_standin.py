@@ -404,9 +404,9 @@ class ConsulStandIn:
             for key, check in list(self.checks.items()):
                 since, after = check.critical_since, check.deregister_after
                 service_id = check.data["ServiceID"]
-                if since is not None and after is not None and service_id and now - since >= after:
-                    if self._deregister(key[0], service_id):
-                        self.reaped.append((key[0], service_id))
+                expired = since is not None and after is not None and now - since >= after
+                if expired and service_id and self._deregister(key[0], service_id):
+                    self.reaped.append((key[0], service_id))
 
     def _start_http(self, key: tuple[str, str]) -> None:
         check = self.checks[key]

@@ -7,7 +7,6 @@ Each test names the behaviour of Consul it relies on and the decision RepStage m
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +20,7 @@ from repstage_mesh.core.models import ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.sources.consul import ConsulSource, consul_client
 from repstage_mesh.sources.consul_registration import ConsulRegistration
+
 
 async def eventually(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     await _eventually(predicate, what, timeout)
@@ -204,7 +204,7 @@ async def test_acl_filtered_answer_is_unknown_logged_and_counted(
     standin = await standins(acl=ACL)
     await register(standin.address, "pg", "pg-a", 25001, ["primary"], token="mgmt")
     caplog.set_level(logging.ERROR, "repstage_mesh.sources.consul")
-    source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}), token="weak")
+    _source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}), token="weak")
     hidden = await seen.until("pg-a", MemberStatus.UNKNOWN)
     assert "ACL" in hidden.detail
     assert ("orders", "acl_filtered") in seen.anomalies
@@ -217,7 +217,7 @@ async def test_empty_answer_without_token_is_unknown_not_down(standins: Any, sta
     200 []. An empty answer is UNKNOWN: nothing proves the members are down."""
     standin = await standins(acl=ACL)
     await register(standin.address, "pg", "pg-a", 25001, ["primary"], token="mgmt")
-    source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}))
+    _source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}))
     await seen.until("pg-a", MemberStatus.UNKNOWN)
     assert ("orders", "empty_answer") in seen.anomalies
     # With a non-empty answer, an absent member is DOWN ("not registered").
@@ -254,7 +254,7 @@ async def test_node_checks_decide_per_member(standins: Any, started: Any) -> Non
     for node, member, tags in (("n1", "pg-a", ["primary"]), ("n2", "pg-b", ["replica"]),
                                ("n3", "pg-c", ["replica"])):
         await register(standin.agent_address(node), "pg", member, MEMBERS[member], tags)
-    source, seen = await started(standin, spec_for("pg", MEMBERS))
+    _source, seen = await started(standin, spec_for("pg", MEMBERS))
     await seen.until("pg-c", MemberStatus.REPLICA)
     standin.set_serf("n2", "critical")
     down = await seen.until("pg-b", MemberStatus.DOWN)

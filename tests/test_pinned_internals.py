@@ -1,5 +1,6 @@
 """The private internals of pysyncobj, betterproto2 and redis-py that our code relies on are
-still there (redis-py: the probe's RESP2 parser, sources/probers.py; capped redis<9).
+still there (redis-py: the probe's RESP2 parser, sources/probers.py; capped redis<9; py-consul:
+the client's `token` and raw `http.get`, sources/consul.py; capped py-consul<2).
 
 pyproject.toml caps both packages (pysyncobj<0.3.18, betterproto2<0.10) because raft/store.py,
 raft/conf.py and xds/encoding.py reach into them. Several of those uses fail silently when the
@@ -329,6 +330,36 @@ INTERNALS += [
     Internal("redis", "redis._parsers._AsyncRESP2Parser.EXCEPTION_CLASSES",
              "sources/probers.py _WholeErrorReplies (every error reply a plain answer with its text)",
              _resp2_parser),
+]
+
+
+def _consul_token(_: ReplicatedStore) -> None:
+    import consul
+
+    client = consul.Consul(token="from-argument")
+    client.token = "configured"
+    need(client.prepare_headers() == {"X-Consul-Token": "configured"},
+         "prepare_headers() no longer sends the client's `token` attribute")
+
+
+def _consul_http_get(_: ReplicatedStore) -> None:
+    import consul.aio
+    import consul.base
+
+    need(consul.base.Response._fields == ("code", "headers", "body"),
+         "base.Response is no longer (code, headers, body)")
+    params = list(inspect.signature(consul.aio.HTTPClient.get).parameters)
+    need(params[:5] == ["self", "callback", "path", "params", "headers"],
+         f"aio HTTPClient.get(callback, path, params, headers) changed: {params}")
+
+
+CONSUL_USES = "sources/consul.py"
+INTERNALS += [
+    Internal("py-consul", "Consul.token read by prepare_headers()",
+             f"{CONSUL_USES} consul_client (the configured token wins over CONSUL_HTTP_TOKEN)",
+             _consul_token),
+    Internal("py-consul", "Consul.http.get(callback, path, params, headers) -> callback(Response)",
+             f"{CONSUL_USES} health_query (reads X-Consul-Results-Filtered-By-ACLs)", _consul_http_get),
 ]
 
 

@@ -315,6 +315,16 @@ class ConsulConfig(Section):
         "(re-registered when it is gone)",
     )
 
+    @field_validator("register_address")
+    @classmethod
+    def _reachable(cls, value: str | None) -> str | None:
+        if value is not None and parse_host_port(value)[0] in ("0.0.0.0", "::", "*"):
+            raise ValueError(
+                "a wildcard is no address Consul can check: give the address other hosts reach "
+                "this node's API at"
+            )
+        return value
+
 
 class ServiceConfig(Section):
     """One entry of `services:`: the domain's ServiceSpec plus per-service config sections.

@@ -25,7 +25,7 @@ from typing import Any
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.sources.consul import consul_client
 
-__all__ = ["ConsulRegistration", "WILDCARDS", "check_url"]
+__all__ = ["WILDCARDS", "ConsulRegistration", "check_url"]
 
 log = logging.getLogger(__name__)
 

@@ -87,6 +87,22 @@ def write_failure_code(exc: BaseException) -> str:
     return "error"
 
 
+def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    anomalies = Counter(
+        "repstage_consul_anomalies",
+        "Consul health answers that look wrong, by kind: acl_filtered, empty_answer, "
+        "ambiguous, superseded, stale_check, no_checks, warning",
+        ["service", "kind"],
+        registry=registry,
+    )
+    reregistrations = Counter(
+        "repstage_consul_reregistrations",
+        "Times this node found its own Consul registration gone and registered again",
+        registry=registry,
+    )
+    return anomalies, reregistrations
+
+
 class MeshMetrics:
     """Every metric of one node, in `registry`; a TrackerObserver for the xDS ones."""
 
@@ -144,18 +160,7 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
-        self.consul_anomalies = Counter(
-            "repstage_consul_anomalies",
-            "Consul health answers that look wrong, by kind: acl_filtered, empty_answer, "
-            "ambiguous, superseded, stale_check, no_checks, warning",
-            ["service", "kind"],
-            registry=registry,
-        )
-        self.consul_reregistrations = Counter(
-            "repstage_consul_reregistrations",
-            "Times this node found its own Consul registration gone and registered again",
-            registry=registry,
-        )
+        self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
