@@ -22,6 +22,7 @@ MeshError
 │   └── ApiError             api/errors.py: an HTTP error answer a handler raises (adds its headers)
 ├── ApiUnreachable           no answer at all from an API
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
+├── ConsulError              sources/consul.py: Consul answered an error or refused a registration (logged by the source, never leaves it)
 └── CliError                 cli/main.py: a command line the CLI cannot carry out
 
 Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer

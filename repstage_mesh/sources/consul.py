@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import LeadershipSource, ServiceSpec, ServiceState
 from repstage_mesh.core.observations import MemberStatus, Observation, specs_with_source
 from repstage_mesh.sources.consul_health import (
@@ -47,7 +48,7 @@ from repstage_mesh.sources.supervisor import KeyedTasks, ObservationCallback
 
 __all__ = [
     "AnomalyCallback",
-    "ConsulQueryError",
+    "ConsulError",
     "ConsulSource",
     "WatchStats",
     "consul_client",
@@ -61,8 +62,11 @@ AnomalyCallback = Callable[[str, str], None]  # (service, kind): for the metric
 _LOUD = {"acl_filtered", "empty_answer", "ambiguous"}  # logged at ERROR, the rest at WARNING
 
 
-class ConsulQueryError(Exception):
-    """Consul answered a query with an error status (kept inside the source, like a timeout)."""
+class ConsulError(MeshError):
+    """Consul answered with an error status or refused a registration (kept inside the source,
+    like a timeout: logged, counted, retried)."""
+
+    code = "consul"
 
 
 def parse_consul_address(address: str | None) -> dict[str, Any]:
@@ -112,12 +116,12 @@ async def health_query(
         lambda r: r, f"/v1/health/service/{name}", params=params, headers=client.prepare_headers()
     )
     if response.code != 200:
-        raise ConsulQueryError(f"consul answered {response.code}: {str(response.body)[:200]}")
+        raise ConsulError(f"consul answered {response.code}: {str(response.body)[:200]}")
     try:
         raw_index = int(response.headers.get("X-Consul-Index", ""))
         entries = json.loads(response.body)
     except ValueError as exc:
-        raise ConsulQueryError(f"consul answer without a usable index or body: {exc}") from None
+        raise ConsulError(f"consul answer without a usable index or body: {exc}") from None
     filtered = str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true"
     return HealthAnswer(raw_index, entries if isinstance(entries, list) else [], filtered)
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from repstage_mesh.core.addresses import parse_host_port
-from repstage_mesh.sources.consul import consul_client
+from repstage_mesh.sources.consul import ConsulError, consul_client
 
 __all__ = ["WILDCARDS", "ConsulRegistration", "check_url"]
 
@@ -121,7 +121,7 @@ class ConsulRegistration:
             agent = await self._client.agent.self()
         node_address = str((agent.get("Member") or {}).get("Addr") or "")
         if not node_address:
-            raise RuntimeError(
+            raise ConsulError(
                 "consul.register_address is not set, api.listen is a wildcard and the Consul "
                 "agent did not say its address: set consul.register_address"
             )
@@ -137,7 +137,7 @@ class ConsulRegistration:
         async with asyncio.timeout(self.request_timeout):
             ok = await self._client.agent.service.register(**self._params)
         if not ok:
-            raise RuntimeError(f"consul refused to register {self._params['service_id']}")
+            raise ConsulError(f"consul refused to register {self._params['service_id']}")
 
     async def resync(self) -> bool:
         """Register again if the registration is gone from the agent; True when it was."""
