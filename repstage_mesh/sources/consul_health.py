@@ -12,8 +12,8 @@ The decisions (README, "Consul as a leadership source", says why):
   no DNS lookups). Two or more instances matching one member: UNKNOWN (refuse to guess).
 - **Checks.** Every check of the entry counts, node-level ones too (serfHealth, `_node_maintenance`,
   custom node checks) and `_service_maintenance:<id>`. Any check critical (or any status other
-  than passing/warning) makes the member DOWN. `warning` is healthy but flagged (detail, metric):
-  Consul's DNS and Patroni treat warning as alive. An instance with no service check at all is
+  than passing/warning) makes the member DOWN. `warning` is healthy but flagged (detail, metric),
+  as Consul's DNS answers with instances at warning by default. An instance with no service check at all is
   judged on its tags and node checks (as Consul's `?passing` does), flagged `no_checks`.
 - **Stale checks.** Patroni re-registers on every role change with a new check URL and Consul
   keeps the previous status: an HTTP check whose Output names another URL than its definition
