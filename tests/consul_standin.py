@@ -175,11 +175,12 @@ class ConsulStandIn:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1") -> str:
-        for node in self.nodes.values():
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind every node's agent (the first one on `port`, 0: a free one); the first's address."""
+        for n, node in enumerate(self.nodes.values()):
             node.runner = web.AppRunner(self._make_app(node.name), handle_signals=False)
             await node.runner.setup()
-            await web.TCPSite(node.runner, host, 0).start()
+            await web.TCPSite(node.runner, host, port if n == 0 else 0).start()
             bound = node.runner.addresses[0]
             node.agent_address = f"{bound[0]}:{bound[1]}"
         self.address = self.nodes[self.node].agent_address

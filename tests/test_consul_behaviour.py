@@ -505,3 +505,25 @@ async def test_patroni_2_master_tag_and_a_superseded_primary(standins: Any, star
         for p in (a, b):
             if p.runner is not None:
                 await p.runner.cleanup()
+
+
+async def test_registration_is_made_once_consul_is_up() -> None:
+    """Consul down when the node starts: the first registration fails, the resync makes it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    registration = ConsulRegistration(
+        address=f"127.0.0.1:{port}", resync_interval=0.05, request_timeout=2
+    )
+    standin = ConsulStandIn(run_checks=False)
+    try:
+        with pytest.raises(Exception):  # noqa: B017 (whatever py-consul raises on a refusal)
+            await registration.register_self("cp-1", "127.0.0.1:9")
+        await standin.start(port=port)
+        await eventually(lambda: ("standin", "repstage-mesh-cp-1") in standin.services, 10,
+                         "registered by the resync")
+    finally:
+        await registration.stop()
+        await standin.close()

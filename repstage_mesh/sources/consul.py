@@ -167,7 +167,7 @@ class ConsulSource:
         self._unknown_after = unknown_after_errors
         self._on_anomaly = on_anomaly
         self._last: dict[str, dict[str, Observation]] = {}
-        self._anomalies: dict[str, set[tuple[str, str | None, str]]] = {}
+        self._anomalies: dict[str, set[tuple[str, str | None]]] = {}  # (kind, member) now
         self.stats: dict[str, WatchStats] = {}
         # One watch per service, restarted when anything in its spec changes. A stop keeps
         # `_last` and `stats` (latest() answers after a stop); a dropped watch forgets `_last`.
@@ -246,9 +246,11 @@ class ConsulSource:
 
     def _report(self, service: str, consul_name: str, anomalies: Iterable[Anomaly]) -> None:
         """Log and count each anomaly when it appears (not again while it lasts)."""
-        current = {(a.kind, a.member, a.message) for a in anomalies}
+        messages = {(a.kind, a.member): a.message for a in anomalies}
+        current = set(messages)
         seen = self._anomalies.get(service, set())
-        for kind, member, message in sorted(current - seen, key=str):
+        for kind, member in sorted(current - seen, key=str):
+            message = messages[(kind, member)]
             self.stats[service].anomalies += 1
             level = logging.ERROR if kind in _LOUD else logging.WARNING
             who = f"member {member!r} of " if member else ""

@@ -75,20 +75,31 @@ class ConsulRegistration:
         self.registered_address: tuple[str, int] | None = None
         self.restored = 0  # times the registration was found gone and registered again
         self._client: Any = None
-        self._params: dict[str, Any] | None = None
+        self._want: tuple[str, str, tuple[str, ...]] | None = None  # node id, API address, tags
+        self._params: dict[str, Any] | None = None  # what register() sends, once resolved
         self._resync: asyncio.Task[None] | None = None
 
     async def register_self(
         self, node_id: str, api_address: str, *, tags: Sequence[str] = ()
     ) -> str:
         """Register `node_id`'s REST API (bound at `api_address`, HOST:PORT); returns the service
-        ID. Starts the resync task, which also retries a registration that failed here."""
-        from consul import Check
-
+        ID. Starts the resync task, which also retries a registration that failed here (Consul
+        down at start), address resolution included."""
         if self._client is None:
             self._client = consul_client(self._address, self._token)
+        self.service_id = f"{self.service_name}-{node_id}"
+        self._want = (node_id, api_address, tuple(tags))
+        if self._resync is None:
+            self._resync = asyncio.create_task(self._keep_registered(), name="consul resync")
+        await self._register()
+        return self.service_id
+
+    async def _build(self) -> dict[str, Any]:
+        from consul import Check
+
+        assert self._want is not None and self.service_id is not None
+        node_id, api_address, tags = self._want
         host, port = await self._advertised(api_address)
-        service_id = f"{self.service_name}-{node_id}"
         check = Check.http(
             check_url(host, port),
             _seconds(self.check_interval),
@@ -96,20 +107,16 @@ class ConsulRegistration:
             deregister=_seconds(self.deregister_after),
         )
         check["Name"] = f"{self.service_name} {node_id} /healthz"
-        self._params = {
+        self.registered_address = (host, port)
+        return {
             "name": self.service_name,
-            "service_id": service_id,
+            "service_id": self.service_id,
             "address": host,
             "port": port,
             "tags": [self.service_name, *tags],
             "meta": {"node_id": node_id},
             "check": check,
         }
-        self.service_id, self.registered_address = service_id, (host, port)
-        if self._resync is None:  # from now on, a failed registration is retried by the resync
-            self._resync = asyncio.create_task(self._keep_registered(), name="consul resync")
-        await self._register()
-        return service_id
 
     async def _advertised(self, api_address: str) -> tuple[str, int]:
         if self.register_address is not None:
@@ -133,7 +140,8 @@ class ConsulRegistration:
         return node_address, port
 
     async def _register(self) -> None:
-        assert self._params is not None
+        if self._params is None:
+            self._params = await self._build()
         async with asyncio.timeout(self.request_timeout):
             ok = await self._client.agent.service.register(**self._params)
         if not ok:
@@ -141,15 +149,16 @@ class ConsulRegistration:
 
     async def resync(self) -> bool:
         """Register again if the registration is gone from the agent; True when it was."""
-        if self._params is None or self._client is None:
+        if self._want is None or self._client is None:
             return False
         async with asyncio.timeout(self.request_timeout):
             services = await self._client.agent.services()
-        if self._params["service_id"] in services:
+        if self.service_id in services:
             return False
         log.warning(
-            "consul: registration %s is gone (reaped after its check was critical %s s, or the "
-            "agent lost it): registering again", self._params["service_id"], self.deregister_after,
+            "consul: registration %s is not in Consul (never made, reaped after its check was "
+            "critical %s s, or the agent lost it): registering", self.service_id,
+            self.deregister_after,
         )
         await self._register()
         self.restored += 1
@@ -176,7 +185,7 @@ class ConsulRegistration:
                 await task
         client, self._client = self._client, None
         service_id, self.service_id = self.service_id, None
-        self._params = None
+        self._params = self._want = None
         if client is None:
             return
         try:
