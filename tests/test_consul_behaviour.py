@@ -96,12 +96,12 @@ async def put(address: str, path: str, body: Any = None, token: str | None = Non
 @pytest.fixture
 async def started() -> AsyncIterator[Callable[..., Any]]:
     """started(standin, spec, **kwargs) → (source, seen); everything stopped at the end."""
-    made: list[tuple[ConsulStandIn | None, ConsulSource | None]] = []
+    made: list[ConsulSource] = []
 
     async def start(standin: ConsulStandIn, spec: ServiceSpec, **kwargs: Any) -> tuple[ConsulSource, Seen]:
         seen = Seen()
         source = ConsulSource(seen, address=standin.address, on_anomaly=seen.anomaly, **kwargs)
-        made.append((None, source))
+        made.append(source)
         source.set_services([spec])
         await source.start()
         return source, seen
@@ -109,9 +109,8 @@ async def started() -> AsyncIterator[Callable[..., Any]]:
     try:
         yield start
     finally:
-        for _, source in made:
-            if source is not None:
-                await source.stop()
+        for source in made:
+            await source.stop()
 
 
 @pytest.fixture
@@ -204,7 +203,7 @@ async def test_acl_filtered_answer_is_unknown_logged_and_counted(
     standin = await standins(acl=ACL)
     await register(standin.address, "pg", "pg-a", 25001, ["primary"], token="mgmt")
     caplog.set_level(logging.ERROR, "repstage_mesh.sources.consul")
-    _source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}), token="weak")
+    _, seen = await started(standin, spec_for("pg", {"pg-a": 25001}), token="weak")
     hidden = await seen.until("pg-a", MemberStatus.UNKNOWN)
     assert "ACL" in hidden.detail
     assert ("orders", "acl_filtered") in seen.anomalies
@@ -217,11 +216,10 @@ async def test_empty_answer_without_token_is_unknown_not_down(standins: Any, sta
     200 []. An empty answer is UNKNOWN: nothing proves the members are down."""
     standin = await standins(acl=ACL)
     await register(standin.address, "pg", "pg-a", 25001, ["primary"], token="mgmt")
-    _source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}))
+    _, seen = await started(standin, spec_for("pg", {"pg-a": 25001}))
     await seen.until("pg-a", MemberStatus.UNKNOWN)
     assert ("orders", "empty_answer") in seen.anomalies
     # With a non-empty answer, an absent member is DOWN ("not registered").
-    await register(standin.address, "pg", "pg-b", 25002, ["replica"], token="mgmt")
     open_standin = await standins()
     await register(open_standin.address, "pg", "pg-b", 25002, ["replica"])
     _, seen2 = await started(open_standin, spec_for("pg", {"pg-a": 25001, "pg-b": 25002}))
@@ -254,7 +252,7 @@ async def test_node_checks_decide_per_member(standins: Any, started: Any) -> Non
     for node, member, tags in (("n1", "pg-a", ["primary"]), ("n2", "pg-b", ["replica"]),
                                ("n3", "pg-c", ["replica"])):
         await register(standin.agent_address(node), "pg", member, MEMBERS[member], tags)
-    _source, seen = await started(standin, spec_for("pg", MEMBERS))
+    _, seen = await started(standin, spec_for("pg", MEMBERS))
     await seen.until("pg-c", MemberStatus.REPLICA)
     standin.set_serf("n2", "critical")
     down = await seen.until("pg-b", MemberStatus.DOWN)
