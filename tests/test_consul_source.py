@@ -23,7 +23,7 @@ from consul_standin import ConsulStandIn, parse_duration
 from repstage_mesh.core.models import ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.sources.consul import ConsulSource, consul_client, parse_consul_address
-from repstage_mesh.sources.consul_health import HealthAnswer, read_health
+from repstage_mesh.sources.consul_health import BlockingIndex, HealthAnswer, read_health
 from repstage_mesh.sources.consul_registration import ConsulRegistration
 
 WAIT = 30.0  # the blocking query's wait: every change must arrive well before it
@@ -467,6 +467,71 @@ def test_custom_tag() -> None:
     # With a custom tag, Patroni 2.x's `master` is not a primary tag.
     out = observe(spec, [entry("pg-a", 25001, ["master"], "passing")], "leader")
     assert out["pg-a"].status is MemberStatus.REPLICA
+
+
+def test_blocking_index_rules() -> None:
+    index = BlockingIndex()
+    assert index.value is None
+    assert not index.answered(40) and index.value == 40
+    assert not index.answered(40) and index.value == 40  # unchanged: not a reset
+    assert index.answered(12) and index.value is None  # backwards: start over, no blocking
+    assert not index.answered(12) and index.value == 12
+    assert index.answered(0) and index.value == 1  # 0: a reset that still blocks (on 1)
+    index.failed()
+    assert index.value is None and index.resets == 2
+
+
+def _patroni_check(url: str, output: str, status: str = "passing") -> dict[str, Any]:
+    return {"CheckID": "service:batman/pg-a", "ServiceID": "batman/pg-a", "Status": status,
+            "Output": output, "Definition": {"HTTP": url}}
+
+
+@pytest.mark.parametrize(
+    ("checks", "filtered", "expected", "kinds"),
+    [
+        # the kept status was measured on /replica: ignored, the tag decides
+        ([_patroni_check("http://h:8008/primary", "HTTP GET http://h:8008/replica: 503 Service "
+                         "Unavailable Output: ", "critical")], False, MemberStatus.PRIMARY,
+         ["stale_check"]),
+        ([_patroni_check("http://h:8008/primary", 'Get "http://h:8008/replica": dial tcp: refused',
+                         "critical")], False, MemberStatus.PRIMARY, ["stale_check"]),
+        # measured on its own URL: it counts
+        ([_patroni_check("http://h:8008/primary", "HTTP GET http://h:8008/primary: 503 Service "
+                         "Unavailable Output: ", "critical")], False, MemberStatus.DOWN, []),
+        ([{"CheckID": "disk", "ServiceID": "", "Status": "warning", "Output": "80%"}], False,
+         MemberStatus.PRIMARY, ["no_checks", "warning"]),
+        ([{"CheckID": "_node_maintenance", "ServiceID": "", "Status": "critical",
+           "Notes": "patching"}], False, MemberStatus.DOWN, []),
+        ([], True, MemberStatus.PRIMARY, ["acl_filtered", "no_checks"]),
+    ],
+)
+def test_health_reading_table(
+    checks: list[dict[str, Any]], filtered: bool, expected: MemberStatus, kinds: list[str]
+) -> None:
+    spec = service_spec("batman", {"pg-a": 25001, "pg-b": 25002})
+    instance = entry("batman/pg-a", 5432, ["primary", "master"], address="pg-a.db.example")
+    instance["Checks"] += checks
+    reading = read_health(spec, HealthAnswer(20, [instance], filtered), "primary", 0.0)
+    assert reading.observations["pg-a"].status is expected
+    assert sorted(a.kind for a in reading.anomalies) == kinds
+    # pg-b is absent: DOWN in a full answer, UNKNOWN when ACLs may have hidden it
+    absent = reading.observations["pg-b"].status
+    assert absent is (MemberStatus.UNKNOWN if filtered else MemberStatus.DOWN)
+
+
+def test_empty_answer_and_superseded_primary() -> None:
+    spec = service_spec("pg", {"pg-a": 25001, "pg-b": 25002})
+    empty = read_health(spec, HealthAnswer(20, []), "primary", 0.0)
+    assert {o.status for o in empty.observations.values()} == {MemberStatus.UNKNOWN}
+    assert [a.kind for a in empty.anomalies] == ["empty_answer"]
+    old, new = entry("pg-a", 25001, ["primary"]), entry("pg-b", 25002, ["primary"])
+    old["Service"]["ModifyIndex"], new["Service"]["ModifyIndex"] = 30, 31
+    out = read_health(spec, HealthAnswer(40, [old, new]), "primary", 0.0).observations
+    assert out["pg-b"].status is MemberStatus.PRIMARY
+    assert out["pg-a"].status is MemberStatus.DOWN and "superseded" in out["pg-a"].detail
+    new["Service"]["ModifyIndex"] = 30  # no order between them: both claims go to the decider
+    out = read_health(spec, HealthAnswer(40, [old, new]), "primary", 0.0).observations
+    assert {o.status for o in out.values()} == {MemberStatus.PRIMARY}
 
 
 @pytest.mark.parametrize(
