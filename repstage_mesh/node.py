@@ -144,6 +144,7 @@ class Node:
             self.engine.add_source(ConsulSource(
                 self.engine.observe, address=consul.address, token=token,
                 on_anomaly=self.metrics.observe_consul_anomaly,
+                max_query_rate=consul.max_query_rate, query_burst=consul.query_burst,
             ))
         self.registration: ConsulRegistration | None = (
             ConsulRegistration(

@@ -7,6 +7,7 @@ Each test names the behaviour of Consul it relies on and the decision RepStage m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -525,3 +526,25 @@ async def test_registration_is_made_once_consul_is_up() -> None:
     finally:
         await registration.stop()
         await standin.close()
+
+
+async def test_a_churning_answer_is_paced_not_a_busy_loop(standins: Any, started: Any) -> None:
+    """Consul's docs: rate-limit the blocking loop so that a result changing very fast degrades
+    into polling. Burst, then at most `max_query_rate` queries per second."""
+    import time
+
+    standin = await standins()
+    await register(standin.address, "pg", "pg-a", 25001, ["primary"],
+                   check={"CheckID": "flap", "TTL": "10m", "Status": "passing"})
+    source, seen = await started(standin, spec_for("pg", {"pg-a": 25001}),
+                                 max_query_rate=20.0, query_burst=2)
+    await seen.until("pg-a", MemberStatus.PRIMARY)
+    before, started_at = len(standin.health_requests), time.monotonic()
+    for n in range(300):  # the check output changes every millisecond: every query returns at once
+        standin.set_check("flap", "passing", f"run {n}")
+        await asyncio.sleep(0.001)
+    elapsed = time.monotonic() - started_at
+    sent = len(standin.health_requests) - before
+    assert ("orders", "rate_limited") in seen.anomalies
+    assert source.stats["orders"].rate_limited
+    assert sent <= 2 + 20.0 * elapsed + 2, (sent, elapsed)

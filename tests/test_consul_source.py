@@ -23,7 +23,12 @@ from consul_standin import ConsulStandIn, parse_duration
 from repstage_mesh.core.models import ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.sources.consul import ConsulSource, consul_client, parse_consul_address
-from repstage_mesh.sources.consul_health import BlockingIndex, HealthAnswer, read_health
+from repstage_mesh.sources.consul_health import (
+    BlockingIndex,
+    HealthAnswer,
+    QueryPacer,
+    read_health,
+)
 from repstage_mesh.sources.consul_registration import ConsulRegistration
 
 WAIT = 30.0  # the blocking query's wait: every change must arrive well before it
@@ -479,6 +484,14 @@ def test_blocking_index_rules() -> None:
     assert index.answered(0) and index.value == 1  # 0: a reset that still blocks (on 1)
     index.failed()
     assert index.value is None and index.resets == 2
+
+
+def test_query_pacer_bursts_then_paces() -> None:
+    pacer = QueryPacer(rate=10.0, burst=2)
+    assert [pacer.delay(0.0), pacer.delay(0.0)] == [0.0, 0.0]
+    assert pacer.delay(0.0) == pytest.approx(0.1)  # the third at once waits one interval
+    assert pacer.delay(5.0) == 0.0  # refilled after a quiet spell
+    assert pacer.limited == 1
 
 
 def _patroni_check(url: str, output: str, status: str = "passing") -> dict[str, Any]:

@@ -315,6 +315,17 @@ class ConsulConfig(Section):
         "(re-registered when it is gone)",
     )
 
+    max_query_rate: float = Field(
+        default=20.0,
+        gt=0,
+        le=1000,
+        description="blocking health queries per second and service at most, after "
+        "query_burst (Consul's advice: a churning answer degrades into polling, not a busy loop)",
+    )
+    query_burst: int = Field(
+        default=5, ge=1, le=1000, description="health queries sent at once before pacing"
+    )
+
     @field_validator("register_address")
     @classmethod
     def _reachable(cls, value: str | None) -> str | None:

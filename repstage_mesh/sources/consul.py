@@ -9,7 +9,8 @@ an answer filtered by ACLs or empty, two instances for one member, a stale check
 
 - Blocking queries follow Consul's rules (`consul_health.BlockingIndex`): the index sent is the
   last X-Consul-Index; an index that goes backwards or is 0 resets the watch; Consul adds up to
-  wait/16 of jitter, which the request timeout allows for. Every answer is read (an unchanged
+  wait/16 of jitter, which the request timeout allows for; the loop is rate-limited (a token
+  bucket: `query_burst` at once, then `max_query_rate` per second). Every answer is read (an unchanged
   answer changes no status, so it emits nothing): an answer is never skipped for its index.
 - Errors back off exponentially with jitter; after `unknown_after_errors` in a row every member
   is UNKNOWN (no information, not down). After an error the next query does not block, so the
@@ -42,6 +43,7 @@ from repstage_mesh.sources.consul_health import (
     Anomaly,
     BlockingIndex,
     HealthAnswer,
+    QueryPacer,
     read_health,
 )
 from repstage_mesh.sources.supervisor import KeyedTasks, ObservationCallback
@@ -137,6 +139,7 @@ class WatchStats:
     index: int | None = None  # the index the next query sends
     blocking: bool = False  # a blocking query (with an index) is outstanding
     anomalies: int = 0  # anomalies logged (each new one once)
+    rate_limited: bool = False  # the last query waited for the pacer
 
 
 class ConsulSource:
@@ -160,12 +163,15 @@ class ConsulSource:
         max_backoff: float = 5.0,
         unknown_after_errors: int = 3,
         on_anomaly: AnomalyCallback | None = None,
+        max_query_rate: float = 20.0,
+        query_burst: int = 5,
     ) -> None:
         self._address, self._token = address, token
         self._clock = clock
         self._initial_backoff, self._max_backoff = initial_backoff, max_backoff
         self._unknown_after = unknown_after_errors
         self._on_anomaly = on_anomaly
+        self._rate, self._burst = max_query_rate, query_burst
         self._last: dict[str, dict[str, Observation]] = {}
         self._anomalies: dict[str, set[tuple[str, str | None]]] = {}  # (kind, member) now
         self.stats: dict[str, WatchStats] = {}
@@ -211,8 +217,10 @@ class ConsulSource:
         wait = consul_spec.wait
         stats = self.stats[spec.name]
         index = BlockingIndex()
+        pacer = QueryPacer(self._rate, self._burst)
         backoff, errors = self._initial_backoff, 0
         while True:
+            await self._pace(spec.name, name, pacer)
             stats.index = sent = index.value
             stats.queries += 1
             stats.blocking = sent is not None
@@ -243,6 +251,24 @@ class ConsulSource:
             reading = read_health(spec, answer, consul_spec.tag, self._clock())
             self._report(spec.name, name, reading.anomalies)
             await self._publish(spec, reading.observations)
+
+    async def _pace(self, service: str, consul_name: str, pacer: QueryPacer) -> None:
+        """Consul's advice: rate-limit the blocking loop (a churning result, or an index that
+        never blocks, degrades into polling at `max_query_rate`, not a busy loop)."""
+        pause = pacer.delay(self._clock())
+        stats = self.stats[service]
+        if pause <= 0:
+            stats.rate_limited = False
+            return
+        if not stats.rate_limited:
+            stats.rate_limited = True
+            log.warning(
+                "consul watch of %s (%s): answers come faster than %g/s; pacing the queries",
+                service, consul_name, self._rate,
+            )
+        if self._on_anomaly is not None:
+            self._on_anomaly(service, "rate_limited")
+        await asyncio.sleep(pause)
 
     def _report(self, service: str, consul_name: str, anomalies: Iterable[Anomaly]) -> None:
         """Log and count each anomaly when it appears (not again while it lasts)."""

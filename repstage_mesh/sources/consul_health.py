@@ -42,6 +42,7 @@ __all__ = [
     "Anomaly",
     "BlockingIndex",
     "HealthAnswer",
+    "QueryPacer",
     "Reading",
     "primary_tags",
     "read_health",
@@ -113,6 +114,33 @@ class BlockingIndex:
 
     def failed(self) -> None:
         self.value = None
+
+
+@dataclass
+class QueryPacer:
+    """Consul's third blocking-query rule: rate-limit the loop so that a result churning fast
+    (or a misbehaving index) degrades into polling instead of a busy loop. A token bucket: up
+    to `burst` queries at once, then `rate` per second; `delay(now)` is how long to wait before
+    the next query (0 in the happy case: a change is never held up by it)."""
+
+    rate: float
+    burst: int
+    tokens: float = -1.0
+    stamp: float = 0.0
+    limited: int = 0  # queries that had to wait
+
+    def delay(self, now: float) -> float:
+        if self.tokens < 0:
+            self.tokens, self.stamp = float(self.burst), now
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        self.limited += 1
+        wait = (1 - self.tokens) / self.rate
+        self.tokens, self.stamp = 0.0, now + wait
+        return wait
 
 
 def primary_tags(tag: str) -> frozenset[str]:

@@ -91,7 +91,7 @@ def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
     anomalies = Counter(
         "repstage_consul_anomalies",
         "Consul health answers that look wrong, by kind: acl_filtered, empty_answer, "
-        "ambiguous, superseded, stale_check, no_checks, warning",
+        "ambiguous, superseded, stale_check, no_checks, warning, rate_limited",
         ["service", "kind"],
         registry=registry,
     )
