@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from consul_standin import ConsulStandIn, parse_duration
 
-from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.core.models import LeadershipMode, ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.sources.consul import ConsulSource, consul_client, parse_consul_address
 from repstage_mesh.sources.consul_health import (
@@ -542,6 +542,10 @@ def test_empty_answer_and_superseded_primary() -> None:
     out = read_health(spec, HealthAnswer(40, [old, new]), "primary", 0.0).observations
     assert out["pg-b"].status is MemberStatus.PRIMARY
     assert out["pg-a"].status is MemberStatus.DOWN and "superseded" in out["pg-a"].detail
+    orchestrated = spec.model_copy(update={"leadership": spec.leadership.model_copy(
+        update={"mode": LeadershipMode.ORCHESTRATE})})
+    out = read_health(orchestrated, HealthAnswer(40, [old, new]), "primary", 0.0).observations
+    assert {o.status for o in out.values()} == {MemberStatus.PRIMARY}  # the decider keeps its own
     new["Service"]["ModifyIndex"] = 30  # no order between them: both claims go to the decider
     out = read_health(spec, HealthAnswer(40, [old, new]), "primary", 0.0).observations
     assert {o.status for o in out.values()} == {MemberStatus.PRIMARY}

@@ -19,8 +19,9 @@ The decisions (README, "Consul as a leadership source", says why):
   keeps the previous status: an HTTP check whose Output names another URL than its definition
   was measured against the previous role, so it is ignored until it has run on the new URL.
 - **Primary.** Passing and tagged `tag` (with the default `primary`, Patroni 2.x's `master`
-  counts too) is PRIMARY, else REPLICA. Several PRIMARY instances: the newest registration
-  (highest Service.ModifyIndex) wins, the older ones are DOWN ("superseded").
+  counts too) is PRIMARY, else REPLICA. Several PRIMARY instances of a follow-mode service: the
+  newest registration (highest Service.ModifyIndex) wins, the older ones are DOWN ("superseded");
+  in orchestrate mode every claim goes to the decider, which keeps the committed primary.
 - **Absent members.** A member with no instance in a non-empty answer is DOWN ("not registered").
   In an answer filtered by ACLs (`X-Consul-Results-Filtered-By-ACLs: true`) it is UNKNOWN, and in
   an empty answer every member is UNKNOWN: Consul answers `200 []` when the token may not read
@@ -35,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.core.models import LeadershipMode, ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
 
 __all__ = [
@@ -269,7 +270,8 @@ def read_health(spec: ServiceSpec, answer: HealthAnswer, tag: str, now: float) -
             continue
         verdicts[member] = verdict = _instance(entries[0], tags)
         anomalies.extend(Anomaly(kind, member, text) for kind, text in verdict.anomalies)
-    _supersede(verdicts, anomalies)
+    if spec.leadership.mode is LeadershipMode.FOLLOW:  # orchestrate: the decider keeps its own
+        _supersede(verdicts, anomalies)
     if answer.filtered_by_acls:
         absent = "hidden by Consul ACLs (the token lacks node:read or service:read)"
         absent_status = MemberStatus.UNKNOWN
