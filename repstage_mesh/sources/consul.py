@@ -255,7 +255,7 @@ class ConsulSource:
     async def _pace(self, service: str, consul_name: str, pacer: QueryPacer) -> None:
         """Consul's advice: rate-limit the blocking loop (a churning result, or an index that
         never blocks, degrades into polling at `max_query_rate`, not a busy loop)."""
-        pause = pacer.delay(self._clock())
+        pause = pacer.delay(time.monotonic())  # real time: the pause is a real sleep
         stats = self.stats[service]
         if pause <= 0:
             stats.rate_limited = False
