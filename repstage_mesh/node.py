@@ -289,7 +289,10 @@ class Node:
         try:
             await self.registration.register_self(self._node_id, api_address)
         except Exception as exc:
-            log.warning("could not register in Consul at %s: %s", self.settings.consul.address, exc)
+            log.warning(
+                "could not register in Consul at %s: %s (retried every %g s)",
+                self.settings.consul.address, exc, self.settings.consul.resync_interval,
+            )
 
     async def stop(self) -> None:
         await self.engine.stop()

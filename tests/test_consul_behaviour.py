@@ -548,3 +548,17 @@ async def test_a_churning_answer_is_paced_not_a_busy_loop(standins: Any, started
     assert ("orders", "rate_limited") in seen.anomalies
     assert source.stats["orders"].rate_limited
     assert sent <= 2 + 20.0 * elapsed + 2, (sent, elapsed)
+
+
+def test_consul_anomalies_and_reregistrations_are_exposed_as_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from repstage_mesh.telemetry.metrics import MeshMetrics
+
+    registry = CollectorRegistry()
+    metrics = MeshMetrics(registry, "cp-1")
+    metrics.observe_consul_anomaly("orders", "acl_filtered")
+    metrics.consul_reregistrations.inc()
+    text = generate_latest(registry).decode()
+    assert 'repstage_consul_anomalies_total{kind="acl_filtered",service="orders"} 1.0' in text
+    assert "repstage_consul_reregistrations_total 1.0" in text
