@@ -31,8 +31,8 @@ address (`agent_address(node)`; `address` is the first node's). What it does as 
   `min_deregister_after`, Consul: 1 min), swept every `reap_interval` (Consul: 30 s).
 - `PUT /v1/agent/maintenance` and `/v1/agent/service/maintenance/<id>` (`enable`, `reason`),
   `PUT /v1/agent/check/register|deregister`, `pass|warn|fail|update`, `GET /v1/agent/self`,
-  `/v1/agent/services`, `/v1/agent/checks`; `GET|PUT|DELETE /v1/kv/<key>` (no blocking, no
-  CAS); `GET /v1/status/leader`.
+  `/v1/agent/services`, `/v1/agent/service/<id>`, `/v1/agent/checks`; `GET|PUT|DELETE
+  /v1/kv/<key>` (no blocking, no CAS); `GET /v1/status/leader`.
 
 Where it cannot behave as Consul: there is no Raft, gossip or anti-entropy delay (a registration
 is in the catalog at once; Consul's agents sync within seconds), no leader election (a query is
@@ -470,6 +470,7 @@ class ConsulStandIn:
         r.add_put("/v1/agent/maintenance", agent.node_maintenance)
         r.add_get("/v1/agent/self", agent.self_)
         r.add_get("/v1/agent/services", agent.services)
+        r.add_get("/v1/agent/service/{id:.+}", agent.service)
         r.add_get("/v1/agent/checks", agent.checks)
         r.add_put("/v1/agent/check/register", agent.check_register)
         r.add_put("/v1/agent/check/deregister/{id:.+}", agent.check_deregister)
@@ -659,6 +660,14 @@ class _AgentHandlers:
             for (n, sid), svc in self.s.services.items()
             if n == self.node and policy.reads(svc["Service"])
         })
+
+    async def service(self, request: web.Request) -> web.Response:
+        service = self.s.services.get((self.node, request.match_info["id"]))
+        if service is None:
+            return web.Response(status=404, text=f'unknown service ID: {request.match_info["id"]}')
+        if not self.s._policy(request)[0].reads(service["Service"]):
+            return web.Response(status=403, text="Permission denied")
+        return web.json_response({**service, "Datacenter": "dc1"})
 
     async def checks(self, request: web.Request) -> web.Response:
         return web.json_response(

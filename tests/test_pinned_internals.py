@@ -359,7 +359,8 @@ INTERNALS += [
              f"{CONSUL_USES} consul_client (the configured token wins over CONSUL_HTTP_TOKEN)",
              _consul_token),
     Internal("py-consul", "Consul.http.get(callback, path, params, headers) -> callback(Response)",
-             f"{CONSUL_USES} health_query (reads X-Consul-Results-Filtered-By-ACLs)", _consul_http_get),
+             f"{CONSUL_USES} health_query (reads X-Consul-Results-Filtered-By-ACLs), "
+             "sources/consul_registration.py resync (asks with our token)", _consul_http_get),
 ]
 
 

@@ -10,8 +10,9 @@ right when the agent runs on this host, Consul's usual deployment; a warning say
 `consul.register_address`).
 
 Consul may drop the registration (the critical-service reaper, an agent that lost its data
-directory): every `resync_interval` the node looks for it in `/v1/agent/services` and registers
-again when it is gone (`restored` counts it). `stop()` deregisters.
+directory): every `resync_interval` the node asks `/v1/agent/service/<id>` and registers again
+when it is gone (`restored` counts it; a token that may not read it registers again each time,
+which Consul takes as a no-op that keeps the check's status). `stop()` deregisters.
 """
 
 from __future__ import annotations
@@ -152,8 +153,17 @@ class ConsulRegistration:
         if self._want is None or self._client is None:
             return False
         async with asyncio.timeout(self.request_timeout):
-            services = await self._client.agent.services()
-        if self.service_id in services:
+            # py-consul's service_definition() sends no token: ask with ours
+            found = await self._client.http.get(
+                lambda r: r.code, f"/v1/agent/service/{self.service_id}",
+                headers=self._client.prepare_headers(),
+            )
+        if found == 200:
+            return False
+        if found != 404:  # 403: the token may not read it; registering again is harmless
+            log.info("consul: cannot read registration %s (%s): registering it again",
+                     self.service_id, found)
+            await self._register()
             return False
         log.warning(
             "consul: registration %s is not in Consul (never made, reaped after its check was "
