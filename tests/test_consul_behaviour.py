@@ -562,3 +562,25 @@ def test_consul_anomalies_and_reregistrations_are_exposed_as_metrics() -> None:
     text = generate_latest(registry).decode()
     assert 'repstage_consul_anomalies_total{kind="acl_filtered",service="orders"} 1.0' in text
     assert "repstage_consul_reregistrations_total 1.0" in text
+
+
+async def test_registration_with_a_write_only_token_is_kept_without_reading_it(
+    standins: Any,
+) -> None:
+    """A token that may register but not read its service gets 403 on the resync's look: the
+    registration is sent again (Consul keeps its check's status), never counted as restored."""
+    writer = AclPolicy(services=frozenset(), node_read=True, write=True)
+    standin = await standins(acl={"writer": writer}, run_checks=False)
+    registration = ConsulRegistration(
+        address=standin.address, token="writer", resync_interval=0.05, request_timeout=2
+    )
+    try:
+        service_id = await registration.register_self("cp-1", "127.0.0.1:9")
+        first = standin.services[("standin", service_id)]["ModifyIndex"]
+        await eventually(
+            lambda: standin.services[("standin", service_id)]["ModifyIndex"] > first, 10,
+            "registered again by the resync",
+        )
+        assert registration.restored == 0
+    finally:
+        await registration.stop()
