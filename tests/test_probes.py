@@ -352,3 +352,29 @@ async def test_runner_survives_a_failing_async_callback() -> None:
         MemberStatus.DOWN,
         MemberStatus.PRIMARY,
     ]
+
+
+async def test_runner_confirms_a_refusal_without_waiting_the_interval() -> None:
+    """A refused probe is followed by the confirming one after retry_interval, not interval;
+    two refusals (refused_fall) are DOWN; a timeout is not retried early."""
+    seen: list[Observation] = []
+    times: list[float] = []
+    refused = ProbeResult.failed(ProbeOutcome.REFUSED, "connection refused")
+
+    def script(n: int) -> ProbeResult:
+        times.append(time.monotonic())
+        return ProbeResult.ok(MemberStatus.PRIMARY) if n == 1 else refused
+
+    runner = ProbeRunner(seen.append, prober_factory=Factory({"a": script}))
+    spec = service("orders", "tcp", {"a": 1}, interval=0.5, retry_interval=0.01, rise=1)
+    try:
+        runner.set_services([spec])
+        await runner.start()
+        await until(lambda: any(o.status is MemberStatus.DOWN for o in seen))
+    finally:
+        await runner.stop()
+    down = next(o for o in seen if o.status is MemberStatus.DOWN)
+    assert down.cause is ProbeOutcome.REFUSED
+    assert len(times) >= 3
+    assert times[1] - times[0] >= 0.5  # the interval after an answer
+    assert times[2] - times[1] < 0.4  # the retry_interval after a refusal, well below 0.5

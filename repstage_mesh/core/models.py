@@ -85,6 +85,8 @@ class ProbeSpec(Frozen):
     timeout: float = Field(default=0.25, gt=0, le=60, description="seconds before a silent member counts as failed")
     fall: int = Field(default=3, ge=1, le=100, description="consecutive failures before a member is down")
     rise: int = Field(default=2, ge=1, le=100, description="consecutive successes before a member is up")
+    refused_fall: int = Field(default=2, ge=1, le=100, description="consecutive refused connections (each confirmed on a fresh connection) before a member is down; at most fall counts")
+    retry_interval: float = Field(default=0.02, gt=0, le=60, description="seconds before the probe that confirms a refused one (instead of interval)")
     path: str = Field(default="/primary", description="http: path that answers expect_status only on the primary")
     expect_status: int = Field(default=200, ge=100, le=599)
     user: str | None = Field(default=None, description="postgres: user to connect as")
