@@ -60,6 +60,7 @@ __all__ = [
     "Prober",
     "RedisProber",
     "TcpProber",
+    "abort_pg_attempt",
     "make_prober",
     "parse_role_reply",
     "probe_kind",
@@ -388,30 +389,48 @@ class PostgresProber:
     async def _abort(self, task: asyncio.Task[Any]) -> None:
         """Stop an overdue attempt without psycopg's cancel request."""
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            fd = conn.pgconn.socket
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        else:
-            task.cancel()  # still connecting
-        await asyncio.wait({task}, timeout=1.0)
-        if not task.done():
-            task.cancel()
-        else:
-            with contextlib.suppress(BaseException):
-                task.exception()
-        if conn is not None:
-            self._finish(conn)
+        await abort_pg_attempt(task, conn)
 
     @staticmethod
     def _finish(conn: psycopg.AsyncConnection[Any]) -> None:
-        if not conn.closed:
-            conn.pgconn.finish()  # no Terminate round trip to wait for
+        _finish_pg(conn)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             self._finish(conn)
+
+
+def _finish_pg(conn: psycopg.AsyncConnection[Any]) -> None:
+    if not conn.closed:
+        conn.pgconn.finish()  # no Terminate round trip to wait for
+
+
+async def abort_pg_attempt(
+    task: asyncio.Task[Any], conn: psycopg.AsyncConnection[Any] | None
+) -> None:
+    """Stop an overdue PostgreSQL exchange (`task`, working on `conn`, None while still
+    connecting) without psycopg's cancel request: a task cancelled inside a query makes psycopg
+    send the server a cancel request and wait up to 5 s for it and 5 s more for the query to
+    end (libpq < 17 does the request blocking the event loop, psycopg < 3.2 on the loop's
+    thread), which against a silent server is 10 s lost. Instead the connection's socket is
+    shut down: the pending wait fails at once with an OperationalError and nothing is sent. A
+    connection attempt is cancelled (psycopg connects cancel-safely). Returns once the task has
+    ended (or after 1 s, then cancelled); `conn` is finished."""
+    if conn is not None and not conn.closed:
+        fd = conn.pgconn.socket
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    else:
+        task.cancel()  # still connecting
+    await asyncio.wait({task}, timeout=1.0)
+    if not task.done():
+        task.cancel()
+    else:
+        with contextlib.suppress(BaseException):
+            task.exception()
+    if conn is not None:
+        _finish_pg(conn)
 
 
 # --- HTTP and TCP -----------------------------------------------------------------------------
