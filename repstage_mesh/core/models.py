@@ -88,6 +88,7 @@ class ProbeSpec(Frozen):
     refused_fall: int = Field(default=2, ge=1, le=100, description="consecutive refused connections (each confirmed on a fresh connection) before a member is down; at most fall counts")
     retry_interval: float = Field(default=0.02, gt=0, le=60, description="seconds before the probe that confirms a refused one (instead of interval)")
     path: str = Field(default="/primary", description="http: path that answers expect_status only on the primary")
+    port: Port | None = Field(default=None, description="probe this port on each member's address instead of the member's port (e.g. Patroni's REST API, 8008)")
     expect_status: int = Field(default=200, ge=100, le=599)
     user: str | None = Field(default=None, description="postgres: user to connect as")
     database: str = Field(default="postgres")

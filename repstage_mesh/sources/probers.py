@@ -513,14 +513,15 @@ def make_prober(
     """The prober for one member of a service, per the service's leadership.probe spec."""
     probe = spec.leadership.probe
     kind = probe_kind(spec)
+    port = probe.port or member.port
     if kind is ProbeKind.REDIS:
         return RedisProber(
-            member.address, member.port, probe.timeout, user=probe.user, password=_password(probe)
+            member.address, port, probe.timeout, user=probe.user, password=_password(probe)
         )
     if kind is ProbeKind.POSTGRES:
         return PostgresProber(
             member.address,
-            member.port,
+            port,
             probe.timeout,
             user=probe.user,
             database=probe.database,
@@ -529,13 +530,13 @@ def make_prober(
     if kind is ProbeKind.HTTP:
         return HttpProber(
             member.address,
-            member.port,
+            port,
             probe.timeout,
             path=probe.path,
             expect_status=probe.expect_status,
             session=session,
         )
-    return TcpProber(member.address, member.port, probe.timeout)
+    return TcpProber(member.address, port, probe.timeout)
 
 
 async def probe_once(spec: ServiceSpec, member: Member) -> ProbeResult:
