@@ -135,7 +135,7 @@ class PatroniCluster:
     def rest(self, name: str, path: str, timeout: float = 1.0) -> tuple[int, Any]:
         url = f"http://{host_of(name)}:{self.rest_port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             body = exc.read()
@@ -212,17 +212,16 @@ class PatroniCluster:
         assert etcd is not None
         peer = _free_on_all(["127.0.0.1"])
         client = f"http://127.0.0.1:{self.etcd_port}"
-        self._spawn("etcd", [
-            etcd, "--name", "e0", "--data-dir", str(self.directory / "etcd"),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"e0=http://127.0.0.1:{peer}",
-            "--log-level", "warn",
-        ], as_postgres=False)  # fmt: skip
+        argv = [etcd, "--name", "e0", "--data-dir", str(self.directory / "etcd"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                "--initial-cluster", f"e0=http://127.0.0.1:{peer}",
+                "--log-level", "warn"]  # fmt: skip
+        self._spawn("etcd", argv, as_postgres=False)
 
         def healthy() -> bool:
-            with urllib.request.urlopen(f"{client}/health", timeout=0.5) as r:  # noqa: S310
+            with urllib.request.urlopen(f"{client}/health", timeout=0.5) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
 
         wait_until(healthy, 20, "etcd healthy", 0.05)
@@ -239,7 +238,7 @@ class PatroniCluster:
                 "dcs": PATRONI_DCS,
                 "initdb": [{"encoding": "UTF8"}, {"auth": "trust"}],
                 "pg_hba": ["host replication replicator 127.0.0.0/8 trust",
-                           "host all all 127.0.0.0/8 trust"],  # fmt: skip
+                           "host all all 127.0.0.0/8 trust"],
             },
             "postgresql": {
                 "listen": f"{host}:{self.pg_port}",
