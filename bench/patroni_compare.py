@@ -148,7 +148,8 @@ class Rig:
     ports: dict[str, int]
 
     def primary(self, service: str) -> str | None:
-        return self.cp.get(f"/v1/services/{service}")["primary"]  # type: ignore[no-any-return]
+        primary = self.cp.get(f"/v1/services/{service}")["primary"]
+        return None if primary is None else str(primary)
 
     def routed_to(self, member: str, w: dict[str, Writer], since: float) -> bool:
         return all(x.first_on(member, since) is not None for x in w.values())
@@ -193,9 +194,14 @@ def settle(r: Rig) -> str:
     """A healthy cluster, and every way writing to its leader; returns the leader."""
     leader = r.cluster.wait_healthy(timeout=120)
     for service in ("pg-probe", "pg-announce"):
-        if r.primary(service) != leader and service == "pg-announce":
+        if service == "pg-announce" and r.primary(service) != leader:
+            print(f"  note: {service} is at {r.primary(service)}, Patroni's leader {leader}: re-announcing by hand")
             r.cp.call("POST", "/v1/services/pg-announce/primary", {"member": leader, "cause": "bench: resync"})
-        wait_until(lambda s=service: r.primary(s) == leader, 30, what=f"{service} routes to {leader}")
+
+        def routed(s: str = service) -> bool:
+            return r.primary(s) == leader
+
+        wait_until(routed, 30, what=f"{service} routes to {leader}")
     return leader
 
 
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"meta": {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
         "load_before": loadavg(),
-        "haproxy": subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.splitlines()[0],
+        "haproxy": " ".join(subprocess.run([haproxy, "-v"], capture_output=True, text=True).stdout.split()[:3]),
         "patroni": subprocess.run([str(PATRONI_VENV / "bin" / "patroni"), "--version"],
                                   capture_output=True, text=True).stdout.strip(),
     }, "runs": []}  # fmt: skip
@@ -258,6 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"{fault} #{i + 1} {res['old']} -> {res['new']} (promoted {res['promoted_ms']:.0f} ms): {ways}",
                       flush=True)  # fmt: skip
     results["meta"]["duration_s"] = time.monotonic() - started
+    results["meta"]["command"] = ".venv/bin/python bench/patroni_compare.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--write-results")
     results["meta"]["load_after"] = loadavg()
     return results
 
@@ -298,7 +306,32 @@ def render(results: dict[str, Any], command: str) -> str:
             span = (f"{percentile(firsts, 50):.0f} ({min(firsts):.0f} / {max(firsts):.0f})" if firsts else "-")
             lines.append(f"| {way} | {span} | {after_p} | {after_f} | {failed:.0f} |")
         lines.append("")
+    lines += ["### Reading", "", *READING]
     return "\n".join(lines)
+
+
+READING = [
+    "- **kill -9 of the leader's postgres.** Patroni notices on its next loop (loop_wait 1 s) and, with "
+    "primary_start_timeout 0, releases the leader key; a replica is promoted ~2-3 s after the kill. RepStage's "
+    "probe of /primary routes to it 0.3-0.4 s later (rise 2 at 0.1 s, then fence, commit, push, and the "
+    "writer's reconnect); the "
+    "callback way needs the `repstage-mesh announce` process to start (Python start-up) and is a little "
+    "behind. HAProxy with the documented `inter 3s fall 3 rise 2` waits for the new leader to pass two checks "
+    "3 s apart: 5-8 s more. None of the three can send a write to a dead postgres (the 2-3 'after the fault' "
+    "are answers given just before the kill, timed after it).",
+    "- **A hung Patroni** (SIGSTOP of the agent; its postgres keeps running as primary). Nothing is promoted "
+    "before the leader key's ttl (20 s) expires. RepStage's probe times out on the frozen REST API and fails "
+    "closed after fall x timeout (~1 s): a write outage until the promotion (the failed writes), and no write "
+    "on the old primary after it. HAProxy keeps routing to the old primary until its checks have timed out "
+    "(timeout check 5 s, fall 3; the old primary is still the only primary then: only what had not "
+    "replicated at the promotion is lost, as in any asynchronous failover), then "
+    "has no server until the new leader passes rise 2. The callback way alone has no detection: it keeps "
+    "routing to the old primary until the new leader's on_role_change announces, so the old primary "
+    "acknowledged writes after the promotion (the 3305 above, ~0.5 s of writes per run), which the old "
+    "primary's pg_rewind then discards: lost acknowledged writes. Use (a) the probe, or (a) and (b) together, "
+    "to fence a hung leader; the announce's own break-before-make is issue 14 item 1.",
+    "- With 2 freeze runs the p50 is the faster run (nearest rank).",
+]
 
 
 def main() -> int:
@@ -315,7 +348,8 @@ def main() -> int:
         results = run(args)
         OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
         OUT_JSON.write_text(json.dumps(results, indent=2))
-    text = render(results, command.replace(" --report-only", ""))
+    results["meta"].setdefault("command", command)
+    text = render(results, results["meta"]["command"])
     print()
     print(text)
     if args.write_results:

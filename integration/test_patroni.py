@@ -34,7 +34,8 @@ class PatroniMesh:
     ports: dict[str, int]  # service -> Envoy listener
 
     def primary(self, service: str) -> str | None:
-        return self.cp.get(f"/v1/services/{service}")["primary"]  # type: ignore[no-any-return]
+        primary = self.cp.get(f"/v1/services/{service}")["primary"]
+        return None if primary is None else str(primary)
 
     def write_through(self, service: str) -> str:
         """INSERT through Envoy's listener for `service`; the member that acknowledged it."""
@@ -86,8 +87,11 @@ def patroni_mesh() -> Iterator[PatroniMesh]:
             envoy.start()
             mesh = PatroniMesh(cluster, cp, envoy, ports)
             for service in ports:
-                wait_until(lambda s=service: mesh.write_through(s) == leader, 20,
-                           what=f"writes through Envoy reach the Patroni leader ({service})")  # fmt: skip
+
+                def reaches_leader(s: str = service) -> bool:
+                    return mesh.write_through(s) == leader
+
+                wait_until(reaches_leader, 20, what=f"writes through Envoy reach the Patroni leader ({service})")
             yield mesh
         finally:
             envoy.stop()
@@ -97,7 +101,11 @@ def patroni_mesh() -> Iterator[PatroniMesh]:
 def _kill_the_leader(mesh: PatroniMesh) -> tuple[str, str, float]:
     old = mesh.cluster.wait_healthy()
     for service in mesh.ports:
-        wait_until(lambda s=service: mesh.primary(s) == old, 20, what=f"{service} routes to {old}")
+
+        def routed(s: str = service) -> bool:
+            return mesh.primary(s) == old
+
+        wait_until(routed, 20, what=f"{service} routes to {old}")
     killed = mesh.cluster.kill_postgres(old)
     new = mesh.cluster.wait_leader(other_than=old, timeout=60)
     return old, new, killed
