@@ -12,9 +12,10 @@ returns a `ProbeResult` within the spec's timeout and never raises:
 - http: GET path; status == expect_status → PRIMARY, any other answer → REPLICA.
 - tcp: connect → UNKNOWN ("up").
 
-A refused connection is REFUSED (the process is gone); a kept connection that breaks is retried
-once on a fresh one within the same probe, so a killed member reads as REFUSED, not as a vague
-error. No answer within the timeout is TIMEOUT.
+A refused connection is REFUSED (the process is gone); a kept connection that breaks (Redis,
+PostgreSQL, an HTTP keep-alive connection) is retried once on a fresh one within the same probe,
+so a killed member reads as REFUSED, not as a vague error, and REFUSED always means a fresh
+connection was refused or closed. No answer within the timeout is TIMEOUT.
 
 `ProbeRunner` (sources/probes.py) runs them on every member's interval.
 """
@@ -461,12 +462,8 @@ class HttpProber:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            async with (
-                asyncio.timeout(self.timeout),
-                self._session.get(self.url, allow_redirects=False) as response,
-            ):
-                await response.read()
-                status = response.status
+            async with asyncio.timeout(self.timeout):
+                status = await self._get()
         except aiohttp.ClientConnectorError as exc:
             return _failure(exc.os_error, started)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -478,6 +475,15 @@ class HttpProber:
         latency = time.monotonic() - started
         role = MemberStatus.PRIMARY if status == self.expect_status else MemberStatus.REPLICA
         return ProbeResult.ok(role, detail=f"HTTP {status}", latency=latency)
+
+    async def _get(self) -> int:
+        """The status of one GET. A kept-alive connection the server had closed is retried once
+        on a fresh one by aiohttp itself (idempotent methods, since 3.9: aio-libs/aiohttp#7363),
+        so "connection closed" is always a fresh connection's."""
+        assert self._session is not None
+        async with self._session.get(self.url, allow_redirects=False) as response:
+            await response.read()
+            return response.status
 
     async def close(self) -> None:
         session, self._session = self._session, None
