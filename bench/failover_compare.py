@@ -1028,6 +1028,7 @@ def render(results: dict[str, Any], command: str) -> str:
               "From the SIGKILL to the first write the new primary acknowledges through the proxy. ms.", ""]
     rows = []
     for key, label in (("rto_repstage", "RepStage probe + orchestrate (Envoy)"),
+                       ("rto_sentinel_200", "Sentinel down-after 200 + HAProxy tuned"),
                        ("rto_sentinel_1000", "Sentinel down-after 1000 + HAProxy tuned"),
                        ("rto_sentinel_5000", "Sentinel down-after 5000 + HAProxy tuned")):
         runs = results.get(key, [])
@@ -1309,6 +1310,7 @@ def run(args: argparse.Namespace, bins: dict[str, str | None]) -> dict[str, Any]
                     wait_until(lambda: sentinels.settled(r.port(r.primary)), 30, 0.1, "sentinels see everyone")
                     rto_sentinel(r, sentinels, 1000, args.sentinel_runs, budget, results)
                     rto_sentinel(r, sentinels, 5000, args.sentinel_slow_runs, budget, results)
+                    rto_sentinel(r, sentinels, 200, args.sentinel_fast_runs, budget, results)
                 if "isolation" in phases:
                     print("3c. isolated old primary: Sentinel (down-after 1000) + HAProxy")
                     with phase(results, "isolation sentinel"):
@@ -1373,6 +1375,8 @@ def main() -> int:
     parser.add_argument("--rto-runs", type=int, default=20, help="RepStage kill -9 runs")
     parser.add_argument("--sentinel-runs", type=int, default=5, help="Sentinel down-after 1000 kill runs")
     parser.add_argument("--sentinel-slow-runs", type=int, default=3, help="Sentinel down-after 5000 kill runs")
+    parser.add_argument("--sentinel-fast-runs", type=int, default=0,
+                        help="Sentinel down-after 200 kill runs (its most eager setting that stays sane)")
     parser.add_argument("--phases", default="", help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds for the whole run")
     parser.add_argument("--quick", action="store_true", help="fewer runs (3/2/20 Envoys x 2/5/2/1)")
