@@ -2,7 +2,9 @@
 its timeout and the event loop keeps running meanwhile.
 
 psycopg answers a cancelled query with a cancel request and waits up to 5 s for it and 5 s more
-for the query to end (with libpq < 17 the request blocks the event loop). `postgres_promote`
+for the query to end (psycopg 3.1 sends the request blocking the event loop; measured with
+psycopg 3.3.9 and its bundled libpq 18: the promotion returned after 11 s with a 1 s timeout,
+the loop kept running). `postgres_promote`
 bounds its work by shutting the socket down instead. The standby is reached through a small
 TCP relay that SIGSTOPs the whole standby (postmaster and backends) just before it forwards the
 promotion's first query, so the query is in flight when the server goes silent; libpq's cancel

@@ -189,8 +189,8 @@ async def _pg_bounded(
     """`work` on a fresh autocommit connection, within `timeout` (TimeoutError after it).
 
     Not `asyncio.timeout` around the queries: cancelling a task inside a query makes psycopg
-    send a cancel request and wait for it (up to 10 s against a silent server, blocking the
-    event loop with libpq < 17 and psycopg < 3.2). At the timeout the socket is shut down
+    send a cancel request and wait for it (up to 10 s against a silent server; psycopg 3.1
+    sends it blocking the event loop). At the timeout the socket is shut down
     instead (`sources.probers.abort_pg_attempt`), so the promotion step ends on time and the
     loop keeps serving while a standby is stopped or partitioned."""
     conns: list[psycopg.AsyncConnection[Any]] = []

@@ -413,8 +413,8 @@ async def abort_pg_attempt(
     """Stop an overdue PostgreSQL exchange (`task`, working on `conn`, None while still
     connecting) without psycopg's cancel request: a task cancelled inside a query makes psycopg
     send the server a cancel request and wait up to 5 s for it and 5 s more for the query to
-    end (libpq < 17 does the request blocking the event loop, psycopg < 3.2 on the loop's
-    thread), which against a silent server is 10 s lost. Instead the connection's socket is
+    end (psycopg 3.1 even sends the request blocking the event loop; 3.2+ uses libpq 17's
+    non-blocking cancel or a worker thread), which against a silent server is 10 s lost. Instead the connection's socket is
     shut down: the pending wait fails at once with an OperationalError and nothing is sent. A
     connection attempt is cancelled (psycopg connects cancel-safely). Returns once the task has
     ended (or after 1 s, then cancelled); `conn` is finished."""
