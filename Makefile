@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint unit integration bench system-deps venv clean
+.PHONY: run test lint unit integration bench bench-patroni system-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/close_on_switch.py
 	$(BIN)/python bench/tracing_overhead.py --proxies 1000 --rounds 20
 	$(BIN)/python bench/failover_compare.py --write-results
+	$(BIN)/python bench/patroni_compare.py --kills 5 --freezes 2 --write-results
+
+# Patroni (etcd + 3 PostgreSQL) behind RepStage and behind HAProxy as Patroni documents it.
+bench-patroni: $(STAMP)
+	./scripts/system-deps.sh --bench
+	$(BIN)/python bench/patroni_compare.py --kills 5 --freezes 2 --write-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

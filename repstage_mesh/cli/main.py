@@ -2,7 +2,8 @@
 
 Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
 http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
-`proxies`, `switchover`, `failovers`. `validate CONFIG` checks a config file offline. `serve`,
+`proxies`, `switchover`, `failovers`, `announce` (for an orchestrator's callback, e.g.
+Patroni's on_role_change). `validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
 
 Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_client_options(suppress=True)]
     _add_read_commands(sub, common)
     _add_switchover(sub, common)
+    _add_announce(sub, common)
     sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
     validate = sub.add_parser(
         "validate", parents=common, help="check a config file; exit 1 on errors"
@@ -133,6 +135,39 @@ def _add_switchover(sub: Subcommands, common: Parents) -> None:
         help="claimed epoch; refused unless greater than the current one",
     )
     switch.add_argument("--cause", default="cli switchover", help="recorded with the change")  # fmt: skip
+
+
+PRIMARY_ROLES = ("primary", "master")  # Patroni >= 3 says primary, Patroni 2 master
+
+
+def _add_announce(sub: Subcommands, common: Parents) -> None:
+    announce = sub.add_parser(
+        "announce",
+        parents=common,
+        help="announce that MEMBER is now the primary (an orchestrator's callback, e.g. Patroni's on_role_change)",
+        description=(
+            "POST /v1/services/SERVICE/primary {member: MEMBER}. Used as Patroni's on_role_change "
+            "callback, Patroni appends ACTION ROLE SCOPE: the member is announced only when ROLE "
+            "is primary (or master); any other role is printed and nothing is sent."
+        ),
+    )
+    announce.add_argument("service", metavar="SERVICE")
+    announce.add_argument("member", metavar="MEMBER")
+    announce.add_argument(
+        "callback",
+        nargs="*",
+        metavar="ACTION ROLE SCOPE",
+        help="what Patroni appends to a callback command (e.g. on_role_change primary pg-cluster)",
+    )
+    announce.add_argument(
+        "--epoch", type=int, metavar="N",
+        help="fencing token the orchestrator claims (e.g. Patroni's term); refused unless newer",
+    )  # fmt: skip
+    announce.add_argument("--cause", help="recorded with the change (default: names the callback)")
+    announce.add_argument(
+        "--retry-for", type=float, default=10.0, metavar="SECONDS",
+        help="keep retrying while the API cannot be reached, up to this long (default 10)",
+    )  # fmt: skip
 
 
 def _add_bootstrap(sub: Subcommands) -> None:
@@ -322,6 +357,41 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
     return EXIT_OK
 
 
+def cmd_announce(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """Announce MEMBER as SERVICE's primary; as a Patroni callback, only for a primary role."""
+    cause = args.cause or "announce"
+    if args.callback:
+        if len(args.callback) != 3:
+            raise CliError(
+                "after SERVICE MEMBER expected nothing or ACTION ROLE SCOPE (what Patroni appends "
+                f"to a callback), got {' '.join(args.callback)!r}"
+            )
+        action, role, scope = args.callback
+        if role not in PRIMARY_ROLES:
+            out.show({"announced": False, "member": args.member, "role": role},
+                     f"{args.member} is now {role} ({action}, {scope}): nothing to announce")
+            return EXIT_OK
+        cause = args.cause or f"patroni {action}: {args.member} is {role} in {scope}"
+    if args.epoch is not None and args.epoch < 1:
+        raise CliError(f"--epoch must be at least 1, got {args.epoch}")
+    if args.retry_for < 0:
+        raise CliError(f"--retry-for must not be negative, got {args.retry_for:g}")
+    body: dict[str, Any] = {"member": args.member, "cause": cause}
+    if args.epoch is not None:
+        body["epoch"] = args.epoch
+    deadline = time.monotonic() + args.retry_for
+    while True:
+        try:
+            change = client.post(f"/v1/services/{_path(args.service)}/primary", body)
+            break
+        except ApiUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)  # retry pacing while the API is unreachable
+    out.show(change, render.switchover_text(change))
+    return EXIT_OK
+
+
 def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     try:
         failovers = client.get("/v1/failovers")
@@ -424,6 +494,7 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "services": cmd_services,
     "proxies": cmd_proxies,
     "switchover": cmd_switchover,
+    "announce": cmd_announce,
     "failovers": cmd_failovers,
 }
 
@@ -431,7 +502,11 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
+        if extra:  # Patroni appends ACTION ROLE SCOPE after the options of an announce
+            if args.command != "announce" or any(a.startswith("-") for a in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.callback = [*args.callback, *extra]
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command in _DELEGATES:
