@@ -238,7 +238,6 @@ class Node:
         settings = self.settings
         loop = asyncio.get_running_loop()
         data_dir = Path(settings.node.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
         raft = settings.raft
         peers = [str(p) for p in raft.peers] if raft.multi_node else []
         self.store = await loop.run_in_executor(
@@ -249,6 +248,8 @@ class Node:
                 peers,
                 data_dir,
                 password=settings.raft_password(),
+                durable_journal=raft.durable_journal,
+                unauthenticated_frame_limit=raft.unauthenticated_frame_limit,
                 on_apply=self._on_apply,
                 on_role_change=lambda _leader: self.engine.leadership_changed(),
                 loop=loop,

@@ -67,6 +67,19 @@ def _consul_address(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Secret = Annotated[SecretStr, Field(min_length=1)]
+RAFT_PASSWORD_MIN_LENGTH = 16
+
+
+def _long_enough(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < RAFT_PASSWORD_MIN_LENGTH:
+        raise ValueError(
+            f"must be at least {RAFT_PASSWORD_MIN_LENGTH} characters (it keys the encryption and "
+            "authentication of every Raft peer)"
+        )
+    return value
+
+
+RaftPassword = Annotated[SecretStr, AfterValidator(_long_enough)]
 
 
 def default_node_id() -> str:
@@ -157,7 +170,17 @@ class RaftConfig(Section):
 
     bind: HostPort = "127.0.0.1:7001"
     peers: tuple[HostPort, ...] = ()
-    password: Secret | None = None
+    password: RaftPassword | None = None
+    durable_journal: bool = Field(
+        default=True,
+        description="msync the journal and fsync term and vote before acknowledging; false is "
+        "faster, logs a warning, and a power loss of a majority can lose acknowledged writes",
+    )
+    unauthenticated_frame_limit: Annotated[int, Field(ge=1024, le=2**31 - 1)] = Field(
+        default=65536,
+        description="largest frame (bytes) accepted from a Raft peer before it proved the "
+        "password; a bigger one drops the connection (metric repstage_raft_frames_refused_total)",
+    )
 
     @model_validator(mode="after")
     def _cluster(self) -> RaftConfig:

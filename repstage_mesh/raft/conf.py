@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pysyncobj import SyncObjConf
 
+from repstage_mesh.raft.durable import DIR_MODE
+
 JOURNAL_FILE = "journal.bin"
 DUMP_FILE = "dump.bin"
 LOCK_FILE = "lock"
@@ -56,14 +58,22 @@ class RaftTimings:
             raise ValueError("bind_retries: must be at least 1 (0 would retry forever)")
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create `data_dir` (and its parents) if missing, and make it 0700 (only this user)."""
+    data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o777 != DIR_MODE:
+        os.chmod(data_dir, DIR_MODE)
+
+
 def build_conf(
     data_dir: Path,
     password: str | None,
     timings: RaftTimings,
     on_state_changed: Callable[[int, int], None] | None = None,
 ) -> SyncObjConf:
-    """The SyncObjConf for one node whose journal and dump live in `data_dir` (created if missing)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """The SyncObjConf for one node whose journal and dump live in `data_dir` (created if missing,
+    mode 0700 either way: the journal holds pickles)."""
+    prepare_data_dir(data_dir)
     return SyncObjConf(
         password=password,
         autoTick=True,
