@@ -7,16 +7,18 @@ Raft index) could be issued twice.
 
 `DurableJournal` subclasses `FileJournal` and keeps one invariant:
 
-    every journal mutation is on disk (msync of the mmap) before the journal is next read, and
-    before any message leaves this node; term and vote are fsync'd (file and directory) before
-    `setCurrentTerm` returns.
+    every journal mutation is on disk (msync of the mmap) before the journal is next read,
+    before any message leaves this node, and by the end of the tick; term and vote are fsync'd
+    (file and directory) before `setCurrentTerm` returns.
 
 That covers the three points where Raft acknowledges: a follower answers AppendEntries success
 (a message: the transport calls `sync()` first, see `guard.GuardedTCPTransport`), the leader
 counts its own entry towards the commit index (the count reads the entry back from the journal:
 synced by then), a vote is granted (pysyncobj stores the vote through `setCurrentTerm` before it
 sends `response_vote`). Follower appends of many entries in one message cost one msync, not
-one per entry.
+one per entry. The leader msyncs before it sends its entries (it reads them back to send
+them), so a commit costs two flushes in a row, the leader's then a follower's; Raft would allow
+the leader's to overlap replication, pysyncobj's structure does not make that easy.
 
 pysyncobj builds its journal with the module-level `pysyncobj.syncobj.createJournal(path)`;
 `install()` replaces that function (once per process) with one that builds a `DurableJournal`,
