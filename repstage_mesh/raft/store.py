@@ -207,6 +207,7 @@ class ReplicatedStore:
         loop: asyncio.AbstractEventLoop | None = None,
         machine: StateMachine | None = None,
         timings: RaftTimings | None = None,
+        bind_address: str | None = None,
     ) -> None:
         peers = _checked_peers(node_id, self_address, peers, password)
         self.node_id = node_id
@@ -224,8 +225,10 @@ class ReplicatedStore:
         self._peer_keys = tuple(Node(p) for p in self.peers)
         self._applier = _Applier(self._machine, self._notify)
         conf: SyncObjConf = build_conf(
-            self.data_dir, password if peers else None, self._timings, self._on_state_changed
+            self.data_dir, password if peers else None, self._timings, self._on_state_changed,
+            bind_address=bind_address if peers else None,
         )
+        self.bind_address = bind_address or self_address
         self._lock_file = _lock_data_dir(self.data_dir)
         self._sync = self._start(conf)
         self._sync.addOnTickCallback(self._on_tick)
@@ -254,7 +257,7 @@ class ReplicatedStore:
             sync.destroy_synchronous()
             self._lock_file.close()
             raise RaftBindError(
-                f"raft bind: cannot listen on {self.self_address} after {self._timings.bind_retries} "
+                f"raft bind: cannot listen on {self.bind_address} after {self._timings.bind_retries} "
                 "attempts (address in use or not local)"
             ) from exc
         return sync
