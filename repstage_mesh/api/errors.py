@@ -16,7 +16,12 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from repstage_mesh.api.models import ErrorDetail
-from repstage_mesh.core.errors import ApiRequestError, MeshError, SwitchoverFailed, SwitchoverRunning
+from repstage_mesh.core.errors import (
+    ApiRequestError,
+    MeshError,
+    SwitchoverFailed,
+    SwitchoverRunning,
+)
 from repstage_mesh.core.models import Rejection
 
 log = logging.getLogger(__name__)
