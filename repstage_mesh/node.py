@@ -31,6 +31,7 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient, PeerProxies
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.core.errors import (
     ApiRequestError,
     MeshError,
@@ -202,9 +203,16 @@ class Node:
                 "connected_proxies": len(self.tracker.connected()),
                 "nodes": [n.model_dump() for n in self.state().nodes.values()],
                 "started_at": self._started_at,
+                "config_drift": [d.as_dict() for d in self.config_drift()],
             }
         )
         return status
+
+    def config_drift(self) -> list[ServiceDrift]:
+        """Services whose spec in this node's config file differs from the replicated one
+        (changed, or not replicated yet); services defined only through the API are not drift."""
+        replicated = {name: svc.spec for name, svc in self.state().services.items()}
+        return [d for d in drift(self.settings.specs(), replicated) if d.kind != "unmanaged"]
 
     def ready(self) -> bool:
         return self._ready
@@ -374,10 +382,12 @@ class Node:
                     await self.submit(PutService(spec=spec), timeout=10.0)
                 except Exception as exc:
                     log.warning("could not define service %s from the config file: %s", spec.name, exc)
-            elif have.spec.model_copy(update={"primary": spec.primary}) != spec:
+        for item in self.config_drift():
+            if item.kind == "changed":
                 log.warning(
-                    "service %s in the config file differs from the replicated state; the "
-                    "replicated one is kept (change it with PUT /v1/services/%s)", spec.name, spec.name,
+                    "config drift: service %s in the config file differs from the replicated "
+                    "state in %s; the replicated one is kept (see `repstage-mesh status`; apply "
+                    "the file with `repstage-mesh apply FILE`)", item.service, ", ".join(item.fields),
                 )
         await self._announce()
         self._ready = True
