@@ -34,6 +34,16 @@ then the namespaces and the bridge are deleted.
   The gateway (the test process) still reaches both sides.
 - `isolate(h)` sets the bridge side of h's veth down: h is cut from everybody, including the
   test process; `rejoin(h)` sets it up again.
+
+Real processes inside a namespace, with the stop-always classes of `integration/harness.py`:
+
+    node = netns.serve_node(a, workdir, config, "cp-1", env={"REPSTAGE_API__ADVERTISE": ...})
+    node.start(wait_ready=False); node.wait_ready()   # node.api: http://<advertised API>
+    envoy = netns.envoy_in(a, workdir, "envoy-a", [f"{a.address}:18000"]).start()
+
+`serve_node` is a `harness.ControlPlaneNode` whose `api` is the advertised API address
+(`api.advertise` in the config or REPSTAGE_API__ADVERTISE in `env`); `envoy_in` a
+`harness.Envoy` whose `start()` waits for its admin port from inside the namespace.
 """
 
 from __future__ import annotations
@@ -44,9 +54,13 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from integration.harness import ControlPlaneNode, Envoy, wait_until
 
 _SUBNETS = 2048  # /24s in 10.200.0.0/13
 _UNUSED_MAC = "02:00:5e:00:de:ad"  # locally administered, never given to a veth here
@@ -184,3 +198,54 @@ def network(size: int) -> Iterator[Network]:
         yield net
     finally:
         net.close()
+
+
+# --- real processes inside a namespace --------------------------------------------------------
+
+
+class NamespacedNode(ControlPlaneNode):
+    """`repstage-mesh serve` inside a namespace; `api` is its advertised API address."""
+
+    def __init__(self, host: Host, workdir: Path, config: dict[str, Any], name: str,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(workdir, config, name)
+        self.host = host
+        self.proc.argv = host.wrap(self.proc.argv)
+        self.proc.env = {**(self.proc.env or {}), **(env or {})}
+        self.advertised_api = (env or {}).get("REPSTAGE_API__ADVERTISE") or config["api"]["advertise"]
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.advertised_api}"
+
+
+def serve_node(host: Host, workdir: Path, config: dict[str, Any], name: str,
+               env: dict[str, str] | None = None) -> NamespacedNode:  # fmt: skip
+    """A `harness.ControlPlaneNode` that runs inside `host` (not started)."""
+    return NamespacedNode(host, workdir, config, name, env)
+
+
+class NamespacedEnvoy(Envoy):
+    """A real Envoy inside a namespace; its admin port answers on the namespace's loopback."""
+
+    def __init__(self, host: Host, workdir: Path, node_id: str, xds: list[str]) -> None:
+        super().__init__(workdir, node_id, xds)
+        self.host = host
+        self.proc.argv = host.wrap(self.proc.argv)
+
+    def start(self) -> NamespacedEnvoy:
+        self.proc.start()
+        wait_until(lambda: self.admin("/ready") is not None, 20, 0.1, f"envoy {self.node_id} admin")
+        return self
+
+    def admin(self, path: str) -> str | None:
+        code = ("import sys,urllib.request\n"
+                "print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode(), end='')")  # fmt: skip
+        done = self.host.run([sys.executable, "-c", code, f"http://127.0.0.1:{self.admin_port}{path}"],
+                             check=False)  # fmt: skip
+        return done.stdout if done.returncode == 0 else None
+
+
+def envoy_in(host: Host, workdir: Path, node_id: str, xds: list[str]) -> NamespacedEnvoy:
+    """A `harness.Envoy` that runs inside `host` (not started)."""
+    return NamespacedEnvoy(host, workdir, node_id, xds)
