@@ -212,7 +212,9 @@ class NamespacedNode(ControlPlaneNode):
         self.host = host
         self.proc.argv = host.wrap(self.proc.argv)
         self.proc.env = {**(self.proc.env or {}), **(env or {})}
-        self.advertised_api = (env or {}).get("REPSTAGE_API__ADVERTISE") or config["api"]["advertise"]
+        self.advertised_api = (env or {}).get("REPSTAGE_API__ADVERTISE") or config["api"][
+            "advertise"
+        ]
 
     @property
     def api(self) -> str:

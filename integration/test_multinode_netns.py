@@ -65,13 +65,20 @@ class Mesh:
             if len(leaders) != 1 or None in leaders:
                 return None
             node = by_raft.get(str(leaders.pop()))
-            return node if node is not None and call("GET", f"{node.api}/v1/cluster", token=RO)[1]["is_leader"] else None
+            return (
+                node
+                if node is not None
+                and call("GET", f"{node.api}/v1/cluster", token=RO)[1]["is_leader"]
+                else None
+            )
 
         found: netns.NamespacedNode = wait_until(agreed, 20, 0.1, "the nodes agree on a leader")
         return found
 
 
-def _redis(host: netns.Host, wd: Path, name: str, replica_of: str | None = None) -> subprocess.Popen[bytes]:
+def _redis(
+    host: netns.Host, wd: Path, name: str, replica_of: str | None = None
+) -> subprocess.Popen[bytes]:
     binary = redis_server_binary()
     assert binary, "redis-server not found: run scripts/system-deps.sh"
     (wd / name).mkdir()
@@ -119,7 +126,9 @@ def mesh() -> Iterator[Mesh]:
             for i, host in enumerate(net.hosts):
                 env = {f"REPSTAGE_{k}__ADVERTISE": f"{host.address}:{port}"
                        for k, port in (("API", API), ("XDS", XDS), ("RAFT", RAFT))}  # fmt: skip
-                nodes.append(netns.serve_node(host, wd, _node_config(i, net, members), f"cp-{i + 1}", env))
+                nodes.append(
+                    netns.serve_node(host, wd, _node_config(i, net, members), f"cp-{i + 1}", env)
+                )
             for node in nodes:
                 node.start(wait_ready=False)
             for node in nodes:
@@ -136,10 +145,16 @@ def mesh() -> Iterator[Mesh]:
 
 
 def _connected(node: netns.NamespacedNode) -> list[str]:
-    return [str(p["node_id"]) for p in call("GET", f"{node.api}/v1/proxies", token=RO)[1] if p.get("connected")]
+    return [
+        str(p["node_id"])
+        for p in call("GET", f"{node.api}/v1/proxies", token=RO)[1]
+        if p.get("connected")
+    ]
 
 
-def test_switchover_on_a_follower_runs_on_the_leader_and_waits_for_every_nodes_proxies(mesh: Mesh) -> None:
+def test_switchover_on_a_follower_runs_on_the_leader_and_waits_for_every_nodes_proxies(
+    mesh: Mesh,
+) -> None:
     # every node announced its advertised addresses, not 127.0.0.1
     view = call("GET", f"{mesh.nodes[0].api}/v1/cluster", token=RO)[1]
     announced = {n["node_id"]: (n["api"], n["xds"], n["raft"]) for n in view["nodes"]}

@@ -36,7 +36,9 @@ def load(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None
     return load_config(str(path), env=env or {})
 
 
-def problems(tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
+def problems(
+    tmp_path: Path, data: dict[str, Any], env: dict[str, str] | None = None
+) -> dict[str, str]:
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, data, env)
     return dict(caught.value.errors)
@@ -47,11 +49,15 @@ def test_single_node_defaults_announce_the_listen_address_or_loopback(tmp_path: 
     assert settings.api.advertised() == "127.0.0.1:8080"
     assert settings.xds.advertised() == "127.0.0.1:18000"
     assert settings.raft.identity == "127.0.0.1:7001"
-    settings = load(tmp_path, {"api": {"listen": "192.0.2.1:8080", "tokens": {"read_write": ["t"]}}})
+    settings = load(
+        tmp_path, {"api": {"listen": "192.0.2.1:8080", "tokens": {"read_write": ["t"]}}}
+    )
     assert settings.api.advertised(9999) == "192.0.2.1:9999"  # the bound port
 
 
-def test_multi_node_wildcard_binds_need_advertise_and_each_problem_names_its_field(tmp_path: Path) -> None:
+def test_multi_node_wildcard_binds_need_advertise_and_each_problem_names_its_field(
+    tmp_path: Path,
+) -> None:
     found = problems(tmp_path, cluster())
     assert set(found) == {"api.advertise", "xds.advertise", "raft.advertise"}
     assert "REPSTAGE_API__ADVERTISE" in found["api.advertise"]
@@ -87,11 +93,15 @@ def test_own_advertised_raft_address_among_the_peers_is_refused(tmp_path: Path) 
     found = problems(tmp_path, cluster(raft={"advertise": PEERS[0]},
                                        api={"advertise": "10.0.0.1:8080"},
                                        xds={"advertise": "10.0.0.1:18000"}))  # fmt: skip
-    assert found == {"raft.peers[0]": "'10.0.0.2:7001' is this node's own raft.advertise; list only the others"}
+    assert found == {
+        "raft.peers[0]": "'10.0.0.2:7001' is this node's own raft.advertise; list only the others"
+    }
 
 
 def test_loopback_cluster_on_one_host_is_fine(tmp_path: Path) -> None:
-    settings = load(tmp_path, {"raft": {"bind": "127.0.0.1:7001", "peers": ["127.0.0.1:7002"], "password": "p"}})
+    settings = load(
+        tmp_path, {"raft": {"bind": "127.0.0.1:7001", "peers": ["127.0.0.1:7002"], "password": "p"}}
+    )
     assert settings.raft.identity == "127.0.0.1:7001"
 
 

@@ -106,7 +106,11 @@ def test_status_shows_config_drift(live: LiveApi, capsys: pytest.CaptureFixture[
     ]
     code, out, _ = run(capsys, "status", "--api", live.url)
     assert code == 0
-    assert "config drift" in out and "orders: listen_port, members" in out and "repstage-mesh apply" in out
+    assert (
+        "config drift" in out
+        and "orders: listen_port, members" in out
+        and "repstage-mesh apply" in out
+    )
 
 
 class SlowSwitchoverPlane(FakePlane):
@@ -119,15 +123,23 @@ class SlowSwitchoverPlane(FakePlane):
         self.follows = 0
 
     async def switchover(
-        self, service: str, to: str, timeout: float | None,
-        wait: float | None = None, caller: Caller = DIRECT,
+        self,
+        service: str,
+        to: str,
+        timeout: float | None,
+        wait: float | None = None,
+        caller: Caller = DIRECT,
     ) -> dict[str, Any]:
         self.waits.append(wait)
         raise SwitchoverRunning("still running", self._record("running"))
 
     async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         self.follows += 1
-        return self._record("running" if self.follows < 2 else "done") if record_id == "cp-1-7" else None
+        return (
+            self._record("running" if self.follows < 2 else "done")
+            if record_id == "cp-1-7"
+            else None
+        )
 
     def _record(self, status: str) -> dict[str, Any]:
         return {"id": "cp-1-7", "service": "orders", "cause": "switchover", "mode": "orchestrate",
@@ -135,11 +147,15 @@ class SlowSwitchoverPlane(FakePlane):
                 "started_at": 1.0, "epoch": 9, "timeline": []}  # fmt: skip
 
 
-def test_cli_follows_a_switchover_that_outlived_its_request(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_follows_a_switchover_that_outlived_its_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     plane = SlowSwitchoverPlane()
     with LiveApi(plane, extra_operations=failover_operations()) as server:
         plane._commit(_orchestrate())
-        code, out, err = run(capsys, "--json", "switchover", "orders", "--to", "b", "--api", server.url)
+        code, out, err = run(
+            capsys, "--json", "switchover", "orders", "--to", "b", "--api", server.url
+        )
     assert code == 0, err
     assert json.loads(out)["status"] == "done"
     assert plane.waits == [cli.SWITCHOVER_WAIT] and plane.follows == 2
