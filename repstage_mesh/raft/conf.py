@@ -70,9 +70,16 @@ def build_conf(
     password: str | None,
     timings: RaftTimings,
     on_state_changed: Callable[[int, int], None] | None = None,
+    bind_address: str | None = None,
 ) -> SyncObjConf:
     """The SyncObjConf for one node whose journal and dump live in `data_dir` (created if missing,
-    mode 0700 either way: the journal holds pickles)."""
+    mode 0700 either way: the journal holds pickles).
+
+    `bind_address` (HOST:PORT) is where the Raft port listens. pysyncobj knows a node by its
+    self address (the string the peers list, our `raft.advertise`) and, without
+    `bindAddress`, listens on that address's port on every interface (0.0.0.0, or :: for an
+    IPv6 host), whatever its host; with `bindAddress` it listens there instead (a host name
+    is resolved). So a node may bind 0.0.0.0 and be known as its pod IP or DNS name."""
     prepare_data_dir(data_dir)
     return SyncObjConf(
         password=password,
@@ -98,5 +105,6 @@ def build_conf(
         useFork=False,
         maxBindRetries=timings.bind_retries,
         bindRetryTime=timings.bind_retry_time,
+        bindAddress=bind_address,
         onStateChanged=on_state_changed,
     )

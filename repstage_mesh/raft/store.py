@@ -213,6 +213,7 @@ class ReplicatedStore:
         loop: asyncio.AbstractEventLoop | None = None,
         machine: StateMachine | None = None,
         timings: RaftTimings | None = None,
+        bind_address: str | None = None,
         durable_journal: bool = True,
         unauthenticated_frame_limit: int = DEFAULT_UNAUTHENTICATED_FRAME_LIMIT,
         on_frame_refused: Callable[[int], None] | None = None,
@@ -242,8 +243,10 @@ class ReplicatedStore:
         self._peer_keys = tuple(Node(p) for p in self.peers)
         self._applier = _Applier(self._machine, self._notify)
         conf: SyncObjConf = build_conf(
-            self.data_dir, password if peers else None, self._timings, self._on_state_changed
+            self.data_dir, password if peers else None, self._timings, self._on_state_changed,
+            bind_address=bind_address if peers else None,
         )
+        self.bind_address = bind_address or self_address
         self._lock_file = _lock_data_dir(self.data_dir)
         self._sync = self._start(conf)
         self._sync.addOnTickCallback(self._on_tick)
@@ -276,7 +279,7 @@ class ReplicatedStore:
             sync.destroy_synchronous()
             self._lock_file.close()
             raise RaftBindError(
-                f"raft bind: cannot listen on {self.self_address} after {self._timings.bind_retries} "
+                f"raft bind: cannot listen on {self.bind_address} after {self._timings.bind_retries} "
                 "attempts (address in use or not local)"
             ) from exc
         return sync
