@@ -1,0 +1,91 @@
+"""Issue 12's chaos suite (integration/chaos): random faults under continuous traffic on three
+namespaced control-plane nodes, real Envoys and an orchestrated Redis primary with two
+replicas; the run fails when any must-be-0 row is above 0 (see integration/chaos/report.py).
+
+- `test_chaos_short` runs in `make test`: CHAOS_SHORT_ROUNDS rounds (default 3).
+- `test_chaos` is `make chaos` (marker `chaos`, deselected by default): CHAOS_ROUNDS rounds
+  (default 100); it writes its table and plot to bench/RESULTS.md.
+
+Every round prints its seed; `CHAOS_SEEDS=s1,s2` replays exactly those rounds (same fault,
+target and hold), `CHAOS_SEED` fixes the seed the round seeds are drawn from.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from integration.chaos import report
+from integration.chaos.mesh import CTL_MEMBERS, chaos_mesh, call
+from integration.chaos.suite import Chaos
+from integration.harness import wait_until, workdir
+
+
+def _ctl_state(mesh: object) -> tuple[str | None, int]:
+    def read() -> tuple[str | None, int] | None:
+        for node in mesh.alive():  # type: ignore[attr-defined]
+            try:
+                status, body = call("GET", f"{node.api}/v1/services/ctl/primary?consistent=true", timeout=3)
+            except OSError:
+                continue
+            if status == 200:
+                return body["primary"], int(body["epoch"])
+        return None
+
+    found: tuple[str | None, int] = wait_until(read, 60, 0.1, "a consistent read of ctl")
+    return found
+
+
+def _seeds(rounds: int) -> list[int]:
+    if os.environ.get("CHAOS_SEEDS"):
+        return [int(s) for s in os.environ["CHAOS_SEEDS"].split(",")]
+    master = int(os.environ.get("CHAOS_SEED", random.randrange(2**31)))
+    print(f"chaos: master seed {master} (CHAOS_SEED={master} replays the whole run)", flush=True)
+    rng = random.Random(master)
+    return [rng.randrange(2**31) for _ in range(rounds)]
+
+
+def run_chaos(rounds: int, write: bool, tmp_path: Path) -> report.Verdict:
+    started = time.monotonic()
+    with workdir() as wd, chaos_mesh(wd) as mesh:
+        initial = _ctl_state(mesh)
+        assert initial[0] in CTL_MEMBERS
+        seeds = _seeds(rounds)
+        chaos = Chaos(mesh, seed=seeds[0])
+        chaos.start()
+        try:
+            for i, seed in enumerate(seeds):
+                chaos.run_round(i, seed)
+        finally:
+            chaos.stop()
+        final = _ctl_state(mesh)
+        verdict = report.judge(chaos, initial, final)
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        command = f"make chaos CHAOS_ROUNDS={rounds}"
+        text = report.render(verdict, chaos.rounds, command, time.monotonic() - started, load)
+        print(text)
+        if verdict.not_recovered or verdict.unexpected_answers:
+            print("\n".join(["not recovered:", *verdict.not_recovered, "unexpected answers:",
+                             *verdict.unexpected_answers[:20]]))  # fmt: skip
+        if write:
+            report.plot(chaos.rounds)
+            report.write_results(text)
+        (tmp_path / "chaos.md").write_text(text)
+    return verdict
+
+
+def test_chaos_short(tmp_path: Path) -> None:
+    verdict = run_chaos(int(os.environ.get("CHAOS_SHORT_ROUNDS", "3")), False, tmp_path)
+    assert verdict.failures() == {}, verdict
+    assert verdict.data_writes > 0 and verdict.control_ops > 0
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(3600)
+def test_chaos(tmp_path: Path) -> None:
+    verdict = run_chaos(int(os.environ.get("CHAOS_ROUNDS", "100")), True, tmp_path)
+    assert verdict.failures() == {}, verdict
