@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from integration.chaos import report
-from integration.chaos.mesh import CTL_MEMBERS, chaos_mesh, call
+from integration.chaos.mesh import CTL_MEMBERS, call, chaos_mesh
 from integration.chaos.suite import Chaos
 from integration.harness import wait_until, workdir
 
@@ -65,7 +65,9 @@ def run_chaos(rounds: int, write: bool, tmp_path: Path) -> report.Verdict:
         final = _ctl_state(mesh)
         verdict = report.judge(chaos, initial, final)
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        command = f"make chaos CHAOS_ROUNDS={rounds}"
+        command = f"make chaos CHAOS_ROUNDS={rounds}" + (
+            f" CHAOS_SEEDS={os.environ['CHAOS_SEEDS']}" if os.environ.get("CHAOS_SEEDS") else ""
+        )
         text = report.render(verdict, chaos.rounds, command, time.monotonic() - started, load)
         print(text)
         if verdict.not_recovered or verdict.unexpected_answers:

@@ -95,7 +95,7 @@ def judge(chaos: Chaos, initial: tuple[str | None, int], final: tuple[str | None
         thread_errors=[f"{t.name}: {t.error!r}" for t in chaos.threads if t.error is not None],
         unexpected_answers=[u for c in chaos.control for u in c.result.unexpected],
         not_recovered=[f"round {r.index} (seed {r.seed}, {r.fault}): {r.note}" for r in chaos.rounds
-                       if not r.recovered],  # fmt: skip
+                       if not r.recovered],
         data_writes=sum(len(w.acked) for w in chaos.data),
         control_ops=len(chaos.recorder.operations()),
     )
@@ -121,7 +121,7 @@ def rto_table(rounds: list[Round]) -> list[dict[str, Any]]:
 
 def render(verdict: Verdict, rounds: list[Round], command: str, seconds: float, load: str) -> str:
     def fmt(v: tuple[float, float, float] | None) -> str:
-        return " | ".join(f"{x:.0f}" for x in v) if v else "– | – | –"
+        return " | ".join(f"{x:.0f}" for x in v) if v else "- | - | -"
 
     rows = rto_table(rounds)
     lines = [
@@ -156,7 +156,7 @@ def render(verdict: Verdict, rounds: list[Round], command: str, seconds: float, 
         "| fault | rounds | recovered | data p50 | data p99 | data max | control p50 | control p99 | control max |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *[f"| {r['fault']} | {r['rounds']} | {r['recovered']} | {fmt(r['data_rto'])} | "
-          f"{fmt(r['control_rto'])} |" for r in rows],  # fmt: skip
+          f"{fmt(r['control_rto'])} |" for r in rows],
         "",
         f"![RTO per fault type]({PLOT.name})",
     ]
