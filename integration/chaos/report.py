@@ -34,7 +34,8 @@ PLOT = ROOT / "bench" / "chaos_rto.png"
 
 @dataclass
 class Verdict:
-    split_brain_writes: int
+    split_brain_writes: int  # acknowledged by M while the committed primary was another member
+    fail_closed_writes: int  # acknowledged by M while the committed state had no primary
     missing_control_writes: int
     non_linearizable: int
     nack_loops: int
@@ -44,10 +45,12 @@ class Verdict:
     not_recovered: list[str]
     data_writes: int
     control_ops: int
+    updates_accepted: int  # Envoys' update_success: shows the NACK row reads real counters
 
     def failures(self) -> dict[str, int]:
         rows = {
             "split-brain writes": self.split_brain_writes,
+            "writes to a demoted member while fail-closed": self.fail_closed_writes,
             "acknowledged control writes missing": self.missing_control_writes,
             "non-linearizable control histories": self.non_linearizable,
             "NACKs (resend loops)": self.nack_loops,
@@ -58,9 +61,15 @@ class Verdict:
 
 
 def split_brain(chaos: Chaos) -> int:
+    """Writes acknowledged by a member while another member, or none, was the committed primary."""
+    return len(split_brain_writes(chaos))
+
+
+def split_brain_writes(chaos: Chaos) -> list[tuple[Any, Any, Any]]:
+    """(write, sighting before, sighting after) for every split-brain write."""
     seen = chaos.watcher.seen
     answered = [s[1] for s in seen]
-    count = 0
+    found = []
     for writer in chaos.data:
         for write in writer.acked:
             i = bisect.bisect_left(answered, write.invoked) - 1  # last sighting answered before
@@ -71,8 +80,8 @@ def split_brain(chaos: Chaos) -> int:
                 continue
             later = next((s for s in seen[i + 1:] if s[0] > write.acked), None)
             if later is not None and later[2] == primary and later[3] == epoch:
-                count += 1
-    return count
+                found.append((write, seen[i], later))
+    return found
 
 
 def control_verdict(chaos: Chaos, initial: tuple[str | None, int], final: tuple[str | None, int]) -> tuple[int, int]:
@@ -86,8 +95,11 @@ def control_verdict(chaos: Chaos, initial: tuple[str | None, int], final: tuple[
 
 def judge(chaos: Chaos, initial: tuple[str | None, int], final: tuple[str | None, int]) -> Verdict:
     missing, non_linear = control_verdict(chaos, initial, final)
+    found = split_brain_writes(chaos)
+    closed = sum(1 for _, before, _ in found if before[2] is None)
     return Verdict(
-        split_brain_writes=split_brain(chaos),
+        split_brain_writes=len(found) - closed,
+        fail_closed_writes=closed,
         missing_control_writes=missing,
         non_linearizable=non_linear,
         nack_loops=chaos.mesh.envoy_stat_sum("update_rejected"),
@@ -98,6 +110,7 @@ def judge(chaos: Chaos, initial: tuple[str | None, int], final: tuple[str | None
                        if not r.recovered],
         data_writes=sum(len(w.acked) for w in chaos.data),
         control_ops=len(chaos.recorder.operations()),
+        updates_accepted=chaos.mesh.envoy_stat_sum("update_success"),
     )
 
 
@@ -140,15 +153,17 @@ def render(verdict: Verdict, rounds: list[Round], command: str, seconds: float, 
         "",
         "| must be 0 | count |",
         "| --- | ---: |",
-        f"| split-brain writes | {verdict.split_brain_writes} |",
+        f"| split-brain writes (acknowledged by a member while another was the committed primary) | {verdict.split_brain_writes} |",
+        f"| writes acknowledged by a demoted member while the committed state had no primary (fail-closed) | {verdict.fail_closed_writes} |",
         f"| acknowledged control writes missing | {verdict.missing_control_writes} |",
         f"| non-linearizable control histories | {verdict.non_linearizable} |",
         f"| NACK resend loops (NACKs sent by any Envoy) | {verdict.nack_loops} |",
         f"| forwarding loops | {verdict.forwarding_loops} |",
         "",
         f"Recorded: {verdict.data_writes} acknowledged data writes, {verdict.control_ops} control "
-        f"operations; rounds not recovered within 60 s: {len(verdict.not_recovered)}; unexpected "
-        f"API answers: {len(verdict.unexpected_answers)}.",
+        f"operations; xDS updates accepted by the Envoys: {verdict.updates_accepted}; rounds not "
+        f"recovered within 60 s: {len(verdict.not_recovered)}; unexpected API answers: "
+        f"{len(verdict.unexpected_answers)}.",
         "",
         "RTO, ms from the fault: data = until a write through every Envoy was acknowledged again; "
         "control = until a control write was acknowledged again.",

@@ -6,6 +6,7 @@ See /work/shared/FACTS.md for the measurements behind them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from pysyncobj import SyncObjConf
 
 from repstage_mesh.raft.durable import DIR_MODE
+
+log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.bin"
 DUMP_FILE = "dump.bin"
@@ -62,7 +65,11 @@ def prepare_data_dir(data_dir: Path) -> None:
     """Create `data_dir` (and its parents) if missing, and make it 0700 (only this user)."""
     data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     if data_dir.stat().st_mode & 0o777 != DIR_MODE:
-        os.chmod(data_dir, DIR_MODE)
+        try:
+            os.chmod(data_dir, DIR_MODE)
+        except PermissionError:  # not ours (a mounted volume's root): say so, run on
+            log.warning("data_dir %s is mode %o and not ours to change: other users may read the "
+                        "journal", data_dir, data_dir.stat().st_mode & 0o777)
 
 
 def build_conf(
