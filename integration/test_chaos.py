@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -64,7 +65,12 @@ def run_chaos(rounds: int, write: bool, tmp_path: Path) -> report.Verdict:
             chaos.stop()
         final = _ctl_state(mesh)
         if os.environ.get("CHAOS_DEBUG"):
-            status, records = call("GET", f"{mesh.leader().api}/v1/failovers", timeout=10)
+            keep = Path(os.environ.get("CHAOS_DEBUG_DIR", str(tmp_path)))
+            keep.mkdir(parents=True, exist_ok=True)
+            for node in mesh.nodes:
+                shutil.copy(node.proc.log_path, keep / f"{node.name}.log")
+            print(f"chaos: node logs kept in {keep}")
+            _, records = call("GET", f"{mesh.leader().api}/v1/failovers", timeout=10)
             for rec in records if isinstance(records, list) else records.get("failovers", []):
                 print("failover", {k: rec.get(k) for k in ("id", "service", "status", "old_primary",
                                                          "new_primary", "reason", "missed_fence", "missed_route")})

@@ -200,6 +200,7 @@ def plot(rounds: list[Round]) -> None:
                widths=0.35, patch_artist=True, boxprops={"facecolor": "#fdae6b"})  # fmt: skip
     ax.set_xticks(list(positions), faults, rotation=20, ha="right")
     ax.set_yscale("symlog", linthresh=100)
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("RTO (ms, symlog)")
     ax.set_title("Chaos RTO per fault type: data through Envoy (blue), control writes (orange)")
     fig.tight_layout()
