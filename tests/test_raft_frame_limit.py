@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from repstage_mesh.raft.store import ReplicatedStore
+from repstage_mesh.telemetry.metrics import MeshMetrics
 from tests.fakes import eventually
 
 LIMIT = 4096
@@ -71,3 +73,14 @@ async def test_a_negative_length_is_dropped(store: ReplicatedStore) -> None:
         sock.sendall(struct.pack("i", -5) + b"x" * 10)
         assert closed_by_peer(sock)
     await eventually(lambda: store.frames_refused == 1, "the refusal is counted")
+
+
+async def test_the_refusal_is_a_prometheus_counter(store: ReplicatedStore) -> None:
+    registry = CollectorRegistry()
+    MeshMetrics(registry, "n1", raft_status=store.status)
+    assert b"repstage_raft_frames_refused_total 0.0" in generate_latest(registry)
+    with connect(store) as sock:
+        sock.sendall(struct.pack("i", 1 << 30))
+        assert closed_by_peer(sock)
+    await eventually(lambda: store.frames_refused == 1, "the refusal is counted")
+    assert b"repstage_raft_frames_refused_total 1.0" in generate_latest(registry)
