@@ -202,3 +202,26 @@ async def test_a_single_node_commits_only_what_is_on_disk(tmp_path: Path, ack_lo
         assert ack_log.commits >= 10 and ack_log.violations == []
     finally:
         store.close()
+
+
+def test_the_full_dump_is_fsynced_before_the_journal_is_cleared_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    dump = tmp_path / "dump.bin"
+    dump.write_bytes(b"the state")
+    journal = durable.DurableJournal(str(tmp_path / "j"), durable.JournalOptions(dump_file=str(dump)))
+    clear = durable.FileJournal.clear
+    monkeypatch.setattr(durable.FileJournal, "clear", lambda self: (events.append("clear"), clear(self))[1])
+    try:
+        for i in range(2, 6):
+            journal.add(b"x", i, 1)
+        events.clear()
+        journal.deleteEntriesTo(2)  # compaction: the dump now holds what is dropped
+        assert events[:3] == [str(dump), str(tmp_path), "clear"], events
+        assert [e[1] for e in journal] == [4, 5]
+    finally:
+        journal._destroy()

@@ -9,7 +9,8 @@ Raft index) could be issued twice.
 
     every journal mutation is on disk (msync of the mmap) before the journal is next read,
     before any message leaves this node, and by the end of the tick; term and vote are fsync'd
-    (file and directory) before `setCurrentTerm` returns.
+    (file and directory) before `setCurrentTerm` returns; the full dump (log compaction, an
+    installed snapshot) is fsync'd (file and directory) before the journal is cleared for it.
 
 That covers the three points where Raft acknowledges: a follower answers AppendEntries success
 (a message: the transport calls `sync()` first, see `guard.GuardedTCPTransport`), the leader
@@ -49,6 +50,9 @@ DIR_MODE = 0o700
 @dataclass(frozen=True)
 class JournalOptions:
     durable: bool = True
+    #: pysyncobj's full dump (log compaction, installed snapshots), written by its Serializer
+    #: through a rename without fsync: made durable before the journal drops what it replaces
+    dump_file: str | None = None
 
 
 _options = threading.local()
@@ -119,6 +123,7 @@ class DurableJournal(FileJournal):
     def __init__(self, journal_file: str, options: JournalOptions) -> None:
         existed = os.path.exists(journal_file)
         self._durable = options.durable
+        self._dump_file = options.dump_file
         self._dirty = False
         self.syncs = 0
         storer = DurableMetaStorer(journal_file + ".meta", options.durable)
@@ -162,8 +167,23 @@ class DurableJournal(FileJournal):
         self._dirty = True
 
     def clear(self) -> None:
+        # pysyncobj clears the journal right after a full dump replaced it: after compaction
+        # (deleteEntriesTo calls clear) and after installing a leader's snapshot. The dump
+        # must be on disk before the shorter journal can be.
+        self.sync_dump()
         super().clear()
         self._dirty = True
+
+    def sync_dump(self) -> None:
+        dump = self._dump_file
+        if not self._durable or dump is None or not os.path.exists(dump):
+            return
+        fd = os.open(dump, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(os.path.abspath(dump)))
 
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         super().deleteEntriesFrom(entryFrom)

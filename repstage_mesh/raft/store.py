@@ -48,7 +48,7 @@ from repstage_mesh.core.errors import (
 )
 from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Noop, Outcome, Rejection
 from repstage_mesh.raft import durable
-from repstage_mesh.raft.conf import LOCK_FILE, RaftTimings, build_conf
+from repstage_mesh.raft.conf import DUMP_FILE, LOCK_FILE, RaftTimings, build_conf
 from repstage_mesh.raft.guard import DEFAULT_UNAUTHENTICATED_FRAME_LIMIT, guarded_transport
 
 if TYPE_CHECKING:
@@ -224,7 +224,9 @@ class ReplicatedStore:
                 "raft: the durable journal is off (raft.durable_journal: false): a power loss of a "
                 "majority can lose acknowledged writes and issue an epoch twice"
             )
-        self._journal_options = durable.JournalOptions(durable=durable_journal)
+        self._journal_options = durable.JournalOptions(
+            durable=durable_journal, dump_file=str(Path(data_dir) / DUMP_FILE)
+        )
         self._transport = guarded_transport(unauthenticated_frame_limit, self._frame_refused)
         self._on_frame_refused = on_frame_refused
         self.frames_refused = 0
