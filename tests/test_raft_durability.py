@@ -180,12 +180,15 @@ async def test_data_dir_is_0700_journal_0600_and_switching_off_warns(
     data_dir = tmp_path / "loose"
     data_dir.mkdir(mode=0o755)
     os.chmod(data_dir, 0o755)
+    (data_dir / "leftover.bin").write_bytes(b"")  # left by an older version, world-readable
+    os.chmod(data_dir / "leftover.bin", 0o644)
     with caplog.at_level("WARNING"):
         store = ReplicatedStore("solo", None, [], data_dir, durable_journal=False)
     try:
         await store.submit(CommandEnvelope(command=Noop(node="solo")), timeout=5)
         assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((data_dir / JOURNAL_FILE).stat().st_mode) == 0o600
+        assert stat.S_IMODE((data_dir / "leftover.bin").stat().st_mode) == 0o600
         assert "durable journal is off" in caplog.text
     finally:
         store.close()
@@ -222,6 +225,7 @@ def test_the_full_dump_is_fsynced_before_the_journal_is_cleared_for_it(
         events.clear()
         journal.deleteEntriesTo(2)  # compaction: the dump now holds what is dropped
         assert events[:3] == [str(dump), str(tmp_path), "clear"], events
+        assert stat.S_IMODE(dump.stat().st_mode) == 0o600
         assert [e[1] for e in journal] == [4, 5]
     finally:
         journal._destroy()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pysyncobj import SyncObjConf
 
-from repstage_mesh.raft.durable import DIR_MODE
+from repstage_mesh.raft.durable import DIR_MODE, FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class RaftTimings:
 
 
 def prepare_data_dir(data_dir: Path) -> None:
-    """Create `data_dir` (and its parents) if missing, and make it 0700 (only this user)."""
+    """Create `data_dir` (and its parents) if missing, make it 0700 (only this user) and the
+    files already in it 0600 (journals, dumps written by an older version or another umask)."""
     data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     if data_dir.stat().st_mode & 0o777 != DIR_MODE:
         try:
@@ -70,6 +71,12 @@ def prepare_data_dir(data_dir: Path) -> None:
         except PermissionError:  # not ours (a mounted volume's root): say so, run on
             log.warning("data_dir %s is mode %o and not ours to change: other users may read the "
                         "journal", data_dir, data_dir.stat().st_mode & 0o777)
+    for path in data_dir.iterdir():
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077:
+            try:
+                os.chmod(path, FILE_MODE)
+            except PermissionError:
+                log.warning("%s is mode %o and not ours to change", path, path.stat().st_mode & 0o777)
 
 
 def build_conf(

@@ -180,6 +180,7 @@ class DurableJournal(FileJournal):
             return
         fd = os.open(dump, os.O_RDONLY)
         try:
+            os.fchmod(fd, FILE_MODE)  # pysyncobj wrote it with the umask's mode
             os.fsync(fd)
         finally:
             os.close(fd)
