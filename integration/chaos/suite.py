@@ -7,6 +7,7 @@ how long it lasts, so `CHAOS_SEEDS=<seed>` replays that round. Faults:
     kill9_leader / kill9_follower       kill -9 of a `serve` node, restarted after the hold
     stop_leader / stop_follower         SIGSTOP, SIGCONT after the hold
     partition_cp                        the Raft leader cut from both followers (packets dropped)
+    partition_follower                  a follower cut from the leader and the other follower
     partition_leader_replica            the Raft leader cut from a Redis replica
     kill9_redis_primary                 kill -9 of the Redis primary; restarted (empty) once the
                                         mesh has failed over; the control plane must repoint it
@@ -33,7 +34,7 @@ from integration.harness import wait_until
 from integration.history import HistoryRecorder
 
 FAULTS = ("kill9_leader", "kill9_follower", "stop_leader", "stop_follower", "partition_cp",
-          "partition_leader_replica", "kill9_redis_primary")  # fmt: skip
+          "partition_follower", "partition_leader_replica", "kill9_redis_primary")  # fmt: skip
 RECOVER_TIMEOUT = 60.0
 
 
@@ -115,15 +116,17 @@ class Chaos:
             node = leader if fault == "stop_leader" else rng.choice(followers)
             node.proc.signal(signal.SIGSTOP)
             return (lambda: node.proc.signal(signal.SIGCONT)), node.name
-        if fault == "partition_cp":
-            for other in followers:
-                mesh.net.cut(leader.host, other.host)
+        if fault in ("partition_cp", "partition_follower"):
+            cut = leader if fault == "partition_cp" else rng.choice(followers)
+            others = [n for n in mesh.nodes if n is not cut]
+            for other in others:
+                mesh.net.cut(cut.host, other.host)
 
             def rejoin() -> None:
-                for other in followers:
-                    mesh.net.restore(leader.host, other.host)
+                for other in others:
+                    mesh.net.restore(cut.host, other.host)
 
-            return rejoin, leader.name
+            return rejoin, cut.name
         primary = self._primary()
         if fault == "partition_leader_replica":
             replica = rng.choice([f"r{i}" for i in range(REDIS) if f"r{i}" != primary])
