@@ -29,6 +29,7 @@ try:  # an upgrade that moves an import we rely on must fail as loudly as the ch
     import betterproto2
     import pydantic
     import pysyncobj.journal
+    import pysyncobj.serializer
     import pysyncobj.syncobj
     from envoy_data_plane.envoy.config.cluster.v3 import Cluster
     from envoy_data_plane.message_pool import default_message_pool
@@ -348,6 +349,15 @@ def _file_journal(_: ReplicatedStore) -> None:
         need(name in vars(pysyncobj.journal.FileJournal), f"FileJournal.{name} is gone")
 
 
+def _dump_before_clear(_: ReplicatedStore) -> None:
+    need("clear" in code_names(pysyncobj.journal.FileJournal.deleteEntriesTo),
+         "FileJournal.deleteEntriesTo (log compaction) no longer goes through clear()")
+    need("clear" in code_names(SyncObj._SyncObj__loadDumpFile),
+         "SyncObj.__loadDumpFile (an installed snapshot) no longer clears the journal with clear()")
+    need("atomicReplace" in code_names(pysyncobj.serializer.Serializer.serialize),
+         "the full dump is no longer written through a rename (atomicReplace)")
+
+
 def _vote_stored_before_sent(_: ReplicatedStore) -> None:
     source = inspect.getsource(SyncObj._SyncObj__onMessageReceived)
     vote = source.index("'response_vote'")
@@ -382,6 +392,8 @@ INTERNALS += [
              _create_journal),
     Internal(PYSYNCOBJ, "FileJournal _FileJournal__journal, _FileJournal__journalFile, _FileJournal__meta, "
              "_FileJournal__metaStorer", f"{DURABLE} DurableJournal (msync, fsync'd term and vote)", _file_journal),
+    Internal(PYSYNCOBJ, "FileJournal.deleteEntriesTo and SyncObj._SyncObj__loadDumpFile clear the journal after a dump",
+             f"{DURABLE} DurableJournal.clear (the dump is fsync'd first)", _dump_before_clear),
     Internal(PYSYNCOBJ, "SyncObj._SyncObj__onMessageReceived stores the vote before response_vote",
              f"{DURABLE} (a vote is on disk before it is granted)", _vote_stored_before_sent),
     Internal(PYSYNCOBJ, "TcpConnection _TcpConnection__processRead, _TcpConnection__readBuffer, sendRandKey",
