@@ -333,3 +333,21 @@ def test_delegated_command_missing_module(
     monkeypatch.setitem(cli._DELEGATES, "demo", ("repstage_mesh.no_such_module", "main"))
     code, _, err = run(capsys, "demo")
     assert code == 1 and "not available" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "serve"])
+def test_a_short_raft_password_is_refused_by_validate_and_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        GOOD_CONFIG
+        + 'raft: {bind: "127.0.0.1:7101", peers: ["127.0.0.1:7102"], password: "short-pw"}\n'
+        + f"node: {{data_dir: {tmp_path / 'data'}}}\n"
+    )
+    monkeypatch.delenv("REPSTAGE_RAFT__PASSWORD", raising=False)
+    code, out, err = run(capsys, command, *(["--config"] if command == "serve" else []), str(path))
+    assert code == 1
+    assert "raft.password" in out + err and "at least 16 characters" in out + err
+    assert "short-pw" not in out + err  # the value itself is never echoed
+    assert not (tmp_path / "data").exists()  # nothing started

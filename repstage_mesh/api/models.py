@@ -257,6 +257,14 @@ class ProxyView(BaseModel):
     )
 
 
+class ConfigDriftView(BaseModel):
+    service: str
+    kind: Literal["changed", "missing", "unmanaged"] = Field(
+        description="changed: fields differ; missing: in the file only; unmanaged: replicated only"
+    )
+    fields: list[str] = Field(default_factory=list, description="the spec fields that differ")
+
+
 class ClusterView(BaseModel):
     """This node's Raft view. More fields may be present."""
 
@@ -265,6 +273,11 @@ class ClusterView(BaseModel):
     node_id: str
     leader: str | None = None
     applied_index: int
+    config_drift: list[ConfigDriftView] = Field(
+        default_factory=list,
+        description="services whose spec in this node's config file differs from the replicated "
+        "one (the file only seeds; `repstage-mesh apply FILE` applies it)",
+    )
 
 
 class HealthView(BaseModel):

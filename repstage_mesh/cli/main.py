@@ -3,7 +3,8 @@
 Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
 http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
 `proxies`, `switchover`, `failovers`, `announce` (for an orchestrator's callback, e.g.
-Patroni's on_role_change). `validate CONFIG` checks a config file offline. `serve`,
+Patroni's on_role_change), `apply FILE [--dry-run]` (the file's services through the API).
+`validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
 
 Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import quote
 
 from rich.console import Console
+from rich.text import Text
 
 from repstage_mesh.cli import views as render
 from repstage_mesh.cli.client import (
@@ -94,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", parents=common, help="check a config file; exit 1 on errors"
     )
     validate.add_argument("config", metavar="CONFIG")
+    apply = sub.add_parser(
+        "apply", parents=common,
+        help="show how a config file's services differ from the replicated ones and apply them (PUT)",
+    )
+    apply.add_argument("config", metavar="FILE")
+    apply.add_argument("--dry-run", action="store_true", help="show the differences, change nothing")
     serve = sub.add_parser("serve", help="run a control-plane node")
     serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
     _add_bootstrap(sub)
@@ -250,6 +258,7 @@ def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     out.show(
         data,
         render.cluster_table(cluster),
+        render.drift_text(cluster),
         render.services_table(services["services"], services["applied_index"]),
         render.proxies_table(proxies),
     )
@@ -320,12 +329,22 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
 
     result: dict[str, Any] = {}
 
+    from repstage_mesh.api.peers import FORWARD_MARGIN
+
     def run() -> None:
-        waiting = ApiClient(client.base_url, client.token, timeout=max(client.timeout, 330.0))
+        # The timeout chain (README "Timeouts"): the leader answers within SWITCHOVER_WAIT, a
+        # forwarding follower waits FORWARD_MARGIN longer, this client twice that.
+        waiting = ApiClient(client.base_url, client.token,
+                            timeout=max(client.timeout, SWITCHOVER_WAIT + 2 * FORWARD_MARGIN))  # fmt: skip
+        body = {"to": args.to, "timeout": SWITCHOVER_CATCHUP, "wait": SWITCHOVER_WAIT}
         try:
-            result["record"] = waiting.post(
-                f"/v1/services/{_path(args.service)}/switchover", {"to": args.to, "timeout": 300}
-            )
+            result["record"] = waiting.post(f"/v1/services/{_path(args.service)}/switchover", body)
+        except ApiRequestError as exc:
+            running = exc.details[0] if exc.code == "switchover_running" and exc.details else None
+            if isinstance(running, Mapping) and running.get("id"):
+                result["record"] = _follow(client, str(running["id"]))
+            else:
+                result["error"] = exc
         except Exception as exc:  # reported below
             result["error"] = exc
 
@@ -348,6 +367,8 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
     if "error" in result:
         raise result["error"]
     record = result["record"]
+    if record.get("status") == "failed":
+        raise CliError(f"switchover {record.get('id')} failed: {record.get('reason')}")
     lines = [f"{e['name']:<22} +{e['elapsed_ms']:.1f} ms" for e in record.get("timeline", [])]
     summary = (
         f"{args.service}: {record.get('old_primary')} -> {record.get('new_primary')} at epoch {record.get('epoch')}; "
@@ -389,6 +410,61 @@ def cmd_announce(args: argparse.Namespace, client: ApiClient, out: Output) -> in
                 raise
             time.sleep(0.2)  # retry pacing while the API is unreachable
     out.show(change, render.switchover_text(change))
+    return EXIT_OK
+
+
+SWITCHOVER_CATCHUP = 300.0  # seconds the leader waits for the target to catch up
+SWITCHOVER_WAIT = 120.0  # seconds the API holds the request (capped by the node's api.switchover_wait)
+FOLLOW_LIMIT = 3600.0  # seconds the CLI follows a switchover still running after SWITCHOVER_WAIT
+
+
+def _follow(client: ApiClient, record_id: str) -> dict[str, Any]:
+    """A switchover outlived the request: follow its record until it ends."""
+    deadline = time.monotonic() + FOLLOW_LIMIT
+    while True:
+        record = dict(client.get(f"/v1/failovers/{_path(record_id)}"))
+        if record.get("status") != "running":
+            return record
+        if time.monotonic() > deadline:
+            raise CliError(f"switchover {record_id} still running after {FOLLOW_LIMIT:g} s; "
+                           f"follow it with `repstage-mesh failovers`")  # fmt: skip
+        time.sleep(0.5)  # polling the server
+
+
+def cmd_apply(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """Show how the file's services differ from the replicated ones; PUT the changed and the
+    missing ones (unless --dry-run). Services only in the replicated state are left alone."""
+    from repstage_mesh.config import ConfigError, load_config
+    from repstage_mesh.config.drift import diff_lines, drift
+    from repstage_mesh.core.models import ServiceSpec
+
+    env = {k: v for k, v in os.environ.items() if k not in (API_ENV, TOKEN_ENV)}
+    try:
+        settings = load_config(args.config, env=env)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    views = client.get("/v1/services")["services"]
+    replicated = {str(v["name"]): ServiceSpec.model_validate(v["spec"]) for v in views}
+    items = drift(settings.specs(), replicated)
+    todo = [i for i in items if i.kind in ("changed", "missing")]
+    applied: list[str] = []
+    lines = [line for item in items for line in diff_lines(item)] or ["no differences"]
+    if not args.dry_run:
+        for item in todo:
+            spec = settings.service(item.service)
+            assert spec is not None
+            body = spec.spec.model_dump(mode="json")
+            if item.kind == "changed":  # the file's primary is only an initial one
+                body["primary"] = replicated[item.service].primary
+            client.put(f"/v1/services/{_path(item.service)}", body)
+            applied.append(item.service)
+    verdict = ("dry run: nothing applied" if args.dry_run
+               else f"applied: {', '.join(applied)}" if applied else "nothing to apply")  # fmt: skip
+    if any(i.kind == "unmanaged" for i in items):
+        verdict += " (services not in the file are left as they are)"
+    data = {"config": args.config, "dry_run": bool(args.dry_run), "applied": applied,
+            "drift": [i.as_dict() for i in items]}  # fmt: skip
+    out.show(data, Text("\n".join(lines)), Text(verdict))
     return EXIT_OK
 
 
@@ -496,6 +572,7 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "switchover": cmd_switchover,
     "announce": cmd_announce,
     "failovers": cmd_failovers,
+    "apply": cmd_apply,
 }
 
 

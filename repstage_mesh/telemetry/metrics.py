@@ -29,6 +29,8 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
     repstage_raft_peers / _peers_connected                      gauges
+    repstage_raft_frames_refused_total                          counter (frames over
+        raft.unauthenticated_frame_limit from a peer that had not proven the password)
     repstage_raft_commit_seconds                                histogram
     repstage_write_failures_total{code}                         counter
     repstage_probe_results_total{service,member,result}         counter
@@ -42,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
@@ -326,3 +328,11 @@ class _ScrapeTimeCollector(Collector):
             up.add_metric([], sum(1 for p in peers if isinstance(p, Mapping) and p.get("connected")))
         yield total
         yield up
+        refused = CounterMetricFamily(
+            "repstage_raft_frames_refused",
+            "Raft connections dropped for a frame over raft.unauthenticated_frame_limit "
+            "before the peer proved the password",
+        )
+        if status is not None and status.get("frames_refused") is not None:
+            refused.add_metric([], float(status["frames_refused"]))
+        yield refused
