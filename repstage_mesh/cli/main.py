@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
-from urllib.parse import quote
-
-from rich.console import Console
-from rich.text import Text
 
 from repstage_mesh.cli import views as render
+from repstage_mesh.cli.apply import cmd_apply
 from repstage_mesh.cli.client import (
     API_ENV,
     DEFAULT_API,
@@ -36,16 +32,7 @@ from repstage_mesh.cli.client import (
     ApiRequestError,
     ApiUnreachable,
 )
-from repstage_mesh.core.errors import MeshError
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-class CliError(MeshError):
-    """A problem to print as `error: ...` with exit status 1."""
-
+from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, Output, path_segment
 
 # --- parser ---------------------------------------------------------------------------------------
 
@@ -210,27 +197,6 @@ def _add_demo(sub: Subcommands) -> None:
     )
 
 
-# --- output ---------------------------------------------------------------------------------------
-
-
-class Output:
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.console = Console(soft_wrap=False)
-        if not self.console.is_terminal and "COLUMNS" not in os.environ:
-            self.console.width = max(self.console.width, 120)  # piped: do not fold tables at 80
-
-    def json(self, data: Any) -> None:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-    def show(self, data: Any, *renderables: Any) -> None:
-        if self.as_json:
-            self.json(data)
-            return
-        for item in renderables:
-            self.console.print(item)
-
-
 def _error(message: str, field: str | None = None) -> None:
     suffix = f" (field: {field})" if field else ""
     sys.stderr.write(f"error: {message}{suffix}\n")
@@ -245,8 +211,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(api, token, timeout=args.timeout or 10.0)
 
 
-def _path(name: str) -> str:
-    return quote(name, safe="")
+_path = path_segment
 
 
 def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
@@ -429,43 +394,6 @@ def _follow(client: ApiClient, record_id: str) -> dict[str, Any]:
             raise CliError(f"switchover {record_id} still running after {FOLLOW_LIMIT:g} s; "
                            f"follow it with `repstage-mesh failovers`")  # fmt: skip
         time.sleep(0.5)  # polling the server
-
-
-def cmd_apply(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
-    """Show how the file's services differ from the replicated ones; PUT the changed and the
-    missing ones (unless --dry-run). Services only in the replicated state are left alone."""
-    from repstage_mesh.config import ConfigError, load_config
-    from repstage_mesh.config.drift import diff_lines, drift
-    from repstage_mesh.core.models import ServiceSpec
-
-    env = {k: v for k, v in os.environ.items() if k not in (API_ENV, TOKEN_ENV)}
-    try:
-        settings = load_config(args.config, env=env)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
-    views = client.get("/v1/services")["services"]
-    replicated = {str(v["name"]): ServiceSpec.model_validate(v["spec"]) for v in views}
-    items = drift(settings.specs(), replicated)
-    todo = [i for i in items if i.kind in ("changed", "missing")]
-    applied: list[str] = []
-    lines = [line for item in items for line in diff_lines(item)] or ["no differences"]
-    if not args.dry_run:
-        for item in todo:
-            spec = settings.service(item.service)
-            assert spec is not None
-            body = spec.spec.model_dump(mode="json")
-            if item.kind == "changed":  # the file's primary is only an initial one
-                body["primary"] = replicated[item.service].primary
-            client.put(f"/v1/services/{_path(item.service)}", body)
-            applied.append(item.service)
-    verdict = ("dry run: nothing applied" if args.dry_run
-               else f"applied: {', '.join(applied)}" if applied else "nothing to apply")  # fmt: skip
-    if any(i.kind == "unmanaged" for i in items):
-        verdict += " (services not in the file are left as they are)"
-    data = {"config": args.config, "dry_run": bool(args.dry_run), "applied": applied,
-            "drift": [i.as_dict() for i in items]}  # fmt: skip
-    out.show(data, Text("\n".join(lines)), Text(verdict))
-    return EXIT_OK
 
 
 def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
