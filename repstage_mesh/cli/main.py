@@ -458,7 +458,7 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
         },
         "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
         "advertised": {"api": settings.api.advertised(), "xds": settings.xds.advertised(),
-                       "raft": settings.raft.identity},  # fmt: skip
+                       "raft": settings.raft.identity},
         "services": services,
     }
     if out.as_json:
