@@ -198,6 +198,8 @@ def test_a_forwarded_request_is_never_forwarded_again(mesh: Mesh) -> None:
     assert f"{leader.host.address}:{RAFT}" in body["error"]["message"]  # who it believes leads
     status, body = call("GET", f"{follower.api}/v1/failovers", token=RO, headers=forwarded)
     assert status == 503 and body["error"]["code"] == "not_leader"
-    # nothing ran: r0 is still the primary
+    metrics = urllib.request.urlopen(f"{follower.api}/metrics", timeout=5).read().decode()
+    assert 'repstage_api_forwards_total{outcome="not_leader"} 2.0' in metrics
+        # nothing ran: r0 is still the primary
     status, cache = call("GET", f"{leader.api}/v1/services/cache", token=RO)
     assert status == 200 and cache["primary"] == "r0"
