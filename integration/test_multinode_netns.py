@@ -200,6 +200,6 @@ def test_a_forwarded_request_is_never_forwarded_again(mesh: Mesh) -> None:
     assert status == 503 and body["error"]["code"] == "not_leader"
     metrics = urllib.request.urlopen(f"{follower.api}/metrics", timeout=5).read().decode()
     assert 'repstage_api_forwards_total{outcome="not_leader"} 2.0' in metrics
-        # nothing ran: r0 is still the primary
+    # nothing ran: r0 is still the primary
     status, cache = call("GET", f"{leader.api}/v1/services/cache", token=RO)
     assert status == 200 and cache["primary"] == "r0"
