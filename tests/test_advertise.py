@@ -119,6 +119,8 @@ def test_validate_names_the_advertise_field(tmp_path: Path, capsys: pytest.Captu
 def test_raft_binds_its_bind_address_and_is_known_by_its_advertised_one(tmp_path: Path) -> None:
     conf = build_conf(tmp_path, "p", RaftTimings(), bind_address="0.0.0.0:7001")
     assert conf.bindAddress == "0.0.0.0:7001"
+    conf = build_conf(tmp_path, "p", RaftTimings(), bind_address="[::]:7001")
+    assert conf.bindAddress == ":::7001"  # what pysyncobj's rsplit(":", 1) reads as ("::", 7001)
 
 
 @pytest.mark.parametrize("record_id", ["..%2Fv1%2Fservices", "a b", "-x", "x" * 200])

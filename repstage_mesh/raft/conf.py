@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pysyncobj import SyncObjConf
 
+from repstage_mesh.core.addresses import parse_host_port
+
 JOURNAL_FILE = "journal.bin"
 DUMP_FILE = "dump.bin"
 LOCK_FILE = "lock"
@@ -71,6 +73,9 @@ def build_conf(
     IPv6 host), whatever its host; with `bindAddress` it listens there instead (a host name
     is resolved). So a node may bind 0.0.0.0 and be known as its pod IP or DNS name."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    if bind_address is not None:  # pysyncobj splits at the last ':' and wants no brackets
+        host, port = parse_host_port(bind_address)
+        bind_address = f"{host}:{port}"
     return SyncObjConf(
         password=password,
         autoTick=True,
