@@ -471,10 +471,9 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
         f"raft {settings.raft.bind} with {len(settings.raft.peers)} peer(s); {len(services)} service(s)",
         markup=False,
     )
-    out.console.print(
-        f"advertised: api {settings.api.advertised()}, xds {settings.xds.advertised()}, "
-        f"raft {settings.raft.identity}", markup=False,
-    )
+    advertised = summary["advertised"]
+    out.console.print(f"advertised: api {advertised['api']}, xds {advertised['xds']}, raft {advertised['raft']}",
+                      markup=False)  # fmt: skip
     views = [
         {**s, "epoch": "-", "members": [{**m, "role": "primary" if m["name"] == s.get("primary") else "replica"}
                                         for m in s["members"]]}
