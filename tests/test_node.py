@@ -418,3 +418,21 @@ async def test_a_switchover_still_running_after_the_wait_is_answered_with_its_re
     assert caught.value.record == {"id": "cp-1-4", "status": "running"}
     assert "GET /v1/failovers/cp-1-4" in str(caught.value)
     assert waits == [node.settings.api.switchover_wait]  # capped
+
+
+async def test_config_drift_is_reported_by_cluster_and_logged_at_start(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await started(make_node(services=ORDERS))
+    assert node.cluster()["config_drift"] == []
+    spec = node.state().service("orders").spec  # type: ignore[union-attr]
+    outcome = await node.submit(PutService(spec=spec.model_copy(update={"listen_port": 15100})))
+    assert outcome.ok
+    assert node.cluster()["config_drift"] == [{"service": "orders", "kind": "changed", "fields": ["listen_port"]}]
+    await node.stop()
+
+    caplog.set_level("WARNING", logger="repstage_mesh.node")
+    again = await started(make_node(services=ORDERS))  # the same file and data directory
+    assert again.state().service("orders").spec.listen_port == 15100  # type: ignore[union-attr]
+    drift_lines = [r.getMessage() for r in caplog.records if "config drift" in r.getMessage()]
+    assert drift_lines and "service orders" in drift_lines[0] and "listen_port" in drift_lines[0]
