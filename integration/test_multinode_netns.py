@@ -110,8 +110,10 @@ def _node_config(i: int, net: netns.Network, members: list[dict[str, Any]]) -> d
     }  # fmt: skip
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
+    """One mesh for the module (starting it is most of the cost); the tests do not depend on
+    each other's order."""
     with workdir() as wd, netns.network(3) as net:
         a, b, _ = net.hosts
         _redis(a, wd, "r0")
@@ -190,14 +192,18 @@ def test_switchover_on_a_follower_runs_on_the_leader_and_waits_for_every_nodes_p
 def test_a_forwarded_request_is_never_forwarded_again(mesh: Mesh) -> None:
     leader = mesh.leader()
     follower = next(n for n in mesh.nodes if n is not leader)
+    before = call("GET", f"{leader.api}/v1/services/cache", token=RO)[1]["primary"]
+    target = "r0" if before == "r1" else "r1"
     forwarded = {"X-Repstage-Forwarded-By": "cp-9"}
-    status, body = call("POST", f"{follower.api}/v1/services/cache/switchover", {"to": "r1"},
+    status, body = call("POST", f"{follower.api}/v1/services/cache/switchover", {"to": target},
                         headers=forwarded)  # fmt: skip
     assert status == 503, body
     assert body["error"]["code"] == "not_leader"
     assert f"{leader.host.address}:{RAFT}" in body["error"]["message"]  # who it believes leads
     status, body = call("GET", f"{follower.api}/v1/failovers", token=RO, headers=forwarded)
     assert status == 503 and body["error"]["code"] == "not_leader"
-    # nothing ran: r0 is still the primary
+    metrics = urllib.request.urlopen(f"{follower.api}/metrics", timeout=5).read().decode()
+    assert 'repstage_api_forwards_total{outcome="not_leader"} 2.0' in metrics
+    # nothing ran: the primary did not change
     status, cache = call("GET", f"{leader.api}/v1/services/cache", token=RO)
-    assert status == 200 and cache["primary"] == "r0"
+    assert status == 200 and cache["primary"] == before

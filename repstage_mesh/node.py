@@ -443,6 +443,7 @@ class Node:
         )
         believed = f"{leader} (API {api or 'not announced'})" if leader else "no node"
         if caller.forwarded_by is not None:
+            self.metrics.observe_forward("not_leader")
             raise NotLeader(
                 f"node {self._node_id} does not lead, and this request was already forwarded "
                 f"here by {caller.forwarded_by} (requests are forwarded once at most); it "
@@ -515,6 +516,7 @@ class Node:
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         if record.status == "running":
+            self.metrics.switchover_wait_expired.inc()
             raise SwitchoverRunning(
                 f"switchover {record.id} of {service} to {to} is still running after {wait:g} s; "
                 f"follow it at GET /v1/failovers/{record.id}", record.as_dict(),
@@ -530,11 +532,13 @@ class Node:
         if timeout is not None:
             body["timeout"] = timeout
         path = f"/v1/services/{quote(service, safe='')}/switchover"
+        self.metrics.observe_forward("forwarded")
         try:
             answer = await self._peers.call(
                 api, "POST", path, body, authorization=caller.authorization, timeout=wait + FORWARD_MARGIN
             )
         except ApiNoAnswer as exc:
+            self.metrics.observe_forward("no_answer")
             raise SwitchoverUnknown(
                 f"the switchover of {service} to {to} was carried to the leader at {api}, which "
                 f"gave no answer ({exc}); it may be running or done there: see GET /v1/failovers "

@@ -119,6 +119,8 @@ def test_validate_names_the_advertise_field(tmp_path: Path, capsys: pytest.Captu
 def test_raft_binds_its_bind_address_and_is_known_by_its_advertised_one(tmp_path: Path) -> None:
     conf = build_conf(tmp_path, "p", RaftTimings(), bind_address="0.0.0.0:7001")
     assert conf.bindAddress == "0.0.0.0:7001"
+    conf = build_conf(tmp_path, "p", RaftTimings(), bind_address="[::]:7001")
+    assert conf.bindAddress == ":::7001"  # what pysyncobj's rsplit(":", 1) reads as ("::", 7001)
 
 
 @pytest.mark.parametrize("record_id", ["..%2Fv1%2Fservices", "a b", "-x", "x" * 200])
@@ -134,3 +136,18 @@ def test_a_failover_id_that_is_not_one_is_refused_before_any_lookup(
             urllib.request.urlopen(url, timeout=5)
     assert caught.value.code == 404
     assert b"not a valid failover id" in caught.value.read()
+
+
+def test_serve_refuses_to_start_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("REPSTAGE_API__ADVERTISE", "REPSTAGE_XDS__ADVERTISE", "REPSTAGE_RAFT__ADVERTISE"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "c.yaml"
+    data = cluster()
+    data["node"] = {"data_dir": str(tmp_path / "data")}
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["serve", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "api.advertise: required in a multi-node cluster" in out
+    assert not (tmp_path / "data").exists()  # refused before anything started

@@ -30,6 +30,7 @@ from repstage_mesh.core.errors import (
     NoLeaderKnown,
     NotLeader,
     NotReady,
+    SwitchoverRunning,
     SwitchoverUnknown,
 )
 from repstage_mesh.core.models import AnnounceNode, MeshState, NodeAddress, PutService
@@ -395,3 +396,43 @@ async def test_forwarded_switchover_without_an_answer_is_unknown_not_500(
         assert "GET /v1/failovers" in str(caught.value)
     finally:
         await runner.cleanup()
+
+
+async def test_a_switchover_still_running_after_the_wait_is_answered_with_its_record(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    node = make_node()
+    node.store = FakeStore(leader=True, leader_address="local:cp-1")  # type: ignore[assignment]
+    monkeypatch.setattr(node.engine, "active", True)
+    waits: list[float | None] = []
+
+    async def running(service: str, to: str, timeout: float | None, wait: float | None = None) -> Any:
+        waits.append(wait)
+        return SimpleNamespace(id="cp-1-4", status="running", as_dict=lambda: {"id": "cp-1-4", "status": "running"})
+
+    monkeypatch.setattr(node.runner, "switchover", running)
+    with pytest.raises(SwitchoverRunning) as caught:
+        await node.switchover("orders", "b", None, wait=10_000.0)
+    assert caught.value.record == {"id": "cp-1-4", "status": "running"}
+    assert "GET /v1/failovers/cp-1-4" in str(caught.value)
+    assert waits == [node.settings.api.switchover_wait]  # capped
+
+
+async def test_config_drift_is_reported_by_cluster_and_logged_at_start(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await started(make_node(services=ORDERS))
+    assert node.cluster()["config_drift"] == []
+    spec = node.state().service("orders").spec  # type: ignore[union-attr]
+    outcome = await node.submit(PutService(spec=spec.model_copy(update={"listen_port": 15100})))
+    assert outcome.ok
+    assert node.cluster()["config_drift"] == [{"service": "orders", "kind": "changed", "fields": ["listen_port"]}]
+    await node.stop()
+
+    caplog.set_level("WARNING", logger="repstage_mesh.node")
+    again = await started(make_node(services=ORDERS))  # the same file and data directory
+    assert again.state().service("orders").spec.listen_port == 15100  # type: ignore[union-attr]
+    drift_lines = [r.getMessage() for r in caplog.records if "config drift" in r.getMessage()]
+    assert drift_lines and "service orders" in drift_lines[0] and "listen_port" in drift_lines[0]

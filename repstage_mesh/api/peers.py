@@ -24,7 +24,7 @@ FORWARDED_HEADER = "X-Repstage-Forwarded-By"  # set on a forwarded request: the 
 # `wait` seconds (api.switchover_wait caps it) and then answers, finished or not; a follower
 # that forwards it waits `wait + FORWARD_MARGIN`; the CLI waits `wait + 2 * FORWARD_MARGIN`.
 FORWARD_MARGIN = 5.0
-READ_FORWARD_TIMEOUT = 10.0  # seconds for a forwarded GET /v1/failovers[/{id}]
+READ_FORWARD_TIMEOUT = 5.0  # seconds for a forwarded GET /v1/failovers[/{id}] (the CLI waits 10)
 PROXIES_TIMEOUT = 0.5  # seconds for one peer's GET /v1/proxies during a failover
 
 

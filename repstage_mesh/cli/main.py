@@ -310,6 +310,11 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
                 result["record"] = _follow(client, str(running["id"]))
             else:
                 result["error"] = exc
+        except ApiUnreachable as exc:
+            result["error"] = CliError(
+                f"{exc}; if the request was sent, the switchover may be running: see "
+                "`repstage-mesh failovers`"
+            )
         except Exception as exc:  # reported below
             result["error"] = exc
 
@@ -450,6 +455,8 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
             "read_only_tokens": len(tokens.read_only) if tokens else 0,
         },
         "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
+        "advertised": {"api": settings.api.advertised(), "xds": settings.xds.advertised(),
+                       "raft": settings.raft.identity},
         "services": services,
     }
     if out.as_json:
@@ -462,6 +469,9 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
         f"raft {settings.raft.bind} with {len(settings.raft.peers)} peer(s); {len(services)} service(s)",
         markup=False,
     )
+    advertised = summary["advertised"]
+    out.console.print(f"advertised: api {advertised['api']}, xds {advertised['xds']}, raft {advertised['raft']}",
+                      markup=False)  # fmt: skip
     views = [
         {**s, "epoch": "-", "members": [{**m, "role": "primary" if m["name"] == s.get("primary") else "replica"}
                                         for m in s["members"]]}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pysyncobj import SyncObjConf
 
+from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.raft.durable import DIR_MODE, FILE_MODE
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ def build_conf(
     IPv6 host), whatever its host; with `bindAddress` it listens there instead (a host name
     is resolved). So a node may bind 0.0.0.0 and be known as its pod IP or DNS name."""
     prepare_data_dir(data_dir)
+    if bind_address is not None:  # pysyncobj splits at the last ':' and wants no brackets
+        host, port = parse_host_port(bind_address)
+        bind_address = f"{host}:{port}"
     return SyncObjConf(
         password=password,
         autoTick=True,

@@ -156,6 +156,7 @@ class MeshMetrics:
             ["code"],
             registry=registry,
         )
+        self._add_forwarding_metrics(registry)
         self.probes = Counter(
             "repstage_probe_results",
             "Leadership probe outcomes per member",
@@ -220,6 +221,25 @@ class MeshMetrics:
     def observe_write_failure(self, code: str) -> None:
         """`code`: see write_failure_code."""
         self.write_failures.labels(code).inc()
+
+    def _add_forwarding_metrics(self, registry: CollectorRegistry) -> None:
+        """Requests carried between nodes (issue 11) and switchovers that outlived their wait."""
+        self.forwards = Counter(
+            "repstage_api_forwards",
+            "Failover requests a follower carried to the leader or refused, by outcome (forwarded, "
+            "not_leader: already forwarded once, no_answer: the leader did not answer in time)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.switchover_wait_expired = Counter(
+            "repstage_switchover_wait_expired",
+            "Switchover requests answered 504 switchover_running: api.switchover_wait (or the "
+            "request's wait) ended before the switchover",
+            registry=registry,
+        )
+
+    def observe_forward(self, outcome: str) -> None:
+        self.forwards.labels(outcome).inc()
 
     def observe_probe(self, service: str, member: str, result: str) -> None:
         """`result`: what the probe found, e.g. primary, replica, down, error."""
