@@ -25,6 +25,7 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.core.errors import NotReady
 from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
 from repstage_mesh.core.state import apply
+from repstage_mesh.failover.proxies import Progress
 
 
 class FakePlane:
@@ -79,6 +80,9 @@ class FakePlane:
 
     def proxies(self) -> list[dict[str, Any]]:
         return list(self.proxy_list)
+
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        return Progress(node_id=self.node_id, satisfied=True, low_water=min_index, connected=0)
 
     def cluster(self) -> dict[str, Any]:
         return {
