@@ -23,7 +23,7 @@ from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
 from repstage_mesh.xds.protocol import NodeInfo, Send, SotwRequest, SotwStream
 from repstage_mesh.xds.tracker import ProxyTracker
-from tests.fakes import FakePlane, eventually
+from fakes import FakePlane, eventually
 
 
 def snapshot(index: int, salt: str) -> Snapshot:
