@@ -34,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import loadavg, percentile  # noqa: E402
-from integration.harness import (  # noqa: E402
+from bench.common import loadavg, percentile
+from integration.harness import (
     ControlPlaneNode,
     Envoy,
     NamedTcpBackend,

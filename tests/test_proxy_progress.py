@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from fakes import FakePlane, eventually
 
 from repstage_mesh.api.app import build_app
 from repstage_mesh.api.progress import PeerProgress
@@ -23,7 +24,6 @@ from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
 from repstage_mesh.xds.protocol import NodeInfo, Send, SotwRequest, SotwStream
 from repstage_mesh.xds.tracker import ProxyTracker
-from fakes import FakePlane, eventually
 
 
 def snapshot(index: int, salt: str) -> Snapshot:
