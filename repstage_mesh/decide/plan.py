@@ -159,13 +159,12 @@ def _acks(result: StepResult) -> tuple[ProxyAcks, str | None]:
 
 def _risks(acks: ProxyAcks) -> dict[str, object]:
     """What a proxy wait leaves at risk, for the record: NACKs (with Envoy's error text) and
-    nodes that could not be asked (covered or not by a primary-route lease)."""
+    control-plane nodes that could not be asked."""
     risks: dict[str, object] = {}
     if acks.nacked:
         risks["nacked"] = dict(acks.nacked)
     if acks.unreachable:
         risks["unreachable"] = list(acks.unreachable)
-        risks["unreachable_covered_by_lease"] = acks.leased
     return risks
 
 

@@ -134,7 +134,6 @@ class ProxyAcks:
     missed: tuple[str, ...] = ()  # behind at the deadline, NACKed ones and `<node>:unreachable`
     nacked: dict[str, str] = field(default_factory=dict)  # proxy -> Envoy's error: not fenced
     unreachable: tuple[str, ...] = ()  # control-plane nodes that could not be asked
-    leased: bool = False  # primary routes are leased and the lease was waited out
 
 
 @dataclass(frozen=True)

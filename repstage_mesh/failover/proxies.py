@@ -15,9 +15,9 @@ The policy (README, "Proxy wait"):
   the wait goes on and the proxy is reported in `missed`, with Envoy's error in `nacked`.
 - A node that cannot be asked until the deadline (down, frozen, partitioned) is reported as
   `<node>:unreachable` in `missed` and in `unreachable`: its proxies may still hold the old
-  config until their Envoy leaves the node (keepalive, `filters/bootstrap.py`). When primary
-  routes are leased (`envoy.route_lease`), `lease` seconds are waited out first: by then an
-  Envoy that still hears nothing from a live node has dropped its primary route.
+  config until their Envoy leaves the node (keepalive, `filters/bootstrap.py`: about 0.6 s
+  for a frozen node). An Envoy cut off from every live node keeps routing by its last config
+  (static stability); leasing primary routes is not built yet (README, "Honest limits").
 """
 
 from __future__ import annotations
@@ -131,13 +131,10 @@ async def await_proxies(
     remotes: Sequence[RemoteProgress],
     min_index: int,
     timeout: float,
-    lease: float | None = None,
 ) -> ProxyAcks:
     """Wait until every connected proxy (here and on the other nodes) has every type it asked
-    for synced at or after `min_index`, or `timeout` seconds passed. `lease`: the primary-route
-    lease, waited out (within `timeout`) when a node could not be asked."""
-    started = time.monotonic()
-    deadline = started + timeout
+    for synced at or after `min_index`, or `timeout` seconds passed."""
+    deadline = time.monotonic() + timeout
     here = asyncio.ensure_future(local_progress(tracker, node_id, min_index, timeout))
     answers = await asyncio.gather(*(_ask(r, min_index, deadline) for r in remotes))
     outcome = _Outcome()
@@ -149,21 +146,10 @@ async def await_proxies(
             log.warning("proxies of node %s: no progress answer (%s)", remote.node_id, answer)
             outcome.missed.append(f"{remote.node_id}:unreachable")
             outcome.unreachable.append(remote.node_id)
-    if outcome.unreachable and lease is not None:
-        await _wait_out_lease(started, lease, deadline)
     return ProxyAcks(
         acked=outcome.acked,
         missed=tuple(sorted(outcome.missed)),
         nacked=dict(sorted(outcome.nacked.items())),
         unreachable=tuple(sorted(outcome.unreachable)),
-        leased=lease is not None,
     )
 
-
-async def _wait_out_lease(started: float, lease: float, deadline: float) -> None:
-    """Until `lease` seconds after the change was committed (not past the deadline): an Envoy
-    cut off from every live node has then dropped the routes it leased."""
-    until = min(started + lease, deadline)
-    left = until - time.monotonic()
-    if left > 0:
-        await asyncio.sleep(left)  # a fixed wait for a lease to run out, not a poll
