@@ -90,21 +90,26 @@ class Ads:
 
     def handler(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         def read() -> None:
-            for raw in requests:
-                request = DiscoveryRequest.parse(raw)
-                if request.error_detail is not None and request.error_detail.message:
-                    print(f"  NACK {request.type_url.rsplit('.', 1)[-1]}: {request.error_detail.message}")
-                if request.type_url not in self.requested:
-                    self.requested.add(request.type_url)
-                    self.send(request.type_url)
-                    if request.type_url == LISTENER:
-                        self.ready.set()
+            try:
+                self._read(requests)
+            except grpc.RpcError:
+                pass  # the stream ended
             self.out.put(None)
 
         threading.Thread(target=read, daemon=True).start()
         while (item := self.out.get()) is not None:
             yield item
 
+    def _read(self, requests: Iterator[bytes]) -> None:
+        for raw in requests:
+            request = DiscoveryRequest.parse(raw)
+            if request.error_detail is not None and request.error_detail.message:
+                print(f"  NACK {request.type_url.rsplit('.', 1)[-1]}: {request.error_detail.message}")
+            if request.type_url not in self.requested:
+                self.requested.add(request.type_url)
+                self.send(request.type_url)
+                if request.type_url == LISTENER:
+                    self.ready.set()
 
 def serve(ads: Ads) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(4), options=[
@@ -167,6 +172,9 @@ def run(ttl_on: str, ttl: float, heartbeat: float, beats: int, full: bool) -> No
             print(f"  the connection held open through it: {'closed' if held.closed_by_peer() else 'still open'}")
             held.close()
             ads.send(SHORT[ttl_on], version="2")  # the full resource at a new version: back?
+            if ttl_on == "cds":
+                time.sleep(0.2)  # the re-added EDS cluster subscribes again; answer it
+                ads.send(CLUSTER_LOAD_ASSIGNMENT, version="2")
             deadline = time.monotonic() + 5
             while probe(port) != "a" and time.monotonic() < deadline:
                 time.sleep(0.05)
