@@ -187,3 +187,15 @@ async def test_leader_waits_on_its_own_and_a_peers_proxies_then_reports_nacks_an
     assert acks.missed == ("cp-2/envoy-1#1", "cp-3:unreachable")
     assert "unknown cluster" in acks.nacked["cp-2/envoy-1#1"]
     assert acks.unreachable == ("cp-3",)
+
+
+def test_after_a_nack_a_return_to_the_accepted_content_counts_as_synced() -> None:
+    tracker = ProxyTracker()
+    proxy = Proxy(tracker, 1, snapshot(5, "a"))
+    proxy.ack()
+    proxy.push(snapshot(6, "bad"))
+    proxy.nack("rejected")
+    assert proxy.record.synced_index == 5
+    proxy.push(snapshot(7, "a"))  # the content it holds: nothing to send
+    assert proxy.sent is not None and proxy.record.synced(7)
+    assert proxy.record.synced_index == 7 and tracker.wait_for(7).done

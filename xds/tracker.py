@@ -48,6 +48,7 @@ class TypeStatus:
     error: str = ""
     last_ack_latency: float | None = None
     stale_requests: int = 0
+    refused: bool = False  # the last answer for this type was a NACK
     _sent_times: dict[str, float] = field(default_factory=dict, repr=False)
 
 
@@ -76,11 +77,17 @@ class ProxyRecord:
         snap = self.stream.snapshot
         if snap is None or snap.index <= self.synced_index:
             return
-        types = self.stream.types.values()
-        if not any(state.requested for state in types) or any(state.pending for state in types):
+        types = self.stream.types
+        if not any(state.requested for state in types.values()) or any(state.pending for state in types.values()):
             return  # nothing asked for yet (a new stream), or a response in flight
-        if all(type_sync_state(self.stream, t) in ("synced", "idle") for t in self.stream.types):
-            self.synced_index = snap.index
+        # With nothing in flight, a type is synced unless its last answer was a NACK: the
+        # protocol sends every difference at once (gated listeners go out on the cluster ACK).
+        # Only a refused type needs the full comparison (cheap path: no digest per ACK).
+        for type_url in types:
+            st = self.types.get(type_url)
+            if st is not None and st.refused and type_sync_state(self.stream, type_url) not in ("synced", "idle"):
+                return
+        self.synced_index = snap.index
 
     def lag(self) -> tuple[str, str]:
         """('synced' | 'pending' | 'behind' | 'nacked', Envoy's error text for a NACK)."""
@@ -196,13 +203,13 @@ class ProxyTracker:
                 for obs in self.observers:
                     obs.on_send(record, action)
             elif isinstance(action, Acked):
-                st.acked_version, st.acked_at = action.version, now
+                st.acked_version, st.acked_at, st.refused = action.version, now, False
                 sent = st._sent_times.pop(action.nonce, None)
                 st.last_ack_latency = None if sent is None else now - sent
                 for obs in self.observers:
                     obs.on_ack(record, action, st.last_ack_latency)
             elif isinstance(action, Nacked):
-                st.nacked_version, st.nacked_at, st.error = action.version, now, action.error
+                st.nacked_version, st.nacked_at, st.error, st.refused = action.version, now, action.error, True
                 st._sent_times.pop(action.nonce, None)
                 for obs in self.observers:
                     obs.on_nack(record, action)
