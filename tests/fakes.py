@@ -127,7 +127,7 @@ PROXY = {
     "stream_kind": "delta",
     "control_plane": "node-1",
     "connected": True,
-    "synced": True,  # holds the committed state (its NACKed type will not move)
+    "synced": True,  # display fixture (the real tracker says False while a NACK stands)
     "snapshot_version": "1000000",
     "types": {
         "cds": {

@@ -91,7 +91,7 @@ class ProxyRecord:
 
     def lag(self) -> tuple[str, str]:
         """('synced' | 'pending' | 'behind' | 'nacked', Envoy's error text for a NACK)."""
-        worst, error = "synced", ""
+        worst = "synced"
         for type_url in self.stream.types:
             sync = type_sync_state(self.stream, type_url)
             if sync == "nacked":
@@ -99,7 +99,7 @@ class ProxyRecord:
                 return "nacked", f"{res.short_name(type_url)}: {st.error if st else ''}"
             if sync in ("pending", "behind"):
                 worst = sync
-        return worst, error
+        return worst, ""
 
     def status(self, type_url: str) -> TypeStatus:
         st = self.types.get(type_url)
