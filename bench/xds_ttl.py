@@ -20,6 +20,7 @@ Prints what it saw; never passes or fails on time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import queue
 import sys
@@ -90,10 +91,8 @@ class Ads:
 
     def handler(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         def read() -> None:
-            try:
+            with contextlib.suppress(grpc.RpcError):  # the stream ended
                 self._read(requests)
-            except grpc.RpcError:
-                pass  # the stream ended
             self.out.put(None)
 
         threading.Thread(target=read, daemon=True).start()
