@@ -28,8 +28,9 @@ from prometheus_client import CollectorRegistry
 from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient, PeerProxies
+from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient
 from repstage_mesh.api.plane import DIRECT, Caller
+from repstage_mesh.api.progress import PeerProgress
 from repstage_mesh.config import ConfigError, Settings, load_config
 from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.core.errors import (
@@ -56,7 +57,7 @@ from repstage_mesh.core.observations import ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
 from repstage_mesh.failover.promote import DatabasePromoter
-from repstage_mesh.failover.proxies import NoRemoteProxies, await_proxies
+from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
 from repstage_mesh.failover.runner import FailoverRunner
 from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
@@ -251,9 +252,15 @@ class Node:
     async def await_proxies(self, min_index: int, timeout: float) -> ProxyAcks:
         """Until every proxy of EVERY control-plane node holds a snapshot at or after
         `min_index`, or `timeout` (failover/proxies.py)."""
-        others = [n for n in self.state().nodes.values() if n.node_id != self._node_id]
-        remote = PeerProxies(others, _first_token(self.settings, read_only=True)) if others else NoRemoteProxies()
-        return await await_proxies(self.tracker, remote, min_index, timeout)
+        token = _first_token(self.settings, read_only=True)
+        remotes = [
+            PeerProgress(n.node_id, n.api, token)
+            for n in self.state().nodes.values() if n.node_id != self._node_id and n.api
+        ]
+        return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout)
+
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        return await local_progress(self.tracker, self._node_id, min_index, wait)
 
     # --- life cycle ---------------------------------------------------------------------------
 

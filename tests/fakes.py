@@ -26,6 +26,7 @@ from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.core.errors import NotReady
 from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
 from repstage_mesh.core.state import apply
+from repstage_mesh.failover.proxies import Progress
 
 
 class FakePlane:
@@ -81,6 +82,9 @@ class FakePlane:
     def proxies(self) -> list[dict[str, Any]]:
         return list(self.proxy_list)
 
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        return Progress(node_id=self.node_id, satisfied=True, low_water=min_index, connected=0)
+
     def cluster(self) -> dict[str, Any]:
         return {
             **self.cluster_view,
@@ -127,7 +131,7 @@ PROXY = {
     "stream_kind": "delta",
     "control_plane": "node-1",
     "connected": True,
-    "synced": True,  # holds the committed state (its NACKed type will not move)
+    "synced": True,  # display fixture (the real tracker says False while a NACK stands)
     "snapshot_version": "1000000",
     "types": {
         "cds": {

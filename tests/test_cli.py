@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from fakes import PROXY, FakePlane, LiveApi, orders_spec
 from pydantic import BaseModel
@@ -351,3 +352,17 @@ def test_a_short_raft_password_is_refused_by_validate_and_serve(
     assert "raft.password" in out + err and "at least 16 characters" in out + err
     assert "short-pw" not in out + err  # the value itself is never echoed
     assert not (tmp_path / "data").exists()  # nothing started
+
+
+def test_bootstrap_keepalive_flags_reach_the_xds_cluster_and_bad_ones_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b.yaml"
+    assert cli.main(["bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--keepalive-interval", "1.5",
+                     "--keepalive-timeout", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    boot = yaml.safe_load(out.read_text())
+    options = boot["static_resources"]["clusters"][0]["typed_extension_protocol_options"]
+    keepalive = next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"]
+    assert keepalive == {"interval": "1.500s", "timeout": "0.500s"}
+    code, _, err = run(capsys, "bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--keepalive-timeout", "0")
+    assert code == 2 and "--keepalive-timeout" in err

@@ -54,6 +54,7 @@ from repstage_mesh.api.models import (
 )
 from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
+from repstage_mesh.api.progress import progress_operations
 from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import (
     DeleteService,
@@ -241,6 +242,7 @@ def operations() -> list[Operation]:
                   "connections (fail closed). A claimed epoch at or below the current one is refused (409)."),
         Operation("GET", "/v1/proxies", "listProxies", "Envoy proxies and their xDS versions", list_proxies,
                   {200: ("one item per proxy", ListOf(ProxyView))}, tag="proxies"),
+        *progress_operations(),
         Operation("GET", "/v1/cluster", "getCluster", "This node's Raft view", get_cluster,
                   {200: ("Raft view", ClusterView)}, tag="cluster"),
         Operation("GET", "/healthz", "healthz", "The process is alive", healthz,

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.core.models import Command, MeshState, Outcome
+from repstage_mesh.failover.proxies import Progress
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ class ControlPlane(Protocol):
         """One dict per connected (or recently seen) Envoy: node_id, cluster, stream kind,
         control-plane node, connected_at, and per type URL: sent/acked/nacked version, last
         error text, times, and `behind` (acked version differs from the committed one)."""
+        ...
+
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        """Once every proxy connected to this node holds a snapshot at or after `min_index`, or
+        after `wait` seconds: how far they are (failover/proxies.local_progress)."""
         ...
 
     def cluster(self) -> dict[str, Any]:

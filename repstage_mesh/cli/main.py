@@ -187,6 +187,10 @@ def _add_bootstrap(sub: Subcommands) -> None:
         "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of SotW"
     )
     boot.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout")  # fmt: skip
+    boot.add_argument("--keepalive-interval", type=float, default=None, metavar="SECONDS",
+                      help="HTTP/2 PING interval on the xDS connection (default 0.5)")  # fmt: skip
+    boot.add_argument("--keepalive-timeout", type=float, default=None, metavar="SECONDS",
+                      help="leave a control-plane node whose PING is unanswered this long (default 0.25)")  # fmt: skip
 
 
 def _add_demo(sub: Subcommands) -> None:

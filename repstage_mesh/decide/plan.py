@@ -157,6 +157,17 @@ def _acks(result: StepResult) -> tuple[ProxyAcks, str | None]:
     return acks, result.message if isinstance(result, StepFailed) else None
 
 
+def _risks(acks: ProxyAcks) -> dict[str, object]:
+    """What a proxy wait leaves at risk, for the record: NACKs (with Envoy's error text) and
+    control-plane nodes that could not be asked."""
+    risks: dict[str, object] = {}
+    if acks.nacked:
+        risks["nacked"] = dict(acks.nacked)
+    if acks.unreachable:
+        risks["unreachable"] = list(acks.unreachable)
+    return risks
+
+
 def result_kind(step: Step, result: StepResult, s: ServiceView, plan: Plan, now: float) -> Kind | None:
     """Name a step's result for `TRANSITIONS` (None: a step that no plan waits for)."""
     if isinstance(step, ConfirmLeadership):
@@ -322,7 +333,7 @@ class Planner:
         rec.missed_fence = acks.missed
         rec.event("proxies_fenced", now, acks={p: round((t - rec.started_at) * 1000.0, 3)
                                                for p, t in sorted(acks.acked.items())},
-                  missed=list(acks.missed), **({"error": failure} if failure else {}))
+                  missed=list(acks.missed), **_risks(acks), **({"error": failure} if failure else {}))
         if plan.kind == "fail_closed" or plan.target is None:
             return Finish(True, "fail-closed: no primary is certain")
         if plan.kind == "switchover":
@@ -402,6 +413,8 @@ class Planner:
         rec = plan.record
         acks, _ = _acks(result)
         rec.missed_route = acks.missed
+        if acks.nacked or acks.unreachable:
+            rec.event("route_missed", now, missed=list(acks.missed), **_risks(acks))
         for proxy, t in sorted(acks.acked.items(), key=lambda kv: kv[1]):
             rec.event("acked", t, proxy=proxy)
         if acks.acked:
