@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import resources as res
+from . import standing
 from .cache import split_version
 from .protocol import (
     Acked,
@@ -54,6 +55,8 @@ class ProxyRecord:
     stream: SotwStream | DeltaStream
     disconnected_at: float | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
+    never_acked_grace: float = 10.0  # see standing.never_acked
+    clock: Clock = field(default=time.time, repr=False)
 
     @property
     def connected(self) -> bool:
@@ -71,9 +74,9 @@ class ProxyRecord:
         snap = self.stream.snapshot
         if snap is None or snap.index < min_index:
             return False
-        return all(
-            type_sync_state(self.stream, t) in ("synced", "nacked", "idle") for t in self.stream.types
-        )
+        if standing.never_acked(self, self.clock()):
+            return True  # it would hold every wait back for its whole deadline, for nothing
+        return all(type_sync_state(self.stream, t) in standing.SETTLED for t in self.stream.types)
 
     def to_dict(self) -> dict[str, Any]:
         snap = self.stream.snapshot
@@ -107,6 +110,7 @@ class ProxyRecord:
             "snapshot_version": snap.version if snap else None,
             "synced": self.synced(),
             "types": types,
+            **standing.flags(self, self.clock()),
         }
 
 
@@ -121,8 +125,12 @@ class TrackerObserver(Protocol):
 
 
 class ProxyTracker:
-    def __init__(self, control_plane: str = "", clock: Clock = time.time, keep_disconnected: float = 600.0) -> None:
+    def __init__(
+        self, control_plane: str = "", clock: Clock = time.time, keep_disconnected: float = 600.0,
+        never_acked_grace: float = 10.0,
+    ) -> None:
         self.control_plane = control_plane
+        self.never_acked_grace = never_acked_grace
         self.clock = clock
         self.keep_disconnected = keep_disconnected
         self.records: dict[int, ProxyRecord] = {}
@@ -130,7 +138,10 @@ class ProxyTracker:
 
     def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream) -> ProxyRecord:
         self._prune()
-        record = ProxyRecord(stream_id, node, stream.kind, self.control_plane, self.clock(), stream)
+        record = ProxyRecord(
+            stream_id, node, stream.kind, self.control_plane, self.clock(), stream,
+            never_acked_grace=self.never_acked_grace, clock=self.clock,
+        )
         self.records[stream_id] = record
         for obs in self.observers:
             obs.on_connect(record)

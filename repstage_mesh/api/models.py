@@ -255,6 +255,15 @@ class ProxyView(BaseModel):
     types: dict[str, ProxyTypeView] = Field(
         default_factory=dict, description="by short type name: cds, eds, lds, rds"
     )
+    version_ahead: bool = Field(
+        default=False,
+        description="the proxy claims a version newer than this node's snapshot; not waited for",
+    )
+    claimed_version: str | None = Field(default=None, description="the claimed version, when ahead")
+    never_acked: bool = Field(
+        default=False,
+        description="sent config, open xds.never_acked_grace seconds, never ACKed: not waited for",
+    )
 
 
 class ClusterView(BaseModel):

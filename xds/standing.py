@@ -1,0 +1,59 @@
+"""Which proxies do not hold a wait for proxies back, although they are not synced.
+
+A break-before-make change waits until every connected proxy holds the new config, at most
+`ack_deadline` seconds. Two kinds of client would make every such wait last its whole
+deadline for nothing; they are flagged in `/v1/proxies` (and counted in
+`repstage_xds_proxies_flagged`) and not waited for:
+
+- `version_ahead`: a SotW client came back claiming a `version_info` newer than this replica's
+  snapshot (e.g. "999999999-x"). Nothing is sent to it while the claim stays ahead (versions
+  never go backwards, invariant 4). Once this replica's snapshot is at or after the awaited
+  index, the claim is either true (the proxy holds a config at least that new) or false
+  (nothing can be done for it): either way there is nothing to wait for. The type counts as
+  settled ("ahead" in `protocol.type_sync_state`).
+- `never_acked`: the stream was sent something, has been open `never_acked_grace` seconds
+  (`xds.never_acked_grace`, default 10 s) and has never ACKed (nor NACKed) anything. A real
+  Envoy ACKs its first responses within milliseconds; a proxy that ACKed before and is merely
+  slow now is still waited for, up to the deadline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .protocol import type_sync_state
+
+if TYPE_CHECKING:
+    from .tracker import ProxyRecord
+
+SETTLED = frozenset({"synced", "nacked", "idle", "ahead"})
+FLAGS = ("version_ahead", "never_acked")
+
+
+def never_acked(record: ProxyRecord, now: float) -> bool:
+    if now - record.connected_at < record.never_acked_grace:
+        return False
+    statuses = list(record.types.values())
+    sent = any(st.sent_at is not None for st in statuses)
+    answered = any(st.acked_at is not None or st.nacked_at is not None for st in statuses)
+    return sent and not answered
+
+
+def version_ahead(record: ProxyRecord) -> bool:
+    return any(type_sync_state(record.stream, t) == "ahead" for t in list(record.stream.types))
+
+
+def flags(record: ProxyRecord, now: float) -> dict[str, Any]:
+    """The flags as `/v1/proxies` shows them."""
+    ahead = version_ahead(record)
+    claimed = None
+    if ahead:
+        claimed = next(
+            (st.acked_version for t, st in record.stream.types.items() if type_sync_state(record.stream, t) == "ahead"),
+            None,
+        )
+    return {
+        "version_ahead": ahead,
+        "claimed_version": claimed[:80] if claimed else None,
+        "never_acked": record.connected and never_acked(record, now),
+    }
