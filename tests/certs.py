@@ -41,7 +41,7 @@ class CertAuthority:
     def __init__(self, name: str = "repstage test CA") -> None:
         self.key = _key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.name = subject
         self.cert = (
             x509.CertificateBuilder()
@@ -77,7 +77,7 @@ class CertAuthority:
         server: bool = False,
     ) -> Pem:
         key = _key()
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         names += [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]

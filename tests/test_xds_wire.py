@@ -75,7 +75,6 @@ from envoy_data_plane.envoy.config.core.v3 import Node  # noqa: E402
 from envoy_data_plane.envoy.service.discovery.v3 import DeltaDiscoveryRequest, DiscoveryRequest  # noqa: E402
 from envoy_data_plane.google.rpc import Status  # noqa: E402
 
-from repstage_mesh.xds import resources as res  # noqa: E402
 from repstage_mesh.xds.server import parse_delta, parse_sotw  # noqa: E402
 
 texts = st.text(max_size=30)

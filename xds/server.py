@@ -281,6 +281,8 @@ class _Outbox:
         self.wake.set()
 
     def emit(self, actions: list[Action]) -> None:
+        if self.overflow is not None:
+            return  # the stream is being closed
         for action in actions:
             if isinstance(action, Send):
                 self.frames.append(frame(action, self.server.control_plane_id, self.delta))

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     SerializerFunctionWrapHandler,
     field_validator,
@@ -102,8 +103,68 @@ class NodeConfig(Section):
         return data
 
 
+class XdsTlsConfig(Section):
+    """mTLS for xDS. The three files are re-read when they change (no restart)."""
+
+    cert_file: FilePath = Field(description="the server's certificate chain (PEM)")
+    key_file: FilePath = Field(description="the server's private key (PEM)")
+    ca_file: FilePath = Field(description="the CA that signs the Envoys' client certificates (PEM)")
+    node_san: str = Field(
+        default="uri:spiffe://repstage/envoy/{node_id}",
+        pattern=r"^(uri|dns):[^{}]*\{node_id\}[^{}]*$",
+        description="the client certificate SAN an Envoy's node id must match: uri:<pattern> "
+        "(a SPIFFE id) or dns:<pattern>, with {node_id} once",
+    )
+
+
+class XdsLimitsConfig(Section):
+    """What one xDS client may cost (README: "xDS limits"); each hit counts in
+    repstage_xds_limit_hits_total{limit}."""
+
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_resource_names: int = Field(default=10_000, ge=1, description="per stream, all types")
+    max_initial_resource_versions: int = Field(default=10_000, ge=1, description="per Delta request")
+    max_node_id_bytes: int = Field(default=256, ge=16, le=65536, description="node.id and node.cluster")
+    max_node_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="larger metadata is dropped")
+    max_streams_per_peer: int = Field(default=1_000, ge=1, description="open streams per client IP")
+    max_streams: int = Field(default=20_000, ge=1, description="open streams on this node")
+    max_outgoing_queue: int = Field(default=256, ge=8, description="responses waiting per stream")
+    max_unacked_delta: int = Field(default=16, ge=1, description="Delta responses of one type awaiting ACK")
+
+
 class XdsConfig(Section):
     listen: HostPort = "127.0.0.1:18000"
+    tls: XdsTlsConfig | None = None
+    insecure: bool = Field(
+        default=False,
+        description="serve plaintext xDS to any peer (without tls, only loopback peers are served)",
+    )
+    never_acked_grace: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="a proxy sent config this long ago that never ACKed anything is not waited for",
+    )
+    limits: XdsLimitsConfig = Field(default_factory=XdsLimitsConfig)
+
+    @model_validator(mode="after")
+    def _plaintext_on_loopback(self) -> XdsConfig:
+        """The API's rule: no authentication, loopback only. A wildcard address is allowed
+        (streams from non-loopback peers are refused); a concrete non-loopback one is not."""
+        host = parse_host_port(self.listen)[0]
+        if self.tls is None and not self.insecure and host not in _WILDCARDS and not _is_loopback(host):
+            raise ValueError(
+                f"listen: plaintext xDS on {host} would refuse every peer (plaintext is served to "
+                "loopback peers only): configure xds.tls, listen on 127.0.0.1, or set xds.insecure: true"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ApiTokens(Section):

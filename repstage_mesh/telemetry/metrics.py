@@ -25,6 +25,9 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_xds_nacks_total{type}                              counter
     repstage_xds_nacked_held{type}                              gauge
     repstage_xds_push_ack_seconds{type}                         histogram
+    repstage_xds_limit_hits_total{limit}                        counter (xds.limits)
+    repstage_xds_streams_refused_total{reason}                  counter (mTLS, plaintext)
+    repstage_xds_proxies_flagged{flag}                          gauge (version_ahead, never_acked)
     repstage_failover_duration_seconds{service,mode}            histogram
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
@@ -47,7 +50,10 @@ from prometheus_client.registry import Collector
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
 from repstage_mesh.xds import resources as res
+from repstage_mesh.xds import standing
+from repstage_mesh.xds.limits import LIMIT_NAMES
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
+from repstage_mesh.xds.tls import REFUSAL_REASONS
 from repstage_mesh.xds.tracker import ProxyRecord
 
 log = logging.getLogger(__name__)
@@ -144,6 +150,22 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
+        self.limit_hits = Counter(
+            "repstage_xds_limit_hits",
+            "xDS clients that went over a limit (xds.limits), by limit",
+            ["limit"],
+            registry=registry,
+        )
+        self.refusals = Counter(
+            "repstage_xds_streams_refused",
+            "xDS streams refused before they were served (plaintext from a non-loopback peer, "
+            "no client certificate, node id not matching the certificate), by reason",
+            ["reason"],
+            registry=registry,
+        )
+        # Fixed label sets, created up front: clients cannot add labels.
+        self._limit_children = {name: self.limit_hits.labels(name) for name in LIMIT_NAMES}
+        self._refusal_children = {name: self.refusals.labels(name) for name in REFUSAL_REASONS}
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
@@ -188,6 +210,28 @@ class MeshMetrics:
             )
             self._type_children[type_url] = children
         return children
+
+    # --- xds.server.GuardObserver ---------------------------------------------------------------
+
+    def on_limit(self, limit: str) -> None:
+        child = self._limit_children.get(limit)
+        if child is not None:
+            child.inc()
+
+    def on_refusal(self, reason: str) -> None:
+        child = self._refusal_children.get(reason)
+        if child is not None:
+            child.inc()
+
+    def _flagged_counts(self) -> dict[str, int]:
+        with self._lock:
+            records = list(self._live.values())
+        counts = dict.fromkeys(standing.FLAGS, 0)
+        for record in records:
+            for flag in standing.FLAGS:
+                if standing.flags(record, record.clock()).get(flag):
+                    counts[flag] += 1
+        return counts
 
     # --- facts observed elsewhere -------------------------------------------------------------
 
@@ -293,6 +337,15 @@ class _ScrapeTimeCollector(Collector):
         for short, count in sorted(held.items()):
             nacked.add_metric([short], count)
         yield nacked
+        flagged = GaugeMetricFamily(
+            "repstage_xds_proxies_flagged",
+            "Connected proxies not waited for by a change: version_ahead (claims a version newer "
+            "than this node's snapshot) or never_acked (never ACKed anything)",
+            labels=["flag"],
+        )
+        for flag, count in sorted(self.metrics._flagged_counts().items()):
+            flagged.add_metric([flag], count)
+        yield flagged
         for name, key, doc in _RAFT_GAUGES:
             family = GaugeMetricFamily(name, doc)
             if status is not None and status.get(key) is not None:

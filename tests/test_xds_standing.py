@@ -1,0 +1,74 @@
+"""Proxies that must not hold a change back: a version claim from the future, and a client
+that never ACKs anything (xds/standing.py)."""
+
+from __future__ import annotations
+
+from repstage_mesh.xds import resources as res
+from repstage_mesh.xds.cache import EncodedResource, Snapshot
+from repstage_mesh.xds.protocol import NodeInfo, SotwRequest, SotwStream, type_sync_state
+from repstage_mesh.xds.tracker import ProxyTracker
+
+CDS = res.CLUSTER
+
+
+def snapshot(version: int) -> Snapshot:
+    item = EncodedResource.from_bytes(CDS, "db", f"c:{version}".encode())
+    return Snapshot(str(version), {CDS: {"db": item}})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def connect(tracker: ProxyTracker, sid: int, snap: Snapshot, request: SotwRequest) -> SotwStream:
+    stream = SotwStream(snap)
+    tracker.connect(sid, NodeInfo(f"edge-{sid}"), stream)
+    tracker.record(sid, stream.receive(request))
+    return stream
+
+
+def test_a_version_from_the_future_is_flagged_not_waited_for_and_not_downgraded() -> None:
+    tracker = ProxyTracker(clock=Clock())
+    stream = connect(tracker, 1, snapshot(7), SotwRequest(CDS, version_info="999999999-x"))
+    record = tracker.records[1]
+    assert type_sync_state(stream, CDS) == "ahead"
+    assert not record.stream.types[CDS].pending  # nothing older is sent (invariant 4)
+    assert record.synced(min_index=7) and tracker.unsynced(7) == []
+    assert not record.synced(min_index=8)  # this replica has not reached the awaited index
+    view = record.to_dict()
+    assert view["version_ahead"] is True and view["claimed_version"] == "999999999-x"
+
+
+def test_an_honest_client_behind_is_still_waited_for() -> None:
+    tracker = ProxyTracker(clock=Clock())
+    connect(tracker, 1, snapshot(7), SotwRequest(CDS, version_info="3-abc"))
+    record = tracker.records[1]
+    assert not record.synced(min_index=7)  # sent 7, not yet ACKed
+    assert record.to_dict()["version_ahead"] is False
+
+
+def test_a_never_acking_client_is_waited_for_only_during_its_grace() -> None:
+    clock = Clock()
+    tracker = ProxyTracker(clock=clock, never_acked_grace=10.0)
+    connect(tracker, 1, snapshot(7), SotwRequest(CDS))
+    record = tracker.records[1]
+    assert not record.synced(7) and record.to_dict()["never_acked"] is False
+    clock.now += 10.0
+    assert record.synced(7) and record.to_dict()["never_acked"] is True
+
+
+def test_a_client_that_acked_once_is_waited_for_after_the_grace() -> None:
+    clock = Clock()
+    tracker = ProxyTracker(clock=clock, never_acked_grace=10.0)
+    stream = connect(tracker, 1, snapshot(7), SotwRequest(CDS))
+    nonce = stream.types[CDS].last_nonce
+    tracker.record(1, stream.receive(SotwRequest(CDS, version_info="x", response_nonce=nonce)))
+    assert tracker.records[1].synced(7)
+    tracker.record(1, stream.update(snapshot(8)))
+    clock.now += 60.0
+    assert not tracker.records[1].synced(8)  # slow now, but it answers: waited for
+    assert tracker.records[1].to_dict()["never_acked"] is False
