@@ -157,6 +157,16 @@ def _add_bootstrap(sub: Subcommands) -> None:
         "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of SotW"
     )
     boot.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout")  # fmt: skip
+    for flag, what in (
+        ("--xds-tls-cert", "this Envoy's client certificate (its SAN names the node id)"),
+        ("--xds-tls-key", "the client certificate's private key"),
+        ("--xds-tls-ca", "the CA that signed the control plane's certificate"),
+    ):
+        boot.add_argument(flag, metavar="FILE", default=None, help=f"mTLS to the control plane: {what}")
+    boot.add_argument(
+        "--xds-tls-server-name", metavar="NAME", default=None,
+        help="SNI, and the DNS SAN the control plane's certificate must carry",
+    )
 
 
 def _add_demo(sub: Subcommands) -> None:
