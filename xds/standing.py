@@ -57,3 +57,11 @@ def flags(record: ProxyRecord, now: float) -> dict[str, Any]:
         "claimed_version": claimed[:80] if claimed else None,
         "never_acked": record.connected and never_acked(record, now),
     }
+
+
+def excused(record: ProxyRecord, min_index: int) -> bool:
+    """Not waited for at `min_index`, and not counted as an ACK either (see the module doc)."""
+    snap = record.stream.snapshot
+    if snap is None or snap.index < min_index or not record.connected:
+        return False
+    return never_acked(record, record.clock()) or version_ahead(record)

@@ -116,6 +116,9 @@ def _behind(node_id: str, proxies: list[dict[str, Any]], min_index: int, acked: 
         if key in acked:
             continue
         version = proxy.get("snapshot_version")
+        caught_up = version is not None and int(version) >= min_index
+        if (proxy.get("never_acked") or proxy.get("version_ahead")) and proxy.get("synced") and caught_up:
+            continue  # xds/standing.py: not waited for, not an ACK either
         if proxy.get("synced") and version is not None and int(version) >= min_index:
             acked[key] = time.monotonic()
         else:

@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from repstage_mesh.decide import ProxyAcks
+from repstage_mesh.xds import standing
 from repstage_mesh.xds.tracker import ProxyTracker
 
 POLL_INTERVAL = 0.002  # seconds between looks at the tracker while proxies are behind
@@ -52,6 +53,8 @@ async def await_proxies(
                 key = f"{record.node.id}#{record.stream_id}"
                 if key in acked:
                     continue
+                if standing.excused(record, min_index):
+                    continue  # flagged in /v1/proxies; neither waited for nor counted as an ACK
                 if record.synced(min_index):
                     acked[key] = time.monotonic()
                 else:
