@@ -18,9 +18,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from integration.harness import ask_once, wait_until  # noqa: E402
-from integration.test_xds_abuse import Target, running_target  # noqa: E402
-from integration.xds_abuse import Abuse, AdsClient, holders, huge_type_url, many_names, many_streams, unknown_types  # noqa: E402
+from integration.harness import ask_once, wait_until
+from integration.test_xds_abuse import Target, running_target
+from integration.xds_abuse import (
+    Abuse,
+    AdsClient,
+    holders,
+    huge_type_url,
+    many_names,
+    many_streams,
+    unknown_types,
+)
 
 
 def switchovers(target: Target, count: int) -> list[float]:
@@ -29,7 +37,8 @@ def switchovers(target: Target, count: int) -> list[float]:
         to = "r0" if target.cp.get("/v1/services/cache")["primary"] == "r1" else "r1"
         record: dict[str, Any] = {}
 
-        def attempt(to: str = to) -> bool:  # 409 until the probes saw the old primary as a replica
+        def attempt(to: str = to, record: dict[str, Any] = record) -> bool:
+            # 409 until the probes saw the old primary as a replica
             status, body = target.cp.call("POST", "/v1/services/cache/switchover", {"to": to})
             record.update(body)
             return status == 200
@@ -94,7 +103,10 @@ def main() -> None:
     print("| step | serve RSS (MiB) | /metrics (bytes) |\n| --- | --- | --- |")
     for step, rss, size in rows:
         print(f"| {step} | {rss / 1024:.1f} | {size} |")
-    fmt: Any = lambda xs: f"median {statistics.median(xs):.1f} ms (min {min(xs):.1f}, max {max(xs):.1f}, n={len(xs)})"
+
+    def fmt(xs: list[float]) -> str:
+        return f"median {statistics.median(xs):.1f} ms (min {min(xs):.1f}, max {max(xs):.1f}, n={len(xs)})"
+
     print(f"\nswitchover duration, no abuser: {fmt(base)}")
     print(f"switchover duration, never-ACKing + future-version clients connected: {fmt(during)}")
 

@@ -38,9 +38,9 @@ import grpc.aio
 
 from repstage_mesh.xds import resources as R
 from repstage_mesh.xds.cache import SnapshotCache
+from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
 from repstage_mesh.xds.server import AdsServer
-from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
 
 BENCH_LIMITS = XdsLimits(max_streams_per_peer=100_000, max_streams=100_000)  # one address, many proxies

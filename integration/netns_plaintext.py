@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from integration.harness import ControlPlaneNode, Envoy, free_low_port, wait_until  # noqa: E402
+from integration.harness import ControlPlaneNode, Envoy, free_low_port, wait_until
 
 OTHER = "10.213.0.1"
 
@@ -44,7 +44,7 @@ def main(base: Path) -> dict[str, object]:
 
         wait_until(lambda: "near" in connected(), 20, what="the loopback Envoy is served")
         wait_until(lambda: refused(cp) >= 1, 20, what="the non-loopback stream is refused")
-        time.sleep(0.5)  # noqa: not synchronisation: a last look that "far" stayed out
+        time.sleep(0.5)  # not synchronisation: a last look that "far" stayed out
         return {
             "loopback_envoy_served": "near" in connected(),
             "non_loopback_envoy_served": "far" in connected(),

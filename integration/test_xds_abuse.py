@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 
 from .databases import RedisGroup, redis_group, redis_server_binary
-from .harness import ControlPlaneNode, Envoy, NamedTcpBackend, ask_once, free_low_port, wait_until, workdir
+from .harness import (
+    ControlPlaneNode,
+    Envoy,
+    NamedTcpBackend,
+    ask_once,
+    free_low_port,
+    wait_until,
+    workdir,
+)
 from .xds_abuse import Abuse, run
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")

@@ -19,7 +19,6 @@ from repstage_mesh.xds.limits import XdsLimits, is_loopback_peer, peer_host
 from repstage_mesh.xds.protocol import DeltaRequest, DeltaStream, SotwRequest, SotwStream
 from repstage_mesh.xds.server import AdsServer, _Outbox
 from repstage_mesh.xds.tracker import ProxyTracker
-
 from tests.fakes import eventually
 from tests.xds_client import CLUSTERS, AdsClient, delta_request, sotw_request
 

@@ -204,28 +204,16 @@ class AdsServer:
         out = _Outbox(stream, stream_id, self, isinstance(stream, DeltaStream))
         writer = asyncio.create_task(out.write(context))
         cancel_watch: Callable[[], None] | None = None
-        limits = self.limits
         try:
             async for data in requests:
-                reading = NodeReading()
                 try:
-                    if len(data) > limits.max_request_bytes:
-                        raise LimitExceeded(
-                            "request_bytes",
-                            f"a request of {len(data)} bytes; the limit is {limits.max_request_bytes} "
-                            "(xds.limits.max_request_bytes)",
-                        )
-                    request = parse(data, limits, reading)
-                    names = request.resource_names if isinstance(stream, SotwStream) else request.subscribe
-                    check_names(stream, request.type_url, names, limits)
+                    request = self._read(data, stream, parse)
                 except LimitExceeded as exc:
                     await self._over(context, exc)
                     return
                 except Exception as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse request: {exc}")
                     return
-                if reading.dropped_metadata:
-                    self.guard.on_limit("node_metadata")
                 if cancel_watch is None:
                     refusal = self.security.admit_node(context.auth_context(), request.node.id if request.node else None)
                     if refusal is not None:
@@ -257,6 +245,24 @@ class AdsServer:
             writer.cancel()
             self.streams.pop(stream_id, None)
             self.tracker.disconnect(stream_id)
+
+
+    def _read(self, data: bytes, stream: SotwStream | DeltaStream, parse: Callable[..., Any]) -> Any:
+        """Parse one request within the limits (LimitExceeded when it is over one)."""
+        limits = self.limits
+        if len(data) > limits.max_request_bytes:
+            raise LimitExceeded(
+                "request_bytes",
+                f"a request of {len(data)} bytes; the limit is {limits.max_request_bytes} "
+                "(xds.limits.max_request_bytes)",
+            )
+        reading = NodeReading()
+        request = parse(data, limits, reading)
+        if reading.dropped_metadata:
+            self.guard.on_limit("node_metadata")
+        names = request.resource_names if isinstance(stream, SotwStream) else request.subscribe
+        check_names(stream, request.type_url, names, limits)
+        return request
 
 
 class _Outbox:

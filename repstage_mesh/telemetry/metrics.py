@@ -150,22 +150,7 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
-        self.limit_hits = Counter(
-            "repstage_xds_limit_hits",
-            "xDS clients that went over a limit (xds.limits), by limit",
-            ["limit"],
-            registry=registry,
-        )
-        self.refusals = Counter(
-            "repstage_xds_streams_refused",
-            "xDS streams refused before they were served (plaintext from a non-loopback peer, "
-            "no client certificate, node id not matching the certificate), by reason",
-            ["reason"],
-            registry=registry,
-        )
-        # Fixed label sets, created up front: clients cannot add labels.
-        self._limit_children = {name: self.limit_hits.labels(name) for name in LIMIT_NAMES}
-        self._refusal_children = {name: self.refusals.labels(name) for name in REFUSAL_REASONS}
+        self._limit_children, self._refusal_children = _guard_counters(registry)
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
@@ -273,6 +258,28 @@ class MeshMetrics:
             short = res.short_name(type_url)
             counts[short] = counts.get(short, 0) + 1
         return counts
+
+
+def _guard_counters(registry: CollectorRegistry) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The xDS limit-hit and refusal counters' children, one per name of a fixed set, created
+    up front: clients cannot add labels."""
+    limit_hits = Counter(
+        "repstage_xds_limit_hits",
+        "xDS clients that went over a limit (xds.limits), by limit",
+        ["limit"],
+        registry=registry,
+    )
+    refusals = Counter(
+        "repstage_xds_streams_refused",
+        "xDS streams refused before they were served (plaintext from a non-loopback peer, "
+        "no client certificate, node id not matching the certificate), by reason",
+        ["reason"],
+        registry=registry,
+    )
+    return (
+        {name: limit_hits.labels(name) for name in LIMIT_NAMES},
+        {name: refusals.labels(name) for name in REFUSAL_REASONS},
+    )
 
 
 _RAFT_GAUGES: tuple[tuple[str, str, str], ...] = (
