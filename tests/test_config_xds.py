@@ -9,6 +9,7 @@ import pytest
 from repstage_mesh.config import ConfigError, load_config
 from repstage_mesh.node import xds_limits, xds_security
 from repstage_mesh.xds.limits import XdsLimits
+from tests.certs import CertAuthority
 
 
 def write(tmp_path: Path, xds: str) -> Path:
@@ -38,9 +39,14 @@ def test_plaintext_on_a_non_loopback_address_is_refused_unless_insecure(tmp_path
     assert xds_security(settings.xds).insecure
 
 
+def pki(tmp_path: Path) -> None:
+    ca = CertAuthority()
+    ca.issue("cp", server=True).write(tmp_path, "s")
+    (tmp_path / "ca.crt").write_bytes(ca.pem)
+
+
 def test_tls_files_must_exist_and_the_san_pattern_must_name_the_node(tmp_path: Path) -> None:
-    for name in ("s.crt", "s.key", "ca.crt"):
-        (tmp_path / name).write_text("x")
+    pki(tmp_path)
     tls = f"  listen: 10.1.2.3:18000\n  tls:\n    cert_file: {tmp_path / 's.crt'}\n    key_file: {tmp_path / 's.key'}\n"
     settings = load_config(write(tmp_path, tls + f"    ca_file: {tmp_path / 'ca.crt'}\n    node_san: 'dns:{{node_id}}.mesh'\n"), env={})
     security = xds_security(settings.xds)
@@ -57,3 +63,21 @@ def test_a_limit_below_its_minimum_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, "  limits:\n    max_streams_per_peer: 0\n"), env={})
     assert "xds.limits.max_streams_per_peer" in str(err.value)
+
+
+def test_tls_files_that_serve_could_not_load_are_refused_by_validate(tmp_path: Path) -> None:
+    pki(tmp_path)
+    other = CertAuthority().issue("x", server=True)
+    (tmp_path / "other.key").write_bytes(other.key)
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    base = "  tls:\n    cert_file: {cert}\n    key_file: {key}\n    ca_file: {ca}\n"
+    cases = {
+        "key_file: is not the private key of cert_file": ("s.crt", "other.key", "ca.crt"),
+        "cert_file: not a PEM": ("junk.crt", "s.key", "ca.crt"),
+        "ca_file: not PEM": ("s.crt", "s.key", "junk.crt"),
+    }
+    for message, (cert, key, ca) in cases.items():
+        text = base.format(cert=tmp_path / cert, key=tmp_path / key, ca=tmp_path / ca)
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, text), env={})
+        assert message in str(err.value) and "xds.tls" in str(err.value), str(err.value)

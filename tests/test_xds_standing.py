@@ -72,3 +72,12 @@ def test_a_client_that_acked_once_is_waited_for_after_the_grace() -> None:
     clock.now += 60.0
     assert not tracker.records[1].synced(8)  # slow now, but it answers: waited for
     assert tracker.records[1].to_dict()["never_acked"] is False
+
+
+def test_the_tracker_keeps_a_bounded_number_of_disconnected_records() -> None:
+    tracker = ProxyTracker(clock=Clock(), max_disconnected=3)
+    for sid in range(1, 11):
+        connect(tracker, sid, snapshot(7), SotwRequest(CDS))
+        tracker.disconnect(sid)
+    connect(tracker, 11, snapshot(7), SotwRequest(CDS))
+    assert sorted(tracker.records) == [8, 9, 10, 11]

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -115,6 +117,27 @@ class XdsTlsConfig(Section):
         description="the client certificate SAN an Envoy's node id must match: uri:<pattern> "
         "(a SPIFFE id) or dns:<pattern>, with {node_id} once",
     )
+
+    @model_validator(mode="after")
+    def _usable(self) -> XdsTlsConfig:
+        """What serve would find when it loads the files: PEM that parses, a key that is the
+        certificate's (the same check xds/tls.py makes before every reload)."""
+        try:
+            cert = x509.load_pem_x509_certificates(self.cert_file.read_bytes())[0]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cert_file: not a PEM certificate chain ({exc})") from None
+        try:
+            key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"key_file: not an unencrypted PEM private key ({exc})") from None
+        try:
+            x509.load_pem_x509_certificates(self.ca_file.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"ca_file: not PEM certificates ({exc})") from None
+        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+            raise ValueError("key_file: is not the private key of cert_file")
+        return self
 
 
 class XdsLimitsConfig(Section):
