@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .protocol import type_sync_state
+from .protocol import SotwStream
 
 if TYPE_CHECKING:
     from .tracker import ProxyRecord
@@ -39,21 +39,25 @@ def never_acked(record: ProxyRecord, now: float) -> bool:
     return sent and not answered
 
 
+def _ahead_types(record: ProxyRecord) -> list[str]:
+    """The types in state "ahead" (protocol.type_sync_state), without computing what the
+    stream would be sent (cheap enough for every scrape of /metrics)."""
+    stream, snap = record.stream, record.stream.snapshot
+    if not isinstance(stream, SotwStream) or snap is None:
+        return []
+    return [t for t, st in list(stream.types.items()) if st.requested and st.floor > snap.index and not st.pending]
+
+
 def version_ahead(record: ProxyRecord) -> bool:
-    return any(type_sync_state(record.stream, t) == "ahead" for t in list(record.stream.types))
+    return bool(_ahead_types(record))
 
 
 def flags(record: ProxyRecord, now: float) -> dict[str, Any]:
     """The flags as `/v1/proxies` shows them."""
-    ahead = version_ahead(record)
-    claimed = None
-    if ahead:
-        claimed = next(
-            (st.acked_version for t, st in record.stream.types.items() if type_sync_state(record.stream, t) == "ahead"),
-            None,
-        )
+    ahead = _ahead_types(record)
+    claimed = record.stream.types[ahead[0]].acked_version if ahead else None
     return {
-        "version_ahead": ahead,
+        "version_ahead": bool(ahead),
         "claimed_version": claimed[:80] if claimed else None,
         "never_acked": record.connected and never_acked(record, now),
     }
