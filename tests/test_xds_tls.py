@@ -160,3 +160,16 @@ def test_plaintext_only_on_loopback_unless_insecure() -> None:
     assert refusal is not None and refusal.code == "PERMISSION_DENIED" and "xds.insecure" in refusal.message
     assert plain.admit_peer("ipv4:127.0.0.1:4000", {}) is None
     assert XdsSecurity(insecure=True).admit_peer("ipv4:10.9.8.7:4000", {}) is None
+
+
+async def test_a_rotated_client_ca_is_used_by_the_next_connection(tls_server) -> None:  # type: ignore[no-untyped-def]
+    pki, server, _ = tls_server
+    assert server.port is not None
+    new_clients_ca = CertAuthority("the Envoys' new CA")
+    tmp = pki.ca_file.with_suffix(".new")
+    tmp.write_bytes(new_clients_ca.pem)
+    os.replace(tmp, pki.ca_file)
+    code, version = await ask(pki.channel(server.port, pki.client("edge-1", ca=new_clients_ca)), "edge-1")
+    assert code == grpc.StatusCode.OK and version.startswith("3-")
+    code, _ = await ask(pki.channel(server.port, pki.client("edge-1")), "edge-1")  # signed by the old CA
+    assert code == grpc.StatusCode.UNAVAILABLE

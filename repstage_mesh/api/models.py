@@ -227,7 +227,7 @@ class ProxyTypeView(BaseModel):
     nacked_at: float | None = None
     error: str | None = Field(default=None, description="Envoy's error text for the last NACK")
     last_ack_latency_seconds: float | None = None
-    sync: str | None = Field(default=None, description="synced, behind, pending, nacked or idle")
+    sync: str | None = Field(default=None, description="synced, behind, pending, nacked, ahead or idle")
     behind: bool = Field(
         default=False, description="the ACKed version differs from the committed one"
     )
