@@ -102,13 +102,15 @@ class Node:
         self.store: ReplicatedStore | None = None
         self.cache = SnapshotCache()
         self.tracker = ProxyTracker(
-            control_plane=self._node_id, never_acked_grace=settings.xds.never_acked_grace
+            control_plane=self._node_id, never_acked_grace=settings.xds.never_acked_grace,
+            max_disconnected=settings.xds.limits.max_disconnected_proxies,
         )
         self.metrics = MeshMetrics(
             self._registry, self._node_id,
             raft_status=lambda: self.store.status() if self.store is not None else None,
         )
         self.tracker.observers.append(self.metrics)
+        self.tracker.on_limit = self.metrics.on_limit
         self.tracing = Tracing.setup(settings.telemetry, self._node_id)
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)

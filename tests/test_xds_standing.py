@@ -75,9 +75,11 @@ def test_a_client_that_acked_once_is_waited_for_after_the_grace() -> None:
 
 
 def test_the_tracker_keeps_a_bounded_number_of_disconnected_records() -> None:
-    tracker = ProxyTracker(clock=Clock(), max_disconnected=3)
+    hits: list[str] = []
+    tracker = ProxyTracker(clock=Clock(), max_disconnected=3, on_limit=hits.append)
     for sid in range(1, 11):
         connect(tracker, sid, snapshot(7), SotwRequest(CDS))
         tracker.disconnect(sid)
     connect(tracker, 11, snapshot(7), SotwRequest(CDS))
     assert sorted(tracker.records) == [8, 9, 10, 11]
+    assert hits and set(hits) == {"disconnected_proxies"}

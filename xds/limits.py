@@ -16,6 +16,7 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | `streams_per_peer`, `streams` | a new stream over the limit is refused (RESOURCE_EXHAUSTED), as Consul does |
 | `outgoing_queue` | more than `max_outgoing_queue` responses waiting for a client that does not read: closed (RESOURCE_EXHAUSTED) |
 | `unacked_delta` | `max_unacked_delta` Delta responses of one type not yet ACKed: nothing more of that type is sent until the client answers |
+| `disconnected_proxies` | the tracker keeps at most `max_disconnected_proxies` disconnected proxies for `/v1/proxies`: the oldest are forgotten |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "streams",
     "outgoing_queue",
     "unacked_delta",
+    "disconnected_proxies",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -57,6 +59,7 @@ class XdsLimits:
     max_streams: int = 20_000
     max_outgoing_queue: int = 256
     max_unacked_delta: int = 16
+    max_disconnected_proxies: int = 1_000
     known_type_urls: frozenset[str] = KNOWN_TYPE_URLS
 
     def __post_init__(self) -> None:

@@ -128,9 +128,11 @@ class ProxyTracker:
     def __init__(
         self, control_plane: str = "", clock: Clock = time.time, keep_disconnected: float = 600.0,
         never_acked_grace: float = 10.0, max_disconnected: int = 1000,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         self.control_plane = control_plane
         self.max_disconnected = max_disconnected  # disconnected records kept for /v1/proxies
+        self.on_limit = on_limit  # told "disconnected_proxies" when old records are forgotten
         self.never_acked_grace = never_acked_grace
         self.clock = clock
         self.keep_disconnected = keep_disconnected
@@ -197,8 +199,11 @@ class ProxyTracker:
     def _prune(self) -> None:
         horizon = self.clock() - self.keep_disconnected
         gone = [s for s, r in self.records.items() if r.disconnected_at is not None]
-        for sid in gone[: max(0, len(gone) - self.max_disconnected)]:  # oldest first (dict order)
-            del self.records[sid]
+        if len(gone) > self.max_disconnected:
+            for sid in gone[: len(gone) - self.max_disconnected]:  # oldest first (dict order)
+                del self.records[sid]
+            if self.on_limit is not None:
+                self.on_limit("disconnected_proxies")
         for sid in [s for s, r in self.records.items() if r.disconnected_at is not None and r.disconnected_at < horizon]:
             del self.records[sid]
 
