@@ -228,3 +228,14 @@ async def test_metrics_label_sets_are_fixed() -> None:
     metrics.on_refusal("not-a-reason")
     assert generate_latest(registry) == before
     await asyncio.sleep(0)
+
+
+def test_refusals_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    from repstage_mesh.xds.server import _QuietLog
+
+    quiet = _QuietLog(interval=3600)
+    with caplog.at_level("INFO", logger="repstage_mesh.xds.server"):
+        for i in range(1000):
+            quiet.log("streams_per_peer", "refused %d", i)
+        quiet.log("type_url", "other %d", 0)
+    assert [r.getMessage() for r in caplog.records] == ["refused 0", "other 0"]

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -71,6 +72,26 @@ def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
     return body + wire.sotw_tail(send.nonce, control_plane_id)
 
 
+class _QuietLog:
+    """At most one log line per key (a limit or refusal reason) per second, so a client that
+    opens thousands of refused streams cannot flood the log; the metrics count every one."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def log(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        suffix = f" ({quiet} more like it since the last line, not logged)" if quiet else ""
+        log.info(message + suffix, *args)
+
+
 class GuardObserver(Protocol):
     """Told when a limit is hit (`limits.LIMIT_NAMES`) or a stream refused
     (`tls.REFUSAL_REASONS`): both fixed sets, so metric labels stay bounded."""
@@ -109,6 +130,7 @@ class AdsServer:
         self.security = security or XdsSecurity()
         self.guard: GuardObserver = guard or _NoGuardObserver()
         self.slots = StreamSlots(self.limits)
+        self._log = _QuietLog()
         self.reloader: CertificateReloader | None = None
         self._ids = itertools.count(1)
         self._server: aio.Server | None = None
@@ -163,12 +185,12 @@ class AdsServer:
 
     async def _refuse(self, context: aio.ServicerContext, refusal: Refusal) -> None:
         self.guard.on_refusal(refusal.reason)
-        log.info("xDS stream from %s refused: %s", context.peer(), refusal.message)
+        self._log.log(refusal.reason, "xDS stream from %s refused: %s", context.peer(), refusal.message)
         await context.abort(grpc.StatusCode[refusal.code], refusal.message)
 
     async def _over(self, context: aio.ServicerContext, exc: LimitExceeded) -> None:
         self.guard.on_limit(exc.limit)
-        log.info("xDS stream from %s closed: %s", context.peer(), exc)
+        self._log.log(exc.limit, "xDS stream from %s closed: %s", context.peer(), exc)
         await context.abort(grpc.StatusCode[exc.code], str(exc))
 
     async def _admitted(
