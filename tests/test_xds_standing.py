@@ -83,3 +83,33 @@ def test_the_tracker_keeps_a_bounded_number_of_disconnected_records() -> None:
     connect(tracker, 11, snapshot(7), SotwRequest(CDS))
     assert sorted(tracker.records) == [8, 9, 10, 11]
     assert hits and set(hits) == {"disconnected_proxies"}
+
+
+def test_the_push_trace_does_not_wait_for_excused_proxies() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from repstage_mesh.telemetry.push_tracer import PushTracer
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    clock = Clock()
+    tracker = ProxyTracker(clock=clock, never_acked_grace=10.0)
+    tracer = PushTracer(provider.get_tracer("test"), "cp", clock=clock)
+    tracer.attach(tracker)
+    never = connect(tracker, 1, snapshot(7), SotwRequest(CDS))  # sent 7, will never answer
+    connect(tracker, 2, snapshot(7), SotwRequest(CDS, version_info="999999999-x"))
+    honest = connect(tracker, 3, snapshot(7), SotwRequest(CDS))
+    clock.now += 10.0
+    tracker.record(3, honest.receive(SotwRequest(CDS, version_info="x", response_nonce=honest.types[CDS].last_nonce)))
+    for sid, stream in ((1, never), (3, honest)):
+        tracker.record(sid, stream.update(snapshot(8)))
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert tracer.begin(8, {"traceparent": traceparent}, timeout=30.0)
+    nonce = honest.types[CDS].last_nonce
+    tracker.record(3, honest.receive(SotwRequest(CDS, version_info="y", response_nonce=nonce)))
+    (span,) = exporter.get_finished_spans()  # closed at the honest proxy's ACK, not at the deadline
+    assert span.attributes is not None and span.attributes["repstage.push.proxies"] == 1
+    assert not span.attributes.get("repstage.push.timed_out")
