@@ -239,3 +239,15 @@ def test_refusals_do_not_flood_the_log(caplog: pytest.LogCaptureFixture) -> None
             quiet.log("streams_per_peer", "refused %d", i)
         quiet.log("type_url", "other %d", 0)
     assert [r.getMessage() for r in caplog.records] == ["refused 0", "other 0"]
+
+
+def test_a_long_nack_error_is_cut_and_counted() -> None:
+    from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest
+    from envoy_data_plane.google.rpc import Status
+
+    from repstage_mesh.xds.requests import NodeReading, parse_sotw
+
+    reading = NodeReading()
+    data = bytes(DiscoveryRequest(type_url=CLUSTERS, response_nonce="1", error_detail=Status(code=3, message="e" * 10_000)))
+    request = parse_sotw(data, XdsLimits(max_error_detail_bytes=100), reading)
+    assert request.error == "e" * 100 + "..." and reading.cut_error

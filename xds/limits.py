@@ -16,6 +16,7 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | `streams_per_peer`, `streams` | a new stream over the limit is refused (RESOURCE_EXHAUSTED), as Consul does |
 | `outgoing_queue` | more than `max_outgoing_queue` responses waiting for a client that does not read: closed (RESOURCE_EXHAUSTED) |
 | `unacked_delta` | `max_unacked_delta` Delta responses of one type not yet ACKed: nothing more of that type is sent until the client answers |
+| `error_detail` | a NACK's error text longer than `max_error_detail_bytes` is cut to it (it is stored and shown in `/v1/proxies`) |
 | `disconnected_proxies` | the tracker keeps at most `max_disconnected_proxies` disconnected proxies for `/v1/proxies`: the oldest are forgotten |
 """
 
@@ -40,6 +41,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "outgoing_queue",
     "unacked_delta",
     "disconnected_proxies",
+    "error_detail",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -60,13 +62,14 @@ class XdsLimits:
     max_outgoing_queue: int = 256
     max_unacked_delta: int = 16
     max_disconnected_proxies: int = 1_000
+    max_error_detail_bytes: int = 4096
     known_type_urls: frozenset[str] = KNOWN_TYPE_URLS
 
     def __post_init__(self) -> None:
         for name in (
             "max_request_bytes", "max_resource_names", "max_initial_resource_versions",
             "max_node_id_bytes", "max_node_metadata_bytes", "max_streams_per_peer",
-            "max_streams", "max_outgoing_queue", "max_unacked_delta",
+            "max_streams", "max_outgoing_queue", "max_unacked_delta", "max_error_detail_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")

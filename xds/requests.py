@@ -20,9 +20,20 @@ _NODE_ID, _NODE_CLUSTER, _NODE_METADATA, _NODE_USER_AGENT = 1, 2, 3, 6
 
 
 class NodeReading:
-    """Set when a node's metadata was dropped for its size (the server counts it)."""
+    """What was cut while reading a request (the server counts it): the size of node metadata
+    that was dropped, whether a NACK's error text was cut."""
 
     dropped_metadata: int = 0
+    cut_error: bool = False
+
+
+def _error(value: bytes, limits: XdsLimits, reading: NodeReading | None) -> str:
+    text = wire.decode_status(value)
+    if len(text) > limits.max_error_detail_bytes:
+        text = text[: limits.max_error_detail_bytes] + "..."
+        if reading is not None:
+            reading.cut_error = True
+    return text
 
 
 def node_info(node: Node | None) -> NodeInfo | None:
@@ -90,7 +101,7 @@ def parse_sotw(data: bytes, limits: XdsLimits = DEFAULT_LIMITS, reading: NodeRea
         elif number == 5:
             nonce = value.decode()
         elif number == 6:
-            error = wire.decode_status(value)
+            error = _error(value, limits, reading)
     return SotwRequest(type_url, version, nonce, tuple(names), error, node)
 
 
@@ -128,5 +139,5 @@ def parse_delta(data: bytes, limits: XdsLimits = DEFAULT_LIMITS, reading: NodeRe
         elif number == 6:
             nonce = value.decode()
         elif number == 7:
-            error = wire.decode_status(value)
+            error = _error(value, limits, reading)
     return DeltaRequest(type_url, tuple(subscribe), tuple(unsubscribe), initial, nonce, error, node)

@@ -282,6 +282,8 @@ class AdsServer:
         request = parse(data, limits, reading)
         if reading.dropped_metadata:
             self.guard.on_limit("node_metadata")
+        if reading.cut_error:
+            self.guard.on_limit("error_detail")
         names = request.resource_names if isinstance(stream, SotwStream) else request.subscribe
         check_names(stream, request.type_url, names, limits)
         return request

@@ -153,6 +153,7 @@ class XdsLimitsConfig(Section):
     max_streams: int = Field(default=20_000, ge=1, description="open streams on this node")
     max_outgoing_queue: int = Field(default=256, ge=8, description="responses waiting per stream")
     max_unacked_delta: int = Field(default=16, ge=1, description="Delta responses of one type awaiting ACK")
+    max_error_detail_bytes: int = Field(default=4096, ge=64, description="a NACK's error text is cut to it")
     max_disconnected_proxies: int = Field(
         default=1_000, ge=0, description="disconnected proxies /v1/proxies remembers (10 minutes at most)"
     )
