@@ -251,3 +251,11 @@ def test_a_long_nack_error_is_cut_and_counted() -> None:
     data = bytes(DiscoveryRequest(type_url=CLUSTERS, response_nonce="1", error_detail=Status(code=3, message="e" * 10_000)))
     request = parse_sotw(data, XdsLimits(max_error_detail_bytes=100), reading)
     assert request.error == "e" * 100 + "..." and reading.cut_error
+
+
+async def test_a_huge_resource_name_closes_the_stream(served: Served) -> None:
+    client = served.client(delta=True)
+    client.send(delta_request(res.ENDPOINT, subscribe=("n" * 2000,), node_id="d"))
+    code, details = await client.status()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_resource_name_bytes" in details
+    assert served.hits("resource_name_bytes") == 1

@@ -9,6 +9,7 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | --- | --- |
 | `type_url` | a type URL this server does not serve: the stream is closed (INVALID_ARGUMENT) before any state is kept for it |
 | `request_bytes` | a request larger than `max_request_bytes`: stream closed (RESOURCE_EXHAUSTED) |
+| `resource_name_bytes` | a resource name (or an `initial_resource_versions` key or version) longer than `max_resource_name_bytes`: closed (INVALID_ARGUMENT) |
 | `resource_names` | the stream would subscribe to more than `max_resource_names` names in all: closed (RESOURCE_EXHAUSTED) |
 | `initial_resource_versions` | a Delta request with more entries than `max_initial_resource_versions`: closed (RESOURCE_EXHAUSTED) |
 | `node_id` | a node id (or cluster) longer than `max_node_id_bytes`: closed (INVALID_ARGUMENT) |
@@ -42,6 +43,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "unacked_delta",
     "disconnected_proxies",
     "error_detail",
+    "resource_name_bytes",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -54,6 +56,7 @@ class XdsLimits:
 
     max_request_bytes: int = 4 * 1024 * 1024
     max_resource_names: int = 10_000
+    max_resource_name_bytes: int = 1024
     max_initial_resource_versions: int = 10_000
     max_node_id_bytes: int = 256
     max_node_metadata_bytes: int = 16 * 1024
@@ -67,7 +70,7 @@ class XdsLimits:
 
     def __post_init__(self) -> None:
         for name in (
-            "max_request_bytes", "max_resource_names", "max_initial_resource_versions",
+            "max_request_bytes", "max_resource_names", "max_resource_name_bytes", "max_initial_resource_versions",
             "max_node_id_bytes", "max_node_metadata_bytes", "max_streams_per_peer",
             "max_streams", "max_outgoing_queue", "max_unacked_delta", "max_error_detail_bytes",
         ):
@@ -116,6 +119,16 @@ def check_names(stream: SotwStream | DeltaStream, type_url: str, names: Iterable
             "resource_names",
             f"this stream would subscribe to {after} resource names; the limit is "
             f"{limits.max_resource_names} (xds.limits.max_resource_names)",
+        )
+
+
+def check_name(name: bytes, limits: XdsLimits) -> None:
+    if len(name) > limits.max_resource_name_bytes:
+        raise LimitExceeded(
+            "resource_name_bytes",
+            f"a resource name of {len(name)} bytes; the limit is {limits.max_resource_name_bytes} "
+            "(xds.limits.max_resource_name_bytes)",
+            "INVALID_ARGUMENT",
         )
 
 

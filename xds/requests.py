@@ -11,7 +11,7 @@ from __future__ import annotations
 from envoy_data_plane.envoy.config.core.v3 import Node
 
 from . import wire
-from .limits import LimitExceeded, XdsLimits, check_type_url, count_or_raise
+from .limits import LimitExceeded, XdsLimits, check_name, check_type_url, count_or_raise
 from .protocol import DeltaRequest, NodeInfo, SotwRequest
 
 DEFAULT_LIMITS = XdsLimits()
@@ -93,6 +93,7 @@ def parse_sotw(data: bytes, limits: XdsLimits = DEFAULT_LIMITS, reading: NodeRea
         elif number == 2:
             node = parse_node(value, limits, reading)
         elif number == 3:
+            check_name(value, limits)
             names.append(value.decode())
             count_or_raise(len(names), limits.max_resource_names, "resource_names", "resource_names in one request")
         elif number == 4:
@@ -124,12 +125,15 @@ def parse_delta(data: bytes, limits: XdsLimits = DEFAULT_LIMITS, reading: NodeRe
             type_url = value.decode()
             check_type_url(type_url, limits)
         elif number == 3:
+            check_name(value, limits)
             subscribe.append(value.decode())
             count_or_raise(len(subscribe), limits.max_resource_names, "resource_names", "resource_names_subscribe in one request")
         elif number == 4:
+            check_name(value, limits)
             unsubscribe.append(value.decode())
             count_or_raise(len(unsubscribe), limits.max_resource_names, "resource_names", "resource_names_unsubscribe in one request")
         elif number == 5:
+            check_name(value, limits)  # key and version together
             key, version = wire.decode_map_entry(value)
             initial[key] = version
             count_or_raise(

@@ -146,6 +146,7 @@ class XdsLimitsConfig(Section):
 
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_resource_names: int = Field(default=10_000, ge=1, description="per stream, all types")
+    max_resource_name_bytes: int = Field(default=1024, ge=64, description="one resource name")
     max_initial_resource_versions: int = Field(default=10_000, ge=1, description="per Delta request")
     max_node_id_bytes: int = Field(default=256, ge=16, le=65536, description="node.id and node.cluster")
     max_node_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="larger metadata is dropped")
