@@ -40,11 +40,11 @@ class Secured:
     server_ca: Path  # what Envoys trust for the control plane
     port: int
 
-    def envoy(self, node_id: str, cert_for: str, trust: Path | None = None) -> Envoy:
+    def envoy(self, node_id: str, cert_for: str, trust: Path | None = None, delta: bool = False) -> Envoy:
         client = self.ca.issue(cert_for, uris=(f"spiffe://repstage/envoy/{cert_for}",))
         cert, key = client.write(self.wd / "pki", f"envoy-{node_id}")
         args = ["--xds-tls-cert", str(cert), "--xds-tls-key", str(key), "--xds-tls-ca", str(trust or self.server_ca)]
-        return Envoy(self.wd, node_id, [self.cp.xds_address], bootstrap_args=args)
+        return Envoy(self.wd, node_id, [self.cp.xds_address], delta=delta, bootstrap_args=args)
 
     def proxies(self) -> list[str]:
         return [p["node_id"] for p in self.cp.get("/v1/proxies") if p["connected"]]
@@ -121,7 +121,8 @@ def test_a_rotated_server_certificate_is_used_by_the_next_stream(secured: Secure
         os.replace(tmp, path)
     new_trust = pki / "rotated-server-ca.crt"
     new_trust.write_bytes(new_ca.pem)
-    envoy = secured.envoy("edge-3", cert_for="edge-3", trust=new_trust)  # trusts only the new CA
+    # trusts only the new CA; Delta xDS this time (the same admission as SotW)
+    envoy = secured.envoy("edge-3", cert_for="edge-3", trust=new_trust, delta=True)
     try:
         envoy.start()
         wait_until(lambda: "edge-3" in secured.proxies(), 20, what="an Envoy trusting only the new certificate connects")
