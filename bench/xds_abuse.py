@@ -3,7 +3,7 @@ each abuse, two rounds (bounded means the second round adds nothing), and switch
 with no abuser, and with a never-ACKing Delta client and a version claim from the future
 connected. One real Envoy stays connected throughout (its stream must be unaffected).
 
-    .venv/bin/python bench/xds_abuse.py [--switchovers 5]
+    .venv/bin/python bench/xds_abuse.py [--switchovers 5] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ async def round_of_abuse(target: Target, abuse: Abuse, rows: list[tuple[str, int
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--switchovers", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of abuse (does RSS level off?)")
     args = parser.parse_args()
     with running_target() as target:
         rows: list[tuple[str, int, int]] = [("start (after warm-up)", 0, 0)]
@@ -83,7 +84,7 @@ def main() -> None:
 
         async def abuse_and_switch() -> list[float]:
             kept: list[AdsClient] = []
-            for n in (1, 2):
+            for n in range(1, args.rounds + 1):
                 kept += await round_of_abuse(target, Abuse(), rows)
                 rows.append((f"-- end of round {n}", target.rss_kib(), len(target.metrics())))
             loop = asyncio.get_running_loop()
