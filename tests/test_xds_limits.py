@@ -259,3 +259,23 @@ async def test_a_huge_resource_name_closes_the_stream(served: Served) -> None:
     code, details = await client.status()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_resource_name_bytes" in details
     assert served.hits("resource_name_bytes") == 1
+
+
+async def test_a_request_over_max_request_bytes_is_refused_and_counted() -> None:
+    async for served in serve(XdsLimits(max_request_bytes=2048)):
+        client = served.client()
+        client.send(sotw_request(CLUSTERS, names=("x" * 500,) * 6, node_id="big"))
+        code, details = await client.status()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_request_bytes" in details
+        assert served.hits("request_bytes") == 1
+
+
+async def test_insecure_plaintext_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    from repstage_mesh.xds.tls import XdsSecurity
+
+    server = AdsServer(SnapshotCache(), ProxyTracker(), security=XdsSecurity(insecure=True))
+    with caplog.at_level("INFO", logger="repstage_mesh.xds.server"):
+        await server.start("127.0.0.1", 0)
+        await server.stop(0)
+    (record,) = [r for r in caplog.records if "listening" in r.getMessage()]
+    assert record.levelname == "WARNING" and "INSECURE" in record.getMessage()
