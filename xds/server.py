@@ -268,7 +268,6 @@ class AdsServer:
             self.streams.pop(stream_id, None)
             self.tracker.disconnect(stream_id)
 
-
     def _read(self, data: bytes, stream: SotwStream | DeltaStream, parse: Callable[..., Any]) -> Any:
         """Parse one request within the limits (LimitExceeded when it is over one)."""
         limits = self.limits
