@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc import aio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from repstage_mesh.telemetry.metrics import MeshMetrics
@@ -279,3 +281,28 @@ async def test_insecure_plaintext_is_logged_as_a_warning(caplog: pytest.LogCaptu
         await server.stop(0)
     (record,) = [r for r in caplog.records if "listening" in r.getMessage()]
     assert record.levelname == "WARNING" and "INSECURE" in record.getMessage()
+
+
+_names = st.sampled_from([f"r{i}" for i in range(30)])
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([res.CLUSTER, res.ENDPOINT]),
+                          st.lists(_names, max_size=12), st.lists(_names, max_size=6)), max_size=25))
+def test_a_stream_never_holds_more_names_than_the_limit(requests: list[tuple[bool, str, list[str], list[str]]]) -> None:
+    """Whatever a client asks, in whatever order: a request that passes check_names leaves the
+    stream within max_resource_names (SotW replaces a type's names; Delta adds and removes)."""
+    from repstage_mesh.xds.limits import LimitExceeded, check_names
+
+    limits = XdsLimits(max_resource_names=15)
+    sotw, delta = SotwStream(snapshot(1)), DeltaStream(snapshot(1))
+    for is_delta, type_url, names, unsubscribe in requests:
+        stream: SotwStream | DeltaStream = delta if is_delta else sotw
+        try:
+            check_names(stream, type_url, names, limits)
+        except LimitExceeded:
+            continue  # the server closes the stream; nothing is applied
+        if is_delta:
+            delta.receive(DeltaRequest(type_url, tuple(names), tuple(unsubscribe)))
+        else:
+            sotw.receive(SotwRequest(type_url, resource_names=tuple(names)))
+        assert sum(len(t.names) for t in stream.types.values()) <= limits.max_resource_names
