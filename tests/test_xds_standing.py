@@ -113,3 +113,20 @@ def test_the_push_trace_does_not_wait_for_excused_proxies() -> None:
     (span,) = exporter.get_finished_spans()  # closed at the honest proxy's ACK, not at the deadline
     assert span.attributes is not None and span.attributes["repstage.push.proxies"] == 1
     assert not span.attributes.get("repstage.push.timed_out")
+
+
+def test_a_client_that_came_back_in_sync_is_waited_for_at_its_first_push() -> None:
+    """Reconnected with the current digest: nothing sent, nothing to ACK. Long after, the
+    first change goes out: it is a fresh wait, not a 'never ACKed' client."""
+    clock = Clock()
+    tracker = ProxyTracker(clock=clock, never_acked_grace=10.0)
+    stream = SotwStream(snapshot(7))
+    tracker.connect(1, NodeInfo("edge-1"), stream)
+    first = SotwStream(snapshot(7))
+    first.receive(SotwRequest(CDS))
+    version = first.types[CDS].pending[first.types[CDS].last_nonce].version
+    tracker.record(1, stream.receive(SotwRequest(CDS, version_info=version)))
+    assert tracker.records[1].synced(7) and tracker.records[1].first_sent_at is None
+    clock.now += 60.0
+    tracker.record(1, stream.update(snapshot(8)))
+    assert not tracker.records[1].synced(8) and not tracker.records[1].to_dict()["never_acked"]

@@ -11,8 +11,8 @@ deadline for nothing; they are flagged in `/v1/proxies` (and counted in
   index, the claim is either true (the proxy holds a config at least that new) or false
   (nothing can be done for it): either way there is nothing to wait for. The type counts as
   settled ("ahead" in `protocol.type_sync_state`).
-- `never_acked`: the stream was sent something, has been open `never_acked_grace` seconds
-  (`xds.never_acked_grace`, default 10 s) and has never ACKed (nor NACKed) anything. A real
+- `never_acked`: the stream's first response went out `never_acked_grace` seconds ago
+  (`xds.never_acked_grace`, default 10 s) and it has never ACKed (nor NACKed) anything. A real
   Envoy ACKs its first responses within milliseconds; a proxy that ACKed before and is merely
   slow now is still waited for, up to the deadline.
 """
@@ -31,12 +31,13 @@ FLAGS = ("version_ahead", "never_acked")
 
 
 def never_acked(record: ProxyRecord, now: float) -> bool:
-    if now - record.connected_at < record.never_acked_grace:
+    """The grace counts from the stream's first response, not from its connection: an Envoy
+    that came back already holding the current config (nothing sent, nothing to ACK) and is
+    then sent a change is waited for like any other."""
+    first = record.first_sent_at
+    if first is None or now - first < record.never_acked_grace:
         return False
-    statuses = list(record.types.values())
-    sent = any(st.sent_at is not None for st in statuses)
-    answered = any(st.acked_at is not None or st.nacked_at is not None for st in statuses)
-    return sent and not answered
+    return not any(st.acked_at is not None or st.nacked_at is not None for st in list(record.types.values()))
 
 
 def _ahead_types(record: ProxyRecord) -> list[str]:

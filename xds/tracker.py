@@ -56,6 +56,7 @@ class ProxyRecord:
     disconnected_at: float | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
     never_acked_grace: float = 10.0  # see standing.never_acked
+    first_sent_at: float | None = None  # the first response on this stream
     clock: Clock = field(default=time.time, repr=False)
 
     @property
@@ -167,6 +168,8 @@ class ProxyTracker:
             st = record.status(action.type_url)
             if isinstance(action, Send):
                 st.sent_version, st.sent_nonce, st.sent_at = action.version, action.nonce, now
+                if record.first_sent_at is None:
+                    record.first_sent_at = now
                 st._sent_times[action.nonce] = now
                 if len(st._sent_times) > 16:
                     st._sent_times.pop(next(iter(st._sent_times)))

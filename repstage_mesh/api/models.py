@@ -262,7 +262,7 @@ class ProxyView(BaseModel):
     claimed_version: str | None = Field(default=None, description="the claimed version, when ahead")
     never_acked: bool = Field(
         default=False,
-        description="sent config, open xds.never_acked_grace seconds, never ACKed: not waited for",
+        description="first sent config xds.never_acked_grace seconds ago, never ACKed: not waited for",
     )
 
 
