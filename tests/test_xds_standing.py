@@ -130,3 +130,18 @@ def test_a_client_that_came_back_in_sync_is_waited_for_at_its_first_push() -> No
     clock.now += 60.0
     tracker.record(1, stream.update(snapshot(8)))
     assert not tracker.records[1].synced(8) and not tracker.records[1].to_dict()["never_acked"]
+
+
+def test_a_future_claim_on_one_type_does_not_excuse_another_type_behind() -> None:
+    from repstage_mesh.xds import standing
+
+    tracker = ProxyTracker(clock=Clock())
+    snap = Snapshot("7", {
+        CDS: {"db": EncodedResource.from_bytes(CDS, "db", b"c")},
+        res.ENDPOINT: {"db": EncodedResource.from_bytes(res.ENDPOINT, "db", b"e")},
+    })
+    stream = connect(tracker, 1, snap, SotwRequest(CDS, version_info="999999999-x"))
+    tracker.record(1, stream.receive(SotwRequest(res.ENDPOINT, resource_names=("db",))))  # sent, not ACKed
+    record = tracker.records[1]
+    assert standing.version_ahead(record)
+    assert not standing.excused(record, 7) and not record.synced(7)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .protocol import SotwStream
+from .protocol import SotwStream, type_sync_state
 
 if TYPE_CHECKING:
     from .tracker import ProxyRecord
@@ -69,4 +69,8 @@ def excused(record: ProxyRecord, min_index: int) -> bool:
     snap = record.stream.snapshot
     if snap is None or snap.index < min_index or not record.connected:
         return False
-    return never_acked(record, record.clock()) or version_ahead(record)
+    if never_acked(record, record.clock()):
+        return True
+    # A claim from the future settles only the types it was made for: the others must be synced.
+    stream = record.stream
+    return version_ahead(record) and all(type_sync_state(stream, t) in SETTLED for t in list(stream.types))
