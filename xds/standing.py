@@ -64,13 +64,18 @@ def flags(record: ProxyRecord, now: float) -> dict[str, Any]:
     }
 
 
-def excused(record: ProxyRecord, min_index: int) -> bool:
-    """Not waited for at `min_index`, and not counted as an ACK either (see the module doc)."""
-    snap = record.stream.snapshot
-    if snap is None or snap.index < min_index or not record.connected:
-        return False
+def not_awaited(record: ProxyRecord) -> bool:
+    """Never ACKed anything, or claims a future version for some types and has the others."""
     if never_acked(record, record.clock()):
         return True
     # A claim from the future settles only the types it was made for: the others must be synced.
     stream = record.stream
     return version_ahead(record) and all(type_sync_state(stream, t) in SETTLED for t in list(stream.types))
+
+
+def excused(record: ProxyRecord, min_index: int) -> bool:
+    """Not waited for at `min_index`, and not counted as an ACK either (see the module doc)."""
+    snap = record.stream.snapshot
+    if snap is None or snap.index < min_index or not record.connected:
+        return False
+    return not_awaited(record)

@@ -167,7 +167,7 @@ class PushTracer:
         # for by a failover (xds/standing.py), nor by its trace.
         records = [
             r for r in expected
-            if r.connected and not (standing.never_acked(r, r.clock()) or standing.version_ahead(r))
+            if r.connected and not standing.not_awaited(r)
         ]
         names = tuple(r.node.id for r in records)
         span = self._tracer.start_span(
