@@ -298,7 +298,7 @@ def test_a_stream_never_holds_more_names_than_the_limit(requests: list[tuple[boo
     for is_delta, type_url, names, unsubscribe in requests:
         stream: SotwStream | DeltaStream = delta if is_delta else sotw
         try:
-            check_names(stream, type_url, names, limits)
+            check_names(stream, type_url, names, limits, unsubscribe if is_delta else ())
         except LimitExceeded:
             continue  # the server closes the stream; nothing is applied
         if is_delta:
@@ -306,3 +306,14 @@ def test_a_stream_never_holds_more_names_than_the_limit(requests: list[tuple[boo
         else:
             sotw.receive(SotwRequest(type_url, resource_names=tuple(names)))
         assert sum(len(t.names) for t in stream.types.values()) <= limits.max_resource_names
+
+
+def test_a_delta_client_at_the_limit_may_swap_names_in_one_request() -> None:
+    from repstage_mesh.xds.limits import LimitExceeded, check_names
+
+    limits = XdsLimits(max_resource_names=3)
+    stream = DeltaStream(snapshot(1))
+    stream.receive(DeltaRequest(res.ENDPOINT, ("a", "b", "c")))
+    check_names(stream, res.ENDPOINT, ["d"], limits, unsubscribe=["a"])  # 3 after: allowed
+    with pytest.raises(LimitExceeded):
+        check_names(stream, res.ENDPOINT, ["d"], limits)

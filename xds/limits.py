@@ -104,16 +104,22 @@ def check_type_url(type_url: str, limits: XdsLimits) -> None:
         )
 
 
-def check_names(stream: SotwStream | DeltaStream, type_url: str, names: Iterable[str], limits: XdsLimits) -> None:
+def check_names(
+    stream: SotwStream | DeltaStream, type_url: str, names: Iterable[str], limits: XdsLimits,
+    unsubscribe: Iterable[str] = (),
+) -> None:
     """Would the stream hold more than `max_resource_names` names once this request is applied?
-    SotW requests replace a type's names; Delta subscriptions add to them."""
+    SotW requests replace a type's names; Delta subscriptions add to them, then unsubscriptions
+    remove (in that order, as the protocol applies them)."""
     total = sum(len(state.names) for state in stream.types.values())
     current = stream.types.get(type_url)
     held = current.names if current is not None else set()
+    wanted = set(names)
     if isinstance(stream, SotwStream):
-        after = total - len(held) + len(set(names))
+        after = total - len(held) + len(wanted - {"*"})
     else:
-        after = total + len(set(names) - held)
+        wanted -= {"*"}
+        after = total + len(wanted - held) - len(set(unsubscribe) & (held | wanted))
     if after > limits.max_resource_names:
         raise LimitExceeded(
             "resource_names",

@@ -283,8 +283,10 @@ class AdsServer:
             self.guard.on_limit("node_metadata")
         if reading.cut_error:
             self.guard.on_limit("error_detail")
-        names = request.resource_names if isinstance(stream, SotwStream) else request.subscribe
-        check_names(stream, request.type_url, names, limits)
+        if isinstance(stream, SotwStream):
+            check_names(stream, request.type_url, request.resource_names, limits)
+        else:
+            check_names(stream, request.type_url, request.subscribe, limits, request.unsubscribe)
         return request
 
 
