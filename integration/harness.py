@@ -284,6 +284,7 @@ class Envoy:
         xds: list[str],
         delta: bool = False,
         extra_args: list[str] | None = None,
+        bootstrap_args: list[str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.admin_port = free_low_port()
@@ -304,6 +305,7 @@ class Envoy:
             argv += ["--xds", x]
         if delta:
             argv.append("--delta")
+        argv += bootstrap_args or []
         subprocess.run(argv, check=True, capture_output=True)
         self.proc = Proc(
             [

@@ -33,6 +33,7 @@ from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
 from repstage_mesh.config import ConfigError, Settings, load_config
 from repstage_mesh.config.drift import ServiceDrift, drift
+from repstage_mesh.config.sections import XdsConfig
 from repstage_mesh.core.errors import (
     ApiRequestError,
     MeshError,
@@ -70,7 +71,9 @@ from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
+from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.server import AdsServer
+from repstage_mesh.xds.tls import NodeIdentity, TlsFiles, XdsSecurity
 from repstage_mesh.xds.tracker import ProxyTracker
 
 log = logging.getLogger("repstage_mesh.node")
@@ -106,16 +109,23 @@ class Node:
         )
         self.store: ReplicatedStore | None = None
         self.cache = SnapshotCache()
-        self.tracker = ProxyTracker(control_plane=self._node_id)
+        self.tracker = ProxyTracker(
+            control_plane=self._node_id, never_acked_grace=settings.xds.never_acked_grace,
+            max_disconnected=settings.xds.limits.max_disconnected_proxies,
+        )
         self.metrics = MeshMetrics(
             self._registry, self._node_id,
             raft_status=lambda: self.store.status() if self.store is not None else None,
         )
         self.tracker.observers.append(self.metrics)
+        self.tracker.on_limit = self.metrics.on_limit
         self.tracing = Tracing.setup(settings.telemetry, self._node_id)
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)
-        self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
+        self.xds = AdsServer(
+            self.cache, self.tracker, control_plane_id=self._node_id,
+            limits=xds_limits(settings.xds), security=xds_security(settings.xds), guard=self.metrics,
+        )
         self.api_runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.xds_port: int | None = None
@@ -603,3 +613,18 @@ def serve_main(args: Any) -> int:
         print(f"error: {exc}")
         return 1
     return 0
+
+
+def xds_limits(xds: XdsConfig) -> XdsLimits:
+    return XdsLimits(**xds.limits.model_dump())
+
+
+def xds_security(xds: XdsConfig) -> XdsSecurity:
+    if xds.tls is None:
+        return XdsSecurity(insecure=xds.insecure)
+    tls = xds.tls
+    return XdsSecurity(
+        tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file),
+        identity=NodeIdentity.parse(tls.node_san),
+        insecure=xds.insecure,
+    )

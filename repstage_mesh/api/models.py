@@ -227,7 +227,7 @@ class ProxyTypeView(BaseModel):
     nacked_at: float | None = None
     error: str | None = Field(default=None, description="Envoy's error text for the last NACK")
     last_ack_latency_seconds: float | None = None
-    sync: str | None = Field(default=None, description="synced, behind, pending, nacked or idle")
+    sync: str | None = Field(default=None, description="synced, behind, pending, nacked, ahead or idle")
     behind: bool = Field(
         default=False, description="the ACKed version differs from the committed one"
     )
@@ -254,6 +254,15 @@ class ProxyView(BaseModel):
     synced: bool | None = None
     types: dict[str, ProxyTypeView] = Field(
         default_factory=dict, description="by short type name: cds, eds, lds, rds"
+    )
+    version_ahead: bool = Field(
+        default=False,
+        description="the proxy claims a version newer than this node's snapshot; not waited for",
+    )
+    claimed_version: str | None = Field(default=None, description="the claimed version, when ahead")
+    never_acked: bool = Field(
+        default=False,
+        description="first sent config xds.never_acked_grace seconds ago, never ACKed: not waited for",
     )
 
 

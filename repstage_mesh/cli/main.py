@@ -191,6 +191,16 @@ def _add_bootstrap(sub: Subcommands) -> None:
                       help="HTTP/2 PING interval on the xDS connection (default 0.5)")  # fmt: skip
     boot.add_argument("--keepalive-timeout", type=float, default=None, metavar="SECONDS",
                       help="leave a control-plane node whose PING is unanswered this long (default 0.25)")  # fmt: skip
+    for flag, what in (
+        ("--xds-tls-cert", "this Envoy's client certificate (its SAN names the node id)"),
+        ("--xds-tls-key", "the client certificate's private key"),
+        ("--xds-tls-ca", "the CA that signed the control plane's certificate"),
+    ):
+        boot.add_argument(flag, metavar="FILE", default=None, help=f"mTLS to the control plane: {what}")
+    boot.add_argument(
+        "--xds-tls-server-name", metavar="NAME", default=None,
+        help="SNI, and the DNS SAN the control plane's certificate must carry",
+    )
 
 
 def _add_demo(sub: Subcommands) -> None:

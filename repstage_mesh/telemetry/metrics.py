@@ -25,6 +25,9 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_xds_nacks_total{type}                              counter
     repstage_xds_nacked_held{type}                              gauge
     repstage_xds_push_ack_seconds{type}                         histogram
+    repstage_xds_limit_hits_total{limit}                        counter (xds.limits)
+    repstage_xds_streams_refused_total{reason}                  counter (mTLS, plaintext)
+    repstage_xds_proxies_flagged{flag}                          gauge (version_ahead, never_acked)
     repstage_failover_duration_seconds{service,mode}            histogram
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
@@ -49,7 +52,10 @@ from prometheus_client.registry import Collector
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
 from repstage_mesh.xds import resources as res
+from repstage_mesh.xds import standing
+from repstage_mesh.xds.limits import LIMIT_NAMES
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
+from repstage_mesh.xds.tls import REFUSAL_REASONS
 from repstage_mesh.xds.tracker import ProxyRecord
 
 log = logging.getLogger(__name__)
@@ -164,6 +170,7 @@ class MeshMetrics:
             registry=registry,
         )
         self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
+        self._limit_children, self._refusal_children = _guard_counters(registry)
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
@@ -208,6 +215,28 @@ class MeshMetrics:
             )
             self._type_children[type_url] = children
         return children
+
+    # --- xds.server.GuardObserver ---------------------------------------------------------------
+
+    def on_limit(self, limit: str) -> None:
+        child = self._limit_children.get(limit)
+        if child is not None:
+            child.inc()
+
+    def on_refusal(self, reason: str) -> None:
+        child = self._refusal_children.get(reason)
+        if child is not None:
+            child.inc()
+
+    def _flagged_counts(self) -> dict[str, int]:
+        with self._lock:
+            records = list(self._live.values())
+        counts = dict.fromkeys(standing.FLAGS, 0)
+        for record in records:
+            for flag in standing.FLAGS:
+                if standing.flags(record, record.clock()).get(flag):
+                    counts[flag] += 1
+        return counts
 
     # --- facts observed elsewhere -------------------------------------------------------------
 
@@ -273,6 +302,28 @@ class MeshMetrics:
         return counts
 
 
+def _guard_counters(registry: CollectorRegistry) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The xDS limit-hit and refusal counters' children, one per name of a fixed set, created
+    up front: clients cannot add labels."""
+    limit_hits = Counter(
+        "repstage_xds_limit_hits",
+        "xDS clients that went over a limit (xds.limits), by limit",
+        ["limit"],
+        registry=registry,
+    )
+    refusals = Counter(
+        "repstage_xds_streams_refused",
+        "xDS streams refused before they were served (plaintext from a non-loopback peer, "
+        "no client certificate, node id not matching the certificate), by reason",
+        ["reason"],
+        registry=registry,
+    )
+    return (
+        {name: limit_hits.labels(name) for name in LIMIT_NAMES},
+        {name: refusals.labels(name) for name in REFUSAL_REASONS},
+    )
+
+
 _RAFT_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("repstage_raft_term", "term", "Current Raft term as this node sees it"),
     ("repstage_raft_commit_index", "commit_index", "Highest Raft log index known committed"),
@@ -335,6 +386,15 @@ class _ScrapeTimeCollector(Collector):
         for short, count in sorted(held.items()):
             nacked.add_metric([short], count)
         yield nacked
+        flagged = GaugeMetricFamily(
+            "repstage_xds_proxies_flagged",
+            "Connected proxies not waited for by a change: version_ahead (claims a version newer "
+            "than this node's snapshot) or never_acked (never ACKed anything)",
+            labels=["flag"],
+        )
+        for flag, count in sorted(self.metrics._flagged_counts().items()):
+            flagged.add_metric([flag], count)
+        yield flagged
         for name, key, doc in _RAFT_GAUGES:
             family = GaugeMetricFamily(name, doc)
             if status is not None and status.get(key) is not None:
