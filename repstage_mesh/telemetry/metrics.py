@@ -395,6 +395,10 @@ class _ScrapeTimeCollector(Collector):
         for flag, count in sorted(self.metrics._flagged_counts().items()):
             flagged.add_metric([flag], count)
         yield flagged
+        yield from self._raft_families(status)
+
+    @staticmethod
+    def _raft_families(status: Mapping[str, Any] | None) -> Iterator[Metric]:
         for name, key, doc in _RAFT_GAUGES:
             family = GaugeMetricFamily(name, doc)
             if status is not None and status.get(key) is not None:
