@@ -117,6 +117,8 @@ class ProxyRecord:
         snap = self.stream.snapshot
         if snap is None or snap.index < min_index:
             return False
+        if standing.never_acked(self, self.clock()):
+            return True  # it would hold every wait back for its whole deadline, for nothing
         return all(type_sync_state(self.stream, t) in standing.SETTLED for t in self.stream.types)
 
     def excused(self, min_index: int) -> bool:
