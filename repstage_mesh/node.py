@@ -126,9 +126,10 @@ class Node:
         settings = self.settings
         self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
         traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
+        secrets = settings.secret_store()
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
-            self.await_proxies, DatabasePromoter(), on_done=traces.done,
+            self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done,
         )
         seat = LeaderSeat(
             node_id=self._node_id, state=self.state, ready=self.ready,
@@ -136,7 +137,8 @@ class Node:
             confirm_leadership=self._confirm_leadership,
         )
         self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
-        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe))
+        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
+                                           secrets=secrets.get))
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
@@ -453,8 +455,9 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
     tokens = settings.api.tokens
     if tokens is None:
         return None
-    choice = (tokens.read_only or tokens.read_write) if read_only else tokens.read_write
-    return choice[0].get_secret_value() if choice else None
+    if read_only:
+        return tokens.first("read_only") or tokens.first("read_write")
+    return tokens.first("read_write")
 
 
 def _reachable(host: str) -> str:

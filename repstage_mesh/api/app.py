@@ -25,7 +25,9 @@ from repstage_mesh.api.http import (
     CONSISTENT,
     OPENAPI,
     PLANE,
+    READS,
     SETTINGS,
+    audit_tag,
     json_body,
     ok,
     parse,
@@ -36,8 +38,10 @@ from repstage_mesh.api.http import (
     service_view,
     submit,
 )
+from repstage_mesh.api.limits import CoalescedReads
 from repstage_mesh.api.models import (
     ApiSettings,
+    AuditView,
     ClusterView,
     DeleteResult,
     HealthView,
@@ -122,8 +126,9 @@ async def put_service(request: web.Request) -> web.Response:
         spec = ServiceSpec.model_validate({**dict(body), "name": name})
     except ValidationError as exc:  # pragma: no cover
         raise invalid(exc) from None
+    _check_operator_names(request, spec)
     existed = plane(request).state().service(name) is not None
-    outcome = await submit(request, PutService(spec=spec))
+    outcome = await submit(request, PutService(spec=spec, by=audit_tag(request)))
     state = plane(request).state()
     svc = state.service(name)
     if svc is None:
@@ -134,9 +139,26 @@ async def put_service(request: web.Request) -> web.Response:
     return ok(service_view(state, svc), status=201 if created else 200)
 
 
+def _check_operator_names(request: web.Request, spec: ServiceSpec) -> None:
+    """A service may only name hooks and secrets the operator defined in the config file."""
+    settings = request.app[SETTINGS]
+    lead = spec.leadership
+    for field, name, known, section in (
+        ("leadership.promote_hook", lead.promote_hook, settings.hook_names, "hooks"),
+        ("leadership.probe.password_secret", lead.probe.password_secret, settings.secret_names, "secrets"),
+    ):
+        if name is not None and name not in known:
+            raise ApiError(
+                422, "invalid",
+                f"{field}: no {section[:-1]} named {name!r} in the config file's {section}: section "
+                f"(known: {sorted(known)}); only the operator defines them",
+                field,
+            )
+
+
 async def delete_service(request: web.Request) -> web.Response:
     name = path_name(request)
-    outcome = await submit(request, DeleteService(name=name))
+    outcome = await submit(request, DeleteService(name=name, by=audit_tag(request)))
     index = int(outcome.result.get("index", plane(request).state().index))
     return ok(DeleteResult(deleted=name, applied_index=index))
 
@@ -160,7 +182,8 @@ async def set_primary(request: web.Request) -> web.Response:
     name = path_name(request)
     body = parse(PrimaryRequest, await json_body(request))
     before = plane(request).state().service(name)
-    command = SetPrimary(service=name, member=body.member, epoch=body.epoch, cause=body.cause)
+    command = SetPrimary(service=name, member=body.member, epoch=body.epoch, cause=body.cause,
+                         by=audit_tag(request))
     outcome = await submit(request, command)
     state = plane(request).state()
     svc = require_service(state, name)
@@ -180,6 +203,12 @@ async def set_primary(request: web.Request) -> web.Response:
             applied_index=state.index,
         )
     )
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    state = await read_state(request)
+    entries = list(reversed(state.audit))
+    return ok(AuditView(entries=entries, keep=state.audit_keep, applied_index=state.index))
 
 
 async def list_proxies(request: web.Request) -> web.Response:
@@ -239,6 +268,10 @@ def operations() -> list[Operation]:
                   errors=(404, 409, 503, 504), path_params=_NAME_PARAM,
                   description="member null means no primary is known: the primary listener refuses "
                   "connections (fail closed). A claimed epoch at or below the current one is refused (409)."),
+        Operation("GET", "/v1/audit", "getAudit", "The audit trail: who changed what, at which Raft index", get_audit,
+                  {200: ("the last writes that changed something, newest first", AuditView)},
+                  errors=(400, 503, 504), query_flags=CONSISTENT, tag="audit",
+                  description="Replicated: every node answers the same trail. Kept: api.audit_entries."),
         Operation("GET", "/v1/proxies", "listProxies", "Envoy proxies and their xDS versions", list_proxies,
                   {200: ("one item per proxy", ListOf(ProxyView))}, tag="proxies"),
         Operation("GET", "/v1/cluster", "getCluster", "This node's Raft view", get_cluster,
@@ -270,9 +303,13 @@ def build_app(
     """
     settings = settings or ApiSettings()
     checker = TokenChecker(settings.tokens)
-    app = web.Application(middlewares=[error_middleware, auth_middleware(checker)])
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(checker)],
+        client_max_size=settings.max_body_bytes,
+    )
     app[PLANE] = plane
     app[SETTINGS] = settings
+    app[READS] = CoalescedReads(lambda: plane.read_state(consistent=True), settings.consistent_read_interval)
     ops = [*operations(), *extra_operations]
     app[OPENAPI] = build_openapi(ops, title="RepStage Mesh", version=_package_version())
     for op in ops:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from repstage_mesh.config import ApiTokens
-from repstage_mesh.core.models import Name, Role, ServiceProtocol, ServiceSpec
+from repstage_mesh.config import ApiTls, ApiTokens
+from repstage_mesh.core.models import AuditEntry, Name, Role, ServiceProtocol, ServiceSpec
 
 # --- settings -----------------------------------------------------------------------------------
 
@@ -50,6 +50,13 @@ class ApiSettings(BaseModel):
     commit_timeout: float = Field(
         default=5.0, gt=0, le=120, description="seconds a write waits for its commit"
     )
+    tls: ApiTls | None = None
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="413 above")
+    max_json_depth: int = Field(default=32, ge=1, description="400 deeper")
+    audit_entries: int = Field(default=1000, ge=0, description="audit trail length (replicated)")
+    consistent_read_interval: float = Field(default=0.05, ge=0, description="read barriers at most this often")
+    hook_names: frozenset[str] = Field(default=frozenset(), description="hooks the config defines")
+    secret_names: frozenset[str] = Field(default=frozenset(), description="secrets the config defines")
 
     @field_validator("listen")
     @classmethod
@@ -58,13 +65,23 @@ class ApiSettings(BaseModel):
         return value
 
     @classmethod
-    def from_config(cls, api: Any, commit_timeout: float = 5.0) -> ApiSettings:
-        """From config.ApiConfig (`listen`, `tokens: ApiTokens | None` with read_write/read_only)."""
+    def from_config(
+        cls, api: Any, commit_timeout: float = 5.0, *, hooks: Any = (), secrets: Any = ()
+    ) -> ApiSettings:
+        """From config.ApiConfig, and the names of the config's hooks and secrets (which a
+        service body may name)."""
         tokens = getattr(api, "tokens", None)
         return cls(
             listen=api.listen,
             tokens=tokens if tokens is not None else ApiTokens(),
             commit_timeout=commit_timeout,
+            tls=api.tls,
+            max_body_bytes=api.max_body_bytes,
+            max_json_depth=api.max_json_depth,
+            audit_entries=api.audit_entries,
+            consistent_read_interval=api.consistent_read_interval,
+            hook_names=frozenset(hooks),
+            secret_names=frozenset(secrets),
         )
 
     @property
@@ -139,8 +156,9 @@ class ErrorDetail(BaseModel):
 class ErrorInfo(BaseModel):
     code: str = Field(
         description=(
-            "stable code: malformed_json, invalid, unauthorized, forbidden, not_found, "
-            "method_not_allowed, stale_epoch, conflict, no_quorum, commit_timeout, not_ready, internal"
+            "stable code: malformed_json, too_large, too_deep, invalid, unauthorized, forbidden, "
+            "misdirected, not_found, method_not_allowed, stale_epoch, conflict, no_quorum, "
+            "commit_timeout, not_ready, internal"
         )
     )
     message: str = Field(description="what went wrong and what to do about it")
@@ -272,6 +290,14 @@ class HealthView(BaseModel):
     node_id: str
 
 
+class AuditView(BaseModel):
+    """The replicated audit trail: the last writes that changed something, newest first."""
+
+    entries: list[AuditEntry]
+    keep: int = Field(description="how many entries the trail keeps (api.audit_entries of the last write)")
+    applied_index: int
+
+
 class ReadyView(BaseModel):
     ready: bool
     node_id: str
@@ -293,6 +319,7 @@ def member_views(spec: ServiceSpec, primary: str | None) -> list[MemberView]:
 __all__ = [
     "ApiSettings",
     "ApiTokens",
+    "AuditView",
     "ClusterView",
     "DeleteResult",
     "ErrorBody",

@@ -15,11 +15,20 @@ all problems at once. Relative paths (`node.data_dir`) are relative to the worki
 from __future__ import annotations
 
 from repstage_mesh.config.loading import load_config
+from repstage_mesh.config.operator import (
+    HOOK_ENV_ALLOW_LIST,
+    HookSpec,
+    SecretSource,
+    Secrets,
+    hook_environment,
+)
 from repstage_mesh.config.sections import (
     ENV_PREFIX,
     ENVOY_COLLECTOR_CLUSTER,
     ApiConfig,
+    ApiTls,
     ApiTokens,
+    NamedToken,
     ConsulConfig,
     EnvoyConfig,
     NodeConfig,
@@ -36,8 +45,14 @@ from repstage_mesh.core.errors import ConfigError, format_errors
 __all__ = [
     "ENVOY_COLLECTOR_CLUSTER",
     "ENV_PREFIX",
+    "HOOK_ENV_ALLOW_LIST",
     "ApiConfig",
+    "ApiTls",
     "ApiTokens",
+    "HookSpec",
+    "NamedToken",
+    "SecretSource",
+    "Secrets",
     "ConfigError",
     "ConsulConfig",
     "EnvoyConfig",
@@ -49,6 +64,7 @@ __all__ = [
     "XdsConfig",
     "default_node_id",
     "format_errors",
+    "hook_environment",
     "load_config",
     "parse_host_port",
 ]

@@ -294,8 +294,10 @@ class FailoverRunner:
         return None
 
     def _promote_timeout(self, spec: ServiceSpec) -> float:
-        hook = spec.leadership.promote_hook
-        return hook.timeout if hook is not None else self.promote_timeout
+        # a promoter with operator-defined hooks (DatabasePromoter) knows the hook's timeout
+        hook_timeout = getattr(self._promoter, "hook_timeout", None)
+        timeout = hook_timeout(spec) if hook_timeout is not None else None
+        return timeout if timeout is not None else self.promote_timeout
 
     async def _commit(self, step: Commit) -> StepResult:
         self._commits += 1

@@ -27,6 +27,7 @@ import inspect
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -59,8 +60,10 @@ __all__ = [
     "PostgresProber",
     "Prober",
     "RedisProber",
+    "SecretLookup",
     "TcpProber",
     "make_prober",
+    "no_secrets",
     "parse_role_reply",
     "probe_kind",
     "probe_once",
@@ -89,8 +92,17 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def _password(spec: ProbeSpec) -> str | None:
-    return os.environ.get(spec.password_env) if spec.password_env else None
+SecretLookup = Callable[[str | None], str | None]
+
+
+def no_secrets(name: str | None) -> str | None:
+    """The lookup used when none is given: no password for anyone."""
+    return None
+
+
+def _password(spec: ProbeSpec, secrets: SecretLookup) -> str | None:
+    """The password named by `password_secret`, from the operator's `secrets:` only."""
+    return secrets(spec.password_secret) if spec.password_secret else None
 
 
 def _failure(exc: BaseException, started: float) -> ProbeResult:
@@ -489,14 +501,19 @@ class TcpProber:
 
 
 def make_prober(
-    spec: ServiceSpec, member: Member, *, session: aiohttp.ClientSession | None = None
+    spec: ServiceSpec,
+    member: Member,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    secrets: SecretLookup = no_secrets,
 ) -> Prober:
-    """The prober for one member of a service, per the service's leadership.probe spec."""
+    """The prober for one member of a service, per the service's leadership.probe spec.
+    `secrets` resolves `password_secret` (config.Secrets.get)."""
     probe = spec.leadership.probe
     kind = probe_kind(spec)
     if kind is ProbeKind.REDIS:
         return RedisProber(
-            member.address, member.port, probe.timeout, user=probe.user, password=_password(probe)
+            member.address, member.port, probe.timeout, user=probe.user, password=_password(probe, secrets)
         )
     if kind is ProbeKind.POSTGRES:
         return PostgresProber(
@@ -505,7 +522,7 @@ def make_prober(
             probe.timeout,
             user=probe.user,
             database=probe.database,
-            password=_password(probe),
+            password=_password(probe, secrets),
         )
     if kind is ProbeKind.HTTP:
         return HttpProber(
@@ -519,9 +536,11 @@ def make_prober(
     return TcpProber(member.address, member.port, probe.timeout)
 
 
-async def probe_once(spec: ServiceSpec, member: Member) -> ProbeResult:
+async def probe_once(
+    spec: ServiceSpec, member: Member, secrets: SecretLookup = no_secrets
+) -> ProbeResult:
     """One probe of one member on a fresh connection (CLI, switchover checks, tests)."""
-    prober = make_prober(spec, member)
+    prober = make_prober(spec, member, secrets=secrets)
     try:
         return await prober.probe()
     finally:
