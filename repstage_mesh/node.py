@@ -138,7 +138,7 @@ class Node:
         )
         self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
         self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
-                                           secrets=secrets.get))
+                                           secrets=secrets.for_host))
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
@@ -260,7 +260,10 @@ class Node:
         self._flush()
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
-        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
+        api_settings = ApiSettings.from_config(
+            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts()
+        )
+        app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
         from repstage_mesh.api.app import bound_port

@@ -12,7 +12,6 @@ import pytest
 from repstage_mesh.core.errors import CommitTimeout, DecisionRefused, NoQuorum
 from repstage_mesh.core.models import (
     CommandEnvelope,
-    HookSpec,
     LeadershipMode,
     LeadershipSource,
     LeadershipSpec,
@@ -36,9 +35,14 @@ from repstage_mesh.failover.runner import FailoverRunner
 P, R, D = MemberStatus.PRIMARY, MemberStatus.REPLICA, MemberStatus.DOWN
 
 
+HOOK_TIMEOUTS: dict[str, float] = {}  # the operator's hooks (config hooks:), by name
+
+
 def spec(name: str = "cache", port: int = 6379, hook_timeout: float | None = None) -> ServiceSpec:
     members = tuple(Member(name=n, address="127.0.0.1", port=port + 1 + i) for i, n in enumerate("abc"))
-    hook = HookSpec(command=("true",), timeout=hook_timeout) if hook_timeout else None
+    hook = f"hook-{hook_timeout:g}".replace(".", "-") if hook_timeout else None
+    if hook_timeout:
+        HOOK_TIMEOUTS[hook] = hook_timeout
     return ServiceSpec(
         name=name, listen_port=port, members=members, primary="a",
         leadership=LeadershipSpec(source=LeadershipSource.PROBE, mode=LeadershipMode.ORCHESTRATE,
@@ -102,6 +106,10 @@ class Fakes:
         if self.ack_delay:
             await asyncio.sleep(self.ack_delay)  # a slow proxy, not synchronisation
         return ProxyAcks({"envoy-1": time.monotonic()})
+
+    def hook_timeout(self, spec: ServiceSpec) -> float | None:
+        hook = spec.leadership.promote_hook
+        return HOOK_TIMEOUTS.get(hook) if hook is not None else None
 
     async def promote(self, spec: ServiceSpec, member: str, old: str | None, epoch: int,
                       timeout: float) -> PromoteResult:

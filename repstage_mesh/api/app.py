@@ -145,7 +145,7 @@ def _check_operator_names(request: web.Request, spec: ServiceSpec) -> None:
     lead = spec.leadership
     for field, name, known, section in (
         ("leadership.promote_hook", lead.promote_hook, settings.hook_names, "hooks"),
-        ("leadership.probe.password_secret", lead.probe.password_secret, settings.secret_names, "secrets"),
+        ("leadership.probe.password_secret", lead.probe.password_secret, settings.secret_hosts, "secrets"),
     ):
         if name is not None and name not in known:
             raise ApiError(
@@ -153,6 +153,16 @@ def _check_operator_names(request: web.Request, spec: ServiceSpec) -> None:
                 f"{field}: no {section[:-1]} named {name!r} in the config file's {section}: section "
                 f"(known: {sorted(known)}); only the operator defines them",
                 field,
+            )
+    secret = lead.probe.password_secret
+    hosts = settings.secret_hosts.get(secret) if secret is not None else None
+    for i, member in enumerate(spec.members):
+        if hosts is not None and member.address not in hosts:
+            raise ApiError(
+                422, "invalid",
+                f"leadership.probe.password_secret: secret {secret!r} may not be sent to "
+                f"members.{i}.address {member.address!r} (its hosts: {sorted(hosts)})",
+                "leadership.probe.password_secret",
             )
 
 

@@ -66,8 +66,12 @@ def json_depth(raw: bytes, limit: int) -> int:
 
 @dataclass
 class _Barrier:
-    task: asyncio.Future[MeshState]
-    covers: int  # reads numbered below this arrived before the barrier was submitted
+    task: asyncio.Future[MeshState] | None = None
+    covers: int | None = None  # reads numbered below this arrived before it was submitted
+
+    def covered(self, seq: int) -> bool:
+        # not yet submitted (its coroutine has not run): every read seen so far is covered
+        return self.covers is None or self.covers > seq
 
 
 class CoalescedReads:
@@ -80,16 +84,25 @@ class CoalescedReads:
         self._current: _Barrier | None = None
         self._last_start = float("-inf")
         self.barriers = 0  # how many were started (tests, metrics)
+        self.waiting = 0  # reads waiting now
 
     async def read(self) -> MeshState:
+        """This node's state after a barrier submitted after this call began."""
+        self.waiting += 1
+        try:
+            return await self._read()
+        finally:
+            self.waiting -= 1
+
+    async def _read(self) -> MeshState:
         loop = asyncio.get_running_loop()
         seq = self._arrivals
         self._arrivals += 1
         while True:
             current = self._current
-            if current is not None and current.covers > seq:
+            if current is not None and current.task is not None and current.covered(seq):
                 return await asyncio.shield(current.task)
-            if current is not None and not current.task.done():
+            if current is not None and current.task is not None and not current.task.done():
                 await asyncio.wait({current.task})
                 continue
             delay = self._last_start + self._interval - loop.time()
@@ -98,9 +111,13 @@ class CoalescedReads:
                 continue
             self._last_start = loop.time()
             self.barriers += 1
-            task = asyncio.ensure_future(self._barrier())
-            task.add_done_callback(_retrieve)
-            self._current = _Barrier(task, self._arrivals)
+            barrier = self._current = _Barrier()
+            barrier.task = asyncio.ensure_future(self._submit(barrier))
+            barrier.task.add_done_callback(_retrieve)
+
+    async def _submit(self, barrier: _Barrier) -> MeshState:
+        barrier.covers = self._arrivals  # from here on the barrier is being committed
+        return await self._barrier()
 
 
 def _retrieve(task: asyncio.Future[MeshState]) -> None:

@@ -56,7 +56,9 @@ class ApiSettings(BaseModel):
     audit_entries: int = Field(default=1000, ge=0, description="audit trail length (replicated)")
     consistent_read_interval: float = Field(default=0.05, ge=0, description="read barriers at most this often")
     hook_names: frozenset[str] = Field(default=frozenset(), description="hooks the config defines")
-    secret_names: frozenset[str] = Field(default=frozenset(), description="secrets the config defines")
+    secret_hosts: dict[str, frozenset[str] | None] = Field(
+        default_factory=dict, description="secrets the config defines, with the addresses each may go to (None: any)"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -68,8 +70,8 @@ class ApiSettings(BaseModel):
     def from_config(
         cls, api: Any, commit_timeout: float = 5.0, *, hooks: Any = (), secrets: Any = ()
     ) -> ApiSettings:
-        """From config.ApiConfig, and the names of the config's hooks and secrets (which a
-        service body may name)."""
+        """From config.ApiConfig, the names of the config's hooks and its secrets' allowed hosts
+        (`Secrets.hosts()`), which a service body may name."""
         tokens = getattr(api, "tokens", None)
         return cls(
             listen=api.listen,
@@ -81,7 +83,7 @@ class ApiSettings(BaseModel):
             audit_entries=api.audit_entries,
             consistent_read_interval=api.consistent_read_interval,
             hook_names=frozenset(hooks),
-            secret_names=frozenset(secrets),
+            secret_hosts=dict(secrets),
         )
 
     @property

@@ -54,6 +54,14 @@ class SecretSource(BaseModel):
 
     env: str | None = Field(default=None, description="environment variable holding the secret")
     file: Path | None = Field(default=None, description="file holding the secret (trailing newline dropped)")
+    hosts: tuple[str, ...] | None = Field(
+        default=None,
+        description="the member addresses this secret may be sent to (default: any); a service "
+        "naming it for another address is refused (422), and it is never sent elsewhere",
+    )
+
+    def allows(self, host: str) -> bool:
+        return self.hosts is None or host in self.hosts
 
     @model_validator(mode="after")
     def _one(self) -> SecretSource:
@@ -81,6 +89,17 @@ class Secrets:
 
     def __contains__(self, name: object) -> bool:
         return name in self._sources
+
+    def hosts(self) -> dict[str, frozenset[str] | None]:
+        """Each secret's allowed member addresses (None: any)."""
+        return {n: frozenset(s.hosts) if s.hosts is not None else None for n, s in self._sources.items()}
+
+    def for_host(self, name: str | None, host: str) -> str | None:
+        """The secret `name` when it may be sent to `host` (its `hosts`), else None."""
+        source = self._sources.get(name) if name is not None else None
+        if source is None or not source.allows(host):
+            return None
+        return self.get(name)
 
     def get(self, name: str | None) -> str | None:
         source = self._sources.get(name) if name is not None else None

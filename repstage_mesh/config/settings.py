@@ -201,9 +201,13 @@ def _reference_problems(settings: Settings) -> ErrorList:
             problems.append((f"services[{i}].leadership.promote_hook",
                              f"no hook named {lead.promote_hook!r} in hooks: (known: {sorted(settings.hooks)})"))
         secret = lead.probe.password_secret
+        field = f"services[{i}].leadership.probe.password_secret"
         if secret is not None and secret not in settings.secrets:
-            problems.append((f"services[{i}].leadership.probe.password_secret",
-                             f"no secret named {secret!r} in secrets: (known: {sorted(settings.secrets)})"))
+            problems.append((field, f"no secret named {secret!r} in secrets: (known: {sorted(settings.secrets)})"))
+        elif secret is not None:
+            refused = [m.address for m in service.spec.members if not settings.secrets[secret].allows(m.address)]
+            if refused:
+                problems.append((field, f"secret {secret!r} may not be sent to {refused} (secrets.{secret}.hosts)"))
     return problems
 
 

@@ -336,8 +336,12 @@ class DatabasePromoter:
         self._secrets = secrets if secrets is not None else Secrets({})
         self._environ = environ
 
-    def _password(self, lead: LeadershipSpec) -> str | None:
-        return self._secrets.get(lead.probe.password_secret)
+    def _password(self, lead: LeadershipSpec, *members: Member) -> str | None:
+        """The probe's secret, when it may be sent to every one of `members` (its hosts)."""
+        name = lead.probe.password_secret
+        if name is None or any(self._secrets.for_host(name, m.address) is None for m in members):
+            return None
+        return self._secrets.get(name)
 
     def hook_timeout(self, spec: ServiceSpec) -> float | None:
         """The timeout of the hook `spec` names, or None (no hook, or an unknown one)."""
@@ -368,7 +372,7 @@ class DatabasePromoter:
             return await self._hook(lead.promote_hook, hook, spec, target, epoch, old_primary, timeout)
         kind = self._kind(spec)
         others = [m for m in spec.members if m.name != member]
-        password = self._password(lead)
+        password = self._password(lead, *spec.members)
         if kind == "redis":
             waited = [m for m in others if m.name != old_primary]
             later = [m for m in others if m.name == old_primary]
@@ -409,7 +413,7 @@ class DatabasePromoter:
         lead = spec.leadership
         kind = self._kind(spec)
         if kind == "redis":
-            return await repoint_old_primary(old, new, timeout, password=self._password(lead),
+            return await repoint_old_primary(old, new, timeout, password=self._password(lead, old),
                                              username=lead.probe.user)
         hook = self._hooks.get(lead.promote_hook) if lead.promote_hook is not None else None
         if hook is not None and hook.url:
@@ -421,7 +425,7 @@ class DatabasePromoter:
             # a standby following the wrong primary can be re-pointed; an old primary cannot
             result = await postgres_repoint_standby(old, new, timeout, user=lead.probe.user,
                                                     database=lead.probe.database,
-                                                    password=self._password(lead))
+                                                    password=self._password(lead, old))
             if result.ok or not result.needs_rejoin:
                 return result
             return PromoteResult(False, needs_rejoin=(member,), detail=(
@@ -441,7 +445,7 @@ class DatabasePromoter:
             if member is None:
                 return None
             try:
-                result = await bounded(probe_once(spec, member, self._secrets.get), timeout)
+                result = await bounded(probe_once(spec, member, self._secrets.for_host), timeout)
             except (TimeoutError, OSError):
                 return None
             return result.offset if result.succeeded else None

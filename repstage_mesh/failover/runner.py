@@ -88,6 +88,10 @@ class Promoter(Protocol):
         """Each member's replication position now (None: unknown / unreachable)."""
         ...
 
+    def hook_timeout(self, spec: ServiceSpec) -> float | None:
+        """The timeout of the operator's hook `spec` names (None: no hook; promote_timeout)."""
+        ...
+
 
 class FailoverRunner:
     """Executes Decider steps. `grace` is added to each step's own timeout before the runner
@@ -294,9 +298,7 @@ class FailoverRunner:
         return None
 
     def _promote_timeout(self, spec: ServiceSpec) -> float:
-        # a promoter with operator-defined hooks (DatabasePromoter) knows the hook's timeout
-        hook_timeout = getattr(self._promoter, "hook_timeout", None)
-        timeout = hook_timeout(spec) if hook_timeout is not None else None
+        timeout = self._promoter.hook_timeout(spec)
         return timeout if timeout is not None else self.promote_timeout
 
     async def _commit(self, step: Commit) -> StepResult:

@@ -92,17 +92,18 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-SecretLookup = Callable[[str | None], str | None]
+SecretLookup = Callable[[str | None, str], str | None]  # (secret name, member address)
 
 
-def no_secrets(name: str | None) -> str | None:
+def no_secrets(name: str | None, host: str) -> str | None:
     """The lookup used when none is given: no password for anyone."""
     return None
 
 
-def _password(spec: ProbeSpec, secrets: SecretLookup) -> str | None:
-    """The password named by `password_secret`, from the operator's `secrets:` only."""
-    return secrets(spec.password_secret) if spec.password_secret else None
+def _password(spec: ProbeSpec, member: Member, secrets: SecretLookup) -> str | None:
+    """The password named by `password_secret`, from the operator's `secrets:` only, and only
+    if that secret may be sent to this member's address (config.Secrets.for_host)."""
+    return secrets(spec.password_secret, member.address) if spec.password_secret else None
 
 
 def _failure(exc: BaseException, started: float) -> ProbeResult:
@@ -508,12 +509,12 @@ def make_prober(
     secrets: SecretLookup = no_secrets,
 ) -> Prober:
     """The prober for one member of a service, per the service's leadership.probe spec.
-    `secrets` resolves `password_secret` (config.Secrets.get)."""
+    `secrets` resolves `password_secret` (config.Secrets.for_host)."""
     probe = spec.leadership.probe
     kind = probe_kind(spec)
     if kind is ProbeKind.REDIS:
         return RedisProber(
-            member.address, member.port, probe.timeout, user=probe.user, password=_password(probe, secrets)
+            member.address, member.port, probe.timeout, user=probe.user, password=_password(probe, member, secrets)
         )
     if kind is ProbeKind.POSTGRES:
         return PostgresProber(
@@ -522,7 +523,7 @@ def make_prober(
             probe.timeout,
             user=probe.user,
             database=probe.database,
-            password=_password(probe, secrets),
+            password=_password(probe, member, secrets),
         )
     if kind is ProbeKind.HTTP:
         return HttpProber(
