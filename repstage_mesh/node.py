@@ -29,7 +29,7 @@ from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient, PeerProxies
-from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.config import ConfigError, Settings, load_config, startup_problems
 from repstage_mesh.core.errors import (
     MeshError,
     NoLeaderKnown,
@@ -118,7 +118,8 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._peers = PeerClient(_first_token(settings, read_only=False))
+        self._peer_tls = settings.api.tls.client_context() if settings.api.tls is not None else None
+        self._peers = PeerClient(_first_token(settings, read_only=False), tls=self._peer_tls)
         self._build_leader_engine()
 
     def _build_leader_engine(self) -> None:
@@ -231,7 +232,7 @@ class Node:
         """Until every proxy of EVERY control-plane node holds a snapshot at or after
         `min_index`, or `timeout` (failover/proxies.py)."""
         others = [n for n in self.state().nodes.values() if n.node_id != self._node_id]
-        remote = PeerProxies(others, _first_token(self.settings, read_only=True)) if others else NoRemoteProxies()
+        remote = PeerProxies(others, _first_token(self.settings, read_only=True), self._peer_tls) if others else NoRemoteProxies()
         return await await_proxies(self.tracker, remote, min_index, timeout)
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -493,6 +494,10 @@ def serve_main(args: Any) -> int:
     )
     try:
         settings = load_config(getattr(args, "config", None))
+        # the same checks as `validate`, before Raft, xDS or the API start
+        problems = startup_problems(settings)
+        if problems:
+            raise ConfigError(problems, getattr(args, "config", None))
     except ConfigError as exc:
         print(str(exc))
         return 1

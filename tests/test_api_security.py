@@ -10,6 +10,7 @@ tokens, body size and JSON depth limits, and coalesced consistent reads.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,7 +22,7 @@ from fakes import FakePlane, eventually, orders_spec
 from repstage_mesh.api.app import build_app
 from repstage_mesh.api.limits import CoalescedReads, json_depth
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.config import SecretSource, Secrets
+from repstage_mesh.config import Secrets, SecretSource
 from repstage_mesh.core.models import MeshState, ServiceSpec
 from repstage_mesh.core.state import encode_state
 from repstage_mesh.sources.probers import make_prober
@@ -345,7 +346,7 @@ async def test_consistent_reads_start_barriers_at_most_once_per_interval() -> No
     reads = CoalescedReads(barrier, min_interval=0.05)
     for _ in range(6):
         await reads.read()
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(starts) == 6 and min(gaps) >= 0.049
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from repstage_mesh.config import SecretSource, Secrets
+from repstage_mesh.config import HOOK_ENV_ALLOW_LIST, Secrets, SecretSource
 from repstage_mesh.core.models import HookSpec, ServiceSpec
 from repstage_mesh.failover.promote import DatabasePromoter, post_http_hook, run_command_hook
 
@@ -69,8 +69,7 @@ async def test_command_hook_gets_a_minimal_environment_never_the_raft_password(
     assert env["MODE"] == "fast" and env["PGPASSWORD"] == "pg-secret"
     assert "raft-secret-0123456789" not in json.dumps(env)
     assert "AWS_SECRET_ACCESS_KEY" not in env and "PG_PW" not in env
-    assert set(env) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "MODE", "PGPASSWORD",
-                        "LC_CTYPE", "PYTHONHASHSEED", "__CF_USER_TEXT_ENCODING"}
+    assert set(env) <= {*HOOK_ENV_ALLOW_LIST, "MODE", "PGPASSWORD"}
 
 
 async def test_command_hook_output_is_logged_as_an_excerpt_not_stored(

@@ -332,7 +332,8 @@ async def start_api(
 ) -> web.AppRunner:
     """Bind `app` on host:port (defaults: the app's ApiSettings.listen) and start serving.
 
-    Refuses a non-loopback host when no tokens are configured (InsecureBindError). Returns the
+    Serves HTTPS when the settings have `tls`. Refuses a non-loopback host when no tokens are
+    configured (InsecureBindError). Returns the
     runner: `await runner.cleanup()` stops it; `bound_port(runner)` tells the port (for port 0).
     """
     settings = app[SETTINGS]
@@ -342,7 +343,7 @@ async def start_api(
         if not is_loopback(host):
             raise InsecureBindError(
                 f"refusing to serve the API on {host}:{port} without authentication: configure "
-                "api.tokens.read_write (and optionally api.tokens.read_only) in the config file, "
+                "api.tokens (named read_write and read_only tokens) in the config file, "
                 "or listen on 127.0.0.1"
             )
         log.warning(
@@ -350,10 +351,11 @@ async def start_api(
             host,
             port,
         )
+    context = settings.tls.server_context() if settings.tls is not None else None
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=context)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -50,10 +50,10 @@ class TokenChecker:
     def access(self, presented: str) -> Access:
         return self.identify(presented)[0]
 
-    def identify(self, presented: str) -> tuple[Access, str | None]:
-        """(role, token name) of a presented token; (NONE, None) for an unknown one."""
+    def identify(self, presented: str) -> tuple[Access, str]:
+        """(role, token name) of a presented token; (NONE, "") for an unknown one."""
         token = presented.encode()
-        found: tuple[Access, str | None] = (Access.NONE, None)
+        found: tuple[Access, str] = (Access.NONE, "")
         for known, name, role in self._tokens:
             if hmac.compare_digest(token, known):
                 found = (role, name)

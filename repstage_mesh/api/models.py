@@ -7,12 +7,12 @@ from the same classes. Change a model here and the document follows.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from repstage_mesh.config import ApiTls, ApiTokens
+from repstage_mesh.core.addresses import is_loopback
 from repstage_mesh.core.models import AuditEntry, Name, Role, ServiceProtocol, ServiceSpec
 
 # --- settings -----------------------------------------------------------------------------------
@@ -28,16 +28,6 @@ def split_host_port(listen: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
     return host, int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    """True for loopback addresses and the name localhost; False for wildcards and other names."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ApiSettings(BaseModel):

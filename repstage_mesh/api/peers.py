@@ -10,6 +10,7 @@ Answers come back as domain results and domain errors: a 2xx answer's JSON, or
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -43,9 +44,12 @@ def _error_of(status: int, body: Any) -> ApiRequestError:
 class PeerClient:
     """Calls another node's REST API with this node's token."""
 
-    def __init__(self, token: str | None, timeout: float = FORWARD_TIMEOUT) -> None:
+    def __init__(self, token: str | None, timeout: float = FORWARD_TIMEOUT,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.headers = _auth(token)
         self.timeout = timeout
+        self.tls = tls  # HTTPS with this context when the cluster's API uses TLS (api.tls)
+        self.scheme = "https" if tls is not None else "http"
 
     async def call(self, api: str, method: str, path: str, body: Any = None) -> Any:
         """`method path` on the node whose API answers at `api` (HOST:PORT)."""
@@ -53,7 +57,8 @@ class PeerClient:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout)
             ) as session, session.request(
-                method, f"http://{api}{path}", json=body, headers=self.headers
+                method, f"{self.scheme}://{api}{path}", json=body, headers=self.headers,
+                ssl=self.tls if self.tls is not None else True,
             ) as resp:
                 answer = await resp.json(content_type=None)
                 status = resp.status
@@ -68,9 +73,12 @@ class PeerProxies:
     """The other control-plane nodes' proxies, polled over their REST API during a failover
     (implements `failover.proxies.RemoteProxies`)."""
 
-    def __init__(self, nodes: Sequence[NodeAddress], token: str | None) -> None:
+    def __init__(self, nodes: Sequence[NodeAddress], token: str | None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.nodes = list(nodes)
         self.token = token
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.done: set[str] = set()
         self.session: aiohttp.ClientSession | None = None
 
@@ -96,7 +104,8 @@ class PeerProxies:
 
     async def _ask(self, node: NodeAddress) -> list[dict[str, Any]]:
         assert self.session is not None
-        async with self.session.get(f"http://{node.api}/v1/proxies") as resp:
+        async with self.session.get(f"{self.scheme}://{node.api}/v1/proxies",
+                                    ssl=self.tls if self.tls is not None else True) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"{node.node_id}: /v1/proxies answered {resp.status}")
             return list(await resp.json())

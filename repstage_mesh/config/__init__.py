@@ -18,8 +18,8 @@ from repstage_mesh.config.loading import load_config
 from repstage_mesh.config.operator import (
     HOOK_ENV_ALLOW_LIST,
     HookSpec,
-    SecretSource,
     Secrets,
+    SecretSource,
     hook_environment,
 )
 from repstage_mesh.config.sections import (
@@ -28,9 +28,9 @@ from repstage_mesh.config.sections import (
     ApiConfig,
     ApiTls,
     ApiTokens,
-    NamedToken,
     ConsulConfig,
     EnvoyConfig,
+    NamedToken,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
@@ -39,6 +39,7 @@ from repstage_mesh.config.sections import (
     default_node_id,
 )
 from repstage_mesh.config.settings import Settings
+from repstage_mesh.config.startup import startup_problems
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.errors import ConfigError, format_errors
 
@@ -49,15 +50,15 @@ __all__ = [
     "ApiConfig",
     "ApiTls",
     "ApiTokens",
-    "HookSpec",
-    "NamedToken",
-    "SecretSource",
-    "Secrets",
     "ConfigError",
     "ConsulConfig",
     "EnvoyConfig",
+    "HookSpec",
+    "NamedToken",
     "NodeConfig",
     "RaftConfig",
+    "SecretSource",
+    "Secrets",
     "ServiceConfig",
     "Settings",
     "TelemetryConfig",
@@ -67,4 +68,5 @@ __all__ = [
     "hook_environment",
     "load_config",
     "parse_host_port",
+    "startup_problems",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -211,6 +212,17 @@ class ApiTls(Section):
     ca_file: Path | None = Field(
         default=None, description="CA this node trusts when it calls another node's API (default: system CAs)"
     )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The API's TLS context (TLS 1.2 or later). Raises OSError / ssl.SSLError."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """What this node uses to call another node's API: ca_file, else the system CAs."""
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
 
 class ApiConfig(Section):

@@ -22,7 +22,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
-from repstage_mesh.config.operator import HookSpec, SecretSource, Secrets, hook_problems
+from repstage_mesh.config.operator import HookSpec, Secrets, SecretSource, hook_problems
 from repstage_mesh.config.sections import (
     _WILDCARDS,
     ENV_DELIMITER,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["HOSTNAME", "check_host", "parse_host_port"]
+__all__ = ["HOSTNAME", "check_host", "is_loopback", "parse_host_port"]
 
 HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -53,3 +53,13 @@ def parse_host_port(value: str) -> tuple[str, int]:
                 f"expected HOST:PORT with an IP address or DNS name, got {value!r}"
             ) from None
     return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback addresses and the name localhost; False for wildcards and other names."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
