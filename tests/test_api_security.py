@@ -13,16 +13,19 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from fakes import FakePlane, eventually, orders_spec
+from fakes import FakePlane, eventually, orders_spec, self_signed_cert
 
-from repstage_mesh.api.app import build_app
+from repstage_mesh.api.app import bound_port, build_app, start_api
 from repstage_mesh.api.limits import CoalescedReads, json_depth
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.config import Secrets, SecretSource
+from repstage_mesh.api.peers import PeerClient
+from repstage_mesh.config import ApiTls, Secrets, SecretSource
 from repstage_mesh.core.models import MeshState, ServiceSpec
 from repstage_mesh.core.state import encode_state
 from repstage_mesh.sources.probers import make_prober
@@ -366,3 +369,23 @@ async def test_consistent_get_through_the_api_uses_the_shared_barrier(make_clien
     answers = await asyncio.gather(*(client.get("/v1/services?consistent=true", headers=reader) for _ in range(20)))
     assert all(a.status == 200 for a in answers)
     assert 1 <= calls < 20
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+async def test_the_api_serves_https_with_the_configured_certificate(tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    tls = ApiTls(cert_file=cert, key_file=key, ca_file=cert)
+    settings = SETTINGS.model_copy(update={"tls": tls, "listen": "127.0.0.1:0"})
+    runner = await start_api(build_app(FakePlane(services=[orders_spec()]), settings))
+    try:
+        port = bound_port(runner)
+        client = PeerClient(READER, tls=tls.client_context())
+        answer = await client.call(f"127.0.0.1:{port}", "GET", "/v1/services")
+        assert answer["services"][0]["name"] == "orders"
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer
+                await session.get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        await runner.cleanup()

@@ -19,7 +19,6 @@ from pydantic import (
     Field,
     SecretStr,
     SerializerFunctionWrapHandler,
-    field_validator,
     model_serializer,
     model_validator,
 )
@@ -110,14 +109,6 @@ class XdsConfig(Section):
 TokenRole = Literal["read_write", "read_only"]
 
 
-class NamedToken(Section):
-    """One entry of `api.tokens` (list shape): who holds it (audit trail) and what it may do."""
-
-    name: Name = Field(description="shown in the audit trail (GET /v1/audit) for this token's writes")
-    role: TokenRole
-    token: Secret
-
-
 def _check_token(value: SecretStr) -> SecretStr:
     secret = value.get_secret_value()
     if not secret or any(c.isspace() or not c.isprintable() for c in secret):
@@ -126,6 +117,14 @@ def _check_token(value: SecretStr) -> SecretStr:
 
 
 Token = Annotated[Secret, AfterValidator(_check_token)]
+
+
+class NamedToken(Section):
+    """One entry of `api.tokens` (list shape): who holds it (audit trail) and what it may do."""
+
+    name: Name = Field(description="shown in the audit trail (GET /v1/audit) for this token's writes")
+    role: TokenRole
+    token: Token
 
 
 class ApiTokens(Section):
@@ -146,13 +145,6 @@ class ApiTokens(Section):
         if isinstance(data, (list, tuple)):
             return {"named": data}
         return data
-
-    @field_validator("named")
-    @classmethod
-    def _named_tokens(cls, value: tuple[NamedToken, ...]) -> tuple[NamedToken, ...]:
-        for entry in value:
-            _check_token(entry.token)
-        return value
 
     @property
     def enabled(self) -> bool:
