@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.core.errors import NotReady
+from repstage_mesh.core.errors import DecisionRefused
 from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
 from repstage_mesh.core.state import apply
 
@@ -98,7 +98,13 @@ class FakePlane:
         return None
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        raise NotReady("this in-memory plane runs no failovers")
+        # refused the way the real decider refuses (4xx), so that a fuzzer sees no 5xx
+        svc = self._state.service(service)
+        if svc is None:
+            raise DecisionRefused("not_found", f"no service named {service!r}", "service")
+        if svc.spec.member(to) is None:
+            raise DecisionRefused("not_found", f"{to!r} is not a member of {service!r}", "to")
+        raise DecisionRefused("invalid", f"service {service!r} is in follow mode", "service")
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:
