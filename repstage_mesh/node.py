@@ -39,6 +39,7 @@ from repstage_mesh.core.errors import (
 )
 from repstage_mesh.core.models import (
     AnnounceNode,
+    AuditTag,
     Command,
     CommandEnvelope,
     MeshState,
@@ -370,7 +371,9 @@ class Node:
             have = state.service(spec.name)
             if have is None:
                 try:
-                    await self.submit(PutService(spec=spec), timeout=10.0)
+                    seeded = PutService(spec=spec, by=AuditTag(
+                        actor="control-plane", keep=self.settings.api.audit_entries))
+                    await self.submit(seeded, timeout=10.0)
                 except Exception as exc:
                     log.warning("could not define service %s from the config file: %s", spec.name, exc)
             elif have.spec.model_copy(update={"primary": spec.primary}) != spec:
