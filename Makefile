@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint unit integration bench system-deps venv clean
+.PHONY: run test lint unit integration bench fuzz-api system-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/close_on_switch.py
 	$(BIN)/python bench/tracing_overhead.py --proxies 1000 --rounds 20
 	$(BIN)/python bench/failover_compare.py --write-results
+
+# Schemathesis over the whole OpenAPI document against a real node (about a minute).
+fuzz-api: $(STAMP)
+	$(BIN)/python scripts/fuzz_api.py --max-examples 100
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
