@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from repstage_mesh.core.models import (
+    FROM_LOG,
     AnnounceNode,
     AuditEntry,
     Command,
@@ -101,8 +102,10 @@ def encode_command(envelope: CommandEnvelope) -> bytes:
 
 
 def decode_command(data: bytes) -> CommandEnvelope:
-    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input."""
-    return CommandEnvelope.model_validate_json(data)
+    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input. Entries that
+    older versions wrote with an inline `promote_hook` or a `password_env` are read without
+    them (models.FROM_LOG): the service keeps everything else, and names no hook or secret."""
+    return CommandEnvelope.model_validate_json(data, context=FROM_LOG)
 
 
 def encode_state(state: MeshState) -> bytes:
@@ -114,7 +117,7 @@ def encode_state(state: MeshState) -> bytes:
 
 def decode_state(data: bytes) -> MeshState:
     """Inverse of `encode_state`. Raises pydantic.ValidationError on bad input."""
-    return MeshState.model_validate_json(data)
+    return MeshState.model_validate_json(data, context=FROM_LOG)
 
 
 # --- the audit trail ------------------------------------------------------------------------
