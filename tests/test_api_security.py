@@ -389,3 +389,15 @@ async def test_the_api_serves_https_with_the_configured_certificate(tmp_path: Pa
                 await session.get(f"http://127.0.0.1:{port}/healthz")
     finally:
         await runner.cleanup()
+
+
+async def test_an_integral_float_is_an_integer_as_json_schema_says(make_client: MakeClient) -> None:
+    plane = FakePlane(services=[orders_spec()])
+    client = await make_client(plane)
+    current = plane.state().services["orders"].epoch
+    resp = await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": float(current + 1)},
+                             headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    resp = await client.post("/v1/services/orders/primary", json={"member": "a", "epoch": current + 99.5},
+                             headers=AUTH)
+    assert resp.status == 422 and (await resp.json())["error"]["field"] == "epoch"

@@ -96,7 +96,16 @@ async def json_body(request: web.Request) -> bytes:
     return raw
 
 
+def _number(text: str) -> int | float:
+    """JSON Schema counts 2.0 as an integer: read integral numbers as int (strict models refuse
+    a float for an int field; a float field takes an int)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def parse(model: type[M], raw: bytes) -> M:
+    """`raw` (checked JSON) as `model`, strictly (no "5" for 5), with integral floats as ints."""
+    raw = json.dumps(json.loads(raw, parse_float=_number)).encode()
     try:
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
