@@ -82,7 +82,7 @@ def main() -> int:
                 "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                 "--max-examples", str(args.max_examples), "--seed", str(args.seed),
                 "--continue-on-failure",
-            ])
+            ], cwd=directory)  # its cache (.schemathesis/) stays in the temporary directory
         finally:
             node.terminate()
             node.wait(timeout=30)
