@@ -44,7 +44,7 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="413 above")
     max_json_depth: int = Field(default=32, ge=1, description="400 deeper")
     audit_entries: int = Field(default=1000, ge=0, description="audit trail length (replicated)")
-    consistent_read_interval: float = Field(default=0.05, ge=0, description="read barriers at most this often")
+    consistent_read_interval: float = Field(default=0.005, ge=0, description="read barriers at most this often")
     hook_names: frozenset[str] = Field(default=frozenset(), description="hooks the config defines")
     secret_hosts: dict[str, frozenset[str] | None] = Field(
         default_factory=dict, description="secrets the config defines, with the addresses each may go to (None: any)"

@@ -234,7 +234,7 @@ class ApiConfig(Section):
         description="writes kept in the replicated audit trail (GET /v1/audit), oldest dropped first",
     )
     consistent_read_interval: float = Field(
-        default=0.05, ge=0, le=10,
+        default=0.005, ge=0, le=10,
         description="?consistent=true: at most one Raft read barrier per this many seconds; "
         "concurrent and following reads share it (see README)",
     )
