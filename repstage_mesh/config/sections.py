@@ -132,7 +132,7 @@ class ApiTokens(Section):
 
     Two shapes: a list of named tokens (`[{name, role, token}]`), or the older mapping
     (`{read_write: [...], read_only: [...]}`), whose tokens are named read-write-1,
-    read-only-1, ... in the audit trail. Both may not be mixed in one file.
+    read-only-1, ... in the audit trail. A token may be listed only once.
     """
 
     read_write: tuple[Token, ...] = ()
