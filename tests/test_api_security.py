@@ -346,11 +346,13 @@ async def test_consistent_reads_start_barriers_at_most_once_per_interval() -> No
         starts.append(loop.time())
         return MeshState()
 
-    reads = CoalescedReads(barrier, min_interval=0.05)
+    limited: list[int] = []
+    reads = CoalescedReads(barrier, min_interval=0.05, on_limited=lambda: limited.append(1))
     for _ in range(6):
         await reads.read()
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(starts) == 6 and min(gaps) >= 0.049
+    assert len(limited) >= 5  # each back-to-back read after the first waited (the metric)
 
 
 async def test_consistent_get_through_the_api_uses_the_shared_barrier(make_client: MakeClient) -> None:

@@ -38,7 +38,7 @@ from repstage_mesh.api.http import (
     service_view,
     submit,
 )
-from repstage_mesh.api.limits import CoalescedReads
+from repstage_mesh.api.limits import CoalescedReads, limit_counter
 from repstage_mesh.api.models import (
     ApiSettings,
     AuditView,
@@ -319,7 +319,10 @@ def build_app(
     )
     app[PLANE] = plane
     app[SETTINGS] = settings
-    app[READS] = CoalescedReads(lambda: plane.read_state(consistent=True), settings.consistent_read_interval)
+    limited = limit_counter(plane.registry).labels("consistent_read_interval")
+    app[READS] = CoalescedReads(
+        lambda: plane.read_state(consistent=True), settings.consistent_read_interval, limited.inc
+    )
     ops = [*operations(), *extra_operations]
     app[OPENAPI] = build_openapi(ops, title="RepStage Mesh", version=_package_version())
     for op in ops:

@@ -10,7 +10,8 @@
   interval, and each read still sees every write committed before it arrived (the barrier it
   waits for was submitted after its arrival).
 
-Each refusal counts in `repstage_api_limit_hits_total{limit}`.
+Each refusal, and each read that waits for the interval, counts in
+`repstage_api_limit_hits_total{limit}`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def limit_counter(registry: CollectorRegistry) -> Counter:
     if counter is None:
         counter = Counter(
             "repstage_api_limit_hits_total",
-            "API requests refused by a limit (body_bytes: api.max_body_bytes, json_depth: api.max_json_depth)",
+            "API requests refused or held back by a limit (body_bytes: api.max_body_bytes, "
+            "json_depth: api.max_json_depth, consistent_read_interval: a read waited for the next barrier)",
             ["limit"],
             registry=registry,
         )
@@ -77,8 +79,14 @@ class _Barrier:
 class CoalescedReads:
     """Linearizable reads that share read barriers (see the module docstring)."""
 
-    def __init__(self, barrier: Callable[[], Awaitable[MeshState]], min_interval: float) -> None:
+    def __init__(
+        self,
+        barrier: Callable[[], Awaitable[MeshState]],
+        min_interval: float,
+        on_limited: Callable[[], None] = lambda: None,
+    ) -> None:
         self._barrier = barrier
+        self._on_limited = on_limited  # a read waited for the interval (the metric)
         self._interval = min_interval
         self._arrivals = 0
         self._current: _Barrier | None = None
@@ -107,6 +115,7 @@ class CoalescedReads:
                 continue
             delay = self._last_start + self._interval - loop.time()
             if delay > 0:
+                self._on_limited()
                 await asyncio.sleep(delay)  # the rate limit itself, not synchronisation
                 continue
             self._last_start = loop.time()
