@@ -351,7 +351,7 @@ async def test_consistent_reads_start_barriers_at_most_once_per_interval() -> No
     for _ in range(6):
         await reads.read()
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert len(starts) == 6 and min(gaps) >= 0.049
+    assert len(starts) == 6 and min(gaps) >= 0.04  # 0.05 apart when started; each runs a bit later
     assert len(limited) >= 5  # each back-to-back read after the first waited (the metric)
 
 
