@@ -441,7 +441,9 @@ class Node:
             log.info("failover %s: leader not reachable (%s)", record_id, exc)
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
+    async def switchover(
+        self, service: str, to: str, timeout: float | None, requested_by: str = ""
+    ) -> dict[str, Any]:
         api = self._leader_api()
         if api is not None:
             body: dict[str, Any] = {"to": to}
@@ -450,7 +452,8 @@ class Node:
             return dict(await self._peers.call(api, "POST", f"/v1/services/{service}/switchover", body))
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
-        record = await self.runner.switchover(service, to, timeout)
+        cause = f"planned switchover requested by {requested_by}" if requested_by else "planned switchover"
+        record = await self.runner.switchover(service, to, timeout, cause=cause)
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         return record.as_dict()

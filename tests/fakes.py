@@ -97,7 +97,9 @@ class FakePlane:
     async def failover(self, record_id: str) -> dict[str, Any] | None:
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
+    async def switchover(
+        self, service: str, to: str, timeout: float | None, requested_by: str = ""
+    ) -> dict[str, Any]:
         # refused the way the real decider refuses (4xx), so that a fuzzer sees no 5xx
         svc = self._state.service(service)
         if svc is None:

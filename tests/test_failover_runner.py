@@ -252,3 +252,19 @@ async def test_close_abandons_a_running_plan() -> None:
     assert f.done and f.done[-1].status == "failed" and "leadership lost" in f.done[-1].reason
     assert f.runner.decider.running("cache") is None
     assert f.primary() is None  # the fence stays committed: fail closed
+
+
+async def test_a_switchover_names_who_asked_in_its_cause_and_the_audit_trail() -> None:
+    f = Fakes()
+    f.put(spec())
+    f.healthy(offsets=(100, 100, 90))
+    f.runner.start(interval=0.01)
+    try:
+        record = await f.runner.switchover("cache", "b", timeout=2.0,
+                                           cause="planned switchover requested by ci-deploy")
+    finally:
+        await f.runner.close()
+    assert record.status == "done", record.reason
+    assert "ci-deploy" in record.cause
+    routed = [e for e in f.state.audit if e.action == "set_primary" and "primary b" in e.detail]
+    assert routed and "requested by ci-deploy" in routed[-1].detail

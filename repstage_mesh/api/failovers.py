@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from repstage_mesh.api.auth import ACTOR
 from repstage_mesh.api.errors import ApiError
 from repstage_mesh.api.http import json_body, ok, parse, path_name, plane
 from repstage_mesh.api.openapi import Operation
@@ -86,7 +87,9 @@ async def get_failover(request: web.Request) -> web.Response:
 async def switchover(request: web.Request) -> web.Response:
     name = path_name(request)
     body = parse(SwitchoverRequest, await json_body(request))
-    record = await plane(request).switchover(name, body.to, body.timeout)
+    # the token's name goes into the switchover's cause, so the audit trail and the record say
+    # who asked (the commits themselves are the control plane's)
+    record = await plane(request).switchover(name, body.to, body.timeout, requested_by=request.get(ACTOR, ""))
     return ok(FailoverView.model_validate(record))
 
 

@@ -64,8 +64,11 @@ class ControlPlane(Protocol):
         """One failover record, or None when the leader has no such record."""
         ...
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        """Run a planned switchover to `to` and return its finished record. Raises the domain
+    async def switchover(
+        self, service: str, to: str, timeout: float | None, requested_by: str = ""
+    ) -> dict[str, Any]:
+        """Run a planned switchover to `to` and return its finished record (`requested_by`, the
+        API token's name, goes into its cause). Raises the domain
         errors of core/errors.py: DecisionRefused, NotReady, NoLeaderKnown, SwitchoverFailed,
         or ApiRequestError / ApiUnreachable relayed from the leader."""
         ...

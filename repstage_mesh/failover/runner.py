@@ -149,11 +149,13 @@ class FailoverRunner:
         self.dispatch(self.decider.tick(self.clock()))
 
     async def switchover(
-        self, service: str, target: str, timeout: float | None = None
+        self, service: str, target: str, timeout: float | None = None,
+        cause: str = "planned switchover",
     ) -> FailoverRecord:
         """Run a planned switchover and return its finished record. Raises DecisionRefused
         (nothing changed) for a request the decider will not run. Needs the ticker (`run`)."""
-        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout)
+        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout,
+                                                   cause=cause[:200])
         event = self._finished.setdefault(record_id, asyncio.Event())
         self.dispatch(steps)
         catchup = timeout if timeout is not None else self.decider.catchup_timeout
