@@ -310,6 +310,17 @@ def test_json_depth_skips_brackets_inside_strings() -> None:
     assert json_depth(b"[" * 50, 10) == 11  # counting stops past the limit
 
 
+def test_an_unterminated_string_is_skipped_in_one_match_not_one_per_quote() -> None:
+    """b'\\"' * N once made the string pattern rescan to the end from every quote (quadratic);
+    now the first match runs to the end, so the scan is one linear pass."""
+    from repstage_mesh.api.limits import _STRING
+
+    hostile = b'"' + b'\\"' * 10_000 + b"[[["
+    match = _STRING.match(hostile)
+    assert match is not None and match.end() == len(hostile)
+    assert json_depth(hostile, 2) == 0
+
+
 # --- consistent reads share barriers --------------------------------------------------------------
 
 

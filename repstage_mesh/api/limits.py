@@ -28,7 +28,9 @@ from repstage_mesh.core.models import MeshState
 
 __all__ = ["CoalescedReads", "json_depth", "limit_counter"]
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A JSON string, or an unterminated one up to the end: the first greedy attempt always
+# matches, so a hostile body (b'\\"' * N) costs one linear pass, not one pass per quote.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.?)*(?:"|$)', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 _COUNTERS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
