@@ -31,7 +31,7 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
-from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.config import ConfigError, Settings, load_config, startup_problems
 from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.config.sections import XdsConfig
 from repstage_mesh.core.errors import (
@@ -47,6 +47,7 @@ from repstage_mesh.core.errors import (
 )
 from repstage_mesh.core.models import (
     AnnounceNode,
+    AuditTag,
     Command,
     CommandEnvelope,
     MeshState,
@@ -136,7 +137,8 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._peers = PeerClient(self._node_id)
+        self._peer_tls = settings.api.tls.client_context() if settings.api.tls is not None else None
+        self._peers = PeerClient(self._node_id, tls=self._peer_tls)
         self._build_leader_engine()
 
     def _build_leader_engine(self) -> None:
@@ -144,9 +146,10 @@ class Node:
         settings = self.settings
         self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
         traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
+        secrets = settings.secret_store()
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
-            self.await_proxies, DatabasePromoter(), on_done=traces.done,
+            self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done,
         )
         seat = LeaderSeat(
             node_id=self._node_id, state=self.state, ready=self.ready,
@@ -154,7 +157,8 @@ class Node:
             confirm_leadership=self._confirm_leadership,
         )
         self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
-        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe))
+        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
+                                           secrets=secrets.for_host))
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
@@ -264,7 +268,7 @@ class Node:
         `min_index`, or `timeout` (failover/proxies.py)."""
         token = _first_token(self.settings, read_only=True)
         remotes = [
-            PeerProgress(n.node_id, n.api, token)
+            PeerProgress(n.node_id, n.api, token, self._peer_tls)
             for n in self.state().nodes.values() if n.node_id != self._node_id and n.api
         ]
         return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout)
@@ -300,7 +304,10 @@ class Node:
         self._flush()
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
-        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
+        api_settings = ApiSettings.from_config(
+            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts()
+        )
+        app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
         from repstage_mesh.api.app import bound_port
@@ -410,7 +417,9 @@ class Node:
             have = state.service(spec.name)
             if have is None:
                 try:
-                    await self.submit(PutService(spec=spec), timeout=10.0)
+                    seeded = PutService(spec=spec, by=AuditTag(
+                        actor="control-plane", keep=self.settings.api.audit_entries))
+                    await self.submit(seeded, timeout=10.0)
                 except Exception as exc:
                     log.warning("could not define service %s from the config file: %s", spec.name, exc)
         for item in self.config_drift():
@@ -529,7 +538,9 @@ class Node:
             return await self._forward_switchover(api, service, to, timeout, wait, caller)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
-        record = await self.runner.switchover(service, to, timeout, wait=wait)
+        actor = caller.actor
+        cause = f"planned switchover requested by {actor}" if actor else "planned switchover"
+        record = await self.runner.switchover(service, to, timeout, wait=wait, cause=cause)
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         if record.status == "running":
@@ -570,8 +581,9 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
     tokens = settings.api.tokens
     if tokens is None:
         return None
-    choice = (tokens.read_only or tokens.read_write) if read_only else tokens.read_write
-    return choice[0].get_secret_value() if choice else None
+    if read_only:
+        return tokens.first("read_only") or tokens.first("read_write")
+    return tokens.first("read_write")
 
 
 async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
@@ -598,6 +610,10 @@ def serve_main(args: Any) -> int:
     )
     try:
         settings = load_config(getattr(args, "config", None))
+        # the same checks as `validate`, before Raft, xDS or the API start
+        problems = startup_problems(settings)
+        if problems:
+            raise ConfigError(problems, getattr(args, "config", None))
     except ConfigError as exc:
         print(str(exc))
         return 1

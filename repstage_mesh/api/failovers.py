@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from repstage_mesh.api.auth import ACTOR
 from repstage_mesh.api.errors import ApiError
 from repstage_mesh.api.http import json_body, ok, parse, path_name, plane
 from repstage_mesh.api.openapi import Operation
@@ -92,6 +93,7 @@ def caller(request: web.Request) -> Caller:
     return Caller(
         authorization=request.headers.get("Authorization"),
         forwarded_by=forwarded_by.strip() or "another node" if forwarded_by is not None else None,
+        actor=request.get(ACTOR, ""),
     )
 
 

@@ -25,6 +25,7 @@ class Caller:
 
     authorization: str | None = None
     forwarded_by: str | None = None
+    actor: str = ""  # the token's name (api/auth.ACTOR): goes into a switchover's cause
 
 
 DIRECT = Caller()

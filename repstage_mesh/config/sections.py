@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -21,7 +22,6 @@ from pydantic import (
     FilePath,
     SecretStr,
     SerializerFunctionWrapHandler,
-    field_validator,
     model_serializer,
     model_validator,
 )
@@ -236,24 +236,58 @@ class XdsConfig(Section):
         return _advertised(self.listen, self.advertise, bound_port)
 
 
+TokenRole = Literal["read_write", "read_only"]
+
+
+def _check_token(value: SecretStr) -> SecretStr:
+    secret = value.get_secret_value()
+    if not secret or any(c.isspace() or not c.isprintable() for c in secret):
+        raise ValueError("a token must be non-empty and contain no whitespace or control characters")
+    return value
+
+
+Token = Annotated[Secret, AfterValidator(_check_token)]
+
+
+class NamedToken(Section):
+    """One entry of `api.tokens` (list shape): who holds it (audit trail) and what it may do."""
+
+    name: Name = Field(description="shown in the audit trail (GET /v1/audit) for this token's writes")
+    role: TokenRole
+    token: Token
+
+
 class ApiTokens(Section):
-    """Bearer tokens for the REST API. No tokens section: the API needs no token."""
+    """Bearer tokens for the REST API. No tokens section: the API needs no token.
 
-    read_write: tuple[Secret, ...] = ()
-    read_only: tuple[Secret, ...] = ()
+    Two shapes: a list of named tokens (`[{name, role, token}]`), or the older mapping
+    (`{read_write: [...], read_only: [...]}`), whose tokens are named read-write-1,
+    read-only-1, ... in the audit trail. A token may be listed only once.
+    """
 
-    @field_validator("read_write", "read_only")
+    read_write: tuple[Token, ...] = ()
+    read_only: tuple[Token, ...] = ()
+    named: tuple[NamedToken, ...] = ()
+
+    @model_validator(mode="before")
     @classmethod
-    def _no_whitespace(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for token in value:
-            secret = token.get_secret_value()
-            if not secret or any(c.isspace() for c in secret):
-                raise ValueError("a token must be non-empty and contain no whitespace")
-        return value
+    def _list_shape(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            return {"named": data}
+        return data
 
     @property
     def enabled(self) -> bool:
-        return bool(self.read_write or self.read_only)
+        return bool(self.read_write or self.read_only or self.named)
+
+    def entries(self) -> tuple[NamedToken, ...]:
+        """Every token with its name and role (the older shape's tokens named by position)."""
+        legacy = [
+            NamedToken(name=f"{role.replace('_', '-')}-{i + 1}", role=role, token=token)
+            for role in ("read_write", "read_only")
+            for i, token in enumerate(getattr(self, role))
+        ]
+        return (*legacy, *self.named)
 
     @model_validator(mode="after")
     def _disjoint(self) -> ApiTokens:
@@ -263,17 +297,54 @@ class ApiTokens(Section):
             for i, token in enumerate(self.read_only)
             if token.get_secret_value() in writers
         ]
+        names: dict[str, int] = {}
+        values: dict[str, int] = {}
+        for i, entry in enumerate(self.named):
+            if entry.name in names:
+                problems.append(f"named[{i}].name: {entry.name!r} is also named[{names[entry.name]}]")
+            value = entry.token.get_secret_value()
+            if value in values or value in writers or any(value == t.get_secret_value() for t in self.read_only):
+                problems.append(f"named[{i}].token: this token is listed twice; each token once")
+            names.setdefault(entry.name, i)
+            values.setdefault(value, i)
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
     def role_of(self, token: str) -> str | None:
         """ "read_write", "read_only" or None for an unknown token."""
-        if any(t.get_secret_value() == token for t in self.read_write):
-            return "read_write"
-        if any(t.get_secret_value() == token for t in self.read_only):
-            return "read_only"
+        for entry in self.entries():
+            if entry.token.get_secret_value() == token:
+                return entry.role
         return None
+
+    def first(self, role: TokenRole) -> str | None:
+        """The first token of `role` (what this node shows another node's API)."""
+        for entry in self.entries():
+            if entry.role == role:
+                return entry.token.get_secret_value()
+        return None
+
+
+class ApiTls(Section):
+    """Serve the REST API over HTTPS. Files are read when the API starts."""
+
+    cert_file: Path = Field(description="PEM certificate chain")
+    key_file: Path = Field(description="PEM private key")
+    ca_file: Path | None = Field(
+        default=None, description="CA this node trusts when it calls another node's API (default: system CAs)"
+    )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The API's TLS context (TLS 1.2 or later). Raises OSError / ssl.SSLError."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """What this node uses to call another node's API: ca_file, else the system CAs."""
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
 
 class ApiConfig(Section):
@@ -284,6 +355,24 @@ class ApiConfig(Section):
         default=120.0, gt=0, le=3600,
         description="longest a POST .../switchover is held open (default and cap of the request's "
         "`wait`); a switchover still running then is answered 504 with its record",
+    )
+    tls: ApiTls | None = Field(default=None, description="HTTPS for the API; omitted: plain HTTP")
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="largest request body accepted (413 above; metric repstage_api_limit_hits_total)",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=512,
+        description="deepest nesting of a JSON request body (400 deeper; metric repstage_api_limit_hits_total)",
+    )
+    audit_entries: int = Field(
+        default=1000, ge=0, le=100_000,
+        description="writes kept in the replicated audit trail (GET /v1/audit), oldest dropped first",
+    )
+    consistent_read_interval: float = Field(
+        default=0.005, ge=0, le=10,
+        description="?consistent=true: at most one Raft read barrier per this many seconds; "
+        "concurrent and following reads share it (see README)",
     )
 
     def advertised(self, bound_port: int | None = None) -> str:

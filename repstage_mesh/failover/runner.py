@@ -88,6 +88,10 @@ class Promoter(Protocol):
         """Each member's replication position now (None: unknown / unreachable)."""
         ...
 
+    def hook_timeout(self, spec: ServiceSpec) -> float | None:
+        """The timeout of the operator's hook `spec` names (None: no hook; promote_timeout)."""
+        ...
+
 
 class FailoverRunner:
     """Executes Decider steps. `grace` is added to each step's own timeout before the runner
@@ -145,13 +149,15 @@ class FailoverRunner:
         self.dispatch(self.decider.tick(self.clock()))
 
     async def switchover(
-        self, service: str, target: str, timeout: float | None = None, wait: float | None = None
+        self, service: str, target: str, timeout: float | None = None, wait: float | None = None,
+        cause: str = "planned switchover",
     ) -> FailoverRecord:
         """Run a planned switchover and return its record once finished, or after `wait`
         seconds (or the plan's own bound) with the record still "running": the switchover
         goes on, its record tells how it ends. Raises DecisionRefused (nothing changed) for a
         request the decider will not run. Needs the ticker (`run`)."""
-        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout)
+        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout,
+                                                   cause=cause[:200])
         event = self._finished.setdefault(record_id, asyncio.Event())
         self.dispatch(steps)
         catchup = timeout if timeout is not None else self.decider.catchup_timeout
@@ -298,8 +304,8 @@ class FailoverRunner:
         return None
 
     def _promote_timeout(self, spec: ServiceSpec) -> float:
-        hook = spec.leadership.promote_hook
-        return hook.timeout if hook is not None else self.promote_timeout
+        timeout = self._promoter.hook_timeout(spec)
+        return timeout if timeout is not None else self.promote_timeout
 
     async def _commit(self, step: Commit) -> StepResult:
         self._commits += 1
