@@ -33,7 +33,7 @@ from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
 from repstage_mesh.config import ConfigError, Settings, load_config, startup_problems
 from repstage_mesh.config.drift import ServiceDrift, drift
-from repstage_mesh.config.sections import XdsConfig
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.errors import (
     ApiRequestError,
     MeshError,

@@ -35,11 +35,11 @@ from repstage_mesh.config.sections import (
     RaftConfig,
     ServiceConfig,
     TelemetryConfig,
-    XdsConfig,
     default_node_id,
 )
 from repstage_mesh.config.settings import Settings
 from repstage_mesh.config.startup import startup_problems
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.errors import ConfigError, format_errors
 

@@ -35,10 +35,10 @@ from repstage_mesh.config.sections import (
     RaftConfig,
     ServiceConfig,
     TelemetryConfig,
-    XdsConfig,
     is_loopback,
     is_wildcard,
 )
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.models import Name, ServiceSpec
 
