@@ -31,6 +31,7 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient, PeerProxies
 from repstage_mesh.config import ConfigError, Settings, load_config
 from repstage_mesh.core.errors import (
+    DecisionRefused,
     MeshError,
     NoLeaderKnown,
     NotReady,
@@ -38,6 +39,7 @@ from repstage_mesh.core.errors import (
     SwitchoverFailed,
 )
 from repstage_mesh.core.models import (
+    Announcement,
     AnnounceNode,
     Command,
     CommandEnvelope,
@@ -49,6 +51,7 @@ from repstage_mesh.core.models import (
 from repstage_mesh.core.observations import ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
+from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.proxies import NoRemoteProxies, await_proxies
 from repstage_mesh.failover.runner import FailoverRunner
@@ -126,10 +129,15 @@ class Node:
         settings = self.settings
         self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
         traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
+        self.history = HistoryPublisher(
+            self._commit, keep=settings.failovers.history, keep_keys=settings.failovers.idempotency_keys,
+            metrics=self.metrics,
+        )
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
-            self.await_proxies, DatabasePromoter(), on_done=traces.done,
+            self.await_proxies, DatabasePromoter(), on_done=traces.done, history=self.history,
         )
+        self._announcing: dict[str, asyncio.Future[FailoverRecord]] = {}  # idempotency key -> running
         seat = LeaderSeat(
             node_id=self._node_id, state=self.state, ready=self.ready,
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
@@ -205,7 +213,7 @@ class Node:
         return self._ready
 
     def failover_records(self) -> list[FailoverRecord]:
-        """This node's failover history, newest first (the leader's is the cluster's)."""
+        """The records this node ran (while it led), newest first; `failovers()` is the cluster's."""
         return self.decider.records()
 
     # --- what the leader engine and the failover runner are given ----------------------------
@@ -411,26 +419,88 @@ class Node:
         raise NoLeaderKnown("no Raft leader is known to this node right now; retry shortly")
 
     async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
-        try:
-            api = self._leader_api()
-            if api is not None:
-                body = await self._peers.call(api, "GET", "/v1/failovers")
-                return str(body["node_id"]), list(body["failovers"])
-        except (MeshError, KeyError, TypeError) as exc:
-            log.info("failovers: answering from this node (%s)", exc)
-        return self._node_id, [r.as_dict() for r in self.decider.records()]
+        """The replicated history as this node holds it, newest first; the records this node
+        is running are shown as they are now (fresher than their last commit)."""
+        return self._node_id, [self._fresh(entry.id, entry.record) for entry in reversed(self.state().failovers)]
 
     async def failover(self, record_id: str) -> dict[str, Any] | None:
+        entry = self.state().failover(record_id)
+        if entry is not None:
+            return self._fresh(record_id, entry.record)
+        record = self.decider.record(record_id)  # running here, its first commit not applied yet
+        return record.as_dict() if record is not None else None
+
+    def _fresh(self, record_id: str, replicated: dict[str, Any]) -> dict[str, Any]:
         record = self.decider.record(record_id)
-        if record is not None:
-            return record.as_dict()
-        try:
-            api = self._leader_api()
-            if api is not None:
-                return dict(await self._peers.call(api, "GET", f"/v1/failovers/{quote(record_id, safe='')}"))
-        except (MeshError, TypeError, ValueError) as exc:
-            log.info("failover %s: leader not reachable (%s)", record_id, exc)
-        return None
+        return record.as_dict() if record is not None else dict(replicated)
+
+    async def announce(self, service: str, announcement: Announcement) -> dict[str, Any]:
+        """Run an announced change on the leader (a follower carries it there) and answer with
+        the primary after it and its failover record. An idempotency key already used answers
+        what its first use did (waiting for it if it is still running)."""
+        api = self._leader_api()
+        if api is not None:
+            return await self._forward_announce(api, service, announcement)
+        if not self.engine.active:
+            raise NotReady("this node leads but has not started deciding yet; retry shortly")
+        key = announcement.key
+        replayed = key is not None and (key in self._announcing or self.state().request_key(key) is not None)
+        if key is not None and key in self._announcing:
+            record = await asyncio.shield(self._announcing[key])
+        elif key is not None and (record_id := self.state().request_key(key)) is not None:
+            data = await self.failover(record_id)
+            if data is None:
+                raise DecisionRefused("conflict", f"Idempotency-Key {key!r} was used for record {record_id}, "
+                                      "which has left the history; use a new key", "idempotency_key")
+            return self._announce_answer(service, announcement, data, replayed=True)
+        else:
+            future: asyncio.Future[FailoverRecord] = asyncio.get_running_loop().create_future()
+            if key is not None:
+                self._announcing[key] = future
+            try:
+                record = await self.runner.announce(
+                    service, announcement.member, token=announcement.token, cause=announcement.cause,
+                    fence=announcement.fence, close_wait=_close_wait(self.settings), key=key,
+                    trace_parent=announcement.trace,
+                )
+                future.set_result(record)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # retrieved: no "never retrieved" warning when nobody joined
+                raise
+            finally:
+                if key is not None:
+                    self._announcing.pop(key, None)
+        return self._announce_answer(service, announcement, record.as_dict(), replayed=replayed)
+
+    def _announce_answer(self, service: str, announcement: Announcement, record: dict[str, Any],
+                         *, replayed: bool) -> dict[str, Any]:
+        if record.get("service") != service or record.get("new_primary") != announcement.member:
+            raise DecisionRefused(
+                "conflict", f"Idempotency-Key {announcement.key!r} was first used to announce "
+                f"{record.get('new_primary')!r} for service {record.get('service')!r}; use a new key",
+                "idempotency_key")
+        if record.get("status") == "failed":
+            raise SwitchoverFailed(f"announce {record.get('id')} failed: {record.get('reason')}", record)
+        state = self.state()
+        svc = state.service(service)
+        epoch = record.get("epoch") if record.get("epoch") is not None else (svc.epoch if svc else 0)
+        return {
+            "service": service, "primary": record.get("new_primary"), "epoch": int(epoch),
+            "previous_primary": record.get("old_primary"),
+            "changed": record.get("old_primary") != record.get("new_primary"),
+            "applied_index": state.index, "failover": record, "replayed": replayed,
+        }
+
+    async def _forward_announce(self, api: str, service: str, announcement: Announcement) -> dict[str, Any]:
+        body: dict[str, Any] = {"member": announcement.member, "cause": announcement.cause,
+                                "fence": announcement.fence}
+        if announcement.token is not None:
+            body["epoch"] = announcement.token
+        if announcement.key is not None:
+            body["idempotency_key"] = announcement.key
+        path = f"/v1/services/{quote(service, safe='')}/primary"
+        return dict(await self._peers.call(api, "POST", path, body, headers=announcement.trace or {}))
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
         api = self._leader_api()
@@ -445,6 +515,17 @@ class Node:
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         return record.as_dict()
+
+
+def _close_wait(settings: Settings) -> float:
+    """Seconds from the fence's ACK until every proxy closed its connections to the old primary:
+    with the health fence, one check interval (plus a tenth, at least 10 ms, for the check's
+    answer and the close); other strategies never close them (nothing to wait for)."""
+    envoy = settings.envoy
+    if envoy.primary_strategy is not PrimaryStrategy.HEALTH_FENCE:
+        return 0.0
+    interval = envoy.fence_interval_ms / 1000.0
+    return interval + max(0.01, interval / 10)
 
 
 def _first_token(settings: Settings, *, read_only: bool) -> str | None:

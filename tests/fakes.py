@@ -22,8 +22,16 @@ from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.core.errors import NotReady
-from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
+from repstage_mesh.core.errors import NotReady, Rejected
+from repstage_mesh.core.models import (
+    Announcement,
+    Command,
+    MeshState,
+    Outcome,
+    PutService,
+    ServiceSpec,
+    SetPrimary,
+)
 from repstage_mesh.core.state import apply
 
 
@@ -47,6 +55,7 @@ class FakePlane:
             "quorum": True,
         }
         self.submitted: list[Command] = []
+        self.announcements: list[tuple[str, Announcement]] = []
         for spec in services:
             self._commit(PutService(spec=spec))
 
@@ -98,6 +107,19 @@ class FakePlane:
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
         raise NotReady("this in-memory plane runs no failovers")
+
+    async def announce(self, service: str, announcement: Announcement) -> dict[str, Any]:
+        """Commits the announced primary at once (no plan, no record): the API's view of it."""
+        self.announcements.append((service, announcement))
+        before = self._state.service(service)
+        outcome = await self.submit(SetPrimary(service=service, member=announcement.member,
+                                               token=announcement.token, cause=announcement.cause))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        result = outcome.result
+        return {"service": service, "primary": result["primary"], "epoch": result["epoch"],
+                "previous_primary": before.primary if before else None, "changed": result["changed"],
+                "applied_index": self._state.index, "failover": None}
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:

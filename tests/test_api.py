@@ -191,14 +191,21 @@ async def test_stale_epoch_is_409_and_changes_nothing(
     make_client: MakeClient, plane: FakePlane
 ) -> None:
     client = await make_client(plane)
+    # The claimed epoch is the caller's fencing token: kept per service, monotonic (issue 14).
+    resp = await client.post("/v1/services/orders/primary", json={"member": "a", "epoch": 100})
+    assert resp.status == 200, await resp.text()
+    assert plane.state().service("orders").claim == 100  # type: ignore[union-attr]
     before = plane.state().service("orders")
-    err = await error_of(
-        await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": 1}),
-        409,
-        "stale_epoch",
-    )
-    assert err["field"] == "epoch"
+    for claim in (50, 100):
+        err = await error_of(
+            await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": claim}),
+            409,
+            "stale_epoch",
+        )
+        assert err["field"] == "epoch" and "100" in err["message"]
     assert plane.state().service("orders") == before
+    resp = await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": 101})
+    assert resp.status == 200 and (await resp.json())["primary"] == "b"
 
 
 async def test_unknown_member_or_service_is_404(make_client: MakeClient, plane: FakePlane) -> None:

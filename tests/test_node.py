@@ -27,7 +27,14 @@ from repstage_mesh.core.errors import (
     NoLeaderKnown,
     NotReady,
 )
-from repstage_mesh.core.models import AnnounceNode, MeshState, NodeAddress, PutService
+from repstage_mesh.core.models import (
+    Announcement,
+    AnnounceNode,
+    FailoverEntry,
+    MeshState,
+    NodeAddress,
+    PutService,
+)
 from repstage_mesh.core.state import apply
 from repstage_mesh.node import SNAPSHOT_GROUP, Node
 from repstage_mesh.xds import resources as res
@@ -244,7 +251,9 @@ class FakeLeader:
         self.app.router.add_post("/v1/services/{service}/switchover", self.switchover)
         self.app.router.add_get("/v1/failovers", self.failovers)
         self.app.router.add_get("/v1/failovers/{id}", self.failover)
+        self.app.router.add_post("/v1/services/{service}/primary", self.announce)
         self.address = ""
+        self.traceparents: list[str | None] = []
 
     async def _record(self, request: web.Request) -> None:
         body = await request.json() if request.can_read_body else None
@@ -253,6 +262,12 @@ class FakeLeader:
     async def switchover(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.json_response(SWITCHOVER_FAILED, status=409)
+
+    async def announce(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        self.traceparents.append(request.headers.get("traceparent"))
+        return web.json_response({"service": "x", "primary": "b", "epoch": 9, "previous_primary": "a",
+                                  "changed": True, "applied_index": 9, "failover": None})
 
     async def failovers(self, request: web.Request) -> web.Response:
         await self._record(request)
@@ -304,16 +319,32 @@ async def test_forwarded_switchover_relays_the_leaders_error(
     assert fake_leader.requests[-1][2] == {"to": "b"}
 
 
-async def test_forwarded_reads_answer_from_the_leader(
+async def test_reads_answer_from_the_local_replica(
+    make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 5: the history is replicated; a follower answers from its own copy."""
+    node = follower_of(make_node(), fake_leader.address, monkeypatch)
+    entries = tuple(FailoverEntry(id=f"cp-2-{n}", rev=1, record={"id": f"cp-2-{n}", "status": "done"})
+                    for n in (1, 2))
+    monkeypatch.setattr(node, "state", lambda: MeshState(failovers=entries))
+    node_id, records = await node.failovers()
+    assert node_id == "cp-1" and [r["id"] for r in records] == ["cp-2-2", "cp-2-1"]  # newest first
+    assert await node.failover("cp-2-1") == {"id": "cp-2-1", "status": "done"}
+    assert await node.failover("r2") is None
+    assert fake_leader.requests == []  # nothing was carried to the leader
+
+
+async def test_forwarded_announce_carries_key_and_trace(
     make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = follower_of(make_node(), fake_leader.address, monkeypatch)
-    assert await node.failovers() == ("cp-2", [{"id": "r1"}])
-    assert await node.failover("r1") == {"id": "r1", "status": "done"}
-    assert await node.failover("r2") is None  # the leader's 404
-    assert [r[:2] for r in fake_leader.requests] == [
-        ("GET", "/v1/failovers"), ("GET", "/v1/failovers/r1"), ("GET", "/v1/failovers/r2"),
-    ]
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    answer = await node.announce("x", Announcement(member="b", token=7, cause="patroni", key="k-1", trace=trace))
+    assert answer["primary"] == "b"
+    method, path, body, auth = fake_leader.requests[-1]
+    assert (method, path, auth) == ("POST", "/v1/services/x/primary", f"Bearer {WRITER_TOKEN}")
+    assert body == {"member": "b", "cause": "patroni", "fence": True, "epoch": 7, "idempotency_key": "k-1"}
+    assert fake_leader.traceparents == [trace["traceparent"]]
 
 
 @pytest.fixture

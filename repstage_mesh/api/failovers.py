@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from repstage_mesh.api.errors import ApiError
 from repstage_mesh.api.http import json_body, ok, parse, path_name, plane
+from repstage_mesh.api.models import PrimaryChange
 from repstage_mesh.api.openapi import Operation
 from repstage_mesh.core.models import Name
 
@@ -52,6 +53,13 @@ class FailoverView(BaseModel):
     needs_rejoin: list[str] = Field(default_factory=list)
     write_unavailable_ms: float | None = Field(default=None, description="fail-closed commit -> new primary ACKed by the proxies")
     duration_ms: float | None = None
+
+
+class AnnounceAnswer(PrimaryChange):
+    """The answer to POST /v1/services/{name}/primary: the primary after the change, and the
+    change's failover record (the same timeline as GET /v1/failovers/{id})."""
+
+    failover: FailoverView | None = Field(default=None, description="the announce's failover record")
 
 
 class FailoverList(BaseModel):

@@ -47,13 +47,16 @@ class PeerClient:
         self.headers = _auth(token)
         self.timeout = timeout
 
-    async def call(self, api: str, method: str, path: str, body: Any = None) -> Any:
-        """`method path` on the node whose API answers at `api` (HOST:PORT)."""
+    async def call(
+        self, api: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Any:
+        """`method path` on the node whose API answers at `api` (HOST:PORT); `headers` are
+        added to this node's (e.g. a caller's W3C traceparent)."""
         try:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout)
             ) as session, session.request(
-                method, f"http://{api}{path}", json=body, headers=self.headers
+                method, f"http://{api}{path}", json=body, headers={**(headers or {}), **self.headers}
             ) as resp:
                 answer = await resp.json(content_type=None)
                 status = resp.status

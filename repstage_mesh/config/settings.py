@@ -28,6 +28,7 @@ from repstage_mesh.config.sections import (
     ENV_PREFIX,
     ApiConfig,
     ConsulConfig,
+    FailoversConfig,
     EnvoyConfig,
     ErrorList,
     NodeConfig,
@@ -96,6 +97,7 @@ class Settings(BaseSettings):
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
+    failovers: FailoversConfig = Field(default_factory=FailoversConfig)
     services: tuple[ServiceConfig, ...] = ()
 
     @classmethod

@@ -9,6 +9,7 @@ always break-before-make:
     confirm        ConfirmLeadership
     fence          Commit(SetPrimary(service, None, epoch=current+1))   fail closed
     await_fence    AwaitProxies(fence index, ack_deadline)              no proxy routes to A
+    await_close    AwaitClose(close_wait)                               announce: open conns closed
     promote        Promote(service, B)                                   orchestrate / switchover
     commit         Commit(SetPrimary(service, B, epoch=fence+1))
     await_route    AwaitProxies(commit index, ack_deadline)              first_routable, ACKs
@@ -19,6 +20,10 @@ reaches the primary's, or its timeout: then nothing changes) and checks again af
 (`final_catchup`: the old primary no longer takes writes through the mesh). If the target does
 not catch up, or its promotion fails, the old primary is restored (`restore`, `await_restore`).
 A failed orchestrated promotion tries the next eligible candidate, then stays fail-closed.
+An announce (the caller already promoted B; A may still be up and take writes on its open
+connections) runs confirm, fence, await_fence, await_close (the health fence's interval: the
+proxies close their connections to A), commit, await_route; its first commit carries the
+caller's fencing token (`SetPrimary.token`), so a stale claim is refused before anything moves.
 
 How a result moves a plan (`Planner.step_done`): `_absorb` keeps what the result says about the
 members, `result_kind` names it, and `TRANSITIONS[(phase, kind)]` gives the handler that
@@ -38,6 +43,7 @@ from repstage_mesh.core.observations import MemberStatus
 from repstage_mesh.decide.policy import Choice, count_failover, settled
 from repstage_mesh.decide.records import FailoverRecord
 from repstage_mesh.decide.steps import (
+    AwaitClose,
     AwaitProxies,
     Commit,
     CommitResult,
@@ -57,8 +63,8 @@ from repstage_mesh.decide.view import ServiceView
 __all__ = ["TRANSITIONS", "Context", "Finish", "Phase", "Plan", "Planner", "finish"]
 
 Phase = Literal[
-    "catchup", "confirm", "fence", "await_fence", "final_catchup", "promote", "commit",
-    "await_route", "restore", "await_restore",
+    "catchup", "confirm", "fence", "await_fence", "await_close", "final_catchup", "promote",
+    "commit", "await_route", "restore", "await_restore",
 ]
 
 # What a step's result was, as the table sees it (see `result_kind`).
@@ -66,6 +72,7 @@ Kind = Literal[
     "confirmed", "unconfirmed",  # ConfirmLeadership
     "committed", "commit_failed",  # Commit
     "acked",  # AwaitProxies (never fails: missed proxies are recorded)
+    "closed",  # AwaitClose
     "promoted", "promote_failed",  # Promote
     "caught_up", "behind", "target_down", "timed_out",  # ReadPositions
 ]
@@ -101,6 +108,9 @@ class Plan:
     confirmed: bool = False
     catchup_timeout: float = 0.0
     polls: int = 0
+    fence: bool = True  # announce: false routes the new primary without fencing first
+    token: int | None = None  # announce: the caller's fencing token, carried by the first commit
+    close_wait: float = 0.0  # announce: AwaitClose after the fence ACKs
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,8 @@ def result_kind(step: Step, result: StepResult, s: ServiceView, plan: Plan, now:
         return "committed" if ok else "commit_failed"
     if isinstance(step, AwaitProxies):
         return "acked"
+    if isinstance(step, AwaitClose):
+        return "closed"
     if isinstance(step, Promote):
         return "promoted" if isinstance(result, PromoteResult) and result.ok else "promote_failed"
     if isinstance(step, ReadPositions):
@@ -239,15 +251,20 @@ class Planner:
             return ConfirmLeadership(name, rec.id)
         if plan.phase == "fence":
             return Commit(name, rec.id, SetPrimary(service=name, member=None, epoch=plan.base_epoch + 1,
-                                                   cause=f"fence: {rec.cause}"[:200]))
+                                                   cause=f"fence: {rec.cause}"[:200], token=plan.token))
+        if plan.phase == "await_close":
+            return AwaitClose(name, rec.id, plan.close_wait)
         if plan.phase == "promote":
             svc = self.ctx.state.service(name)
             assert svc is not None and plan.target is not None
             return Promote(name, rec.id, svc.spec, plan.target, plan.old_primary, base)
         if plan.phase in ("commit", "restore"):
             member = plan.target if plan.phase == "commit" else plan.old_primary
-            return Commit(name, rec.id, SetPrimary(service=name, member=member, epoch=base + 1,
-                                                   cause=rec.cause[:200]))
+            # an announce of the current primary claims nothing new of ours: no epoch asked for
+            epoch = None if plan.kind == "announce" and member == plan.old_primary else base + 1
+            token = plan.token if plan.fence_epoch is None and plan.phase == "commit" else None
+            return Commit(name, rec.id, SetPrimary(service=name, member=member, epoch=epoch,
+                                                   cause=rec.cause[:200], token=token))
         if plan.phase in ("await_fence", "await_route", "await_restore"):
             assert rec.epoch is not None  # the commit just made
             purpose: Literal["fence", "route"] = "fence" if plan.phase == "await_fence" else "route"
@@ -291,7 +308,7 @@ class Planner:
             plan.target = plan.record.new_primary = intent.target
             plan.candidates = list(intent.candidates)
             plan.promote = intent.promote
-        if plan.old_primary is not None:
+        if plan.old_primary is not None and plan.fence and plan.old_primary != plan.target:
             return "fence"
         return "promote" if plan.promote else "commit"
 
@@ -328,7 +345,12 @@ class Planner:
         if plan.kind == "switchover":
             plan.deadline = now + plan.catchup_timeout
             return "final_catchup"
+        if plan.close_wait > 0:
+            return "await_close"
         return "promote" if plan.promote else "commit"
+
+    def _closed(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> None:
+        plan.record.event("connections_closed", now, waited_ms=round(plan.close_wait * 1000.0, 3))
 
     def _caught_up(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> None:
         target, primary = _offsets(plan, result)
@@ -447,7 +469,8 @@ TRANSITIONS: dict[tuple[Phase, Kind], Transition] = {
     ("confirm",       "unconfirmed"):    _on(Planner._unconfirmed,       FAILED),
     ("fence",         "committed"):      _on(Planner._fenced,            "await_fence"),
     ("fence",         "commit_failed"):  _on(Planner._commit_failed,     FAILED),
-    ("await_fence",   "acked"):          _on(Planner._fence_acked,       "final_catchup", "promote", "commit", DONE),
+    ("await_fence",   "acked"):          _on(Planner._fence_acked,       "final_catchup", "await_close", "promote", "commit", DONE),
+    ("await_close",   "closed"):         _on(Planner._closed,            "commit"),
     ("final_catchup", "caught_up"):      _on(Planner._caught_up,         "promote"),
     ("final_catchup", "behind"):         _on(Planner._behind,            "final_catchup"),
     ("final_catchup", "target_down"):    _on(Planner._target_down,       "restore"),
