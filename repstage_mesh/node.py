@@ -32,7 +32,6 @@ from repstage_mesh.api.peers import PeerClient, PeerProxies
 from repstage_mesh.config import ConfigError, Settings, load_config
 from repstage_mesh.core.errors import (
     DecisionRefused,
-    MeshError,
     NoLeaderKnown,
     NotReady,
     ReplicationError,
@@ -484,9 +483,10 @@ class Node:
             raise SwitchoverFailed(f"announce {record.get('id')} failed: {record.get('reason')}", record)
         state = self.state()
         svc = state.service(service)
-        epoch = record.get("epoch") if record.get("epoch") is not None else (svc.epoch if svc else 0)
+        epoch = record.get("epoch")
         return {
-            "service": service, "primary": record.get("new_primary"), "epoch": int(epoch),
+            "service": service, "primary": record.get("new_primary"),
+            "epoch": int(epoch) if epoch is not None else (svc.epoch if svc else 0),
             "previous_primary": record.get("old_primary"),
             "changed": record.get("old_primary") != record.get("new_primary"),
             "applied_index": state.index, "failover": record, "replayed": replayed,

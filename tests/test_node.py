@@ -120,6 +120,31 @@ async def test_single_node_leads_and_engine_activates(make_node: NodeFactory) ->
     assert follow is not None and not follow.done()
 
 
+async def test_announce_runs_a_recorded_plan_and_a_retry_with_its_key_changes_nothing(
+    make_node: NodeFactory,
+) -> None:
+    """Issue 14 item 1 on a real node: the announce is a failover record in the replicated
+    history (fence before route), and the same idempotency key answers the first change."""
+    node = await started(make_node(services=ORDERS))
+    first = await node.announce("orders", Announcement(member="b", token=7, key="k-1", cause="patroni"))
+    record = first["failover"]
+    assert (first["primary"], first["previous_primary"], first["changed"], first["replayed"]) == ("b", "a", True, False)
+    names = [e["name"] for e in record["timeline"]]
+    assert names.index("fenced") < names.index("proxies_fenced") < names.index("connections_closed") < names.index("committed")
+    assert record["status"] == "done" and record["kind"] == "announce" and record["claim"] == 7
+    await eventually(lambda: (e := node.state().failover(record["id"])) is not None and e.record["status"] == "done",
+                     "the finished record is in the replicated history")
+    index = node.state().services["orders"].epoch
+    again = await node.announce("orders", Announcement(member="b", token=7, key="k-1", cause="patroni"))
+    assert again["replayed"] is True and again["failover"]["id"] == record["id"]
+    assert node.state().services["orders"].epoch == index  # nothing applied twice
+    with pytest.raises(DecisionRefused) as caught:  # the key, reused for another change
+        await node.announce("orders", Announcement(member="a", token=8, key="k-1"))
+    assert caught.value.field == "idempotency_key"
+    _, history = await node.failovers()
+    assert [r["id"] for r in history] == [record["id"]]
+
+
 async def test_submit_is_applied_and_rendered_into_the_xds_cache(make_node: NodeFactory) -> None:
     node = await started(make_node())
     await eventually(lambda: node.cache.get(SNAPSHOT_GROUP) is not None, "a first snapshot")

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
+from repstage_mesh.api.failovers import AnnounceAnswer
 from repstage_mesh.api.http import (
     CONSISTENT,
     OPENAPI,
@@ -54,7 +55,6 @@ from repstage_mesh.api.models import (
     member_views,
 )
 from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
-from repstage_mesh.api.failovers import AnnounceAnswer
 from repstage_mesh.api.plane import ControlPlane
 from repstage_mesh.core.errors import CommitTimeout, MeshError, NoQuorum
 from repstage_mesh.core.models import (

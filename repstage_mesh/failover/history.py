@@ -21,7 +21,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from repstage_mesh.core.models import CommandEnvelope, FailoverEntry, MeshState, Outcome, RecordFailover
+from repstage_mesh.core.models import (
+    CommandEnvelope,
+    FailoverEntry,
+    MeshState,
+    Outcome,
+    RecordFailover,
+)
 from repstage_mesh.decide import FailoverRecord
 
 log = logging.getLogger(__name__)
