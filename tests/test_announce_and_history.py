@@ -94,7 +94,7 @@ def test_announce_is_break_before_make_with_a_close_wait() -> None:
     record_id, steps = h.decider.announce("cache", "b", 1.0, token=7, cause="patroni", close_wait=0.11)
     out = h.run(steps, 1.0)
     names = [type(s).__name__ for s in out]
-    assert names == ["ConfirmLeadership", "Commit", "AwaitProxies", "AwaitClose", "Commit", "AwaitProxies", "Done"]
+    assert names == ["Commit", "AwaitProxies", "AwaitClose", "Commit", "AwaitProxies", "Done"]
     fence, route = (s for s in out if isinstance(s, Commit))
     assert fence.command.member is None and fence.command.token == 7  # the claim rides the first commit
     assert route.command.member == "b" and route.command.token is None
@@ -121,7 +121,7 @@ def test_announce_refusals_change_nothing() -> None:
 def test_announce_without_fence_and_of_the_current_primary() -> None:
     h = follow_harness()
     out = h.run(h.decider.announce("cache", "b", 1.0, fence=False)[1], 1.0)
-    assert [type(s).__name__ for s in out] == ["ConfirmLeadership", "Commit", "AwaitProxies", "Done"]
+    assert [type(s).__name__ for s in out] == ["Commit", "AwaitProxies", "Done"]
     assert h.primary == "b"
     epoch = h.state.services["cache"].epoch
     record_id, steps = h.decider.announce("cache", "b", 2.0, token=9)

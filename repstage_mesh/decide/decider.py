@@ -209,10 +209,14 @@ class Decider:
         record = self._history.start(svc.name, "announce", mode, cause, svc.primary, member, now)
         record.claim, record.request_key, record.trace_parent = token, key, trace_parent
         record.event("decided", now, target=member, fence=fence)
+        # No ConfirmLeadership: an announce promotes nothing, and its first commit (checked
+        # against the epoch it saw) is refused if the state moved or this leader is stale.
+        fencing = fence and svc.primary is not None and svc.primary != member
         plan = Plan(
             record=record, kind="announce", automatic=False, base_epoch=svc.epoch,
-            old_primary=svc.primary, target=member, candidates=[], promote=False, phase="confirm",
-            fence=fence, token=token, close_wait=close_wait if fence else 0.0,
+            old_primary=svc.primary, target=member, candidates=[], promote=False,
+            phase="fence" if fencing else "commit", fence=fence, token=token,
+            close_wait=close_wait if fence else 0.0,
         )
         s.plan = plan
         return record.id, self._planner.enter(s, plan, plan.phase, now)

@@ -21,9 +21,11 @@ reaches the primary's, or its timeout: then nothing changes) and checks again af
 not catch up, or its promotion fails, the old primary is restored (`restore`, `await_restore`).
 A failed orchestrated promotion tries the next eligible candidate, then stays fail-closed.
 An announce (the caller already promoted B; A may still be up and take writes on its open
-connections) runs confirm, fence, await_fence, await_close (the health fence's interval: the
-proxies close their connections to A), commit, await_route; its first commit carries the
-caller's fencing token (`SetPrimary.token`), so a stale claim is refused before anything moves.
+connections) runs fence, await_fence, await_close (the health fence's interval: the
+proxies close their connections to A), commit, await_route, without confirm: it promotes
+nothing, and its first commit (at the epoch it saw + 1) is refused when the state moved or the
+leader is stale. That first commit carries the caller's fencing token (`SetPrimary.token`), so a
+stale claim is refused before anything moves.
 
 How a result moves a plan (`Planner.step_done`): `_absorb` keeps what the result says about the
 members, `result_kind` names it, and `TRANSITIONS[(phase, kind)]` gives the handler that
