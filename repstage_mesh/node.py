@@ -480,7 +480,7 @@ class Node:
                 f"{record.get('new_primary')!r} for service {record.get('service')!r}; use a new key",
                 "idempotency_key")
         if record.get("status") == "failed":
-            raise SwitchoverFailed(f"announce {record.get('id')} failed: {record.get('reason')}", record)
+            _raise_failed_announce(record)
         state = self.state()
         svc = state.service(service)
         epoch = record.get("epoch")
@@ -515,6 +515,21 @@ class Node:
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         return record.as_dict()
+
+
+def _raise_failed_announce(record: dict[str, Any]) -> None:
+    """The domain error of an announce whose plan failed, by how its commit failed."""
+    why = f"announce {record.get('id')} failed: {record.get('reason')}"
+    code = record.get("error_code")
+    if code == "commit_timeout":
+        raise CommitTimeout(why)
+    if record.get("fence_epoch") is not None:  # fenced, then failed: something did change
+        raise SwitchoverFailed(why, record)
+    if code == "no_quorum":
+        raise NoQuorum(why)
+    if code == "stale_epoch":
+        raise DecisionRefused("stale_epoch", why, "epoch")
+    raise SwitchoverFailed(why, record)
 
 
 def _close_wait(settings: Settings) -> float:

@@ -262,8 +262,10 @@ class Planner:
             return Promote(name, rec.id, svc.spec, plan.target, plan.old_primary, base)
         if plan.phase in ("commit", "restore"):
             member = plan.target if plan.phase == "commit" else plan.old_primary
-            # an announce of the current primary claims nothing new of ours: no epoch asked for
-            epoch = None if plan.kind == "announce" and member == plan.old_primary else base + 1
+            # An announce of the current primary, or one without a fence, asks for no epoch of
+            # ours: the caller's token fences it, and the plan runs alone on the leader.
+            unfenced = plan.kind == "announce" and (member == plan.old_primary or plan.fence_epoch is None)
+            epoch = None if unfenced else base + 1
             token = plan.token if plan.fence_epoch is None and plan.phase == "commit" else None
             return Commit(name, rec.id, SetPrimary(service=name, member=member, epoch=epoch,
                                                    cause=rec.cause[:200], token=token))
@@ -321,6 +323,10 @@ class Planner:
     def _commit_failed(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> Outcome:
         why = result.message if isinstance(result, CommitResult | StepFailed) else repr(result)
         s.retry_at = now + self.ctx.leadership_retry
+        if isinstance(result, StepFailed):
+            plan.record.error_code = "commit_timeout" if result.unknown else "no_quorum"
+        elif isinstance(result, CommitResult):
+            plan.record.error_code = result.code
         if plan.phase in ("commit", "restore") and plan.fence_epoch is not None:
             return Finish(False, f"commit of the new primary failed, staying fail-closed: {why}")
         return Finish(False, f"commit failed: {why}")

@@ -58,6 +58,7 @@ class FailoverRecord:
     claim: int | None = None  # announce: the orchestrator's fencing token
     request_key: str | None = None  # announce: the caller's idempotency key
     trace_parent: dict[str, str] | None = None  # announce: the caller's W3C trace context
+    error_code: str | None = None  # a failed commit: its rejection code, commit_timeout (unknown) or no_quorum
 
     def event(self, name: str, at: float, **detail: Any) -> None:
         elapsed = round((at - self.started_at) * 1000.0, 3)
