@@ -1,9 +1,10 @@
 """REST endpoints for failovers and planned switchovers (issue 4), added to the API with
 `build_app(..., extra_operations=failover_operations())`.
 
-Failover records live on the Raft leader that ran them; a follower answers these endpoints by
-carrying the request to the leader (the node does that behind `ControlPlane`). Domain errors
-(a refused or failed switchover, no leader) become HTTP answers in the error middleware.
+Failover records are in the replicated state (issue 11): every node answers the reads from its
+own copy; a follower carries a switchover to the leader (the node does that behind
+`ControlPlane`). Domain errors (a refused or failed switchover, no leader) become HTTP answers
+in the error middleware.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class AnnounceAnswer(PrimaryChange):
 
 class FailoverList(BaseModel):
     failovers: list[FailoverView]
-    node_id: str = Field(description="the node whose history this is (the Raft leader)")
+    node_id: str = Field(description="the node that answered (from its copy of the replicated history)")
 
 
 class SwitchoverRequest(BaseModel):
@@ -100,7 +101,7 @@ async def switchover(request: web.Request) -> web.Response:
 
 def failover_operations() -> list[Operation]:
     return [
-        Operation("GET", "/v1/failovers", "listFailovers", "Recent failovers and switchovers (the leader's history)",
+        Operation("GET", "/v1/failovers", "listFailovers", "Recent failovers, switchovers, announces and re-points (the replicated history)",
                   list_failovers, {200: ("newest first", FailoverList)}, errors=(404, 503), tag="failovers"),
         Operation("GET", "/v1/failovers/{id}", "getFailover", "One failover with its timeline", get_failover,
                   {200: ("the record", FailoverView)}, errors=(404, 503), tag="failovers",
