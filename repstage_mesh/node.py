@@ -70,6 +70,9 @@ from repstage_mesh.xds.tracker import ProxyTracker
 log = logging.getLogger("repstage_mesh.node")
 
 SNAPSHOT_GROUP = ""
+# seconds a follower waits for the leader to answer a carried announce: above the longest plan
+# (two commits, two proxy waits at the longest ack_deadline, the close wait), below the CLI's
+FORWARDED_ANNOUNCE_TIMEOUT = 150.0
 
 
 def render_options(settings: Settings) -> RenderOptions:
@@ -218,10 +221,18 @@ class Node:
     # --- what the leader engine and the failover runner are given ----------------------------
 
     async def _commit(self, envelope: CommandEnvelope, timeout: float) -> Outcome:
+        """The runner's and the history's commits (counted like the API's)."""
         store = self.store
         if store is None:
             raise RuntimeError("node stopped")
-        return await store.submit(envelope, timeout)
+        started = time.perf_counter()
+        try:
+            outcome = await store.submit(envelope, timeout)
+        except ReplicationError as exc:
+            self.metrics.observe_write_failure(write_failure_code(exc))
+            raise
+        self.metrics.observe_commit(time.perf_counter() - started)
+        return outcome
 
     async def _confirm_leadership(self, timeout: float) -> bool:
         store = self.store
@@ -500,7 +511,15 @@ class Node:
         if announcement.key is not None:
             body["idempotency_key"] = announcement.key
         path = f"/v1/services/{quote(service, safe='')}/primary"
-        return dict(await self._peers.call(api, "POST", path, body, headers=announcement.trace or {}))
+        # A leader that cannot be reached through Raft will not answer over HTTP either: fail
+        # within the commit timeout (503/504) instead of waiting on a frozen or partitioned one.
+        await self.read_state(consistent=True)
+        bound = FORWARDED_ANNOUNCE_TIMEOUT
+        try:
+            async with asyncio.timeout(bound):
+                return dict(await self._peers.call(api, "POST", path, body, headers=announcement.trace or {}))
+        except TimeoutError:
+            raise CommitTimeout(f"the leader at {api} did not answer the announce within {bound:g} s") from None
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
         api = self._leader_api()

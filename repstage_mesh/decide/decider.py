@@ -38,7 +38,7 @@ from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.decide.plan import Plan, Planner, finish
 from repstage_mesh.decide.policy import Choice, Intent, backoff, settled
 from repstage_mesh.decide.records import FailoverRecord, History
-from repstage_mesh.decide.steps import Done, PromoteResult, Repoint, Step, StepResult
+from repstage_mesh.decide.steps import Commit, Done, PromoteResult, Repoint, Step, StepResult
 from repstage_mesh.decide.view import ServiceView
 
 __all__ = ["MAX_REPOINT_RETRY", "Decider", "DecisionRefused"]
@@ -237,6 +237,8 @@ class Decider:
         done: list[Done] = []
         for s in self._services.values():
             if s.plan is not None:
+                # a commit in flight may still apply: unknown; otherwise nothing more will
+                s.plan.record.error_code = "commit_timeout" if isinstance(s.plan.outstanding, Commit) else "no_quorum"
                 for step in finish(s, s.plan, now, False, f"abandoned: {reason}"):
                     assert isinstance(step, Done)
                     done.append(step)

@@ -428,6 +428,14 @@ class Planner:
             count_failover(s, self.ctx.state.service(step.service), now)  # promoting into an empty primary counts
         rec.event("committed", now, epoch=result.epoch, member=step.command.member)
 
+    def _committed(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> Outcome:
+        """The new primary committed: wait for the proxies, except for an announce without a
+        fence, which answers at once (the proxies follow within milliseconds)."""
+        self._primary_committed(s, plan, step, result, now)
+        if plan.kind == "announce" and not plan.fence:
+            return Finish(True, "new primary committed (no fence: not waiting for the proxies)")
+        return "await_route"
+
     def _route_acked(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> Outcome:
         rec = plan.record
         acks, _ = _acks(result)
@@ -485,7 +493,7 @@ TRANSITIONS: dict[tuple[Phase, Kind], Transition] = {
     ("final_catchup", "timed_out"):      _on(Planner._timed_out,         "restore"),
     ("promote",       "promoted"):       _on(Planner._promoted,          "commit"),
     ("promote",       "promote_failed"): _on(Planner._promote_failed,    "restore", "promote", "commit", FAILED),
-    ("commit",        "committed"):      _on(Planner._primary_committed, "await_route"),
+    ("commit",        "committed"):      _on(Planner._committed,         "await_route", DONE),
     ("commit",        "commit_failed"):  _on(Planner._commit_failed,     FAILED),
     ("await_route",   "acked"):          _on(Planner._route_acked,       DONE),
     ("restore",       "committed"):      _on(Planner._primary_committed, "await_restore"),
