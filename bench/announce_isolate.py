@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import loadavg, machine, percentile, write_section  # noqa: E402
-from integration.isolate import isolate_rig, rejoin, switch  # noqa: E402
-from repstage_mesh.cli.workload import RedisWriter  # noqa: E402
+from bench.common import loadavg, machine, percentile, write_section
+from integration.isolate import isolate_rig, rejoin, switch
+from repstage_mesh.cli.workload import RedisWriter
 
 
 def phases(answer: dict[str, object]) -> dict[str, float]:

@@ -239,7 +239,7 @@ class PrimaryRegister:
     def _changed(state: PrimaryState, member: str | None, out: dict[str, Any] | None,
                  claim: int) -> tuple[bool, PrimaryState]:
         """`member` became primary at a new epoch (known from `out`, or any greater one)."""
-        primary, lo, hi, _ = state
+        _, lo, hi, _ = state
         if out is None:
             return True, (member, lo + 1, None, claim)
         epoch = int(out["epoch"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -31,7 +32,8 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient, PeerProxies
 from repstage_mesh.config import ConfigError, Settings, load_config
 from repstage_mesh.core.errors import (
-    DecisionRefused,
+    ApiUnreachable,
+    CommitTimeout,
     NoLeaderKnown,
     NotReady,
     ReplicationError,
@@ -49,6 +51,7 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.core.observations import ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.failover.announces import Announcer
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
 from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
@@ -139,7 +142,7 @@ class Node:
             self.decider, traces.traced(self._commit), self._confirm_leadership,
             self.await_proxies, DatabasePromoter(), on_done=traces.done, history=self.history,
         )
-        self._announcing: dict[str, asyncio.Future[FailoverRecord]] = {}  # idempotency key -> running
+        self.announcer = Announcer(self.runner, self.state, self.failover, _close_wait(settings))
         seat = LeaderSeat(
             node_id=self._node_id, state=self.state, ready=self.ready,
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
@@ -453,55 +456,7 @@ class Node:
             return await self._forward_announce(api, service, announcement)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
-        key = announcement.key
-        replayed = key is not None and (key in self._announcing or self.state().request_key(key) is not None)
-        if key is not None and key in self._announcing:
-            record = await asyncio.shield(self._announcing[key])
-        elif key is not None and (record_id := self.state().request_key(key)) is not None:
-            data = await self.failover(record_id)
-            if data is None:
-                raise DecisionRefused("conflict", f"Idempotency-Key {key!r} was used for record {record_id}, "
-                                      "which has left the history; use a new key", "idempotency_key")
-            return self._announce_answer(service, announcement, data, replayed=True)
-        else:
-            future: asyncio.Future[FailoverRecord] = asyncio.get_running_loop().create_future()
-            if key is not None:
-                self._announcing[key] = future
-            try:
-                record = await self.runner.announce(
-                    service, announcement.member, token=announcement.token, cause=announcement.cause,
-                    fence=announcement.fence, close_wait=_close_wait(self.settings), key=key,
-                    trace_parent=announcement.trace,
-                )
-                future.set_result(record)
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # retrieved: no "never retrieved" warning when nobody joined
-                raise
-            finally:
-                if key is not None:
-                    self._announcing.pop(key, None)
-        return self._announce_answer(service, announcement, record.as_dict(), replayed=replayed)
-
-    def _announce_answer(self, service: str, announcement: Announcement, record: dict[str, Any],
-                         *, replayed: bool) -> dict[str, Any]:
-        if record.get("service") != service or record.get("new_primary") != announcement.member:
-            raise DecisionRefused(
-                "conflict", f"Idempotency-Key {announcement.key!r} was first used to announce "
-                f"{record.get('new_primary')!r} for service {record.get('service')!r}; use a new key",
-                "idempotency_key")
-        if record.get("status") == "failed":
-            _raise_failed_announce(record)
-        state = self.state()
-        svc = state.service(service)
-        epoch = record.get("epoch")
-        return {
-            "service": service, "primary": record.get("new_primary"),
-            "epoch": int(epoch) if epoch is not None else (svc.epoch if svc else 0),
-            "previous_primary": record.get("old_primary"),
-            "changed": record.get("old_primary") != record.get("new_primary"),
-            "applied_index": state.index, "failover": record, "replayed": replayed,
-        }
+        return await self.announcer.run(service, announcement)
 
     async def _forward_announce(self, api: str, service: str, announcement: Announcement) -> dict[str, Any]:
         body: dict[str, Any] = {"member": announcement.member, "cause": announcement.cause,
@@ -520,6 +475,10 @@ class Node:
                 return dict(await self._peers.call(api, "POST", path, body, headers=announcement.trace or {}))
         except TimeoutError:
             raise CommitTimeout(f"the leader at {api} did not answer the announce within {bound:g} s") from None
+        except ApiUnreachable as exc:
+            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # never reached the leader
+                raise NoLeaderKnown(f"the leader's API at {api} cannot be reached: {exc}") from exc
+            raise CommitTimeout(f"the announce was carried to the leader at {api}, which gave no answer: {exc}") from exc
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
         api = self._leader_api()
@@ -534,21 +493,6 @@ class Node:
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         return record.as_dict()
-
-
-def _raise_failed_announce(record: dict[str, Any]) -> None:
-    """The domain error of an announce whose plan failed, by how its commit failed."""
-    why = f"announce {record.get('id')} failed: {record.get('reason')}"
-    code = record.get("error_code")
-    if code == "commit_timeout":
-        raise CommitTimeout(why)
-    if record.get("fence_epoch") is not None:  # fenced, then failed: something did change
-        raise SwitchoverFailed(why, record)
-    if code == "no_quorum":
-        raise NoQuorum(why)
-    if code == "stale_epoch":
-        raise DecisionRefused("stale_epoch", why, "epoch")
-    raise SwitchoverFailed(why, record)
 
 
 def _close_wait(settings: Settings) -> float:
