@@ -314,7 +314,8 @@ def check_acks(acks: list[Ack], final: dict[str, Any]) -> dict[str, int]:
     others = [a for a in acks if a.status not in (None, 200, 503, 504) and a not in busy]
     assert not others, others[:5]
     for ack in refused + [a for a in unknown if a.status == 504]:
-        assert ack.body["error"]["code"] in ("no_quorum", "commit_timeout"), ack
+        # not_ready: a new leader that has not started deciding yet (announces run as its plans)
+        assert ack.body["error"]["code"] in ("no_quorum", "not_ready", "commit_timeout"), ack
     return {"acked": len(done), "unknown": len(unknown), "refused": len(refused)}
 
 
