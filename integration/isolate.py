@@ -61,7 +61,7 @@ class Switch:
 
 
 @contextlib.contextmanager
-def isolate_rig() -> Iterator[IsolateRig]:
+def isolate_rig(fence_interval_ms: int | None = None) -> Iterator[IsolateRig]:
     with workdir() as wd, redis_group(replicas=1) as group:
         port = free_low_port()
         members = [{"name": n, "address": "127.0.0.1", "port": group.port(n)} for n in group.names]
@@ -72,6 +72,8 @@ def isolate_rig() -> Iterator[IsolateRig]:
             }],
             "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
         }
+        if fence_interval_ms is not None:
+            cfg["envoy"]["fence_interval_ms"] = fence_interval_ms
         cp = ControlPlaneNode(wd, cfg)
         envoy = Envoy(wd, "edge-1", [cp.xds_address])
         try:
