@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from fakes import orders_spec
+from fakes import eventually, orders_spec
 from test_decider import D, Harness, P, R, healthy, spec
 
 from repstage_mesh.core.errors import DecisionRefused
@@ -272,3 +272,32 @@ def test_record_ids_skip_those_the_replicated_history_holds() -> None:
     h.decider.on_state(state)
     record_id, _ = h.decider.announce("cache", "b", 1.0)
     assert record_id == "n1-2"  # a restarted node does not reuse n1-1
+
+
+async def test_the_publisher_keeps_one_commit_in_flight_and_sends_only_the_newest_after_it() -> None:
+    gate = asyncio.Event()
+    sent: list[RecordFailover] = []
+
+    async def submit(envelope: CommandEnvelope, timeout: float) -> Outcome:
+        assert isinstance(envelope.command, RecordFailover)
+        sent.append(envelope.command)
+        await gate.wait()
+        return Outcome(ok=True, result={"dropped": 0})
+
+    h = follow_harness()
+    publisher = HistoryPublisher(submit, keep=7, keep_keys=9)
+    record_id, _ = h.decider.announce("cache", "b", 1.0, key="k")
+    record = h.decider.record(record_id)
+    assert record is not None
+    publisher.changed(record)
+    publisher.changed(record)  # nothing new: no commit
+    for name in ("fenced", "proxies_fenced", "committed"):
+        record.event(name, 1.1)
+        publisher.changed(record)  # queued behind the first; each replaces the one before
+    await eventually(lambda: len(sent) == 1, "the first commit is in flight")
+    assert [c.entry.rev for c in sent] == [1]
+    gate.set()
+    await publisher.close()
+    assert [c.entry.rev for c in sent] == [1, 4]  # the newest only
+    assert sent[-1].entry.record["timeline"][-1]["name"] == "committed"
+    assert {(c.keep, c.keep_keys, c.key) for c in sent} == {(7, 9, "k")}
