@@ -88,7 +88,7 @@ async def get_failover(request: web.Request) -> web.Response:
     record_id = request.match_info["id"]
     record = await plane(request).failover(record_id)
     if record is None:
-        raise ApiError(404, "not_found", f"no failover {record_id!r} on the leader; GET /v1/failovers lists them", "id")
+        raise ApiError(404, "not_found", f"no failover {record_id!r} in the history; GET /v1/failovers lists them", "id")
     return ok(FailoverView.model_validate(record))
 
 
