@@ -54,6 +54,11 @@ class FailoverView(BaseModel):
     needs_rejoin: list[str] = Field(default_factory=list)
     write_unavailable_ms: float | None = Field(default=None, description="fail-closed commit -> new primary ACKed by the proxies")
     duration_ms: float | None = None
+    node: str = Field(default="", description="the control-plane node that ran it (the leader then)")
+    attempts: int = Field(default=0, description="repoint: tries during this outage (one record per outage)")
+    claim: int | None = Field(default=None, description="announce: the caller's fencing token")
+    request_key: str | None = Field(default=None, description="announce: the caller's idempotency key")
+    error_code: str | None = Field(default=None, description="failed: how its commit failed (a rejection code, commit_timeout, no_quorum)")
 
 
 class AnnounceAnswer(PrimaryChange):
