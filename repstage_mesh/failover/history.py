@@ -37,8 +37,9 @@ __all__ = ["MAJOR", "HistoryPublisher"]
 MEMORY = 1000  # records whose last committed version this node remembers
 SubmitFn = Callable[[CommandEnvelope, float], Awaitable[Outcome]]
 
-# Timeline events worth a commit of their own (besides the start and the end).
-MAJOR = frozenset({"fenced", "proxies_fenced", "connections_closed", "promoted", "promote_failed", "committed"})
+# Timeline events worth a commit of their own (besides the start and the end). Not
+# "connections_closed": the new primary's commit follows at once and would queue behind it.
+MAJOR = frozenset({"fenced", "proxies_fenced", "promoted", "promote_failed", "committed"})
 
 
 class HistoryMetrics(Protocol):
