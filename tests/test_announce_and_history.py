@@ -68,7 +68,7 @@ def test_history_is_bounded_and_never_goes_back() -> None:
     last = state.last_change
     for n in range(1, 6):
         state, out = apply(state, RecordFailover(entry=_entry(n), keep=3, key=f"k{n}", keep_keys=2), state.index + 1)
-    assert out.result["dropped"] == 1
+    assert out.result["dropped"] == 1 and out.result["keys_dropped"] == 1
     assert [e.id for e in state.failovers] == ["cp-1-3", "cp-1-4", "cp-1-5"]  # the oldest dropped
     assert state.request_keys == (("k4", "cp-1-4"), ("k5", "cp-1-5"))
     assert state.last_change == last  # routing did not change: no new xDS version

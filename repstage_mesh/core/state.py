@@ -297,8 +297,11 @@ def _record_failover(state: MeshState, command: RecordFailover, index: int) -> t
         entries.append(entry)
     dropped = max(0, len(entries) - command.keep)
     keys = state.request_keys
+    keys_dropped = 0
     if command.key is not None and all(known != command.key for known, _ in keys):
-        keys = (*keys, (command.key, entry.id))[-command.keep_keys:]
+        keys = (*keys, (command.key, entry.id))
+        keys_dropped = max(0, len(keys) - command.keep_keys)
+        keys = keys[keys_dropped:]
     update = {"failovers": tuple(entries[dropped:]), "request_keys": keys, "index": index}
-    result = {"failover": entry.id, "changed": True, "dropped": dropped}
+    result = {"failover": entry.id, "changed": True, "dropped": dropped, "keys_dropped": keys_dropped}
     return state.model_copy(update=update), Outcome(ok=True, result=result)

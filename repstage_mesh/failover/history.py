@@ -44,7 +44,8 @@ MAJOR = frozenset({"fenced", "proxies_fenced", "promoted", "promote_failed", "co
 
 class HistoryMetrics(Protocol):
     def observe_history(self, event: str) -> None:
-        """`published`, `failed` (a commit of a record failed) or `dropped` (the bound was hit)."""
+        """`published`, `failed` (a commit of a record failed), `dropped` (the history's bound
+        was hit) or `keys_dropped` (the idempotency keys' bound was hit)."""
         ...
 
 
@@ -104,6 +105,8 @@ class HistoryPublisher:
                     self._count("published")
                     if outcome.result.get("dropped"):
                         self._count("dropped")
+                    if outcome.result.get("keys_dropped"):
+                        self._count("keys_dropped")
                 except Exception as exc:
                     self._count("failed")
                     log.warning("failover record %s not replicated: %r", record_id, exc)
