@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -36,7 +37,8 @@ from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.errors import (
     ApiRequestError,
-    MeshError,
+    ApiUnreachable,
+    CommitTimeout,
     NoLeaderKnown,
     NotLeader,
     NotReady,
@@ -46,6 +48,7 @@ from repstage_mesh.core.errors import (
     SwitchoverUnknown,
 )
 from repstage_mesh.core.models import (
+    Announcement,
     AnnounceNode,
     AuditTag,
     Command,
@@ -57,7 +60,9 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.core.observations import ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.failover.announces import Announcer
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
+from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
 from repstage_mesh.failover.runner import FailoverRunner
@@ -80,6 +85,9 @@ from repstage_mesh.xds.tracker import ProxyTracker
 log = logging.getLogger("repstage_mesh.node")
 
 SNAPSHOT_GROUP = ""
+# seconds a follower waits for the leader to answer a carried announce: above the longest plan
+# (two commits, two proxy waits at the longest ack_deadline, the close wait), below the CLI's
+FORWARDED_ANNOUNCE_TIMEOUT = 150.0
 
 
 def render_options(settings: Settings) -> RenderOptions:
@@ -147,10 +155,15 @@ class Node:
         self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
         traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
         secrets = settings.secret_store()
+        self.history = HistoryPublisher(
+            self._commit, keep=settings.failovers.history, keep_keys=settings.failovers.idempotency_keys,
+            metrics=self.metrics,
+        )
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
-            self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done,
+            self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done, history=self.history,
         )
+        self.announcer = Announcer(self.runner, self.state, self.failover, _close_wait(settings))
         seat = LeaderSeat(
             node_id=self._node_id, state=self.state, ready=self.ready,
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
@@ -243,16 +256,24 @@ class Node:
         return self._ready
 
     def failover_records(self) -> list[FailoverRecord]:
-        """This node's failover history, newest first (the leader's is the cluster's)."""
+        """The records this node ran (while it led), newest first; `failovers()` is the cluster's."""
         return self.decider.records()
 
     # --- what the leader engine and the failover runner are given ----------------------------
 
     async def _commit(self, envelope: CommandEnvelope, timeout: float) -> Outcome:
+        """The runner's and the history's commits (counted like the API's)."""
         store = self.store
         if store is None:
             raise RuntimeError("node stopped")
-        return await store.submit(envelope, timeout)
+        started = time.perf_counter()
+        try:
+            outcome = await store.submit(envelope, timeout)
+        except ReplicationError as exc:
+            self.metrics.observe_write_failure(write_failure_code(exc))
+            raise
+        self.metrics.observe_commit(time.perf_counter() - started)
+        return outcome
 
     async def _confirm_leadership(self, timeout: float) -> bool:
         store = self.store
@@ -484,44 +505,59 @@ class Node:
             )
         return api
 
-    def _forward_target(self, caller: Caller) -> str | None:
-        """For reads: the leader's API, or None to answer from this node (it leads, or no
-        leader is reachable). A forwarded request on a follower still raises NotLeader."""
-        try:
-            return self._leader_api(caller)
-        except NotLeader:
-            raise
-        except MeshError as exc:
-            log.info("failovers: answering from this node (%s)", exc)
-            return None
-
     async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
-        api = self._forward_target(caller)
-        if api is not None:
-            try:
-                body = await self._peers.call(api, "GET", "/v1/failovers", authorization=caller.authorization)
-                return str(body["node_id"]), list(body["failovers"])
-            except (MeshError, KeyError, TypeError) as exc:
-                log.info("failovers: answering from this node (%s)", exc)
-        return self._node_id, [r.as_dict() for r in self.decider.records()]
+        """The replicated history as this node holds it, newest first; the records this node
+        is running are shown as they are now (fresher than their last commit)."""
+        return self._node_id, [self._fresh(entry.id, entry.record) for entry in reversed(self.state().failovers)]
 
     async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
+        entry = self.state().failover(record_id)
+        if entry is not None:
+            return self._fresh(record_id, entry.record)
+        record = self.decider.record(record_id)  # running here, its first commit not applied yet
+        return record.as_dict() if record is not None else None
+
+    def _fresh(self, record_id: str, replicated: dict[str, Any]) -> dict[str, Any]:
         record = self.decider.record(record_id)
-        if record is not None:
-            return record.as_dict()
-        api = self._forward_target(caller)
-        if api is None:
-            return None
+        return record.as_dict() if record is not None else dict(replicated)
+
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Run an announced change on the leader (a follower carries it there) and answer with
+        the primary after it and its failover record. An idempotency key already used answers
+        what its first use did (waiting for it if it is still running)."""
+        api = self._leader_api(caller)
+        if api is not None:
+            return await self._forward_announce(api, service, announcement, caller)
+        if not self.engine.active:
+            raise NotReady("this node leads but has not started deciding yet; retry shortly")
+        return await self.announcer.run(service, announcement)
+
+    async def _forward_announce(
+        self, api: str, service: str, announcement: Announcement, caller: Caller
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"member": announcement.member, "cause": announcement.cause,
+                                "fence": announcement.fence}
+        if announcement.token is not None:
+            body["epoch"] = announcement.token
+        if announcement.key is not None:
+            body["idempotency_key"] = announcement.key
+        path = f"/v1/services/{quote(service, safe='')}/primary"
+        # A leader that cannot be reached through Raft will not answer over HTTP either: fail
+        # within the commit timeout (503/504) instead of waiting on a frozen or partitioned one.
+        await self.read_state(consistent=True)
+        bound = FORWARDED_ANNOUNCE_TIMEOUT
         try:
-            path = f"/v1/failovers/{quote(record_id, safe='')}"
-            return dict(await self._peers.call(api, "GET", path, authorization=caller.authorization))
-        except ApiRequestError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        except (MeshError, TypeError, ValueError) as exc:
-            log.info("failover %s: leader not reachable (%s)", record_id, exc)
-        return None
+            async with asyncio.timeout(bound):
+                return dict(await self._peers.call(
+                    api, "POST", path, body, authorization=caller.authorization, timeout=bound,
+                    headers=announcement.trace or {},
+                ))
+        except TimeoutError:
+            raise CommitTimeout(f"the leader at {api} did not answer the announce within {bound:g} s") from None
+        except ApiUnreachable as exc:
+            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # never reached the leader
+                raise NoLeaderKnown(f"the leader's API at {api} cannot be reached: {exc}") from exc
+            raise CommitTimeout(f"the announce was carried to the leader at {api}, which gave no answer: {exc}") from exc
 
     def switchover_wait(self, wait: float | None) -> float:
         """How long a switchover request is held open: `wait`, capped by api.switchover_wait."""
@@ -573,6 +609,17 @@ class Node:
                 "on any node"
             ) from exc
         return dict(answer)
+
+
+def _close_wait(settings: Settings) -> float:
+    """Seconds from the fence's ACK until every proxy closed its connections to the old primary:
+    with the health fence, one check interval (plus a tenth, at least 10 ms, for the check's
+    answer and the close); other strategies never close them (nothing to wait for)."""
+    envoy = settings.envoy
+    if envoy.primary_strategy is not PrimaryStrategy.HEALTH_FENCE:
+        return 0.0
+    interval = envoy.fence_interval_ms / 1000.0
+    return interval + max(0.01, interval / 10)
 
 
 def _first_token(settings: Settings, *, read_only: bool) -> str | None:

@@ -24,8 +24,16 @@ from prometheus_client import CollectorRegistry, Counter
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.plane import DIRECT, Caller
-from repstage_mesh.core.errors import DecisionRefused
-from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
+from repstage_mesh.core.errors import DecisionRefused, NotReady, Rejected
+from repstage_mesh.core.models import (
+    Announcement,
+    Command,
+    MeshState,
+    Outcome,
+    PutService,
+    ServiceSpec,
+    SetPrimary,
+)
 from repstage_mesh.core.state import apply
 from repstage_mesh.failover.proxies import Progress
 
@@ -50,6 +58,7 @@ class FakePlane:
             "quorum": True,
         }
         self.submitted: list[Command] = []
+        self.announcements: list[tuple[str, Announcement]] = []
         for spec in services:
             self._commit(PutService(spec=spec))
 
@@ -113,6 +122,20 @@ class FakePlane:
         if svc.spec.member(to) is None:
             raise DecisionRefused("not_found", f"{to!r} is not a member of {service!r}", "to")
         raise DecisionRefused("invalid", f"service {service!r} is in follow mode", "service")
+
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Commits the announced primary at once (no plan, no record): the API's view of it."""
+        self.announcements.append((service, announcement))
+        before = self._state.service(service)
+        outcome = await self.submit(SetPrimary(service=service, member=announcement.member,
+                                               token=announcement.token, cause=announcement.cause,
+                                               by=announcement.by))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        result = outcome.result
+        return {"service": service, "primary": result["primary"], "epoch": result["epoch"],
+                "previous_primary": before.primary if before else None, "changed": result["changed"],
+                "applied_index": self._state.index, "failover": None}
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:

@@ -150,6 +150,8 @@ def test_switchover_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[
 def test_switchover_stale_epoch_is_refused(
     live: LiveApi, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    code, _, _ = run(capsys, "switchover", "orders", "--to", "a", "--epoch", "5", "--api", live.url)
+    assert code == 0  # the orchestrator's fencing token is now 5
     code, _, err = run(
         capsys, "switchover", "orders", "--to", "b", "--epoch", "1", "--api", live.url
     )

@@ -120,7 +120,7 @@ class PrimaryRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        json_schema_extra={"examples": [{"member": "b", "cause": "planned switchover"}]},
+        json_schema_extra={"examples": [{"member": "b", "cause": "planned switchover", "epoch": 7}]},
     )
 
     member: Name | None = Field(
@@ -129,9 +129,21 @@ class PrimaryRequest(BaseModel):
     epoch: int | None = Field(
         default=None,
         ge=1,
-        description="the epoch the caller claims; must be greater than the current epoch or the claim is refused (409)",
+        description="the caller's fencing token (Patroni's term, Sentinel's epoch...): it must be "
+        "greater than every token claimed for this service before, or the claim is refused (409); "
+        "kept per service, independent of our own epoch (the Raft index that committed the role)",
     )
     cause: str = Field(default="api", max_length=200, description="why, recorded with the change")
+    fence: bool = Field(
+        default=True,
+        description="break-before-make (the default): fail closed, wait until every proxy ACKed and "
+        "closed its connections to the old primary, then route the new one; false routes at once",
+    )
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="the same as the Idempotency-Key header: a retry with the same key answers the "
+        "first request's change instead of making another",
+    )
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -216,6 +228,9 @@ class PrimaryChange(BaseModel):
         description="false when the claim repeated the current primary and nothing changed"
     )
     applied_index: int
+    replayed: bool = Field(
+        default=False, description="true when this answers an earlier request with the same idempotency key"
+    )
 
 
 class DeleteResult(BaseModel):

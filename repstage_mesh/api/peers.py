@@ -54,12 +54,14 @@ class PeerClient:
     async def call(
         self, api: str, method: str, path: str, body: Any = None, *,
         authorization: str | None = None, timeout: float = READ_FORWARD_TIMEOUT,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """`method path` on the node whose API answers at `api` (HOST:PORT). `path` must be
         quoted already. Raises ApiRequestError (the peer's error answer), ApiUnreachable (no
         connection: the request never reached the peer) or ApiNoAnswer (sent, but no usable
-        answer within `timeout`: it may have been carried out)."""
-        headers = {FORWARDED_HEADER: self.node_id}
+        answer within `timeout`: it may have been carried out). `headers` are added (e.g. a
+        caller's W3C traceparent)."""
+        headers = {**(headers or {}), FORWARDED_HEADER: self.node_id}
         if authorization:
             headers["Authorization"] = authorization
         try:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from repstage_mesh.core.models import Command, MeshState, Outcome
+from repstage_mesh.core.models import Announcement, Command, MeshState, Outcome
 from repstage_mesh.failover.proxies import Progress
 
 
@@ -76,14 +76,23 @@ class ControlPlane(Protocol):
         """True once the node has applied the committed state and serves xDS."""
         ...
 
-    # --- failovers (run by the Raft leader; a follower carries these to it) -----------------
+    # --- failovers (run by the Raft leader; a follower carries changes to it) ---------------
 
     async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
-        """(id of the node whose history this is, its failover records newest first)."""
+        """(id of the node answering, the replicated failover history newest first)."""
         ...
 
     async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
-        """One failover record, or None when the leader has no such record."""
+        """One failover record from the replicated history, or None."""
+        ...
+
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Run an announced change of primary (break-before-make unless `fence` is false) on
+        the leader and answer when it is done: service, primary, epoch, previous_primary,
+        changed, applied_index, failover (its record), replayed (an idempotency key's earlier
+        answer). Raises the domain errors of core/errors.py (DecisionRefused: stale_epoch,
+        not_found, conflict; NotReady; NoLeaderKnown; NotLeader, a forwarded request on a
+        follower; SwitchoverFailed) or relays the leader's."""
         ...
 
     async def switchover(

@@ -144,9 +144,10 @@ def failovers_table(records: Sequence[Mapping[str, Any]]) -> Table:
         style = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "")
         missed = sorted({*r.get("missed_fence", []), *r.get("missed_route", [])})
         why = str(r.get("cause", ""))
-        if r.get("reason") and status == "failed":
+        if r.get("reason") and status in ("failed", "running"):  # running: a repoint's last error
             why += f" / {r['reason']}"
-        table.add_row(str(r.get("id", "")), str(r.get("service", "")), str(r.get("kind", "")),
+        kind = str(r.get("kind", "")) + (f" x{r['attempts']}" if int(r.get("attempts") or 0) > 1 else "")
+        table.add_row(str(r.get("id", "")), str(r.get("service", "")), kind,
                       str(r.get("mode", "")), f"{r.get('old_primary') or '-'} -> {r.get('new_primary') or '-'}",
                       str(r.get("epoch") if r.get("epoch") is not None else "-"), Text(status, style=style),
                       _ms(r.get("duration_ms")), _ms(r.get("write_unavailable_ms")),

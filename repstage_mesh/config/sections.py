@@ -292,6 +292,20 @@ class ApiConfig(Section):
         return _advertised(self.listen, self.advertise, bound_port)
 
 
+class FailoversConfig(Section):
+    """The failover history every node holds (replicated through Raft)."""
+
+    history: int = Field(
+        default=100, ge=1, le=10_000,
+        description="failover records kept in the replicated history; the oldest drop out "
+        "(metric repstage_failover_history_total{event=\"dropped\"})",
+    )
+    idempotency_keys: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="announce idempotency keys remembered in the replicated state; the oldest are forgotten",
+    )
+
+
 class RaftConfig(Section):
     """Omit `peers` for a single node. With peers, `password` is required: pysyncobj peers
     exchange pickles, so without it anyone reaching the Raft port can run code.

@@ -31,6 +31,7 @@ from repstage_mesh.config.sections import (
     ConsulConfig,
     EnvoyConfig,
     ErrorList,
+    FailoversConfig,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
@@ -99,6 +100,7 @@ class Settings(BaseSettings):
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
+    failovers: FailoversConfig = Field(default_factory=FailoversConfig)
     services: tuple[ServiceConfig, ...] = ()
     hooks: dict[Name, HookSpec] = Field(
         default_factory=dict, description="promotion hooks by name (services name them)"

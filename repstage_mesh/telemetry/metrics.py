@@ -156,6 +156,9 @@ class MeshMetrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self.history = Counter("repstage_failover_history", "Failover records committed to the replicated "
+                               "history, by event: published, failed (not replicated), dropped (the oldest "
+                               "record left the bounded history), keys_dropped (an idempotency key was forgotten)", ["event"], registry=registry)
         self.write_failures = Counter(
             "repstage_write_failures",
             "Writes that did not commit, by code (rejection code, no_quorum, commit_timeout, ...)",
@@ -243,6 +246,12 @@ class MeshMetrics:
     def observe_failover(self, service: str, seconds: float, mode: str = "follow") -> None:
         """A failover or switchover finished (mode: follow, orchestrate, switchover)."""
         self.failover.labels(service, mode).observe(seconds)
+
+    def observe_history(self, event: str) -> None:
+        """A failover record was committed (`published`), not committed (`failed`), pushed the
+        oldest one out of the bounded history (`dropped`) or the oldest idempotency key out of
+        its bound (`keys_dropped`)."""
+        self.history.labels(event).inc()
 
     def observe_commit(self, seconds: float) -> None:
         self.commit.observe(seconds)
