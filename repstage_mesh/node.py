@@ -326,7 +326,10 @@ class Node:
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
-        await self._register_in_consul(settings.api.advertised(self.api_port))
+        # consul.register_address wins; then api.advertise; a wildcard listen address is
+        # passed as it is, so the registration asks the agent (never 127.0.0.1 for a remote one)
+        listen = f"[{api_host}]:{self.api_port}" if ":" in api_host else f"{api_host}:{self.api_port}"
+        await self._register_in_consul(settings.api.advertise or listen)
         log.info(
             "node %s: xDS on %s:%d (advertised %s), API on %s:%d (advertised %s), %s",
             self._node_id, host, self.xds_port, settings.xds.advertised(self.xds_port),

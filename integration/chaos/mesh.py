@@ -58,7 +58,7 @@ def _config(i: int, net: netns.Network, members: list[dict[str, Any]]) -> dict[s
     return {
         "node": {"id": f"cp-{i + 1}"},
         "api": {"listen": f"0.0.0.0:{API}", "tokens": {"read_write": [RW]}},
-        "xds": {"listen": f"0.0.0.0:{XDS}"},
+        "xds": {"listen": f"0.0.0.0:{XDS}", "insecure": True},  # as manifests/base: plaintext on a private network
         "raft": {"bind": f"0.0.0.0:{RAFT}", "peers": peers, "password": PASSWORD},
         "envoy": {"listen_address": "0.0.0.0", "fence_port": FENCE_PORT},
         "services": [
