@@ -55,7 +55,7 @@ from repstage_mesh.failover.proxies import Progress, await_proxies, local_progre
 from repstage_mesh.failover.runner import FailoverRunner
 from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
-from repstage_mesh.render.envoy import render
+from repstage_mesh.render.envoy import primary_clusters, render, without_primaries
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
 from repstage_mesh.sources.probes import ProbeRunner
@@ -63,6 +63,7 @@ from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
+from repstage_mesh.xds.lease import LeaseRenewer
 from repstage_mesh.xds.server import AdsServer
 from repstage_mesh.xds.tracker import ProxyTracker
 
@@ -109,6 +110,12 @@ class Node:
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)
         self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
+        lease_ms = settings.xds.primary_lease_ms
+        self.lease = (
+            LeaseRenewer(lease_ms / 1000.0, self._prove_current, self.xds.renew, self._lease_fresh_changed)
+            if lease_ms else None
+        )
+        self.metrics.lease = self.lease
         self.api_runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.xds_port: int | None = None
@@ -234,7 +241,8 @@ class Node:
             PeerProgress(n.node_id, n.api, token)
             for n in self.state().nodes.values() if n.node_id != self._node_id and n.api
         ]
-        return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout)
+        lease = self.lease.bound if self.lease is not None else None
+        return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout, lease=lease)
 
     async def proxy_progress(self, min_index: int, wait: float) -> Progress:
         return await local_progress(self.tracker, self._node_id, min_index, wait)
@@ -273,6 +281,8 @@ class Node:
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
+        if self.lease is not None:
+            self._tasks.append(asyncio.create_task(self.lease.run(), name="primary-lease"))
         await self._register_in_consul(f"{api_host}:{self.api_port}")
         log.info(
             "node %s: xDS on %s:%d, API on %s:%d, %s",
@@ -342,7 +352,13 @@ class Node:
     def _publish(self, state: MeshState) -> None:
         try:
             previous = self.cache.get(SNAPSHOT_GROUP)
-            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous, self.order)
+            ttls = None
+            if self.lease is not None:
+                ttls = {(res.CLUSTER, name): self.lease.ttl for name in primary_clusters(state, self.options)}
+                if not self.lease.fresh:
+                    state = without_primaries(state)  # not proven current: fail closed
+            resources = render(state, self.options)
+            snapshot = Snapshot.build(state.last_change, resources, previous, self.order, ttls)
         except Exception:
             log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
             return
@@ -350,6 +366,26 @@ class Node:
             return
         self._rendered_change = state.last_change
         self.cache.set_snapshot(SNAPSHOT_GROUP, snapshot)
+
+    # --- the primary lease (xds/lease.py) ----------------------------------------------------------
+
+    async def _prove_current(self, timeout: float) -> bool:
+        """A read barrier: a majority answered, and every earlier commit is applied here. The
+        snapshot is brought up to date before the lease on it is renewed."""
+        store = self.store
+        if store is None:
+            return False
+        try:
+            await store.read_barrier(timeout)
+        except ReplicationError:
+            return False
+        self._flush()
+        return True
+
+    def _lease_fresh_changed(self, fresh: bool) -> None:
+        """Proven current again: serve the primaries; not for a whole lease: fail them closed
+        here too, so no Envoy (re)connecting to this node gets a fresh lease on a stale state."""
+        self._publish(self.state())
 
     async def _seed_services(self) -> None:
         """Define the config file's services that the replicated state does not hold yet.

@@ -182,6 +182,28 @@ class _Stream:
     def _compute(self, type_url: str) -> Send | None:
         raise NotImplementedError
 
+    def renew(self) -> list[Action]:
+        """Send the leased resources (those with a TTL) again, so Envoy keeps them another TTL.
+
+        Only a client that holds everything this replica would send now is renewed: one with a
+        response in flight (that response renews), behind, or that NACKed something (it keeps
+        an older config, which may route to a demoted primary: left to expire) is not."""
+        if self.snapshot is None:
+            return []
+        if any(type_sync_state(self, type_url) not in ("synced", "idle") for type_url in self.types):
+            return []  # the client lacks something newer (or refused it): let its lease run out
+        actions: list[Action] = []
+        for type_url in self._order():
+            state = self.types[type_url]
+            if state.requested and not state.pending and self.snapshot.index >= state.floor:
+                action = self._renewal(type_url, state)
+                if action is not None:
+                    actions.append(action)
+        return actions
+
+    def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
+        raise NotImplementedError
+
     def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
         raise NotImplementedError
 
@@ -330,6 +352,25 @@ class SotwStream(_Stream):
         return Send(type_url, version, nonce, items, (), self.snapshot)
 
 
+    def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
+        assert self.snapshot is not None
+        desired = self._desired(type_url, state)
+        if not any(item.ttl is not None for item in desired.values()):
+            return None
+        items = tuple(desired[name] for name in sorted(desired))
+        if not state.acked_version or split_version(state.acked_version)[1] != set_digest(items):
+            return None
+        # SotW sends the whole set: a body-less heartbeat Resource made Envoy 1.40 remove the
+        # cluster (bench/xds_ttl.py), the whole set at the same version renews its TTL.
+        nonce = self._next_nonce()
+        state.last_nonce = nonce
+        state.pending = {nonce: _Pending(nonce, state.acked_version, desired)}
+        state.sent[nonce] = state.acked_version
+        if len(state.sent) > _SENT_HISTORY:
+            del state.sent[next(iter(state.sent))]
+        return Send(type_url, state.acked_version, nonce, items, (), self.snapshot)
+
+
 class DeltaStream(_Stream):
     """Incremental (Delta) xDS over one ADS stream."""
 
@@ -434,6 +475,21 @@ class DeltaStream(_Stream):
         return Send(type_url, version, nonce, tuple(updates.values()), all_removed, self.snapshot)
 
 
+    def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
+        assert self.snapshot is not None
+        desired = self._desired(type_url, state)
+        leased = {
+            name: item for name, item in sorted(desired.items())
+            if item.ttl is not None and state.client_versions.get(name) == item.version
+        }
+        if not leased:
+            return None
+        nonce = self._next_nonce()
+        version = self.snapshot.version
+        state.pending[nonce] = _Pending(nonce, version, leased, (), {n: state.held.get(n) for n in leased})
+        return Send(type_url, version, nonce, tuple(leased.values()), (), self.snapshot)
+
+
 def digest_of(resources: Mapping[str, EncodedResource]) -> str:
     return set_digest(resources.values())
 
@@ -441,7 +497,7 @@ def digest_of(resources: Mapping[str, EncodedResource]) -> str:
 # --- sync state, for the tracker ---------------------------------------------------------------
 
 
-def type_sync_state(stream: SotwStream | DeltaStream, type_url: str) -> str:
+def type_sync_state(stream: _Stream, type_url: str) -> str:
     """'synced', 'pending' (a response is in flight), 'nacked' (the client refused the current
     content and keeps an older one), 'behind' (something newer is not yet sent) or 'idle'."""
     state = stream.types.get(type_url)

@@ -104,6 +104,14 @@ class NodeConfig(Section):
 
 class XdsConfig(Section):
     listen: HostPort = "127.0.0.1:18000"
+    primary_lease_ms: int | None = Field(
+        default=None, ge=300, le=3_600_000,
+        description="lease each service's primary cluster for this long (an xDS resource TTL), "
+        "renewed every third of it only while this node commits a read barrier through a Raft "
+        "majority: an Envoy cut off from every live node drops the primary route (fails closed) "
+        "at most ~1.1 leases after a switch. Unset (the default): Envoy keeps its last config "
+        "(static stability). README, 'Primary lease'",
+    )
 
 
 class ApiTokens(Section):
