@@ -323,6 +323,11 @@ class SotwStream(_Stream):
         state = self.types[type_url]
         if not state.requested:
             return None
+        if not state.wildcard and not state.names:
+            # The client watches nothing of this type (its last watch went, e.g. a leased cluster
+            # expired): Envoy does not ACK an answer to that, which would stay pending forever.
+            state.acked, state.pending = {}, {}
+            return None
         if self.snapshot.index < state.floor:
             return None  # this replica is behind what the client already has
         desired = self._desired(type_url, state)
@@ -503,6 +508,8 @@ def type_sync_state(stream: _Stream, type_url: str) -> str:
     state = stream.types.get(type_url)
     if state is None or not state.requested or stream.snapshot is None:
         return "idle"
+    if isinstance(stream, SotwStream) and not state.wildcard and not state.names:
+        return "idle"  # watches nothing of this type
     if state.pending:
         return "pending"
     desired = stream._desired(type_url, state)

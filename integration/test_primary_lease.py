@@ -1,0 +1,161 @@
+"""Issue 11: with `xds.primary_lease_ms`, an Envoy cut off from every live control-plane node
+fails closed for the primary after the lease instead of routing to a demoted primary.
+
+Three `repstage-mesh serve` nodes on loopback with a 1.5 s lease, a real Envoy bootstrapped
+with ONE node's xDS address (so when that node freezes the Envoy has no live node to go to).
+
+1. The Envoy's node is SIGSTOPped; a switch a -> b is committed by the other two. A writer
+   opens a fresh connection through the Envoy every 10 ms: no write reaches the demoted
+   primary `a` after the commit plus the lease's bound (counted), the Envoy refuses instead;
+   thawed, the node renews and the Envoy routes `b`.
+2. The Envoy's node alive but alone (the two others SIGSTOPped): it cannot prove it is current,
+   stops renewing, and the Envoy fails closed; when the others come back, it routes again.
+
+Timings go to bench/primary_lease.py (bench/RESULTS.md); the deadlines here are generous.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .harness import (
+    ControlPlaneNode,
+    Envoy,
+    NamedTcpBackend,
+    ask_once,
+    cluster_leader,
+    free_low_port,
+    http_json,
+    raft_cluster,
+    start_cluster,
+    wait_until,
+    workdir,
+)
+
+SERVICE = "orders"
+PRIMARY = f"/v1/services/{SERVICE}/primary"
+LEASE_MS = 1500
+BOUND = LEASE_MS / 1000 * 1.1  # xds/lease.py: ttl + max_age (ttl / 10)
+MARGIN = 0.3  # seconds: Envoy's timer and a connection through it
+GENEROUS = 30.0
+
+
+def routed_to(port: int) -> str:
+    try:
+        return ask_once(port, "write", timeout=0.5).split(":", 1)[0]
+    except OSError:
+        return "-"
+
+
+class Writer:
+    """A fresh connection through the Envoy every 10 ms; remembers (time, who answered)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.seen: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.seen.append((time.monotonic(), routed_to(self.port)))
+            self._stop.wait(0.01)  # the write rate of this test, not synchronisation
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def after(self, t: float, who: str) -> int:
+        return sum(1 for at, name in list(self.seen) if at > t and name == who)
+
+
+def metrics(node: ControlPlaneNode) -> str:
+    with urllib.request.urlopen(f"{node.api}/metrics", timeout=2.0) as answer:
+        return str(answer.read().decode())
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[Path, list[ControlPlaneNode], int, list[Envoy]]]:
+    with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
+        port = free_low_port()
+        base: dict[str, Any] = {
+            "services": [{"name": SERVICE, "protocol": "tcp", "listen_port": port, "primary": "a",
+                          "members": [{"name": "a", "address": "127.0.0.1", "port": a.port},
+                                      {"name": "b", "address": "127.0.0.1", "port": b.port}]}],
+            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
+            "xds": {"primary_lease_ms": LEASE_MS},
+        }
+        nodes = raft_cluster(wd, 3, base)
+        for node in nodes:
+            node.config["xds"]["listen"] = f"127.0.0.1:{free_low_port()}"
+        envoys: list[Envoy] = []
+        try:
+            start_cluster(nodes)
+            yield wd, nodes, port, envoys
+        finally:
+            for envoy in envoys:
+                envoy.stop()
+            for node in nodes:
+                node.proc.signal(signal.SIGCONT)
+                node.stop()
+
+
+def test_an_envoy_cut_off_from_every_live_node_fails_closed_after_the_lease(cluster: Any) -> None:
+    wd, nodes, port, envoys = cluster
+    leader = cluster_leader(nodes, timeout=GENEROUS)
+    on = next(n for n in nodes if n is not leader)  # a switch then needs no election
+    others = [n for n in nodes if n is not on]
+    envoy = Envoy(wd, "edge-1", [on.xds_address], extra_args=["--component-log-level", "config:debug,upstream:debug"]).start()
+    envoys.append(envoy)
+    wait_until(lambda: routed_to(port) == "a", GENEROUS, 0.01, "traffic reaches a")
+
+    # 1. The Envoy's node freezes; the other two commit a -> b.
+    with Writer(port) as writer:
+        on.proc.signal(signal.SIGSTOP)
+        status, body = http_json("POST", f"{leader.api}{PRIMARY}", {"member": "b"}, timeout=15.0)
+        committed = time.monotonic()
+        assert status == 200, body
+        wait_until(lambda: routed_to(port) == "-", GENEROUS, 0.01, "the Envoy fails closed")
+        refused = time.monotonic()
+        wait_until(lambda: time.monotonic() > committed + BOUND + MARGIN + 1.0, GENEROUS, 0.05,
+                   "a second of writes after the lease")
+        late = writer.after(committed + BOUND + MARGIN, "a")
+        total = writer.after(committed + BOUND + MARGIN, "-")
+    assert late == 0, f"{late} writes reached the demoted primary after the lease"
+    assert total > 10, "the writer kept trying (and was refused) after the lease"
+    assert refused - committed < BOUND + MARGIN + 1.0
+    print(f"\nfrozen node: commit -> refused {refused - committed:.2f} s (lease {LEASE_MS} ms)")
+
+    on.proc.signal(signal.SIGCONT)
+    try:
+        wait_until(lambda: routed_to(port) == "b", 10, 0.02, "thawed, the node renews: traffic reaches b")
+    except AssertionError:
+        import json
+        print(json.dumps(http_json("GET", f"{on.api}/v1/proxies")[1], indent=1)[:3000])
+        print(on.proc.log()[-3000:])
+        print((envoy.workdir / "envoy.log").read_text()[-6000:])
+        raise
+
+    # 2. The Envoy's node alive but alone: it stops renewing, the Envoy fails closed.
+    for node in others:
+        node.proc.signal(signal.SIGSTOP)
+    alone = time.monotonic()
+    wait_until(lambda: routed_to(port) == "-", GENEROUS, 0.01, "a node without a majority fails closed")
+    print(f"minority node: others stopped -> refused {time.monotonic() - alone:.2f} s")
+    wait_until(lambda: "repstage_xds_lease_fresh 0.0" in metrics(on), GENEROUS, 0.05,
+               "the node says it serves the primary failed closed")
+    for node in others:
+        node.proc.signal(signal.SIGCONT)
+    wait_until(lambda: routed_to(port) == "b", GENEROUS, 0.02, "majority back: traffic reaches b again")
