@@ -131,6 +131,7 @@ class _TypeState:
     client_versions: dict[str, str] = field(default_factory=dict)  # Delta: name -> version
     told_missing: set[str] = field(default_factory=set)  # Delta
     sent: dict[str, str] = field(default_factory=dict)  # SotW: recent nonce -> version
+    asked_again: bool = False  # SotW: a request that is not an ACK: answer it even if unchanged
 
 
 class _Stream:
@@ -299,6 +300,11 @@ class SotwStream(_Stream):
                     return [Nacked(request.type_url, rejected, request.response_nonce, request.error)]
                 return [Stale(request.type_url, request.response_nonce)]
             pending = state.pending.pop(request.response_nonce, None)
+            if pending is None and request.error is None:
+                # Not an ACK (that came before): the client asks again, e.g. a cluster whose
+                # lease ran out came back and watches its endpoints anew; it may have dropped
+                # what it had, so it gets an answer even if we think it holds that already.
+                state.asked_again = True
             if pending is not None:
                 if request.error is not None:
                     state.nacked.add(split_version(pending.version)[1])
@@ -333,6 +339,7 @@ class SotwStream(_Stream):
         desired = self._desired(type_url, state)
         items = tuple(desired[name] for name in sorted(desired))
         digest = set_digest(items)
+        asked_again, state.asked_again = state.asked_again, False
         if state.client_digest:
             # First look after a reconnect: does the client already hold exactly this?
             came_back_with, state.client_digest = state.client_digest, ""
@@ -343,7 +350,7 @@ class SotwStream(_Stream):
             latest = state.pending[state.last_nonce]
             if split_version(latest.version)[1] == digest:
                 return None  # already on its way
-        elif state.acked_version and split_version(state.acked_version)[1] == digest:
+        elif state.acked_version and split_version(state.acked_version)[1] == digest and not asked_again:
             return None  # the client has it
         if digest in state.nacked:
             return None  # rejected once: never again to this client
