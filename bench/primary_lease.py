@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import sys
 import threading
@@ -58,8 +59,12 @@ PRIMARY = f"/v1/services/{SERVICE}/primary"
 
 
 def routed_to(port: int) -> str:
+    """Who answered a write on a fresh connection; "-" refused or closed by the Envoy,
+    "timeout" no answer within 1 s (a loaded machine: neither routed nor refused)."""
     try:
-        return ask_once(port, "w", timeout=0.5).split(":", 1)[0]
+        return ask_once(port, "write", timeout=1.0).split(":", 1)[0]
+    except TimeoutError:
+        return "timeout"
     except OSError:
         return "-"
 
@@ -96,7 +101,9 @@ def one_round(nodes: list[ControlPlaneNode], on: ControlPlaneNode, port: int, le
     assert held.ask("hold").startswith(before)
     writer = Writer(port)
     writer.start()
+    time.sleep(random.uniform(0.0, lease_s / 3 if lease_s else 0.1))  # a random phase of the renewals
     on.proc.signal(signal.SIGSTOP)
+    frozen = time.monotonic()
     try:
         status, body = http_json("POST", f"{leader.api}{PRIMARY}", {"member": target}, timeout=10.0)
         t0 = time.monotonic()
@@ -107,6 +114,7 @@ def one_round(nodes: list[ControlPlaneNode], on: ControlPlaneNode, port: int, le
         bound = lease_s * 1.1 if lease_s else None
         row = {
             "refused_s": refused,
+            "refused_after_freeze_s": None if refused is None else refused + t0 - frozen,
             "to_old_after_commit": sum(1 for at, who in writer.seen if at > t0 and who == before),
             "to_old_after_bound": (sum(1 for at, who in writer.seen if at > t0 + bound + 0.05 and who == before)
                                    if bound else None),

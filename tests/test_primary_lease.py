@@ -163,10 +163,11 @@ async def test_the_renewer_renews_only_after_a_timely_proof_and_fails_closed_aft
     answers += [(True, 0.01), (True, 0.5), (False, 1.0), (False, 1.0), (False, 1.0), (True, 0.01)]
     assert await lease.round() and fresh == [True] and lease.counters.streams_renewed == 2
     assert not await lease.round()  # proven, but too late: the state may be older than max_age
-    assert not await lease.round() and not await lease.round()
-    assert fresh == [True]  # 2.5 s since the last proof that renewed: still within the lease
     assert not await lease.round()
-    assert fresh == [True, False]  # more than a lease without a proof: fail closed here too
+    assert fresh == [True]  # 1.5 s since the last proof that renewed: still within ttl - period
+    assert not await lease.round()
+    assert fresh == [True, False]  # 2.5 s: a period before Envoy's TTL runs out, fail closed here
+    assert not await lease.round() and fresh == [True, False]
     assert await lease.round() and fresh == [True, False, True]
     assert (lease.counters.renewals, lease.counters.skipped) == (2, 4)
     assert len(renewed) == 2

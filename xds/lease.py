@@ -12,9 +12,12 @@ every commit before `t - max_age`, so an Envoy that hears nothing newer stops us
 resource replaced by a commit at `c` by `c + max_age + ttl` (plus the network delay of the
 last renewal).
 
-`stale_after` tells the owner when the last proof is older than the TTL: whatever it serves
-then may be older than what Envoy would have dropped (a reconnecting Envoy would get a fresh
-TTL on a stale state), so the owner serves the leased resources failed closed instead.
+`on_fresh(False)` tells the owner when the last proof is older than the TTL less one period:
+soon whatever it serves may be older than what Envoy would have dropped (a reconnecting
+Envoy would get a fresh TTL on a stale state), so the owner serves the leased resources failed
+closed instead. It does so a period before its Envoys' TTL runs out, while they still hold the
+resources: a push then still reaches them (RepStage's health fence closes open connections to
+the primary, which a TTL expiry does not).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class LeaseCounters:
 class LeaseRenewer:
     """`confirm(timeout)` -> True once this node is proven current; `renew()` sends the leased
     resources to every stream and returns how many; `on_fresh(fresh)` is told when the last
-    proof becomes older than `ttl` (False) and when a proof comes back (True)."""
+    proof becomes older than `stale_after` (False) and when a proof comes back (True)."""
 
     def __init__(
         self,
@@ -58,6 +61,7 @@ class LeaseRenewer:
         self.ttl = ttl
         self.period = period if period is not None else ttl / 3
         self.max_age = max_age if max_age is not None else ttl / 10
+        self.stale_after = self.ttl - self.period  # without a proof for this long: fail closed
         self._confirm = confirm
         self._renew = renew
         self._on_fresh = on_fresh
@@ -75,10 +79,14 @@ class LeaseRenewer:
     async def round(self) -> bool:
         """One renewal round: prove, then renew. Returns whether it renewed."""
         began = self._clock()
+        budget = self.period  # a proof may not take us past the point of failing closed
+        if self.proven_at is not None and self.fresh:
+            budget = min(budget, max(0.0, self.proven_at + self.stale_after - began))
         try:
-            proven = await self._confirm(self.period)
-        except Exception as exc:  # a failed proof is no proof
-            log.debug("lease proof failed: %s", exc)
+            async with asyncio.timeout(budget):
+                proven = await self._confirm(budget)
+        except Exception as exc:  # a failed or late proof is no proof
+            log.debug("lease proof failed: %r", exc)
             proven = False
         if proven and self._clock() - began <= self.max_age:
             self.proven_at = began
@@ -87,7 +95,7 @@ class LeaseRenewer:
             self.counters.streams_renewed += self._renew()
             return True
         self.counters.skipped += 1
-        if self.proven_at is None or self._clock() - self.proven_at > self.ttl:
+        if self.proven_at is None or self._clock() - self.proven_at > self.stale_after:
             self._set_fresh(False)
         return False
 
