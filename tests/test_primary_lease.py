@@ -17,7 +17,7 @@ from envoy_data_plane.envoy.service.discovery.v3 import (
 from fakes import eventually
 
 from repstage_mesh.api.progress import PeerProgress
-from repstage_mesh.config.sections import XdsConfig
+from repstage_mesh.config import XdsConfig
 from repstage_mesh.core.models import MeshState, ServiceSpec, ServiceState
 from repstage_mesh.failover.proxies import await_proxies
 from repstage_mesh.render.envoy import primary_clusters, render, without_primaries
