@@ -7,8 +7,8 @@ leader): when that node freezes, the Envoy is cut off from every live node. Per 
 
 1. a connection is opened through the Envoy and held; a writer opens a fresh connection every
    5 ms and notes who answered;
-2. the Envoy's node is SIGSTOPped; the switch a <-> b is committed through the leader (t0 = its
-   answer);
+2. the Envoy's node is SIGSTOPped; the switch a <-> b is announced through the leader (t0 = the
+   fence commit in the announce's record, on this host's monotonic clock);
 3. the writer runs until `--window` seconds after t0: reported are the time from t0 to the first
    refused connection, the writes that reached the demoted primary after t0 and after
    t0 + the lease's bound (1.1 x lease), and whether the held connection was closed;
@@ -105,9 +105,11 @@ def one_round(nodes: list[ControlPlaneNode], on: ControlPlaneNode, port: int, le
     on.proc.signal(signal.SIGSTOP)
     frozen = time.monotonic()
     try:
-        status, body = http_json("POST", f"{leader.api}{PRIMARY}", {"member": target}, timeout=10.0)
-        t0 = time.monotonic()
+        status, body = http_json("POST", f"{leader.api}{PRIMARY}", {"member": target}, timeout=30.0)
+        answered = time.monotonic()
         assert status == 200, body
+        timeline = {event["name"]: event for event in body["failover"]["timeline"]}
+        t0 = timeline["fenced"]["at"]  # the fence commit, on the leader's (this host's) monotonic clock
         writer.stop_at = t0 + window
         writer.join()
         refused = next((at - t0 for at, who in writer.seen if at > t0 and who == "-"), None)
@@ -119,6 +121,8 @@ def one_round(nodes: list[ControlPlaneNode], on: ControlPlaneNode, port: int, le
             "to_old_after_bound": (sum(1 for at, who in writer.seen if at > t0 + bound + 0.05 and who == before)
                                    if bound else None),
             "held_closed": held.closed_by_peer(),
+            "announce_s": answered - t0,
+            "covered_by_lease": timeline.get("proxies_fenced", {}).get("detail", {}).get("covered_by_lease"),
             "writes": sum(1 for at, _ in writer.seen if at > t0),
         }
     finally:

@@ -363,7 +363,6 @@ class SotwStream(_Stream):
             del state.sent[next(iter(state.sent))]
         return Send(type_url, version, nonce, items, (), self.snapshot)
 
-
     def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
         assert self.snapshot is not None
         desired = self._desired(type_url, state)
@@ -492,7 +491,6 @@ class DeltaStream(_Stream):
         all_removed = tuple(removed + missing)
         state.pending[nonce] = _Pending(nonce, version, updates, all_removed, previous)
         return Send(type_url, version, nonce, tuple(updates.values()), all_removed, self.snapshot)
-
 
     def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
         assert self.snapshot is not None
