@@ -18,10 +18,11 @@ The policy (README, "Proxy wait"):
   config until their Envoy leaves the node (keepalive, `filters/bootstrap.py`: about 0.6 s
   for a frozen node). An Envoy cut off from every live node keeps routing by its last config
   (static stability) unless the primary lease is on.
-- With the primary lease on (`xds.primary_lease_ms`, `xds/lease.py`), an unreachable node's
-  proxies are covered by the lease: the wait lasts at least the lease's bound from its start
-  (a commit before the wait is then either on those Envoys or their primary route has
-  expired), and the node is reported in `leased`, not in `missed`.
+- With the primary lease on (`xds.primary_lease_ms`, `xds/lease.py`) and a wait (`ack_deadline`)
+  at least the lease's bound + LEASE_MARGIN, an unreachable node's proxies are covered by the
+  lease: the wait lasts that long from its start (a commit before the wait is then either on
+  those Envoys or their primary route has expired), and the node is reported in `leased`, not
+  in `missed`. With a shorter wait the node is reported unreachable, as without a lease.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ async def await_proxies(
 ) -> ProxyAcks:
     """Wait until every connected proxy (here and on the other nodes) has every type it asked
     for synced at or after `min_index`, or `timeout` seconds passed. `lease`: the primary
-    lease's bound (seconds), which covers the proxies of nodes that cannot be asked."""
+    lease's bound (seconds), which covers the proxies of nodes that cannot be asked when it fits
+    in `timeout`."""
     started = time.monotonic()
     deadline = started + timeout
     here = asyncio.ensure_future(local_progress(tracker, node_id, min_index, timeout))
@@ -161,7 +163,7 @@ async def await_proxies(
             log.warning("proxies of node %s: no progress answer (%s)", remote.node_id, answer)
             silent.append(remote.node_id)
     leased: list[str] = []
-    if silent and lease is not None:
+    if silent and lease is not None and lease + LEASE_MARGIN <= timeout:
         left = started + lease + LEASE_MARGIN - time.monotonic()
         if left > 0:
             await asyncio.sleep(left)  # until the lease of whatever those Envoys hold ran out
