@@ -47,7 +47,7 @@ from .harness import (
 SERVICE = "orders"
 PRIMARY = f"/v1/services/{SERVICE}/primary"
 LEASE_MS = 1500
-BOUND = LEASE_MS / 1000 * 1.1  # xds/lease.py: ttl + max_age (ttl / 10)
+BOUND = LEASE_MS / 1000 * 7 / 6  # xds/lease.py: ttl + max_age (half a period, ttl / 6)
 MARGIN = 0.3  # seconds: Envoy's timer and a connection through it
 GENEROUS = 30.0
 

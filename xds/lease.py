@@ -60,7 +60,7 @@ class LeaseRenewer:
             raise ValueError("ttl: must be positive")
         self.ttl = ttl
         self.period = period if period is not None else ttl / 3
-        self.max_age = max_age if max_age is not None else ttl / 10
+        self.max_age = max_age if max_age is not None else self.period / 2
         self.stale_after = self.ttl - self.period  # without a proof for this long: fail closed
         self._confirm = confirm
         self._renew = renew

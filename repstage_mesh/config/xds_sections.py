@@ -91,7 +91,7 @@ class XdsConfig(Section):
         description="lease each service's primary cluster for this long (an xDS resource TTL), "
         "renewed every third of it only while this node commits a read barrier through a Raft "
         "majority: an Envoy cut off from every live node drops the primary route (fails closed) "
-        "at most ~1.1 leases after a switch. Unset (the default): Envoy keeps its last config "
+        "at most ~1.17 leases after a switch. Unset (the default): Envoy keeps its last config "
         "(static stability). README, 'Primary lease'",
     )
 
