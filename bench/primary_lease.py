@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,15 @@ def routed_to(port: int) -> str:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def lease_rounds(node: ControlPlaneNode) -> tuple[float, float]:
+    """(renewals, skipped) from the node's /metrics (0, 0 with the lease off)."""
+    with urllib.request.urlopen(f"{node.api}/metrics", timeout=2.0) as answer:
+        text = answer.read().decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("repstage_xds_lease_renewals_total", "repstage_xds_lease_skipped_total"))}
+    return values.get("repstage_xds_lease_renewals_total", 0.0), values.get("repstage_xds_lease_skipped_total", 0.0)
 
 
 def commit_index(node: ControlPlaneNode) -> int:
@@ -137,11 +147,15 @@ def cost(nodes: list[ControlPlaneNode], on: ControlPlaneNode, seconds: float) ->
     pids = {"node": on.proc.pid, "leader": leader.proc.pid}
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     idx0 = commit_index(leader)
+    rounds0 = lease_rounds(on)
     time.sleep(seconds)  # the measured window
+    rounds1 = lease_rounds(on)
     return {
         "node_cpu_ms_per_s": (cpu_seconds(pids["node"]) - cpu0["node"]) * 1000 / seconds,
         "leader_cpu_ms_per_s": (cpu_seconds(pids["leader"]) - cpu0["leader"]) * 1000 / seconds,
         "commits_per_s": (commit_index(leader) - idx0) / seconds,
+        "renewed": rounds1[0] - rounds0[0],
+        "skipped": rounds1[1] - rounds0[1],
     }
 
 
@@ -168,6 +182,7 @@ def run(lease: str, rounds: int, window: float, cost_seconds: float) -> tuple[li
             envoy = Envoy(wd, "edge-1", [on.xds_address]).start()
             wait_until(lambda: routed_to(port) == "a", 30, 0.01, "traffic reaches a")
             spent = cost(nodes, on, cost_seconds)
+            print(f"  lease {lease}: cost window {spent}")
             rows = []
             for n in range(rounds):
                 if cluster_leader(nodes) is on:
