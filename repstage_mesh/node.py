@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from repstage_mesh.api.app import build_app, start_api
+from repstage_mesh.api.app import bound_port, build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.forwarding import Forwarder
 from repstage_mesh.api.models import ApiSettings
@@ -32,6 +32,7 @@ from repstage_mesh.api.progress import PeerProgress
 from repstage_mesh.config import Settings
 from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.config.xds_sections import XdsConfig
+from repstage_mesh.core.addresses import join_host_port
 from repstage_mesh.core.errors import (
     NoLeaderKnown,
     NotLeader,
@@ -60,6 +61,7 @@ from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
 from repstage_mesh.failover.runner import FailoverRunner
 from repstage_mesh.failover.traces import FailoverTraces
+from repstage_mesh.raft.lease import PrimaryLease
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
@@ -125,6 +127,9 @@ class Node:
             self.cache, self.tracker, control_plane_id=self._node_id,
             limits=xds_limits(settings.xds), security=xds_security(settings.xds), guard=self.metrics,
         )
+        self.lease = PrimaryLease.build(settings.xds.primary_lease_ms, lambda: self.store, self._flush,
+                                        self.xds.renew, lambda: self._publish(self.state()))
+        self.metrics.lease = self.lease.renewer if self.lease is not None else None
         self.api_runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.xds_port: int | None = None
@@ -237,8 +242,7 @@ class Node:
         return status
 
     def config_drift(self) -> list[ServiceDrift]:
-        """Services whose spec in this node's config file differs from the replicated one
-        (changed, or not replicated yet); services defined only through the API are not drift."""
+        """File services that differ from the replicated ones (API-only services are not drift)."""
         replicated = {name: svc.spec for name, svc in self.state().services.items()}
         return [d for d in drift(self.settings.specs(), replicated) if d.kind != "unmanaged"]
 
@@ -275,14 +279,13 @@ class Node:
         self.metrics.observe_probe(service, member, outcome)
 
     async def await_proxies(self, min_index: int, timeout: float) -> ProxyAcks:
-        """Until every proxy of EVERY control-plane node holds a snapshot at or after
-        `min_index`, or `timeout` (failover/proxies.py)."""
+        """Until every proxy of EVERY node holds `min_index`, or `timeout` (failover/proxies.py)."""
         token = _first_token(self.settings, read_only=True)
         remotes = [
             PeerProgress(n.node_id, n.api, token, self._peer_tls)
             for n in self.state().nodes.values() if n.node_id != self._node_id and n.api
         ]
-        return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout)
+        return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout, lease=self.lease.bound if self.lease else None)
 
     async def proxy_progress(self, min_index: int, wait: float) -> Progress:
         return await local_progress(self.tracker, self._node_id, min_index, wait)
@@ -321,15 +324,12 @@ class Node:
         app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
-        from repstage_mesh.api.app import bound_port
-
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
-        # consul.register_address wins; then api.advertise; a wildcard listen address is
-        # passed as it is, so the registration asks the agent (never 127.0.0.1 for a remote one)
-        listen = f"[{api_host}]:{self.api_port}" if ":" in api_host else f"{api_host}:{self.api_port}"
-        await self._register_in_consul(settings.api.advertise or listen)
+        self._tasks += [asyncio.create_task(self.lease.run(), name="primary-lease")] if self.lease else []
+        # else the listen address as it is: for a wildcard the registration asks the agent
+        await self._register_in_consul(settings.api.advertise or join_host_port(api_host, self.api_port))
         log.info(
             "node %s: xDS on %s:%d (advertised %s), API on %s:%d (advertised %s), %s",
             self._node_id, host, self.xds_port, settings.xds.advertised(self.xds_port),
@@ -402,7 +402,8 @@ class Node:
     def _publish(self, state: MeshState) -> None:
         try:
             previous = self.cache.get(SNAPSHOT_GROUP)
-            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous, self.order)
+            state, ttls = self.lease.shape(state, self.options) if self.lease is not None else (state, None)
+            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous, self.order, ttls)
         except Exception:
             log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
             return

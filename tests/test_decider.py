@@ -684,3 +684,16 @@ def test_a_nacked_fence_and_an_unreachable_node_are_recorded_as_risks_with_envoy
     [missed] = [e for e in rec.timeline if e.name == "route_missed"]
     assert missed.detail["nacked"] == {"cp-2/envoy-2#4": "cds: duplicate cluster"}
     json.dumps(rec.as_dict())
+
+
+def test_a_node_covered_by_the_primary_lease_is_recorded_as_such_not_missed() -> None:
+    h = Harness(spec(LeadershipMode.FOLLOW))
+    h.acks = ProxyAcks(acked={"envoy-1#1": 0.5}, leased=("cp-3",))
+    healthy(h)
+    h.see("b", P, 1.0, 120)
+    h.see("a", D, 1.25)
+    rec = h.decider.records()[0]
+    assert rec.status == "done" and rec.missed_fence == ()
+    [fenced] = [e for e in rec.timeline if e.name == "proxies_fenced"]
+    assert fenced.detail["covered_by_lease"] == ["cp-3"] and "unreachable" not in fenced.detail
+    json.dumps(rec.as_dict())

@@ -41,6 +41,7 @@ class EncodedResource:
     digest: bytes
     refs: frozenset[res.Ref] = frozenset()
     delta_bytes: bytes = b""
+    ttl: float | None = None  # seconds: Envoy drops the resource unless it is re-sent within
 
     @property
     def version(self) -> str:
@@ -49,22 +50,32 @@ class EncodedResource:
 
     @classmethod
     def from_bytes(
-        cls, type_url: str, name: str, value: bytes, refs: Iterable[res.Ref] = ()
+        cls, type_url: str, name: str, value: bytes, refs: Iterable[res.Ref] = (), ttl: float | None = None
     ) -> EncodedResource:
+        """With `ttl`, the resource goes out wrapped in a `Resource` with that TTL (SotW: as an
+        `Any` of type Resource; Delta: the Resource carries it), so Envoy drops it `ttl`
+        seconds after it last got it: a lease, renewed by sending it again."""
         any_bytes = wire.encode_any(type_url, value)
         digest = _digest(any_bytes)
-        delta = wire.encode_delta_resource(name, digest.hex(), any_bytes)
-        return cls(type_url, name, any_bytes, digest, frozenset(refs), delta)
+        if ttl is None:
+            delta = wire.encode_delta_resource(name, digest.hex(), any_bytes)
+            return cls(type_url, name, any_bytes, digest, frozenset(refs), delta)
+        digest = _digest(any_bytes + f"\0ttl={ttl!r}".encode())  # a new lease length is a new version
+        delta = wire.encode_ttl_resource(name, digest.hex(), any_bytes, ttl)
+        wrapped = wire.encode_any(wire.RESOURCE_TYPE, delta)
+        return cls(type_url, name, wrapped, digest, frozenset(refs), delta, ttl)
 
     @classmethod
-    def from_message(cls, message: betterproto2.Message, name: str | None = None) -> EncodedResource:
+    def from_message(
+        cls, message: betterproto2.Message, name: str | None = None, ttl: float | None = None
+    ) -> EncodedResource:
         type_url = res.type_url_of(message)
         resource_name = name if name is not None else str(getattr(message, "name", "")) or str(
             getattr(message, "cluster_name", "")
         )
         if not resource_name:
             raise ValueError(f"{type(message).__name__} has no name")
-        return cls.from_bytes(type_url, resource_name, bytes(message), res.references(type_url, message))
+        return cls.from_bytes(type_url, resource_name, bytes(message), res.references(type_url, message), ttl)
 
 
 def set_digest(items: Iterable[EncodedResource]) -> str:
@@ -117,14 +128,17 @@ class Snapshot:
         messages: Mapping[str, Mapping[str, betterproto2.Message]],
         previous: Snapshot | None = None,
         order: tuple[str, ...] = res.ADS_ORDER,
+        ttls: Mapping[res.Ref, float] | None = None,
     ) -> Snapshot:
-        """Encode every message once. `messages` is {type_url: {name: message}}.
+        """Encode every message once. `messages` is {type_url: {name: message}}; `ttls` gives
+        the resources that are leased ((type_url, name) -> seconds, see `EncodedResource`).
 
         With `previous`, a message that is the very same object as one `previous` was built
         from is not encoded again (a renderer that caches unchanged resources gets
         per-change cost, not per-state cost). Messages must be treated as read-only.
         """
         before = previous._messages if previous is not None else {}
+        ttls = ttls or {}
         encoded: dict[str, dict[str, EncodedResource]] = {}
         sources: dict[tuple[str, str], tuple[betterproto2.Message, EncodedResource]] = {}
         for type_url, by_name in messages.items():
@@ -132,7 +146,11 @@ class Snapshot:
             for name, msg in sorted(by_name.items()):
                 key = (type_url, name)
                 old = before.get(key)
-                item = old[1] if old is not None and old[0] is msg else EncodedResource.from_message(msg, name)
+                ttl = ttls.get(key)
+                if old is not None and old[0] is msg and old[1].ttl == ttl:
+                    item = old[1]
+                else:
+                    item = EncodedResource.from_message(msg, name, ttl)
                 out[name] = item
                 sources[key] = (msg, item)
         snap = cls(str(version), encoded, order, _messages=sources)

@@ -131,6 +131,7 @@ class _TypeState:
     client_versions: dict[str, str] = field(default_factory=dict)  # Delta: name -> version
     told_missing: set[str] = field(default_factory=set)  # Delta
     sent: dict[str, str] = field(default_factory=dict)  # SotW: recent nonce -> version
+    asked_again: bool = False  # SotW: a request that is not an ACK: answer it even if unchanged
 
 
 class _Stream:
@@ -180,6 +181,28 @@ class _Stream:
         return actions
 
     def _compute(self, type_url: str) -> Send | None:
+        raise NotImplementedError
+
+    def renew(self) -> list[Action]:
+        """Send the leased resources (those with a TTL) again, so Envoy keeps them another TTL.
+
+        Only a client that holds everything this replica would send now is renewed: one with a
+        response in flight (that response renews), behind, or that NACKed something (it keeps
+        an older config, which may route to a demoted primary: left to expire) is not."""
+        if self.snapshot is None:
+            return []
+        if any(type_sync_state(self, type_url) not in ("synced", "idle") for type_url in self.types):
+            return []  # the client lacks something newer (or refused it): let its lease run out
+        actions: list[Action] = []
+        for type_url in self._order():
+            state = self.types[type_url]
+            if state.requested and not state.pending and self.snapshot.index >= state.floor:
+                action = self._renewal(type_url, state)
+                if action is not None:
+                    actions.append(action)
+        return actions
+
+    def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
         raise NotImplementedError
 
     def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
@@ -277,6 +300,11 @@ class SotwStream(_Stream):
                     return [Nacked(request.type_url, rejected, request.response_nonce, request.error)]
                 return [Stale(request.type_url, request.response_nonce)]
             pending = state.pending.pop(request.response_nonce, None)
+            if pending is None and request.error is None:
+                # Not an ACK (that came before): the client asks again, e.g. a cluster whose
+                # lease ran out came back and watches its endpoints anew; it may have dropped
+                # what it had, so it gets an answer even if we think it holds that already.
+                state.asked_again = True
             if pending is not None:
                 if request.error is not None:
                     state.nacked.add(split_version(pending.version)[1])
@@ -301,11 +329,17 @@ class SotwStream(_Stream):
         state = self.types[type_url]
         if not state.requested:
             return None
+        if not state.wildcard and not state.names:
+            # The client watches nothing of this type (its last watch went, e.g. a leased cluster
+            # expired): Envoy does not ACK an answer to that, which would stay pending forever.
+            state.acked, state.pending = {}, {}
+            return None
         if self.snapshot.index < state.floor:
             return None  # this replica is behind what the client already has
         desired = self._desired(type_url, state)
         items = tuple(desired[name] for name in sorted(desired))
         digest = set_digest(items)
+        asked_again, state.asked_again = state.asked_again, False
         if state.client_digest:
             # First look after a reconnect: does the client already hold exactly this?
             came_back_with, state.client_digest = state.client_digest, ""
@@ -316,7 +350,7 @@ class SotwStream(_Stream):
             latest = state.pending[state.last_nonce]
             if split_version(latest.version)[1] == digest:
                 return None  # already on its way
-        elif state.acked_version and split_version(state.acked_version)[1] == digest:
+        elif state.acked_version and split_version(state.acked_version)[1] == digest and not asked_again:
             return None  # the client has it
         if digest in state.nacked:
             return None  # rejected once: never again to this client
@@ -328,6 +362,24 @@ class SotwStream(_Stream):
         if len(state.sent) > _SENT_HISTORY:
             del state.sent[next(iter(state.sent))]
         return Send(type_url, version, nonce, items, (), self.snapshot)
+
+    def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
+        assert self.snapshot is not None
+        desired = self._desired(type_url, state)
+        if not any(item.ttl is not None for item in desired.values()):
+            return None
+        items = tuple(desired[name] for name in sorted(desired))
+        if not state.acked_version or split_version(state.acked_version)[1] != set_digest(items):
+            return None
+        # SotW sends the whole set: a body-less heartbeat Resource made Envoy 1.40 remove the
+        # cluster (bench/xds_ttl.py), the whole set at the same version renews its TTL.
+        nonce = self._next_nonce()
+        state.last_nonce = nonce
+        state.pending = {nonce: _Pending(nonce, state.acked_version, desired)}
+        state.sent[nonce] = state.acked_version
+        if len(state.sent) > _SENT_HISTORY:
+            del state.sent[next(iter(state.sent))]
+        return Send(type_url, state.acked_version, nonce, items, (), self.snapshot)
 
 
 class DeltaStream(_Stream):
@@ -440,6 +492,20 @@ class DeltaStream(_Stream):
         state.pending[nonce] = _Pending(nonce, version, updates, all_removed, previous)
         return Send(type_url, version, nonce, tuple(updates.values()), all_removed, self.snapshot)
 
+    def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
+        assert self.snapshot is not None
+        desired = self._desired(type_url, state)
+        leased = {
+            name: item for name, item in sorted(desired.items())
+            if item.ttl is not None and state.client_versions.get(name) == item.version
+        }
+        if not leased:
+            return None
+        nonce = self._next_nonce()
+        version = self.snapshot.version
+        state.pending[nonce] = _Pending(nonce, version, leased, (), {n: state.held.get(n) for n in leased})
+        return Send(type_url, version, nonce, tuple(leased.values()), (), self.snapshot)
+
 
 def digest_of(resources: Mapping[str, EncodedResource]) -> str:
     return set_digest(resources.values())
@@ -448,7 +514,7 @@ def digest_of(resources: Mapping[str, EncodedResource]) -> str:
 # --- sync state, for the tracker ---------------------------------------------------------------
 
 
-def type_sync_state(stream: SotwStream | DeltaStream, type_url: str) -> str:
+def type_sync_state(stream: _Stream, type_url: str) -> str:
     """'synced', 'pending' (a response is in flight), 'nacked' (the client refused the current
     content and keeps an older one), 'behind' (something newer is not yet sent), 'ahead' (the
     client came back claiming a version newer than this replica's snapshot: nothing is sent to
@@ -456,6 +522,8 @@ def type_sync_state(stream: SotwStream | DeltaStream, type_url: str) -> str:
     state = stream.types.get(type_url)
     if state is None or not state.requested or stream.snapshot is None:
         return "idle"
+    if isinstance(stream, SotwStream) and not state.wildcard and not state.names:
+        return "idle"  # watches nothing of this type
     if isinstance(stream, SotwStream) and state.floor > stream.snapshot.index and not state.pending:
         return "ahead"
     if state.pending:

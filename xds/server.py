@@ -138,7 +138,15 @@ class AdsServer:
         self._server: aio.Server | None = None
         self.port: int | None = None
         self.streams: dict[int, SotwStream | DeltaStream] = {}
+        self._outboxes: dict[int, _Outbox] = {}
         self.accepting = True
+
+    def renew(self) -> int:
+        """Renew the leased resources on every stream (`SotwStream.renew`); each stream's
+        writer sends them. Returns the number of streams asked."""
+        for out in self._outboxes.values():
+            out.renew()
+        return len(self._outboxes)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -249,6 +257,7 @@ class AdsServer:
                     if snapshot is not None:
                         stream.snapshot = snapshot
                     self.streams[stream_id] = stream
+                    self._outboxes[stream_id] = out
                     self.tracker.connect(stream_id, node, stream)
                     cancel_watch = self.cache.watch(group, lambda _g, snap: out.snapshot(snap))
                 try:
@@ -268,6 +277,7 @@ class AdsServer:
                 cancel_watch()
             writer.cancel()
             self.streams.pop(stream_id, None)
+            self._outboxes.pop(stream_id, None)
             self.tracker.disconnect(stream_id)
 
     def _read(self, data: bytes, stream: SotwStream | DeltaStream, parse: Callable[..., Any]) -> Any:
@@ -306,8 +316,13 @@ class _Outbox:
         self.delta = delta
         self.frames: collections.deque[bytes] = collections.deque()
         self.latest: Snapshot | None = None
+        self.renewing = False
         self.wake = asyncio.Event()
         self.overflow: LimitExceeded | None = None
+
+    def renew(self) -> None:
+        self.renewing = True
+        self.wake.set()
 
     def snapshot(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
@@ -341,5 +356,8 @@ class _Outbox:
             if self.latest is not None:
                 snapshot, self.latest = self.latest, None
                 self.emit(self.stream.update(snapshot))
+            if self.renewing:
+                self.renewing = False
+                self.emit(self.stream.renew())
             while self.frames:
                 await context.write(self.frames.popleft())

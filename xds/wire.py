@@ -45,6 +45,23 @@ def encode_delta_resource(name: str, version: str, any_bytes: bytes) -> bytes:
     return string_field(1, version) + field(2, any_bytes) + string_field(3, name)
 
 
+RESOURCE_TYPE = "type.googleapis.com/envoy.service.discovery.v3.Resource"
+
+
+def duration(seconds: float) -> bytes:
+    """google.protobuf.Duration{seconds=1, nanos=2} (non-negative)."""
+    whole = int(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    out = varint(1 << 3) + varint(whole) if whole else b""
+    return out + (varint(2 << 3) + varint(nanos) if nanos else b"")
+
+
+def encode_ttl_resource(name: str, version: str, any_bytes: bytes, ttl: float) -> bytes:
+    """envoy.service.discovery.v3.Resource{version=1, resource=2, name=3, ttl=6}: a resource
+    Envoy drops `ttl` seconds after it last received it (a lease)."""
+    return encode_delta_resource(name, version, any_bytes) + field(6, duration(ttl))
+
+
 def control_plane(identifier: str) -> bytes:
     """config.core.v3.ControlPlane{identifier=1}."""
     return string_field(1, identifier)

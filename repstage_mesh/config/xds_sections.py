@@ -86,6 +86,14 @@ class XdsConfig(Section):
         description="a proxy sent config this long ago that never ACKed anything is not waited for",
     )
     limits: XdsLimitsConfig = Field(default_factory=XdsLimitsConfig)
+    primary_lease_ms: int | None = Field(
+        default=None, ge=300, le=3_600_000,
+        description="lease each service's primary cluster for this long (an xDS resource TTL), "
+        "renewed every third of it only while this node commits a read barrier through a Raft "
+        "majority: an Envoy cut off from every live node drops the primary route (fails closed) "
+        "at most ~1.17 leases after a switch. Unset (the default): Envoy keeps its last config "
+        "(static stability). README, 'Primary lease'",
+    )
 
     @model_validator(mode="after")
     def _plaintext_on_loopback(self) -> XdsConfig:

@@ -178,6 +178,8 @@ def _risks(acks: ProxyAcks) -> dict[str, object]:
         risks["nacked"] = dict(acks.nacked)
     if acks.unreachable:
         risks["unreachable"] = list(acks.unreachable)
+    if acks.leased:
+        risks["covered_by_lease"] = list(acks.leased)
     return risks
 
 

@@ -146,6 +146,7 @@ class ProxyAcks:
     missed: tuple[str, ...] = ()  # behind at the deadline, NACKed ones and `<node>:unreachable`
     nacked: dict[str, str] = field(default_factory=dict)  # proxy -> Envoy's error: not fenced
     unreachable: tuple[str, ...] = ()  # control-plane nodes that could not be asked
+    leased: tuple[str, ...] = ()  # nodes not asked, whose proxies' primary lease ran out meanwhile
 
 
 @dataclass(frozen=True)

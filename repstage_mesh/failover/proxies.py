@@ -17,7 +17,12 @@ The policy (README, "Proxy wait"):
   `<node>:unreachable` in `missed` and in `unreachable`: its proxies may still hold the old
   config until their Envoy leaves the node (keepalive, `filters/bootstrap.py`: about 0.6 s
   for a frozen node). An Envoy cut off from every live node keeps routing by its last config
-  (static stability); leasing primary routes is not built yet (README, "Honest limits").
+  (static stability) unless the primary lease is on.
+- With the primary lease on (`xds.primary_lease_ms`, `xds/lease.py`) and a wait (`ack_deadline`)
+  at least the lease's bound + LEASE_MARGIN, an unreachable node's proxies are covered by the
+  lease: the wait lasts that long from its start (a commit before the wait is then either on
+  those Envoys or their primary route has expired), and the node is reported in `leased`, not
+  in `missed`. With a shorter wait the node is reported unreachable, as without a lease.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_ERROR = 0.2  # seconds before asking a node again after a transport error
 RECHECK_INTERVAL = 0.5  # seconds between looks at the proxies still behind, for graces that ran out
 ANSWER_MARGIN = 0.1  # seconds a peer answers before the deadline, so the answer arrives in time
+LEASE_MARGIN = 0.1  # seconds waited beyond the lease's bound for an unreachable node (Envoy's timer)
 
 
 @dataclass
@@ -137,25 +143,39 @@ async def await_proxies(
     remotes: Sequence[RemoteProgress],
     min_index: int,
     timeout: float,
+    lease: float | None = None,
 ) -> ProxyAcks:
     """Wait until every connected proxy (here and on the other nodes) has every type it asked
-    for synced at or after `min_index`, or `timeout` seconds passed."""
-    deadline = time.monotonic() + timeout
+    for synced at or after `min_index`, or `timeout` seconds passed. `lease`: the primary
+    lease's bound (seconds), which covers the proxies of nodes that cannot be asked when it fits
+    in `timeout`."""
+    started = time.monotonic()
+    deadline = started + timeout
     here = asyncio.ensure_future(local_progress(tracker, node_id, min_index, timeout))
     answers = await asyncio.gather(*(_ask(r, min_index, deadline) for r in remotes))
     outcome = _Outcome()
     outcome.add(await here, time.monotonic())
+    silent = []
     for remote, answer in zip(remotes, answers, strict=True):
         if isinstance(answer, Progress):
             outcome.add(answer, time.monotonic(), prefix=f"{remote.node_id}/")
         else:
             log.warning("proxies of node %s: no progress answer (%s)", remote.node_id, answer)
-            outcome.missed.append(f"{remote.node_id}:unreachable")
-            outcome.unreachable.append(remote.node_id)
+            silent.append(remote.node_id)
+    leased: list[str] = []
+    if silent and lease is not None and lease + LEASE_MARGIN <= timeout:
+        left = started + lease + LEASE_MARGIN - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)  # until the lease of whatever those Envoys hold ran out
+        leased = silent
+    else:
+        outcome.missed.extend(f"{node}:unreachable" for node in silent)
+        outcome.unreachable.extend(silent)
     return ProxyAcks(
         acked=outcome.acked,
         missed=tuple(sorted(outcome.missed)),
         nacked=dict(sorted(outcome.nacked.items())),
         unreachable=tuple(sorted(outcome.unreachable)),
+        leased=tuple(sorted(leased)),
     )
 

@@ -70,6 +70,19 @@ def primary_cluster_name(service: ServiceState, options: RenderOptions) -> str:
     return naming.primary_cluster(service.name)
 
 
+def primary_clusters(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -> list[str]:
+    """The clusters that route to a primary, one per service (what a primary lease covers)."""
+    return [primary_cluster_name(state.services[name], options) for name in sorted(state.services)]
+
+
+def without_primaries(state: MeshState) -> MeshState:
+    """`state` with no service's primary known: rendered, every primary route fails closed."""
+    services = {
+        name: service.model_copy(update={"primary": None}) for name, service in state.services.items()
+    }
+    return state.model_copy(update={"services": services})
+
+
 def _empty() -> Resources:
     return {CLUSTER: {}, CLUSTER_LOAD_ASSIGNMENT: {}, LISTENER: {}, ROUTE_CONFIGURATION: {}}
 
@@ -406,5 +419,7 @@ __all__ = [
     "clear_render_cache",
     "port_conflicts",
     "primary_cluster_name",
+    "primary_clusters",
     "render",
+    "without_primaries",
 ]

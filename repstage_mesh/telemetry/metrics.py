@@ -31,6 +31,8 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_failover_duration_seconds{service,mode}            histogram
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
+    repstage_xds_lease_renewals_total / _skipped_total          counters (xds.primary_lease_ms set)
+    repstage_xds_lease_fresh                                    gauge (0: primaries failed closed)
     repstage_raft_peers / _peers_connected                      gauges
     repstage_raft_frames_refused_total                          counter (frames over
         raft.unauthenticated_frame_limit from a peer that had not proven the password)
@@ -53,6 +55,7 @@ from prometheus_client.registry import Collector
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds import standing
+from repstage_mesh.xds.lease import LeaseRenewer
 from repstage_mesh.xds.limits import LIMIT_NAMES
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
 from repstage_mesh.xds.tls import REFUSAL_REASONS
@@ -134,6 +137,7 @@ class MeshMetrics:
         self.registry = registry
         self.node_id = node_id
         self.raft_status = raft_status
+        self.lease: LeaseRenewer | None = None  # set by the node when the primary lease is on
         self._lock = threading.Lock()
         self._live: dict[int, ProxyRecord] = {}  # id(record) -> record, connected ones
         self._held: dict[tuple[int, str], None] = {}  # (id(record), type_url) NACKed, not since ACKed
@@ -358,7 +362,7 @@ class _ScrapeTimeCollector(Collector):
         self.metrics = metrics
 
     def describe(self) -> list[Metric]:
-        return list(self._families({}, {}, {}, None))
+        return [*self._families({}, {}, {}, None), *self._lease_families()]
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
@@ -370,6 +374,7 @@ class _ScrapeTimeCollector(Collector):
             except Exception:  # a scrape must not fail because the store is closing
                 log.debug("raft status unavailable for metrics", exc_info=True)
         yield from self._families(by_type, streams, m._held_counts(), status)
+        yield from self._lease_families()
 
     def _families(
         self,
@@ -438,3 +443,21 @@ class _ScrapeTimeCollector(Collector):
         if status is not None and status.get("frames_refused") is not None:
             refused.add_metric([], float(status["frames_refused"]))
         yield refused
+
+    def _lease_families(self) -> Iterator[Metric]:
+        lease = self.metrics.lease
+        renewals = CounterMetricFamily(
+            "repstage_xds_lease_renewals", "Rounds that renewed the primary lease on every stream"
+        )
+        skipped = CounterMetricFamily(
+            "repstage_xds_lease_skipped",
+            "Rounds that did not renew the primary lease: no Raft majority confirmed this node in time",
+        )
+        fresh = GaugeMetricFamily(
+            "repstage_xds_lease_fresh", "1 while this node is proven current; 0: it serves primaries failed closed"
+        )
+        if lease is not None:
+            renewals.add_metric([], lease.counters.renewals)
+            skipped.add_metric([], lease.counters.skipped)
+            fresh.add_metric([], 1.0 if lease.fresh else 0.0)
+        yield from (renewals, skipped, fresh)
