@@ -17,6 +17,7 @@ from repstage_mesh.core.models import (
 from repstage_mesh.sources.probes import probe_kind
 
 FILE = """
+consul: {address: "127.0.0.1:8500"}
 secrets:
   redis-password: {env: REDIS_PASSWORD}
 services:
