@@ -263,7 +263,8 @@ class Node:
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
         api_settings = ApiSettings.from_config(
-            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts()
+            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts(),
+            deployment=settings.deployment(),
         )
         app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")

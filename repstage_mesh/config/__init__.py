@@ -14,6 +14,7 @@ all problems at once. Relative paths (`node.data_dir`) are relative to the worki
 
 from __future__ import annotations
 
+from repstage_mesh.config.checks import Deployment, Problem, SpecParts, service_problems
 from repstage_mesh.config.loading import load_config
 from repstage_mesh.config.operator import (
     HOOK_ENV_ALLOW_LIST,
@@ -52,15 +53,18 @@ __all__ = [
     "ApiTokens",
     "ConfigError",
     "ConsulConfig",
+    "Deployment",
     "EnvoyConfig",
     "HookSpec",
     "NamedToken",
     "NodeConfig",
+    "Problem",
     "RaftConfig",
     "SecretSource",
     "Secrets",
     "ServiceConfig",
     "Settings",
+    "SpecParts",
     "TelemetryConfig",
     "XdsConfig",
     "default_node_id",
@@ -68,5 +72,6 @@ __all__ = [
     "hook_environment",
     "load_config",
     "parse_host_port",
+    "service_problems",
     "startup_problems",
 ]
