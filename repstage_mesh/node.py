@@ -15,9 +15,10 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,8 +30,16 @@ from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient, PeerProxies
-from repstage_mesh.config import ConfigError, Settings, load_config, startup_problems
+from repstage_mesh.config import (
+    ConfigError,
+    Settings,
+    bind_problems,
+    bind_refused_reason,
+    load_config,
+    startup_problems,
+)
 from repstage_mesh.core.errors import (
+    ListenError,
     MeshError,
     NoLeaderKnown,
     NotReady,
@@ -239,6 +248,16 @@ class Node:
     # --- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start everything; on failure, stop what did start and raise (a bind that fails is a
+        ListenError, RaftBindError or DataDirInUse naming its config field)."""
+        try:
+            await self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         loop = asyncio.get_running_loop()
         data_dir = Path(settings.node.data_dir)
@@ -261,14 +280,16 @@ class Node:
         self._on_apply(self.store.state, None)  # what the journal already holds
         self._flush()
         host, port = settings.host_port("xds.listen")
-        self.xds_port = await self.xds.start(host, port)
+        with _listening("xds.listen", host, port):
+            self.xds_port = await self.xds.start(host, port)
         api_settings = ApiSettings.from_config(
             settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts(),
             deployment=settings.deployment(),
         )
         app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
-        self.api_runner = await start_api(app, api_host, api_port)
+        with _listening("api.listen", api_host, api_port):
+            self.api_runner = await start_api(app, api_host, api_port)
         from repstage_mesh.api.app import bound_port
 
         self.api_port = bound_port(self.api_runner)
@@ -495,19 +516,24 @@ async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
 
 
 def serve_main(args: Any) -> int:
-    """`repstage-mesh serve --config FILE`."""
+    """`repstage-mesh serve --config FILE [--debug]`. Exit 2, with one line per problem naming
+    its field or file and no traceback, when the node cannot start (--debug: with tracebacks)."""
+    debug = bool(getattr(args, "debug", False))
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    source = getattr(args, "config", None)
     try:
-        settings = load_config(getattr(args, "config", None))
-        # the same checks as `validate`, before Raft, xDS or the API start
-        problems = startup_problems(settings)
+        settings = load_config(source)
+        # the same checks as `validate`, then whether the ports are free, before anything starts
+        problems = [*startup_problems(settings), *bind_problems(settings)]
         if problems:
-            raise ConfigError(problems, getattr(args, "config", None))
+            raise ConfigError(problems, source)
     except ConfigError as exc:
-        print(str(exc))
-        return 1
+        for field, message in exc.errors:
+            _start_error(f"{field}: {message}" if field else message, exc.source)
+        return EXIT_REFUSED
 
     async def start() -> Node:
         node = Node(settings)
@@ -516,7 +542,34 @@ def serve_main(args: Any) -> int:
 
     try:
         asyncio.run(run_until_signalled(start))
-    except OSError as exc:
-        print(f"error: {exc}")
+    except (MeshError, OSError) as exc:
+        if debug:
+            log.exception("the node could not start")
+        named: str | None = getattr(exc, "field", None)
+        _start_error(f"{named}: {exc}" if named else str(exc), source)
+        return EXIT_REFUSED
+    except Exception as exc:
+        if debug:
+            raise
+        _start_error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", source)
         return 1
     return 0
+
+
+EXIT_REFUSED = 2  # the node refused to start: config, file, port or data directory (README)
+
+
+def _start_error(message: str, source: str | None) -> None:
+    where = f"{source}: " if source and source not in message else ""
+    sys.stderr.write(f"error: {where}{' '.join(message.split())}\n")
+
+
+@contextlib.contextmanager
+def _listening(field: str, host: str, port: int) -> Iterator[None]:
+    """A listener that cannot bind becomes a ListenError naming its config field."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = bind_refused_reason(exc) if isinstance(exc, OSError) else "the port is in use or the address is not this host's"
+        raise ListenError(field, f"cannot listen on {host}:{port}: {reason}; stop what uses it or "
+                          f"choose another port for {field}") from exc

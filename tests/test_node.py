@@ -334,3 +334,25 @@ async def test_forwarding_to_an_unreachable_leader(
     assert await node.failovers() == ("cp-1", [])
     assert await node.failover("r1") is None
 
+
+
+# --- a bind that fails after the pre-checks (a race) ----------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["xds.listen", "api.listen"])
+async def test_a_taken_port_at_start_names_its_field_and_stops_what_started(
+    make_node: NodeFactory, field: str
+) -> None:
+    from repstage_mesh.core.errors import ListenError
+
+    node = make_node()
+    host, port = node.settings.host_port(field)
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind((host, port))
+        other.listen()
+        with pytest.raises(ListenError) as raised:
+            await node.start()
+    assert raised.value.field == field and f"{host}:{port}" in str(raised.value)
+    assert node.store is None  # Raft was stopped: its data directory is free for the next try
+    await started(make_node())  # the same data directory, other ports

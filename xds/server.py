@@ -163,8 +163,12 @@ class AdsServer:
     async def start(self, host: str, port: int) -> int:
         server = aio.server(options=_GRPC_OPTIONS)
         server.add_generic_rpc_handlers((self.handler(),))
-        bound = server.add_insecure_port(f"{host}:{port}")
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")  # grpcio >= 1.60 raises RuntimeError
+        except RuntimeError:
+            bound = 0
         if bound == 0:
+            await server.stop(None)  # else its __del__ schedules a shutdown on a closed loop
             raise OSError(f"xDS: cannot listen on {host}:{port} (address in use or not available)")
         await server.start()
         self._server, self.port = server, bound

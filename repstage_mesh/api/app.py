@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -43,10 +43,10 @@ from repstage_mesh.api.http import (
 from repstage_mesh.api.limits import CoalescedReads, limit_counter
 from repstage_mesh.api.models import (
     ApiSettings,
-    ErrorDetail,
     AuditView,
     ClusterView,
     DeleteResult,
+    ErrorDetail,
     HealthView,
     PrimaryChange,
     PrimaryRequest,

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config", metavar="CONFIG")
     serve = sub.add_parser("serve", help="run a control-plane node")
     serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+    serve.add_argument("--debug", action="store_true",
+                       help="debug logging, and tracebacks when the node cannot start (exit 2)")
     _add_bootstrap(sub)
     _add_demo(sub)
     return parser

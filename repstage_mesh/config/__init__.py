@@ -40,7 +40,7 @@ from repstage_mesh.config.sections import (
     default_node_id,
 )
 from repstage_mesh.config.settings import Settings
-from repstage_mesh.config.startup import startup_problems
+from repstage_mesh.config.startup import bind_problems, bind_refused_reason, startup_problems
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.errors import ConfigError, format_errors
 
@@ -67,6 +67,8 @@ __all__ = [
     "SpecParts",
     "TelemetryConfig",
     "XdsConfig",
+    "bind_problems",
+    "bind_refused_reason",
     "default_node_id",
     "format_errors",
     "hook_environment",

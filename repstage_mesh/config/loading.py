@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([("", f"file not found: {source}")], source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([("", f"cannot read {source}: {exc}")], source) from None
+    except UnicodeDecodeError as exc:
+        message = f"cannot read {source}: not UTF-8 text (byte {exc.start}); give a YAML file"
+        raise ConfigError([("", message)], source) from None
+    except OSError as exc:
+        message = f"cannot read {source}: {exc.strerror or exc}; give a readable YAML file"
+        raise ConfigError([("", message)], source) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
