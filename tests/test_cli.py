@@ -365,8 +365,9 @@ def test_validate_refuses_what_serve_would_refuse_and_serve_starts_nothing(
     assert code == 1, out
     assert [e["field"] for e in json.loads(out)["errors"]] == [field]
     monkeypatch.chdir(tmp_path)
-    assert serve_main(argparse.Namespace(config=str(path))) == 1  # refused before anything starts
-    assert field in capsys.readouterr().out
+    assert serve_main(argparse.Namespace(config=str(path))) == 2  # refused before anything starts
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {field}: "), lines
     assert not (tmp_path / ".repstage").exists()
 
 

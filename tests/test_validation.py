@@ -236,3 +236,16 @@ async def test_replacing_a_service_keeps_its_own_ports(make_client: MakeClient) 
     client = await make_client(plane)
     resp = await client.put("/v1/services/orders", json=body(15000, read_port=15001))
     assert resp.status == 200, await resp.text()
+
+
+async def test_no_primary_is_member_null_and_a_bare_null_body_says_so(make_client: MakeClient) -> None:
+    plane = FakePlane(services=[existing()])
+    client = await make_client(plane)
+    resp = await client.post("/v1/services/orders/primary", data="null", headers={"Content-Type": "application/json"})
+    error = (await resp.json())["error"]
+    assert (resp.status, error["field"]) == (422, "member"), error
+    assert '{"member": null}' in error["message"]
+    resp = await client.post("/v1/services/orders/primary", json={"member": "a"})
+    assert resp.status == 200, await resp.text()
+    resp = await client.post("/v1/services/orders/primary", json={"member": None})
+    assert resp.status == 200 and (await resp.json())["primary"] is None

@@ -206,7 +206,11 @@ async def get_primary(request: web.Request) -> web.Response:
 
 async def set_primary(request: web.Request) -> web.Response:
     name = path_name(request)
-    body = parse(PrimaryRequest, await json_body(request))
+    raw = await json_body(request)
+    if json.loads(raw) is None:
+        raise ApiError(422, "invalid", 'member: the body is null; send {"member": null} to clear the primary '
+                       '(fail closed), or {"member": "b"} to name one', "member")
+    body = parse(PrimaryRequest, raw)
     before = plane(request).state().service(name)
     command = SetPrimary(service=name, member=body.member, epoch=body.epoch, cause=body.cause,
                          by=audit_tag(request))
