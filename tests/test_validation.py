@@ -249,3 +249,9 @@ async def test_no_primary_is_member_null_and_a_bare_null_body_says_so(make_clien
     assert resp.status == 200, await resp.text()
     resp = await client.post("/v1/services/orders/primary", json={"member": None})
     assert resp.status == 200 and (await resp.json())["primary"] is None
+
+
+def test_a_services_own_model_errors_do_not_hide_its_collisions(tmp_path: Path) -> None:
+    text = HEAD + "services:\n" + service(listen=15990).replace("m1,", "m0,")
+    fields = sorted(field for field, _ in errors_of(tmp_path, text))
+    assert fields == ["services[0].listen_port", "services[0].members"]

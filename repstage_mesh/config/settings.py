@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         try:
             settings = handler(data)
         except ValidationError as exc:
-            failed = {error_path(e["loc"]) for e in exc.errors(include_url=False)}
+            failed = _failed_paths(exc)
             problems = [p for p in _Parts.salvage(data).problems() if not _covered(p, failed)]
             if not problems:
                 raise
@@ -203,6 +203,22 @@ def error_path(loc: Sequence[int | str]) -> str:
         else:
             path += f".{part}" if path else str(part)
     return path
+
+
+_LINE_FIELD = re.compile(r"^(?:Value error, )?([a-z_][a-z0-9_]*(?:\[\d+\])*(?:\.[a-z_][a-z0-9_]*(?:\[\d+\])*)*): ")
+
+
+def _failed_paths(exc: ValidationError) -> set[str]:
+    """The fields pydantic refused; a model validator's "<field>: message" lines name theirs."""
+    failed: set[str] = set()
+    for error in exc.errors(include_url=False):
+        path = error_path(error["loc"])
+        named = [m.group(1) for m in map(_LINE_FIELD.match, str(error["msg"]).splitlines()) if m]
+        if error["type"] == "value_error" and named:
+            failed.update(f"{path}.{sub}" if path else sub for sub in named)
+        else:
+            failed.add(path)
+    return failed
 
 
 def _covered(problem: Problem, failed: set[str]) -> bool:
