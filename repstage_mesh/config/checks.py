@@ -27,7 +27,7 @@ other machines) the control plane's ports are not the proxies' business.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,7 +267,3 @@ def _reference_problems(parts: SpecParts, deployment: Deployment, prefix: str) -
             f"secrets.{secret}.hosts)")))
     return problems
 
-
-def without_reported(problems: list[Problem], reported: Callable[[str], bool]) -> list[Problem]:
-    """Drop problems on fields pydantic already reported (one problem per field, pydantic's)."""
-    return [p for p in problems if not reported(p.field)]

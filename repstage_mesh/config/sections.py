@@ -35,7 +35,6 @@ ErrorList = list[tuple[str, str]]
 
 # --- field types ------------------------------------------------------------------------------
 
-_WILDCARDS = {"0.0.0.0", "::", ""}
 
 
 def _host_port(value: str) -> str:
