@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from fakes import PROXY, FakePlane, LiveApi, orders_spec, self_signed_cert
 from pydantic import BaseModel
@@ -149,6 +150,8 @@ def test_switchover_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[
 def test_switchover_stale_epoch_is_refused(
     live: LiveApi, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    code, _, _ = run(capsys, "switchover", "orders", "--to", "a", "--epoch", "5", "--api", live.url)
+    assert code == 0  # the orchestrator's fencing token is now 5
     code, _, err = run(
         capsys, "switchover", "orders", "--to", "b", "--epoch", "1", "--api", live.url
     )
@@ -336,6 +339,38 @@ def test_delegated_command_missing_module(
     assert code == 1 and "not available" in err
 
 
+@pytest.mark.parametrize("command", ["validate", "serve"])
+def test_a_short_raft_password_is_refused_by_validate_and_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        GOOD_CONFIG
+        + 'raft: {bind: "127.0.0.1:7101", peers: ["127.0.0.1:7102"], password: "short-pw"}\n'
+        + f"node: {{data_dir: {tmp_path / 'data'}}}\n"
+    )
+    monkeypatch.delenv("REPSTAGE_RAFT__PASSWORD", raising=False)
+    code, out, err = run(capsys, command, *(["--config"] if command == "serve" else []), str(path))
+    assert code == 1
+    assert "raft.password" in out + err and "at least 16 characters" in out + err
+    assert "short-pw" not in out + err  # the value itself is never echoed
+    assert not (tmp_path / "data").exists()  # nothing started
+
+
+def test_bootstrap_keepalive_flags_reach_the_xds_cluster_and_bad_ones_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b.yaml"
+    assert cli.main(["bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--keepalive-interval", "1.5",
+                     "--keepalive-timeout", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    boot = yaml.safe_load(out.read_text())
+    options = boot["static_resources"]["clusters"][0]["typed_extension_protocol_options"]
+    keepalive = next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"]
+    assert keepalive == {"interval": "1.500s", "timeout": "0.500s"}
+    code, _, err = run(capsys, "bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--keepalive-timeout", "0")
+    assert code == 2 and "--keepalive-timeout" in err
+
+
 # --- validate checks what serve checks (issue 13): a config that validates starts -------------
 
 
@@ -356,7 +391,7 @@ def test_validate_refuses_what_serve_would_refuse_and_serve_starts_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     extra: str, field: str,
 ) -> None:
-    from repstage_mesh.node import serve_main
+    from repstage_mesh.cli.serve import serve_main
 
     monkeypatch.delenv("REPSTAGE_TEST_UNSET_VARIABLE", raising=False)
     path = tmp_path / "bad.yaml"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
+from repstage_mesh.api.failovers import AnnounceAnswer, caller
 from repstage_mesh.api.http import (
     CONSISTENT,
     OPENAPI,
@@ -30,6 +32,7 @@ from repstage_mesh.api.http import (
     READS,
     SETTINGS,
     audit_tag,
+    commit_error,
     json_body,
     ok,
     parse,
@@ -48,7 +51,6 @@ from repstage_mesh.api.models import (
     DeleteResult,
     ErrorDetail,
     HealthView,
-    PrimaryChange,
     PrimaryRequest,
     PrimaryView,
     ProxyView,
@@ -61,13 +63,14 @@ from repstage_mesh.api.models import (
 )
 from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
+from repstage_mesh.api.progress import progress_operations
 from repstage_mesh.config import Problem, SpecParts, service_problems
-from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.errors import CommitTimeout, MeshError, NoQuorum
 from repstage_mesh.core.models import (
+    Announcement,
     DeleteService,
     PutService,
     ServiceSpec,
-    SetPrimary,
 )
 
 __all__ = [
@@ -204,35 +207,35 @@ async def get_primary(request: web.Request) -> web.Response:
     )
 
 
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
 async def set_primary(request: web.Request) -> web.Response:
+    """An announce: break-before-make by default, one failover record and one trace each."""
     name = path_name(request)
     raw = await json_body(request)
     if json.loads(raw) is None:
         raise ApiError(422, "invalid", 'member: the body is null; send {"member": null} to clear the primary '
                        '(fail closed), or {"member": "b"} to name one', "member")
     body = parse(PrimaryRequest, raw)
-    before = plane(request).state().service(name)
-    command = SetPrimary(service=name, member=body.member, epoch=body.epoch, cause=body.cause,
-                         by=audit_tag(request))
-    outcome = await submit(request, command)
-    state = plane(request).state()
-    svc = require_service(state, name)
-    result = outcome.result
-    previous = result.get("previous_primary", before.primary if before else None)
-    primary = result.get("primary", svc.primary)
-    epoch = int(result.get("epoch", svc.epoch))
-    before_epoch = before.epoch if before else 0
-    changed = bool(result.get("changed", primary != previous or epoch != before_epoch))
-    return ok(
-        PrimaryChange(
-            service=name,
-            primary=primary,
-            epoch=epoch,
-            previous_primary=previous,
-            changed=changed,
-            applied_index=state.index,
-        )
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _KEY.match(key):
+        raise ApiError(422, "invalid", "Idempotency-Key: 1 to 200 printable ASCII characters, no spaces", "Idempotency-Key")
+    if key is not None and body.idempotency_key is not None and key != body.idempotency_key:
+        raise ApiError(422, "invalid", "idempotency_key: the body and the Idempotency-Key header differ; "
+                       "send one, or the same in both", "idempotency_key")
+    trace = {h: request.headers[h][:512] for h in _TRACE_HEADERS if h in request.headers}
+    announcement = Announcement(
+        member=body.member, token=body.epoch, cause=body.cause, fence=body.fence,
+        key=key if key is not None else body.idempotency_key, trace=trace or None,
+        by=audit_tag(request),
     )
+    try:
+        answer = await plane(request).announce(name, announcement, caller(request))
+    except (CommitTimeout, NoQuorum) as exc:
+        raise commit_error(exc) from None
+    return ok(AnnounceAnswer.model_validate(answer))
 
 
 async def get_audit(request: web.Request) -> web.Response:
@@ -293,17 +296,22 @@ def operations() -> list[Operation]:
         Operation("GET", svc + "/primary", "getPrimary", "Who is primary, at which epoch", get_primary,
                   {200: ("the primary", PrimaryView)}, errors=(400, 404, 503, 504), path_params=_NAME_PARAM,
                   query_flags=CONSISTENT),
-        Operation("POST", svc + "/primary", "setPrimary", "Set (or clear) the primary: a switchover", set_primary,
-                  {200: ("the primary after the change", PrimaryChange)}, request=PrimaryRequest,
-                  errors=(404, 409, 503, 504), path_params=_NAME_PARAM,
-                  description="member null means no primary is known: the primary listener refuses "
-                  "connections (fail closed). A claimed epoch at or below the current one is refused (409)."),
+        Operation("POST", svc + "/primary", "setPrimary", "Announce (or clear) the primary", set_primary,
+                  {200: ("the primary after the change, with its failover record", AnnounceAnswer)},
+                  request=PrimaryRequest, errors=(404, 409, 422, 503, 504), path_params=_NAME_PARAM,
+                  description="Break-before-make by default: fail closed, wait until every proxy of every "
+                  "node ACKed and closed its connections to the old primary, then route the new one, then "
+                  "answer. member null means no primary is known (fail closed). A claimed epoch (the "
+                  "caller's fencing token) at or below the highest one claimed before is refused (409). "
+                  "Send an Idempotency-Key header (or idempotency_key) to make a retry safe, and a W3C "
+                  "traceparent to make the change's trace a child of yours. A follower carries it to the leader."),
         Operation("GET", "/v1/audit", "getAudit", "The audit trail: who changed what, at which Raft index", get_audit,
                   {200: ("the last writes that changed something, newest first", AuditView)},
                   errors=(400, 503, 504), query_flags=CONSISTENT, tag="audit",
                   description="Replicated: every node answers the same trail. Kept: api.audit_entries."),
         Operation("GET", "/v1/proxies", "listProxies", "Envoy proxies and their xDS versions", list_proxies,
                   {200: ("one item per proxy", ListOf(ProxyView))}, tag="proxies"),
+        *progress_operations(),
         Operation("GET", "/v1/cluster", "getCluster", "This node's Raft view", get_cluster,
                   {200: ("Raft view", ClusterView)}, tag="cluster"),
         Operation("GET", "/healthz", "healthz", "The process is alive", healthz,

@@ -118,25 +118,30 @@ def audit_tag(request: web.Request) -> AuditTag:
     return AuditTag(actor=str(actor)[:64], keep=request.app[SETTINGS].audit_entries)
 
 
-async def submit(request: web.Request, command: Command) -> Outcome:
-    settings = request.app[SETTINGS]
-    try:
-        outcome = await plane(request).submit(command, timeout=settings.commit_timeout)
-    except CommitTimeout as exc:
+def commit_error(exc: CommitTimeout | NoQuorum) -> ApiError:
+    """The answer to a write that did not commit, or whose outcome is unknown."""
+    if isinstance(exc, CommitTimeout):
         # Before NoQuorum: NoQuorumOutcomeUnknown is both (no majority now, but the write
         # reached a leader and may still commit), and must not be reported as "nothing changed".
-        raise ApiError(
+        return ApiError(
             504,
             "commit_timeout",
             f"the write was not confirmed in time ({exc}); it may or may not have been applied: "
             "read the resource back before retrying",
-        ) from None
-    except NoQuorum as exc:
-        raise ApiError(
-            503,
-            "no_quorum",
-            f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
-        ) from None
+        )
+    return ApiError(
+        503,
+        "no_quorum",
+        f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
+    )
+
+
+async def submit(request: web.Request, command: Command) -> Outcome:
+    settings = request.app[SETTINGS]
+    try:
+        outcome = await plane(request).submit(command, timeout=settings.commit_timeout)
+    except (CommitTimeout, NoQuorum) as exc:
+        raise commit_error(exc) from None
     except Rejected as exc:
         raise ApiError.from_rejection(exc.rejection) from None
     if not outcome.ok:

@@ -134,7 +134,7 @@ class PrimaryRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        json_schema_extra={"examples": [{"member": "b", "cause": "planned switchover"}]},
+        json_schema_extra={"examples": [{"member": "b", "cause": "planned switchover", "epoch": 7}]},
     )
 
     member: Name | None = Field(
@@ -143,9 +143,21 @@ class PrimaryRequest(BaseModel):
     epoch: int | None = Field(
         default=None,
         ge=1,
-        description="the epoch the caller claims; must be greater than the current epoch or the claim is refused (409)",
+        description="the caller's fencing token (Patroni's term, Sentinel's epoch...): it must be "
+        "greater than every token claimed for this service before, or the claim is refused (409); "
+        "kept per service, independent of our own epoch (the Raft index that committed the role)",
     )
     cause: str = Field(default="api", max_length=200, description="why, recorded with the change")
+    fence: bool = Field(
+        default=True,
+        description="break-before-make (the default): fail closed, wait until every proxy ACKed and "
+        "closed its connections to the old primary, then route the new one; false routes at once",
+    )
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="the same as the Idempotency-Key header: a retry with the same key answers the "
+        "first request's change instead of making another",
+    )
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -230,6 +242,9 @@ class PrimaryChange(BaseModel):
         description="false when the claim repeated the current primary and nothing changed"
     )
     applied_index: int
+    replayed: bool = Field(
+        default=False, description="true when this answers an earlier request with the same idempotency key"
+    )
 
 
 class DeleteResult(BaseModel):
@@ -251,7 +266,7 @@ class ProxyTypeView(BaseModel):
     nacked_at: float | None = None
     error: str | None = Field(default=None, description="Envoy's error text for the last NACK")
     last_ack_latency_seconds: float | None = None
-    sync: str | None = Field(default=None, description="synced, behind, pending, nacked or idle")
+    sync: str | None = Field(default=None, description="synced, behind, pending, nacked, ahead or idle")
     behind: bool = Field(
         default=False, description="the ACKed version differs from the committed one"
     )
@@ -279,6 +294,23 @@ class ProxyView(BaseModel):
     types: dict[str, ProxyTypeView] = Field(
         default_factory=dict, description="by short type name: cds, eds, lds, rds"
     )
+    version_ahead: bool = Field(
+        default=False,
+        description="the proxy claims a version newer than this node's snapshot; not waited for",
+    )
+    claimed_version: str | None = Field(default=None, description="the claimed version, when ahead")
+    never_acked: bool = Field(
+        default=False,
+        description="first sent config xds.never_acked_grace seconds ago, never ACKed: not waited for",
+    )
+
+
+class ConfigDriftView(BaseModel):
+    service: str
+    kind: Literal["changed", "missing", "unmanaged"] = Field(
+        description="changed: fields differ; missing: in the file only; unmanaged: replicated only"
+    )
+    fields: list[str] = Field(default_factory=list, description="the spec fields that differ")
 
 
 class ClusterView(BaseModel):
@@ -289,6 +321,11 @@ class ClusterView(BaseModel):
     node_id: str
     leader: str | None = None
     applied_index: int
+    config_drift: list[ConfigDriftView] = Field(
+        default_factory=list,
+        description="services whose spec in this node's config file differs from the replicated "
+        "one (the file only seeds; `repstage-mesh apply FILE` applies it)",
+    )
 
 
 class HealthView(BaseModel):

@@ -74,6 +74,7 @@ class Operation:
     description: str = ""
     path_params: Mapping[str, str] = field(default_factory=dict)
     query_flags: Mapping[str, str] = field(default_factory=dict)  # boolean query parameters
+    query_params: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # name -> (description, schema)
 
     @property
     def is_write(self) -> bool:
@@ -164,6 +165,10 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
             "schema": {"type": "boolean", "default": False},
         }
         for name, description in op.query_flags.items()
+    ]
+    params += [
+        {"name": name, "in": "query", "required": False, "description": description, "schema": dict(schema)}
+        for name, (description, schema) in op.query_params.items()
     ]
     return params
 

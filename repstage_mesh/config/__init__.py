@@ -31,16 +31,22 @@ from repstage_mesh.config.sections import (
     ApiTokens,
     ConsulConfig,
     EnvoyConfig,
+    FailoversConfig,
     NamedToken,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
     TelemetryConfig,
-    XdsConfig,
     default_node_id,
 )
 from repstage_mesh.config.settings import Settings
-from repstage_mesh.config.startup import bind_problems, bind_refused_reason, startup_problems
+from repstage_mesh.config.startup import (
+    bind_problems,
+    bind_refused_reason,
+    listening,
+    startup_problems,
+)
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.errors import ConfigError, format_errors
 
@@ -55,6 +61,7 @@ __all__ = [
     "ConsulConfig",
     "Deployment",
     "EnvoyConfig",
+    "FailoversConfig",
     "HookSpec",
     "NamedToken",
     "NodeConfig",
@@ -72,6 +79,7 @@ __all__ = [
     "default_node_id",
     "format_errors",
     "hook_environment",
+    "listening",
     "load_config",
     "parse_host_port",
     "service_problems",

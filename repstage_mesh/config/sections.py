@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -35,6 +36,7 @@ ErrorList = list[tuple[str, str]]
 
 # --- field types ------------------------------------------------------------------------------
 
+_WILDCARDS = {"0.0.0.0", "::", ""}
 
 
 def _host_port(value: str) -> str:
@@ -66,6 +68,19 @@ def _consul_address(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Secret = Annotated[SecretStr, Field(min_length=1)]
+RAFT_PASSWORD_MIN_LENGTH = 16
+
+
+def _long_enough(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < RAFT_PASSWORD_MIN_LENGTH:
+        raise ValueError(
+            f"must be at least {RAFT_PASSWORD_MIN_LENGTH} characters (it keys the encryption and "
+            "authentication of every Raft peer)"
+        )
+    return value
+
+
+RaftPassword = Annotated[SecretStr, AfterValidator(_long_enough)]
 
 
 def default_node_id() -> str:
@@ -101,8 +116,37 @@ class NodeConfig(Section):
         return data
 
 
-class XdsConfig(Section):
-    listen: HostPort = "127.0.0.1:18000"
+_ADVERTISE = (
+    "HOST:PORT the other nodes (and Envoys, for xDS) reach this one at; default: the listen "
+    "address, or 127.0.0.1 for a wildcard bind on a single node. Required in a multi-node "
+    "cluster when the listen address is a wildcard (0.0.0.0, ::)"
+)
+
+
+def is_wildcard(host: str) -> bool:
+    return host in _WILDCARDS
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost" (a DNS name is otherwise taken as not loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _advertised(listen: str, advertise: str | None, bound_port: int | None = None) -> str:
+    """HOST:PORT to announce: `advertise` if set, else the listen address (a wildcard host
+    becomes 127.0.0.1: only right for a single node, which the settings check)."""
+    if advertise is not None:
+        return advertise
+    host, port = parse_host_port(listen)
+    if is_wildcard(host):
+        host = "127.0.0.1"
+    port = bound_port if bound_port is not None else port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 TokenRole = Literal["read_write", "read_only"]
@@ -217,8 +261,14 @@ class ApiTls(Section):
 
 
 class ApiConfig(Section):
-    listen: HostPort = "127.0.0.1:8080"
+    listen: HostPort = Field(default="127.0.0.1:8080", description="HOST:PORT the REST API binds")
+    advertise: HostPort | None = Field(default=None, description=_ADVERTISE)
     tokens: ApiTokens | None = None
+    switchover_wait: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="longest a POST .../switchover is held open (default and cap of the request's "
+        "`wait`); a switchover still running then is answered 504 with its record",
+    )
     tls: ApiTls | None = Field(default=None, description="HTTPS for the API; omitted: plain HTTP")
     max_body_bytes: int = Field(
         default=1024 * 1024, ge=1024, le=64 * 1024 * 1024,
@@ -238,23 +288,64 @@ class ApiConfig(Section):
         "concurrent and following reads share it (see README)",
     )
 
+    def advertised(self, bound_port: int | None = None) -> str:
+        return _advertised(self.listen, self.advertise, bound_port)
+
+
+class FailoversConfig(Section):
+    """The failover history every node holds (replicated through Raft)."""
+
+    history: int = Field(
+        default=100, ge=1, le=10_000,
+        description="failover records kept in the replicated history; the oldest drop out "
+        "(metric repstage_failover_history_total{event=\"dropped\"})",
+    )
+    idempotency_keys: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="announce idempotency keys remembered in the replicated state; the oldest are forgotten",
+    )
+
 
 class RaftConfig(Section):
     """Omit `peers` for a single node. With peers, `password` is required: pysyncobj peers
-    exchange pickles, so without it anyone reaching the Raft port can run code."""
+    exchange pickles, so without it anyone reaching the Raft port can run code.
 
-    bind: HostPort = "127.0.0.1:7001"
+    `bind` is where the Raft port listens; `advertise` (default: `bind`) is this node's Raft
+    identity, the exact string the other nodes list in their `peers`."""
+
+    bind: HostPort = Field(default="127.0.0.1:7001", description="HOST:PORT the Raft port binds")
+    advertise: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT the other nodes reach this one at, spelt exactly as in their "
+        "raft.peers; default: bind. Required when bind is a wildcard (0.0.0.0, ::)",
+    )
     peers: tuple[HostPort, ...] = ()
-    password: Secret | None = None
+    password: RaftPassword | None = None
+    durable_journal: bool = Field(
+        default=True,
+        description="msync the journal and fsync term and vote before acknowledging; false is "
+        "faster, logs a warning, and a power loss of a majority can lose acknowledged writes",
+    )
+    unauthenticated_frame_limit: Annotated[int, Field(ge=1024, le=2**31 - 1)] = Field(
+        default=65536,
+        description="largest frame (bytes) accepted from a Raft peer before it proved the "
+        "password; a bigger one drops the connection (metric repstage_raft_frames_refused_total)",
+    )
+
+    @property
+    def identity(self) -> str:
+        """This node's Raft address as the peers know it."""
+        return self.advertise if self.advertise is not None else self.bind
 
     @model_validator(mode="after")
     def _cluster(self) -> RaftConfig:
         problems = []
         seen: dict[str, int] = {}
+        own = "raft.advertise" if self.advertise is not None else "raft.bind"
         for i, peer in enumerate(self.peers):
-            if peer == self.bind:
+            if peer == self.identity:
                 problems.append(
-                    f"peers[{i}]: {peer!r} is this node's own raft.bind; list only the others"
+                    f"peers[{i}]: {peer!r} is this node's own {own}; list only the others"
                 )
             elif peer in seen:
                 problems.append(
@@ -383,6 +474,50 @@ class ConsulConfig(Section):
     token: Secret | None = None
     # `register` in the file; a field of that name would shadow BaseModel.register (ABCMeta).
     register_service: bool = Field(default=True, alias="register")
+    register_address: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT registered in Consul for this node's API and checked by Consul "
+        "(the address other hosts reach it at); default: api.listen unless it is a wildcard, "
+        "else the Consul agent's node address",
+    )
+    check_interval: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds between Consul's checks of /healthz"
+    )
+    deregister_after: float = Field(
+        default=60.0,
+        ge=60,
+        le=86400,
+        description="Consul removes this node's registration after its check is critical this "
+        "long (DeregisterCriticalServiceAfter; Consul's minimum is 1 min)",
+    )
+    resync_interval: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds between checks that the registration is still in Consul "
+        "(re-registered when it is gone)",
+    )
+
+    max_query_rate: float = Field(
+        default=20.0,
+        gt=0,
+        le=1000,
+        description="blocking health queries per second and service at most, after "
+        "query_burst (Consul's advice: a churning answer degrades into polling, not a busy loop)",
+    )
+    query_burst: int = Field(
+        default=5, ge=1, le=1000, description="health queries sent at once before pacing"
+    )
+
+    @field_validator("register_address")
+    @classmethod
+    def _reachable(cls, value: str | None) -> str | None:
+        if value is not None and parse_host_port(value)[0] in ("0.0.0.0", "::", "*"):
+            raise ValueError(
+                "a wildcard is no address Consul can check: give the address other hosts reach "
+                "this node's API at"
+            )
+        return value
 
 
 class ServiceConfig(Section):

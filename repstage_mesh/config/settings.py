@@ -41,12 +41,15 @@ from repstage_mesh.config.sections import (
     ApiConfig,
     ConsulConfig,
     EnvoyConfig,
+    FailoversConfig,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
     TelemetryConfig,
-    XdsConfig,
+    is_loopback,
+    is_wildcard,
 )
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.models import Name, ServiceSpec
 from repstage_mesh.render.options import PrimaryStrategy
@@ -108,6 +111,7 @@ class Settings(BaseSettings):
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
+    failovers: FailoversConfig = Field(default_factory=FailoversConfig)
     services: tuple[ServiceConfig, ...] = ()
     hooks: dict[Name, HookSpec] = Field(
         default_factory=dict, description="promotion hooks by name (services name them)"
@@ -221,6 +225,37 @@ def _failed_paths(exc: ValidationError) -> set[str]:
     return failed
 
 
+def _advertise_problems(api: ApiConfig, xds: XdsConfig, raft: RaftConfig) -> list[Problem]:
+    """What this node announces must reach it: never a wildcard; in a multi-node cluster, set
+    explicitly for a wildcard bind, and not loopback when a peer is not."""
+    problems: list[Problem] = []
+    multi = raft.multi_node
+    remote_peer = next((p for p in raft.peers if not is_loopback(parse_host_port(p)[0])), None)
+    entries = (
+        ("api", "listen", api.listen, api.advertise),
+        ("xds", "listen", xds.listen, xds.advertise),
+        ("raft", "bind", raft.bind, raft.advertise),
+    )
+    for section, bind_field, bind, advertise in entries:
+        env = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}ADVERTISE"
+        if advertise is not None and is_wildcard(parse_host_port(advertise)[0]):
+            problems.append(Problem(f"{section}.advertise", f"{advertise!r} is a wildcard address, which "
+                             "nobody can reach; give this node's own address (e.g. the pod IP)"))
+            continue
+        if advertise is None and multi and is_wildcard(parse_host_port(bind)[0]):
+            problems.append(Problem(f"{section}.advertise", f"required in a multi-node cluster when "
+                             f"{section}.{bind_field} is a wildcard ({bind!r}): set the address the "
+                             f"other nodes reach this node at, e.g. the pod IP (or {env})"))
+            continue
+        announced = advertise if advertise is not None else bind
+        if remote_peer is not None and is_loopback(parse_host_port(announced)[0]):
+            field = f"{section}.advertise" if advertise is not None else f"{section}.{bind_field}"
+            problems.append(Problem(field, f"{announced!r} is a loopback address but peer {remote_peer!r} "
+                             "is not: the other nodes could not reach this one; set "
+                             f"{section}.advertise (or {env}) to an address they reach"))
+    return problems
+
+
 def _covered(problem: Problem, failed: set[str]) -> bool:
     """pydantic already reported this field, a part of it or what holds it."""
     return any(problem.field == f or problem.field.startswith((f + ".", f + "[")) or f.startswith(problem.field + ".")
@@ -302,6 +337,8 @@ class _Parts:
     def problems(self) -> list[Problem]:
         fence, admin, address = self._envoy_ports()
         problems = listener_problems(self.sockets(), fence, admin, address)
+        if self.api is not None and self.xds is not None and self.raft is not None:
+            problems += _advertise_problems(self.api, self.xds, self.raft)
         deployment = self.deployment()
         names: dict[str, int] = {}
         taken: dict[int, str] = {}

@@ -9,18 +9,20 @@ refuse a config.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from repstage_mesh.config.sections import ErrorList
 from repstage_mesh.config.settings import Settings
 from repstage_mesh.core.addresses import is_loopback
+from repstage_mesh.core.errors import ListenError
 
-__all__ = ["bind_problems", "bind_refused_reason", "startup_problems"]
+__all__ = ["bind_problems", "bind_refused_reason", "listening", "startup_problems"]
 
 
 def startup_problems(settings: Settings, env: Mapping[str, str] | None = None) -> ErrorList:
@@ -114,3 +116,15 @@ def bind_refused_reason(exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return "permission denied (ports below 1024 need privileges)"
     return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def listening(field: str, host: str, port: int) -> Iterator[None]:
+    """Around a listener's bind: a failure (another process was quicker than `bind_problems`)
+    becomes a ListenError naming the config field."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = bind_refused_reason(exc) if isinstance(exc, OSError) else bind_refused_reason(OSError())
+        raise ListenError(field, f"cannot listen on {host}:{port}: {reason}; stop what uses it or "
+                          f"choose another port for {field}") from exc

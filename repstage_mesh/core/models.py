@@ -97,7 +97,10 @@ class ProbeSpec(Frozen):
     timeout: float = Field(default=0.25, gt=0, le=60, description="seconds before a silent member counts as failed")
     fall: int = Field(default=3, ge=1, le=100, description="consecutive failures before a member is down")
     rise: int = Field(default=2, ge=1, le=100, description="consecutive successes before a member is up")
+    refused_fall: int = Field(default=2, ge=1, le=100, description="consecutive refused connections (each confirmed on a fresh connection) before a member is down; at most fall counts")
+    retry_interval: float = Field(default=0.02, gt=0, le=60, description="seconds before the probe that confirms a refused one (instead of interval)")
     path: str = Field(default="/primary", description="http: path that answers expect_status only on the primary")
+    port: Port | None = Field(default=None, description="probe this port on each member's address instead of the member's port (e.g. Patroni's REST API, 8008)")
     expect_status: int = Field(default=200, ge=100, le=599)
     user: str | None = Field(default=None, description="postgres: user to connect as")
     database: str = Field(default="postgres")
@@ -220,6 +223,11 @@ class ServiceState(Frozen):
         description="(member, how many times it became primary), sorted; the renderer uses it "
         "to give a newly promoted member a fresh Envoy host so it is routable at once",
     )
+    claim: int = Field(
+        default=0, ge=0,
+        description="the highest fencing token an orchestrator claimed (Patroni's term, Sentinel's "
+        "epoch...): a claim at or below it is refused; independent of `epoch` (our Raft index)",
+    )
 
     def promotion_count(self, member: str) -> int:
         return dict(self.promotions).get(member, 0)
@@ -261,11 +269,26 @@ class AuditEntry(Frozen):
     detail: str = Field(default="", max_length=300)
 
 
+class FailoverEntry(Frozen):
+    """One failover record as the replicated history holds it (`record` is the record's JSON;
+    `rev` grows with every update, so a late update never overwrites a newer one)."""
+
+    id: str = Field(min_length=1, max_length=200)
+    rev: int = Field(ge=0)
+    record: dict[str, Any]
+
+
 class MeshState(Frozen):
     """The whole replicated state. `index` is the Raft index of the last applied entry."""
 
     services: dict[str, ServiceState] = Field(default_factory=dict)
     nodes: dict[str, NodeAddress] = Field(default_factory=dict, description="control-plane nodes by id")
+    failovers: tuple[FailoverEntry, ...] = Field(
+        default=(), description="the failover history, oldest first (bounded by the commands' `keep`)"
+    )
+    request_keys: tuple[tuple[str, str], ...] = Field(
+        default=(), description="(idempotency key, failover record id), oldest first (bounded)"
+    )
     index: int = 0
     last_change: int = Field(default=0, description="Raft index of the last entry that changed anything")
     audit: tuple[AuditEntry, ...] = Field(default=(), description="the last applied writes, oldest first, at most audit_keep")
@@ -273,6 +296,19 @@ class MeshState(Frozen):
 
     def service(self, name: str) -> ServiceState | None:
         return self.services.get(name)
+
+    def failover(self, record_id: str) -> FailoverEntry | None:
+        for entry in self.failovers:
+            if entry.id == record_id:
+                return entry
+        return None
+
+    def request_key(self, key: str) -> str | None:
+        """The failover record id an idempotency key was first used for."""
+        for known, record_id in self.request_keys:
+            if known == key:
+                return record_id
+        return None
 
 
 # --- Commands: every change to MeshState is one of these, committed through the log. ------------
@@ -313,6 +349,11 @@ class SetPrimary(Frozen):
     epoch: int | None = Field(default=None, ge=1)
     cause: str = Field(default="announce", max_length=200)
     trace: dict[str, str] | None = Field(default=None, description="W3C trace context carried through the log")
+    token: int | None = Field(
+        default=None, ge=1,
+        description="the orchestrator's fencing token (its own epoch/term): must be greater than "
+        "the service's `claim`, which it then becomes",
+    )
     by: AuditTag | None = None
 
 
@@ -331,7 +372,23 @@ class AnnounceNode(Frozen):
     node: NodeAddress
 
 
-Command = Annotated[PutService | DeleteService | SetPrimary | Noop | AnnounceNode, Field(discriminator="kind")]
+class RecordFailover(Frozen):
+    """Add or update one failover record in the replicated history (the leader commits each
+    record when it starts, at its major steps and when it ends). Changes no routing.
+
+    `keep`: how many records the history holds (the oldest drop out); `key`: an idempotency
+    key the record answers (remembered with the newest `keep_keys` keys)."""
+
+    kind: Literal["record_failover"] = "record_failover"
+    entry: FailoverEntry
+    keep: int = Field(default=100, ge=1, le=100_000)
+    key: str | None = Field(default=None, min_length=1, max_length=200)
+    keep_keys: int = Field(default=1000, ge=1, le=1_000_000)
+
+
+Command = Annotated[
+    PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover, Field(discriminator="kind")
+]
 
 
 class CommandEnvelope(Frozen):
@@ -339,6 +396,19 @@ class CommandEnvelope(Frozen):
 
     command: Command
     request_id: str = ""
+
+
+class Announcement(Frozen):
+    """What a caller announces about a service's primary (POST /v1/services/{name}/primary),
+    as the node runs it: not a command, but the request for the plan that commits it."""
+
+    member: Name | None
+    token: int | None = Field(default=None, ge=1, description="the caller's fencing token (the API's epoch)")
+    cause: str = Field(default="announce", max_length=200)
+    fence: bool = Field(default=True, description="break-before-make; false routes at once")
+    key: str | None = Field(default=None, min_length=1, max_length=200, description="idempotency key")
+    trace: dict[str, str] | None = Field(default=None, description="the caller's W3C trace context")
+    by: AuditTag | None = Field(default=None, description="who asked (the audit trail of its commits)")
 
 
 class Rejection(Frozen):
