@@ -102,7 +102,7 @@ COLLISIONS = [
     ("api", HEAD + "services:\n" + service(listen=8080), "services[0].listen_port", "api.listen"),
     (
         "raft",
-        HEAD + 'raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7002"], password: p}\nservices:\n' + service(listen=7001),
+        HEAD + 'raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7002"], password: p0123456789abcdef}\nservices:\n' + service(listen=7001),
         "services[0].listen_port", "raft.bind",
     ),
     ("service", HEAD + "services:\n" + service() + service("b", 15000), "services[1].listen_port", "services[0].listen_port"),
@@ -120,7 +120,7 @@ def test_each_collision_is_refused_by_validate(tmp_path: Path, text: str, field:
 
 def test_the_control_planes_ports_are_free_for_services_when_envoys_run_elsewhere(tmp_path: Path) -> None:
     # xDS on a routable address: the Envoys need not share this host
-    text = HEAD.replace("127.0.0.1:18000", "10.0.0.1:18000") + "services:\n" + service(listen=18000) + service("b", 8080)
+    text = HEAD.replace('127.0.0.1:18000"}', '10.0.0.1:18000", insecure: true}') + "services:\n" + service(listen=18000) + service("b", 8080)
     path = tmp_path / "ok.yaml"
     path.write_text(text, encoding="utf-8")
     assert [s.listen_port for s in load_config(path, env={}).specs()] == [18000, 8080]
