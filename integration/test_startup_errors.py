@@ -89,7 +89,7 @@ def test_the_api_port_taken(tmp: Path, held_port: int) -> None:
 
 
 def test_the_raft_port_taken(tmp: Path, held_port: int) -> None:
-    raft = {"bind": f"127.0.0.1:{held_port}", "peers": [f"127.0.0.1:{free_low_port()}"], "password": "pw"}
+    raft = {"bind": f"127.0.0.1:{held_port}", "peers": [f"127.0.0.1:{free_low_port()}"], "password": "integration-raft-password"}
     line = refused(config(tmp, raft=raft), tmp)
     assert f"raft.bind: cannot listen on 127.0.0.1:{held_port}" in line
 
