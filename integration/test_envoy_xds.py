@@ -324,3 +324,40 @@ def test_port_collisions_are_refused_with_409_and_no_envoy_nacks(mesh: Mesh) -> 
     for kind, view in mesh.proxy()["types"].items():
         assert not view["nacked_version"] and not view["error"], (kind, view)
     assert mesh.envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == "listener_manager.lds.update_rejected: 0\n"
+
+
+def test_envoy_admin_port_is_refused_when_configured_and_nacked_when_not() -> None:
+    """`envoy.admin_port` names the Envoys' admin port: a service on it is a 409. Measured
+    without it (`admin_port: null`): Envoy NACKs the listener ("cannot bind ... Address already
+    in use") and keeps its last good config, which is what the check prevents."""
+    with workdir() as wd, NamedTcpBackend("c") as c:
+        cp = ControlPlaneNode(wd, {"envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)}})
+        envoy = Envoy(wd, "edge-1", [cp.xds_address])
+        cp.config["envoy"]["admin_port"] = envoy.admin_port
+        members = [{"name": "c", "address": "127.0.0.1", "port": c.port}]
+        try:
+            cp.start()
+            envoy.start()
+            wait_until(lambda: any(p["connected"] and p["synced"] for p in cp.get("/v1/proxies")), 10,
+                       what="the Envoy synced")
+            status, body = cp.call("PUT", "/v1/services/clash", {"listen_port": envoy.admin_port, "members": members})
+            assert (status, body["error"]["field"]) == (409, "listen_port"), body
+            assert "envoy.admin_port" in body["error"]["message"]
+            assert envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == "listener_manager.lds.update_rejected: 0\n"
+            # the same file without admin_port: the write goes through, and Envoy refuses it
+            cp.stop()
+            cp.config["envoy"]["admin_port"] = None
+            cp.start()
+            status, body = cp.call("PUT", "/v1/services/clash", {"listen_port": envoy.admin_port, "members": members})
+            assert status == 201, body
+
+            def lds_nack() -> str | None:
+                for proxy in cp.get("/v1/proxies"):
+                    if proxy["connected"] and proxy["types"]["lds"]["nacked_version"]:
+                        return str(proxy["types"]["lds"]["error"])
+                return None
+
+            assert "Address already in use" in wait_until(lds_nack, 15, what="Envoy NACKs the listener")
+        finally:
+            envoy.stop()
+            cp.stop()
