@@ -255,3 +255,9 @@ def test_a_services_own_model_errors_do_not_hide_its_collisions(tmp_path: Path) 
     text = HEAD + "services:\n" + service(listen=15990).replace("m1,", "m0,")
     fields = sorted(field for field, _ in errors_of(tmp_path, text))
     assert fields == ["services[0].listen_port", "services[0].members"]
+
+
+def test_an_advertised_loopback_xds_means_the_envoys_share_this_host(tmp_path: Path) -> None:
+    head = HEAD.replace('127.0.0.1:18000"}', '0.0.0.0:18000", advertise: "127.0.0.1:18000", insecure: true}')
+    errors = errors_of(tmp_path, head + "services:\n" + service(listen=8080))
+    assert errors == [("services[0].listen_port", errors[0][1])] and "api.listen" in errors[0][1]

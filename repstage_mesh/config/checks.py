@@ -19,8 +19,8 @@ What it finds:
 - a Consul-sourced service without `consul.address`; hooks and secrets that are not defined, or
   a secret whose `hosts` do not list a member's address.
 
-"Shares this host" is decided from the config alone: an xDS server on a loopback address can
-only be reached by Envoys on the same host; a control-plane socket on the very address the
+"Shares this host" is decided from the config alone: an xDS server on (or advertised at) a
+loopback address can only be reached by Envoys on the same host; a control-plane socket on the very address the
 Envoys' listeners bind is on the same host too. Elsewhere (a wildcard xDS address, Envoys on
 other machines) the control plane's ports are not the proxies' business.
 """
@@ -140,7 +140,7 @@ def sockets_overlap(a: str, b: str) -> bool:
 
 def reserved_ports(
     fence_port: int | None, admin_port: int | None, envoy_address: str | None,
-    sockets: Mapping[str, tuple[str, int]],
+    sockets: Mapping[str, tuple[str, int]], xds_advertise: str | None = None,
 ) -> dict[int, str]:
     """Port -> what already uses it on every proxy: the fence listeners (fence_port None: not
     health_fence), the admin port, and this node's sockets when the Envoys share its host."""
@@ -150,23 +150,25 @@ def reserved_ports(
         used[fence_port + 1] = "envoy.fence_port + 1 (the second fence listener on every Envoy)"
     if admin_port is not None:
         used.setdefault(admin_port, "envoy.admin_port (every Envoy's admin interface)")
-    if envoy_address is not None and _shares_host(envoy_address, sockets):
+    if envoy_address is not None and _shares_host(envoy_address, sockets, xds_advertise):
         for name, (host, port) in sockets.items():
             if port and sockets_overlap(host, envoy_address):
                 used.setdefault(port, f"{name} (this control-plane node, on the Envoys' host)")
     return used
 
 
-def _shares_host(envoy_address: str, sockets: Mapping[str, tuple[str, int]]) -> bool:
+def _shares_host(envoy_address: str, sockets: Mapping[str, tuple[str, int]], xds_advertise: str | None) -> bool:
+    """The Envoys run on this host: they reach xDS on a loopback address (bound or advertised),
+    or this node listens on the very address their listeners bind."""
     xds = sockets.get("xds.listen")
-    if xds is not None and is_loopback(xds[0]):
+    if (xds is not None and is_loopback(xds[0])) or (xds_advertise is not None and is_loopback(xds_advertise)):
         return True
     return envoy_address not in WILDCARDS and any(h == envoy_address for h, _ in sockets.values())
 
 
 def listener_problems(
     sockets: Mapping[str, tuple[str, int]], fence_port: int | None, admin_port: int | None,
-    envoy_address: str | None,
+    envoy_address: str | None, xds_advertise: str | None = None,
 ) -> list[Problem]:
     """The control plane's own sockets against each other, and the proxies' fixed ports
     (fence, admin) against each other and against this node's sockets on a shared host."""
@@ -184,7 +186,7 @@ def listener_problems(
                                 "choose another admin port (bootstrap --admin-port) or fence_port", True))
     if admin_port is not None:
         fixed.setdefault(admin_port, "envoy.admin_port (every Envoy's admin interface)")
-    if envoy_address is not None and _shares_host(envoy_address, sockets):
+    if envoy_address is not None and _shares_host(envoy_address, sockets, xds_advertise):
         for name, (host, port) in sockets.items():
             if port in fixed and sockets_overlap(host, envoy_address):
                 problems.append(Problem(name, f"port {port} is also {fixed[port]}, and the Envoys run on "

@@ -321,6 +321,12 @@ class _Parts:
         fence = envoy.fence_port if envoy.primary_strategy is PrimaryStrategy.HEALTH_FENCE else None
         return fence, envoy.admin_port, envoy.listen_address
 
+    def _xds_advertise(self) -> str | None:
+        """The host the Envoys are told to reach xDS at, when it differs from xds.listen's."""
+        if self.xds is None or self.xds.advertise is None:
+            return None
+        return parse_host_port(self.xds.advertise)[0]
+
     def deployment(self) -> Deployment:
         fence, admin, address = self._envoy_ports()
         secret_hosts = (
@@ -328,7 +334,7 @@ class _Parts:
             if self.secrets is not None else None
         )
         return Deployment(
-            reserved_ports=reserved_ports(fence, admin, address, self.sockets(bound_only=True)),
+            reserved_ports=reserved_ports(fence, admin, address, self.sockets(bound_only=True), self._xds_advertise()),
             hooks=frozenset(self.hooks) if self.hooks is not None else None,
             secret_hosts=secret_hosts,
             consul=bool(self.consul.address) if self.consul is not None else None,
@@ -336,7 +342,7 @@ class _Parts:
 
     def problems(self) -> list[Problem]:
         fence, admin, address = self._envoy_ports()
-        problems = listener_problems(self.sockets(), fence, admin, address)
+        problems = listener_problems(self.sockets(), fence, admin, address, self._xds_advertise())
         if self.api is not None and self.xds is not None and self.raft is not None:
             problems += _advertise_problems(self.api, self.xds, self.raft)
         deployment = self.deployment()
