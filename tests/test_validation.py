@@ -261,3 +261,13 @@ def test_an_advertised_loopback_xds_means_the_envoys_share_this_host(tmp_path: P
     head = HEAD.replace('127.0.0.1:18000"}', '0.0.0.0:18000", advertise: "127.0.0.1:18000", insecure: true}')
     errors = errors_of(tmp_path, head + "services:\n" + service(listen=8080))
     assert errors == [("services[0].listen_port", errors[0][1])] and "api.listen" in errors[0][1]
+
+
+def test_the_api_checks_against_what_the_config_reserves(tmp_path: Path) -> None:
+    raft = 'raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7002"], password: p0123456789abcdef}\n'
+    path = tmp_path / "cluster.yaml"
+    path.write_text(HEAD + raft, encoding="utf-8")
+    settings = load_config(path, env={})
+    api = ApiSettings.from_config(settings.api, deployment=settings.deployment())
+    assert sorted(api.reserved_ports) == [7001, 8080, 9901, 15990, 15991, 18000]
+    assert api.consul is False
