@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from fakes import FakePlane, LiveApi
 
 from repstage_mesh.api.app import build_app
 from repstage_mesh.api.models import ApiSettings
@@ -18,7 +19,6 @@ from repstage_mesh.cli import main as cli
 from repstage_mesh.config import ConfigError, load_config
 from repstage_mesh.core.models import Member, ServiceSpec
 from repstage_mesh.core.state import encode_state
-from tests.fakes import FakePlane
 
 HEAD = """\
 xds: {listen: "127.0.0.1:18000"}
@@ -271,3 +271,14 @@ def test_the_api_checks_against_what_the_config_reserves(tmp_path: Path) -> None
     api = ApiSettings.from_config(settings.api, deployment=settings.deployment())
     assert sorted(api.reserved_ports) == [7001, 8080, 9901, 15990, 15991, 18000]
     assert api.consul is False
+
+
+def test_the_cli_prints_every_problem_of_a_refused_put(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "apply.yaml"
+    # valid as a file, but both ports belong to the replicated service `orders`
+    path.write_text("services:\n" + service("clash", 15000, "    read_port: 15001\n"), encoding="utf-8")
+    with LiveApi(FakePlane(services=[existing()]), SETTINGS) as api:
+        assert cli.main(["apply", str(path), "--api", api.url]) == 1
+    err = capsys.readouterr().err
+    assert "error: listen_port: port 15000 is also listen_port of service 'orders'" in err
+    assert "  read_port: port 15001 is also read_port of service 'orders'" in err

@@ -218,6 +218,14 @@ def _error(message: str, field: str | None = None) -> None:
     sys.stderr.write(f"error: {message}{suffix}\n")
 
 
+def _error_details(details: Sequence[Any]) -> None:
+    """Every problem of a refused request (PUT reports them all at once), one per line."""
+    problems = [d for d in details if isinstance(d, Mapping) and "message" in d]
+    if len(problems) > 1:
+        for d in problems:
+            sys.stderr.write(f"  {d.get('field') or '-'}: {d['message']}\n")
+
+
 # --- client commands ------------------------------------------------------------------------------
 
 
@@ -569,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return CLIENT_COMMANDS[args.command](args, client, out)
     except ApiRequestError as exc:
         _error(exc.message, exc.field)
+        _error_details(exc.details)
         return EXIT_ERROR
     except (ApiUnreachable, CliError) as exc:
         _error(str(exc))
