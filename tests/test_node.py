@@ -517,3 +517,21 @@ async def test_a_taken_port_at_start_names_its_field_and_stops_what_started(
     assert raised.value.field == field and f"{host}:{port}" in str(raised.value)
     # Raft was stopped: its data directory is free for the next try
     await started(make_node())  # the same data directory, other ports
+
+
+async def test_a_fence_port_moved_onto_a_replicated_service_is_logged_at_start(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from repstage_mesh.cli.serve import start_node
+
+    first = await started(make_node(services=ORDERS))  # orders listens on 15000
+    await first.stop()
+    moved = make_node(services="envoy: {fence_port: 15000}\n")  # the file no longer lists orders
+    caplog.set_level("ERROR", logger="repstage_mesh.node")
+    node = await start_node(moved.settings)
+    try:
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any(line.startswith("envoy.fence_port: port 15000 is also the listen_port of the "
+                                   "replicated service 'orders'") for line in lines), lines
+    finally:
+        await node.stop()

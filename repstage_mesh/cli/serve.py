@@ -19,7 +19,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from repstage_mesh.config import ConfigError, Settings, bind_problems, load_config, startup_problems
+from repstage_mesh.config import (
+    ConfigError,
+    Settings,
+    bind_problems,
+    load_config,
+    replicated_problems,
+    startup_problems,
+)
 from repstage_mesh.core.errors import MeshError
 from repstage_mesh.node import Node
 
@@ -56,6 +63,9 @@ async def start_node(settings: Settings) -> Node:
         with contextlib.suppress(Exception):
             await node.stop()
         raise
+    specs = [service.spec for service in node.state().services.values()]  # the journal's
+    for problem in replicated_problems(specs, settings.deployment()):
+        log.error("%s: %s", problem.field, problem.message)
     return node
 
 

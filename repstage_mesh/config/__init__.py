@@ -14,7 +14,13 @@ all problems at once. Relative paths (`node.data_dir`) are relative to the worki
 
 from __future__ import annotations
 
-from repstage_mesh.config.checks import Deployment, Problem, SpecParts, service_problems
+from repstage_mesh.config.checks import (
+    Deployment,
+    Problem,
+    SpecParts,
+    replicated_problems,
+    service_problems,
+)
 from repstage_mesh.config.loading import load_config
 from repstage_mesh.config.operator import (
     HOOK_ENV_ALLOW_LIST,
@@ -82,6 +88,7 @@ __all__ = [
     "listening",
     "load_config",
     "parse_host_port",
+    "replicated_problems",
     "service_problems",
     "startup_problems",
 ]

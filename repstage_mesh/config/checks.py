@@ -27,7 +27,7 @@ other machines) the control plane's ports are not the proxies' business.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ __all__ = [
     "Problem",
     "SpecParts",
     "listener_problems",
+    "replicated_problems",
     "reserved_ports",
     "service_problems",
     "sockets_overlap",
@@ -269,3 +270,21 @@ def _reference_problems(parts: SpecParts, deployment: Deployment, prefix: str) -
             f"secrets.{secret}.hosts)")))
     return problems
 
+
+
+def replicated_problems(specs: Iterable[ServiceSpec], deployment: Deployment) -> list[Problem]:
+    """The replicated services against this node's config: a service created through the API
+    before the config moved a fence or admin port onto its port. Neither `validate` (it does
+    not know the replicated state) nor `PUT` (the service is already there) can see it; `serve`
+    logs each at start, since every Envoy NACKs the listeners until one of them moves."""
+    problems: list[Problem] = []
+    for spec in specs:
+        for name, port in (("listen_port", spec.listen_port), ("read_port", spec.read_port)):
+            owner = deployment.reserved_ports.get(port) if port is not None else None
+            if owner is not None:
+                field_name = owner.split(" ")[0]
+                problems.append(Problem(field_name, (
+                    f"port {port} is also the {name} of the replicated service {spec.name!r}: every "
+                    f"Envoy refuses one of the two listeners; change {field_name} or give the service "
+                    "another port (PUT /v1/services/...)"), True))
+    return problems
