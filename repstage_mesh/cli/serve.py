@@ -28,6 +28,7 @@ from repstage_mesh.config import (
     startup_problems,
 )
 from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.models import MeshState
 from repstage_mesh.node import Node
 
 log = logging.getLogger("repstage_mesh.node")
@@ -57,16 +58,34 @@ async def start_node(settings: Settings) -> Node:
     """Build and start a node; when the start fails, stop what did start (Raft, the xDS server)
     before raising, so that the data directory and the ports are free again."""
     node = Node(settings)
+    node.on_apply(_replicated_conflicts(settings))
     try:
         await node.start()
     except BaseException:
         with contextlib.suppress(Exception):
             await node.stop()
         raise
-    specs = [service.spec for service in node.state().services.values()]  # the journal's
-    for problem in replicated_problems(specs, settings.deployment()):
-        log.error("%s: %s", problem.field, problem.message)
     return node
+
+
+def _replicated_conflicts(settings: Settings) -> Callable[[MeshState], None]:
+    """An apply listener that logs, once each, the replicated services whose ports this
+    config gives to the fence or admin listeners (config/checks.replicated_problems)."""
+    deployment = settings.deployment()
+    logged: set[str] = set()
+    seen = -1
+
+    def check(state: MeshState) -> None:
+        nonlocal seen
+        if state.last_change == seen:
+            return
+        seen = state.last_change
+        for problem in replicated_problems((s.spec for s in state.services.values()), deployment):
+            if problem.message not in logged:
+                logged.add(problem.message)
+                log.error("%s: %s", problem.field, problem.message)
+
+    return check
 
 
 def serve_main(args: Any) -> int:
