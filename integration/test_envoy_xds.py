@@ -294,3 +294,70 @@ def test_metrics_count_pushes_acks_and_proxies(mesh: Mesh) -> None:
     assert after[("repstage_xds_push_ack_seconds_count", eds)] > before[("repstage_xds_push_ack_seconds_count", eds)]
     assert after[("repstage_raft_commit_seconds_count", ())] > before.get(("repstage_raft_commit_seconds_count", ()), 0)
     assert after[("repstage_raft_is_leader", ())] == 1
+
+
+def test_port_collisions_are_refused_with_409_and_no_envoy_nacks(mesh: Mesh) -> None:
+    """Issue 15: a listener on the fence port, this node's xDS or API port or another service's
+    port would make every Envoy NACK (`duplicate address` / bind failure). PUT refuses each
+    with 409 before it reaches the log; the Envoy never NACKs."""
+    fence = int(mesh.cp.config["envoy"]["fence_port"])
+    taken = {
+        "fence_port": fence, "fence_port + 1": fence + 1,
+        "xds.listen": int(mesh.cp.xds_address.rsplit(":", 1)[1]),
+        "api.listen": int(mesh.cp.config["api"]["listen"].rsplit(":", 1)[1]),
+        "listen_port of service 'orders'": mesh.port,
+    }
+    before = mesh.cp.get("/v1/services")["applied_index"]
+    with NamedTcpBackend("c") as c:
+        members = [{"name": "c", "address": "127.0.0.1", "port": c.port}]
+        for owner, port in taken.items():
+            status, body = mesh.cp.call("PUT", "/v1/services/clash", {"listen_port": port, "members": members})
+            assert (status, body["error"]["code"], body["error"]["field"]) == (409, "conflict", "listen_port"), body
+            assert owner.split(" ")[0] in body["error"]["message"], body
+        assert mesh.cp.call("GET", "/v1/services/clash")[0] == 404
+        # a free port is accepted and ACKed: the proxy was listening all along
+        status, body = mesh.cp.call("PUT", "/v1/services/clash", {"listen_port": free_low_port(), "members": members})
+        assert status == 201, body
+    assert body["changed_at"] > before
+    wait_until(lambda: mesh.synced() and int(mesh.proxy()["snapshot_version"].split("-")[0]) >= body["changed_at"], 10,
+               what="the valid service ACKed")
+    for kind, view in mesh.proxy()["types"].items():
+        assert not view["nacked_version"] and not view["error"], (kind, view)
+    assert mesh.envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == "listener_manager.lds.update_rejected: 0\n"
+
+
+def test_envoy_admin_port_is_refused_when_configured_and_nacked_when_not() -> None:
+    """`envoy.admin_port` names the Envoys' admin port: a service on it is a 409. Measured
+    without it (`admin_port: null`): Envoy NACKs the listener ("cannot bind ... Address already
+    in use") and keeps its last good config, which is what the check prevents."""
+    with workdir() as wd, NamedTcpBackend("c") as c:
+        cp = ControlPlaneNode(wd, {"envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)}})
+        envoy = Envoy(wd, "edge-1", [cp.xds_address])
+        cp.config["envoy"]["admin_port"] = envoy.admin_port
+        members = [{"name": "c", "address": "127.0.0.1", "port": c.port}]
+        try:
+            cp.start()
+            envoy.start()
+            wait_until(lambda: any(p["connected"] and p["synced"] for p in cp.get("/v1/proxies")), 10,
+                       what="the Envoy synced")
+            status, body = cp.call("PUT", "/v1/services/clash", {"listen_port": envoy.admin_port, "members": members})
+            assert (status, body["error"]["field"]) == (409, "listen_port"), body
+            assert "envoy.admin_port" in body["error"]["message"]
+            assert envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == "listener_manager.lds.update_rejected: 0\n"
+            # the same file without admin_port: the write goes through, and Envoy refuses it
+            cp.stop()
+            cp.config["envoy"]["admin_port"] = None
+            cp.start()
+            status, body = cp.call("PUT", "/v1/services/clash", {"listen_port": envoy.admin_port, "members": members})
+            assert status == 201, body
+
+            def lds_nack() -> str | None:
+                for proxy in cp.get("/v1/proxies"):
+                    if proxy["connected"] and proxy["types"]["lds"]["nacked_version"]:
+                        return str(proxy["types"]["lds"]["error"])
+                return None
+
+            assert "Address already in use" in wait_until(lds_nack, 15, what="Envoy NACKs the listener")
+        finally:
+            envoy.stop()
+            cp.stop()

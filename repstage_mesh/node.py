@@ -29,7 +29,7 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
-from repstage_mesh.config import Settings
+from repstage_mesh.config import Settings, listening
 from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import join_host_port
@@ -88,12 +88,8 @@ def render_options(settings: Settings) -> RenderOptions:
 
 
 class Node:
-    """A running control-plane node. Create, `await start()`, `await stop()`.
-
-    The composition root: `__init__` builds every part (metrics, tracing, xDS, the decider,
-    the failover runner, the leader engine and its sources) and wires them; `start` adds the
-    parts that bind (the Raft store, the xDS and API listeners).
-    """
+    """A running control-plane node (`await start()`, `await stop()`). The composition root:
+    `__init__` builds and wires every part; `start` adds the ones that bind (Raft, xDS, API)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -317,13 +313,14 @@ class Node:
         self._on_apply(self.store.state, None)  # what the journal already holds
         self._flush()
         host, port = settings.host_port("xds.listen")
-        self.xds_port = await self.xds.start(host, port)
-        api_settings = ApiSettings.from_config(
-            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts()
-        )
+        with listening("xds.listen", host, port):  # a bind that fails names its field
+            self.xds_port = await self.xds.start(host, port)
+        api_settings = ApiSettings.from_config(settings.api, hooks=settings.hooks,
+                                               secrets=settings.secret_store().hosts(), deployment=settings.deployment())
         app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
-        self.api_runner = await start_api(app, api_host, api_port)
+        with listening("api.listen", api_host, api_port):
+            self.api_runner = await start_api(app, api_host, api_port)
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()

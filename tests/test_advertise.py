@@ -147,7 +147,7 @@ def test_serve_refuses_to_start_naming_the_field(
     data = cluster()
     data["node"] = {"data_dir": str(tmp_path / "data")}
     path.write_text(yaml.safe_dump(data))
-    assert cli.main(["serve", "--config", str(path)]) == 1
-    out = capsys.readouterr().out
-    assert "api.advertise: required in a multi-node cluster" in out
+    assert cli.main(["serve", "--config", str(path)]) == 2  # refused to start (README: exit codes)
+    err = capsys.readouterr().err
+    assert "api.advertise: required in a multi-node cluster" in err
     assert not (tmp_path / "data").exists()  # refused before anything started

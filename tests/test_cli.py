@@ -351,7 +351,7 @@ def test_a_short_raft_password_is_refused_by_validate_and_serve(
     )
     monkeypatch.delenv("REPSTAGE_RAFT__PASSWORD", raising=False)
     code, out, err = run(capsys, command, *(["--config"] if command == "serve" else []), str(path))
-    assert code == 1
+    assert code == (2 if command == "serve" else 1)  # serve: refused to start
     assert "raft.password" in out + err and "at least 16 characters" in out + err
     assert "short-pw" not in out + err  # the value itself is never echoed
     assert not (tmp_path / "data").exists()  # nothing started
@@ -400,8 +400,9 @@ def test_validate_refuses_what_serve_would_refuse_and_serve_starts_nothing(
     assert code == 1, out
     assert [e["field"] for e in json.loads(out)["errors"]] == [field]
     monkeypatch.chdir(tmp_path)
-    assert serve_main(argparse.Namespace(config=str(path))) == 1  # refused before anything starts
-    assert field in capsys.readouterr().out
+    assert serve_main(argparse.Namespace(config=str(path))) == 2  # refused before anything starts
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {field}: "), lines
     assert not (tmp_path / ".repstage").exists()
 
 

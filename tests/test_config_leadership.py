@@ -17,6 +17,7 @@ from repstage_mesh.core.models import (
 from repstage_mesh.sources.probes import probe_kind
 
 FILE = """
+consul: {address: "127.0.0.1:8500"}
 secrets:
   redis-password: {env: REDIS_PASSWORD}
 services:
@@ -107,6 +108,7 @@ def test_dump_and_reload_keeps_leadership(tmp_path: Path) -> None:
 
     settings = load(tmp_path, FILE)
     dumped = yaml.safe_dump({
+        "consul": {"address": "127.0.0.1:8500"},
         "secrets": {k: v.model_dump(mode="json", exclude_none=True) for k, v in settings.secrets.items()},
         "services": [s.model_dump(mode="json") for s in settings.services],
     })

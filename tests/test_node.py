@@ -494,3 +494,46 @@ async def test_config_drift_is_reported_by_cluster_and_logged_at_start(
     assert again.state().service("orders").spec.listen_port == 15100  # type: ignore[union-attr]
     drift_lines = [r.getMessage() for r in caplog.records if "config drift" in r.getMessage()]
     assert drift_lines and "service orders" in drift_lines[0] and "listen_port" in drift_lines[0]
+
+
+# --- a bind that fails after the pre-checks (a race) ----------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["xds.listen", "api.listen"])
+async def test_a_taken_port_at_start_names_its_field_and_stops_what_started(
+    make_node: NodeFactory, field: str
+) -> None:
+    from repstage_mesh.cli.serve import start_node
+    from repstage_mesh.core.errors import ListenError
+
+    node = make_node()
+    host, port = node.settings.host_port(field)
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind((host, port))
+        other.listen()
+        with pytest.raises(ListenError) as raised:
+            await start_node(node.settings)
+    assert raised.value.field == field and f"{host}:{port}" in str(raised.value)
+    # Raft was stopped: its data directory is free for the next try
+    await started(make_node())  # the same data directory, other ports
+
+
+async def test_a_fence_port_moved_onto_a_replicated_service_is_logged_at_start(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from repstage_mesh.cli.serve import start_node
+
+    first = await started(make_node(services=ORDERS))  # orders listens on 15000
+    await first.stop()
+    moved = make_node(services="envoy: {fence_port: 15000}\n")  # the file no longer lists orders
+    caplog.set_level("ERROR", logger="repstage_mesh.node")
+    node = await start_node(moved.settings)
+    expected = "envoy.fence_port: port 15000 is also the listen_port of the replicated service 'orders'"
+    try:
+        await eventually(lambda: any(r.getMessage().startswith(expected) for r in caplog.records),
+                         "the conflict is logged")
+        await eventually(node.ready, "the node is ready")
+        assert sum(r.getMessage().startswith(expected) for r in caplog.records) == 1  # once
+    finally:
+        await node.stop()

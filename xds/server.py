@@ -163,12 +163,16 @@ class AdsServer:
         server = aio.server(options=[*_GRPC_OPTIONS, ("grpc.max_receive_message_length", receive_cap)])
         server.add_generic_rpc_handlers((self.handler(),))
         tls = self.security.tls
-        if tls is not None:
-            self.reloader = CertificateReloader(tls)
-            bound = server.add_secure_port(f"{host}:{port}", self.reloader.credentials())
-        else:
-            bound = server.add_insecure_port(f"{host}:{port}")
+        try:  # grpcio >= 1.60 raises RuntimeError when it cannot bind
+            if tls is not None:
+                self.reloader = CertificateReloader(tls)
+                bound = server.add_secure_port(f"{host}:{port}", self.reloader.credentials())
+            else:
+                bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
         if bound == 0:
+            await server.stop(None)  # else its __del__ schedules a shutdown on a closed loop
             raise OSError(f"xDS: cannot listen on {host}:{port} (address in use or not available)")
         await server.start()
         self._server, self.port = server, bound

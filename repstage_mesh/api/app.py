@@ -11,10 +11,12 @@ Writes validate first (pydantic models in api_models.py), then build one Command
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -47,6 +49,7 @@ from repstage_mesh.api.models import (
     AuditView,
     ClusterView,
     DeleteResult,
+    ErrorDetail,
     HealthView,
     PrimaryRequest,
     PrimaryView,
@@ -61,6 +64,7 @@ from repstage_mesh.api.models import (
 from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
 from repstage_mesh.api.progress import progress_operations
+from repstage_mesh.config import Problem, SpecParts, service_problems
 from repstage_mesh.core.errors import CommitTimeout, MeshError, NoQuorum
 from repstage_mesh.core.models import (
     Announcement,
@@ -116,7 +120,13 @@ async def get_service(request: web.Request) -> web.Response:
 
 async def put_service(request: web.Request) -> web.Response:
     name = path_name(request, on_bad=422)
-    body = parse(ServiceSpecBody, await json_body(request))
+    raw = await json_body(request)
+    try:
+        body = parse(ServiceSpecBody, raw)
+    except ApiError as exc:  # pydantic's errors and the semantic pass's, in one answer
+        data = json.loads(raw)
+        parts = SpecParts.salvage({**data, "name": name} if isinstance(data, dict) else data)
+        raise _refusal(exc.details, _spec_problems(request, name, parts)) from None
     if body.name is not None and body.name != name:
         raise ApiError(
             422,
@@ -129,7 +139,9 @@ async def put_service(request: web.Request) -> web.Response:
         spec = ServiceSpec.model_validate({**dict(body), "name": name})
     except ValidationError as exc:  # pragma: no cover
         raise invalid(exc) from None
-    _check_operator_names(request, spec)
+    problems = _spec_problems(request, name, SpecParts.of(spec))
+    if problems:
+        raise _refusal([], problems)
     existed = plane(request).state().service(name) is not None
     outcome = await submit(request, PutService(spec=spec, by=audit_tag(request)))
     state = plane(request).state()
@@ -142,31 +154,35 @@ async def put_service(request: web.Request) -> web.Response:
     return ok(service_view(state, svc), status=201 if created else 200)
 
 
-def _check_operator_names(request: web.Request, spec: ServiceSpec) -> None:
-    """A service may only name hooks and secrets the operator defined in the config file."""
-    settings = request.app[SETTINGS]
-    lead = spec.leadership
-    for field, name, known, section in (
-        ("leadership.promote_hook", lead.promote_hook, settings.hook_names, "hooks"),
-        ("leadership.probe.password_secret", lead.probe.password_secret, settings.secret_hosts, "secrets"),
-    ):
-        if name is not None and name not in known:
-            raise ApiError(
-                422, "invalid",
-                f"{field}: no {section[:-1]} named {name!r} in the config file's {section}: section "
-                f"(known: {sorted(known)}); only the operator defines them",
-                field,
-            )
-    secret = lead.probe.password_secret
-    hosts = settings.secret_hosts.get(secret) if secret is not None else None
-    for i, member in enumerate(spec.members):
-        if hosts is not None and member.address not in hosts:
-            raise ApiError(
-                422, "invalid",
-                f"leadership.probe.password_secret: secret {secret!r} may not be sent to "
-                f"members.{i}.address {member.address!r} (its hosts: {sorted(hosts)})",
-                "leadership.probe.password_secret",
-            )
+def _spec_problems(request: web.Request, name: str, parts: SpecParts) -> list[Problem]:
+    """The semantic pass (config/checks.py) against this node's config and the replicated
+    services: hooks and secrets only the operator defines, ports the proxies already use."""
+    taken: dict[int, str] = {}
+    for other in plane(request).state().services.values():
+        if other.name != name:
+            taken[other.spec.listen_port] = f"listen_port of service {other.name!r}"
+            if other.spec.read_port is not None:
+                taken[other.spec.read_port] = f"read_port of service {other.name!r}"
+    return service_problems(parts, request.app[SETTINGS].deployment(), taken)
+
+
+def _refusal(details: Sequence[Any], problems: Sequence[Problem]) -> ApiError:
+    """One answer with every problem: 409 `conflict` when all are port collisions, else 422."""
+    known = [d if isinstance(d, ErrorDetail) else ErrorDetail.model_validate(d) for d in details]
+    fields = {d.field for d in known if d.field}
+    extra = [
+        ErrorDetail(field=p.field, message=p.message, type="conflict" if p.conflict else "semantic")
+        for p in problems if not any(p.field == f or p.field.startswith(f + ".") for f in fields)
+    ]
+    every = known + extra
+    if not every:
+        return ApiError(422, "invalid", "invalid request")
+    conflict = not known and all(p.conflict for p in problems)
+    first = every[0]
+    more = f" (and {len(every) - 1} more problem(s), see details)" if len(every) > 1 else ""
+    status, code = (409, "conflict") if conflict else (422, "invalid")
+    where = f"{first.field}: " if first.field else ""
+    return ApiError(status, code, f"{where}{first.message}{more}", first.field, every)
 
 
 async def delete_service(request: web.Request) -> web.Response:
@@ -198,7 +214,11 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 async def set_primary(request: web.Request) -> web.Response:
     """An announce: break-before-make by default, one failover record and one trace each."""
     name = path_name(request)
-    body = parse(PrimaryRequest, await json_body(request))
+    raw = await json_body(request)
+    if json.loads(raw) is None:
+        raise ApiError(422, "invalid", 'member: the body is null; send {"member": null} to clear the primary '
+                       '(fail closed), or {"member": "b"} to name one', "member")
+    body = parse(PrimaryRequest, raw)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _KEY.match(key):
         raise ApiError(422, "invalid", "Idempotency-Key: 1 to 200 printable ASCII characters, no spaces", "Idempotency-Key")

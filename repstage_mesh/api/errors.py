@@ -132,16 +132,16 @@ def validation_details(exc: ValidationError, prefix: str | None = None) -> list[
     details = []
     for err in exc.errors(include_url=False):
         loc = tuple(err.get("loc", ()))
-        message = str(err.get("msg", "invalid value"))
-        field = _dotted(loc, prefix)
-        match = _FIELD_PREFIX.match(message)
-        if match:
-            named = match.group(1)
-            field = ".".join(p for p in (prefix, *map(str, loc), named) if p)
-            message = match.group(2)
-        elif message.startswith("Value error, "):
-            message = message.removeprefix("Value error, ")
-        details.append(ErrorDetail(field=field, message=message, type=str(err.get("type")) or None))
+        text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        # A model validator reports every problem at once, one "<field>: message" per line.
+        lines = text.splitlines() if all(_FIELD_PREFIX.match(x) for x in text.splitlines()) else [text]
+        for message in lines:
+            field = _dotted(loc, prefix)
+            match = _FIELD_PREFIX.match(message)
+            if match:
+                field = ".".join(p for p in (prefix, *map(str, loc), match.group(1)) if p)
+                message = match.group(2)
+            details.append(ErrorDetail(field=field, message=message, type=str(err.get("type")) or None))
     return details
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from repstage_mesh.config import ApiTls, ApiTokens
+from repstage_mesh.config import ApiTls, ApiTokens, Deployment
 from repstage_mesh.core.addresses import is_loopback
 from repstage_mesh.core.models import AuditEntry, Name, Role, ServiceProtocol, ServiceSpec
 
@@ -49,6 +49,11 @@ class ApiSettings(BaseModel):
     secret_hosts: dict[str, frozenset[str] | None] = Field(
         default_factory=dict, description="secrets the config defines, with the addresses each may go to (None: any)"
     )
+    reserved_ports: dict[int, str] = Field(
+        default_factory=dict,
+        description="ports every proxy already uses (fence, admin, this node's on a shared host) -> who",
+    )
+    consul: bool | None = Field(default=None, description="consul.address is set (None: not checked)")
 
     @field_validator("listen")
     @classmethod
@@ -58,12 +63,16 @@ class ApiSettings(BaseModel):
 
     @classmethod
     def from_config(
-        cls, api: Any, commit_timeout: float = 5.0, *, hooks: Any = (), secrets: Any = ()
+        cls, api: Any, commit_timeout: float = 5.0, *, hooks: Any = (), secrets: Any = (),
+        deployment: Deployment | None = None,
     ) -> ApiSettings:
         """From config.ApiConfig, the names of the config's hooks and its secrets' allowed hosts
-        (`Secrets.hosts()`), which a service body may name."""
+        (`Secrets.hosts()`), which a service body may name, and what else a service is checked
+        against (`Settings.deployment()`: reserved ports, Consul)."""
         tokens = getattr(api, "tokens", None)
         return cls(
+            reserved_ports=dict(deployment.reserved_ports) if deployment is not None else {},
+            consul=deployment.consul if deployment is not None else None,
             listen=api.listen,
             tokens=tokens if tokens is not None else ApiTokens(),
             commit_timeout=commit_timeout,
@@ -75,6 +84,11 @@ class ApiSettings(BaseModel):
             hook_names=frozenset(hooks),
             secret_hosts=dict(secrets),
         )
+
+    def deployment(self) -> Deployment:
+        """What PUT /v1/services/{name} checks a spec against besides the other services."""
+        return Deployment(reserved_ports=self.reserved_ports, hooks=self.hook_names,
+                          secret_hosts=self.secret_hosts, consul=self.consul)
 
     @property
     def host(self) -> str:

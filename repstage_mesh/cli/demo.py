@@ -158,7 +158,7 @@ def _demo_config(workdir: Path, members: list[RedisMember], ports: DemoPorts) ->
         "node": {"id": "demo", "data_dir": str(workdir / "raft")},
         "xds": {"listen": f"127.0.0.1:{ports.xds}"},
         "api": {"listen": f"127.0.0.1:{ports.api}"},
-        "envoy": {"listen_address": "127.0.0.1", "fence_port": ports.fence},
+        "envoy": {"listen_address": "127.0.0.1", "fence_port": ports.fence, "admin_port": ports.admin},
         "services": [{
             "name": "cache", "protocol": "redis", "listen_port": ports.listen, "primary": "r1",
             "members": [{"name": m.name, "address": "127.0.0.1", "port": m.port} for m in members],

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--dry-run", action="store_true", help="show the differences, change nothing")
     serve = sub.add_parser("serve", help="run a control-plane node")
     serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+    serve.add_argument("--debug", action="store_true",
+                       help="debug logging, and tracebacks when the node cannot start (exit 2)")
     _add_bootstrap(sub)
     _add_demo(sub)
     return parser
@@ -214,6 +216,14 @@ def _add_demo(sub: Subcommands) -> None:
 def _error(message: str, field: str | None = None) -> None:
     suffix = f" (field: {field})" if field else ""
     sys.stderr.write(f"error: {message}{suffix}\n")
+
+
+def _error_details(details: Sequence[Any]) -> None:
+    """Every problem of a refused request (PUT reports them all at once), one per line."""
+    problems = [d for d in details if isinstance(d, Mapping) and "message" in d]
+    if len(problems) > 1:
+        for d in problems:
+            sys.stderr.write(f"  {d.get('field') or '-'}: {d['message']}\n")
 
 
 # --- client commands ------------------------------------------------------------------------------
@@ -567,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return CLIENT_COMMANDS[args.command](args, client, out)
     except ApiRequestError as exc:
         _error(exc.message, exc.field)
+        _error_details(exc.details)
         return EXIT_ERROR
     except (ApiUnreachable, CliError) as exc:
         _error(str(exc))

@@ -1,19 +1,40 @@
-"""`repstage-mesh serve --config FILE`: load and check the config, run one node until SIGINT or
-SIGTERM (the node itself is built in `repstage_mesh/node.py`, the composition root)."""
+"""`repstage-mesh serve --config FILE [--debug]`: load and check the config, run one node until
+SIGINT or SIGTERM (the node itself is built in `repstage_mesh/node.py`, the composition root).
+
+A node that cannot start says why in one line per problem on stderr, naming the file and the
+field and what to do, with no traceback, and the command exits 2 (`--debug` keeps tracebacks):
+an invalid or unreadable file, a port taken (checked before anything starts, and again by
+each listener: `ListenError`, `RaftBindError`), a data directory another node holds
+(`DataDirInUse`). README: "Exit codes and start-up errors".
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from repstage_mesh.config import ConfigError, load_config, startup_problems
+from repstage_mesh.config import (
+    ConfigError,
+    Settings,
+    bind_problems,
+    load_config,
+    replicated_problems,
+    startup_problems,
+)
+from repstage_mesh.core.errors import MeshError
+from repstage_mesh.core.models import MeshState
 from repstage_mesh.node import Node
 
 log = logging.getLogger("repstage_mesh.node")
+
+EXIT_REFUSED = 2  # the node refused to start: config, file, port or data directory
+EXIT_UNEXPECTED = 1  # a bug: rerun with --debug
 
 
 async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
@@ -33,29 +54,75 @@ async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
         await node.stop()
 
 
-def serve_main(args: Any) -> int:
-    """`repstage-mesh serve --config FILE`."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+async def start_node(settings: Settings) -> Node:
+    """Build and start a node; when the start fails, stop what did start (Raft, the xDS server)
+    before raising, so that the data directory and the ports are free again."""
+    node = Node(settings)
+    node.on_apply(_replicated_conflicts(settings))
     try:
-        settings = load_config(getattr(args, "config", None))
-        # the same checks as `validate`, before Raft, xDS or the API start
-        problems = startup_problems(settings)
-        if problems:
-            raise ConfigError(problems, getattr(args, "config", None))
-    except ConfigError as exc:
-        print(str(exc))
-        return 1
-
-    async def start() -> Node:
-        node = Node(settings)
         await node.start()
-        return node
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await node.stop()
+        raise
+    return node
 
+
+def _replicated_conflicts(settings: Settings) -> Callable[[MeshState], None]:
+    """An apply listener that logs, once each, the replicated services whose ports this
+    config gives to the fence or admin listeners (config/checks.replicated_problems)."""
+    deployment = settings.deployment()
+    logged: set[str] = set()
+    seen = -1
+
+    def check(state: MeshState) -> None:
+        nonlocal seen
+        if state.last_change == seen:
+            return
+        seen = state.last_change
+        for problem in replicated_problems((s.spec for s in state.services.values()), deployment):
+            if problem.message not in logged:
+                logged.add(problem.message)
+                log.error("%s: %s", problem.field, problem.message)
+
+    return check
+
+
+def serve_main(args: Any) -> int:
+    """`repstage-mesh serve --config FILE [--debug]`."""
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    source = getattr(args, "config", None)
     try:
-        asyncio.run(run_until_signalled(start))
-    except OSError as exc:
-        print(f"error: {exc}")
-        return 1
+        settings = load_config(source)
+        # the same checks as `validate`, then whether the ports are free, before anything starts
+        problems = [*startup_problems(settings), *bind_problems(settings)]
+        if problems:
+            raise ConfigError(problems, source)
+    except ConfigError as exc:
+        for field, message in exc.errors:
+            _start_error(f"{field}: {message}" if field else message, exc.source)
+        return EXIT_REFUSED
+    try:
+        asyncio.run(run_until_signalled(lambda: start_node(settings)))
+    except (MeshError, OSError) as exc:
+        if debug:
+            log.exception("the node could not start")
+        named: str | None = getattr(exc, "field", None)
+        _start_error(f"{named}: {exc}" if named else str(exc), source)
+        return EXIT_REFUSED
+    except Exception as exc:
+        if debug:
+            raise
+        _start_error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", source)
+        return EXIT_UNEXPECTED
     return 0
+
+
+def _start_error(message: str, source: str | None) -> None:
+    """One line on stderr: `error: FILE: FIELD: what is wrong; what to do`."""
+    where = f"{source}: " if source and source not in message else ""
+    sys.stderr.write(f"error: {where}{' '.join(message.split())}\n")

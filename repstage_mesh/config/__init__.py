@@ -14,6 +14,13 @@ all problems at once. Relative paths (`node.data_dir`) are relative to the worki
 
 from __future__ import annotations
 
+from repstage_mesh.config.checks import (
+    Deployment,
+    Problem,
+    SpecParts,
+    replicated_problems,
+    service_problems,
+)
 from repstage_mesh.config.loading import load_config
 from repstage_mesh.config.operator import (
     HOOK_ENV_ALLOW_LIST,
@@ -39,7 +46,12 @@ from repstage_mesh.config.sections import (
     default_node_id,
 )
 from repstage_mesh.config.settings import Settings
-from repstage_mesh.config.startup import startup_problems
+from repstage_mesh.config.startup import (
+    bind_problems,
+    bind_refused_reason,
+    listening,
+    startup_problems,
+)
 from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.errors import ConfigError, format_errors
@@ -53,22 +65,30 @@ __all__ = [
     "ApiTokens",
     "ConfigError",
     "ConsulConfig",
+    "Deployment",
     "EnvoyConfig",
     "FailoversConfig",
     "HookSpec",
     "NamedToken",
     "NodeConfig",
+    "Problem",
     "RaftConfig",
     "SecretSource",
     "Secrets",
     "ServiceConfig",
     "Settings",
+    "SpecParts",
     "TelemetryConfig",
     "XdsConfig",
+    "bind_problems",
+    "bind_refused_reason",
     "default_node_id",
     "format_errors",
     "hook_environment",
+    "listening",
     "load_config",
     "parse_host_port",
+    "replicated_problems",
+    "service_problems",
     "startup_problems",
 ]

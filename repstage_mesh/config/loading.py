@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from pydantic import (
 from pydantic_settings.exceptions import SettingsError
 
 from repstage_mesh.config.sections import ENV_DELIMITER, ENV_PREFIX, ErrorList
-from repstage_mesh.config.settings import _INPUTS, Settings, _Inputs
+from repstage_mesh.config.settings import _INPUTS, Settings, _Inputs, error_path
 from repstage_mesh.core.errors import ConfigError
 
 # --- loading ----------------------------------------------------------------------------------
@@ -46,8 +46,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([("", f"file not found: {source}")], source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([("", f"cannot read {source}: {exc}")], source) from None
+    except UnicodeDecodeError as exc:
+        message = f"cannot read {source}: not UTF-8 text (byte {exc.start}); give a YAML file"
+        raise ConfigError([("", message)], source) from None
+    except OSError as exc:
+        message = f"cannot read {source}: {exc.strerror or exc}; give a readable YAML file"
+        raise ConfigError([("", message)], source) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
@@ -92,18 +96,6 @@ _PREFIXED = re.compile(
 )
 
 
-def _loc_path(loc: Sequence[int | str]) -> str:
-    path = ""
-    for i, part in enumerate(loc):
-        if part == "spec" and i == 2 and loc[0] == "services" and isinstance(loc[1], int):
-            continue  # ServiceConfig's wrapper: spec fields sit flat in the file
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
-
-
 def _join(path: str, sub: str) -> str:
     return f"{path}.{sub}" if path else sub
 
@@ -115,15 +107,16 @@ def _validation_errors(exc: ValidationError, env: Mapping[str, str] | None) -> E
     env_names = {name.upper() for name in environ}
     errors: ErrorList = []
     raw = exc.errors(include_url=False)
-    failed = [_loc_path(e["loc"]) for e in raw]
+    failed = [error_path(e["loc"]) for e in raw]
     for error in raw:
-        path = _loc_path(error["loc"])
+        path = error_path(error["loc"])
         if error["type"] == "too_short" and any(other.startswith(path + "[") for other in failed):
             continue  # a list that lost a bad item: the item's own error says what is wrong
         ctx = error.get("ctx") or {}
-        if error["type"] == "value_error" and "error" in ctx:
+        if (error["type"] == "value_error" and "error" in ctx) or error["type"] == "semantic":
             # Our own validators: one problem per line, each may start with "sub.path: ".
-            for line in str(ctx["error"]).splitlines():
+            text = ctx["error"] if error["type"] == "value_error" else error["msg"]
+            for line in str(text).splitlines():
                 match = _PREFIXED.match(line)
                 if match:
                     errors.append((_join(path, match.group(1)), match.group(2)))

@@ -380,6 +380,10 @@ class EnvoyConfig(Section):
         default=15990,
         description="health_fence: two loopback ports on each Envoy, fence_port and fence_port + 1, for the fence listeners",
     )
+    admin_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        default=9901,
+        description="the Envoys' admin port (bootstrap --admin-port); only checked: no service may use it (null: not checked)",
+    )
     fence_interval_ms: int = Field(
         default=100, ge=10, le=10_000,
         description="health_fence: how often Envoy re-checks who the primary is; bounds how long an open connection to a demoted primary survives",

@@ -9,16 +9,20 @@ refuse a config.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from repstage_mesh.config.sections import ErrorList
 from repstage_mesh.config.settings import Settings
 from repstage_mesh.core.addresses import is_loopback
+from repstage_mesh.core.errors import ListenError
 
-__all__ = ["startup_problems"]
+__all__ = ["bind_problems", "bind_refused_reason", "listening", "startup_problems"]
 
 
 def startup_problems(settings: Settings, env: Mapping[str, str] | None = None) -> ErrorList:
@@ -63,3 +67,64 @@ def _data_dir_problems(data_dir: Path) -> ErrorList:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return [("node.data_dir", f"{data_dir} cannot be created: {parent} is not writable")]
     return []
+
+
+def bind_problems(settings: Settings) -> ErrorList:
+    """(field, message) for each of this node's sockets that cannot be bound right now: the
+    port is taken (another node, another program) or the address is not this host's.
+
+    Only `serve` runs this, just before it starts: `validate` does not, because the node a file
+    describes may well be running (and holding its ports) while its file is checked. `serve`
+    still turns a bind that fails later (a race) into the same one-line error."""
+    fields = ["xds.listen", "api.listen"] + (["raft.bind"] if settings.raft.multi_node else [])
+    problems: ErrorList = []
+    for field in fields:
+        host, port = settings.host_port(field)
+        reason = _bind_refused(host, port)
+        if reason is not None:
+            problems.append((field, f"cannot listen on {host}:{port}: {reason}; stop what uses it or "
+                             f"choose another port for {field}"))
+    return problems
+
+
+def _bind_refused(host: str, port: int) -> str | None:
+    """Why binding host:port fails now (None: it would bind), with the options our servers use
+    (SO_REUSEADDR, no SO_REUSEPORT). Port 0 always binds."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"the address does not resolve ({exc.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return bind_refused_reason(exc)
+    return None
+
+
+def bind_refused_reason(exc: OSError) -> str:
+    if exc.errno is None:
+        return "the port is in use or the address is not this host's"
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is already in use (another node or program)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "the address is not one of this host's"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges)"
+    return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def listening(field: str, host: str, port: int) -> Iterator[None]:
+    """Around a listener's bind: a failure (another process was quicker than `bind_problems`)
+    becomes a ListenError naming the config field."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = bind_refused_reason(exc) if isinstance(exc, OSError) else bind_refused_reason(OSError())
+        raise ListenError(field, f"cannot listen on {host}:{port}: {reason}; stop what uses it or "
+                          f"choose another port for {field}") from exc

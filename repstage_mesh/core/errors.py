@@ -13,7 +13,8 @@ MeshError
 │   │   └── NoLeaderKnown    no Raft leader is known to this node, so nothing can be carried to it (API 503)
 │   ├── CommitTimeout        the write may or may not have been committed (API 504)
 │   ├── NoQuorumOutcomeUnknown  both: no majority now, but the write reached a leader (API 504)
-│   └── RaftBindError        this node could not bind its Raft address
+│   ├── RaftBindError        this node could not bind its Raft address (field raft.bind)
+│   └── DataDirInUse         another running node holds node.data_dir's lock
 ├── Rejected                 the state machine refused a command (API 404/409/422 by its code)
 ├── DecisionRefused          the decider will not run a requested switchover (404/409/422 by its code)
 ├── NotReady                 this node leads but has not started deciding yet (API 503)
@@ -25,6 +26,7 @@ MeshError
 │   └── ApiError             api/errors.py: an HTTP error answer a handler raises (adds its headers)
 ├── ApiUnreachable           no answer at all from an API
 │   └── ApiNoAnswer          api/peers.py: a request was sent to another node but no usable answer came back
+├── ListenError              this node could not bind a listener (field xds.listen or api.listen)
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
 ├── ConsulError              sources/consul.py: Consul answered an error or refused a registration (logged by the source, never leaves it)
 └── CliError                 cli/main.py: a command line the CLI cannot carry out
@@ -99,6 +101,26 @@ class NoQuorumOutcomeUnknown(NoQuorum, CommitTimeout):
 
 class RaftBindError(ReplicationError):
     """This node could not bind its Raft address."""
+
+    field = "raft.bind"
+
+
+class DataDirInUse(ReplicationError):
+    """Another running node holds the lock of this node's data directory (two nodes sharing
+    one journal would corrupt it)."""
+
+    code = "data_dir_in_use"
+    field = "node.data_dir"
+
+
+class ListenError(MeshError):
+    """A listener of this node could not bind; `field` names its config field."""
+
+    code = "listen"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Rejected(MeshError):

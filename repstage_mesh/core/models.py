@@ -190,15 +190,18 @@ class ServiceSpec(Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSpec:
         names = [m.name for m in self.members]
+        problems = []  # every one at once, one per line
         if len(set(names)) != len(names):
-            raise ValueError("members: member names must be unique")
+            problems.append("members: member names must be unique")
         endpoints = [(m.address, m.port) for m in self.members]
         if len(set(endpoints)) != len(endpoints):
-            raise ValueError("members: two members share one address:port")
+            problems.append("members: two members share one address:port")
         if self.read_port is not None and self.read_port == self.listen_port:
-            raise ValueError("read_port: must differ from listen_port")
+            problems.append("read_port: must differ from listen_port")
         if self.primary is not None and self.primary not in names:
-            raise ValueError(f"primary: {self.primary!r} is not one of the members {names}")
+            problems.append(f"primary: {self.primary!r} is not one of the members {names}")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def member(self, name: str) -> Member | None:

@@ -41,6 +41,7 @@ from pysyncobj.transport import Transport
 
 from repstage_mesh.core.errors import (
     CommitTimeout,
+    DataDirInUse,
     NoQuorum,
     NoQuorumOutcomeUnknown,
     RaftBindError,
@@ -281,8 +282,9 @@ class ReplicatedStore:
             sync.destroy_synchronous()
             self._lock_file.close()
             raise RaftBindError(
-                f"raft bind: cannot listen on {self.bind_address} after {self._timings.bind_retries} "
-                "attempts (address in use or not local)"
+                f"cannot listen on {self.bind_address} after {self._timings.bind_retries} attempts "
+                "(the port is in use or the address is not this host's); choose another raft.bind "
+                "or stop what uses it"
             ) from exc
         return sync
 
@@ -519,8 +521,9 @@ def _lock_data_dir(data_dir: Path) -> IO[bytes]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise ReplicationError(
-            f"data_dir: {data_dir} is in use by another running node (lock {LOCK_FILE} is held)"
+        raise DataDirInUse(
+            f"{data_dir} is in use by another running node (it holds {data_dir / LOCK_FILE}); "
+            "give each node its own node.data_dir, or stop the other node"
         ) from None
     return handle
 
