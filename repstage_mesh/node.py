@@ -49,7 +49,7 @@ from repstage_mesh.core.models import (
     Outcome,
     PutService,
 )
-from repstage_mesh.core.observations import ProbeResult
+from repstage_mesh.core.observations import Observation, ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
 from repstage_mesh.failover.announces import Announcer
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
@@ -57,13 +57,14 @@ from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.proxies import NoRemoteProxies, await_proxies
 from repstage_mesh.failover.runner import FailoverRunner
+from repstage_mesh.failover.steplog import StepLog
 from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
 from repstage_mesh.sources.probes import ProbeRunner
-from repstage_mesh.telemetry import Tracing
+from repstage_mesh.telemetry import Tracing, logs
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
@@ -110,6 +111,7 @@ class Node:
         self.metrics = MeshMetrics(
             self._registry, self._node_id,
             raft_status=lambda: self.store.status() if self.store is not None else None,
+            state=self.state, leads=lambda: self.store is not None and self.store.is_leader(),
         )
         self.tracker.observers.append(self.metrics)
         self.tracing = Tracing.setup(settings.telemetry, self._node_id)
@@ -141,6 +143,7 @@ class Node:
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
             self.await_proxies, DatabasePromoter(), on_done=traces.done, history=self.history,
+            on_change=StepLog(self.state).changed,
         )
         self.announcer = Announcer(self.runner, self.state, self.failover, _close_wait(settings))
         seat = LeaderSeat(
@@ -148,7 +151,11 @@ class Node:
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
             confirm_leadership=self._confirm_leadership,
         )
-        self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
+        def observed(obs: Observation) -> None:
+            traces.observed(obs)
+            self.metrics.services.observed(obs)
+
+        self.engine = LeaderEngine(seat, self.runner, on_observation=observed)
         self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe))
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
@@ -336,6 +343,7 @@ class Node:
             service = state.service(str(outcome.result.get("service"))) if outcome else None
             deadline = service.spec.leadership.ack_deadline if service is not None else 2.0
             self._traced.append((state.last_change, dict(trace), deadline))
+        self.metrics.services.applied(state, outcome, ready=self._ready)  # role-change log, gauges
         if self._pending_state is None:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending_state = state
@@ -541,14 +549,14 @@ async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
 
 def serve_main(args: Any) -> int:
     """`repstage-mesh serve --config FILE`."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    fmt = getattr(args, "log_format", None)  # --log-format wins over the file's log.format
+    logs.configure(fmt or "text")
     try:
         settings = load_config(getattr(args, "config", None))
     except ConfigError as exc:
         print(str(exc))
         return 1
+    logs.configure(fmt or settings.log.format, settings.log.level)
 
     async def start() -> Node:
         node = Node(settings)

@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config", metavar="CONFIG")
     serve = sub.add_parser("serve", help="run a control-plane node")
     serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default=None,
+        help="text (readable) or json (one object per line); default: the config's log.format "
+        "(REPSTAGE_LOG__FORMAT), else text",
+    )
     _add_bootstrap(sub)
     _add_demo(sub)
     return parser

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -250,6 +250,15 @@ def _collector_host_port(value: str) -> tuple[str, int]:
             )
         value = parts.netloc
     return parse_host_port(value)
+
+
+class LogConfig(Section):
+    """The server's log (telemetry/logs.py). `serve --log-format` overrides `format`."""
+
+    format: Literal["text", "json"] = Field(
+        default="text", description="text: readable lines with key=value fields; json: one JSON object per line"
+    )
+    level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class TelemetryConfig(Section):

@@ -24,6 +24,7 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_xds_acks_total{type}                               counter
     repstage_xds_nacks_total{type}                              counter
     repstage_xds_nacked_held{type}                              gauge
+    repstage_xds_proxies{control_plane,type,state}              gauge (synced, behind, nacked)
     repstage_xds_push_ack_seconds{type}                         histogram
     repstage_failover_duration_seconds{service,mode}            histogram
     repstage_raft_term / _commit_index / _applied_index         gauges
@@ -32,6 +33,7 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_raft_commit_seconds                                histogram
     repstage_write_failures_total{code}                         counter
     repstage_probe_results_total{service,member,result}         counter
+    repstage_service_* / repstage_member_*                      see telemetry/services.py
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
+from repstage_mesh.core.models import MeshState
+from repstage_mesh.telemetry.services import ServiceCollector, ServiceWatch
 from repstage_mesh.xds import resources as res
-from repstage_mesh.xds.protocol import Acked, Nacked, Send
+from repstage_mesh.xds.protocol import Acked, Nacked, Send, type_sync_state
 from repstage_mesh.xds.tracker import ProxyRecord
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,9 @@ PUSH_ACK_BUCKETS = (
 # pysyncobj commits take ~0.25 ms unbatched on loopback, ~100 ms batched (FACTS.md).
 COMMIT_BUCKETS = PUSH_ACK_BUCKETS
 # Detection to the last ACK: sub-second with fast probes, tens of seconds with Consul TTLs.
+# the protocol's sync states, as the `state` label of repstage_xds_proxies ("idle": nothing to send)
+SYNC_STATES = {"synced": "synced", "idle": "synced", "behind": "behind", "pending": "behind", "nacked": "nacked"}
+KNOWN_TYPES = ("cds", "eds", "lds", "rds", "sds")
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 
@@ -95,23 +102,20 @@ class MeshMetrics:
         registry: CollectorRegistry,
         node_id: str,
         raft_status: RaftStatus | None = None,
+        state: Callable[[], MeshState] | None = None,
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
         self.registry = registry
         self.node_id = node_id
         self.raft_status = raft_status
+        self.services = ServiceWatch()  # the node feeds it applied states and observations
         self._lock = threading.Lock()
         self._live: dict[int, ProxyRecord] = {}  # id(record) -> record, connected ones
         self._held: dict[tuple[int, str], None] = {}  # (id(record), type_url) NACKed, not since ACKed
         self._type_children: dict[str, tuple[Any, Any, Any, Any]] = {}
-        self.pushes = Counter(
-            "repstage_xds_pushes", "xDS responses sent to proxies", ["type"], registry=registry
-        )
-        self.acks = Counter(
-            "repstage_xds_acks", "xDS responses proxies accepted (ACK)", ["type"], registry=registry
-        )
-        self.nacks = Counter(
-            "repstage_xds_nacks", "xDS responses proxies rejected (NACK)", ["type"], registry=registry
-        )
+        self.pushes = Counter("repstage_xds_pushes", "xDS responses sent to proxies", ["type"], registry=registry)
+        self.acks = Counter("repstage_xds_acks", "xDS responses proxies accepted (ACK)", ["type"], registry=registry)
+        self.nacks = Counter("repstage_xds_nacks", "xDS responses proxies rejected (NACK)", ["type"], registry=registry)
         self.push_ack = Histogram(
             "repstage_xds_push_ack_seconds",
             "Time from sending an xDS response to the proxy's ACK",
@@ -147,7 +151,13 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
-        registry.register(_ScrapeTimeCollector(self))
+        self._collectors(state, leads)
+
+    def _collectors(self, state: Callable[[], MeshState] | None, leads: Callable[[], bool]) -> None:
+        """The gauges computed when Prometheus scrapes (the service ones need `state`)."""
+        self.registry.register(_ScrapeTimeCollector(self))
+        if state is not None:
+            self.registry.register(ServiceCollector(self.services, state, leads))
 
     # --- TrackerObserver ----------------------------------------------------------------------
 
@@ -217,18 +227,23 @@ class MeshMetrics:
 
     # --- scrape-time views --------------------------------------------------------------------
 
-    def _connected_counts(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    def _connected_counts(self) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[tuple[str, str], int]]:
+        """(connected by (type, stream kind), streams by kind, proxies by (type, sync state))."""
         with self._lock:
             records = list(self._live.values())
         by_type: dict[tuple[str, str], int] = {}
         streams: dict[str, int] = {}
+        syncs: dict[tuple[str, str], int] = {}
         for record in records:
             streams[record.kind] = streams.get(record.kind, 0) + 1
             for type_url, state in list(record.stream.types.items()):
                 if state.requested:
-                    key = (res.short_name(type_url), record.kind)
-                    by_type[key] = by_type.get(key, 0) + 1
-        return by_type, streams
+                    short = res.short_name(type_url)
+                    by_type[(short, record.kind)] = by_type.get((short, record.kind), 0) + 1
+                    sync = SYNC_STATES.get(type_sync_state(record.stream, type_url))
+                    if sync is not None and short in KNOWN_TYPES:
+                        syncs[(short, sync)] = syncs.get((short, sync), 0) + 1
+        return by_type, streams, syncs
 
     def _held_counts(self) -> dict[str, int]:
         with self._lock:
@@ -260,7 +275,7 @@ class _ScrapeTimeCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        by_type, streams = m._connected_counts()
+        by_type, streams, syncs = m._connected_counts()
         status: Mapping[str, Any] | None = None
         if m.raft_status is not None:
             try:
@@ -268,6 +283,19 @@ class _ScrapeTimeCollector(Collector):
             except Exception:  # a scrape must not fail because the store is closing
                 log.debug("raft status unavailable for metrics", exc_info=True)
         yield from self._families(by_type, streams, m._held_counts(), status)
+        yield self._proxies(syncs)
+
+    def _proxies(self, syncs: dict[tuple[str, str], int]) -> Metric:
+        family = GaugeMetricFamily(
+            "repstage_xds_proxies",
+            "Connected proxies of this control-plane node by xDS type and state: synced (holds what "
+            "this node would send), behind (sent, not ACKed yet) or nacked (rejected the latest)",
+            labels=["control_plane", "type", "state"],
+        )
+        for short in KNOWN_TYPES:
+            for state in ("synced", "behind", "nacked"):
+                family.add_metric([self.metrics.node_id, short, state], syncs.get((short, state), 0))
+        return family
 
     def _families(
         self,
