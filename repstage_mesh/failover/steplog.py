@@ -4,7 +4,7 @@ switchover, repoint, announce), from the failover records themselves.
 The runner calls `StepLog.changed(record)` wherever the history publisher hears of a record (when
 its plan starts, after each step, when it ends); each timeline event not logged yet becomes one
 line (`telemetry/logs.event`, event `failover_step`) with the record's id, kind, mode, service,
-old and new member, epoch, cause, source (the service's leadership source), the step and its
+old and new member, epoch (of the plan's last commit so far; none before its first), cause, source (the service's leadership source), the step and its
 `elapsed_ms` since the record started. The closing step (`done` or `failed`) also carries
 `status`, `reason`, `duration_ms` and `write_unavailable_ms`. One `acked` event per proxy is
 logged at DEBUG (a large fleet would flood the log); `first_routable` sums them up.
@@ -43,11 +43,13 @@ class StepLog:
             del self._logged[next(iter(self._logged))]
         svc = self.state().service(record.service)
         source = svc.spec.leadership.source.value if svc is not None else None
+        epoch = next((e.detail["epoch"] for e in reversed(record.timeline[:done]) if "epoch" in e.detail), None)
         for step in record.timeline[done:]:
+            epoch = step.detail.get("epoch", epoch)  # the plan's last commit so far
             fields: dict[str, Any] = {
                 "id": record.id, "kind": record.kind, "mode": record.mode, "step": step.name,
                 "service": record.service, "old": record.old_primary, "new": record.new_primary,
-                "epoch": step.detail.get("epoch", record.epoch), "cause": record.cause, "source": source,
+                "epoch": epoch, "cause": record.cause, "source": source,
                 "elapsed_ms": step.elapsed_ms,
             }
             if step.name in CLOSING and record.status != "running":

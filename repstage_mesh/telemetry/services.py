@@ -6,7 +6,7 @@ structured line per change (`telemetry/logs.event`):
 
     role_change          a primary replaced by another (old, new, epoch, cause, source)
     fail_closed_entered  no primary any more (old, epoch, cause, source)
-    fail_closed_exited   a primary again after none (new, epoch, cause, source, duration_s:
+    fail_closed_exited   a primary again after none (new, epoch, cause, source, duration_ms:
                          how long this node saw the service without a primary)
 
 Entries replayed before the node is ready (its journal at start-up) are logged at DEBUG.
@@ -97,9 +97,9 @@ class ServiceWatch:
             event(log, "fail_closed_entered", f"{svc.name}: fail closed, no primary (was {old})", level=level, **fields)
             before.closed_since = now
         elif new is not None and old is None:
-            duration = None if before.closed_since is None else round(now - before.closed_since, 3)
+            duration = None if before.closed_since is None else round((now - before.closed_since) * 1000.0, 3)
             event(log, "fail_closed_exited", f"{svc.name}: primary {new} after none", level=level,
-                  duration_s=duration, **fields)
+                  duration_ms=duration, **fields)
             before.closed_since = None
         elif new != old:
             event(log, "role_change", f"{svc.name}: primary {old} -> {new}", level=level, **fields)
