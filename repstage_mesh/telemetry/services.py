@@ -70,8 +70,12 @@ class ServiceWatch:
         self.clock = clock
         self.seen: dict[str, _Seen] = {}
         self.members: dict[tuple[str, str], _Member] = {}
+        self._change = -1  # the state's last_change when last compared
 
     def applied(self, state: MeshState, outcome: Outcome | None = None, ready: bool = True) -> None:
+        if state.last_change == self._change:  # nothing routed changed (a history record, a node)
+            return
+        self._change = state.last_change
         result = outcome.result if outcome is not None and outcome.ok else {}
         for name in [n for n in self.seen if n not in state.services]:  # a removed service
             del self.seen[name]
