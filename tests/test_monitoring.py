@@ -64,6 +64,6 @@ def test_dashboard_panels_query_exported_metrics() -> None:
             assert names and names <= known, (panel["title"], target["expr"])
             queried |= names
     for needed in ("repstage_service_primary", "repstage_service_epoch", "repstage_service_fail_closed",
-                   "repstage_service_seconds_since_change", "repstage_member_probe_state",
+                   "repstage_service_role_age_seconds", "repstage_member_probe_state",
                    "repstage_member_lag_bytes", "repstage_xds_proxies", "repstage_raft_has_quorum"):
         assert needed in queried, needed

@@ -170,7 +170,7 @@ def test_primary_epoch_and_fail_closed_series_follow_the_state() -> None:
     assert series(samples, "repstage_service_primary") == {
         (("member", "a"), ("service", "cart")): 1, (("member", "a"), ("service", "orders")): 1}
     assert value(samples, "repstage_service_fail_closed", service="orders") == 0
-    assert value(samples, "repstage_service_seconds_since_change", service="orders") is not None
+    assert value(samples, "repstage_service_role_age_seconds", service="orders") is not None
 
     metrics.services.applied(*chain(SetPrimary(service="orders", member=None)))
     samples = scrape(registry)

@@ -21,7 +21,7 @@ series disappear with it, and a replaced primary's `member` label set is gone at
     repstage_service_epoch{service}                       the epoch (Raft index) of the current role
     repstage_service_fail_closed{service}                 1 when the service has no primary
     repstage_service_last_change_timestamp_seconds{service}  unix time this node applied the change
-    repstage_service_seconds_since_change{service}        seconds since then
+    repstage_service_role_age_seconds{service}            seconds since then
     repstage_member_probe_state{service,member,state}     1 for the member's state (primary,
                                                            replica, down, unknown), 0 for the others
     repstage_member_lag_bytes{service,member}             the primary's position minus the member's
@@ -139,7 +139,7 @@ class ServiceCollector(Collector):
                                    "(its clients are refused)", labels=["service"])
         changed = GaugeMetricFamily("repstage_service_last_change_timestamp_seconds",
                                     "Unix time this node applied the service's last role change", labels=["service"])
-        since = GaugeMetricFamily("repstage_service_seconds_since_change",
+        since = GaugeMetricFamily("repstage_service_role_age_seconds",
                                   "Seconds since this node applied the service's last role change", labels=["service"])
         probe = GaugeMetricFamily("repstage_member_probe_state", "1 for the member's state as the leader's "
                                   "source last saw it, 0 for the other states", labels=["service", "member", "state"])
