@@ -95,8 +95,9 @@ def test_json_lines_parse_and_carry_the_event_fields() -> None:
 def test_text_lines_are_readable_with_key_value_fields() -> None:
     event, plain = emit("text").splitlines()
     assert " INFO test.ops.text.False: orders: primary a -> b | " in event
-    assert 'service=orders old=a new=- epoch=7 cause="primary \'a\' is down" elapsed_ms=1.5' in event
-    assert "event=" not in event and not event.startswith("{")
+    assert ('| event=role_change service=orders old=a new=- epoch=7 cause="primary \'a\' is down" '
+            'elapsed_ms=1.5') in event
+    assert not event.startswith("{")
     assert plain.endswith("INFO test.ops.text.False: plain line")
 
 

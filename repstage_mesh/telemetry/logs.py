@@ -3,13 +3,14 @@
 Everything logs through the stdlib `logging`. An operational event (a role change, a failover
 step, a fail-closed entry or exit) is one record with structured fields, written with `event`:
 
-    event(log, "failover_step", "cache: fenced (failover r0 -> r1)", service="cache", ...)
+    event(log, "failover_step", "cache: failover r0 -> r1: fenced", service="cache", ...)
 
 `configure(fmt, level)` installs one handler on the root logger with `TextFormatter`
-(`2026-12-03T04:00:00.123Z INFO repstage_mesh.failover: cache: fenced ... service=cache
-old=r0 new=r1 epoch=12`) or `JsonFormatter` (`{"ts": ..., "level": ..., "logger": ...,
-"msg": ..., "event": "failover_step", "service": "cache", ...}`). A record without fields
-(every other log line) is written the same way, with only ts, level, logger and msg.
+(`2026-12-03T04:00:00.123Z INFO repstage_mesh.failover: cache: ...: fenced | event=failover_step
+id=cp-1-2 ... service=cache old=r0 new=r1 epoch=12`: grep for the event's name) or
+`JsonFormatter` (`{"ts": ..., "level": ..., "logger": ..., "msg": ..., "event": "failover_step",
+"service": "cache", ...}`). A record without fields (every other log line) is written the same
+way, with only ts, level, logger and msg.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
-        pairs = [f"{key}={_text(value)}" for key, value in _fields(record).items() if key != "event"]
+        pairs = [f"{key}={_text(value)}" for key, value in _fields(record).items()]
         if pairs:
             line += " | " + " ".join(pairs)
         if record.exc_info:
