@@ -103,7 +103,7 @@ class ServiceWatch:
         elif new is not None and old is None:
             duration = None if before.closed_since is None else round((now - before.closed_since) * 1000.0, 3)
             event(log, "fail_closed_exited", f"{svc.name}: primary {new} after none", level=level,
-                  duration_ms=duration, **fields)
+                  **fields, duration_ms=duration)
             before.closed_since = None
         elif new != old:
             event(log, "role_change", f"{svc.name}: primary {old} -> {new}", level=level, **fields)
