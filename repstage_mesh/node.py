@@ -29,19 +29,28 @@ from prometheus_client import CollectorRegistry
 from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.api.peers import PeerClient, PeerProxies
-from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient
+from repstage_mesh.api.plane import DIRECT, Caller
+from repstage_mesh.api.progress import PeerProgress
+from repstage_mesh.config import ConfigError, Settings, load_config, startup_problems
+from repstage_mesh.config.drift import ServiceDrift, drift
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.errors import (
+    ApiRequestError,
     ApiUnreachable,
     CommitTimeout,
     NoLeaderKnown,
+    NotLeader,
     NotReady,
     ReplicationError,
     SwitchoverFailed,
+    SwitchoverRunning,
+    SwitchoverUnknown,
 )
 from repstage_mesh.core.models import (
     Announcement,
     AnnounceNode,
+    AuditTag,
     Command,
     CommandEnvelope,
     MeshState,
@@ -55,20 +64,23 @@ from repstage_mesh.failover.announces import Announcer
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
 from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
-from repstage_mesh.failover.proxies import NoRemoteProxies, await_proxies
+from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
 from repstage_mesh.failover.runner import FailoverRunner
 from repstage_mesh.failover.steplog import StepLog
 from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
-from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
+from repstage_mesh.sources.consul import ConsulSource
+from repstage_mesh.sources.consul_registration import ConsulRegistration
 from repstage_mesh.sources.probes import ProbeRunner
 from repstage_mesh.telemetry import Tracing, logs
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
+from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.server import AdsServer
+from repstage_mesh.xds.tls import NodeIdentity, TlsFiles, XdsSecurity
 from repstage_mesh.xds.tracker import ProxyTracker
 
 log = logging.getLogger("repstage_mesh.node")
@@ -107,17 +119,24 @@ class Node:
         )
         self.store: ReplicatedStore | None = None
         self.cache = SnapshotCache()
-        self.tracker = ProxyTracker(control_plane=self._node_id)
+        self.tracker = ProxyTracker(
+            control_plane=self._node_id, never_acked_grace=settings.xds.never_acked_grace,
+            max_disconnected=settings.xds.limits.max_disconnected_proxies,
+        )
         self.metrics = MeshMetrics(
             self._registry, self._node_id,
             raft_status=lambda: self.store.status() if self.store is not None else None,
             state=self.state, leads=lambda: self.store is not None and self.store.is_leader(),
         )
         self.tracker.observers.append(self.metrics)
+        self.tracker.on_limit = self.metrics.on_limit
         self.tracing = Tracing.setup(settings.telemetry, self._node_id)
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)
-        self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
+        self.xds = AdsServer(
+            self.cache, self.tracker, control_plane_id=self._node_id,
+            limits=xds_limits(settings.xds), security=xds_security(settings.xds), guard=self.metrics,
+        )
         self.api_runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.xds_port: int | None = None
@@ -128,7 +147,8 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._peers = PeerClient(_first_token(settings, read_only=False))
+        self._peer_tls = settings.api.tls.client_context() if settings.api.tls is not None else None
+        self._peers = PeerClient(self._node_id, tls=self._peer_tls)
         self._build_leader_engine()
 
     def _build_leader_engine(self) -> None:
@@ -136,13 +156,14 @@ class Node:
         settings = self.settings
         self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
         traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
+        secrets = settings.secret_store()
         self.history = HistoryPublisher(
             self._commit, keep=settings.failovers.history, keep_keys=settings.failovers.idempotency_keys,
             metrics=self.metrics,
         )
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
-            self.await_proxies, DatabasePromoter(), on_done=traces.done, history=self.history,
+            self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done, history=self.history,
             on_change=StepLog(self.state).changed,
         )
         self.announcer = Announcer(self.runner, self.state, self.failover, _close_wait(settings))
@@ -156,13 +177,23 @@ class Node:
             self.metrics.services.observed(obs)
 
         self.engine = LeaderEngine(seat, self.runner, on_observation=observed)
-        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe))
+        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
+                                           secrets=secrets.for_host))
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
-            self.engine.add_source(ConsulSource(self.engine.observe, address=consul.address, token=token))
+            self.engine.add_source(ConsulSource(
+                self.engine.observe, address=consul.address, token=token,
+                on_anomaly=self.metrics.observe_consul_anomaly,
+                max_query_rate=consul.max_query_rate, query_burst=consul.query_burst,
+            ))
         self.registration: ConsulRegistration | None = (
-            ConsulRegistration(address=consul.address, token=token)
+            ConsulRegistration(
+                address=consul.address, token=token, register_address=consul.register_address,
+                check_interval=consul.check_interval, deregister_after=consul.deregister_after,
+                resync_interval=consul.resync_interval,
+                on_restore=self.metrics.consul_reregistrations.inc,
+            )
             if consul.address and consul.register_service
             else None
         )
@@ -217,9 +248,16 @@ class Node:
                 "connected_proxies": len(self.tracker.connected()),
                 "nodes": [n.model_dump() for n in self.state().nodes.values()],
                 "started_at": self._started_at,
+                "config_drift": [d.as_dict() for d in self.config_drift()],
             }
         )
         return status
+
+    def config_drift(self) -> list[ServiceDrift]:
+        """Services whose spec in this node's config file differs from the replicated one
+        (changed, or not replicated yet); services defined only through the API are not drift."""
+        replicated = {name: svc.spec for name, svc in self.state().services.items()}
+        return [d for d in drift(self.settings.specs(), replicated) if d.kind != "unmanaged"]
 
     def ready(self) -> bool:
         return self._ready
@@ -256,9 +294,15 @@ class Node:
     async def await_proxies(self, min_index: int, timeout: float) -> ProxyAcks:
         """Until every proxy of EVERY control-plane node holds a snapshot at or after
         `min_index`, or `timeout` (failover/proxies.py)."""
-        others = [n for n in self.state().nodes.values() if n.node_id != self._node_id]
-        remote = PeerProxies(others, _first_token(self.settings, read_only=True)) if others else NoRemoteProxies()
-        return await await_proxies(self.tracker, remote, min_index, timeout)
+        token = _first_token(self.settings, read_only=True)
+        remotes = [
+            PeerProgress(n.node_id, n.api, token, self._peer_tls)
+            for n in self.state().nodes.values() if n.node_id != self._node_id and n.api
+        ]
+        return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout)
+
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        return await local_progress(self.tracker, self._node_id, min_index, wait)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -266,17 +310,19 @@ class Node:
         settings = self.settings
         loop = asyncio.get_running_loop()
         data_dir = Path(settings.node.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
         raft = settings.raft
         peers = [str(p) for p in raft.peers] if raft.multi_node else []
         self.store = await loop.run_in_executor(
             None,
             lambda: ReplicatedStore(
                 self._node_id,
-                raft.bind if raft.multi_node else None,
+                raft.identity if raft.multi_node else None,
                 peers,
                 data_dir,
+                bind_address=raft.bind,
                 password=settings.raft_password(),
+                durable_journal=raft.durable_journal,
+                unauthenticated_frame_limit=raft.unauthenticated_frame_limit,
                 on_apply=self._on_apply,
                 on_role_change=lambda _leader: self.engine.leadership_changed(),
                 loop=loop,
@@ -286,7 +332,10 @@ class Node:
         self._flush()
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
-        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
+        api_settings = ApiSettings.from_config(
+            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts()
+        )
+        app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
         from repstage_mesh.api.app import bound_port
@@ -294,11 +343,12 @@ class Node:
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
-        await self._register_in_consul(f"{api_host}:{self.api_port}")
+        await self._register_in_consul(settings.api.advertised(self.api_port))
         log.info(
-            "node %s: xDS on %s:%d, API on %s:%d, %s",
-            self._node_id, host, self.xds_port, api_host, self.api_port,
-            f"raft {raft.bind} with peers {peers}" if peers else "single node",
+            "node %s: xDS on %s:%d (advertised %s), API on %s:%d (advertised %s), %s",
+            self._node_id, host, self.xds_port, settings.xds.advertised(self.xds_port),
+            api_host, self.api_port, settings.api.advertised(self.api_port),
+            f"raft on {raft.bind} as {raft.identity} with peers {peers}" if peers else "single node",
         )
 
     async def _register_in_consul(self, api_address: str) -> None:
@@ -307,7 +357,10 @@ class Node:
         try:
             await self.registration.register_self(self._node_id, api_address)
         except Exception as exc:
-            log.warning("could not register in Consul at %s: %s", self.settings.consul.address, exc)
+            log.warning(
+                "could not register in Consul at %s: %s (retried every %g s)",
+                self.settings.consul.address, exc, self.settings.consul.resync_interval,
+            )
 
     async def stop(self) -> None:
         await self.engine.stop()
@@ -393,13 +446,17 @@ class Node:
             have = state.service(spec.name)
             if have is None:
                 try:
-                    await self.submit(PutService(spec=spec), timeout=10.0)
+                    seeded = PutService(spec=spec, by=AuditTag(
+                        actor="control-plane", keep=self.settings.api.audit_entries))
+                    await self.submit(seeded, timeout=10.0)
                 except Exception as exc:
                     log.warning("could not define service %s from the config file: %s", spec.name, exc)
-            elif have.spec.model_copy(update={"primary": spec.primary}) != spec:
+        for item in self.config_drift():
+            if item.kind == "changed":
                 log.warning(
-                    "service %s in the config file differs from the replicated state; the "
-                    "replicated one is kept (change it with PUT /v1/services/%s)", spec.name, spec.name,
+                    "config drift: service %s in the config file differs from the replicated "
+                    "state in %s; the replicated one is kept (see `repstage-mesh status`; apply "
+                    "the file with `repstage-mesh apply FILE`)", item.service, ", ".join(item.fields),
                 )
         await self._announce()
         self._ready = True
@@ -408,13 +465,12 @@ class Node:
     async def _announce(self) -> None:
         """Tell the cluster where this node's API answers (followers carry requests there)."""
         assert self.store is not None
-        api_host, _ = self.settings.host_port("api.listen")
-        xds_host, _ = self.settings.host_port("xds.listen")
+        settings = self.settings
         me = NodeAddress(
             node_id=self._node_id,
-            raft=self.settings.raft.bind if self.settings.raft.multi_node else None,
-            api=f"{_reachable(api_host)}:{self.api_port}",
-            xds=f"{_reachable(xds_host)}:{self.xds_port}",
+            raft=settings.raft.identity if settings.raft.multi_node else None,
+            api=settings.api.advertised(self.api_port),
+            xds=settings.xds.advertised(self.xds_port),
         )
         if self.state().nodes.get(self._node_id) == me:
             return
@@ -428,23 +484,41 @@ class Node:
 
     # --- failovers: the leader runs them, followers carry requests to it ----------------------
 
-    def _leader_api(self) -> str | None:
-        """HOST:PORT of the leader's API, None if this node leads. Raises NoLeaderKnown."""
+    def _leader_api(self, caller: Caller = DIRECT) -> str | None:
+        """HOST:PORT of the leader's API, None if this node leads. One hop at most: a request
+        another node forwarded here is never forwarded again (NotLeader, naming who this node
+        believes leads). Raises NoLeaderKnown when no leader's API is known."""
         store = self.store
         if store is None or store.is_leader():
             return None
         leader = store.leader()
-        for node in self.state().nodes.values():
-            if leader is not None and node.raft == leader:
-                return node.api
-        raise NoLeaderKnown("no Raft leader is known to this node right now; retry shortly")
+        api = next(
+            (n.api for n in self.state().nodes.values() if leader is not None and n.raft == leader and n.api),
+            None,
+        )
+        believed = f"{leader} (API {api or 'not announced'})" if leader else "no node"
+        if caller.forwarded_by is not None:
+            self.metrics.observe_forward("not_leader")
+            raise NotLeader(
+                f"node {self._node_id} does not lead, and this request was already forwarded "
+                f"here by {caller.forwarded_by} (requests are forwarded once at most); it "
+                f"believes the leader is {believed}; retry shortly", leader,
+            )
+        if api is None:
+            raise NoLeaderKnown(f"no Raft leader's API is known to this node right now (leader: {believed}); retry shortly")
+        if api == self.settings.api.advertised(self.api_port):
+            raise NotLeader(
+                f"the leader {leader} announces this node's own API ({api}); check api.advertise "
+                "on every node", leader,
+            )
+        return api
 
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+    async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
         """The replicated history as this node holds it, newest first; the records this node
         is running are shown as they are now (fresher than their last commit)."""
         return self._node_id, [self._fresh(entry.id, entry.record) for entry in reversed(self.state().failovers)]
 
-    async def failover(self, record_id: str) -> dict[str, Any] | None:
+    async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         entry = self.state().failover(record_id)
         if entry is not None:
             return self._fresh(record_id, entry.record)
@@ -455,18 +529,20 @@ class Node:
         record = self.decider.record(record_id)
         return record.as_dict() if record is not None else dict(replicated)
 
-    async def announce(self, service: str, announcement: Announcement) -> dict[str, Any]:
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
         """Run an announced change on the leader (a follower carries it there) and answer with
         the primary after it and its failover record. An idempotency key already used answers
         what its first use did (waiting for it if it is still running)."""
-        api = self._leader_api()
+        api = self._leader_api(caller)
         if api is not None:
-            return await self._forward_announce(api, service, announcement)
+            return await self._forward_announce(api, service, announcement, caller)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
         return await self.announcer.run(service, announcement)
 
-    async def _forward_announce(self, api: str, service: str, announcement: Announcement) -> dict[str, Any]:
+    async def _forward_announce(
+        self, api: str, service: str, announcement: Announcement, caller: Caller
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"member": announcement.member, "cause": announcement.cause,
                                 "fence": announcement.fence}
         if announcement.token is not None:
@@ -480,7 +556,10 @@ class Node:
         bound = FORWARDED_ANNOUNCE_TIMEOUT
         try:
             async with asyncio.timeout(bound):
-                return dict(await self._peers.call(api, "POST", path, body, headers=announcement.trace or {}))
+                return dict(await self._peers.call(
+                    api, "POST", path, body, authorization=caller.authorization, timeout=bound,
+                    headers=announcement.trace or {},
+                ))
         except TimeoutError:
             raise CommitTimeout(f"the leader at {api} did not answer the announce within {bound:g} s") from None
         except ApiUnreachable as exc:
@@ -488,19 +567,56 @@ class Node:
                 raise NoLeaderKnown(f"the leader's API at {api} cannot be reached: {exc}") from exc
             raise CommitTimeout(f"the announce was carried to the leader at {api}, which gave no answer: {exc}") from exc
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        api = self._leader_api()
+    def switchover_wait(self, wait: float | None) -> float:
+        """How long a switchover request is held open: `wait`, capped by api.switchover_wait."""
+        cap = self.settings.api.switchover_wait
+        return cap if wait is None else min(wait, cap)
+
+    async def switchover(
+        self, service: str, to: str, timeout: float | None,
+        wait: float | None = None, caller: Caller = DIRECT,
+    ) -> dict[str, Any]:
+        wait = self.switchover_wait(wait)
+        api = self._leader_api(caller)
         if api is not None:
-            body: dict[str, Any] = {"to": to}
-            if timeout is not None:
-                body["timeout"] = timeout
-            return dict(await self._peers.call(api, "POST", f"/v1/services/{service}/switchover", body))
+            return await self._forward_switchover(api, service, to, timeout, wait, caller)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
-        record = await self.runner.switchover(service, to, timeout)
+        actor = caller.actor
+        cause = f"planned switchover requested by {actor}" if actor else "planned switchover"
+        record = await self.runner.switchover(service, to, timeout, wait=wait, cause=cause)
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
+        if record.status == "running":
+            self.metrics.switchover_wait_expired.inc()
+            raise SwitchoverRunning(
+                f"switchover {record.id} of {service} to {to} is still running after {wait:g} s; "
+                f"follow it at GET /v1/failovers/{record.id}", record.as_dict(),
+            )
         return record.as_dict()
+
+    async def _forward_switchover(
+        self, api: str, service: str, to: str, timeout: float | None, wait: float, caller: Caller
+    ) -> dict[str, Any]:
+        """Carry a switchover to the leader at `api` (one hop): it holds the request `wait`
+        seconds at most; this node waits FORWARD_MARGIN longer."""
+        body: dict[str, Any] = {"to": to, "wait": wait}
+        if timeout is not None:
+            body["timeout"] = timeout
+        path = f"/v1/services/{quote(service, safe='')}/switchover"
+        self.metrics.observe_forward("forwarded")
+        try:
+            answer = await self._peers.call(
+                api, "POST", path, body, authorization=caller.authorization, timeout=wait + FORWARD_MARGIN
+            )
+        except ApiNoAnswer as exc:
+            self.metrics.observe_forward("no_answer")
+            raise SwitchoverUnknown(
+                f"the switchover of {service} to {to} was carried to the leader at {api}, which "
+                f"gave no answer ({exc}); it may be running or done there: see GET /v1/failovers "
+                "on any node"
+            ) from exc
+        return dict(answer)
 
 
 def _close_wait(settings: Settings) -> float:
@@ -520,14 +636,9 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
     tokens = settings.api.tokens
     if tokens is None:
         return None
-    choice = (tokens.read_only or tokens.read_write) if read_only else tokens.read_write
-    return choice[0].get_secret_value() if choice else None
-
-
-def _reachable(host: str) -> str:
-    """A wildcard bind address is announced as loopback (set a concrete listen address in
-    multi-host deployments)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if read_only:
+        return tokens.first("read_only") or tokens.first("read_write")
+    return tokens.first("read_write")
 
 
 async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
@@ -553,6 +664,10 @@ def serve_main(args: Any) -> int:
     logs.configure(fmt or "text")
     try:
         settings = load_config(getattr(args, "config", None))
+        # the same checks as `validate`, before Raft, xDS or the API start
+        problems = startup_problems(settings)
+        if problems:
+            raise ConfigError(problems, getattr(args, "config", None))
     except ConfigError as exc:
         print(str(exc))
         return 1
@@ -569,3 +684,18 @@ def serve_main(args: Any) -> int:
         print(f"error: {exc}")
         return 1
     return 0
+
+
+def xds_limits(xds: XdsConfig) -> XdsLimits:
+    return XdsLimits(**xds.limits.model_dump())
+
+
+def xds_security(xds: XdsConfig) -> XdsSecurity:
+    if xds.tls is None:
+        return XdsSecurity(insecure=xds.insecure)
+    tls = xds.tls
+    return XdsSecurity(
+        tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file),
+        identity=NodeIdentity.parse(tls.node_san),
+        insecure=xds.insecure,
+    )
