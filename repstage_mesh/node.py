@@ -12,40 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
+from repstage_mesh.api.forwarding import Forwarder
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient
+from repstage_mesh.api.peers import PeerClient
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
-from repstage_mesh.config import ConfigError, Settings, load_config, startup_problems
+from repstage_mesh.config import Settings
 from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.errors import (
-    ApiRequestError,
-    ApiUnreachable,
-    CommitTimeout,
     NoLeaderKnown,
     NotLeader,
     NotReady,
     ReplicationError,
     SwitchoverFailed,
     SwitchoverRunning,
-    SwitchoverUnknown,
 )
 from repstage_mesh.core.models import (
     Announcement,
@@ -58,7 +51,7 @@ from repstage_mesh.core.models import (
     Outcome,
     PutService,
 )
-from repstage_mesh.core.observations import Observation, ProbeResult
+from repstage_mesh.core.observations import ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
 from repstage_mesh.failover.announces import Announcer
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
@@ -74,7 +67,7 @@ from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 from repstage_mesh.sources.consul import ConsulSource
 from repstage_mesh.sources.consul_registration import ConsulRegistration
 from repstage_mesh.sources.probes import ProbeRunner
-from repstage_mesh.telemetry import Tracing, logs
+from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
@@ -86,9 +79,6 @@ from repstage_mesh.xds.tracker import ProxyTracker
 log = logging.getLogger("repstage_mesh.node")
 
 SNAPSHOT_GROUP = ""
-# seconds a follower waits for the leader to answer a carried announce: above the longest plan
-# (two commits, two proxy waits at the longest ack_deadline, the close wait), below the CLI's
-FORWARDED_ANNOUNCE_TIMEOUT = 150.0
 
 
 def render_options(settings: Settings) -> RenderOptions:
@@ -148,7 +138,7 @@ class Node:
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
         self._peer_tls = settings.api.tls.client_context() if settings.api.tls is not None else None
-        self._peers = PeerClient(self._node_id, tls=self._peer_tls)
+        self._forwarder = Forwarder(PeerClient(self._node_id, tls=self._peer_tls), self.metrics.observe_forward)
         self._build_leader_engine()
 
     def _build_leader_engine(self) -> None:
@@ -172,11 +162,7 @@ class Node:
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
             confirm_leadership=self._confirm_leadership,
         )
-        def observed(obs: Observation) -> None:
-            traces.observed(obs)
-            self.metrics.services.observed(obs)
-
-        self.engine = LeaderEngine(seat, self.runner, on_observation=observed)
+        self.engine = LeaderEngine(seat, self.runner, on_observation=(traces.observed, self.metrics.services.observed))
         self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
                                            secrets=secrets.for_host))
         consul = settings.consul
@@ -543,29 +529,10 @@ class Node:
     async def _forward_announce(
         self, api: str, service: str, announcement: Announcement, caller: Caller
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"member": announcement.member, "cause": announcement.cause,
-                                "fence": announcement.fence}
-        if announcement.token is not None:
-            body["epoch"] = announcement.token
-        if announcement.key is not None:
-            body["idempotency_key"] = announcement.key
-        path = f"/v1/services/{quote(service, safe='')}/primary"
         # A leader that cannot be reached through Raft will not answer over HTTP either: fail
         # within the commit timeout (503/504) instead of waiting on a frozen or partitioned one.
         await self.read_state(consistent=True)
-        bound = FORWARDED_ANNOUNCE_TIMEOUT
-        try:
-            async with asyncio.timeout(bound):
-                return dict(await self._peers.call(
-                    api, "POST", path, body, authorization=caller.authorization, timeout=bound,
-                    headers=announcement.trace or {},
-                ))
-        except TimeoutError:
-            raise CommitTimeout(f"the leader at {api} did not answer the announce within {bound:g} s") from None
-        except ApiUnreachable as exc:
-            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # never reached the leader
-                raise NoLeaderKnown(f"the leader's API at {api} cannot be reached: {exc}") from exc
-            raise CommitTimeout(f"the announce was carried to the leader at {api}, which gave no answer: {exc}") from exc
+        return await self._forwarder.announce(api, service, announcement, caller)
 
     def switchover_wait(self, wait: float | None) -> float:
         """How long a switchover request is held open: `wait`, capped by api.switchover_wait."""
@@ -579,7 +546,7 @@ class Node:
         wait = self.switchover_wait(wait)
         api = self._leader_api(caller)
         if api is not None:
-            return await self._forward_switchover(api, service, to, timeout, wait, caller)
+            return await self._forwarder.switchover(api, service, to, timeout, wait, caller)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
         actor = caller.actor
@@ -594,29 +561,6 @@ class Node:
                 f"follow it at GET /v1/failovers/{record.id}", record.as_dict(),
             )
         return record.as_dict()
-
-    async def _forward_switchover(
-        self, api: str, service: str, to: str, timeout: float | None, wait: float, caller: Caller
-    ) -> dict[str, Any]:
-        """Carry a switchover to the leader at `api` (one hop): it holds the request `wait`
-        seconds at most; this node waits FORWARD_MARGIN longer."""
-        body: dict[str, Any] = {"to": to, "wait": wait}
-        if timeout is not None:
-            body["timeout"] = timeout
-        path = f"/v1/services/{quote(service, safe='')}/switchover"
-        self.metrics.observe_forward("forwarded")
-        try:
-            answer = await self._peers.call(
-                api, "POST", path, body, authorization=caller.authorization, timeout=wait + FORWARD_MARGIN
-            )
-        except ApiNoAnswer as exc:
-            self.metrics.observe_forward("no_answer")
-            raise SwitchoverUnknown(
-                f"the switchover of {service} to {to} was carried to the leader at {api}, which "
-                f"gave no answer ({exc}); it may be running or done there: see GET /v1/failovers "
-                "on any node"
-            ) from exc
-        return dict(answer)
 
 
 def _close_wait(settings: Settings) -> float:
@@ -639,51 +583,6 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
     if read_only:
         return tokens.first("read_only") or tokens.first("read_write")
     return tokens.first("read_write")
-
-
-async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
-    node = await start()
-    # Start-up objects (modules, messages, config) never die: keep the collector from walking
-    # them on every push (bench: ~30% less server CPU per push at 5,000 streams).
-    gc.collect()
-    gc.freeze()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping")
-        await node.stop()
-
-
-def serve_main(args: Any) -> int:
-    """`repstage-mesh serve --config FILE`."""
-    fmt = getattr(args, "log_format", None)  # --log-format wins over the file's log.format
-    logs.configure(fmt or "text")
-    try:
-        settings = load_config(getattr(args, "config", None))
-        # the same checks as `validate`, before Raft, xDS or the API start
-        problems = startup_problems(settings)
-        if problems:
-            raise ConfigError(problems, getattr(args, "config", None))
-    except ConfigError as exc:
-        print(str(exc))
-        return 1
-    logs.configure(fmt or settings.log.format, settings.log.level)
-
-    async def start() -> Node:
-        node = Node(settings)
-        await node.start()
-        return node
-
-    try:
-        asyncio.run(run_until_signalled(start))
-    except OSError as exc:
-        print(f"error: {exc}")
-        return 1
-    return 0
 
 
 def xds_limits(xds: XdsConfig) -> XdsLimits:

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.plane import DIRECT, Caller
-from repstage_mesh.core.errors import DecisionRefused, NotReady, Rejected
+from repstage_mesh.core.errors import DecisionRefused, Rejected
 from repstage_mesh.core.models import (
     Announcement,
     Command,

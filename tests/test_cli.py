@@ -391,7 +391,7 @@ def test_validate_refuses_what_serve_would_refuse_and_serve_starts_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
     extra: str, field: str,
 ) -> None:
-    from repstage_mesh.node import serve_main
+    from repstage_mesh.cli.serve import serve_main
 
     monkeypatch.delenv("REPSTAGE_TEST_UNSET_VARIABLE", raising=False)
     path = tmp_path / "bad.yaml"

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
-from repstage_mesh.api.failovers import AnnounceAnswer
+from repstage_mesh.api.failovers import AnnounceAnswer, caller
 from repstage_mesh.api.http import (
     CONSISTENT,
     OPENAPI,

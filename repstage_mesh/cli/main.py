@@ -516,7 +516,7 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
 
 
 _DELEGATES: dict[str, tuple[str, str]] = {
-    "serve": ("repstage_mesh.node", "serve_main"),
+    "serve": ("repstage_mesh.cli.serve", "serve_main"),
     "bootstrap": ("repstage_mesh.cli.bootstrap", "main"),
     "demo": ("repstage_mesh.cli.demo", "main"),
 }

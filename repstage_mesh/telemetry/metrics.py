@@ -100,6 +100,17 @@ def write_failure_code(exc: BaseException) -> str:
     return "error"
 
 
+def _history_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "repstage_failover_history",
+        "Failover records committed to the replicated history, by event: published, failed (not "
+        "replicated), dropped (the oldest record left the bounded history), keys_dropped (an "
+        "idempotency key was forgotten)",
+        ["event"],
+        registry=registry,
+    )
+
+
 def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
     anomalies = Counter(
         "repstage_consul_anomalies",
@@ -158,9 +169,7 @@ class MeshMetrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
-        self.history = Counter("repstage_failover_history", "Failover records committed to the replicated "
-                               "history, by event: published, failed (not replicated), dropped (the oldest "
-                               "record left the bounded history), keys_dropped (an idempotency key was forgotten)", ["event"], registry=registry)
+        self.history = _history_counter(registry)
         self.write_failures = Counter(
             "repstage_write_failures",
             "Writes that did not commit, by code (rejection code, no_quorum, commit_timeout, ...)",
