@@ -105,6 +105,14 @@ def test_switchover_failover_fail_closed_and_adopt_in_the_log_and_metrics(mesh: 
     # break before make, as every node saw it: the fence then the new primary
     assert mesh.roles()[-2:] == [("fail_closed_entered", "r0", None), ("fail_closed_exited", None, "r1")]
 
+    # the replicas follow r1 and have settled (the decider promotes a replica only after its
+    # status held for 0.2 s; a kill at once would fail closed first): the metrics say when
+    def settled() -> bool:
+        age = mesh.metrics().get(("repstage_service_role_age_seconds", (("service", "cache"),)), 0.0)
+        return probed("r0", "replica") and probed("r2", "replica") and age >= 1.0
+
+    wait_until(settled, 20, what="r0 and r2 replicate from r1 for a second")
+
     # the new primary dies: a failover, logged step by step
     mesh.group.kill("r1")
     after = wait_until(lambda: (s := mesh.service())[0] not in ([], ["r1"]) and s, 20, what="a replica promoted")
