@@ -3,6 +3,7 @@ service, member and per-type proxy gauges (scraped and parsed as Prometheus woul
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import logging
@@ -262,3 +263,31 @@ def test_each_timeline_event_is_logged_once_and_the_last_carries_the_duration(
     assert [f["epoch"] for f in fields] == [None, None, 5, 5, 7, 7]
     assert fields[-1]["duration_ms"] == 40.0 and fields[-1]["status"] == "done" and fields[1]["detail"] == {"target": "b"}
     assert "duration_ms" not in fields[2]
+
+
+def test_serve_installs_the_format_of_the_flag_else_the_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`serve`: --log-format wins over log.format; without it the file's format is used."""
+    from repstage_mesh.cli import serve
+
+    def run(coroutine: Any) -> None:  # instead of running a node: log one line
+        coroutine.close()
+        logging.getLogger("repstage_mesh.node").info("node would start")
+
+    monkeypatch.setattr(serve.asyncio, "run", run)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"node: {{id: n1, data_dir: {tmp_path}}}\nlog: {{format: json}}\n")
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    try:
+        for flag, json_expected in ((None, True), ("text", False), ("json", True)):
+            assert serve.serve_main(argparse.Namespace(config=str(path), log_format=flag)) == 0
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            if json_expected:
+                assert json.loads(line)["msg"] == "node would start", line
+            else:
+                assert line.endswith("INFO repstage_mesh.node: node would start"), line
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
