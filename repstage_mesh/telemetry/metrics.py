@@ -81,8 +81,9 @@ PUSH_ACK_BUCKETS = (
 )
 # pysyncobj commits take ~0.25 ms unbatched on loopback, ~100 ms batched (FACTS.md).
 COMMIT_BUCKETS = PUSH_ACK_BUCKETS
-# Detection to the last ACK: sub-second with fast probes, tens of seconds with Consul TTLs.
+# the xDS types repstage_xds_proxies counts (a fixed label set: a client cannot add one)
 KNOWN_TYPES = ("cds", "eds", "lds", "rds", "sds")
+# Detection to the last ACK: sub-second with fast probes, tens of seconds with Consul TTLs.
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 
@@ -340,6 +341,8 @@ def _sync_state(record: ProxyRecord, type_url: str, nacked: bool) -> str:
     if status is not None and status.sent_version and status.sent_version != status.acked_version:
         return "behind"
     return "synced"
+
+
 def _guard_counters(registry: CollectorRegistry) -> tuple[dict[str, Any], dict[str, Any]]:
     """The xDS limit-hit and refusal counters' children, one per name of a fixed set, created
     up front: clients cannot add labels."""
