@@ -10,6 +10,7 @@ announce then shows on every node, the old record too.
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,3 +104,23 @@ def test_a_new_leader_shows_the_history_and_the_interrupted_announce(nodes: list
         wait_until(lambda n=node: records(n).get(body["failover"]["id"], {}).get("status") == "done", 10, 0.05,
                    f"{node.name} holds the finished announce")
         assert record_id in records(node)  # the old leader's record stays in the history
+
+    # Issue 15: every node logs the role changes it applies (default text format) and exports the
+    # service gauges; the new leader logs the record it ended.
+    for node in followers:
+        text = node.proc.log_path.read_text(errors="replace")
+        assert f"event=fail_closed_entered service={SERVICE} old=a new=- " in text, node.proc.log()
+        assert f"event=fail_closed_exited service={SERVICE} old=- new=b " in text, node.proc.log()
+        wait_until(lambda n=node: metric(n, f'repstage_service_primary{{member="b",service="{SERVICE}"}}') == 1
+                   and metric(n, f'repstage_service_fail_closed{{service="{SERVICE}"}}') == 0, 10, 0.05,
+                   f"{node.name} exports b as the primary")
+    text = new_leader.proc.log_path.read_text(errors="replace")
+    assert f"event=failover_step id={record_id} kind=announce" in text and "step=interrupted" in text
+
+
+def metric(node: ControlPlaneNode, series: str) -> float | None:
+    with urllib.request.urlopen(node.api + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return None

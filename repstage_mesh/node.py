@@ -60,6 +60,7 @@ from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
 from repstage_mesh.failover.runner import FailoverRunner
+from repstage_mesh.failover.steplog import StepLog
 from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.lease import PrimaryLease
 from repstage_mesh.raft.store import ReplicatedStore
@@ -113,6 +114,7 @@ class Node:
         self.metrics = MeshMetrics(
             self._registry, self._node_id,
             raft_status=lambda: self.store.status() if self.store is not None else None,
+            state=self.state, leads=lambda: self.store is not None and self.store.is_leader(),
         )
         self.tracker.observers.append(self.metrics)
         self.tracker.on_limit = self.metrics.on_limit
@@ -153,6 +155,7 @@ class Node:
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
             self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done, history=self.history,
+            on_change=StepLog(self.state).changed,
         )
         self.announcer = Announcer(self.runner, self.state, self.failover, _close_wait(settings))
         seat = LeaderSeat(
@@ -160,7 +163,7 @@ class Node:
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
             confirm_leadership=self._confirm_leadership,
         )
-        self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
+        self.engine = LeaderEngine(seat, self.runner, on_observation=(traces.observed, self.metrics.services.observed))
         self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
                                            secrets=secrets.for_host))
         consul = settings.consul
@@ -379,6 +382,7 @@ class Node:
             service = state.service(str(outcome.result.get("service"))) if outcome else None
             deadline = service.spec.leadership.ack_deadline if service is not None else 2.0
             self._traced.append((state.last_change, dict(trace), deadline))
+        self.metrics.services.applied(state, outcome, ready=self._ready)  # role-change log, gauges
         if self._pending_state is None:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending_state = state

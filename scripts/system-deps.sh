@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what RepStage Mesh's demo and tests use, when missing: the Debian packages Redis 7
-# (redis-server), PostgreSQL 15 server binaries (postgresql-15) and etcd (etcd-server, for the
-# Patroni tests), kubectl, whose built-in kustomize renders manifests/ for tests/test_manifests.py,
+# (redis-server), PostgreSQL 15 server binaries (postgresql-15), etcd (etcd-server, for the
+# Patroni tests) and promtool (prometheus: checks manifests/monitoring/alerts.yaml in
+# tests/test_monitoring.py), kubectl, whose built-in kustomize renders manifests/ for tests/test_manifests.py,
 # and Patroni 4 (PyPI patroni[etcd3]) in its own virtualenv.
 #
 # Patroni runs as the `postgres` user (PostgreSQL refuses root), and so does its on_role_change
@@ -29,6 +30,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 pgbin=""
 for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && pgbin="$d"; done
 [ -n "$pgbin" ] || need+=(postgresql-15)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -252,7 +252,7 @@ async def test_a_hanging_repoint_does_not_delay_an_announce_and_history_is_commi
     assert repoint.record["attempts"] == 1
 
 
-async def test_a_new_leader_ends_the_records_left_running() -> None:
+async def test_a_new_leader_ends_the_records_left_running(caplog: pytest.LogCaptureFixture) -> None:
     h = follow_harness()
     state = h.state
     state, _ = apply(state, RecordFailover(entry=FailoverEntry(
@@ -266,6 +266,8 @@ async def test_a_new_leader_ends_the_records_left_running() -> None:
     entry = h.state.failover("cp-9-1")
     assert entry is not None and entry.rev == 3 and entry.record["status"] == "failed"
     assert "interrupted" in entry.record["reason"] and "cp-9" in entry.record["reason"]
+    logged = [getattr(r, "repstage_fields", {}) for r in caplog.records]
+    assert any(f.get("id") == "cp-9-1" and f.get("step") == "interrupted" for f in logged)  # issue 15
 
 
 def test_record_ids_skip_those_the_replicated_history_holds() -> None:

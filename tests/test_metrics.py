@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, NoQuorumOutcomeUnknown, Rejected
-from repstage_mesh.core.models import Rejection
+from repstage_mesh.core.models import MeshState, Rejection
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
@@ -221,7 +221,7 @@ def test_write_failure_codes() -> None:
 
 def test_names_follow_prometheus_conventions() -> None:
     registry = CollectorRegistry()
-    MeshMetrics(registry, "cp-1")
+    MeshMetrics(registry, "cp-1", state=MeshState)  # with the service gauges (issue 15)
     families = list(text_string_to_metric_families(generate_latest(registry).decode()))
     for family in families:
         assert family.name.startswith("repstage_"), family.name

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
     serve.add_argument("--debug", action="store_true",
                        help="debug logging, and tracebacks when the node cannot start (exit 2)")
+    serve.add_argument(
+        "--log-format", choices=("text", "json"), default=None,
+        help="text (readable) or json (one object per line); default: the config's log.format "
+        "(REPSTAGE_LOG__FORMAT), else text",
+    )
     _add_bootstrap(sub)
     _add_demo(sub)
     return parser

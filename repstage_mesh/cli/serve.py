@@ -30,6 +30,7 @@ from repstage_mesh.config import (
 from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import MeshState
 from repstage_mesh.node import Node
+from repstage_mesh.telemetry import logs
 
 log = logging.getLogger("repstage_mesh.node")
 
@@ -91,10 +92,8 @@ def _replicated_conflicts(settings: Settings) -> Callable[[MeshState], None]:
 def serve_main(args: Any) -> int:
     """`repstage-mesh serve --config FILE [--debug]`."""
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    fmt = getattr(args, "log_format", None)  # --log-format wins over the file's log.format
+    logs.configure(fmt or "text", "debug" if debug else "info")
     source = getattr(args, "config", None)
     try:
         settings = load_config(source)
@@ -106,6 +105,7 @@ def serve_main(args: Any) -> int:
         for field, message in exc.errors:
             _start_error(f"{field}: {message}" if field else message, exc.source)
         return EXIT_REFUSED
+    logs.configure(fmt or settings.log.format, "debug" if debug else settings.log.level)
     try:
         asyncio.run(run_until_signalled(lambda: start_node(settings)))
     except (MeshError, OSError) as exc:

@@ -421,6 +421,15 @@ def _collector_host_port(value: str) -> tuple[str, int]:
     return parse_host_port(value)
 
 
+class LogConfig(Section):
+    """The server's log (telemetry/logs.py). `serve --log-format` overrides `format`."""
+
+    format: Literal["text", "json"] = Field(
+        default="text", description="text: readable lines with key=value fields; json: one JSON object per line"
+    )
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class TelemetryConfig(Section):
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP gRPC endpoint; None: no export"

@@ -42,6 +42,7 @@ from repstage_mesh.config.sections import (
     ConsulConfig,
     EnvoyConfig,
     FailoversConfig,
+    LogConfig,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
@@ -112,6 +113,7 @@ class Settings(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
     failovers: FailoversConfig = Field(default_factory=FailoversConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     services: tuple[ServiceConfig, ...] = ()
     hooks: dict[Name, HookSpec] = Field(
         default_factory=dict, description="promotion hooks by name (services name them)"

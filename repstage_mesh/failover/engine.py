@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,12 +62,13 @@ class LeaderEngine:
         self,
         seat: LeaderSeat,
         runner: FailoverRunner,
-        on_observation: Callable[[Observation], None] | None = None,
+        on_observation: Callable[[Observation], None] | Sequence[Callable[[Observation], None]] = (),
     ) -> None:
         self.seat = seat
         self.runner = runner
         self.sources: list[LeadershipSource] = []
-        self._on_observation = on_observation
+        # who else hears every observation (failover traces, the member gauges), in order
+        self._observers = (on_observation,) if callable(on_observation) else tuple(on_observation)
         self.active = False
         self._wake = asyncio.Event()
         self._follow: asyncio.Task[None] | None = None
@@ -173,7 +174,7 @@ class LeaderEngine:
 
     def observe(self, obs: Observation) -> None:
         """What the sources report (their callback)."""
-        if self._on_observation is not None:
-            self._on_observation(obs)
+        for observer in self._observers:
+            observer(obs)
         if self.active:
             self.runner.observe(obs)

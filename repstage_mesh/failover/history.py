@@ -10,7 +10,8 @@ reordered commits cannot go backwards). A commit that fails is logged and counte
 change of the record carries everything again.
 
 `interrupted(state)` is what a new leader does first: records the replicated history still
-shows as running, and that this node is not running, end as failed ("interrupted").
+shows as running, and that this node is not running, end as failed ("interrupted"), each with a
+`failover_step` log line (step `interrupted`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from repstage_mesh.core.models import (
     RecordFailover,
 )
 from repstage_mesh.decide import FailoverRecord
+from repstage_mesh.telemetry.logs import event
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,11 @@ class HistoryPublisher:
             data = {**entry.record, "status": "failed", "reason": reason}
             self.publish(entry.id, data, rev=entry.rev + 1)
             ended.append(entry.id)
+            event(log, "failover_step", f"{data.get('service')}: {data.get('kind')} {entry.id} interrupted",
+                  level=logging.WARNING, id=entry.id, kind=data.get("kind"), mode=data.get("mode"),
+                  step="interrupted", service=data.get("service"), old=data.get("old_primary"),
+                  new=data.get("new_primary"), epoch=data.get("epoch"), cause=data.get("cause"),
+                  status="failed", reason=reason)
         return ended
 
     async def close(self, timeout: float = 2.0) -> None:

@@ -7,7 +7,8 @@ each result with `Decider.step_done`. It never decides anything itself. `Repoint
 outside the per-service lock (one per member at a time, the decider sees to it), so a member
 that stays down never delays a real failover, nor waits behind one. Every time a record may
 have changed, the `HistoryPublisher` hears of it (it commits the record to the replicated
-history); `start` first ends the records a previous leader left running ("interrupted").
+history), and so does `on_change` (the step log, `steplog.py`); `start` first ends the
+records a previous leader left running ("interrupted").
 
 What the node provides (all async unless said otherwise):
 
@@ -119,6 +120,7 @@ class FailoverRunner:
         grace: float = 1.0,
         on_done: Callable[[FailoverRecord], None] | None = None,
         history: HistoryPublisher | None = None,
+        on_change: Callable[[FailoverRecord], None] | None = None,
     ) -> None:
         for name, value in (("commit_timeout", commit_timeout), ("confirm_timeout", confirm_timeout),
                             ("promote_timeout", promote_timeout), ("positions_timeout", positions_timeout)):
@@ -139,6 +141,7 @@ class FailoverRunner:
         self.grace = grace
         self.on_done = on_done
         self.history = history
+        self.on_change = on_change  # the step log (steplog.StepLog.changed)
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: dict[str, asyncio.Event] = {}
@@ -271,7 +274,14 @@ class FailoverRunner:
 
     def _changed(self, record_id: str) -> None:
         record = self.decider.record(record_id)
-        if record is not None and self.history is not None:
+        if record is None:
+            return
+        if self.on_change is not None:
+            try:
+                self.on_change(record)
+            except Exception:
+                log.exception("logging failover record %s failed", record_id)
+        if self.history is not None:
             try:
                 self.history.changed(record)
             except Exception:
