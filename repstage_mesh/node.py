@@ -328,7 +328,6 @@ class Node:
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
         self._tasks += [asyncio.create_task(self.lease.run(), name="primary-lease")] if self.lease else []
-        # else the listen address as it is: for a wildcard the registration asks the agent
         await self._register_in_consul(settings.api.advertise or join_host_port(api_host, self.api_port))
         log.info(
             "node %s: xDS on %s:%d (advertised %s), API on %s:%d (advertised %s), %s",
