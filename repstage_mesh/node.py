@@ -26,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.api.app import build_app, start_api
+from repstage_mesh.api.cluster import NodeProxies, gather_proxies, member_health
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient
@@ -184,6 +185,24 @@ class Node:
 
     def proxies(self) -> list[dict[str, Any]]:
         return self.tracker.to_list()
+
+    async def cluster_proxies(self, authorization: str | None) -> list[NodeProxies]:
+        mine = self.state().nodes.get(self._node_id)
+        local = NodeProxies(self._node_id, mine.api if mine else "", True, self.proxies())
+        return await gather_proxies(local, self.state().nodes.values(), authorization,
+                                    self.settings.api.peer_timeout, self.metrics.observe_peer_unreachable)  # fmt: skip
+
+    async def members(self) -> dict[str, Any]:
+        try:
+            api = self._leader_api()
+            if api is not None:
+                peers = PeerClient(_first_token(self.settings, read_only=True), self.settings.api.peer_timeout)
+                return dict(await peers.call(api, "GET", "/v1/members"))
+        except (MeshError, TypeError, ValueError) as exc:
+            log.info("members: leader not reachable (%s)", exc)
+            api = ""
+        rows = member_health(self.state(), self.decider.status(), time.monotonic())
+        return {"node_id": self._node_id, "leader": api is None, "members": [r.model_dump() for r in rows]}
 
     def cluster(self) -> dict[str, Any]:
         status: dict[str, Any] = self.store.status() if self.store is not None else {}

@@ -2,7 +2,8 @@
 
 FakePlane applies commands with the real state machine, `repstage_mesh.core.state.apply`; only
 Raft is left out (a command commits at the next index at once). Knobs: `fail` (an exception
-submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
+submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`, `peer_answers` (other
+nodes' proxies for scope=cluster), `observed` (the members' health for /v1/members).
 
 LiveApi runs the REST API for a FakePlane on a free loopback port in a background thread, for
 clients that are synchronous (the CLI, schemathesis). `eventually` waits on a condition with a
@@ -21,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
+from repstage_mesh.api.cluster import NodeProxies, member_health
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.core.errors import NotReady
 from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
@@ -47,6 +49,8 @@ class FakePlane:
             "peers": [],
             "quorum": True,
         }
+        self.peer_answers: list[NodeProxies] = []
+        self.observed: dict[str, Any] = {}  # Decider.status()-shaped, `since` against now=100
         self.submitted: list[Command] = []
         for spec in services:
             self._commit(PutService(spec=spec))
@@ -80,6 +84,15 @@ class FakePlane:
 
     def proxies(self) -> list[dict[str, Any]]:
         return list(self.proxy_list)
+
+    async def cluster_proxies(self, authorization: str | None) -> list[NodeProxies]:
+        """This plane's proxies, plus `peer_answers` (other nodes' answers, as gathered)."""
+        mine = NodeProxies(self.node_id, "127.0.0.1:0", True, self.proxies())
+        return [mine, *self.peer_answers]
+
+    async def members(self) -> dict[str, Any]:
+        rows = member_health(self._state, self.observed, now=100.0)
+        return {"node_id": self.node_id, "leader": True, "members": [r.model_dump() for r in rows]}
 
     async def proxy_progress(self, min_index: int, wait: float) -> Progress:
         return Progress(node_id=self.node_id, satisfied=True, low_water=min_index, connected=0)

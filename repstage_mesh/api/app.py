@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
+from repstage_mesh.api.cluster import cluster_operations, raft_view
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
 from repstage_mesh.api.http import (
     CONSISTENT,
@@ -44,7 +45,6 @@ from repstage_mesh.api.models import (
     PrimaryChange,
     PrimaryRequest,
     PrimaryView,
-    ProxyView,
     ReadyView,
     ServiceList,
     ServiceSpecBody,
@@ -52,7 +52,7 @@ from repstage_mesh.api.models import (
     is_loopback,
     member_views,
 )
-from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
+from repstage_mesh.api.openapi import AnyObject, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
 from repstage_mesh.api.progress import progress_operations
 from repstage_mesh.core.errors import MeshError
@@ -183,14 +183,10 @@ async def set_primary(request: web.Request) -> web.Response:
     )
 
 
-async def list_proxies(request: web.Request) -> web.Response:
-    return ok([ProxyView.model_validate(p) for p in plane(request).proxies()])
-
-
 async def get_cluster(request: web.Request) -> web.Response:
     node = plane(request)
     view = {"node_id": node.node_id, "applied_index": node.state().index, **node.cluster()}
-    return ok(ClusterView.model_validate(view))
+    return ok(ClusterView.model_validate(raft_view(view, node.state().nodes)))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -240,8 +236,7 @@ def operations() -> list[Operation]:
                   errors=(404, 409, 503, 504), path_params=_NAME_PARAM,
                   description="member null means no primary is known: the primary listener refuses "
                   "connections (fail closed). A claimed epoch at or below the current one is refused (409)."),
-        Operation("GET", "/v1/proxies", "listProxies", "Envoy proxies and their xDS versions", list_proxies,
-                  {200: ("one item per proxy", ListOf(ProxyView))}, tag="proxies"),
+        *cluster_operations(),
         *progress_operations(),
         Operation("GET", "/v1/cluster", "getCluster", "This node's Raft view", get_cluster,
                   {200: ("Raft view", ClusterView)}, tag="cluster"),

@@ -7,12 +7,15 @@ in domain results and domain errors (core/errors.py): only `api/` turns them int
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.core.models import Command, MeshState, Outcome
 from repstage_mesh.failover.proxies import Progress
+
+if TYPE_CHECKING:  # api/cluster imports api/http, which imports this module
+    from repstage_mesh.api.cluster import NodeProxies
 
 
 class ControlPlane(Protocol):
@@ -50,6 +53,16 @@ class ControlPlane(Protocol):
     async def proxy_progress(self, min_index: int, wait: float) -> Progress:
         """Once every proxy connected to this node holds a snapshot at or after `min_index`, or
         after `wait` seconds: how far they are (failover/proxies.local_progress)."""
+        ...
+
+    async def cluster_proxies(self, authorization: str | None) -> list[NodeProxies]:
+        """This node's proxies and every other known node's (api/cluster.gather_proxies), each
+        node asked with the caller's `authorization` and bounded by api.peer_timeout."""
+        ...
+
+    async def members(self) -> dict[str, Any]:
+        """Every service's members as the Raft leader observes them (an `api/cluster.MembersView`
+        as JSON); a follower asks the leader, or answers `leader: false` when it cannot."""
         ...
 
     def cluster(self) -> dict[str, Any]:

@@ -149,6 +149,9 @@ class ApiTokens(Section):
 class ApiConfig(Section):
     listen: HostPort = "127.0.0.1:8080"
     tokens: ApiTokens | None = None
+    # seconds a cluster-wide view (GET /v1/proxies?scope=cluster, `status`) waits for each other
+    # node; a node that does not answer in time is shown as unreachable
+    peer_timeout: float = Field(default=1.0, gt=0, le=60)
 
 
 class RaftConfig(Section):

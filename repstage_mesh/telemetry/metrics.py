@@ -144,6 +144,12 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
+        self.peer_unreachable = Counter(
+            "repstage_peer_unreachable",
+            "Cluster-wide views in which another node did not answer within api.peer_timeout",
+            ["peer"],
+            registry=registry,
+        )
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
@@ -205,6 +211,10 @@ class MeshMetrics:
     def observe_probe(self, service: str, member: str, result: str) -> None:
         """`result`: what the probe found, e.g. primary, replica, down, error."""
         self.probes.labels(service, member, result).inc()
+
+    def observe_peer_unreachable(self, peer: str) -> None:
+        """A cluster-wide view could not ask `peer` (a control-plane node id: bounded set)."""
+        self.peer_unreachable.labels(peer).inc()
 
     # --- scrape-time views --------------------------------------------------------------------
 
