@@ -1,8 +1,9 @@
 """`repstage-mesh`: the operator CLI.
 
-Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
-http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
-`proxies`, `switchover`, `failovers`. `validate CONFIG` checks a config file offline. `serve`,
+Client commands talk to a node's REST API (`--api URL`, repeatable or comma-separated: the
+next is tried when one cannot be reached; env REPSTAGE_API, default http://127.0.0.1:8080;
+token from `--token` or REPSTAGE_TOKEN): `status`, `services`, `proxies` (every node's),
+`switchover`, `failovers [ID]`. `validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
 
 Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
@@ -55,8 +56,10 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
     group.add_argument(
         "--api",
         metavar="URL",
+        action="append",
         default=default,
-        help=f"API of a control-plane node (env {API_ENV}; default {DEFAULT_API})",
+        help=f"API of a control-plane node; repeat or separate with commas to name several, tried in "
+        f"order until one answers (env {API_ENV}; default {DEFAULT_API})",
     )
     group.add_argument(
         "--token", metavar="TOKEN", default=default, help=f"bearer token (env {TOKEN_ENV})"
@@ -87,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_client_options(suppress=True)]
     _add_read_commands(sub, common)
     _add_switchover(sub, common)
-    sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
+    failovers = sub.add_parser(
+        "failovers", parents=common, help="recent failovers and switchovers, or one with its timeline"
+    )
+    failovers.add_argument("id", metavar="ID", nargs="?", help="a failover id: show its timeline")
     validate = sub.add_parser(
         "validate", parents=common, help="check a config file; exit 1 on errors"
     )
@@ -101,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_read_commands(sub: Subcommands, common: Parents) -> None:
     """status, services [list | get NAME], proxies."""
-    sub.add_parser("status", parents=common, help="cluster, services and proxies at a glance")
+    sub.add_parser(
+        "status", parents=common,
+        help="the cluster at a glance: nodes, services, members' health and every node's proxies",
+    )
 
     services = sub.add_parser("services", parents=common, help="list services, or show one")
     services_sub = services.add_subparsers(dest="services_command", metavar="ACTION")
@@ -112,7 +121,8 @@ def _add_read_commands(sub: Subcommands, common: Parents) -> None:
     get.add_argument("name", metavar="NAME")
 
     sub.add_parser(
-        "proxies", parents=common, help="Envoy proxies and the versions they ACKed or NACKed"
+        "proxies", parents=common,
+        help="every node's Envoy proxies and the versions they ACKed or NACKed",
     )
 
 
@@ -141,7 +151,7 @@ def _add_bootstrap(sub: Subcommands) -> None:
     )
     boot.add_argument("--node-id", required=True, help="Envoy node id")
     boot.add_argument(
-        "--node-cluster", default=None, help="Envoy node cluster (default: the node id)"
+        "--node-cluster", default=None, help="Envoy node cluster (default: repstage)"
     )
     boot.add_argument(
         "--xds",
@@ -201,7 +211,7 @@ def _error(message: str, field: str | None = None) -> None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    api = args.api or os.environ.get(API_ENV) or DEFAULT_API
+    api = args.api or os.environ.get(API_ENV) or DEFAULT_API  # --api: a list (repeatable)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return ApiClient(api, token, timeout=args.timeout or 10.0)
 
@@ -210,17 +220,44 @@ def _path(name: str) -> str:
     return quote(name, safe="")
 
 
+def _gather_proxies(client: ApiClient) -> tuple[list[Any], dict[str, Any] | None]:
+    """Every node's proxies (scope=cluster) with the nodes' answers; an older server that only
+    knows its own answers a list (then: its proxies, and None)."""
+    try:
+        answer = client.get("/v1/proxies?scope=cluster")
+    except ApiRequestError as exc:
+        if exc.status != 400:
+            raise
+        answer = client.get("/v1/proxies")
+    if isinstance(answer, list):
+        return answer, None
+    return list(answer.get("proxies", [])), dict(answer)
+
+
+def _members(client: ApiClient) -> dict[str, Any] | None:
+    try:
+        return dict(client.get("/v1/members"))
+    except ApiRequestError as exc:
+        if exc.status in (404, 405):  # a server without /v1/members
+            return None
+        raise
+
+
 def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     cluster = client.get("/v1/cluster")
     services = client.get("/v1/services")
-    proxies = client.get("/v1/proxies")
-    data = {"api": client.base_url, "cluster": cluster, "services": services["services"],
-            "applied_index": services["applied_index"], "proxies": proxies}  # fmt: skip
+    proxies, gathered = _gather_proxies(client)
+    members = _members(client)
+    nodes = (gathered or {}).get("nodes", [])
+    data = {"api": client.base_url, "cluster": cluster, "nodes": nodes, "services": services["services"],
+            "applied_index": services["applied_index"], "members": members, "proxies": proxies}  # fmt: skip
     out.show(
         data,
         render.cluster_table(cluster),
+        render.nodes_table(cluster, gathered),
         render.services_table(services["services"], services["applied_index"]),
-        render.proxies_table(proxies),
+        render.members_table(members),
+        render.proxies_table(proxies, nodes),
     )
     return EXIT_OK
 
@@ -228,7 +265,8 @@ def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
 def cmd_services(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     if args.services_command == "get":
         service = client.get(f"/v1/services/{_path(args.name)}")
-        out.show(service, render.service_detail(service))
+        members = _members(client)
+        out.show(service, render.service_detail(service, members))
         return EXIT_OK
     services = client.get("/v1/services")
     out.show(services, render.services_table(services["services"], services["applied_index"]))
@@ -236,8 +274,9 @@ def cmd_services(args: argparse.Namespace, client: ApiClient, out: Output) -> in
 
 
 def cmd_proxies(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
-    proxies = client.get("/v1/proxies")
-    out.show(proxies, render.proxies_table(proxies))
+    proxies, gathered = _gather_proxies(client)
+    nodes = (gathered or {}).get("nodes", [])
+    out.show(gathered if gathered is not None else proxies, render.proxies_table(proxies, nodes))
     return EXIT_OK
 
 
@@ -249,7 +288,7 @@ def wait_for_catch_up(client: ApiClient, change: Mapping[str, Any], out: Output,
     behind: list[str] = []
     with out.console.status("waiting for the proxies to follow...", spinner="dots") as status:
         while True:
-            proxies = [p for p in client.get("/v1/proxies") if p.get("connected")]
+            proxies = [p for p in _gather_proxies(client)[0] if p.get("connected")]
             behind = [
                 str(p["node_id"]) for p in proxies
                 if not p.get("synced") or int(p.get("snapshot_version") or 0) < target
@@ -290,7 +329,7 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
     result: dict[str, Any] = {}
 
     def run() -> None:
-        waiting = ApiClient(client.base_url, client.token, timeout=max(client.timeout, 330.0))
+        waiting = ApiClient(client.urls, client.token, timeout=max(client.timeout, 330.0))
         try:
             result["record"] = waiting.post(
                 f"/v1/services/{_path(args.service)}/switchover", {"to": args.to, "timeout": 300}
@@ -327,6 +366,10 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
 
 
 def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    if getattr(args, "id", None):
+        record = client.get(f"/v1/failovers/{_path(args.id)}")
+        out.show(record, render.failover_detail(record))
+        return EXIT_OK
     try:
         failovers = client.get("/v1/failovers")
     except ApiRequestError as exc:
