@@ -17,9 +17,14 @@ from rich.text import Text
 
 
 def _table(title: str, *columns: str) -> Table:
+    """Columns named with a leading `~` hold free text: when the table is too wide they give up
+    width first, wrapping between words (a word too long for the cell ends in `…`). The other
+    columns (names, ids, numbers) stay on one line and are only shortened, with `…`, as a last
+    resort."""
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
-        table.add_column(column, no_wrap=True, overflow="ellipsis")
+        text = column.startswith("~")
+        table.add_column(column.lstrip("~"), no_wrap=not text, overflow="ellipsis")
     return table
 
 
@@ -81,7 +86,7 @@ _HIDDEN = {"node", "nodes", "is_leader", "leader_address", "address", "started_a
 
 def cluster_table(cluster: Mapping[str, Any], now: float | None = None) -> Table:
     """The answering node's Raft view: who leads (by node id), the term, indexes, quorum."""
-    table = _table("Cluster (as " + str(cluster.get("node_id", "this node")) + " sees it)", "FIELD", "VALUE")
+    table = _table("Cluster (as " + str(cluster.get("node_id", "this node")) + " sees it)", "FIELD", "~VALUE")
     leader = cluster.get("leader")
     quorum = cluster.get("has_quorum", cluster.get("quorum"))
     values: dict[str, Any] = {
@@ -107,7 +112,7 @@ def cluster_table(cluster: Mapping[str, Any], now: float | None = None) -> Table
 def nodes_table(cluster: Mapping[str, Any], gathered: Mapping[str, Any] | None) -> Table:
     """Every control-plane node: Raft role and link as the answering node sees it, and whether it
     answered the cluster-wide gathering (with its proxy count)."""
-    table = _table("Nodes", "NODE", "ROLE", "RAFT LINK", "API", "ANSWERED", "PROXIES")
+    table = _table("Nodes", "NODE", "ROLE", "RAFT LINK", "~API", "~ANSWERED", "PROXIES")
     me = cluster.get("node_id")
     links = {p.get("node_id"): p.get("connected") for p in cluster.get("peers", []) if isinstance(p, Mapping)}
     for node in (gathered or {}).get("nodes", []):
@@ -139,7 +144,7 @@ def services_table(
     services: Sequence[Mapping[str, Any]], applied_index: int | None = None
 ) -> Table:
     title = "Services" + (f" (applied index {applied_index})" if applied_index is not None else "")
-    table = _table(title, "NAME", "PROTOCOL", "PRIMARY", "EPOCH", "PORTS", "MEMBERS")
+    table = _table(title, "NAME", "PROTOCOL", "PRIMARY", "EPOCH", "~PORTS", "~MEMBERS")
     for s in services:
         ports = str(s.get("listen_port", ""))
         if s.get("read_port"):
@@ -158,7 +163,7 @@ def members_table(members: Mapping[str, Any] | None, service: str | None = None)
     """Like `patronictl list`: per member its role in the replicated state, its health as the
     leader's probes see it (and since when), replication offset and lag behind the primary."""
     rows = [m for m in (members or {}).get("members", []) if service is None or m.get("service") == service]
-    table = _table("Members", "SERVICE", "MEMBER", "HOST", "ROLE", "HEALTH", "SINCE", "OFFSET", "LAG")
+    table = _table("Members", "SERVICE", "MEMBER", "~HOST", "ROLE", "HEALTH", "SINCE", "OFFSET", "LAG")
     for m in rows:
         health = str(m.get("health", "unobserved"))
         role = Text(str(m.get("role", "")), style="bold" if m.get("role") == "primary" else "")
@@ -176,7 +181,7 @@ def members_table(members: Mapping[str, Any] | None, service: str | None = None)
 
 
 def service_detail(service: Mapping[str, Any], members: Mapping[str, Any] | None = None) -> RenderableType:
-    head = _table(f"Service {service['name']}", "FIELD", "VALUE")
+    head = _table(f"Service {service['name']}", "FIELD", "~VALUE")
     head.add_row("protocol", str(service.get("protocol", "")))
     head.add_row("primary", _primary(service.get("primary")))
     head.add_row("epoch", cell(service.get("epoch")))
@@ -186,7 +191,7 @@ def service_detail(service: Mapping[str, Any], members: Mapping[str, Any] | None
     head.add_row("applied_index", cell(service.get("applied_index")))
     if members is not None:
         return Group(head, members_table(members, str(service["name"])))
-    table = _table("Members", "NAME", "ADDRESS", "PORT", "ROLE")
+    table = _table("Members", "NAME", "~ADDRESS", "PORT", "ROLE")
     for m in service.get("members", []):
         role = Text(str(m.get("role", "")), style="bold green" if m.get("role") == "primary" else "")
         table.add_row(str(m["name"]), cell(m.get("address")), cell(m.get("port")), role)
@@ -221,7 +226,7 @@ def proxies_table(proxies: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[
                   now: float | None = None) -> Table:  # fmt: skip
     """One row per proxy stream, with the control-plane node serving it: its state, since when
     it is connected (or when it left), the versions it ACKed and the NACKs with Envoy's error."""
-    table = _table("Proxies", "NODE", "PROXY", "STREAM", "STATE", "SINCE", "ACKED", "NACKED")
+    table = _table("Proxies", "NODE", "PROXY", "STREAM", "~STATE", "SINCE", "~ACKED", "~NACKED")
     for p in sorted(proxies, key=lambda p: (str(p.get("control_plane")), str(p.get("node_id")))):
         types = p.get("types") or {}
         label, style = proxy_state(p)
@@ -254,8 +259,8 @@ _STATUS_STYLE = {"done": "green", "failed": "red", "running": "yellow"}
 def failovers_table(records: Sequence[Mapping[str, Any]], now: float | None = None) -> Table:
     """Failover records (GET /v1/failovers): who moved where, at which epoch, how long writes
     were unavailable, the proxies that did not follow. `repstage-mesh failovers ID` shows one."""
-    table = _table("Failovers", "ID", "SERVICE", "KIND", "OLD → NEW", "EPOCH", "STATUS", "STARTED",
-                   "WRITES OFF MS", "MISSED", "CAUSE")  # fmt: skip
+    table = _table("Failovers", "ID", "SERVICE", "~KIND", "~OLD → NEW", "EPOCH", "STATUS", "STARTED",
+                   "~WRITES OFF MS", "~MISSED", "~CAUSE")  # fmt: skip
     for r in records:
         status = str(r.get("status", ""))
         missed = sorted({*r.get("missed_fence", []), *r.get("missed_route", [])})
@@ -273,7 +278,7 @@ def failovers_table(records: Sequence[Mapping[str, Any]], now: float | None = No
 
 def failover_detail(record: Mapping[str, Any], now: float | None = None) -> RenderableType:
     """One failover: its summary, and its timeline (each step with its time since the start)."""
-    head = _table(f"Failover {record.get('id')}", "FIELD", "VALUE")
+    head = _table(f"Failover {record.get('id')}", "FIELD", "~VALUE")
     status = str(record.get("status", ""))
     rows: list[tuple[str, Any]] = [
         ("service", record.get("service")), ("kind", f"{record.get('kind')} ({record.get('mode')})"),
@@ -288,7 +293,7 @@ def failover_detail(record: Mapping[str, Any], now: float | None = None) -> Rend
     ]  # fmt: skip
     for name, value in rows:
         head.add_row(name, value if isinstance(value, Text) else cell(value))
-    timeline = _table("Timeline", "+MS", "STEP", "DETAIL")
+    timeline = _table("Timeline", "+MS", "STEP", "~DETAIL")
     for event in record.get("timeline", []):
         timeline.add_row(_ms(event.get("elapsed_ms")), cell(event.get("name")), cell(event.get("detail") or None))
     if not record.get("timeline"):
@@ -303,7 +308,7 @@ def generic_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
         for key in row:
             if key not in columns:
                 columns.append(key)
-    table = _table(title, *(c.upper() for c in columns))
+    table = _table(title, *("~" + c.upper() for c in columns))
     for row in rows:
         table.add_row(*(cell(row.get(c)) for c in columns))
     if not rows:

@@ -144,12 +144,8 @@ class MeshMetrics:
             ["service", "member", "result"],
             registry=registry,
         )
-        self.peer_unreachable = Counter(
-            "repstage_peer_unreachable",
-            "Cluster-wide views in which another node did not answer within api.peer_timeout",
-            ["peer"],
-            registry=registry,
-        )
+        self.peer_unreachable = Counter("repstage_peer_unreachable", "Cluster-wide views in which another node "
+                                        "did not answer within api.peer_timeout", ["peer"], registry=registry)  # fmt: skip
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
