@@ -201,8 +201,14 @@ def service_detail(service: Mapping[str, Any], members: Mapping[str, Any] | None
 # --- proxies --------------------------------------------------------------------------------------
 
 
+def _index(version: Any) -> str:
+    """The Raft index part of a version ('12-9f8e…' → '12'): the digest is for machines."""
+    return str(version).split("-", 1)[0]
+
+
 def _versions(types: Mapping[str, Any], key: str) -> str:
-    found = {name: t[key] for name, t in sorted(types.items()) if (t or {}).get(key)}
+    """Per type the Raft index of `key` (sent/acked version); `all 12` when every type agrees."""
+    found = {name: _index(t[key]) for name, t in sorted(types.items()) if (t or {}).get(key)}
     if found and len(set(found.values())) == 1 and len(found) == len(types):
         return f"all {next(iter(found.values()))}"
     return ", ".join(f"{name} {v}" for name, v in found.items()) or "-"
@@ -225,14 +231,15 @@ def proxy_state(p: Mapping[str, Any]) -> tuple[str, str]:
 def proxies_table(proxies: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]] = (),
                   now: float | None = None) -> Table:  # fmt: skip
     """One row per proxy stream, with the control-plane node serving it: its state, since when
-    it is connected (or when it left), the versions it ACKed and the NACKs with Envoy's error."""
+    it is connected (or when it left), the Raft index it ACKed per type and the NACKs with
+    Envoy's error (the full versions are in --json)."""
     table = _table("Proxies", "NODE", "PROXY", "STREAM", "~STATE", "SINCE", "~ACKED", "~NACKED")
     for p in sorted(proxies, key=lambda p: (str(p.get("control_plane")), str(p.get("node_id")))):
         types = p.get("types") or {}
         label, style = proxy_state(p)
         since = p.get("disconnected_at") if p.get("connected") is False else p.get("connected_at")
         nacked = "; ".join(
-            f"{name} {t['nacked_version']}: {t.get('error') or ''}".rstrip(": ")
+            f"{name} {_index(t['nacked_version'])}: {t.get('error') or ''}".rstrip(": ")
             for name, t in sorted(types.items()) if (t or {}).get("nacked_version")
         )  # fmt: skip
         table.add_row(cell(p.get("control_plane")), cell(p.get("node_id")), cell(p.get("stream_kind")),
