@@ -91,6 +91,7 @@ from .health_checks import tcp_health_check
 from .serialize import to_envoy_dict
 from .sources import ads_config_source
 from .type_urls import pack
+from .xds_tls import XdsTls, xds_transport_socket
 
 XDS_CLUSTER = "xds_cluster"
 # gRPC server options the control plane needs for the keepalive PINGs this bootstrap sends.
@@ -129,9 +130,12 @@ class XdsConnection:
 
 
 def xds_cluster(
-    xds: Sequence[tuple[str, int]], connection: XdsConnection = XdsConnection()
+    xds: Sequence[tuple[str, int]],
+    connection: XdsConnection = XdsConnection(),
+    tls: XdsTls | None = None,
 ) -> Cluster:
-    """The static HTTP/2 cluster of control-plane nodes that the ADS stream uses."""
+    """The static HTTP/2 cluster of control-plane nodes that the ADS stream uses (over mTLS
+    when `tls` is given, see xds_tls.py)."""
     if not xds:
         raise ValueError("xds: name at least one control-plane address")
     if len(set(xds)) != len(xds):
@@ -156,6 +160,7 @@ def xds_cluster(
         ),
         health_checks=_xds_health_checks(connection),
         outlier_detection=_xds_outlier_detection(connection),
+        transport_socket=xds_transport_socket(tls) if tls is not None else None,
     )
 
 
@@ -214,12 +219,14 @@ def build_bootstrap(
     static_clusters: Sequence[Cluster] = (),
     static_listeners: Sequence[Listener] = (),
     runtime: Mapping[str, Any] | None = None,
+    tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """An Envoy bootstrap (a dict to dump as YAML/JSON) that takes everything else over ADS.
 
     `delta` picks the incremental protocol (DELTA_GRPC) instead of state-of-the-world (GRPC).
     `static_clusters`/`static_listeners` are added as static resources (for example an OTLP
-    collector cluster); `runtime` becomes a static runtime layer.
+    collector cluster); `runtime` becomes a static runtime layer; `tls` makes the xDS
+    connection mTLS (xds_tls.py).
     """
     if not node_id:
         raise ValueError("node_id: must not be empty")
@@ -233,7 +240,7 @@ def build_bootstrap(
         admin=Admin(address=socket_address(admin_address, admin_port)),
         dynamic_resources=_ads_resources(delta, connection),
         static_resources=BootstrapStaticResources(
-            clusters=[xds_cluster(xds, connection), *static_clusters],
+            clusters=[xds_cluster(xds, connection, tls), *static_clusters],
             listeners=list(static_listeners),
         ),
         layered_runtime=_static_runtime(runtime),

@@ -7,6 +7,7 @@ Timings are printed (`pytest -s`); assertions are on outcomes, with generous dea
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -207,6 +208,13 @@ async def test_kill_the_primary_promotes_the_most_advanced_replica_and_repoints_
                     .get("status") == "replica", 5, "first observations")
         group.command("r0", "SET", "k", "v")
         group.wait_in_sync("r0", ["r1", "r2"])
+
+        def settled_replicas() -> bool:  # a kill is now detected within the decider's settle (0.2 s)
+            members = loop.decider.status().get("cache", {}).get("members", {})
+            return all(members.get(n, {}).get("status") == "replica"
+                       and time.monotonic() - (members[n].get("since") or math.inf) > 0.3 for n in ("r1", "r2"))
+
+        await until(settled_replicas, 5, "replicas settled")
         killed = time.monotonic()
         group.kill("r0")
         await until(lambda: loop.done, 10, "a finished failover")

@@ -29,15 +29,22 @@ from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.cluster import NodeProxies, gather_proxies, member_health
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.api.peers import PeerClient
+from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient
+from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
 from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.config.drift import ServiceDrift, drift
+from repstage_mesh.config.sections import XdsConfig
 from repstage_mesh.core.errors import (
+    ApiRequestError,
     MeshError,
     NoLeaderKnown,
+    NotLeader,
     NotReady,
     ReplicationError,
     SwitchoverFailed,
+    SwitchoverRunning,
+    SwitchoverUnknown,
 )
 from repstage_mesh.core.models import (
     AnnounceNode,
@@ -58,13 +65,16 @@ from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
-from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
+from repstage_mesh.sources.consul import ConsulSource
+from repstage_mesh.sources.consul_registration import ConsulRegistration
 from repstage_mesh.sources.probes import ProbeRunner
 from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
+from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.server import AdsServer
+from repstage_mesh.xds.tls import NodeIdentity, TlsFiles, XdsSecurity
 from repstage_mesh.xds.tracker import ProxyTracker
 
 log = logging.getLogger("repstage_mesh.node")
@@ -100,16 +110,23 @@ class Node:
         )
         self.store: ReplicatedStore | None = None
         self.cache = SnapshotCache()
-        self.tracker = ProxyTracker(control_plane=self._node_id)
+        self.tracker = ProxyTracker(
+            control_plane=self._node_id, never_acked_grace=settings.xds.never_acked_grace,
+            max_disconnected=settings.xds.limits.max_disconnected_proxies,
+        )
         self.metrics = MeshMetrics(
             self._registry, self._node_id,
             raft_status=lambda: self.store.status() if self.store is not None else None,
         )
         self.tracker.observers.append(self.metrics)
+        self.tracker.on_limit = self.metrics.on_limit
         self.tracing = Tracing.setup(settings.telemetry, self._node_id)
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)
-        self.xds = AdsServer(self.cache, self.tracker, control_plane_id=self._node_id)
+        self.xds = AdsServer(
+            self.cache, self.tracker, control_plane_id=self._node_id,
+            limits=xds_limits(settings.xds), security=xds_security(settings.xds), guard=self.metrics,
+        )
         self.api_runner: web.AppRunner | None = None
         self.api_port: int | None = None
         self.xds_port: int | None = None
@@ -120,7 +137,7 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._peers = PeerClient(_first_token(settings, read_only=False))
+        self._peers = PeerClient(self._node_id)
         self._build_leader_engine()
 
     def _build_leader_engine(self) -> None:
@@ -142,9 +159,18 @@ class Node:
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
-            self.engine.add_source(ConsulSource(self.engine.observe, address=consul.address, token=token))
+            self.engine.add_source(ConsulSource(
+                self.engine.observe, address=consul.address, token=token,
+                on_anomaly=self.metrics.observe_consul_anomaly,
+                max_query_rate=consul.max_query_rate, query_burst=consul.query_burst,
+            ))
         self.registration: ConsulRegistration | None = (
-            ConsulRegistration(address=consul.address, token=token)
+            ConsulRegistration(
+                address=consul.address, token=token, register_address=consul.register_address,
+                check_interval=consul.check_interval, deregister_after=consul.deregister_after,
+                resync_interval=consul.resync_interval,
+                on_restore=self.metrics.consul_reregistrations.inc,
+            )
             if consul.address and consul.register_service
             else None
         )
@@ -192,17 +218,17 @@ class Node:
         return await gather_proxies(local, self.state().nodes.values(), authorization,
                                     self.settings.api.peer_timeout, self.metrics.observe_peer_unreachable)  # fmt: skip
 
-    async def members(self) -> dict[str, Any]:
-        try:
-            api = self._leader_api()
-            if api is not None:
-                peers = PeerClient(_first_token(self.settings, read_only=True), self.settings.api.peer_timeout)
-                return dict(await peers.call(api, "GET", "/v1/members"))
-        except (MeshError, TypeError, ValueError) as exc:
-            log.info("members: leader not reachable (%s)", exc)
-            api = ""
+    async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
+        api = self._forward_target(caller)
+        if api is not None:
+            try:
+                return dict(await self._peers.call(api, "GET", "/v1/members", authorization=caller.authorization,
+                                                   timeout=self.settings.api.peer_timeout))  # fmt: skip
+            except (MeshError, TypeError, ValueError) as exc:
+                log.info("members: the leader did not answer (%s)", exc)
         rows = member_health(self.state(), self.decider.status(), time.monotonic())
-        return {"node_id": self._node_id, "leader": api is None, "members": [r.model_dump() for r in rows]}
+        leads = self.store is not None and self.store.is_leader()
+        return {"node_id": self._node_id, "leader": leads, "members": [r.model_dump() for r in rows]}
 
     def cluster(self) -> dict[str, Any]:
         status: dict[str, Any] = self.store.status() if self.store is not None else {}
@@ -217,9 +243,16 @@ class Node:
                 "connected_proxies": len(self.tracker.connected()),
                 "nodes": [n.model_dump() for n in self.state().nodes.values()],
                 "started_at": self._started_at,
+                "config_drift": [d.as_dict() for d in self.config_drift()],
             }
         )
         return status
+
+    def config_drift(self) -> list[ServiceDrift]:
+        """Services whose spec in this node's config file differs from the replicated one
+        (changed, or not replicated yet); services defined only through the API are not drift."""
+        replicated = {name: svc.spec for name, svc in self.state().services.items()}
+        return [d for d in drift(self.settings.specs(), replicated) if d.kind != "unmanaged"]
 
     def ready(self) -> bool:
         return self._ready
@@ -264,17 +297,19 @@ class Node:
         settings = self.settings
         loop = asyncio.get_running_loop()
         data_dir = Path(settings.node.data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
         raft = settings.raft
         peers = [str(p) for p in raft.peers] if raft.multi_node else []
         self.store = await loop.run_in_executor(
             None,
             lambda: ReplicatedStore(
                 self._node_id,
-                raft.bind if raft.multi_node else None,
+                raft.identity if raft.multi_node else None,
                 peers,
                 data_dir,
+                bind_address=raft.bind,
                 password=settings.raft_password(),
+                durable_journal=raft.durable_journal,
+                unauthenticated_frame_limit=raft.unauthenticated_frame_limit,
                 on_apply=self._on_apply,
                 on_role_change=lambda _leader: self.engine.leadership_changed(),
                 loop=loop,
@@ -292,11 +327,12 @@ class Node:
         self.api_port = bound_port(self.api_runner)
         self._tasks.append(asyncio.create_task(self._seed_services(), name="seed-services"))
         self.engine.start()
-        await self._register_in_consul(f"{api_host}:{self.api_port}")
+        await self._register_in_consul(settings.api.advertised(self.api_port))
         log.info(
-            "node %s: xDS on %s:%d, API on %s:%d, %s",
-            self._node_id, host, self.xds_port, api_host, self.api_port,
-            f"raft {raft.bind} with peers {peers}" if peers else "single node",
+            "node %s: xDS on %s:%d (advertised %s), API on %s:%d (advertised %s), %s",
+            self._node_id, host, self.xds_port, settings.xds.advertised(self.xds_port),
+            api_host, self.api_port, settings.api.advertised(self.api_port),
+            f"raft on {raft.bind} as {raft.identity} with peers {peers}" if peers else "single node",
         )
 
     async def _register_in_consul(self, api_address: str) -> None:
@@ -305,7 +341,10 @@ class Node:
         try:
             await self.registration.register_self(self._node_id, api_address)
         except Exception as exc:
-            log.warning("could not register in Consul at %s: %s", self.settings.consul.address, exc)
+            log.warning(
+                "could not register in Consul at %s: %s (retried every %g s)",
+                self.settings.consul.address, exc, self.settings.consul.resync_interval,
+            )
 
     async def stop(self) -> None:
         await self.engine.stop()
@@ -393,10 +432,12 @@ class Node:
                     await self.submit(PutService(spec=spec), timeout=10.0)
                 except Exception as exc:
                     log.warning("could not define service %s from the config file: %s", spec.name, exc)
-            elif have.spec.model_copy(update={"primary": spec.primary}) != spec:
+        for item in self.config_drift():
+            if item.kind == "changed":
                 log.warning(
-                    "service %s in the config file differs from the replicated state; the "
-                    "replicated one is kept (change it with PUT /v1/services/%s)", spec.name, spec.name,
+                    "config drift: service %s in the config file differs from the replicated "
+                    "state in %s; the replicated one is kept (see `repstage-mesh status`; apply "
+                    "the file with `repstage-mesh apply FILE`)", item.service, ", ".join(item.fields),
                 )
         await self._announce()
         self._ready = True
@@ -405,13 +446,12 @@ class Node:
     async def _announce(self) -> None:
         """Tell the cluster where this node's API answers (followers carry requests there)."""
         assert self.store is not None
-        api_host, _ = self.settings.host_port("api.listen")
-        xds_host, _ = self.settings.host_port("xds.listen")
+        settings = self.settings
         me = NodeAddress(
             node_id=self._node_id,
-            raft=self.settings.raft.bind if self.settings.raft.multi_node else None,
-            api=f"{_reachable(api_host)}:{self.api_port}",
-            xds=f"{_reachable(xds_host)}:{self.xds_port}",
+            raft=settings.raft.identity if settings.raft.multi_node else None,
+            api=settings.api.advertised(self.api_port),
+            xds=settings.xds.advertised(self.xds_port),
         )
         if self.state().nodes.get(self._node_id) == me:
             return
@@ -425,52 +465,122 @@ class Node:
 
     # --- failovers: the leader runs them, followers carry requests to it ----------------------
 
-    def _leader_api(self) -> str | None:
-        """HOST:PORT of the leader's API, None if this node leads. Raises NoLeaderKnown."""
+    def _leader_api(self, caller: Caller = DIRECT) -> str | None:
+        """HOST:PORT of the leader's API, None if this node leads. One hop at most: a request
+        another node forwarded here is never forwarded again (NotLeader, naming who this node
+        believes leads). Raises NoLeaderKnown when no leader's API is known."""
         store = self.store
         if store is None or store.is_leader():
             return None
         leader = store.leader()
-        for node in self.state().nodes.values():
-            if leader is not None and node.raft == leader:
-                return node.api
-        raise NoLeaderKnown("no Raft leader is known to this node right now; retry shortly")
+        api = next(
+            (n.api for n in self.state().nodes.values() if leader is not None and n.raft == leader and n.api),
+            None,
+        )
+        believed = f"{leader} (API {api or 'not announced'})" if leader else "no node"
+        if caller.forwarded_by is not None:
+            self.metrics.observe_forward("not_leader")
+            raise NotLeader(
+                f"node {self._node_id} does not lead, and this request was already forwarded "
+                f"here by {caller.forwarded_by} (requests are forwarded once at most); it "
+                f"believes the leader is {believed}; retry shortly", leader,
+            )
+        if api is None:
+            raise NoLeaderKnown(f"no Raft leader's API is known to this node right now (leader: {believed}); retry shortly")
+        if api == self.settings.api.advertised(self.api_port):
+            raise NotLeader(
+                f"the leader {leader} announces this node's own API ({api}); check api.advertise "
+                "on every node", leader,
+            )
+        return api
 
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+    def _forward_target(self, caller: Caller) -> str | None:
+        """For reads: the leader's API, or None to answer from this node (it leads, or no
+        leader is reachable). A forwarded request on a follower still raises NotLeader."""
         try:
-            api = self._leader_api()
-            if api is not None:
-                body = await self._peers.call(api, "GET", "/v1/failovers")
-                return str(body["node_id"]), list(body["failovers"])
-        except (MeshError, KeyError, TypeError) as exc:
+            return self._leader_api(caller)
+        except NotLeader:
+            raise
+        except MeshError as exc:
             log.info("failovers: answering from this node (%s)", exc)
+            return None
+
+    async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
+        api = self._forward_target(caller)
+        if api is not None:
+            try:
+                body = await self._peers.call(api, "GET", "/v1/failovers", authorization=caller.authorization)
+                return str(body["node_id"]), list(body["failovers"])
+            except (MeshError, KeyError, TypeError) as exc:
+                log.info("failovers: answering from this node (%s)", exc)
         return self._node_id, [r.as_dict() for r in self.decider.records()]
 
-    async def failover(self, record_id: str) -> dict[str, Any] | None:
+    async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         record = self.decider.record(record_id)
         if record is not None:
             return record.as_dict()
+        api = self._forward_target(caller)
+        if api is None:
+            return None
         try:
-            api = self._leader_api()
-            if api is not None:
-                return dict(await self._peers.call(api, "GET", f"/v1/failovers/{quote(record_id, safe='')}"))
+            path = f"/v1/failovers/{quote(record_id, safe='')}"
+            return dict(await self._peers.call(api, "GET", path, authorization=caller.authorization))
+        except ApiRequestError as exc:
+            if exc.status == 404:
+                return None
+            raise
         except (MeshError, TypeError, ValueError) as exc:
             log.info("failover %s: leader not reachable (%s)", record_id, exc)
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        api = self._leader_api()
+    def switchover_wait(self, wait: float | None) -> float:
+        """How long a switchover request is held open: `wait`, capped by api.switchover_wait."""
+        cap = self.settings.api.switchover_wait
+        return cap if wait is None else min(wait, cap)
+
+    async def switchover(
+        self, service: str, to: str, timeout: float | None,
+        wait: float | None = None, caller: Caller = DIRECT,
+    ) -> dict[str, Any]:
+        wait = self.switchover_wait(wait)
+        api = self._leader_api(caller)
         if api is not None:
-            body: dict[str, Any] = {"to": to}
-            if timeout is not None:
-                body["timeout"] = timeout
-            return dict(await self._peers.call(api, "POST", f"/v1/services/{service}/switchover", body))
+            return await self._forward_switchover(api, service, to, timeout, wait, caller)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
-        record = await self.runner.switchover(service, to, timeout)
+        record = await self.runner.switchover(service, to, timeout, wait=wait)
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
+        if record.status == "running":
+            self.metrics.switchover_wait_expired.inc()
+            raise SwitchoverRunning(
+                f"switchover {record.id} of {service} to {to} is still running after {wait:g} s; "
+                f"follow it at GET /v1/failovers/{record.id}", record.as_dict(),
+            )
         return record.as_dict()
+
+    async def _forward_switchover(
+        self, api: str, service: str, to: str, timeout: float | None, wait: float, caller: Caller
+    ) -> dict[str, Any]:
+        """Carry a switchover to the leader at `api` (one hop): it holds the request `wait`
+        seconds at most; this node waits FORWARD_MARGIN longer."""
+        body: dict[str, Any] = {"to": to, "wait": wait}
+        if timeout is not None:
+            body["timeout"] = timeout
+        path = f"/v1/services/{quote(service, safe='')}/switchover"
+        self.metrics.observe_forward("forwarded")
+        try:
+            answer = await self._peers.call(
+                api, "POST", path, body, authorization=caller.authorization, timeout=wait + FORWARD_MARGIN
+            )
+        except ApiNoAnswer as exc:
+            self.metrics.observe_forward("no_answer")
+            raise SwitchoverUnknown(
+                f"the switchover of {service} to {to} was carried to the leader at {api}, which "
+                f"gave no answer ({exc}); it may be running or done there: see GET /v1/failovers "
+                "on any node"
+            ) from exc
+        return dict(answer)
 
 
 def _first_token(settings: Settings, *, read_only: bool) -> str | None:
@@ -481,12 +591,6 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
         return None
     choice = (tokens.read_only or tokens.read_write) if read_only else tokens.read_write
     return choice[0].get_secret_value() if choice else None
-
-
-def _reachable(host: str) -> str:
-    """A wildcard bind address is announced as loopback (set a concrete listen address in
-    multi-host deployments)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
@@ -528,3 +632,18 @@ def serve_main(args: Any) -> int:
         print(f"error: {exc}")
         return 1
     return 0
+
+
+def xds_limits(xds: XdsConfig) -> XdsLimits:
+    return XdsLimits(**xds.limits.model_dump())
+
+
+def xds_security(xds: XdsConfig) -> XdsSecurity:
+    if xds.tls is None:
+        return XdsSecurity(insecure=xds.insecure)
+    tls = xds.tls
+    return XdsSecurity(
+        tls=TlsFiles(tls.cert_file, tls.key_file, tls.ca_file),
+        identity=NodeIdentity.parse(tls.node_san),
+        insecure=xds.insecure,
+    )

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.cluster import NodeProxies, member_health
 from repstage_mesh.api.models import ApiSettings
+from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.core.errors import NotReady
 from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
 from repstage_mesh.core.state import apply
@@ -90,7 +91,7 @@ class FakePlane:
         mine = NodeProxies(self.node_id, "127.0.0.1:0", True, self.proxies())
         return [mine, *self.peer_answers]
 
-    async def members(self) -> dict[str, Any]:
+    async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
         rows = member_health(self._state, self.observed, now=100.0)
         return {"node_id": self.node_id, "leader": True, "members": [r.model_dump() for r in rows]}
 
@@ -107,13 +108,16 @@ class FakePlane:
     def ready(self) -> bool:
         return self.is_ready
 
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+    async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
         return self.node_id, []
 
-    async def failover(self, record_id: str) -> dict[str, Any] | None:
+    async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
+    async def switchover(
+        self, service: str, to: str, timeout: float | None,
+        wait: float | None = None, caller: Caller = DIRECT,
+    ) -> dict[str, Any]:
         raise NotReady("this in-memory plane runs no failovers")
 
 

@@ -337,6 +337,24 @@ def test_delegated_command_missing_module(
     assert code == 1 and "not available" in err
 
 
+@pytest.mark.parametrize("command", ["validate", "serve"])
+def test_a_short_raft_password_is_refused_by_validate_and_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        GOOD_CONFIG
+        + 'raft: {bind: "127.0.0.1:7101", peers: ["127.0.0.1:7102"], password: "short-pw"}\n'
+        + f"node: {{data_dir: {tmp_path / 'data'}}}\n"
+    )
+    monkeypatch.delenv("REPSTAGE_RAFT__PASSWORD", raising=False)
+    code, out, err = run(capsys, command, *(["--config"] if command == "serve" else []), str(path))
+    assert code == 1
+    assert "raft.password" in out + err and "at least 16 characters" in out + err
+    assert "short-pw" not in out + err  # the value itself is never echoed
+    assert not (tmp_path / "data").exists()  # nothing started
+
+
 def test_bootstrap_keepalive_flags_reach_the_xds_cluster_and_bad_ones_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

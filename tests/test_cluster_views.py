@@ -227,7 +227,7 @@ RECORD = {
 
 
 def test_failovers_id_shows_the_timeline(live: LiveApi, plane: FakePlane, capsys: pytest.CaptureFixture[str]) -> None:
-    async def failover(record_id: str) -> dict[str, Any] | None:
+    async def failover(record_id: str, caller: Any = None) -> dict[str, Any] | None:
         return RECORD if record_id == RECORD["id"] else None
 
     plane.failover = failover  # type: ignore[method-assign]

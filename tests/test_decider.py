@@ -655,6 +655,20 @@ def test_backoff_doubles_for_failovers_in_a_row_and_resets_after_quiet() -> None
     assert s.streak == 1
 
 
+def test_a_node_that_leads_again_does_not_act_on_what_it_saw_in_its_last_term() -> None:
+    # Found by the chaos suite: leader, then not leader while another leader failed over to b,
+    # then leader again. Its old views (b REPLICA, a PRIMARY) must not fail over back to a.
+    h = Harness(spec())
+    healthy(h)
+    h.decider.abandon(1.0, "this node is no longer the Raft leader")
+    h.commit(SetPrimary(service="cache", member="b"))  # the other leader's failover
+    assert h.primary == "b"
+    assert h.tick(10.0) == [] and h.primary == "b"  # nothing known yet: keep, do not guess
+    h.see("a", R, 11.0, 100, upstream="b")
+    h.see("b", P, 11.0, 100)
+    assert h.tick(20.0) == [] and h.primary == "b"
+
+
 def test_a_nacked_fence_and_an_unreachable_node_are_recorded_as_risks_with_envoys_error() -> None:
     h = Harness(spec(LeadershipMode.FOLLOW))
     h.acks = ProxyAcks(acked={"envoy-1#1": 0.5}, missed=("cp-2/envoy-2#4", "cp-3:unreachable"),

@@ -232,6 +232,22 @@ async def test_switchover_through_the_runner_reports_the_unavailable_window() ->
         await f.runner.switchover("cache", "b")
 
 
+async def test_a_switchover_that_outlives_its_wait_returns_running_and_goes_on() -> None:
+    f = Fakes(ack_delay=0.5)
+    f.put(spec())
+    f.healthy(offsets=(100, 100, 90))
+    f.runner.start(interval=0.01)
+    try:
+        record = await f.runner.switchover("cache", "b", timeout=2.0, wait=0.05)
+        assert record.status == "running"  # the answer comes after `wait`, not a TimeoutError
+        await f.runner.idle()
+        final = f.runner.decider.record(record.id)
+    finally:
+        await f.runner.close()
+    assert final is not None and final.status == "done", final
+    assert f.primary() == "b"
+
+
 async def test_close_abandons_a_running_plan() -> None:
     f = Fakes(ack_delay=5.0)
     f.put(spec())

@@ -30,6 +30,8 @@ class Progressing(Protocol):
 
     def lag(self) -> tuple[str, str]: ...
 
+    def excused(self, min_index: int) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Behind:
@@ -79,8 +81,10 @@ class IndexWaiter:
 
     def changed(self, record: Progressing, notify: bool = True) -> None:
         key = record.key
-        if not record.connected:
-            self.behind.pop(key, None)  # gone: it will get the current snapshot when it returns
+        if not record.connected or record.excused(self.min_index):
+            # gone: it will get the current snapshot when it returns; or excused (standing.py:
+            # never ACKed anything, or claims a future version): neither waited for nor an ACK
+            self.behind.pop(key, None)
         elif record.synced_index >= self.min_index:
             self.behind.pop(key, None)
             if key not in self.reached:
@@ -89,6 +93,13 @@ class IndexWaiter:
             self.behind[key] = record
         if notify:
             self._check()
+
+    def recheck(self) -> None:
+        """Look again at the proxies still behind: a grace (standing.never_acked) may have run
+        out without any change to report. O(behind)."""
+        for record in list(self.behind.values()):
+            self.changed(record, notify=False)
+        self._check()
 
     def lagging(self) -> list[Behind]:
         return sorted((behind_of(r) for r in self.behind.values()), key=lambda b: b.proxy)

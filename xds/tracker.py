@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import resources as res
+from . import standing
 from .cache import split_version
 from .progress import Behind, IndexWaiter, Waiters, behind_of
 from .protocol import (
@@ -63,6 +64,9 @@ class ProxyRecord:
     disconnected_at: float | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
     synced_index: int = -1  # highest snapshot index at which the proxy was seen fully synced
+    never_acked_grace: float = 10.0  # see standing.never_acked
+    first_sent_at: float | None = None  # the first response on this stream
+    clock: Clock = field(default=time.time, repr=False)
 
     @property
     def connected(self) -> bool:
@@ -85,7 +89,7 @@ class ProxyRecord:
         # Only a refused type needs the full comparison (cheap path: no digest per ACK).
         for type_url in types:
             st = self.types.get(type_url)
-            if st is not None and st.refused and type_sync_state(self.stream, type_url) not in ("synced", "idle"):
+            if st is not None and st.refused and type_sync_state(self.stream, type_url) not in standing.SETTLED:
                 return
         self.synced_index = snap.index
 
@@ -113,7 +117,13 @@ class ProxyRecord:
         snap = self.stream.snapshot
         if snap is None or snap.index < min_index:
             return False
-        return all(type_sync_state(self.stream, t) in ("synced", "idle") for t in self.stream.types)
+        if standing.never_acked(self, self.clock()):
+            return True  # it would hold every wait back for its whole deadline, for nothing
+        return all(type_sync_state(self.stream, t) in standing.SETTLED for t in self.stream.types)
+
+    def excused(self, min_index: int) -> bool:
+        """Neither waited for nor counted as an ACK at `min_index` (standing.py)."""
+        return standing.excused(self, min_index)
 
     def to_dict(self) -> dict[str, Any]:
         snap = self.stream.snapshot
@@ -148,6 +158,7 @@ class ProxyRecord:
             "synced": self.connected and self.synced(),  # a closed stream holds nothing
             "synced_index": self.synced_index,
             "types": types,
+            **standing.flags(self, self.clock()),
         }
 
 
@@ -162,8 +173,15 @@ class TrackerObserver(Protocol):
 
 
 class ProxyTracker:
-    def __init__(self, control_plane: str = "", clock: Clock = time.time, keep_disconnected: float = 600.0) -> None:
+    def __init__(
+        self, control_plane: str = "", clock: Clock = time.time, keep_disconnected: float = 600.0,
+        never_acked_grace: float = 10.0, max_disconnected: int = 1000,
+        on_limit: Callable[[str], None] | None = None,
+    ) -> None:
         self.control_plane = control_plane
+        self.max_disconnected = max_disconnected  # disconnected records kept for /v1/proxies
+        self.on_limit = on_limit  # told "disconnected_proxies" when old records are forgotten
+        self.never_acked_grace = never_acked_grace
         self.clock = clock
         self.keep_disconnected = keep_disconnected
         self.records: dict[int, ProxyRecord] = {}
@@ -172,7 +190,10 @@ class ProxyTracker:
 
     def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream) -> ProxyRecord:
         self._prune()
-        record = ProxyRecord(stream_id, node, stream.kind, self.control_plane, self.clock(), stream)
+        record = ProxyRecord(
+            stream_id, node, stream.kind, self.control_plane, self.clock(), stream,
+            never_acked_grace=self.never_acked_grace, clock=self.clock,
+        )
         self.records[stream_id] = record
         for obs in self.observers:
             obs.on_connect(record)
@@ -197,6 +218,8 @@ class ProxyTracker:
             st = record.status(action.type_url)
             if isinstance(action, Send):
                 st.sent_version, st.sent_nonce, st.sent_at = action.version, action.nonce, now
+                if record.first_sent_at is None:
+                    record.first_sent_at = now
                 st._sent_times[action.nonce] = now
                 if len(st._sent_times) > 16:
                     st._sent_times.pop(next(iter(st._sent_times)))
@@ -254,6 +277,12 @@ class ProxyTracker:
 
     def _prune(self) -> None:
         horizon = self.clock() - self.keep_disconnected
+        gone = [s for s, r in self.records.items() if r.disconnected_at is not None]
+        if len(gone) > self.max_disconnected:
+            for sid in gone[: len(gone) - self.max_disconnected]:  # oldest first (dict order)
+                del self.records[sid]
+            if self.on_limit is not None:
+                self.on_limit("disconnected_proxies")
         for sid in [s for s, r in self.records.items() if r.disconnected_at is not None and r.disconnected_at < horizon]:
             del self.records[sid]
 

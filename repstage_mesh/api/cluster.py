@@ -25,6 +25,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from repstage_mesh.api.errors import ApiError
+from repstage_mesh.api.failovers import caller
 from repstage_mesh.api.http import ok, plane
 from repstage_mesh.api.models import ProxyView
 from repstage_mesh.api.openapi import ListOf, OneOf, Operation
@@ -217,7 +218,7 @@ async def list_proxies(request: web.Request) -> web.Response:
 
 
 async def list_members(request: web.Request) -> web.Response:
-    return ok(MembersView.model_validate(await plane(request).members()))
+    return ok(MembersView.model_validate(await plane(request).members(caller(request))))
 
 
 def cluster_operations() -> list[Operation]:

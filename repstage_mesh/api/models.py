@@ -231,7 +231,7 @@ class ProxyTypeView(BaseModel):
     nacked_at: float | None = None
     error: str | None = Field(default=None, description="Envoy's error text for the last NACK")
     last_ack_latency_seconds: float | None = None
-    sync: str | None = Field(default=None, description="synced, behind, pending, nacked or idle")
+    sync: str | None = Field(default=None, description="synced, behind, pending, nacked, ahead or idle")
     behind: bool = Field(
         default=False, description="the ACKed version differs from the committed one"
     )
@@ -259,6 +259,23 @@ class ProxyView(BaseModel):
     types: dict[str, ProxyTypeView] = Field(
         default_factory=dict, description="by short type name: cds, eds, lds, rds"
     )
+    version_ahead: bool = Field(
+        default=False,
+        description="the proxy claims a version newer than this node's snapshot; not waited for",
+    )
+    claimed_version: str | None = Field(default=None, description="the claimed version, when ahead")
+    never_acked: bool = Field(
+        default=False,
+        description="first sent config xds.never_acked_grace seconds ago, never ACKed: not waited for",
+    )
+
+
+class ConfigDriftView(BaseModel):
+    service: str
+    kind: Literal["changed", "missing", "unmanaged"] = Field(
+        description="changed: fields differ; missing: in the file only; unmanaged: replicated only"
+    )
+    fields: list[str] = Field(default_factory=list, description="the spec fields that differ")
 
 
 class ClusterView(BaseModel):
@@ -271,6 +288,11 @@ class ClusterView(BaseModel):
     leader_address: str | None = Field(default=None, description="the leader's Raft address")
     has_quorum: bool | None = Field(default=None, description="a leader is known and reaches a majority; never true without a leader")
     applied_index: int
+    config_drift: list[ConfigDriftView] = Field(
+        default_factory=list,
+        description="services whose spec in this node's config file differs from the replicated "
+        "one (the file only seeds; `repstage-mesh apply FILE` applies it)",
+    )
 
 
 class HealthView(BaseModel):

@@ -15,7 +15,12 @@ import aiohttp
 
 from repstage_mesh.core.errors import ApiRequestError, ApiUnreachable
 
-FORWARD_TIMEOUT = 660.0  # seconds: a forwarded switchover may wait for catch-up and proxies
+FORWARDED_HEADER = "X-Repstage-Forwarded-By"  # set on a forwarded request: the forwarding node's id
+# The timeout chain of a switchover (README "Timeouts"): the leader holds the request at most
+# `wait` seconds (api.switchover_wait caps it) and then answers, finished or not; a follower
+# that forwards it waits `wait + FORWARD_MARGIN`; the CLI waits `wait + 2 * FORWARD_MARGIN`.
+FORWARD_MARGIN = 5.0
+READ_FORWARD_TIMEOUT = 5.0  # seconds for a forwarded GET /v1/failovers[/{id}] (the CLI waits 10)
 
 
 def _auth(token: str | None) -> dict[str, str]:
@@ -36,24 +41,41 @@ def _error_of(status: int, body: Any) -> ApiRequestError:
 
 
 class PeerClient:
-    """Calls another node's REST API with this node's token."""
+    """Carries a request to another node's REST API: one hop. The request is marked with
+    FORWARDED_HEADER (this node's id), so the receiver never forwards it again, and carries
+    the caller's own Authorization header, so the receiver checks the caller's token."""
 
-    def __init__(self, token: str | None, timeout: float = FORWARD_TIMEOUT) -> None:
-        self.headers = _auth(token)
-        self.timeout = timeout
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
 
-    async def call(self, api: str, method: str, path: str, body: Any = None) -> Any:
-        """`method path` on the node whose API answers at `api` (HOST:PORT)."""
+    async def call(
+        self, api: str, method: str, path: str, body: Any = None, *,
+        authorization: str | None = None, timeout: float = READ_FORWARD_TIMEOUT,
+    ) -> Any:
+        """`method path` on the node whose API answers at `api` (HOST:PORT). `path` must be
+        quoted already. Raises ApiRequestError (the peer's error answer), ApiUnreachable (no
+        connection: the request never reached the peer) or ApiNoAnswer (sent, but no usable
+        answer within `timeout`: it may have been carried out)."""
+        headers = {FORWARDED_HEADER: self.node_id}
+        if authorization:
+            headers["Authorization"] = authorization
         try:
             async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout)
+                timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session, session.request(
-                method, f"http://{api}{path}", json=body, headers=self.headers
+                method, f"http://{api}{path}", json=body, headers=headers
             ) as resp:
                 answer = await resp.json(content_type=None)
                 status = resp.status
+        except aiohttp.ClientConnectorError as exc:
+            raise ApiUnreachable(f"{method} {path} on {api}: cannot connect ({exc})") from exc
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            raise ApiUnreachable(f"{method} {path} on {api}: {exc!r}") from exc
+            raise ApiNoAnswer(f"{method} {path} on {api}: no answer within {timeout:g} s ({exc!r})") from exc
         if status >= 400:
             raise _error_of(status, answer)
         return answer
+
+
+class ApiNoAnswer(ApiUnreachable):
+    """A request was sent to a peer but no usable answer came back (timeout, connection lost,
+    not JSON): what it asked for may or may not have been carried out."""

@@ -7,6 +7,7 @@ in domain results and domain errors (core/errors.py): only `api/` turns them int
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -16,6 +17,20 @@ from repstage_mesh.failover.proxies import Progress
 
 if TYPE_CHECKING:  # api/cluster imports api/http, which imports this module
     from repstage_mesh.api.cluster import NodeProxies
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, as far as carrying a request to the leader needs: the caller's own
+    `Authorization` header (forwarded as is, so the leader checks the caller's token, not the
+    follower's), and the id of the node that forwarded this request here, if one did (a
+    forwarded request is never forwarded again: one hop at most)."""
+
+    authorization: str | None = None
+    forwarded_by: str | None = None
+
+
+DIRECT = Caller()
 
 
 class ControlPlane(Protocol):
@@ -60,7 +75,7 @@ class ControlPlane(Protocol):
         node asked with the caller's `authorization` and bounded by api.peer_timeout."""
         ...
 
-    async def members(self) -> dict[str, Any]:
+    async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
         """Every service's members as the Raft leader observes them (an `api/cluster.MembersView`
         as JSON); a follower asks the leader, or answers `leader: false` when it cannot."""
         ...
@@ -75,16 +90,22 @@ class ControlPlane(Protocol):
 
     # --- failovers (run by the Raft leader; a follower carries these to it) -----------------
 
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+    async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
         """(id of the node whose history this is, its failover records newest first)."""
         ...
 
-    async def failover(self, record_id: str) -> dict[str, Any] | None:
+    async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         """One failover record, or None when the leader has no such record."""
         ...
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        """Run a planned switchover to `to` and return its finished record. Raises the domain
-        errors of core/errors.py: DecisionRefused, NotReady, NoLeaderKnown, SwitchoverFailed,
-        or ApiRequestError / ApiUnreachable relayed from the leader."""
+    async def switchover(
+        self, service: str, to: str, timeout: float | None,
+        wait: float | None = None, caller: Caller = DIRECT,
+    ) -> dict[str, Any]:
+        """Run a planned switchover to `to` and return its finished record, waiting at most
+        `wait` seconds (default and cap: api.switchover_wait). Raises the domain errors of
+        core/errors.py: DecisionRefused, NotReady, NoLeaderKnown, NotLeader (a forwarded
+        request on a follower), SwitchoverFailed, SwitchoverRunning (the wait ended first),
+        SwitchoverUnknown (no answer from the leader), or ApiRequestError / ApiUnreachable
+        relayed from the leader."""
         ...

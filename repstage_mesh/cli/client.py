@@ -17,6 +17,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from repstage_mesh.core.errors import ApiRequestError, ApiUnreachable
@@ -43,12 +44,13 @@ def split_urls(values: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(u if "://" in u else f"http://{u}" for u in urls if u))
 
 
-class _NotReached(Exception):
-    """This node gave no answer; `sent`: the request may have reached it."""
+@dataclass(frozen=True)
+class _NoAnswer:
+    """A node gave no answer (not an exception: the next node is tried); `sent`: the request
+    may have reached it."""
 
-    def __init__(self, reason: str, sent: bool) -> None:
-        super().__init__(reason)
-        self.sent = sent
+    reason: str
+    sent: bool
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -74,11 +76,10 @@ class ApiClient:
     def request(self, method: str, path: str, body: Any = None) -> Any:
         failures: list[str] = []
         for url in list(self.urls):
-            try:
-                answer = self._once(url, method, path, body)
-            except _NotReached as exc:
-                failures.append(f"{url} ({exc})")
-                if method != "GET" and exc.sent:
+            answer = self._once(url, method, path, body)
+            if isinstance(answer, _NoAnswer):
+                failures.append(f"{url} ({answer.reason})")
+                if method != "GET" and answer.sent:
                     break  # a write may have been carried out: never send it twice
                 continue
             if url != self.urls[0]:
@@ -104,20 +105,21 @@ class ApiClient:
         except urllib.error.HTTPError as exc:
             raise self._error(exc.code, exc.reason, exc.read()) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise _NotReached(str(getattr(exc, "reason", exc)), sent=not _never_sent(exc)) from None
+            return _NoAnswer(str(getattr(exc, "reason", exc)), sent=not _never_sent(exc))
         if not raw:
             return None
         try:
             return json.loads(raw)
         except ValueError:
-            raise _NotReached("did not answer JSON: is it a RepStage Mesh node?", sent=True) from None
+            return _NoAnswer("did not answer JSON: is it a RepStage Mesh node?", sent=True)
 
     @staticmethod
     def _error(status: int, reason: str, raw: bytes) -> ApiRequestError:
         try:
             error = json.loads(raw)["error"]
             return ApiRequestError(
-                status, str(error["code"]), str(error["message"]), error.get("field")
+                status, str(error["code"]), str(error["message"]), error.get("field"),
+                list(error.get("details") or []),
             )
         except (ValueError, KeyError, TypeError):
             return ApiRequestError(status, "http_error", f"HTTP {status} {reason}".strip())
@@ -127,3 +129,6 @@ class ApiClient:
 
     def post(self, path: str, body: Any) -> Any:
         return self.request("POST", path, body)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)

@@ -130,6 +130,24 @@ def nodes_table(cluster: Mapping[str, Any], gathered: Mapping[str, Any] | None) 
     return table
 
 
+def drift_text(cluster: Mapping[str, Any]) -> Text:
+    """The node's config drift: services whose spec in its config file is not the replicated
+    one, and how to resolve it."""
+    items = cluster.get("config_drift") or []
+    if not items:
+        return Text("config file: in step with the replicated services", style="green")
+    text = Text(f"config drift on {cluster.get('node_id', 'this node')}: its config file differs "
+                "from the replicated services (the file only seeds; the replicated spec is in force)\n",
+                style="yellow")  # fmt: skip
+    for item in items:
+        if item.get("kind") == "missing":
+            text.append(f"  {item['service']}: in the config file only\n")
+        else:
+            text.append(f"  {item['service']}: {', '.join(item.get('fields') or [])}\n")
+    text.append("  show and apply the file's specs with `repstage-mesh apply FILE [--dry-run]`")
+    return text
+
+
 # --- services and members -------------------------------------------------------------------------
 
 
@@ -343,6 +361,7 @@ __all__ = [
     "age",
     "cell",
     "cluster_table",
+    "drift_text",
     "duration",
     "failover_detail",
     "failovers_table",

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     SerializerFunctionWrapHandler,
     field_validator,
@@ -67,6 +70,19 @@ def _consul_address(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Secret = Annotated[SecretStr, Field(min_length=1)]
+RAFT_PASSWORD_MIN_LENGTH = 16
+
+
+def _long_enough(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < RAFT_PASSWORD_MIN_LENGTH:
+        raise ValueError(
+            f"must be at least {RAFT_PASSWORD_MIN_LENGTH} characters (it keys the encryption and "
+            "authentication of every Raft peer)"
+        )
+    return value
+
+
+RaftPassword = Annotated[SecretStr, AfterValidator(_long_enough)]
 
 
 def default_node_id() -> str:
@@ -102,8 +118,122 @@ class NodeConfig(Section):
         return data
 
 
+_ADVERTISE = (
+    "HOST:PORT the other nodes (and Envoys, for xDS) reach this one at; default: the listen "
+    "address, or 127.0.0.1 for a wildcard bind on a single node. Required in a multi-node "
+    "cluster when the listen address is a wildcard (0.0.0.0, ::)"
+)
+
+
+def is_wildcard(host: str) -> bool:
+    return host in _WILDCARDS
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost" (a DNS name is otherwise taken as not loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _advertised(listen: str, advertise: str | None, bound_port: int | None = None) -> str:
+    """HOST:PORT to announce: `advertise` if set, else the listen address (a wildcard host
+    becomes 127.0.0.1: only right for a single node, which the settings check)."""
+    if advertise is not None:
+        return advertise
+    host, port = parse_host_port(listen)
+    if is_wildcard(host):
+        host = "127.0.0.1"
+    port = bound_port if bound_port is not None else port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class XdsTlsConfig(Section):
+    """mTLS for xDS. The three files are re-read when they change (no restart)."""
+
+    cert_file: FilePath = Field(description="the server's certificate chain (PEM)")
+    key_file: FilePath = Field(description="the server's private key (PEM)")
+    ca_file: FilePath = Field(description="the CA that signs the Envoys' client certificates (PEM)")
+    node_san: str = Field(
+        default="uri:spiffe://repstage/envoy/{node_id}",
+        pattern=r"^(uri|dns):[^{}]*\{node_id\}[^{}]*$",
+        description="the client certificate SAN an Envoy's node id must match: uri:<pattern> "
+        "(a SPIFFE id) or dns:<pattern>, with {node_id} once",
+    )
+
+    @model_validator(mode="after")
+    def _usable(self) -> XdsTlsConfig:
+        """What serve would find when it loads the files: PEM that parses, a key that is the
+        certificate's (the same check xds/tls.py makes before every reload)."""
+        try:
+            cert = x509.load_pem_x509_certificates(self.cert_file.read_bytes())[0]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cert_file: not a PEM certificate chain ({exc})") from None
+        try:
+            key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"key_file: not an unencrypted PEM private key ({exc})") from None
+        try:
+            x509.load_pem_x509_certificates(self.ca_file.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"ca_file: not PEM certificates ({exc})") from None
+        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
+            raise ValueError("key_file: is not the private key of cert_file")
+        return self
+
+
+class XdsLimitsConfig(Section):
+    """What one xDS client may cost (README: "xDS limits"); each hit counts in
+    repstage_xds_limit_hits_total{limit}."""
+
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_resource_names: int = Field(default=10_000, ge=1, description="per stream, all types")
+    max_resource_name_bytes: int = Field(default=1024, ge=64, description="one resource name")
+    max_initial_resource_versions: int = Field(default=10_000, ge=1, description="per Delta request")
+    max_node_id_bytes: int = Field(default=256, ge=16, le=65536, description="node.id and node.cluster")
+    max_node_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="larger metadata is dropped")
+    max_streams_per_peer: int = Field(default=1_000, ge=1, description="open streams per client IP")
+    max_streams: int = Field(default=20_000, ge=1, description="open streams on this node")
+    max_outgoing_queue: int = Field(default=256, ge=8, description="responses waiting per stream")
+    max_unacked_delta: int = Field(default=16, ge=1, description="Delta responses of one type awaiting ACK")
+    max_error_detail_bytes: int = Field(default=4096, ge=64, description="a NACK's error text is cut to it")
+    max_disconnected_proxies: int = Field(
+        default=1_000, ge=0, description="disconnected proxies /v1/proxies remembers (10 minutes at most)"
+    )
+
+
 class XdsConfig(Section):
-    listen: HostPort = "127.0.0.1:18000"
+    listen: HostPort = Field(default="127.0.0.1:18000", description="HOST:PORT the xDS server binds")
+    advertise: HostPort | None = Field(default=None, description=_ADVERTISE)
+    tls: XdsTlsConfig | None = None
+    insecure: bool = Field(
+        default=False,
+        description="serve plaintext xDS to any peer (without tls, only loopback peers are served)",
+    )
+    never_acked_grace: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="a proxy sent config this long ago that never ACKed anything is not waited for",
+    )
+    limits: XdsLimitsConfig = Field(default_factory=XdsLimitsConfig)
+
+    @model_validator(mode="after")
+    def _plaintext_on_loopback(self) -> XdsConfig:
+        """The API's rule: no authentication, loopback only. A wildcard address is allowed
+        (streams from non-loopback peers are refused); a concrete non-loopback one is not."""
+        host = parse_host_port(self.listen)[0]
+        if self.tls is None and not self.insecure and host not in _WILDCARDS and not is_loopback(host):
+            raise ValueError(
+                f"listen: plaintext xDS on {host} would refuse every peer (plaintext is served to "
+                "loopback peers only): configure xds.tls, listen on 127.0.0.1, or set xds.insecure: true"
+            )
+        return self
+
+    def advertised(self, bound_port: int | None = None) -> str:
+        return _advertised(self.listen, self.advertise, bound_port)
 
 
 class ApiTokens(Section):
@@ -147,29 +277,62 @@ class ApiTokens(Section):
 
 
 class ApiConfig(Section):
-    listen: HostPort = "127.0.0.1:8080"
+    listen: HostPort = Field(default="127.0.0.1:8080", description="HOST:PORT the REST API binds")
+    advertise: HostPort | None = Field(default=None, description=_ADVERTISE)
     tokens: ApiTokens | None = None
     # seconds a cluster-wide view (GET /v1/proxies?scope=cluster, `status`) waits for each other
     # node; a node that does not answer in time is shown as unreachable
     peer_timeout: float = Field(default=1.0, gt=0, le=60)
+    switchover_wait: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="longest a POST .../switchover is held open (default and cap of the request's "
+        "`wait`); a switchover still running then is answered 504 with its record",
+    )
+
+    def advertised(self, bound_port: int | None = None) -> str:
+        return _advertised(self.listen, self.advertise, bound_port)
 
 
 class RaftConfig(Section):
     """Omit `peers` for a single node. With peers, `password` is required: pysyncobj peers
-    exchange pickles, so without it anyone reaching the Raft port can run code."""
+    exchange pickles, so without it anyone reaching the Raft port can run code.
 
-    bind: HostPort = "127.0.0.1:7001"
+    `bind` is where the Raft port listens; `advertise` (default: `bind`) is this node's Raft
+    identity, the exact string the other nodes list in their `peers`."""
+
+    bind: HostPort = Field(default="127.0.0.1:7001", description="HOST:PORT the Raft port binds")
+    advertise: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT the other nodes reach this one at, spelt exactly as in their "
+        "raft.peers; default: bind. Required when bind is a wildcard (0.0.0.0, ::)",
+    )
     peers: tuple[HostPort, ...] = ()
-    password: Secret | None = None
+    password: RaftPassword | None = None
+    durable_journal: bool = Field(
+        default=True,
+        description="msync the journal and fsync term and vote before acknowledging; false is "
+        "faster, logs a warning, and a power loss of a majority can lose acknowledged writes",
+    )
+    unauthenticated_frame_limit: Annotated[int, Field(ge=1024, le=2**31 - 1)] = Field(
+        default=65536,
+        description="largest frame (bytes) accepted from a Raft peer before it proved the "
+        "password; a bigger one drops the connection (metric repstage_raft_frames_refused_total)",
+    )
+
+    @property
+    def identity(self) -> str:
+        """This node's Raft address as the peers know it."""
+        return self.advertise if self.advertise is not None else self.bind
 
     @model_validator(mode="after")
     def _cluster(self) -> RaftConfig:
         problems = []
         seen: dict[str, int] = {}
+        own = "raft.advertise" if self.advertise is not None else "raft.bind"
         for i, peer in enumerate(self.peers):
-            if peer == self.bind:
+            if peer == self.identity:
                 problems.append(
-                    f"peers[{i}]: {peer!r} is this node's own raft.bind; list only the others"
+                    f"peers[{i}]: {peer!r} is this node's own {own}; list only the others"
                 )
             elif peer in seen:
                 problems.append(
@@ -294,6 +457,50 @@ class ConsulConfig(Section):
     token: Secret | None = None
     # `register` in the file; a field of that name would shadow BaseModel.register (ABCMeta).
     register_service: bool = Field(default=True, alias="register")
+    register_address: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT registered in Consul for this node's API and checked by Consul "
+        "(the address other hosts reach it at); default: api.listen unless it is a wildcard, "
+        "else the Consul agent's node address",
+    )
+    check_interval: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds between Consul's checks of /healthz"
+    )
+    deregister_after: float = Field(
+        default=60.0,
+        ge=60,
+        le=86400,
+        description="Consul removes this node's registration after its check is critical this "
+        "long (DeregisterCriticalServiceAfter; Consul's minimum is 1 min)",
+    )
+    resync_interval: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds between checks that the registration is still in Consul "
+        "(re-registered when it is gone)",
+    )
+
+    max_query_rate: float = Field(
+        default=20.0,
+        gt=0,
+        le=1000,
+        description="blocking health queries per second and service at most, after "
+        "query_burst (Consul's advice: a churning answer degrades into polling, not a busy loop)",
+    )
+    query_burst: int = Field(
+        default=5, ge=1, le=1000, description="health queries sent at once before pacing"
+    )
+
+    @field_validator("register_address")
+    @classmethod
+    def _reachable(cls, value: str | None) -> str | None:
+        if value is not None and parse_host_port(value)[0] in ("0.0.0.0", "::", "*"):
+            raise ValueError(
+                "a wildcard is no address Consul can check: give the address other hosts reach "
+                "this node's API at"
+            )
+        return value
 
 
 class ServiceConfig(Section):

@@ -35,6 +35,8 @@ from repstage_mesh.config.sections import (
     ServiceConfig,
     TelemetryConfig,
     XdsConfig,
+    is_loopback,
+    is_wildcard,
 )
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.models import ServiceSpec
@@ -111,7 +113,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Settings:
-        problems = [*_service_problems(self.services), *_listen_problems(self)]
+        problems = [
+            *_service_problems(self.services), *_listen_problems(self), *_advertise_problems(self)
+        ]
         if problems:
             raise ValueError("\n".join(f"{path}: {message}" for path, message in problems))
         return self
@@ -184,6 +188,37 @@ def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
         return False
     ha, hb = norm(a[0]), norm(b[0])
     return ha == hb or ha in _WILDCARDS or hb in _WILDCARDS
+
+
+def _advertise_problems(settings: Settings) -> ErrorList:
+    """What this node announces must reach it: never a wildcard; in a multi-node cluster, set
+    explicitly for a wildcard bind, and not loopback when a peer is not."""
+    problems: ErrorList = []
+    multi = settings.raft.multi_node
+    remote_peer = next((p for p in settings.raft.peers if not is_loopback(parse_host_port(p)[0])), None)
+    entries = (
+        ("api", "listen", settings.api.listen, settings.api.advertise),
+        ("xds", "listen", settings.xds.listen, settings.xds.advertise),
+        ("raft", "bind", settings.raft.bind, settings.raft.advertise),
+    )
+    for section, bind_field, bind, advertise in entries:
+        env = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}ADVERTISE"
+        if advertise is not None and is_wildcard(parse_host_port(advertise)[0]):
+            problems.append((f"{section}.advertise", f"{advertise!r} is a wildcard address, which "
+                             "nobody can reach; give this node's own address (e.g. the pod IP)"))
+            continue
+        if advertise is None and multi and is_wildcard(parse_host_port(bind)[0]):
+            problems.append((f"{section}.advertise", f"required in a multi-node cluster when "
+                             f"{section}.{bind_field} is a wildcard ({bind!r}): set the address the "
+                             f"other nodes reach this node at, e.g. the pod IP (or {env})"))
+            continue
+        announced = advertise if advertise is not None else bind
+        if remote_peer is not None and is_loopback(parse_host_port(announced)[0]):
+            field = f"{section}.advertise" if advertise is not None else f"{section}.{bind_field}"
+            problems.append((field, f"{announced!r} is a loopback address but peer {remote_peer!r} "
+                             "is not: the other nodes could not reach this one; set "
+                             f"{section}.advertise (or {env}) to an address they reach"))
+    return problems
 
 
 def _listen_problems(settings: Settings) -> ErrorList:

@@ -182,13 +182,19 @@ class Decider:
 
     def abandon(self, now: float, reason: str) -> list[Done]:
         """End every running plan as failed (the executor stopped: leadership lost, shutdown).
-        What was committed stays committed; the next leader decides from there."""
+        What was committed stays committed; the next leader decides from there.
+
+        Every observation is forgotten too: what this node saw while it led says nothing about
+        the members when it leads again (a failover may have happened in between). Found by the
+        chaos suite: a node that led again acted on its old views (the committed primary still
+        "REPLICA", a demoted member still "PRIMARY") and failed over to the wrong member."""
         done: list[Done] = []
         for s in self._services.values():
             if s.plan is not None:
                 for step in finish(s, s.plan, now, False, f"abandoned: {reason}"):
                     assert isinstance(step, Done)
                     done.append(step)
+            s.views.clear()
         return done
 
     # --- reads ------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ timeout it is given.
   old primary) are listed in `failed` and get a `Repoint` when they come back
   (`repoint_old_primary`).
 - PostgreSQL: `SELECT pg_promote(wait => false)` on the standby, then `pg_is_in_recovery()` polled
-  every 5 ms until it ends (the server-side wait checks only every 100 ms). Other standbys
+  every 5 ms until it ends (the server-side wait checks only every 100 ms). Timeouts never go
+  through psycopg's query cancel (which waits up to 10 s for a silent server): the socket is
+  shut down (`_pg_bounded`). Other standbys
   are re-pointed with `ALTER SYSTEM SET primary_conninfo` + `pg_reload_conf()` (they follow the
   new timeline, `recovery_target_timeline` defaults to latest). The old primary is never
   re-joined automatically: it is reported in `needs_rejoin` and stays out of routing until an
@@ -26,8 +28,8 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import aiohttp
 import psycopg
@@ -47,7 +49,7 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.decide import PromoteResult
 from repstage_mesh.failover.timeouts import bounded
-from repstage_mesh.sources.probers import probe_once
+from repstage_mesh.sources.probers import abort_pg_attempt, probe_once
 
 __all__ = [
     "DatabasePromoter",
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 _OUTPUT_LIMIT = 500
+_T = TypeVar("_T")
 
 
 def _redis_client(address: str, port: int, timeout: float, password: str | None,
@@ -180,6 +183,36 @@ def _pg_conninfo(member: Member, timeout: float, user: str | None, database: str
     )
 
 
+async def _pg_bounded(
+    conninfo: str, timeout: float, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]]
+) -> _T:
+    """`work` on a fresh autocommit connection, within `timeout` (TimeoutError after it).
+
+    Not `asyncio.timeout` around the queries: cancelling a task inside a query makes psycopg
+    send a cancel request and wait for it (up to 10 s against a silent server; psycopg 3.1
+    sends it blocking the event loop). At the timeout the socket is shut down
+    instead (`sources.probers.abort_pg_attempt`), so the promotion step ends on time and the
+    loop keeps serving while a standby is stopped or partitioned."""
+    conns: list[psycopg.AsyncConnection[Any]] = []
+
+    async def session() -> _T:
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        conns.append(conn)
+        async with conn:
+            return await work(conn)
+
+    task = asyncio.create_task(session())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        await abort_pg_attempt(task, conns[0] if conns else None)
+        raise
+    if not done:
+        await abort_pg_attempt(task, conns[0] if conns else None)
+        raise TimeoutError
+    return task.result()
+
+
 async def postgres_promote(
     target: Member,
     timeout: float,
@@ -193,31 +226,30 @@ async def postgres_promote(
     the server: ~220 ms measured here against ~30 ms polling.) A member that is already out of
     recovery counts as promoted."""
     poll = 0.005
+
+    async def promote(conn: psycopg.AsyncConnection[Any]) -> PromoteResult | None:
+        cur = await conn.execute("SELECT pg_is_in_recovery()")
+        row = await cur.fetchone()
+        if row is not None and row[0] is False:
+            return PromoteResult(True, detail=f"{target.name} is not in recovery: already primary")
+        cur = await conn.execute("SELECT pg_promote(wait => false)")
+        row = await cur.fetchone()
+        if row is None or row[0] is not True:
+            return PromoteResult(False, detail=f"pg_promote on {target.name} refused: {row!r}")
+        while True:
+            cur = await conn.execute("SELECT pg_is_in_recovery()")
+            row = await cur.fetchone()
+            if row is not None and row[0] is False:
+                return None
+            await asyncio.sleep(poll)  # polling the end of recovery
+
     try:
-        async with asyncio.timeout(timeout):
-            conn = await psycopg.AsyncConnection.connect(
-                _pg_conninfo(target, timeout, user, database, password), autocommit=True
-            )
-            async with conn:
-                cur = await conn.execute("SELECT pg_is_in_recovery()")
-                row = await cur.fetchone()
-                if row is not None and row[0] is False:
-                    return PromoteResult(True, detail=f"{target.name} is not in recovery: already primary")
-                cur = await conn.execute("SELECT pg_promote(wait => false)")
-                row = await cur.fetchone()
-                if row is None or row[0] is not True:
-                    return PromoteResult(False, detail=f"pg_promote on {target.name} refused: {row!r}")
-                while True:
-                    cur = await conn.execute("SELECT pg_is_in_recovery()")
-                    row = await cur.fetchone()
-                    if row is not None and row[0] is False:
-                        break
-                    await asyncio.sleep(poll)  # polling the end of recovery
+        early = await _pg_bounded(_pg_conninfo(target, timeout, user, database, password), timeout, promote)
     except TimeoutError:
         return PromoteResult(False, detail=f"pg_promote on {target.name} did not finish within {timeout:g} s")
     except (OSError, psycopg.Error) as exc:
         return PromoteResult(False, detail=f"pg_promote on {target.name}: {exc!r}")
-    return PromoteResult(True, detail=f"{target.name} promoted (pg_promote)")
+    return early or PromoteResult(True, detail=f"{target.name} promoted (pg_promote)")
 
 
 async def postgres_repoint_standby(
@@ -231,27 +263,28 @@ async def postgres_repoint_standby(
 ) -> PromoteResult:
     """Point a streaming standby at `new_primary`: rewrite host/port in its primary_conninfo
     (keeping user, password, application_name...) with ALTER SYSTEM, then pg_reload_conf()."""
+
+    async def repoint(conn: psycopg.AsyncConnection[Any]) -> PromoteResult | None:
+        cur = await conn.execute("SELECT pg_is_in_recovery(), current_setting('primary_conninfo')")
+        row = await cur.fetchone()
+        if row is None or row[0] is not True:
+            return PromoteResult(False, detail=f"{standby.name} is not a standby",
+                                 needs_rejoin=(standby.name,))
+        params = conninfo_to_dict(row[1] or "")
+        params.update(host=new_primary.address, port=str(new_primary.port))
+        statement = sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(
+            sql.Literal(make_conninfo("", **params))
+        )
+        await conn.execute(statement)
+        await conn.execute("SELECT pg_reload_conf()")
+        return None
+
     try:
-        async with asyncio.timeout(timeout):
-            conn = await psycopg.AsyncConnection.connect(
-                _pg_conninfo(standby, timeout, user, database, password), autocommit=True
-            )
-            async with conn:
-                cur = await conn.execute("SELECT pg_is_in_recovery(), current_setting('primary_conninfo')")
-                row = await cur.fetchone()
-                if row is None or row[0] is not True:
-                    return PromoteResult(False, detail=f"{standby.name} is not a standby",
-                                         needs_rejoin=(standby.name,))
-                params = conninfo_to_dict(row[1] or "")
-                params.update(host=new_primary.address, port=str(new_primary.port))
-                statement = sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(
-                    sql.Literal(make_conninfo("", **params))
-                )
-                await conn.execute(statement)
-                await conn.execute("SELECT pg_reload_conf()")
+        early = await _pg_bounded(_pg_conninfo(standby, timeout, user, database, password), timeout, repoint)
     except (TimeoutError, OSError, psycopg.Error) as exc:
         return PromoteResult(False, detail=f"re-pointing {standby.name}: {exc!r}", failed=(standby.name,))
-    return PromoteResult(True, detail=f"{standby.name} follows {new_primary.name}", repointed=(standby.name,))
+    return early or PromoteResult(True, detail=f"{standby.name} follows {new_primary.name}",
+                                  repointed=(standby.name,))
 
 
 def _placeholders(spec: ServiceSpec, member: Member, epoch: int, old_primary: str | None) -> dict[str, str]:

@@ -37,6 +37,7 @@ from repstage_mesh.xds.tracker import ProxyTracker
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_ERROR = 0.2  # seconds before asking a node again after a transport error
+RECHECK_INTERVAL = 0.5  # seconds between looks at the proxies still behind, for graces that ran out
 ANSWER_MARGIN = 0.1  # seconds a peer answers before the deadline, so the answer arrives in time
 
 
@@ -75,11 +76,16 @@ async def local_progress(tracker: ProxyTracker, node_id: str, min_index: int, wa
             done.set_result(None)
 
     waiter = tracker.wait_for(min_index, on_done=wake, clock=time.monotonic)
+    deadline = time.monotonic() + max(0.0, wait)
     try:
-        if not waiter.done:
+        while not waiter.done:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, wait)):
-                    await done
+                async with asyncio.timeout(min(left, RECHECK_INTERVAL)):
+                    await asyncio.shield(done)
+            waiter.recheck()  # a never-ACKed proxy's grace may have run out (xds/standing.py)
     finally:
         tracker.cancel(waiter)
     now = time.monotonic()

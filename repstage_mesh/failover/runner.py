@@ -145,10 +145,12 @@ class FailoverRunner:
         self.dispatch(self.decider.tick(self.clock()))
 
     async def switchover(
-        self, service: str, target: str, timeout: float | None = None
+        self, service: str, target: str, timeout: float | None = None, wait: float | None = None
     ) -> FailoverRecord:
-        """Run a planned switchover and return its finished record. Raises DecisionRefused
-        (nothing changed) for a request the decider will not run. Needs the ticker (`run`)."""
+        """Run a planned switchover and return its record once finished, or after `wait`
+        seconds (or the plan's own bound) with the record still "running": the switchover
+        goes on, its record tells how it ends. Raises DecisionRefused (nothing changed) for a
+        request the decider will not run. Needs the ticker (`run`)."""
         record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout)
         event = self._finished.setdefault(record_id, asyncio.Event())
         self.dispatch(steps)
@@ -159,7 +161,9 @@ class FailoverRunner:
         bound = (2 * (catchup + self.positions_timeout) + self.confirm_timeout
                  + 3 * self.commit_timeout + self.promote_timeout + 2 * ack + 10 * self.grace + 1.0)
         try:
-            await bounded(event.wait(), bound)
+            await bounded(event.wait(), bound if wait is None else min(wait, bound))
+        except TimeoutError:
+            pass  # still running: the caller answers with the running record
         finally:
             self._finished.pop(record_id, None)
         record = self.decider.record(record_id)

@@ -69,9 +69,11 @@ class ProbeRunner:
 
     One asyncio task per member: probe, feed the member's ProbeTracker, deliver what it emits,
     then wait until `interval` after the probe started (a probe that times out is followed by
-    the next one at once). `set_services` may be called before or after `start`; it keeps the
-    tasks (and their trackers) of members whose target is unchanged. `on_probe(service, member,
-    result)`, when given, sees every raw result (metrics: Metrics.observe_probe).
+    the next one at once; a refused one that the tracker is confirming, by the next one
+    `retry_interval` after it started). `set_services` may be called before or after `start`;
+    it keeps the tasks (and their trackers) of members whose target is unchanged.
+    `on_probe(service, member, result)`, when given, sees every raw result (metrics:
+    Metrics.observe_probe).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class ProbeRunner:
             target.member.name,
             fall=target.probe.fall,
             rise=target.probe.rise,
+            refused_fall=target.probe.refused_fall,
             source=f"probe:{target.kind}",
             offset_refresh=self._offset_refresh,
         )
@@ -155,6 +158,7 @@ class ProbeRunner:
         assert self._session is not None
         prober = self._factory(target.spec, target.member, self._session)
         interval, timeout = target.probe.interval, target.probe.timeout
+        retry = min(interval, target.probe.retry_interval)
         try:
             while True:
                 started = self._clock()
@@ -172,7 +176,8 @@ class ProbeRunner:
                 observation = tracker.feed(result, self._clock())
                 if observation is not None:
                     await self._tasks.deliver(observation)
-                delay = started + interval - self._clock()
+                # A refused probe is confirmed by the next one soon, not an interval later.
+                delay = started + (retry if tracker.confirming else interval) - self._clock()
                 if delay > 0:
                     await asyncio.sleep(delay)  # the probe interval, not a synchronisation
                 else:
