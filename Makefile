@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint unit integration bench bench-patroni chaos system-deps venv clean
+.PHONY: run test lint unit integration bench bench-patroni chaos fuzz-api system-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench: $(STAMP)
 bench-patroni: $(STAMP)
 	./scripts/system-deps.sh --bench
 	$(BIN)/python bench/patroni_compare.py --kills 5 --freezes 2 --write-results
+
+# Schemathesis over the whole OpenAPI document against a real node (about a minute).
+fuzz-api: $(STAMP)
+	$(BIN)/python scripts/fuzz_api.py --max-examples 100
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

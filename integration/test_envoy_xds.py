@@ -135,12 +135,14 @@ def test_no_primary_fails_closed_then_recovers(mesh: Mesh) -> None:
 
 
 def test_bad_input_is_refused_and_changes_nothing(mesh: Mesh) -> None:
+    status, _ = mesh.cp.call("POST", "/v1/services/orders/primary", {"member": "a", "epoch": 7})
+    assert status == 200  # the orchestrator's fencing token is now 7 (the primary stays a)
     before = mesh.cp.get("/v1/services/orders")
     cases = [
         (
             "POST",
             "/v1/services/orders/primary",
-            {"member": "b", "epoch": before["epoch"]},
+            {"member": "b", "epoch": 7},
             409,
             "epoch",
         ),

@@ -12,42 +12,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.api.app import build_app, start_api
-from repstage_mesh.api.cluster import NodeProxies, gather_proxies, member_health
+from repstage_mesh.api.cluster import ClusterViews
 from repstage_mesh.api.failovers import failover_operations
+from repstage_mesh.api.forwarding import Forwarder
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.api.peers import FORWARD_MARGIN, ApiNoAnswer, PeerClient
+from repstage_mesh.api.peers import PeerClient
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
-from repstage_mesh.config import ConfigError, Settings, load_config
+from repstage_mesh.config import Settings
 from repstage_mesh.config.drift import ServiceDrift, drift
-from repstage_mesh.config.sections import XdsConfig
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.errors import (
-    ApiRequestError,
-    MeshError,
     NoLeaderKnown,
     NotLeader,
     NotReady,
     ReplicationError,
     SwitchoverFailed,
     SwitchoverRunning,
-    SwitchoverUnknown,
 )
 from repstage_mesh.core.models import (
+    Announcement,
     AnnounceNode,
+    AuditTag,
     Command,
     CommandEnvelope,
     MeshState,
@@ -57,7 +54,9 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.core.observations import ProbeResult
 from repstage_mesh.decide import Decider, FailoverRecord, ProxyAcks
+from repstage_mesh.failover.announces import Announcer
 from repstage_mesh.failover.engine import LeaderEngine, LeaderSeat
+from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.promote import DatabasePromoter
 from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
 from repstage_mesh.failover.runner import FailoverRunner
@@ -137,25 +136,36 @@ class Node:
         self._traced: list[tuple[int, dict[str, str], float]] = []
         self._started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._peers = PeerClient(self._node_id)
+        self._peer_tls = settings.api.tls.client_context() if settings.api.tls is not None else None
+        self._forwarder = Forwarder(PeerClient(self._node_id, tls=self._peer_tls), self.metrics.observe_forward)
         self._build_leader_engine()
+        self.cluster_views = ClusterViews(self._node_id, self.state, self.proxies, self.decider.status, self._leader_api,
+                                          lambda: self.store is not None and self.store.is_leader(), self._forwarder.peers,
+                                          settings.api.peer_timeout, self.metrics.observe_peer_unreachable, self._peer_tls)  # fmt: skip
 
     def _build_leader_engine(self) -> None:
         """The decider, the runner, the failover traces, the engine and its sources."""
         settings = self.settings
         self.decider = Decider(self._node_id, wall_offset=time.time() - time.monotonic())
         traces = FailoverTraces(self.tracing, self.metrics, self.decider, self.state)
+        secrets = settings.secret_store()
+        self.history = HistoryPublisher(
+            self._commit, keep=settings.failovers.history, keep_keys=settings.failovers.idempotency_keys,
+            metrics=self.metrics,
+        )
         self.runner = FailoverRunner(
             self.decider, traces.traced(self._commit), self._confirm_leadership,
-            self.await_proxies, DatabasePromoter(), on_done=traces.done,
+            self.await_proxies, DatabasePromoter(settings.hooks, secrets), on_done=traces.done, history=self.history,
         )
+        self.announcer = Announcer(self.runner, self.state, self.failover, _close_wait(settings))
         seat = LeaderSeat(
             node_id=self._node_id, state=self.state, ready=self.ready,
             believes_leader=lambda: self.store is not None and self.store.is_leader(),
             confirm_leadership=self._confirm_leadership,
         )
         self.engine = LeaderEngine(seat, self.runner, on_observation=traces.observed)
-        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe))
+        self.engine.add_source(ProbeRunner(self.engine.observe, on_probe=self._count_probe,
+                                           secrets=secrets.for_host))
         consul = settings.consul
         token = consul.token.get_secret_value() if consul.token is not None else None
         if consul.address:
@@ -212,24 +222,6 @@ class Node:
     def proxies(self) -> list[dict[str, Any]]:
         return self.tracker.to_list()
 
-    async def cluster_proxies(self, authorization: str | None) -> list[NodeProxies]:
-        mine = self.state().nodes.get(self._node_id)
-        local = NodeProxies(self._node_id, mine.api if mine else "", True, self.proxies())
-        return await gather_proxies(local, self.state().nodes.values(), authorization,
-                                    self.settings.api.peer_timeout, self.metrics.observe_peer_unreachable)  # fmt: skip
-
-    async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
-        api = self._forward_target(caller)
-        if api is not None:
-            try:
-                return dict(await self._peers.call(api, "GET", "/v1/members", authorization=caller.authorization,
-                                                   timeout=self.settings.api.peer_timeout))  # fmt: skip
-            except (MeshError, TypeError, ValueError) as exc:
-                log.info("members: the leader did not answer (%s)", exc)
-        rows = member_health(self.state(), self.decider.status(), time.monotonic())
-        leads = self.store is not None and self.store.is_leader()
-        return {"node_id": self._node_id, "leader": leads, "members": [r.model_dump() for r in rows]}
-
     def cluster(self) -> dict[str, Any]:
         status: dict[str, Any] = self.store.status() if self.store is not None else {}
         status.update(
@@ -258,16 +250,24 @@ class Node:
         return self._ready
 
     def failover_records(self) -> list[FailoverRecord]:
-        """This node's failover history, newest first (the leader's is the cluster's)."""
+        """The records this node ran (while it led), newest first; `failovers()` is the cluster's."""
         return self.decider.records()
 
     # --- what the leader engine and the failover runner are given ----------------------------
 
     async def _commit(self, envelope: CommandEnvelope, timeout: float) -> Outcome:
+        """The runner's and the history's commits (counted like the API's)."""
         store = self.store
         if store is None:
             raise RuntimeError("node stopped")
-        return await store.submit(envelope, timeout)
+        started = time.perf_counter()
+        try:
+            outcome = await store.submit(envelope, timeout)
+        except ReplicationError as exc:
+            self.metrics.observe_write_failure(write_failure_code(exc))
+            raise
+        self.metrics.observe_commit(time.perf_counter() - started)
+        return outcome
 
     async def _confirm_leadership(self, timeout: float) -> bool:
         store = self.store
@@ -283,7 +283,7 @@ class Node:
         `min_index`, or `timeout` (failover/proxies.py)."""
         token = _first_token(self.settings, read_only=True)
         remotes = [
-            PeerProgress(n.node_id, n.api, token)
+            PeerProgress(n.node_id, n.api, token, self._peer_tls)
             for n in self.state().nodes.values() if n.node_id != self._node_id and n.api
         ]
         return await await_proxies(self.tracker, self._node_id, remotes, min_index, timeout)
@@ -319,7 +319,10 @@ class Node:
         self._flush()
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
-        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
+        api_settings = ApiSettings.from_config(
+            settings.api, hooks=settings.hooks, secrets=settings.secret_store().hosts()
+        )
+        app = build_app(self, api_settings, extra_operations=failover_operations())
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
         from repstage_mesh.api.app import bound_port
@@ -429,7 +432,9 @@ class Node:
             have = state.service(spec.name)
             if have is None:
                 try:
-                    await self.submit(PutService(spec=spec), timeout=10.0)
+                    seeded = PutService(spec=spec, by=AuditTag(
+                        actor="control-plane", keep=self.settings.api.audit_entries))
+                    await self.submit(seeded, timeout=10.0)
                 except Exception as exc:
                     log.warning("could not define service %s from the config file: %s", spec.name, exc)
         for item in self.config_drift():
@@ -494,44 +499,40 @@ class Node:
             )
         return api
 
-    def _forward_target(self, caller: Caller) -> str | None:
-        """For reads: the leader's API, or None to answer from this node (it leads, or no
-        leader is reachable). A forwarded request on a follower still raises NotLeader."""
-        try:
-            return self._leader_api(caller)
-        except NotLeader:
-            raise
-        except MeshError as exc:
-            log.info("failovers: answering from this node (%s)", exc)
-            return None
-
     async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
-        api = self._forward_target(caller)
-        if api is not None:
-            try:
-                body = await self._peers.call(api, "GET", "/v1/failovers", authorization=caller.authorization)
-                return str(body["node_id"]), list(body["failovers"])
-            except (MeshError, KeyError, TypeError) as exc:
-                log.info("failovers: answering from this node (%s)", exc)
-        return self._node_id, [r.as_dict() for r in self.decider.records()]
+        """The replicated history as this node holds it, newest first; the records this node
+        is running are shown as they are now (fresher than their last commit)."""
+        return self._node_id, [self._fresh(entry.id, entry.record) for entry in reversed(self.state().failovers)]
 
     async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
+        entry = self.state().failover(record_id)
+        if entry is not None:
+            return self._fresh(record_id, entry.record)
+        record = self.decider.record(record_id)  # running here, its first commit not applied yet
+        return record.as_dict() if record is not None else None
+
+    def _fresh(self, record_id: str, replicated: dict[str, Any]) -> dict[str, Any]:
         record = self.decider.record(record_id)
-        if record is not None:
-            return record.as_dict()
-        api = self._forward_target(caller)
-        if api is None:
-            return None
-        try:
-            path = f"/v1/failovers/{quote(record_id, safe='')}"
-            return dict(await self._peers.call(api, "GET", path, authorization=caller.authorization))
-        except ApiRequestError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        except (MeshError, TypeError, ValueError) as exc:
-            log.info("failover %s: leader not reachable (%s)", record_id, exc)
-        return None
+        return record.as_dict() if record is not None else dict(replicated)
+
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Run an announced change on the leader (a follower carries it there) and answer with
+        the primary after it and its failover record. An idempotency key already used answers
+        what its first use did (waiting for it if it is still running)."""
+        api = self._leader_api(caller)
+        if api is not None:
+            return await self._forward_announce(api, service, announcement, caller)
+        if not self.engine.active:
+            raise NotReady("this node leads but has not started deciding yet; retry shortly")
+        return await self.announcer.run(service, announcement)
+
+    async def _forward_announce(
+        self, api: str, service: str, announcement: Announcement, caller: Caller
+    ) -> dict[str, Any]:
+        # A leader that cannot be reached through Raft will not answer over HTTP either: fail
+        # within the commit timeout (503/504) instead of waiting on a frozen or partitioned one.
+        await self.read_state(consistent=True)
+        return await self._forwarder.announce(api, service, announcement, caller)
 
     def switchover_wait(self, wait: float | None) -> float:
         """How long a switchover request is held open: `wait`, capped by api.switchover_wait."""
@@ -545,10 +546,12 @@ class Node:
         wait = self.switchover_wait(wait)
         api = self._leader_api(caller)
         if api is not None:
-            return await self._forward_switchover(api, service, to, timeout, wait, caller)
+            return await self._forwarder.switchover(api, service, to, timeout, wait, caller)
         if not self.engine.active:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
-        record = await self.runner.switchover(service, to, timeout, wait=wait)
+        actor = caller.actor
+        cause = f"planned switchover requested by {actor}" if actor else "planned switchover"
+        record = await self.runner.switchover(service, to, timeout, wait=wait, cause=cause)
         if record.status == "failed":
             raise SwitchoverFailed(f"switchover {record.id} failed: {record.reason}", record.as_dict())
         if record.status == "running":
@@ -559,28 +562,16 @@ class Node:
             )
         return record.as_dict()
 
-    async def _forward_switchover(
-        self, api: str, service: str, to: str, timeout: float | None, wait: float, caller: Caller
-    ) -> dict[str, Any]:
-        """Carry a switchover to the leader at `api` (one hop): it holds the request `wait`
-        seconds at most; this node waits FORWARD_MARGIN longer."""
-        body: dict[str, Any] = {"to": to, "wait": wait}
-        if timeout is not None:
-            body["timeout"] = timeout
-        path = f"/v1/services/{quote(service, safe='')}/switchover"
-        self.metrics.observe_forward("forwarded")
-        try:
-            answer = await self._peers.call(
-                api, "POST", path, body, authorization=caller.authorization, timeout=wait + FORWARD_MARGIN
-            )
-        except ApiNoAnswer as exc:
-            self.metrics.observe_forward("no_answer")
-            raise SwitchoverUnknown(
-                f"the switchover of {service} to {to} was carried to the leader at {api}, which "
-                f"gave no answer ({exc}); it may be running or done there: see GET /v1/failovers "
-                "on any node"
-            ) from exc
-        return dict(answer)
+
+def _close_wait(settings: Settings) -> float:
+    """Seconds from the fence's ACK until every proxy closed its connections to the old primary:
+    with the health fence, one check interval (plus a tenth, at least 10 ms, for the check's
+    answer and the close); other strategies never close them (nothing to wait for)."""
+    envoy = settings.envoy
+    if envoy.primary_strategy is not PrimaryStrategy.HEALTH_FENCE:
+        return 0.0
+    interval = envoy.fence_interval_ms / 1000.0
+    return interval + max(0.01, interval / 10)
 
 
 def _first_token(settings: Settings, *, read_only: bool) -> str | None:
@@ -589,49 +580,9 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
     tokens = settings.api.tokens
     if tokens is None:
         return None
-    choice = (tokens.read_only or tokens.read_write) if read_only else tokens.read_write
-    return choice[0].get_secret_value() if choice else None
-
-
-async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
-    node = await start()
-    # Start-up objects (modules, messages, config) never die: keep the collector from walking
-    # them on every push (bench: ~30% less server CPU per push at 5,000 streams).
-    gc.collect()
-    gc.freeze()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("stopping")
-        await node.stop()
-
-
-def serve_main(args: Any) -> int:
-    """`repstage-mesh serve --config FILE`."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        settings = load_config(getattr(args, "config", None))
-    except ConfigError as exc:
-        print(str(exc))
-        return 1
-
-    async def start() -> Node:
-        node = Node(settings)
-        await node.start()
-        return node
-
-    try:
-        asyncio.run(run_until_signalled(start))
-    except OSError as exc:
-        print(f"error: {exc}")
-        return 1
-    return 0
+    if read_only:
+        return tokens.first("read_only") or tokens.first("read_write")
+    return tokens.first("read_write")
 
 
 def xds_limits(xds: XdsConfig) -> XdsLimits:

@@ -33,7 +33,14 @@ from repstage_mesh.core.errors import (
     SwitchoverRunning,
     SwitchoverUnknown,
 )
-from repstage_mesh.core.models import AnnounceNode, MeshState, NodeAddress, PutService
+from repstage_mesh.core.models import (
+    Announcement,
+    AnnounceNode,
+    FailoverEntry,
+    MeshState,
+    NodeAddress,
+    PutService,
+)
 from repstage_mesh.core.state import apply
 from repstage_mesh.node import SNAPSHOT_GROUP, Node
 from repstage_mesh.xds import resources as res
@@ -117,6 +124,31 @@ async def test_single_node_leads_and_engine_activates(make_node: NodeFactory) ->
     assert node.runner.decider.state.service("orders") is not None
     follow = node.engine._follow
     assert follow is not None and not follow.done()
+
+
+async def test_announce_runs_a_recorded_plan_and_a_retry_with_its_key_changes_nothing(
+    make_node: NodeFactory,
+) -> None:
+    """Issue 14 item 1 on a real node: the announce is a failover record in the replicated
+    history (fence before route), and the same idempotency key answers the first change."""
+    node = await started(make_node(services=ORDERS))
+    first = await node.announce("orders", Announcement(member="b", token=7, key="k-1", cause="patroni"))
+    record = first["failover"]
+    assert (first["primary"], first["previous_primary"], first["changed"], first["replayed"]) == ("b", "a", True, False)
+    names = [e["name"] for e in record["timeline"]]
+    assert names.index("fenced") < names.index("proxies_fenced") < names.index("connections_closed") < names.index("committed")
+    assert record["status"] == "done" and record["kind"] == "announce" and record["claim"] == 7
+    await eventually(lambda: (e := node.state().failover(record["id"])) is not None and e.record["status"] == "done",
+                     "the finished record is in the replicated history")
+    index = node.state().services["orders"].epoch
+    again = await node.announce("orders", Announcement(member="b", token=7, key="k-1", cause="patroni"))
+    assert again["replayed"] is True and again["failover"]["id"] == record["id"]
+    assert node.state().services["orders"].epoch == index  # nothing applied twice
+    with pytest.raises(DecisionRefused) as caught:  # the key, reused for another change
+        await node.announce("orders", Announcement(member="a", token=8, key="k-1"))
+    assert caught.value.field == "idempotency_key"
+    _, history = await node.failovers()
+    assert [r["id"] for r in history] == [record["id"]]
 
 
 async def test_submit_is_applied_and_rendered_into_the_xds_cache(make_node: NodeFactory) -> None:
@@ -251,7 +283,9 @@ class FakeLeader:
         self.app.router.add_post("/v1/services/{service}/switchover", self.switchover)
         self.app.router.add_get("/v1/failovers", self.failovers)
         self.app.router.add_get("/v1/failovers/{id}", self.failover)
+        self.app.router.add_post("/v1/services/{service}/primary", self.announce)
         self.address = ""
+        self.traceparents: list[str | None] = []
 
     async def _record(self, request: web.Request) -> None:
         self.forwarded_by.append(request.headers.get(FORWARDED_HEADER))
@@ -261,6 +295,12 @@ class FakeLeader:
     async def switchover(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.json_response(SWITCHOVER_FAILED, status=409)
+
+    async def announce(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        self.traceparents.append(request.headers.get("traceparent"))
+        return web.json_response({"service": "x", "primary": "b", "epoch": 9, "previous_primary": "a",
+                                  "changed": True, "applied_index": 9, "failover": None})
 
     async def failovers(self, request: web.Request) -> web.Response:
         await self._record(request)
@@ -316,16 +356,32 @@ async def test_forwarded_switchover_relays_the_leaders_error(
     assert fake_leader.requests[-1][3] is None  # no caller's header: none sent
 
 
-async def test_forwarded_reads_answer_from_the_leader(
+async def test_reads_answer_from_the_local_replica(
+    make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 5: the history is replicated; a follower answers from its own copy."""
+    node = follower_of(make_node(), fake_leader.address, monkeypatch)
+    entries = tuple(FailoverEntry(id=f"cp-2-{n}", rev=1, record={"id": f"cp-2-{n}", "status": "done"})
+                    for n in (1, 2))
+    monkeypatch.setattr(node, "state", lambda: MeshState(failovers=entries))
+    node_id, records = await node.failovers()
+    assert node_id == "cp-1" and [r["id"] for r in records] == ["cp-2-2", "cp-2-1"]  # newest first
+    assert await node.failover("cp-2-1") == {"id": "cp-2-1", "status": "done"}
+    assert await node.failover("r2") is None
+    assert fake_leader.requests == []  # nothing was carried to the leader
+
+
+async def test_forwarded_announce_carries_key_and_trace(
     make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = follower_of(make_node(), fake_leader.address, monkeypatch)
-    assert await node.failovers() == ("cp-2", [{"id": "r1"}])
-    assert await node.failover("r1") == {"id": "r1", "status": "done"}
-    assert await node.failover("r2") is None  # the leader's 404
-    assert [r[:2] for r in fake_leader.requests] == [
-        ("GET", "/v1/failovers"), ("GET", "/v1/failovers/r1"), ("GET", "/v1/failovers/r2"),
-    ]
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    answer = await node.announce("x", Announcement(member="b", token=7, cause="patroni", key="k-1", trace=trace))
+    assert answer["primary"] == "b"
+    method, path, body, auth = fake_leader.requests[-1]
+    assert (method, path, auth) == ("POST", "/v1/services/x/primary", f"Bearer {WRITER_TOKEN}")
+    assert body == {"member": "b", "cause": "patroni", "fence": True, "epoch": 7, "idempotency_key": "k-1"}
+    assert fake_leader.traceparents == [trace["traceparent"]]
 
 
 @pytest.fixture

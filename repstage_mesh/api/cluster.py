@@ -16,6 +16,9 @@ never monotonic clocks.
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +32,14 @@ from repstage_mesh.api.failovers import caller
 from repstage_mesh.api.http import ok, plane
 from repstage_mesh.api.models import ProxyView
 from repstage_mesh.api.openapi import ListOf, OneOf, Operation
+from repstage_mesh.api.peers import PeerClient
+from repstage_mesh.api.plane import Caller
+from repstage_mesh.core.errors import MeshError, NotLeader
 from repstage_mesh.core.models import MeshState, NodeAddress
 
 PROXIES_PATH = "/v1/proxies"
+MEMBERS_PATH = "/v1/members"
+log = logging.getLogger(__name__)
 
 
 # --- every node's proxies -------------------------------------------------------------------------
@@ -68,11 +76,13 @@ class ClusterProxies(BaseModel):
 
 
 async def _ask(
-    session: aiohttp.ClientSession, peer: NodeAddress, headers: Mapping[str, str]
+    session: aiohttp.ClientSession, peer: NodeAddress, headers: Mapping[str, str], tls: ssl.SSLContext | None
 ) -> NodeProxies:
+    scheme = "https" if tls is not None else "http"
     try:
         async with session.get(
-            f"http://{peer.api}{PROXIES_PATH}", params={"scope": "local"}, headers=dict(headers)
+            f"{scheme}://{peer.api}{PROXIES_PATH}", params={"scope": "local"}, headers=dict(headers),
+            ssl=tls if tls is not None else True,
         ) as resp:
             body = await resp.json(content_type=None)
             status = resp.status
@@ -93,15 +103,17 @@ async def gather_proxies(
     authorization: str | None,
     timeout: float,
     on_unreachable: Callable[[str], None] = lambda _node: None,
+    tls: ssl.SSLContext | None = None,
 ) -> list[NodeProxies]:
     """`local` plus every peer's proxies, asked at once, each bounded by `timeout` seconds. The
-    caller's Authorization header is passed on (the peer checks the caller's token)."""
+    caller's Authorization header is passed on (the peer checks the caller's token); HTTPS with
+    `tls` when the cluster's API uses TLS (api.tls)."""
     headers = {"Authorization": authorization} if authorization else {}
     asked = [p for p in peers if p.node_id != local.node_id]
     out = [local]
     if asked:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            out += await asyncio.gather(*(_ask(session, p, headers) for p in asked if p.api))
+            out += await asyncio.gather(*(_ask(session, p, headers, tls) for p in asked if p.api))
         out += [NodeProxies(p.node_id, "", False, error="never announced its API") for p in asked if not p.api]
     for answer in out:
         if not answer.reachable:
@@ -200,6 +212,45 @@ def member_health(state: MeshState, observed: Mapping[str, Any], now: float) -> 
     return rows
 
 
+# --- what a node answers with (node.py wires it from its parts) -----------------------------------
+
+
+class ClusterViews:
+    """The cluster-wide views of one node: its proxies and every other node's, and the members'
+    health as the leader observes it (asked of the leader, one hop, within `peer_timeout`)."""
+
+    def __init__(
+        self, node_id: str, state: Callable[[], MeshState], proxies: Callable[[], list[dict[str, Any]]],
+        observed: Callable[[], Mapping[str, Any]], leader_api: Callable[[Caller], str | None],
+        leads: Callable[[], bool], peers: PeerClient, peer_timeout: float,
+        on_unreachable: Callable[[str], None], tls: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        self.node_id, self.state, self.local_proxies, self.observed = node_id, state, proxies, observed
+        self.leader_api, self.leads, self.peers, self.peer_timeout = leader_api, leads, peers, peer_timeout
+        self.on_unreachable, self.tls = on_unreachable, tls
+
+    async def proxies(self, authorization: str | None) -> list[NodeProxies]:
+        nodes = self.state().nodes
+        mine = nodes.get(self.node_id)
+        local = NodeProxies(self.node_id, mine.api if mine else "", True, self.local_proxies())
+        return await gather_proxies(local, nodes.values(), authorization, self.peer_timeout, self.on_unreachable, self.tls)
+
+    async def members(self, caller: Caller) -> dict[str, Any]:
+        """The leader's answer (only it probes), or this node's when the leader cannot be asked
+        (`leader: false`). A request forwarded here on a follower is refused (NotLeader)."""
+        try:
+            api = self.leader_api(caller)
+            if api is not None:
+                return dict(await self.peers.call(api, "GET", MEMBERS_PATH, authorization=caller.authorization,
+                                                  timeout=self.peer_timeout))  # fmt: skip
+        except NotLeader:
+            raise
+        except (MeshError, TypeError, ValueError) as exc:
+            log.info("members: answering from this node, the leader could not be asked (%s)", exc)
+        rows = member_health(self.state(), self.observed(), time.monotonic())
+        return {"node_id": self.node_id, "leader": self.leads(), "members": [r.model_dump() for r in rows]}
+
+
 # --- endpoints ------------------------------------------------------------------------------------
 
 
@@ -213,12 +264,12 @@ async def list_proxies(request: web.Request) -> web.Response:
         return ok([ProxyView.model_validate(p) for p in node.proxies()])
     if scope != "cluster":
         raise ApiError(400, "invalid", f"scope: expected local or cluster, got {scope!r}", "scope")
-    answers = await node.cluster_proxies(request.headers.get("Authorization"))
+    answers = await node.cluster_views.proxies(request.headers.get("Authorization"))
     return ok(cluster_proxies_view(node.node_id, answers))
 
 
 async def list_members(request: web.Request) -> web.Response:
-    return ok(MembersView.model_validate(await plane(request).members(caller(request))))
+    return ok(MembersView.model_validate(await plane(request).cluster_views.members(caller(request))))
 
 
 def cluster_operations() -> list[Operation]:
@@ -233,7 +284,7 @@ def cluster_operations() -> list[Operation]:
                   description="scope=cluster answers an object: `nodes` (every control-plane node, "
                   "reachable or not, with why) and `proxies` (every reachable node's, `control_plane` "
                   "naming the node). A disconnected proxy is never synced."),
-        Operation("GET", "/v1/members", "listMembers",
+        Operation("GET", MEMBERS_PATH, "listMembers",
                   "Every service's members: role, observed health, replication offset and lag", list_members,
                   {200: ("one row per member", MembersView)}, errors=(503,), tag="services",
                   description="Observed by the Raft leader's sources (a follower asks the leader); "

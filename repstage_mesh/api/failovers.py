@@ -1,12 +1,13 @@
 """REST endpoints for failovers and planned switchovers (issue 4), added to the API with
 `build_app(..., extra_operations=failover_operations())`.
 
-Failover records live on the Raft leader that ran them; a follower answers these endpoints by
-carrying the request to the leader (the node does that behind `ControlPlane`), once at most:
-the forwarded request carries `X-Repstage-Forwarded-By` and the caller's own Authorization
-header, and a node that receives a forwarded request but does not lead answers 503
-(`not_leader`) instead of forwarding it again. Domain errors (a refused, failed or still
-running switchover, no leader) become HTTP answers in the error middleware.
+Failover records are in the replicated state (issue 11): every node answers the reads from its
+own copy. A follower carries a switchover (and an announce) to the leader (the node does that
+behind `ControlPlane`), once at most: the forwarded request carries `X-Repstage-Forwarded-By`
+and the caller's own Authorization header, and a node that receives a forwarded request but
+does not lead answers 503 (`not_leader`) instead of forwarding it again. Domain errors (a
+refused, failed or still running switchover, no leader) become HTTP answers in the error
+middleware.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from repstage_mesh.api.auth import ACTOR
 from repstage_mesh.api.errors import ApiError
 from repstage_mesh.api.http import json_body, ok, parse, path_name, plane
+from repstage_mesh.api.models import PrimaryChange
 from repstage_mesh.api.openapi import Operation
 from repstage_mesh.api.peers import FORWARDED_HEADER
 from repstage_mesh.api.plane import Caller
@@ -58,11 +61,23 @@ class FailoverView(BaseModel):
     needs_rejoin: list[str] = Field(default_factory=list)
     write_unavailable_ms: float | None = Field(default=None, description="fail-closed commit -> new primary ACKed by the proxies")
     duration_ms: float | None = None
+    node: str = Field(default="", description="the control-plane node that ran it (the leader then)")
+    attempts: int = Field(default=0, description="repoint: tries during this outage (one record per outage)")
+    claim: int | None = Field(default=None, description="announce: the caller's fencing token")
+    request_key: str | None = Field(default=None, description="announce: the caller's idempotency key")
+    error_code: str | None = Field(default=None, description="failed: how its commit failed (a rejection code, commit_timeout, no_quorum)")
+
+
+class AnnounceAnswer(PrimaryChange):
+    """The answer to POST /v1/services/{name}/primary: the primary after the change, and the
+    change's failover record (the same timeline as GET /v1/failovers/{id})."""
+
+    failover: FailoverView | None = Field(default=None, description="the announce's failover record")
 
 
 class FailoverList(BaseModel):
     failovers: list[FailoverView]
-    node_id: str = Field(description="the node whose history this is (the Raft leader)")
+    node_id: str = Field(description="the node that answered (from its copy of the replicated history)")
 
 
 class SwitchoverRequest(BaseModel):
@@ -92,6 +107,7 @@ def caller(request: web.Request) -> Caller:
     return Caller(
         authorization=request.headers.get("Authorization"),
         forwarded_by=forwarded_by.strip() or "another node" if forwarded_by is not None else None,
+        actor=request.get(ACTOR, ""),
     )
 
 
@@ -107,7 +123,7 @@ async def get_failover(request: web.Request) -> web.Response:
                        f"({FAILOVER_ID_PATTERN}); GET /v1/failovers lists them", "id")
     record = await plane(request).failover(record_id, caller(request))
     if record is None:
-        raise ApiError(404, "not_found", f"no failover {record_id!r} on the leader; GET /v1/failovers lists them", "id")
+        raise ApiError(404, "not_found", f"no failover {record_id!r} in the history; GET /v1/failovers lists them", "id")
     return ok(FailoverView.model_validate(record))
 
 
@@ -120,7 +136,7 @@ async def switchover(request: web.Request) -> web.Response:
 
 def failover_operations() -> list[Operation]:
     return [
-        Operation("GET", "/v1/failovers", "listFailovers", "Recent failovers and switchovers (the leader's history)",
+        Operation("GET", "/v1/failovers", "listFailovers", "Recent failovers, switchovers, announces and re-points (the replicated history)",
                   list_failovers, {200: ("newest first", FailoverList)}, errors=(404, 503), tag="failovers"),
         Operation("GET", "/v1/failovers/{id}", "getFailover", "One failover with its timeline", get_failover,
                   {200: ("the record", FailoverView)}, errors=(404, 503), tag="failovers",

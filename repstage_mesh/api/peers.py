@@ -9,6 +9,7 @@ Answers come back as domain results and domain errors: a 2xx answer's JSON, or
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import aiohttp
@@ -45,25 +46,30 @@ class PeerClient:
     FORWARDED_HEADER (this node's id), so the receiver never forwards it again, and carries
     the caller's own Authorization header, so the receiver checks the caller's token."""
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, tls: ssl.SSLContext | None = None) -> None:
         self.node_id = node_id
+        self.tls = tls  # HTTPS with this context when the cluster's API uses TLS (api.tls)
+        self.scheme = "https" if tls is not None else "http"
 
     async def call(
         self, api: str, method: str, path: str, body: Any = None, *,
         authorization: str | None = None, timeout: float = READ_FORWARD_TIMEOUT,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """`method path` on the node whose API answers at `api` (HOST:PORT). `path` must be
         quoted already. Raises ApiRequestError (the peer's error answer), ApiUnreachable (no
         connection: the request never reached the peer) or ApiNoAnswer (sent, but no usable
-        answer within `timeout`: it may have been carried out)."""
-        headers = {FORWARDED_HEADER: self.node_id}
+        answer within `timeout`: it may have been carried out). `headers` are added (e.g. a
+        caller's W3C traceparent)."""
+        headers = {**(headers or {}), FORWARDED_HEADER: self.node_id}
         if authorization:
             headers["Authorization"] = authorization
         try:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session, session.request(
-                method, f"http://{api}{path}", json=body, headers=headers
+                method, f"{self.scheme}://{api}{path}", json=body, headers=headers,
+                ssl=self.tls if self.tls is not None else True,
             ) as resp:
                 answer = await resp.json(content_type=None)
                 status = resp.status

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
-from repstage_mesh.core.models import Command, MeshState, Outcome
+from repstage_mesh.core.models import Announcement, Command, MeshState, Outcome
 from repstage_mesh.failover.proxies import Progress
 
 if TYPE_CHECKING:  # api/cluster imports api/http, which imports this module
@@ -28,9 +28,22 @@ class Caller:
 
     authorization: str | None = None
     forwarded_by: str | None = None
+    actor: str = ""  # the token's name (api/auth.ACTOR): goes into a switchover's cause
 
 
 DIRECT = Caller()
+
+
+class ClusterViewSource(Protocol):
+    async def proxies(self, authorization: str | None) -> list[NodeProxies]:
+        """This node's proxies and every other known node's, each node asked with the caller's
+        `authorization` and bounded by api.peer_timeout."""
+        ...
+
+    async def members(self, caller: Caller) -> dict[str, Any]:
+        """Every service's members as the Raft leader observes them (an api/cluster.MembersView
+        as JSON); a follower asks the leader, or answers `leader: false` when it cannot."""
+        ...
 
 
 class ControlPlane(Protocol):
@@ -70,14 +83,10 @@ class ControlPlane(Protocol):
         after `wait` seconds: how far they are (failover/proxies.local_progress)."""
         ...
 
-    async def cluster_proxies(self, authorization: str | None) -> list[NodeProxies]:
-        """This node's proxies and every other known node's (api/cluster.gather_proxies), each
-        node asked with the caller's `authorization` and bounded by api.peer_timeout."""
-        ...
-
-    async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
-        """Every service's members as the Raft leader observes them (an `api/cluster.MembersView`
-        as JSON); a follower asks the leader, or answers `leader: false` when it cannot."""
+    @property
+    def cluster_views(self) -> ClusterViewSource:
+        """The cluster-wide views (api/cluster.ClusterViews): every node's proxies, the members'
+        health as the leader observes it."""
         ...
 
     def cluster(self) -> dict[str, Any]:
@@ -88,14 +97,23 @@ class ControlPlane(Protocol):
         """True once the node has applied the committed state and serves xDS."""
         ...
 
-    # --- failovers (run by the Raft leader; a follower carries these to it) -----------------
+    # --- failovers (run by the Raft leader; a follower carries changes to it) ---------------
 
     async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
-        """(id of the node whose history this is, its failover records newest first)."""
+        """(id of the node answering, the replicated failover history newest first)."""
         ...
 
     async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
-        """One failover record, or None when the leader has no such record."""
+        """One failover record from the replicated history, or None."""
+        ...
+
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Run an announced change of primary (break-before-make unless `fence` is false) on
+        the leader and answer when it is done: service, primary, epoch, previous_primary,
+        changed, applied_index, failover (its record), replayed (an idempotency key's earlier
+        answer). Raises the domain errors of core/errors.py (DecisionRefused: stale_epoch,
+        not_found, conflict; NotReady; NoLeaderKnown; NotLeader, a forwarded request on a
+        follower; SwitchoverFailed) or relays the leader's."""
         ...
 
     async def switchover(

@@ -13,6 +13,7 @@ full table for people.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import aiohttp
@@ -110,22 +111,26 @@ def progress_operations() -> list[Operation]:
 class PeerProgress:
     """Another node's proxy progress over its REST API (failover.proxies.RemoteProgress)."""
 
-    def __init__(self, node_id: str, api: str, token: str | None) -> None:
+    def __init__(self, node_id: str, api: str, token: str | None, tls: ssl.SSLContext | None = None) -> None:
         self._node_id = node_id
         self.api = api
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.tls = tls  # HTTPS with this context when the cluster's API uses TLS (api.tls)
+        self.scheme = "https" if tls is not None else "http"
 
     @property
     def node_id(self) -> str:
         return self._node_id
 
     async def progress(self, min_index: int, wait: float, timeout: float) -> Progress:
-        url = f"http://{self.api}{PATH}"
+        url = f"{self.scheme}://{self.api}{PATH}"
         params = {"min_index": str(min_index), "wait": f"{min(wait, MAX_WAIT):.3f}"}
         try:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=timeout), headers=self.headers
-            ) as session, session.get(url, params=params) as resp:
+            ) as session, session.get(
+                url, params=params, ssl=self.tls if self.tls is not None else True
+            ) as resp:
                 body = await resp.json(content_type=None)
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:

@@ -427,9 +427,35 @@ def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> i
 # --- offline commands -----------------------------------------------------------------------------
 
 
+def _validate_summary(settings: Any, config: str) -> dict[str, Any]:
+    """What `validate --json` prints for a valid config (tokens by name, never their value)."""
+    tokens = settings.api.tokens
+    entries = tokens.entries() if tokens else ()
+    return {
+        "valid": True,
+        "config": config,
+        "node": settings.node.id,
+        "xds": settings.xds.listen,
+        "api": {
+            "listen": settings.api.listen,
+            "auth": bool(entries),
+            "read_write_tokens": sum(t.role == "read_write" for t in entries),
+            "read_only_tokens": sum(t.role == "read_only" for t in entries),
+            "token_names": [t.name for t in entries],
+            "tls": settings.api.tls is not None,
+        },
+        "hooks": sorted(settings.hooks),
+        "secrets": sorted(settings.secrets),
+        "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
+        "advertised": {"api": settings.api.advertised(), "xds": settings.xds.advertised(),
+                       "raft": settings.raft.identity},
+        "services": [s.model_dump(mode="json") for s in settings.specs()],
+    }
+
+
 def cmd_validate(args: argparse.Namespace, out: Output) -> int:
     try:
-        from repstage_mesh.config import ConfigError, load_config
+        from repstage_mesh.config import ConfigError, load_config, startup_problems
     except ImportError:
         raise CliError(
             "config support is not available in this build (repstage_mesh.config is missing)"
@@ -438,6 +464,10 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
     env = {k: v for k, v in os.environ.items() if k not in (API_ENV, TOKEN_ENV)}
     try:
         settings = load_config(args.config, env=env)
+        # what serve checks before it starts anything (a config that validates starts)
+        problems = startup_problems(settings, env)
+        if problems:
+            raise ConfigError(problems, args.config)
     except ConfigError as exc:
         if out.as_json:
             errors = [{"field": path or None, "message": message} for path, message in exc.errors]
@@ -449,28 +479,13 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
             for path, message in exc.errors:
                 _error(message, path or None)
         return EXIT_ERROR
-    services = [s.model_dump(mode="json") for s in settings.specs()]
-    tokens = settings.api.tokens
-    summary = {
-        "valid": True,
-        "config": args.config,
-        "node": settings.node.id,
-        "xds": settings.xds.listen,
-        "api": {
-            "listen": settings.api.listen,
-            "auth": bool(tokens and (tokens.read_write or tokens.read_only)),
-            "read_write_tokens": len(tokens.read_write) if tokens else 0,
-            "read_only_tokens": len(tokens.read_only) if tokens else 0,
-        },
-        "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
-        "advertised": {"api": settings.api.advertised(), "xds": settings.xds.advertised(),
-                       "raft": settings.raft.identity},
-        "services": services,
-    }
+    summary = _validate_summary(settings, args.config)
+    services = summary["services"]
+    entries = summary["api"]["token_names"]
     if out.as_json:
         out.json(summary)
         return EXIT_OK
-    auth = "on" if tokens and (tokens.read_write or tokens.read_only) else "off (loopback only)"
+    auth = "on" if entries else "off (loopback only)"
     out.console.print(f"[green]{args.config}: valid[/green]")
     out.console.print(
         f"node {settings.node.id}; xds {settings.xds.listen}; api {settings.api.listen} (auth {auth}); "
@@ -490,7 +505,7 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
 
 
 _DELEGATES: dict[str, tuple[str, str]] = {
-    "serve": ("repstage_mesh.node", "serve_main"),
+    "serve": ("repstage_mesh.cli.serve", "serve_main"),
     "bootstrap": ("repstage_mesh.cli.bootstrap", "main"),
     "demo": ("repstage_mesh.cli.demo", "main"),
 }

@@ -290,9 +290,10 @@ def failovers_table(records: Sequence[Mapping[str, Any]], now: float | None = No
         status = str(r.get("status", ""))
         missed = sorted({*r.get("missed_fence", []), *r.get("missed_route", [])})
         why = str(r.get("cause", ""))
-        if r.get("reason") and status == "failed":
+        if r.get("reason") and status in ("failed", "running"):  # running: a repoint's last error
             why += f" / {r['reason']}"
-        table.add_row(cell(r.get("id")), cell(r.get("service")), cell(r.get("kind")),
+        kind = str(r.get("kind", "")) + (f" x{r['attempts']}" if int(r.get("attempts") or 0) > 1 else "")
+        table.add_row(cell(r.get("id")), cell(r.get("service")), kind,
                       f"{r.get('old_primary') or '-'} → {r.get('new_primary') or '-'}", cell(r.get("epoch")),
                       Text(status, style=_STATUS_STYLE.get(status, "")), age(r.get("started_unix"), now),
                       _ms(r.get("write_unavailable_ms")), ", ".join(missed) or "-", why)  # fmt: skip

@@ -5,20 +5,18 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    FilePath,
     SecretStr,
     SerializerFunctionWrapHandler,
     field_validator,
@@ -151,109 +149,58 @@ def _advertised(listen: str, advertise: str | None, bound_port: int | None = Non
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class XdsTlsConfig(Section):
-    """mTLS for xDS. The three files are re-read when they change (no restart)."""
-
-    cert_file: FilePath = Field(description="the server's certificate chain (PEM)")
-    key_file: FilePath = Field(description="the server's private key (PEM)")
-    ca_file: FilePath = Field(description="the CA that signs the Envoys' client certificates (PEM)")
-    node_san: str = Field(
-        default="uri:spiffe://repstage/envoy/{node_id}",
-        pattern=r"^(uri|dns):[^{}]*\{node_id\}[^{}]*$",
-        description="the client certificate SAN an Envoy's node id must match: uri:<pattern> "
-        "(a SPIFFE id) or dns:<pattern>, with {node_id} once",
-    )
-
-    @model_validator(mode="after")
-    def _usable(self) -> XdsTlsConfig:
-        """What serve would find when it loads the files: PEM that parses, a key that is the
-        certificate's (the same check xds/tls.py makes before every reload)."""
-        try:
-            cert = x509.load_pem_x509_certificates(self.cert_file.read_bytes())[0]
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cert_file: not a PEM certificate chain ({exc})") from None
-        try:
-            key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"key_file: not an unencrypted PEM private key ({exc})") from None
-        try:
-            x509.load_pem_x509_certificates(self.ca_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"ca_file: not PEM certificates ({exc})") from None
-        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
-            raise ValueError("key_file: is not the private key of cert_file")
-        return self
+TokenRole = Literal["read_write", "read_only"]
 
 
-class XdsLimitsConfig(Section):
-    """What one xDS client may cost (README: "xDS limits"); each hit counts in
-    repstage_xds_limit_hits_total{limit}."""
-
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
-    max_resource_names: int = Field(default=10_000, ge=1, description="per stream, all types")
-    max_resource_name_bytes: int = Field(default=1024, ge=64, description="one resource name")
-    max_initial_resource_versions: int = Field(default=10_000, ge=1, description="per Delta request")
-    max_node_id_bytes: int = Field(default=256, ge=16, le=65536, description="node.id and node.cluster")
-    max_node_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="larger metadata is dropped")
-    max_streams_per_peer: int = Field(default=1_000, ge=1, description="open streams per client IP")
-    max_streams: int = Field(default=20_000, ge=1, description="open streams on this node")
-    max_outgoing_queue: int = Field(default=256, ge=8, description="responses waiting per stream")
-    max_unacked_delta: int = Field(default=16, ge=1, description="Delta responses of one type awaiting ACK")
-    max_error_detail_bytes: int = Field(default=4096, ge=64, description="a NACK's error text is cut to it")
-    max_disconnected_proxies: int = Field(
-        default=1_000, ge=0, description="disconnected proxies /v1/proxies remembers (10 minutes at most)"
-    )
+def _check_token(value: SecretStr) -> SecretStr:
+    secret = value.get_secret_value()
+    if not secret or any(c.isspace() or not c.isprintable() for c in secret):
+        raise ValueError("a token must be non-empty and contain no whitespace or control characters")
+    return value
 
 
-class XdsConfig(Section):
-    listen: HostPort = Field(default="127.0.0.1:18000", description="HOST:PORT the xDS server binds")
-    advertise: HostPort | None = Field(default=None, description=_ADVERTISE)
-    tls: XdsTlsConfig | None = None
-    insecure: bool = Field(
-        default=False,
-        description="serve plaintext xDS to any peer (without tls, only loopback peers are served)",
-    )
-    never_acked_grace: float = Field(
-        default=10.0, gt=0, le=3600,
-        description="a proxy sent config this long ago that never ACKed anything is not waited for",
-    )
-    limits: XdsLimitsConfig = Field(default_factory=XdsLimitsConfig)
+Token = Annotated[Secret, AfterValidator(_check_token)]
 
-    @model_validator(mode="after")
-    def _plaintext_on_loopback(self) -> XdsConfig:
-        """The API's rule: no authentication, loopback only. A wildcard address is allowed
-        (streams from non-loopback peers are refused); a concrete non-loopback one is not."""
-        host = parse_host_port(self.listen)[0]
-        if self.tls is None and not self.insecure and host not in _WILDCARDS and not is_loopback(host):
-            raise ValueError(
-                f"listen: plaintext xDS on {host} would refuse every peer (plaintext is served to "
-                "loopback peers only): configure xds.tls, listen on 127.0.0.1, or set xds.insecure: true"
-            )
-        return self
 
-    def advertised(self, bound_port: int | None = None) -> str:
-        return _advertised(self.listen, self.advertise, bound_port)
+class NamedToken(Section):
+    """One entry of `api.tokens` (list shape): who holds it (audit trail) and what it may do."""
+
+    name: Name = Field(description="shown in the audit trail (GET /v1/audit) for this token's writes")
+    role: TokenRole
+    token: Token
 
 
 class ApiTokens(Section):
-    """Bearer tokens for the REST API. No tokens section: the API needs no token."""
+    """Bearer tokens for the REST API. No tokens section: the API needs no token.
 
-    read_write: tuple[Secret, ...] = ()
-    read_only: tuple[Secret, ...] = ()
+    Two shapes: a list of named tokens (`[{name, role, token}]`), or the older mapping
+    (`{read_write: [...], read_only: [...]}`), whose tokens are named read-write-1,
+    read-only-1, ... in the audit trail. A token may be listed only once.
+    """
 
-    @field_validator("read_write", "read_only")
+    read_write: tuple[Token, ...] = ()
+    read_only: tuple[Token, ...] = ()
+    named: tuple[NamedToken, ...] = ()
+
+    @model_validator(mode="before")
     @classmethod
-    def _no_whitespace(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for token in value:
-            secret = token.get_secret_value()
-            if not secret or any(c.isspace() for c in secret):
-                raise ValueError("a token must be non-empty and contain no whitespace")
-        return value
+    def _list_shape(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            return {"named": data}
+        return data
 
     @property
     def enabled(self) -> bool:
-        return bool(self.read_write or self.read_only)
+        return bool(self.read_write or self.read_only or self.named)
+
+    def entries(self) -> tuple[NamedToken, ...]:
+        """Every token with its name and role (the older shape's tokens named by position)."""
+        legacy = [
+            NamedToken(name=f"{role.replace('_', '-')}-{i + 1}", role=role, token=token)
+            for role in ("read_write", "read_only")
+            for i, token in enumerate(getattr(self, role))
+        ]
+        return (*legacy, *self.named)
 
     @model_validator(mode="after")
     def _disjoint(self) -> ApiTokens:
@@ -263,17 +210,54 @@ class ApiTokens(Section):
             for i, token in enumerate(self.read_only)
             if token.get_secret_value() in writers
         ]
+        names: dict[str, int] = {}
+        values: dict[str, int] = {}
+        for i, entry in enumerate(self.named):
+            if entry.name in names:
+                problems.append(f"named[{i}].name: {entry.name!r} is also named[{names[entry.name]}]")
+            value = entry.token.get_secret_value()
+            if value in values or value in writers or any(value == t.get_secret_value() for t in self.read_only):
+                problems.append(f"named[{i}].token: this token is listed twice; each token once")
+            names.setdefault(entry.name, i)
+            values.setdefault(value, i)
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
     def role_of(self, token: str) -> str | None:
         """ "read_write", "read_only" or None for an unknown token."""
-        if any(t.get_secret_value() == token for t in self.read_write):
-            return "read_write"
-        if any(t.get_secret_value() == token for t in self.read_only):
-            return "read_only"
+        for entry in self.entries():
+            if entry.token.get_secret_value() == token:
+                return entry.role
         return None
+
+    def first(self, role: TokenRole) -> str | None:
+        """The first token of `role` (what this node shows another node's API)."""
+        for entry in self.entries():
+            if entry.role == role:
+                return entry.token.get_secret_value()
+        return None
+
+
+class ApiTls(Section):
+    """Serve the REST API over HTTPS. Files are read when the API starts."""
+
+    cert_file: Path = Field(description="PEM certificate chain")
+    key_file: Path = Field(description="PEM private key")
+    ca_file: Path | None = Field(
+        default=None, description="CA this node trusts when it calls another node's API (default: system CAs)"
+    )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The API's TLS context (TLS 1.2 or later). Raises OSError / ssl.SSLError."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """What this node uses to call another node's API: ca_file, else the system CAs."""
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
 
 class ApiConfig(Section):
@@ -288,9 +272,41 @@ class ApiConfig(Section):
         description="longest a POST .../switchover is held open (default and cap of the request's "
         "`wait`); a switchover still running then is answered 504 with its record",
     )
+    tls: ApiTls | None = Field(default=None, description="HTTPS for the API; omitted: plain HTTP")
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="largest request body accepted (413 above; metric repstage_api_limit_hits_total)",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=512,
+        description="deepest nesting of a JSON request body (400 deeper; metric repstage_api_limit_hits_total)",
+    )
+    audit_entries: int = Field(
+        default=1000, ge=0, le=100_000,
+        description="writes kept in the replicated audit trail (GET /v1/audit), oldest dropped first",
+    )
+    consistent_read_interval: float = Field(
+        default=0.005, ge=0, le=10,
+        description="?consistent=true: at most one Raft read barrier per this many seconds; "
+        "concurrent and following reads share it (see README)",
+    )
 
     def advertised(self, bound_port: int | None = None) -> str:
         return _advertised(self.listen, self.advertise, bound_port)
+
+
+class FailoversConfig(Section):
+    """The failover history every node holds (replicated through Raft)."""
+
+    history: int = Field(
+        default=100, ge=1, le=10_000,
+        description="failover records kept in the replicated history; the oldest drop out "
+        "(metric repstage_failover_history_total{event=\"dropped\"})",
+    )
+    idempotency_keys: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="announce idempotency keys remembered in the replicated state; the oldest are forgotten",
+    )
 
 
 class RaftConfig(Section):

@@ -28,6 +28,7 @@ import inspect
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -60,9 +61,11 @@ __all__ = [
     "PostgresProber",
     "Prober",
     "RedisProber",
+    "SecretLookup",
     "TcpProber",
     "abort_pg_attempt",
     "make_prober",
+    "no_secrets",
     "parse_role_reply",
     "probe_kind",
     "probe_once",
@@ -91,8 +94,18 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def _password(spec: ProbeSpec) -> str | None:
-    return os.environ.get(spec.password_env) if spec.password_env else None
+SecretLookup = Callable[[str | None, str], str | None]  # (secret name, member address)
+
+
+def no_secrets(name: str | None, host: str) -> str | None:
+    """The lookup used when none is given: no password for anyone."""
+    return None
+
+
+def _password(spec: ProbeSpec, member: Member, secrets: SecretLookup) -> str | None:
+    """The password named by `password_secret`, from the operator's `secrets:` only, and only
+    if that secret may be sent to this member's address (config.Secrets.for_host)."""
+    return secrets(spec.password_secret, member.address) if spec.password_secret else None
 
 
 def _failure(exc: BaseException, started: float) -> ProbeResult:
@@ -514,15 +527,20 @@ class TcpProber:
 
 
 def make_prober(
-    spec: ServiceSpec, member: Member, *, session: aiohttp.ClientSession | None = None
+    spec: ServiceSpec,
+    member: Member,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    secrets: SecretLookup = no_secrets,
 ) -> Prober:
-    """The prober for one member of a service, per the service's leadership.probe spec."""
+    """The prober for one member of a service, per the service's leadership.probe spec.
+    `secrets` resolves `password_secret` (config.Secrets.for_host)."""
     probe = spec.leadership.probe
     kind = probe_kind(spec)
     port = probe.port or member.port
     if kind is ProbeKind.REDIS:
         return RedisProber(
-            member.address, port, probe.timeout, user=probe.user, password=_password(probe)
+            member.address, port, probe.timeout, user=probe.user, password=_password(probe, member, secrets)
         )
     if kind is ProbeKind.POSTGRES:
         return PostgresProber(
@@ -531,7 +549,7 @@ def make_prober(
             probe.timeout,
             user=probe.user,
             database=probe.database,
-            password=_password(probe),
+            password=_password(probe, member, secrets),
         )
     if kind is ProbeKind.HTTP:
         return HttpProber(
@@ -545,9 +563,11 @@ def make_prober(
     return TcpProber(member.address, port, probe.timeout)
 
 
-async def probe_once(spec: ServiceSpec, member: Member) -> ProbeResult:
+async def probe_once(
+    spec: ServiceSpec, member: Member, secrets: SecretLookup = no_secrets
+) -> ProbeResult:
     """One probe of one member on a fresh connection (CLI, switchover checks, tests)."""
-    prober = make_prober(spec, member)
+    prober = make_prober(spec, member, secrets=secrets)
     try:
         return await prober.probe()
     finally:

@@ -31,7 +31,13 @@ from repstage_mesh.core.observations import (
     ProbeTracker,
     specs_with_source,
 )
-from repstage_mesh.sources.probers import Prober, make_prober, probe_kind
+from repstage_mesh.sources.probers import (
+    Prober,
+    SecretLookup,
+    make_prober,
+    no_secrets,
+    probe_kind,
+)
 from repstage_mesh.sources.supervisor import KeyedTasks, ObservationCallback
 
 __all__ = [
@@ -83,13 +89,14 @@ class ProbeRunner:
         clock: Clock = time.monotonic,
         offset_refresh: float = 1.0,
         prober_factory: ProberFactory | None = None,
+        secrets: SecretLookup = no_secrets,
         on_probe: Callable[[str, str, ProbeResult], None] | None = None,
     ) -> None:
         self._on_probe = on_probe
         self._clock = clock
         self._offset_refresh = offset_refresh
         self._factory: ProberFactory = prober_factory or (
-            lambda spec, member, session: make_prober(spec, member, session=session)
+            lambda spec, member, session: make_prober(spec, member, session=session, secrets=secrets)
         )
         self._trackers: dict[tuple[str, str], ProbeTracker] = {}
         self._tasks: KeyedTasks[tuple[str, str], _Target] = KeyedTasks(

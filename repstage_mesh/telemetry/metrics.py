@@ -95,6 +95,26 @@ def write_failure_code(exc: BaseException) -> str:
     return "error"
 
 
+def _history_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "repstage_failover_history",
+        "Failover records committed to the replicated history, by event: published, failed (not "
+        "replicated), dropped (the oldest record left the bounded history), keys_dropped (an "
+        "idempotency key was forgotten)",
+        ["event"],
+        registry=registry,
+    )
+
+
+def _peer_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "repstage_peer_unreachable",
+        "Cluster-wide views in which another node did not answer within api.peer_timeout",
+        ["peer"],
+        registry=registry,
+    )
+
+
 def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
     anomalies = Counter(
         "repstage_consul_anomalies",
@@ -156,6 +176,7 @@ class MeshMetrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self.history = _history_counter(registry)
         self.write_failures = Counter(
             "repstage_write_failures",
             "Writes that did not commit, by code (rejection code, no_quorum, commit_timeout, ...)",
@@ -171,8 +192,7 @@ class MeshMetrics:
         )
         self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
         self._limit_children, self._refusal_children = _guard_counters(registry)
-        self.peer_unreachable = Counter("repstage_peer_unreachable", "Cluster-wide views in which another node "
-                                        "did not answer within api.peer_timeout", ["peer"], registry=registry)  # fmt: skip
+        self.peer_unreachable = _peer_counter(registry)
         registry.register(_ScrapeTimeCollector(self))
 
     # --- TrackerObserver ----------------------------------------------------------------------
@@ -245,6 +265,12 @@ class MeshMetrics:
     def observe_failover(self, service: str, seconds: float, mode: str = "follow") -> None:
         """A failover or switchover finished (mode: follow, orchestrate, switchover)."""
         self.failover.labels(service, mode).observe(seconds)
+
+    def observe_history(self, event: str) -> None:
+        """A failover record was committed (`published`), not committed (`failed`), pushed the
+        oldest one out of the bounded history (`dropped`) or the oldest idempotency key out of
+        its bound (`keys_dropped`)."""
+        self.history.labels(event).inc()
 
     def observe_commit(self, seconds: float) -> None:
         self.commit.observe(seconds)
