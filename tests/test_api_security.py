@@ -394,8 +394,8 @@ async def test_the_api_serves_https_with_the_configured_certificate(tmp_path: Pa
     runner = await start_api(build_app(FakePlane(services=[orders_spec()]), settings))
     try:
         port = bound_port(runner)
-        client = PeerClient(READER, tls=tls.client_context())
-        answer = await client.call(f"127.0.0.1:{port}", "GET", "/v1/services")
+        client = PeerClient("cp-2", tls=tls.client_context())
+        answer = await client.call(f"127.0.0.1:{port}", "GET", "/v1/services", authorization=f"Bearer {READER}")
         assert answer["services"][0]["name"] == "orders"
         async with aiohttp.ClientSession() as session:
             with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer

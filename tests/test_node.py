@@ -183,7 +183,7 @@ async def test_leader_answers_failovers_switchovers_and_proxy_waits_itself(
     async def no_forwarding(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"a leader must not call another node: {args}")
 
-    monkeypatch.setattr(node._peers, "call", no_forwarding)
+    monkeypatch.setattr(node._forwarder.peers, "call", no_forwarding)
 
     # the decider refuses: follow mode, unknown service, unknown member
     with pytest.raises(DecisionRefused) as refused:
@@ -376,7 +376,8 @@ async def test_forwarded_announce_carries_key_and_trace(
 ) -> None:
     node = follower_of(make_node(), fake_leader.address, monkeypatch)
     trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
-    answer = await node.announce("x", Announcement(member="b", token=7, cause="patroni", key="k-1", trace=trace))
+    caller = Caller(authorization=f"Bearer {WRITER_TOKEN}")  # the caller's own token travels
+    answer = await node.announce("x", Announcement(member="b", token=7, cause="patroni", key="k-1", trace=trace), caller)
     assert answer["primary"] == "b"
     method, path, body, auth = fake_leader.requests[-1]
     assert (method, path, auth) == ("POST", "/v1/services/x/primary", f"Bearer {WRITER_TOKEN}")
@@ -414,9 +415,10 @@ async def test_forwarded_request_on_a_follower_is_refused_not_forwarded_again(ma
     assert "cp-3" in str(caught.value) and "127.0.0.1:7002" in str(caught.value)
     assert caught.value.leader == "127.0.0.1:7002"
     with pytest.raises(NotLeader):
-        await node.failovers(forwarded)
-    with pytest.raises(NotLeader):
-        await node.failover("cp-2-1", forwarded)
+        await node.announce("orders", Announcement(member="b"), forwarded)
+    # the failover history is replicated: every node answers reads from its own copy
+    assert await node.failovers(forwarded) == ("cp-1", [])
+    assert await node.failover("cp-2-1", forwarded) is None
     # a leader announcing this node's own API (a misconfigured advertise) is not forwarded to
     own = node.settings.api.advertised(node.api_port)
     node.store = FakeStore(False, "127.0.0.1:7002", with_peer("cp-2", "127.0.0.1:7002", own))  # type: ignore[assignment]
@@ -439,7 +441,7 @@ class SlowLeader:
 async def test_forwarded_switchover_without_an_answer_is_unknown_not_500(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("repstage_mesh.node.FORWARD_MARGIN", 0.2)
+    monkeypatch.setattr("repstage_mesh.api.forwarding.FORWARD_MARGIN", 0.2)
     runner = web.AppRunner(SlowLeader().app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -464,7 +466,7 @@ async def test_a_switchover_still_running_after_the_wait_is_answered_with_its_re
     monkeypatch.setattr(node.engine, "active", True)
     waits: list[float | None] = []
 
-    async def running(service: str, to: str, timeout: float | None, wait: float | None = None) -> Any:
+    async def running(service: str, to: str, timeout: float | None, wait: float | None = None, **_: Any) -> Any:
         waits.append(wait)
         return SimpleNamespace(id="cp-1-4", status="running", as_dict=lambda: {"id": "cp-1-4", "status": "running"})
 
