@@ -227,8 +227,10 @@ RECORD = {
 
 
 def test_failovers_id_shows_the_timeline(live: LiveApi, plane: FakePlane, capsys: pytest.CaptureFixture[str]) -> None:
+    record = {**RECORD, "started_unix": time.time() - 30}
+
     async def failover(record_id: str, caller: Any = None) -> dict[str, Any] | None:
-        return RECORD if record_id == RECORD["id"] else None
+        return record if record_id == RECORD["id"] else None
 
     plane.failover = failover  # type: ignore[method-assign]
     code, out, err = run(capsys, "failovers", "node-1-3", "--api", live.url)
