@@ -88,7 +88,7 @@ def cluster_table(cluster: Mapping[str, Any], now: float | None = None) -> Table
     """The answering node's Raft view: who leads (by node id), the term, indexes, quorum."""
     table = _table("Cluster (as " + str(cluster.get("node_id", "this node")) + " sees it)", "FIELD", "~VALUE")
     leader = cluster.get("leader")
-    quorum = cluster.get("has_quorum", cluster.get("quorum"))
+    quorum = cluster.get("has_quorum") if cluster.get("has_quorum") is not None else cluster.get("quorum")
     values: dict[str, Any] = {
         "node_id": cluster.get("node_id"),
         "role": "leader" if cluster.get("is_leader") else "follower",
@@ -125,7 +125,9 @@ def nodes_table(cluster: Mapping[str, Any], gathered: Mapping[str, Any] | None) 
         )  # fmt: skip
         proxies = str(node.get("proxies", 0)) if node.get("reachable") else "?"
         table.add_row(str(nid), role, link, cell(node.get("api")), answered, proxies)
-    if not (gathered or {}).get("nodes"):
+    if gathered is None:
+        table.caption = "this server shows its own proxies only (no ?scope=cluster)"
+    elif not gathered.get("nodes"):
         table.caption = "no nodes announced yet"
     return table
 
