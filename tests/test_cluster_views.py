@@ -25,10 +25,18 @@ from fakes import PROXY, FakePlane, LiveApi, orders_spec
 from rich.console import Console
 from test_proxy_progress import Proxy, snapshot
 
-from repstage_mesh.api.cluster import NodeProxies, gather_proxies, member_health, raft_view
+from repstage_mesh.api.cluster import (
+    ClusterViews,
+    NodeProxies,
+    gather_proxies,
+    member_health,
+    raft_view,
+)
 from repstage_mesh.api.failovers import failover_operations
+from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.cli import main as cli
 from repstage_mesh.cli import views
+from repstage_mesh.core.errors import ApiUnreachable, NoLeaderKnown, NotLeader
 from repstage_mesh.core.models import MeshState, NodeAddress, PutService
 from repstage_mesh.core.state import apply
 from repstage_mesh.xds.tracker import ProxyTracker
@@ -360,3 +368,52 @@ def test_tables_at_80_columns_never_split_a_word(name: str) -> None:
         if not token or token in whole:
             continue
         assert token.endswith("…") and any(w.startswith(token[:-1]) for w in whole), (name, token, text)
+
+
+# --- the members' view: the leader's, asked one hop ----------------------------------------------
+
+
+class _Peers:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, str, Any]] = []
+
+    async def call(self, api: str, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        self.calls.append((api, path, kwargs.get("authorization")))
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+def _views(leader_api: Any, peers: _Peers, leads: bool = False) -> ClusterViews:
+    state, _ = apply(MeshState(), PutService(spec=orders_spec()), 1)
+    observed = {"orders": {"members": {"a": {"status": "down", "since": time.monotonic() - 5, "offset": 10}}}}
+    return ClusterViews("cp-2", lambda: state, list, lambda: observed, leader_api, lambda: leads, peers,  # type: ignore[arg-type]
+                        0.5, lambda _n: None)  # fmt: skip
+
+
+async def test_members_are_asked_of_the_leader_with_the_callers_token() -> None:
+    peers = _Peers({"node_id": "cp-1", "leader": True, "members": []})
+    answer = await _views(lambda caller: "127.0.0.1:8001", peers).members(Caller(authorization="Bearer t"))
+    assert answer["node_id"] == "cp-1" and peers.calls == [("127.0.0.1:8001", "/v1/members", "Bearer t")]
+
+
+async def test_members_when_the_leader_cannot_be_asked_are_this_nodes_and_say_so() -> None:
+    def no_leader(caller: Caller) -> str | None:
+        raise NoLeaderKnown("election")
+
+    for leader_api, peers in ((no_leader, _Peers(None)), (lambda c: "127.0.0.1:1", _Peers(ApiUnreachable("gone")))):
+        answer = await _views(leader_api, peers).members(DIRECT)
+        assert (answer["node_id"], answer["leader"]) == ("cp-2", False)
+        rows = {m["member"]: m for m in answer["members"]}
+        assert rows["a"]["health"] == "down" and rows["b"]["health"] == "unobserved"
+    leader = await _views(lambda c: None, _Peers(None), leads=True).members(DIRECT)
+    assert leader["leader"] is True and leader["members"][0]["since_seconds"] >= 5
+
+
+async def test_a_forwarded_members_request_on_a_follower_is_refused() -> None:
+    def refuse(caller: Caller) -> str | None:
+        raise NotLeader("forwarded once at most", None)
+
+    with pytest.raises(NotLeader):
+        await _views(refuse, _Peers(None)).members(Caller(forwarded_by="cp-3"))
