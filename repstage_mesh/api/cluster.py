@@ -8,9 +8,13 @@
   claimed while no leader is known (during an election).
 - `member_health`: the members as the Raft leader's probes see them (health, since when,
   replication offset and lag behind the primary), for `GET /v1/members`.
+- `ClusterViews`: what a node answers with, wired by node.py from its parts (its state and
+  proxies, the decider's view, who leads, the peer client); the members' view is asked of the
+  leader (one hop, the caller's token, within `api.peer_timeout`) and is this node's own
+  (`leader: false`) when the leader cannot be asked.
 
-Pure functions except `gather_proxies` (aiohttp); times in answers are ages or Unix seconds,
-never monotonic clocks.
+`raft_view` and `member_health` are pure; times in answers are ages or Unix seconds, never
+monotonic clocks.
 """
 
 from __future__ import annotations
