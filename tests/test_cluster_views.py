@@ -417,3 +417,25 @@ async def test_a_forwarded_members_request_on_a_follower_is_refused() -> None:
 
     with pytest.raises(NotLeader):
         await _views(refuse, _Peers(None)).members(Caller(forwarded_by="cp-3"))
+
+
+def test_status_through_the_cli_at_80_columns_splits_no_word(
+    plane: FakePlane, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`repstage-mesh status` as a user runs it in an 80-column terminal (COLUMNS=80)."""
+    plane.proxy_list = [LONG_PROXY]
+    plane.peer_answers = [NodeProxies("cp-frankfurt-3", "10.0.0.3:8080", False, error="no answer in time")]
+    with LiveApi(plane) as server:
+        monkeypatch.setenv("COLUMNS", "1000")
+        code, wide, err = run(capsys, "status", "--api", server.url)
+        assert code == 0, err
+        monkeypatch.setenv("COLUMNS", "80")
+        code, narrow, err = run(capsys, "status", "--api", server.url)
+        assert code == 0, err
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    split = r"[\s│┃┏┓┗┛┡┩━─┳┻╇╈┼└┘┌┐┬┴]+"
+    whole = set(re.split(split, wide))
+    for token in re.split(split, narrow):
+        if token and token not in whole:
+            assert token.endswith("…") and any(w.startswith(token[:-1]) for w in whole), (token, narrow)
+    assert "envoy-frontend-eu-west-1a-7f9c" in narrow and "cp-frankfurt-3: unreachable" in narrow
