@@ -425,7 +425,7 @@ def cluster_leader(nodes: list[ControlPlaneNode], timeout: float = 10.0) -> Cont
             status, body = http_json("GET", f"{node.api}/v1/cluster", timeout=1.0)
             if status == 200:
                 views.append(body)
-        leaders = {v.get("leader") for v in views}
+        leaders = {v.get("leader_address", v.get("leader")) for v in views}  # Raft addresses
         if len(views) < len(nodes) // 2 + 1 or len(leaders) != 1 or None in leaders:
             return None
         leader = by_address.get(str(leaders.pop()))

@@ -114,8 +114,8 @@ def test_cli_against_a_live_node_and_envoy(live: Live) -> None:
     assert "Members" in live.cli("services", "get", SERVICE).stdout
 
     # proxies: per type the version sent and ACKed, synced with the committed state
-    wait_until(lambda: only_proxy(live.json("proxies"))["synced"], 10, what="edge-cli synced")
-    proxy = only_proxy(live.json("proxies"))
+    wait_until(lambda: only_proxy(live.json("proxies")["proxies"])["synced"], 10, what="edge-cli synced")
+    proxy = only_proxy(live.json("proxies")["proxies"])
     types = proxy["types"]
     assert {"cds", "lds"} <= set(types)
     for name, t in types.items():
@@ -124,8 +124,9 @@ def test_cli_against_a_live_node_and_envoy(live: Live) -> None:
     assert envoy_versions["cds"] == types["cds"]["acked_version"]
     assert envoy_versions["lds"] == types["lds"]["acked_version"]
     table = live.cli("proxies").stdout
-    assert "SENT" in table and "ACKED" in table and "synced" in table
-    assert f"cds {types['cds']['acked_version']}" in table
+    assert "ACKED" in table and "synced" in table and "cp-1" in table
+    index = types["cds"]["acked_version"].split("-")[0]  # the table shows the Raft index
+    assert f"all {index}" in table or f"cds {index}" in table, table
 
     # behind: Envoy paused while the primary changes; the sync view says which types are behind
     live.envoy.proc.signal(signal.SIGSTOP)
@@ -134,7 +135,7 @@ def test_cli_against_a_live_node_and_envoy(live: Live) -> None:
         assert change[0] == 200 and change[1]["changed"], change
 
         def behind() -> dict[str, Any] | None:
-            p = only_proxy(live.json("proxies"))
+            p = only_proxy(live.json("proxies")["proxies"])
             return p if not p["synced"] and any(t["behind"] for t in p["types"].values()) else None
 
         lagging = wait_until(behind, 10, 0.1, "edge-cli reported behind")
@@ -147,7 +148,7 @@ def test_cli_against_a_live_node_and_envoy(live: Live) -> None:
         assert "behind (" in table and all(name in table for name in late), table
     finally:
         live.envoy.proc.signal(signal.SIGCONT)
-    wait_until(lambda: only_proxy(live.json("proxies"))["synced"], 15, 0.1, "edge-cli caught up")
+    wait_until(lambda: only_proxy(live.json("proxies")["proxies"])["synced"], 15, 0.1, "edge-cli caught up")
     wait_until(lambda: ask_once(live.port).startswith("b:"), 15, what="traffic reaches b")
     assert "synced" in live.cli("proxies").stdout
 
@@ -160,8 +161,20 @@ def test_cli_against_a_live_node_and_envoy(live: Live) -> None:
     assert mine["status"] == "done" and mine["kind"] == "switchover", mine
     assert mine["old_primary"] == "r0" and mine["new_primary"] == "r1" and mine["missed_route"] == []
     table = live.cli("failovers").stdout
-    for word in ("Failovers", mine["id"], "r0 -> r1", "done", "switchover"):
+    for word in ("Failovers", mine["id"], "r0 → r1", "done", "switchover"):
         assert word in table, (word, table)
+    detail = live.cli("failovers", mine["id"]).stdout  # the timeline, step by step
+    assert "Timeline" in detail and all(e["name"] in detail for e in mine["timeline"]), detail
+
+    # members: health, offset and lag as the leader's probes see them (like patronictl list)
+    def observed() -> dict[str, Any] | None:
+        rows = {m["member"]: m for m in live.json("status")["members"]["members"] if m["service"] == CACHE}
+        ok = rows["r1"]["health"] == "primary" and all(m["offset"] is not None for m in rows.values())
+        return rows if ok else None
+
+    rows = wait_until(observed, 15, 0.2, "the cache's members observed with offsets")
+    assert rows["r1"]["lag"] == 0 and rows["r0"]["role"] == "replica", rows
+    assert "HEALTH" in live.cli("services", "get", CACHE).stdout
     assert live.group.role("r1")[0] == "master"
 
     # a bad request: a clear error naming the field, exit 1, nothing printed on stdout

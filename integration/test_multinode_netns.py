@@ -61,7 +61,7 @@ class Mesh:
 
         def agreed() -> netns.NamespacedNode | None:
             views = [call("GET", f"{n.api}/v1/cluster", token=RO, timeout=2)[1] for n in self.nodes]
-            leaders = {v.get("leader") for v in views}
+            leaders = {v.get("leader_address", v.get("leader")) for v in views}  # Raft addresses
             if len(leaders) != 1 or None in leaders:
                 return None
             node = by_raft.get(str(leaders.pop()))

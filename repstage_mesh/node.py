@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.api.app import bound_port, build_app, start_api
+from repstage_mesh.api.cluster import ClusterViews
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.forwarding import Forwarder
 from repstage_mesh.api.models import ApiSettings
@@ -141,6 +142,9 @@ class Node:
         self._peer_tls = settings.api.tls.client_context() if settings.api.tls is not None else None
         self._forwarder = Forwarder(PeerClient(self._node_id, tls=self._peer_tls), self.metrics.observe_forward)
         self._build_leader_engine()
+        self.cluster_views = ClusterViews(self._node_id, self.state, self.proxies, self.decider.status, self._leader_api,
+                                          lambda: self.store is not None and self.store.is_leader(), self._forwarder.peers,
+                                          settings.api.peer_timeout, self.metrics.observe_peer_unreachable, self._peer_tls)  # fmt: skip
 
     def _build_leader_engine(self) -> None:
         """The decider, the runner, the failover traces, the engine and its sources."""
@@ -224,20 +228,15 @@ class Node:
 
     def cluster(self) -> dict[str, Any]:
         status: dict[str, Any] = self.store.status() if self.store is not None else {}
-        status.update(
-            {
-                "node": self._node_id,
-                "xds_port": self.xds_port,
-                "api_port": self.api_port,
-                "snapshot_version": self.cache.get(SNAPSHOT_GROUP).version  # type: ignore[union-attr]
-                if self.cache.get(SNAPSHOT_GROUP)
-                else None,
-                "connected_proxies": len(self.tracker.connected()),
-                "nodes": [n.model_dump() for n in self.state().nodes.values()],
-                "started_at": self._started_at,
-                "config_drift": [d.as_dict() for d in self.config_drift()],
-            }
-        )
+        snap = self.cache.get(SNAPSHOT_GROUP)
+        status.update({
+            "node": self._node_id, "xds_port": self.xds_port, "api_port": self.api_port,
+            "snapshot_version": snap.version if snap else None,
+            "connected_proxies": len(self.tracker.connected()),
+            "nodes": [n.model_dump() for n in self.state().nodes.values()],
+            "started_at": self._started_at,
+            "config_drift": [d.as_dict() for d in self.config_drift()],
+        })  # fmt: skip
         return status
 
     def config_drift(self) -> list[ServiceDrift]:

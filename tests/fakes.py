@@ -2,7 +2,8 @@
 
 FakePlane applies commands with the real state machine, `repstage_mesh.core.state.apply`; only
 Raft is left out (a command commits at the next index at once). Knobs: `fail` (an exception
-submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`.
+submit raises, e.g. NoQuorum), `is_ready`, `proxy_list`, `cluster_view`, `peer_answers` (other
+nodes' proxies for scope=cluster), `observed` (the members' health for /v1/members).
 
 LiveApi runs the REST API for a FakePlane on a free loopback port in a background thread, for
 clients that are synchronous (the CLI, schemathesis). `eventually` waits on a condition with a
@@ -22,6 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
+from repstage_mesh.api.cluster import NodeProxies, member_health
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.core.errors import DecisionRefused, Rejected
@@ -57,6 +59,8 @@ class FakePlane:
             "peers": [],
             "quorum": True,
         }
+        self.peer_answers: list[NodeProxies] = []
+        self.observed: dict[str, Any] = {}  # Decider.status()-shaped, `since` against now=100
         self.submitted: list[Command] = []
         self.announcements: list[tuple[str, Announcement]] = []
         for spec in services:
@@ -91,6 +95,10 @@ class FakePlane:
 
     def proxies(self) -> list[dict[str, Any]]:
         return list(self.proxy_list)
+
+    @property
+    def cluster_views(self) -> FakeViews:
+        return FakeViews(self)
 
     async def proxy_progress(self, min_index: int, wait: float) -> Progress:
         return Progress(node_id=self.node_id, satisfied=True, low_water=min_index, connected=0)
@@ -136,6 +144,22 @@ class FakePlane:
         return {"service": service, "primary": result["primary"], "epoch": result["epoch"],
                 "previous_primary": before.primary if before else None, "changed": result["changed"],
                 "applied_index": self._state.index, "failover": None}
+
+
+class FakeViews:
+    """FakePlane's cluster-wide views: its proxies plus `peer_answers` (other nodes' answers, as
+    gathered), and the members' health from `observed` (ages against now=100)."""
+
+    def __init__(self, plane: FakePlane) -> None:
+        self.plane = plane
+
+    async def proxies(self, authorization: str | None) -> list[NodeProxies]:
+        mine = NodeProxies(self.plane.node_id, "127.0.0.1:0", True, self.plane.proxies())
+        return [mine, *self.plane.peer_answers]
+
+    async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
+        rows = member_health(self.plane.state(), self.plane.observed, now=100.0)
+        return {"node_id": self.plane.node_id, "leader": True, "members": [r.model_dump() for r in rows]}
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:

@@ -121,7 +121,8 @@ def test_proxies_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[str
     assert "envoy-1" in out and "cds 7, lds 6" in out and "lds 7: duplicate listener port" in out
 
     code, out, _ = run(capsys, "proxies", "--json", "--api", live.url)
-    assert json.loads(out)[0]["node_id"] == "envoy-1"
+    gathered = json.loads(out)
+    assert gathered["scope"] == "cluster" and gathered["proxies"][0]["node_id"] == "envoy-1"
 
 
 def test_proxies_empty(live: LiveApi, capsys: pytest.CaptureFixture[str]) -> None:

@@ -155,7 +155,7 @@ class ProxyRecord:
             "connected_at": self.connected_at,
             "disconnected_at": self.disconnected_at,
             "snapshot_version": snap.version if snap else None,
-            "synced": self.synced(),
+            "synced": self.connected and self.synced(),  # a closed stream holds nothing
             "synced_index": self.synced_index,
             "types": types,
             **standing.flags(self, self.clock()),

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
+from repstage_mesh.api.cluster import cluster_operations, raft_view
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
 from repstage_mesh.api.failovers import AnnounceAnswer, caller
 from repstage_mesh.api.http import (
@@ -53,7 +54,6 @@ from repstage_mesh.api.models import (
     HealthView,
     PrimaryRequest,
     PrimaryView,
-    ProxyView,
     ReadyView,
     ServiceList,
     ServiceSpecBody,
@@ -61,7 +61,7 @@ from repstage_mesh.api.models import (
     is_loopback,
     member_views,
 )
-from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
+from repstage_mesh.api.openapi import AnyObject, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
 from repstage_mesh.api.progress import progress_operations
 from repstage_mesh.config import Problem, SpecParts, service_problems
@@ -244,14 +244,10 @@ async def get_audit(request: web.Request) -> web.Response:
     return ok(AuditView(entries=entries, keep=state.audit_keep, applied_index=state.index))
 
 
-async def list_proxies(request: web.Request) -> web.Response:
-    return ok([ProxyView.model_validate(p) for p in plane(request).proxies()])
-
-
 async def get_cluster(request: web.Request) -> web.Response:
     node = plane(request)
     view = {"node_id": node.node_id, "applied_index": node.state().index, **node.cluster()}
-    return ok(ClusterView.model_validate(view))
+    return ok(ClusterView.model_validate(raft_view(view, node.state().nodes)))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -309,8 +305,7 @@ def operations() -> list[Operation]:
                   {200: ("the last writes that changed something, newest first", AuditView)},
                   errors=(400, 503, 504), query_flags=CONSISTENT, tag="audit",
                   description="Replicated: every node answers the same trail. Kept: api.audit_entries."),
-        Operation("GET", "/v1/proxies", "listProxies", "Envoy proxies and their xDS versions", list_proxies,
-                  {200: ("one item per proxy", ListOf(ProxyView))}, tag="proxies"),
+        *cluster_operations(),
         *progress_operations(),
         Operation("GET", "/v1/cluster", "getCluster", "This node's Raft view", get_cluster,
                   {200: ("Raft view", ClusterView)}, tag="cluster"),

@@ -40,6 +40,9 @@ class ApiSettings(BaseModel):
     commit_timeout: float = Field(
         default=5.0, gt=0, le=120, description="seconds a write waits for its commit"
     )
+    peer_timeout: float = Field(
+        default=1.0, gt=0, le=60, description="seconds a cluster-wide view waits for each other node"
+    )
     tls: ApiTls | None = None
     max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="413 above")
     max_json_depth: int = Field(default=32, ge=1, description="400 deeper")
@@ -76,6 +79,7 @@ class ApiSettings(BaseModel):
             listen=api.listen,
             tokens=tokens if tokens is not None else ApiTokens(),
             commit_timeout=commit_timeout,
+            peer_timeout=getattr(api, "peer_timeout", 1.0),
             tls=api.tls,
             max_body_bytes=api.max_body_bytes,
             max_json_depth=api.max_json_depth,
@@ -319,7 +323,9 @@ class ClusterView(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     node_id: str
-    leader: str | None = None
+    leader: str | None = Field(default=None, description="the leader's node id (null: none known, e.g. during an election)")
+    leader_address: str | None = Field(default=None, description="the leader's Raft address")
+    has_quorum: bool | None = Field(default=None, description="a leader is known and reaches a majority; never true without a leader")
     applied_index: int
     config_drift: list[ConfigDriftView] = Field(
         default_factory=list,

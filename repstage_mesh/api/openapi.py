@@ -42,7 +42,14 @@ class AnyObject:
     """A JSON object with no fixed schema (the OpenAPI document itself)."""
 
 
-Body = type[BaseModel] | ListOf | Text | AnyObject
+@dataclass(frozen=True)
+class OneOf:
+    """One of several JSON bodies (the answer's shape depends on a query parameter)."""
+
+    bodies: tuple[type[BaseModel] | ListOf, ...]
+
+
+Body = type[BaseModel] | ListOf | Text | AnyObject | OneOf
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "malformed JSON (code malformed_json), or nested deeper than api.max_json_depth (too_deep)",
@@ -104,13 +111,16 @@ def _wanted_models(operations: Sequence[Operation]) -> list[tuple[type[BaseModel
         if op.request is not None:
             wanted.append((op.request, "validation"))
         for _, body in op.success.values():
-            model = body.model if isinstance(body, ListOf) else body
-            if isinstance(model, type) and issubclass(model, BaseModel):
-                wanted.append((model, "serialization"))
+            for one in body.bodies if isinstance(body, OneOf) else (body,):
+                model = one.model if isinstance(one, ListOf) else one
+                if isinstance(model, type) and issubclass(model, BaseModel):
+                    wanted.append((model, "serialization"))
     return list(dict.fromkeys(wanted))
 
 
 def _schema_of(refs: _Refs, body: Body, mode: JsonSchemaMode) -> dict[str, Any]:
+    if isinstance(body, OneOf):
+        return {"oneOf": [_schema_of(refs, one, mode) for one in body.bodies]}
     if isinstance(body, ListOf):
         return {"type": "array", "items": dict(refs[(body.model, mode)])}
     if isinstance(body, AnyObject):

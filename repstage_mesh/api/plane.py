@@ -8,12 +8,15 @@ in domain results and domain errors (core/errors.py): only `api/` turns them int
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from repstage_mesh.core.models import Announcement, Command, MeshState, Outcome
 from repstage_mesh.failover.proxies import Progress
+
+if TYPE_CHECKING:  # api/cluster imports api/http, which imports this module
+    from repstage_mesh.api.cluster import NodeProxies
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,18 @@ class Caller:
 
 
 DIRECT = Caller()
+
+
+class ClusterViewSource(Protocol):
+    async def proxies(self, authorization: str | None) -> list[NodeProxies]:
+        """This node's proxies and every other known node's, each node asked with the caller's
+        `authorization` and bounded by api.peer_timeout."""
+        ...
+
+    async def members(self, caller: Caller) -> dict[str, Any]:
+        """Every service's members as the Raft leader observes them (an api/cluster.MembersView
+        as JSON); a follower asks the leader, or answers `leader: false` when it cannot."""
+        ...
 
 
 class ControlPlane(Protocol):
@@ -66,6 +81,12 @@ class ControlPlane(Protocol):
     async def proxy_progress(self, min_index: int, wait: float) -> Progress:
         """Once every proxy connected to this node holds a snapshot at or after `min_index`, or
         after `wait` seconds: how far they are (failover/proxies.local_progress)."""
+        ...
+
+    @property
+    def cluster_views(self) -> ClusterViewSource:
+        """The cluster-wide views (api/cluster.ClusterViews): every node's proxies, the members'
+        health as the leader observes it."""
         ...
 
     def cluster(self) -> dict[str, Any]:

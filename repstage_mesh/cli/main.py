@@ -1,8 +1,9 @@
 """`repstage-mesh`: the operator CLI.
 
-Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
-http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
-`proxies`, `switchover`, `failovers`, `announce` (for an orchestrator's callback, e.g.
+Client commands talk to a node's REST API (`--api URL`, repeatable or comma-separated: the
+next is tried when one cannot be reached; env REPSTAGE_API, default http://127.0.0.1:8080;
+token from `--token` or REPSTAGE_TOKEN): `status`, `services`, `proxies` (every node's),
+`switchover`, `failovers [ID]`, `announce` (for an orchestrator's callback, e.g.
 Patroni's on_role_change), `apply FILE [--dry-run]` (the file's services through the API).
 `validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
@@ -33,6 +34,7 @@ from repstage_mesh.cli.client import (
     ApiUnreachable,
 )
 from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, Output, path_segment
+from repstage_mesh.cli.overview import cmd_proxies, cmd_status, gather_proxies, members_view
 
 # --- parser ---------------------------------------------------------------------------------------
 
@@ -45,8 +47,10 @@ def _client_options(suppress: bool) -> argparse.ArgumentParser:
     group.add_argument(
         "--api",
         metavar="URL",
+        action="append",
         default=default,
-        help=f"API of a control-plane node (env {API_ENV}; default {DEFAULT_API})",
+        help=f"API of a control-plane node; repeat or separate with commas to name several, tried in "
+        f"order until one answers (env {API_ENV}; default {DEFAULT_API})",
     )
     group.add_argument(
         "--token", metavar="TOKEN", default=default, help=f"bearer token (env {TOKEN_ENV})"
@@ -78,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_commands(sub, common)
     _add_switchover(sub, common)
     _add_announce(sub, common)
-    sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
+    failovers = sub.add_parser(
+        "failovers", parents=common, help="recent failovers and switchovers, or one with its timeline"
+    )
+    failovers.add_argument("id", metavar="ID", nargs="?", help="a failover id: show its timeline")
     validate = sub.add_parser(
         "validate", parents=common, help="check a config file; exit 1 on errors"
     )
@@ -105,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_read_commands(sub: Subcommands, common: Parents) -> None:
     """status, services [list | get NAME], proxies."""
-    sub.add_parser("status", parents=common, help="cluster, services and proxies at a glance")
+    sub.add_parser(
+        "status", parents=common,
+        help="the cluster at a glance: nodes, services, members' health and every node's proxies",
+    )
 
     services = sub.add_parser("services", parents=common, help="list services, or show one")
     services_sub = services.add_subparsers(dest="services_command", metavar="ACTION")
@@ -116,7 +126,8 @@ def _add_read_commands(sub: Subcommands, common: Parents) -> None:
     get.add_argument("name", metavar="NAME")
 
     sub.add_parser(
-        "proxies", parents=common, help="Envoy proxies and the versions they ACKed or NACKed"
+        "proxies", parents=common,
+        help="every node's Envoy proxies and the versions they ACKed or NACKed",
     )
 
 
@@ -178,7 +189,7 @@ def _add_bootstrap(sub: Subcommands) -> None:
     )
     boot.add_argument("--node-id", required=True, help="Envoy node id")
     boot.add_argument(
-        "--node-cluster", default=None, help="Envoy node cluster (default: the node id)"
+        "--node-cluster", default=None, help="Envoy node cluster (default: repstage)"
     )
     boot.add_argument(
         "--xds",
@@ -235,7 +246,7 @@ def _error_details(details: Sequence[Any]) -> None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    api = args.api or os.environ.get(API_ENV) or DEFAULT_API
+    api = args.api or os.environ.get(API_ENV) or DEFAULT_API  # --api: a list (repeatable)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return ApiClient(api, token, timeout=args.timeout or 10.0)
 
@@ -243,35 +254,14 @@ def _client(args: argparse.Namespace) -> ApiClient:
 _path = path_segment
 
 
-def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
-    cluster = client.get("/v1/cluster")
-    services = client.get("/v1/services")
-    proxies = client.get("/v1/proxies")
-    data = {"api": client.base_url, "cluster": cluster, "services": services["services"],
-            "applied_index": services["applied_index"], "proxies": proxies}  # fmt: skip
-    out.show(
-        data,
-        render.cluster_table(cluster),
-        render.drift_text(cluster),
-        render.services_table(services["services"], services["applied_index"]),
-        render.proxies_table(proxies),
-    )
-    return EXIT_OK
-
-
 def cmd_services(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     if args.services_command == "get":
         service = client.get(f"/v1/services/{_path(args.name)}")
-        out.show(service, render.service_detail(service))
+        members = members_view(client)
+        out.show(service, render.service_detail(service, members))
         return EXIT_OK
     services = client.get("/v1/services")
     out.show(services, render.services_table(services["services"], services["applied_index"]))
-    return EXIT_OK
-
-
-def cmd_proxies(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
-    proxies = client.get("/v1/proxies")
-    out.show(proxies, render.proxies_table(proxies))
     return EXIT_OK
 
 
@@ -283,7 +273,7 @@ def wait_for_catch_up(client: ApiClient, change: Mapping[str, Any], out: Output,
     behind: list[str] = []
     with out.console.status("waiting for the proxies to follow...", spinner="dots") as status:
         while True:
-            proxies = [p for p in client.get("/v1/proxies") if p.get("connected")]
+            proxies = [p for p in gather_proxies(client)[0] if p.get("connected")]
             behind = [
                 str(p["node_id"]) for p in proxies
                 if not p.get("synced") or int(p.get("snapshot_version") or 0) < target
@@ -328,7 +318,7 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
     def run() -> None:
         # The timeout chain (README "Timeouts"): the leader answers within SWITCHOVER_WAIT, a
         # forwarding follower waits FORWARD_MARGIN longer, this client twice that.
-        waiting = ApiClient(client.base_url, client.token,
+        waiting = ApiClient(client.urls, client.token,
                             timeout=max(client.timeout, SWITCHOVER_WAIT + 2 * FORWARD_MARGIN))  # fmt: skip
         body = {"to": args.to, "timeout": SWITCHOVER_CATCHUP, "wait": SWITCHOVER_WAIT}
         try:
@@ -431,6 +421,10 @@ def _follow(client: ApiClient, record_id: str) -> dict[str, Any]:
 
 
 def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    if getattr(args, "id", None):
+        record = client.get(f"/v1/failovers/{_path(args.id)}")
+        out.show(record, render.failover_detail(record))
+        return EXIT_OK
     try:
         failovers = client.get("/v1/failovers")
     except ApiRequestError as exc:

@@ -264,6 +264,9 @@ class ApiConfig(Section):
     listen: HostPort = Field(default="127.0.0.1:8080", description="HOST:PORT the REST API binds")
     advertise: HostPort | None = Field(default=None, description=_ADVERTISE)
     tokens: ApiTokens | None = None
+    # seconds a cluster-wide view (GET /v1/proxies?scope=cluster, `status`) waits for each other
+    # node; a node that does not answer in time is shown as unreachable
+    peer_timeout: float = Field(default=1.0, gt=0, le=60)
     switchover_wait: float = Field(
         default=120.0, gt=0, le=3600,
         description="longest a POST .../switchover is held open (default and cap of the request's "

@@ -115,6 +115,15 @@ def _history_counter(registry: CollectorRegistry) -> Counter:
     )
 
 
+def _peer_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "repstage_peer_unreachable",
+        "Cluster-wide views in which another node did not answer within api.peer_timeout",
+        ["peer"],
+        registry=registry,
+    )
+
+
 def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
     anomalies = Counter(
         "repstage_consul_anomalies",
@@ -190,6 +199,7 @@ class MeshMetrics:
         )
         self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
         self._limit_children, self._refusal_children = _guard_counters(registry)
+        self.peer_unreachable = _peer_counter(registry)
         registry.register(_ScrapeTimeCollector(self))
         if state is not None:  # the service and member gauges (telemetry/services.py)
             registry.register(ServiceCollector(self.services, state, leads))
@@ -300,6 +310,10 @@ class MeshMetrics:
     def observe_probe(self, service: str, member: str, result: str) -> None:
         """`result`: what the probe found, e.g. primary, replica, down, error."""
         self.probes.labels(service, member, result).inc()
+
+    def observe_peer_unreachable(self, peer: str) -> None:
+        """A cluster-wide view could not ask `peer` (a control-plane node id: bounded set)."""
+        self.peer_unreachable.labels(peer).inc()
 
     def observe_consul_anomaly(self, service: str, kind: str) -> None:
         self.consul_anomalies.labels(service, kind).inc()
