@@ -1,0 +1,203 @@
+"""Scratch servers for restore drills: a fresh redis-server or PostgreSQL on a snapshot's files,
+in a temp directory, stopped (its whole process group killed) and removed however the drill ends.
+
+Redis loads the RDB from its own directory and listens on a free loopback port. PostgreSQL gets
+the base backup and its WAL, `recovery.signal` with `recovery_target_lsn = stop_lsn` (not
+inclusive, then promote) so it replays to exactly the snapshot's point, `primary_conninfo` and
+`archive_mode` off (it never talks to the real cluster), its own pg_hba (trust on its Unix
+socket only) and no TCP listener. PostgreSQL refuses to run as root: as root, `run_as` names
+the user to run it as (e.g. `postgres`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis.asyncio as aioredis
+from psycopg import sql
+
+from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
+from repstage_mesh.snapshots.actions.postgres_action import postgres_binary
+
+
+@dataclass(frozen=True)
+class ScratchOptions:
+    run_as: str | None = None  # OS user for the scratch PostgreSQL (needed when running as root)
+    pg_bindir: str | None = None
+    pg_user: str = "postgres"  # the restored cluster's superuser
+    redis_server: str | None = None  # path of redis-server; default: from PATH
+    start_timeout: float = 120.0  # loading an RDB / replaying WAL to the point
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+async def _until_up(proc: subprocess.Popen[bytes], log: Path, probe: Any, timeout: float,
+                    what: str) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if proc.poll() is not None:
+                    tail = log.read_text(errors="replace")[-1500:]
+                    raise SnapshotActionFailed(f"{what} exited during the restore:\n{tail}")
+                with contextlib.suppress(Exception):
+                    if await probe():
+                        return
+                await asyncio.sleep(0.05)  # polling a condition, bounded by the timeout
+    except TimeoutError:
+        raise SnapshotActionFailed(f"{what} did not come up within {timeout:g} s") from None
+
+
+@contextlib.asynccontextmanager
+async def scratch_redis(files: Path, options: ScratchOptions) -> AsyncIterator[aioredis.Redis]:
+    binary = options.redis_server or shutil.which("redis-server") or "/usr/bin/redis-server"
+    work = Path(tempfile.mkdtemp(prefix="repstage-verify-redis-"))
+    proc = None
+    try:
+        shutil.copyfile(files / "dump.rdb", work / "dump.rdb")
+        argv = [binary, "--port", str(_free_port()), "--bind", "127.0.0.1", "--dir", str(work),
+                "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--protected-mode", "yes", "--logfile", ""]
+        log = work / "server.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        client = aioredis.Redis(host="127.0.0.1", port=int(argv[2]), decode_responses=True)
+        try:
+            await _until_up(proc, log, client.ping, options.start_timeout, "the scratch redis")
+            yield client
+        finally:
+            await client.aclose()
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _extract(archive: Path, into: Path) -> None:
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+
+
+def _chown_tree(root: Path, user: str) -> None:
+    shutil.chown(root, user, user)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            shutil.chown(os.path.join(dirpath, name), user, user)
+
+
+def _popen_user(options: ScratchOptions) -> dict[str, Any]:
+    if options.run_as:
+        return {"user": options.run_as, "group": options.run_as, "extra_groups": []}
+    if os.geteuid() == 0:
+        raise SnapshotActionFailed(
+            "PostgreSQL refuses to run as root: give the restore drill a user to run it as (run_as)"
+        )
+    return {}
+
+
+def _prepare_pgdata(files: Path, work: Path, stop_lsn: str) -> tuple[Path, Path]:
+    data = work / "data"
+    data.mkdir(mode=0o700)
+    _extract(files / "base.tar", data)
+    if (files / "pg_wal.tar").exists():
+        _extract(files / "pg_wal.tar", data / "pg_wal")
+    for name in ("standby.signal", "postmaster.pid"):
+        (data / name).unlink(missing_ok=True)
+    (data / "recovery.signal").touch()
+    hba = work / "pg_hba.conf"
+    hba.write_text("local all all trust\n")
+    data.chmod(0o700)
+    return data, hba
+
+
+def _postgres_argv(options: ScratchOptions, data: Path, hba: Path, work: Path,
+                   stop_lsn: str) -> list[str]:
+    settings = {
+        "port": str(_free_port()), "listen_addresses": "", "unix_socket_directories": str(work),
+        "hba_file": str(hba), "recovery_target_lsn": stop_lsn,
+        "recovery_target_inclusive": "off", "recovery_target_action": "promote",
+        "restore_command": "false", "primary_conninfo": "", "archive_mode": "off",
+        "hot_standby": "on", "max_wal_senders": "0", "shared_buffers": "16MB",
+        "logging_collector": "off", "log_destination": "stderr",
+    }
+    argv = [postgres_binary("postgres", options.pg_bindir), "-D", str(data)]
+    for name, value in settings.items():
+        argv += ["-c", f"{name}={value}"]
+    return argv
+
+
+@contextlib.asynccontextmanager
+async def scratch_postgres(files: Path, stop_lsn: str,
+                           options: ScratchOptions) -> AsyncIterator[str]:
+    """A conninfo for a fresh PostgreSQL restored from the base backup in `files`."""
+    user = _popen_user(options)
+    work = Path(tempfile.mkdtemp(prefix="repstage-verify-pg-"))
+    proc = None
+    try:
+        data, hba = await asyncio.to_thread(_prepare_pgdata, files, work, stop_lsn)
+        if options.run_as:
+            await asyncio.to_thread(_chown_tree, work, options.run_as)
+        argv = _postgres_argv(options, data, hba, work, stop_lsn)
+        port = argv[argv.index("-c") + 1].split("=", 1)[1]
+        conninfo = psycopg.conninfo.make_conninfo(
+            host=str(work), port=port, user=options.pg_user, dbname="postgres", connect_timeout=5
+        )
+        log = work / "server.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=work,
+                                    **user)
+
+        async def promoted() -> bool:
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
+                return row is not None and row[0] is False
+
+        await _until_up(proc, log, promoted, options.start_timeout, "the scratch PostgreSQL")
+        yield conninfo
+    finally:
+        if proc is not None:
+            _stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def redis_values(client: aioredis.Redis, keys: Iterable[str]) -> dict[str, str | None]:
+    wanted = sorted(set(keys))
+    out: dict[str, str | None] = {}
+    for start in range(0, len(wanted), 500):
+        batch = wanted[start : start + 500]
+        found = await client.mget(batch)
+        out.update({k: None if v is None else str(v) for k, v in zip(batch, found, strict=True)})
+    return out
+
+
+async def postgres_values(conninfo: str, table: str, keys: Iterable[str]) -> dict[str, str | None]:
+    ident = sql.Identifier(*table.split(".", 1))
+    query = sql.SQL("SELECT key, value FROM {} WHERE key = ANY(%s)").format(ident)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        rows = await (await conn.execute(query, (sorted(set(keys)),))).fetchall()
+    return {str(k): (None if v is None else str(v)) for k, v in rows}
