@@ -111,16 +111,19 @@ async def fetch_rdb(target: SnapshotTarget, dest: Path) -> dict[str, str]:
     reader, writer = await asyncio.open_connection(target.host, target.port)
     try:
         password = target.credentials.get("password")
+        user = target.credentials.get("username")
+        steps: list[tuple[bytes, str, bool]] = []
         if password:
-            user = target.credentials.get("username")
-            writer.write(_command("AUTH", user, password) if user else _command("AUTH", password))
-        writer.write(_command("REPLCONF", "capa", "eof") + _command("REPLCONF", "rdb-only", "1"))
+            auth = _command("AUTH", user, password) if user else _command("AUTH", password)
+            steps.append((auth, "AUTH", False))
+        steps += [(_command("REPLCONF", "capa", "eof"), "REPLCONF capa eof", False),
+                  (_command("REPLCONF", "rdb-only", "1"), "REPLCONF rdb-only", True)]
+        for command, what, optional in steps:  # one at a time: PSYNC refuses pending output
+            writer.write(command)
+            await writer.drain()
+            await _expect_ok(reader, what, optional)  # rdb-only: Redis < 7 lacks it
         writer.write(_command("PSYNC", "?", "-1"))
         await writer.drain()
-        if password:
-            await _expect_ok(reader, "AUTH")
-        await _expect_ok(reader, "REPLCONF capa eof")
-        await _expect_ok(reader, "REPLCONF rdb-only", optional=True)  # Redis < 7 lacks it
         header = await _receive_rdb(reader, dest)
     finally:
         writer.close()
