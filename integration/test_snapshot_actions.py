@@ -92,7 +92,7 @@ async def _redis_snapshot_under_writes(group, tmp_path: Path) -> None:
     assert result.point["member_role"] == "slave"
     record = {"kind": "redis", "artifact": result.artifact, "point": result.point}
     verdict = await verify_snapshot(record, ledger)
-    assert verdict.error is None and verdict.ok and verdict.restored, verdict
+    assert verdict.error is None and verdict.ok and verdict.restored, verdict.error or verdict
     assert verdict.comparison["counts"] == {"missing": 0, "extra": 0, "unexplained": 0}
     expected = verdict.comparison["expected"]
     assert 300 <= expected < writer.acked, (expected, writer.acked)  # writes on both sides
@@ -113,13 +113,17 @@ def _pg_writer(dsn: str, rows: list[tuple[str, str, float, int]]):
 
 def _pg_ledger(pair, start_lsn: str, rows, ledger: Path) -> None:
     """Each acknowledged transaction's commit LSN, read from the primary's WAL (pg_walinspect)."""
+    end = pair.query("pg0", "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    wait_until(  # synchronous_commit is off in the pair: the walwriter flushes a little later
+        lambda: pair.query("pg0", "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (end,))[0][0],
+        10, "the primary's WAL flushed",
+    )
     commits = dict(
         pair.query(
             "pg0",
-            "SELECT xid::text::bigint, start_lsn::text FROM pg_get_wal_records_info(%s, "
-            "pg_current_wal_flush_lsn()) WHERE resource_manager = 'Transaction' "
-            "AND record_type = 'COMMIT'",
-            (start_lsn,),
+            "SELECT xid::text::bigint, start_lsn::text FROM pg_get_wal_records_info(%s, %s) "
+            "WHERE resource_manager = 'Transaction' AND record_type = 'COMMIT'",
+            (start_lsn, end),
         )
     )
     with open(ledger, "w", encoding="utf-8") as out:
@@ -157,7 +161,7 @@ async def test_postgres_snapshot_from_a_standby_under_writes_restores_exactly_th
                                     options=ScratchOptions(run_as="postgres" if os.geteuid() == 0
                                                            else None,
                                                            pg_bindir=postgres_bindir()))
-    assert verdict.error is None and verdict.ok and verdict.restored, verdict
+    assert verdict.error is None and verdict.ok and verdict.restored, verdict.error or verdict
     assert verdict.comparison["counts"] == {"missing": 0, "extra": 0, "unexplained": 0}
     expected = verdict.comparison["expected"]
-    assert 300 <= expected < writer.acked, (expected, writer.acked)
+    assert 300 <= expected < writer.acked, (expected, writer.acked, result.point, verdict)

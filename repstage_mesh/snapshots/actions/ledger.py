@@ -15,7 +15,7 @@ acknowledged it:
   snapshot's. PostgreSQL: the LSN at which the transaction's commit record starts (e.g. from
   `pg_walinspect.pg_get_wal_records_info` on the primary, matched by xid). A write is in a
   snapshot when its position is before the snapshot's point (Redis `master_repl_offset`,
-  PostgreSQL `stop_lsn`); for a snapshot with no position (a filesystem command) when
+  PostgreSQL `end_lsn`); for a snapshot with no position (a filesystem command) when
   `acked_at` is at or before its `finished_at`.
 
 Later lines for the same key supersede earlier ones. Sans-IO: `parse_ledger` and `compare` do
@@ -115,7 +115,7 @@ def included_by(kind: str, point: Mapping[str, str]) -> Callable[[LedgerEntry], 
 
         return redis_included
     if kind == "postgres":
-        stop = parse_lsn(point["stop_lsn"])
+        stop = parse_lsn(point["end_lsn"])
 
         def postgres_included(entry: LedgerEntry) -> bool:
             if entry.position is None:

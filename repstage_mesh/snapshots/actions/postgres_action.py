@@ -7,20 +7,39 @@ replication protocol, works from a standby (no load on the primary, no promotion
 primary's side), streams the WAL that makes the copy consistent, and writes `backup_manifest`,
 whose `WAL-Ranges` give the start and stop LSN and the timeline without parsing log text. The
 point's meaning: restored with `recovery_target_lsn = stop_lsn` (not inclusive), the copy holds
-exactly the transactions whose commit record starts before `stop_lsn` (the drill in `verify.py`
-restores it that way; the streamed WAL may run a little past `stop_lsn`).
+the WAL in `pg_wal.tar` that a restore replays. `stop_lsn` is where the copy becomes consistent;
+from a standby it is the standby's minRecoveryPoint, which may lie well before the moment of the
+backup (even before its start), and the streamed WAL runs on past it, to what the standby had
+when the backup ended. A plain restore (start the server on the extracted files) replays all of
+it, so the snapshot's point is `end_lsn`, the end of the last complete WAL record in
+`pg_wal.tar`, read at take time with `pg_waldump`: the restored cluster holds exactly the
+transactions whose commit record starts before `end_lsn`.
+
+A fresh point from a standby: its minRecoveryPoint only moves when it writes a page or makes a
+restartpoint, and a restartpoint needs a checkpoint record from the primary. So, by default
+(`checkpoint_primary`), the action first asks the standby's upstream (`pg_stat_wal_receiver`)
+for a `CHECKPOINT`, waits until the standby has replayed past it, and only then starts
+pg_basebackup, whose restartpoint then brings `stop_lsn` to at least that checkpoint
+(measured: without it `stop_lsn` stayed where the standby had started, minutes of writes
+earlier). The cost is one immediate checkpoint on the primary.
 """
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import json
 import os
+import re
 import shutil
+import tarfile
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import make_conninfo
+
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotTarget
-from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
+from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed, SnapshotActionTimeout
 from repstage_mesh.snapshots.actions.process import minimal_env, run_argv
 from repstage_mesh.snapshots.actions.storage import Storage, snapshot_key
 
@@ -57,12 +76,82 @@ def manifest_point(manifest: Path) -> dict[str, str]:
         raise SnapshotActionFailed(f"cannot read the backup's WAL range from {manifest}: {exc}") from exc
 
 
+_RECORD = re.compile(r"len \(rec/tot\):\s*\d+/\s*(\d+),.*?lsn: ([0-9A-F]+)/([0-9A-F]+),")
+
+
+def wal_end(waldump_stdout: str) -> str | None:
+    """The end of the last WAL record pg_waldump printed (None if it printed none)."""
+    last = None
+    for match in _RECORD.finditer(waldump_stdout):
+        last = match
+    if last is None:
+        return None
+    start = (int(last.group(2), 16) << 32) | int(last.group(3), 16)
+    end = start + ((int(last.group(1)) + 7) & ~7)  # records are 8-byte aligned
+    return f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
+
+
+async def _measure_end(action: PostgresAction, staged: Path, point: dict[str, str],
+                       timeout: float) -> str:
+    waldir = staged / ".pg_wal"
+    try:
+        with tarfile.open(staged / "pg_wal.tar") as tar:
+            tar.extractall(waldir, filter="data")
+        done = await run_argv(
+            [postgres_binary("pg_waldump", action.bindir), "-p", str(waldir),
+             "-t", point["timeline"], "-s", point["stop_lsn"]],
+            timeout, what="pg_waldump", check=False,
+        )
+    finally:
+        shutil.rmtree(waldir, ignore_errors=True)
+    end = wal_end(done.stdout)
+    if end is None:
+        raise SnapshotActionFailed(f"pg_waldump found no WAL after {point['stop_lsn']}: "
+                                   f"{done.stderr.strip()}")
+    return end
+
+
+def _conninfo(target: SnapshotTarget, host: str, port: int) -> str:
+    return make_conninfo(host=host, port=port, user=target.credentials.get("user", "postgres"),
+                         password=target.credentials.get("password"), dbname="postgres",
+                         connect_timeout=10, application_name="repstage-snapshot")
+
+
+async def checkpoint_upstream(target: SnapshotTarget) -> str | None:
+    """CHECKPOINT on the standby's upstream, then wait for the standby to replay past it; the
+    upstream's LSN after the checkpoint, or None when the target is not a streaming standby."""
+    async with await psycopg.AsyncConnection.connect(
+        _conninfo(target, target.host, target.port), autocommit=True
+    ) as standby:
+        row = await (await standby.execute(
+            "SELECT sender_host, sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+        )).fetchone()
+        if row is None or not row[0]:
+            return None
+        host = target.host if str(row[0]).startswith("/") else str(row[0])
+        async with await psycopg.AsyncConnection.connect(
+            _conninfo(target, host, int(row[1])), autocommit=True
+        ) as upstream:
+            await upstream.execute("CHECKPOINT")
+            lsn_row = await (await upstream.execute("SELECT pg_current_wal_lsn()::text")).fetchone()
+        lsn = str(lsn_row[0]) if lsn_row else None
+        while lsn is not None:
+            done = await (await standby.execute(
+                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))).fetchone()
+            if done and done[0]:
+                break
+            await asyncio.sleep(0.01)  # polling the replay position; the caller bounds it
+        return lsn
+
+
 class PostgresAction:
     """`take`: base.tar + pg_wal.tar + backup_manifest under `<service>/<snapshot id>/`."""
 
-    def __init__(self, storage: Storage, bindir: str | None = None) -> None:
+    def __init__(self, storage: Storage, bindir: str | None = None,
+                 checkpoint_primary: bool = True) -> None:
         self.storage = storage
         self.bindir = bindir
+        self.checkpoint_primary = checkpoint_primary
 
     def argv(self, target: SnapshotTarget, dest: Path) -> list[str]:
         return [
@@ -73,6 +162,19 @@ class PostgresAction:
             "--checkpoint", "fast", "--no-password", "--verbose",
         ]
 
+    async def _freshen(self, target: SnapshotTarget, timeout: float) -> str | None:
+        if not self.checkpoint_primary:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                return await checkpoint_upstream(target)
+        except TimeoutError:
+            raise SnapshotActionTimeout(
+                f"the upstream checkpoint for {target.member} did not reach it within {timeout:g} s"
+            ) from None
+        except psycopg.Error as exc:
+            raise SnapshotActionFailed(f"checkpoint before the backup of {target.member}: {exc}") from exc
+
     async def take(self, target: SnapshotTarget, timeout: float) -> ActionResult:
         key = snapshot_key(target.service, target.snapshot_id)
         staged = self.storage.stage()
@@ -81,13 +183,16 @@ class PostgresAction:
             env = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": f"repstage-snapshot-{target.snapshot_id}"}
             if "password" in target.credentials:
                 env["PGPASSWORD"] = target.credentials["password"]
-            done = await run_argv(self.argv(target, dest), timeout, env=minimal_env(env),
+            fresh = await self._freshen(target, timeout)
+            await run_argv(self.argv(target, dest), timeout, env=minimal_env(env),
                                   what=f"pg_basebackup of {target.member}")
             for item in dest.iterdir():
                 item.rename(staged / item.name)
             dest.rmdir()
             point = manifest_point(staged / "backup_manifest")
-            point["pg_basebackup"] = done.stderr.strip().splitlines()[-1] if done.stderr else ""
+            point["end_lsn"] = await _measure_end(self, staged, point, timeout)
+            if fresh:
+                point["upstream_checkpoint_lsn"] = fresh
             stored = await self.storage.commit(staged, key)
         except BaseException:
             self.storage.discard(staged)

@@ -48,6 +48,7 @@ async def run_argv(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     what: str = "command",
+    check: bool = True,
 ) -> Completed:
     """Run `argv` to its end within `timeout` seconds.
 
@@ -83,7 +84,7 @@ async def run_argv(
         raise
     _kill_group(proc)  # whatever it left behind in its group goes with it
     done = Completed(tuple(argv), proc.returncode or 0, _tail(stdout), _tail(stderr))
-    if done.returncode != 0:
+    if check and done.returncode != 0:
         raise SnapshotActionFailed(
             f"{what} {argv[0]!r} exited with status {done.returncode}: {done.stderr.strip()}"
         )

@@ -2,10 +2,10 @@
 in a temp directory, stopped (its whole process group killed) and removed however the drill ends.
 
 Redis loads the RDB from its own directory and listens on a free loopback port. PostgreSQL gets
-the base backup and its WAL, `recovery.signal` with `recovery_target_lsn = stop_lsn` (not
-inclusive, then promote) so it replays to exactly the snapshot's point, `primary_conninfo` and
-`archive_mode` off (it never talks to the real cluster), its own pg_hba (trust on its Unix
-socket only) and no TCP listener. PostgreSQL refuses to run as root: as root, `run_as` names
+the base backup and its WAL and starts on them as an operator's restore would (crash recovery
+from `backup_label`, replaying all the WAL there is, to the snapshot's `end_lsn`), with no
+`standby.signal`, `primary_conninfo` and `archive_mode` off (it never talks to the real
+cluster), its own pg_hba (trust on its Unix socket only) and no TCP listener. PostgreSQL refuses to run as root: as root, `run_as` names
 the user to run it as (e.g. `postgres`).
 """
 
@@ -119,7 +119,7 @@ def _popen_user(options: ScratchOptions) -> dict[str, Any]:
     return {}
 
 
-def _prepare_pgdata(files: Path, work: Path, stop_lsn: str) -> tuple[Path, Path]:
+def _prepare_pgdata(files: Path, work: Path) -> tuple[Path, Path]:
     data = work / "data"
     data.mkdir(mode=0o700)
     _extract(files / "base.tar", data)
@@ -127,21 +127,17 @@ def _prepare_pgdata(files: Path, work: Path, stop_lsn: str) -> tuple[Path, Path]
         _extract(files / "pg_wal.tar", data / "pg_wal")
     for name in ("standby.signal", "postmaster.pid"):
         (data / name).unlink(missing_ok=True)
-    (data / "recovery.signal").touch()
     hba = work / "pg_hba.conf"
     hba.write_text("local all all trust\n")
     data.chmod(0o700)
     return data, hba
 
 
-def _postgres_argv(options: ScratchOptions, data: Path, hba: Path, work: Path,
-                   stop_lsn: str) -> list[str]:
+def _postgres_argv(options: ScratchOptions, data: Path, hba: Path, work: Path) -> list[str]:
     settings = {
         "port": str(_free_port()), "listen_addresses": "", "unix_socket_directories": str(work),
-        "hba_file": str(hba), "recovery_target_lsn": stop_lsn,
-        "recovery_target_inclusive": "off", "recovery_target_action": "promote",
-        "restore_command": "false", "primary_conninfo": "", "archive_mode": "off",
-        "hot_standby": "on", "max_wal_senders": "0", "shared_buffers": "16MB",
+        "hba_file": str(hba), "primary_conninfo": "", "archive_mode": "off",
+        "hot_standby": "on",
         "logging_collector": "off", "log_destination": "stderr",
     }
     argv = [postgres_binary("postgres", options.pg_bindir), "-D", str(data)]
@@ -151,17 +147,16 @@ def _postgres_argv(options: ScratchOptions, data: Path, hba: Path, work: Path,
 
 
 @contextlib.asynccontextmanager
-async def scratch_postgres(files: Path, stop_lsn: str,
-                           options: ScratchOptions) -> AsyncIterator[str]:
+async def scratch_postgres(files: Path, options: ScratchOptions) -> AsyncIterator[str]:
     """A conninfo for a fresh PostgreSQL restored from the base backup in `files`."""
     user = _popen_user(options)
     work = Path(tempfile.mkdtemp(prefix="repstage-verify-pg-"))
     proc = None
     try:
-        data, hba = await asyncio.to_thread(_prepare_pgdata, files, work, stop_lsn)
+        data, hba = await asyncio.to_thread(_prepare_pgdata, files, work)
         if options.run_as:
             await asyncio.to_thread(_chown_tree, work, options.run_as)
-        argv = _postgres_argv(options, data, hba, work, stop_lsn)
+        argv = _postgres_argv(options, data, hba, work)
         port = argv[argv.index("-c") + 1].split("=", 1)[1]
         conninfo = psycopg.conninfo.make_conninfo(
             host=str(work), port=port, user=options.pg_user, dbname="postgres", connect_timeout=5

@@ -77,7 +77,7 @@ async def _restored_values(kind: str, files: Path, point: Mapping[str, str],
         async with scratch_redis(files, options) as client:
             return await redis_values(client, keys)
     if kind == "postgres":
-        async with scratch_postgres(files, point["stop_lsn"], options) as conninfo:
+        async with scratch_postgres(files, options) as conninfo:
             values: dict[str, str | None] = {}
             tables = sorted({entry.table or DEFAULT_TABLE for entry in entries})
             for table in tables:
