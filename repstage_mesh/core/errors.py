@@ -22,7 +22,10 @@ MeshError
 │   └── ApiError             api/errors.py: an HTTP error answer a handler raises (adds its headers)
 ├── ApiUnreachable           no answer at all from an API
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
-└── CliError                 cli/main.py: a command line the CLI cannot carry out
+├── CliError                 cli/main.py: a command line the CLI cannot carry out
+└── SnapshotActionFailed     snapshots/actions/errors.py: taking, storing or restoring a snapshot failed
+    ├── SnapshotActionTimeout   a command or transfer ran past its timeout (a command killed with its process group)
+    └── RdbFormatError       snapshots/actions/rdb.py: bytes that are not an RDB
 
 Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer
 imports nothing of the domain (an import-linter contract), and the error never leaves it: the
