@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
 import redis
 
 from integration.databases import HOST, postgres_bindir, postgres_pair, redis_group, wait_until
@@ -165,3 +166,46 @@ async def test_postgres_snapshot_from_a_standby_under_writes_restores_exactly_th
     assert verdict.comparison["counts"] == {"missing": 0, "extra": 0, "unexplained": 0}
     expected = verdict.comparison["expected"]
     assert 300 <= expected < writer.acked, (expected, writer.acked, result.point, verdict)
+
+
+async def test_redis_snapshot_to_an_s3_bucket_restores_and_a_stopped_member_times_out(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """moto's server stands in for an S3-compatible store. A member that stops answering (SIGSTOP)
+    makes the take fail at its timeout, with that reason, and leaves nothing stored."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from repstage_mesh.snapshots.actions import SnapshotActionTimeout
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3 = ThreadedMotoServer(ip_address=HOST, port=0)
+    s3.start()
+    try:
+        endpoint = "http://{}:{}".format(*s3.get_host_and_port())
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="snaps")
+        with redis_group(replicas=1) as group:
+            group.command("r0", "SET", "k", "v")
+            group.wait_in_sync("r0", ["r1"])
+            action = build_action("redis", Settings("s3://snaps/mesh", 30, endpoint))
+            result = await action.take(_target("redis", "r1", group.port("r1")), timeout=30)
+            assert result.artifact == "s3://snaps/mesh/svc/redis-s1/"
+            verdict = await verify_snapshot(
+                {"kind": "redis", "artifact": result.artifact, "point": result.point}, None,
+                s3_endpoint_url=endpoint)
+            assert verdict.ok and verdict.restored and not verdict.compared, verdict
+            group.stop("r1")
+            try:
+                late = SnapshotTarget(**{**_target("redis", "r1", group.port("r1")).__dict__,
+                                         "snapshot_id": "late"})
+                with pytest.raises(SnapshotActionTimeout, match="timeout of 1 s"):
+                    await action.take(late, timeout=1)
+            finally:
+                group.cont("r1")
+        listed = client.list_objects_v2(Bucket="snaps", Prefix="mesh/svc/late/")
+        assert listed.get("KeyCount", 0) == 0
+    finally:
+        s3.stop()

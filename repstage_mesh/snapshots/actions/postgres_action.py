@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -91,12 +92,16 @@ def wal_end(waldump_stdout: str) -> str | None:
     return f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
 
 
+def _extract(archive: Path, into: Path) -> None:
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+
+
 async def _measure_end(action: PostgresAction, staged: Path, point: dict[str, str],
                        timeout: float) -> str:
     waldir = staged / ".pg_wal"
     try:
-        with tarfile.open(staged / "pg_wal.tar") as tar:
-            tar.extractall(waldir, filter="data")
+        await asyncio.to_thread(_extract, staged / "pg_wal.tar", waldir)
         done = await run_argv(
             [postgres_binary("pg_waldump", action.bindir), "-p", str(waldir),
              "-t", point["timeline"], "-s", point["stop_lsn"]],
@@ -162,39 +167,49 @@ class PostgresAction:
             "--checkpoint", "fast", "--no-password", "--verbose",
         ]
 
-    async def _freshen(self, target: SnapshotTarget, timeout: float) -> str | None:
+    async def _freshen(self, target: SnapshotTarget) -> str | None:
         if not self.checkpoint_primary:
             return None
         try:
-            async with asyncio.timeout(timeout):
-                return await checkpoint_upstream(target)
-        except TimeoutError:
-            raise SnapshotActionTimeout(
-                f"the upstream checkpoint for {target.member} did not reach it within {timeout:g} s"
-            ) from None
+            return await checkpoint_upstream(target)
         except psycopg.Error as exc:
             raise SnapshotActionFailed(f"checkpoint before the backup of {target.member}: {exc}") from exc
 
     async def take(self, target: SnapshotTarget, timeout: float) -> ActionResult:
+        """Within `timeout` for everything (checkpoint, backup, WAL reading, storing): a
+        program still running then is killed with its process group."""
         key = snapshot_key(target.service, target.snapshot_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         staged = self.storage.stage()
         try:
-            dest = staged / "backup"
-            env = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": f"repstage-snapshot-{target.snapshot_id}"}
-            if "password" in target.credentials:
-                env["PGPASSWORD"] = target.credentials["password"]
-            fresh = await self._freshen(target, timeout)
-            await run_argv(self.argv(target, dest), timeout, env=minimal_env(env),
-                                  what=f"pg_basebackup of {target.member}")
-            for item in dest.iterdir():
-                item.rename(staged / item.name)
-            dest.rmdir()
-            point = manifest_point(staged / "backup_manifest")
-            point["end_lsn"] = await _measure_end(self, staged, point, timeout)
-            if fresh:
-                point["upstream_checkpoint_lsn"] = fresh
-            stored = await self.storage.commit(staged, key)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    point = await self._take_into(target, staged, lambda: deadline - loop.time())
+                    stored = await self.storage.commit(staged, key)
+            except TimeoutError:
+                raise SnapshotActionTimeout(
+                    f"postgres snapshot of {target.member} stopped at its timeout of {timeout:g} s"
+                ) from None
         except BaseException:
             self.storage.discard(staged)
             raise
         return ActionResult(stored.uri, point, stored.size_bytes)
+
+    async def _take_into(self, target: SnapshotTarget, staged: Path,
+                         left: Callable[[], float]) -> dict[str, str]:
+        dest = staged / "backup"
+        env = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": f"repstage-snapshot-{target.snapshot_id}"}
+        if "password" in target.credentials:
+            env["PGPASSWORD"] = target.credentials["password"]
+        fresh = await self._freshen(target)
+        await run_argv(self.argv(target, dest), left(), env=minimal_env(env),
+                       what=f"pg_basebackup of {target.member}")
+        for item in dest.iterdir():
+            item.rename(staged / item.name)
+        dest.rmdir()
+        point = manifest_point(staged / "backup_manifest")
+        point["end_lsn"] = await _measure_end(self, staged, point, left())
+        if fresh:
+            point["upstream_checkpoint_lsn"] = fresh
+        return point
