@@ -239,3 +239,39 @@ async def test_verify_reports_a_record_it_cannot_use_without_raising(tmp_path: P
                                  "point": {"master_repl_offset": "1"}}, None)
     assert not bad.ok and not bad.restored and "no such directory" in (bad.error or "")
     assert asyncio.iscoroutinefunction(verify_snapshot)
+
+
+class FakeSavingRedis:
+    """INFO persistence / LASTSAVE / BGSAVE of a member where a save already runs."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.running_polls = 2  # the older save still runs for two looks
+        self.clock = 100
+
+    async def info(self, section: str) -> dict[str, object]:
+        running = self.running_polls > 0
+        self.running_polls -= 1
+        return {"rdb_bgsave_in_progress": int(running), "aof_rewrite_in_progress": 0,
+                "rdb_last_bgsave_status": "ok"}
+
+    async def lastsave(self) -> int:
+        return self.clock
+
+    async def bgsave(self, schedule: bool = True) -> None:
+        from redis.exceptions import ResponseError
+
+        assert schedule is False  # "scheduled" would not mean "started"
+        self.calls.append("BGSAVE")
+        if len(self.calls) == 1:
+            raise ResponseError("Background save already in progress")
+        self.running_polls = 1
+        self.clock += 1
+
+
+async def test_bgsave_waits_for_a_save_already_in_progress_then_saves_its_own() -> None:
+    from repstage_mesh.snapshots.actions.redis_bgsave import bgsave
+
+    fake = FakeSavingRedis()
+    await bgsave(fake)  # type: ignore[arg-type]
+    assert fake.calls == ["BGSAVE", "BGSAVE"] and fake.running_polls < 0

@@ -38,15 +38,18 @@ def build_action(
     *,
     command: Sequence[str] | None = None,
     pg_bindir: str | None = None,
+    redis_local_rdb: bool = False,
 ) -> SnapshotAction:
     """The action for members of `kind`. A `command` template (the operator's filesystem
     snapshot) takes precedence over the built-in ones; SnapshotActionFailed for a kind with
-    neither (and for a bad storage URL or template), so a bad config fails before any snapshot."""
+    neither (and for a bad storage URL or template), so a bad config fails before any snapshot.
+    `redis_local_rdb`: BGSAVE and copy the member's file (the mesh shares its file system)
+    instead of the default transfer over the network."""
     if command:
         return CommandAction(command)
     storage = open_storage(settings.storage, settings.s3_endpoint_url, settings.take_timeout)
     if kind == "redis":
-        return RedisAction(storage)
+        return RedisAction(storage, local_rdb=redis_local_rdb)
     if kind == "postgres":
         return PostgresAction(storage, pg_bindir)
     raise SnapshotActionFailed(

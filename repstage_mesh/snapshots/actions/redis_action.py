@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed, SnapshotActionTimeout
 from repstage_mesh.snapshots.actions.rdb import TransferHeader, aux_fields
+from repstage_mesh.snapshots.actions.redis_bgsave import bgsave_and_copy
 from repstage_mesh.snapshots.actions.storage import Storage, snapshot_key
 
 _CHUNK = 1 << 16
@@ -142,14 +143,16 @@ async def fetch_rdb(target: SnapshotTarget, dest: Path) -> dict[str, str]:
         "member_role": info.get("role", ""),
         "rdb_version": fields["rdb-version"],
         "redis_version": fields.get("redis-ver", ""),
+        "method": "replication",
     }
 
 
 class RedisAction:
     """`take`: an RDB of the target, stored under `<service>/<snapshot id>/dump.rdb`."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, local_rdb: bool = False) -> None:
         self.storage = storage
+        self.local_rdb = local_rdb  # BGSAVE + copy of the member's file (redis_bgsave.py)
 
     async def take(self, target: SnapshotTarget, timeout: float) -> ActionResult:
         key = snapshot_key(target.service, target.snapshot_id)
@@ -157,7 +160,8 @@ class RedisAction:
         try:
             try:
                 async with asyncio.timeout(timeout):
-                    point = await fetch_rdb(target, staged / "dump.rdb")
+                    take = bgsave_and_copy if self.local_rdb else fetch_rdb
+                    point = await take(target, staged / "dump.rdb")
                     stored = await self.storage.commit(staged, key)
             except TimeoutError:
                 raise SnapshotActionTimeout(
