@@ -105,6 +105,10 @@ async def _redis_snapshot_under_writes(group, tmp_path: Path, method: str) -> No
     assert verdict.comparison["counts"] == {"missing": 0, "extra": 0, "unexplained": 0}
     expected = verdict.comparison["expected"]
     assert 300 <= expected < writer.acked, (expected, writer.acked)  # writes on both sides
+    # the same snapshot recorded with a later point: the writes after the real one are missing
+    late = {**result.point, "master_repl_offset": str(int(result.point["master_repl_offset"]) + 10**9)}
+    wrong = await verify_snapshot({**record, "point": late}, ledger)
+    assert not wrong.ok and wrong.comparison["counts"]["missing"] == writer.acked - expected
 
 
 def _pg_writer(dsn: str, rows: list[tuple[str, str, float, int]]):

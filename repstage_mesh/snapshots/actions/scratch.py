@@ -194,5 +194,8 @@ async def postgres_values(conninfo: str, table: str, keys: Iterable[str]) -> dic
     ident = sql.Identifier(*table.split(".", 1))
     query = sql.SQL("SELECT key, value FROM {} WHERE key = ANY(%s)").format(ident)
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        rows = await (await conn.execute(query, (sorted(set(keys)),))).fetchall()
+        try:
+            rows = await (await conn.execute(query, (sorted(set(keys)),))).fetchall()
+        except psycopg.errors.UndefinedTable:
+            rows = []  # the snapshot's point is before the table was created: no rows
     return {str(k): (None if v is None else str(v)) for k, v in rows}

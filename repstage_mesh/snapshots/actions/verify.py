@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from redis.exceptions import RedisError
+
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
 from repstage_mesh.snapshots.actions.ledger import (
     LedgerEntry,
@@ -119,7 +122,7 @@ async def verify_snapshot(
             result.ok = True
     except SnapshotActionFailed as exc:
         result.error = str(exc)
-    except OSError as exc:
+    except (OSError, psycopg.Error, RedisError) as exc:
         result.error = f"restore drill failed: {exc}"
     result.duration_s = round(time.time() - started, 3)
     return result
