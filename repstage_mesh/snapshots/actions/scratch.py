@@ -1,7 +1,8 @@
 """Scratch servers for restore drills: a fresh redis-server or PostgreSQL on a snapshot's files,
 in a temp directory, stopped (its whole process group killed) and removed however the drill ends.
 
-Redis loads the RDB from its own directory and listens on a free loopback port. PostgreSQL gets
+Redis loads the RDB from its own directory and listens on a Unix socket there only (no TCP
+port to race for). PostgreSQL gets
 the base backup and its WAL and starts on them as an operator's restore would (crash recovery
 from `backup_label`, replaying all the WAL there is, to the snapshot's `end_lsn`), with no
 `standby.signal`, `primary_conninfo` and `archive_mode` off (it never talks to the real
@@ -43,6 +44,7 @@ class ScratchOptions:
 
 
 def _free_port() -> int:
+    """A port number for the scratch PostgreSQL's socket name (it listens on no TCP port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -78,14 +80,15 @@ async def scratch_redis(files: Path, options: ScratchOptions) -> AsyncIterator[a
     proc = None
     try:
         shutil.copyfile(files / "dump.rdb", work / "dump.rdb")
-        argv = [binary, "--port", str(_free_port()), "--bind", "127.0.0.1", "--dir", str(work),
-                "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no",
-                "--daemonize", "no", "--protected-mode", "yes", "--logfile", ""]
+        socket_path = work / "redis.sock"
+        argv = [binary, "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+                "--dir", str(work), "--dbfilename", "dump.rdb", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--logfile", ""]
         log = work / "server.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        client = aioredis.Redis(host="127.0.0.1", port=int(argv[2]), decode_responses=True)
+        client = aioredis.Redis(unix_socket_path=str(socket_path), decode_responses=True)
         try:
             await _until_up(proc, log, client.ping, options.start_timeout, "the scratch redis")
             yield client
