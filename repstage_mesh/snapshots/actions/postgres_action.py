@@ -120,7 +120,8 @@ async def _measure_end(action: PostgresAction, staged: Path, point: dict[str, st
 
 def _conninfo(target: SnapshotTarget, host: str, port: int) -> str:
     return make_conninfo(host=host, port=port, user=target.credentials.get("user", "postgres"),
-                         password=target.credentials.get("password"), dbname="postgres",
+                         password=target.credentials.get("password"),
+                         dbname=target.credentials.get("database") or "postgres",
                          connect_timeout=10, application_name="repstage-snapshot")
 
 

@@ -11,10 +11,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from repstage_mesh.snapshots.actions.base import SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
 
 EOF_MARK_LEN = 40
 _AUX = 0xFA
+
+
+def redis_username(target: SnapshotTarget) -> str | None:
+    """The ACL user of the member's credentials (`user`, as the probe settings say, or
+    `username`); None for the default user."""
+    return target.credentials.get("user") or target.credentials.get("username") or None
 
 
 class RdbFormatError(SnapshotActionFailed):

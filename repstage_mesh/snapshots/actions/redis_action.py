@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed, SnapshotActionTimeout
 from repstage_mesh.snapshots.actions.rdb import TransferHeader, aux_fields
+from repstage_mesh.snapshots.actions.rdb import redis_username as _username
 from repstage_mesh.snapshots.actions.redis_bgsave import bgsave_and_copy
 from repstage_mesh.snapshots.actions.storage import Storage, snapshot_key
 
@@ -52,7 +53,7 @@ async def _expect_ok(reader: asyncio.StreamReader, what: str, optional: bool = F
 async def _replication_info(target: SnapshotTarget, timeout: float) -> dict[str, str]:
     client = aioredis.Redis(
         host=target.host, port=target.port, password=target.credentials.get("password"),
-        username=target.credentials.get("username"), socket_connect_timeout=timeout,
+        username=_username(target), socket_connect_timeout=timeout,
         decode_responses=True,
     )
     try:
@@ -112,7 +113,7 @@ async def fetch_rdb(target: SnapshotTarget, dest: Path) -> dict[str, str]:
     reader, writer = await asyncio.open_connection(target.host, target.port)
     try:
         password = target.credentials.get("password")
-        user = target.credentials.get("username")
+        user = _username(target)
         steps: list[tuple[bytes, str, bool]] = []
         if password:
             auth = _command("AUTH", user, password) if user else _command("AUTH", password)

@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 from repstage_mesh.snapshots.actions.base import SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
 from repstage_mesh.snapshots.actions.rdb import aux_fields
+from repstage_mesh.snapshots.actions.rdb import redis_username as _username
 
 POLL = 0.02  # seconds between looks at INFO persistence (the caller's timeout bounds the wait)
 
@@ -64,7 +65,7 @@ async def bgsave(client: aioredis.Redis) -> None:
 async def bgsave_and_copy(target: SnapshotTarget, dest: Path) -> dict[str, str]:
     client = aioredis.Redis(
         host=target.host, port=target.port, password=target.credentials.get("password"),
-        username=target.credentials.get("username"), decode_responses=True,
+        username=_username(target), decode_responses=True,
     )
     try:
         await bgsave(client)

@@ -59,7 +59,7 @@ class VerifyResult:
 def _field(record: Any, name: str) -> Any:
     for source in (record, _get(record, "result")):
         value = _get(source, name)
-        if value is not None:
+        if value:  # "" and {} too: a record that has not completed has no artifact yet
             return value
     raise SnapshotActionFailed(f"the snapshot record has no {name!r} (has it completed?)")
 
