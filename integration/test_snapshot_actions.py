@@ -171,9 +171,7 @@ async def test_postgres_snapshot_from_a_standby_under_writes_restores_exactly_th
         "backup_manifest", "base.tar", "pg_wal.tar"]
     record = {"kind": "postgres", "result": {"artifact": result.artifact, "point": result.point}}
     verdict = await verify_snapshot(record, tmp_path / "ledger.jsonl",
-                                    options=ScratchOptions(run_as="postgres" if os.geteuid() == 0
-                                                           else None,
-                                                           pg_bindir=postgres_bindir()))
+                                    options=ScratchOptions(pg_bindir=postgres_bindir()))
     assert verdict.error is None and verdict.ok and verdict.restored, verdict.error or verdict
     assert verdict.comparison["counts"] == {"missing": 0, "extra": 0, "unexplained": 0}
     expected = verdict.comparison["expected"]

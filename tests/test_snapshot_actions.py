@@ -240,6 +240,15 @@ async def test_verify_reports_a_record_it_cannot_use_without_raising(tmp_path: P
     assert not bad.ok and not bad.restored and "no such directory" in (bad.error or "")
     assert asyncio.iscoroutinefunction(verify_snapshot)
 
+    @dataclass
+    class Entry:  # the workflow's record, as an object; not completed yet
+        kind: str = "postgres"
+        artifact: str = ""
+        point: dict | None = None
+
+    running = await verify_snapshot(Entry(), None)
+    assert not running.ok and "no 'artifact' (has it completed?)" in (running.error or "")
+
 
 class FakeSavingRedis:
     """INFO persistence / LASTSAVE / BGSAVE of a member where a save already runs."""

@@ -6,8 +6,8 @@ port to race for). PostgreSQL gets
 the base backup and its WAL and starts on them as an operator's restore would (crash recovery
 from `backup_label`, replaying all the WAL there is, to the snapshot's `end_lsn`), with no
 `standby.signal`, `primary_conninfo` and `archive_mode` off (it never talks to the real
-cluster), its own pg_hba (trust on its Unix socket only) and no TCP listener. PostgreSQL refuses to run as root: as root, `run_as` names
-the user to run it as (e.g. `postgres`).
+cluster), its own pg_hba (trust on its Unix socket only) and no TCP listener. PostgreSQL refuses to run as root: as root, it runs as
+`run_as`, by default the `postgres` user.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -36,7 +37,7 @@ from repstage_mesh.snapshots.actions.postgres_action import postgres_binary
 
 @dataclass(frozen=True)
 class ScratchOptions:
-    run_as: str | None = None  # OS user for the scratch PostgreSQL (needed when running as root)
+    run_as: str | None = None  # OS user for the scratch PostgreSQL; as root: `postgres` if unset
     pg_bindir: str | None = None
     pg_user: str = "postgres"  # the restored cluster's superuser
     redis_server: str | None = None  # path of redis-server; default: from PATH
@@ -112,14 +113,18 @@ def _chown_tree(root: Path, user: str) -> None:
             shutil.chown(os.path.join(dirpath, name), user, user)
 
 
-def _popen_user(options: ScratchOptions) -> dict[str, Any]:
-    if options.run_as:
-        return {"user": options.run_as, "group": options.run_as, "extra_groups": []}
-    if os.geteuid() == 0:
+def scratch_user(options: ScratchOptions) -> str | None:
+    """`run_as`; as root without it, the `postgres` user when there is one (PostgreSQL refuses
+    to run as root)."""
+    if options.run_as or os.geteuid() != 0:
+        return options.run_as
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
         raise SnapshotActionFailed(
-            "PostgreSQL refuses to run as root: give the restore drill a user to run it as (run_as)"
-        )
-    return {}
+            "PostgreSQL refuses to run as root and there is no 'postgres' user: give the "
+            "restore drill a user to run it as (run_as)"
+        ) from None
 
 
 def _prepare_pgdata(files: Path, work: Path) -> tuple[Path, Path]:
@@ -152,13 +157,16 @@ def _postgres_argv(options: ScratchOptions, data: Path, hba: Path, work: Path) -
 @contextlib.asynccontextmanager
 async def scratch_postgres(files: Path, options: ScratchOptions) -> AsyncIterator[str]:
     """A conninfo for a fresh PostgreSQL restored from the base backup in `files`."""
-    user = _popen_user(options)
+    run_as = scratch_user(options)
+    user: dict[str, Any] = (
+        {"user": run_as, "group": run_as, "extra_groups": []} if run_as else {}
+    )
     work = Path(tempfile.mkdtemp(prefix="repstage-verify-pg-"))
     proc = None
     try:
         data, hba = await asyncio.to_thread(_prepare_pgdata, files, work)
-        if options.run_as:
-            await asyncio.to_thread(_chown_tree, work, options.run_as)
+        if run_as:
+            await asyncio.to_thread(_chown_tree, work, run_as)
         argv = _postgres_argv(options, data, hba, work)
         port = argv[argv.index("-c") + 1].split("=", 1)[1]
         conninfo = psycopg.conninfo.make_conninfo(
