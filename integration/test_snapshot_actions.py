@@ -166,7 +166,8 @@ async def test_postgres_snapshot_from_a_standby_under_writes_restores_exactly_th
             writer.stop()
             conn.close()
         _pg_ledger(pair, start_lsn, rows, tmp_path / "ledger.jsonl")
-    assert set(result.point) >= {"start_lsn", "stop_lsn", "timeline"}
+    assert set(result.point) >= {"start_lsn", "stop_lsn", "timeline", "end_lsn"}
+    assert "/" in result.point["upstream_checkpoint"], result.point  # an LSN: it was asked
     assert sorted(os.listdir(result.artifact.removeprefix("file://"))) == [
         "backup_manifest", "base.tar", "pg_wal.tar"]
     record = {"kind": "postgres", "result": {"artifact": result.artifact, "point": result.point}}

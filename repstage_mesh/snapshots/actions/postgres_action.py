@@ -21,7 +21,9 @@ restartpoint, and a restartpoint needs a checkpoint record from the primary. So,
 for a `CHECKPOINT`, waits until the standby has replayed past it, and only then starts
 pg_basebackup, whose restartpoint then brings `stop_lsn` to at least that checkpoint
 (measured: without it `stop_lsn` stayed where the standby had started, minutes of writes
-earlier). The cost is one immediate checkpoint on the primary.
+earlier). The cost is one immediate checkpoint on the primary. If the upstream cannot be reached
+the backup goes on (its point stays exact, only older) and `upstream_checkpoint` in the point
+says why.
 """
 
 from __future__ import annotations
@@ -170,13 +172,16 @@ class PostgresAction:
             "--checkpoint", "fast", "--no-password", "--verbose",
         ]
 
-    async def _freshen(self, target: SnapshotTarget) -> str | None:
+    async def _freshen(self, target: SnapshotTarget) -> str:
+        """The upstream checkpoint's LSN, or why there is none. Not fatal: without it the point
+        is still exact, only possibly older."""
         if not self.checkpoint_primary:
-            return None
+            return "off"
         try:
-            return await checkpoint_upstream(target)
+            lsn = await checkpoint_upstream(target)
         except psycopg.Error as exc:
-            raise SnapshotActionFailed(f"checkpoint before the backup of {target.member}: {exc}") from exc
+            return f"failed: {str(exc).strip()[:300]}"
+        return lsn or "none (not a streaming standby)"
 
     async def take(self, target: SnapshotTarget, timeout: float) -> ActionResult:
         """Within `timeout` for everything (checkpoint, backup, WAL reading, storing): a
@@ -213,6 +218,5 @@ class PostgresAction:
         dest.rmdir()
         point = manifest_point(staged / "backup_manifest")
         point["end_lsn"] = await _measure_end(self, staged, point, left())
-        if fresh:
-            point["upstream_checkpoint_lsn"] = fresh
+        point["upstream_checkpoint"] = fresh
         return point
