@@ -284,3 +284,20 @@ async def test_bgsave_waits_for_a_save_already_in_progress_then_saves_its_own() 
     fake = FakeSavingRedis()
     await bgsave(fake)  # type: ignore[arg-type]
     assert fake.calls == ["BGSAVE", "BGSAVE"] and fake.running_polls < 0
+
+
+def test_a_backup_tar_whose_member_leaves_the_directory_is_refused(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from repstage_mesh.snapshots.actions.postgres_action import extract_tar
+
+    archive = tmp_path / "base.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../escaped")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    (tmp_path / "into").mkdir()
+    with pytest.raises(SnapshotActionFailed, match=r"base\.tar"):
+        extract_tar(archive, tmp_path / "into")
+    assert not (tmp_path / "escaped").exists()

@@ -94,16 +94,29 @@ def wal_end(waldump_stdout: str) -> str | None:
     return f"{end >> 32:X}/{end & 0xFFFFFFFF:X}"
 
 
-def _extract(archive: Path, into: Path) -> None:
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
+def extract_tar(archive: Path, into: Path) -> None:
+    """Extract a backup's tar, refusing members that would land outside `into` (tarfile's
+    "data" filter; on a Python 3.11 before 3.11.4, which lacks it, the same check by hand)."""
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(into, filter="data")
+                return
+            root = into.resolve()
+            for member in tar.getmembers():
+                inside = (root / member.name).resolve().is_relative_to(root)
+                if member.issym() or member.islnk() or not inside:
+                    raise tarfile.TarError(f"member {member.name!r} leaves the directory")
+            tar.extractall(into)  # every member checked above
+    except tarfile.TarError as exc:
+        raise SnapshotActionFailed(f"{archive.name}: {exc}") from exc
 
 
 async def _measure_end(action: PostgresAction, staged: Path, point: dict[str, str],
                        timeout: float) -> str:
     waldir = staged / ".pg_wal"
     try:
-        await asyncio.to_thread(_extract, staged / "pg_wal.tar", waldir)
+        await asyncio.to_thread(extract_tar, staged / "pg_wal.tar", waldir)
         done = await run_argv(
             [postgres_binary("pg_waldump", action.bindir), "-p", str(waldir),
              "-t", point["timeline"], "-s", point["stop_lsn"]],

@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import redis.asyncio as aioredis
 from psycopg import sql
 
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
-from repstage_mesh.snapshots.actions.postgres_action import postgres_binary
+from repstage_mesh.snapshots.actions.postgres_action import extract_tar, postgres_binary
 
 
 @dataclass(frozen=True)
@@ -101,11 +100,6 @@ async def scratch_redis(files: Path, options: ScratchOptions) -> AsyncIterator[a
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _extract(archive: Path, into: Path) -> None:
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-
-
 def _chown_tree(root: Path, user: str) -> None:
     shutil.chown(root, user, user)
     for dirpath, dirnames, filenames in os.walk(root):
@@ -130,9 +124,9 @@ def scratch_user(options: ScratchOptions) -> str | None:
 def _prepare_pgdata(files: Path, work: Path) -> tuple[Path, Path]:
     data = work / "data"
     data.mkdir(mode=0o700)
-    _extract(files / "base.tar", data)
+    extract_tar(files / "base.tar", data)
     if (files / "pg_wal.tar").exists():
-        _extract(files / "pg_wal.tar", data / "pg_wal")
+        extract_tar(files / "pg_wal.tar", data / "pg_wal")
     for name in ("standby.signal", "postmaster.pid"):
         (data / name).unlink(missing_ok=True)
     hba = work / "pg_hba.conf"
