@@ -86,6 +86,11 @@ async def _redis_snapshot_under_writes(group, tmp_path: Path, method: str) -> No
         writer.start()
         try:
             wait_until(lambda: writer.acked >= 300, 20, "300 writes before the snapshot")
+            # the replica lags a little (the machine is shared): let it apply those 300 first, so
+            # that the point has writes on both sides (the writer goes on meanwhile)
+            offset = int(group.command("r0", "INFO", "replication")["master_repl_offset"])
+            wait_until(lambda: int(group.command("r1", "INFO", "replication")["master_repl_offset"])
+                       >= offset, 20, "the replica past the first 300 writes")
             action = build_action("redis", Settings(storage=(tmp_path / "snaps").as_uri()),
                                   redis_local_rdb=method == "bgsave")
             if method == "bgsave":
@@ -104,7 +109,7 @@ async def _redis_snapshot_under_writes(group, tmp_path: Path, method: str) -> No
     assert verdict.error is None and verdict.ok and verdict.restored, verdict.error or verdict
     assert verdict.comparison["counts"] == {"missing": 0, "extra": 0, "unexplained": 0}
     expected = verdict.comparison["expected"]
-    assert 300 <= expected < writer.acked, (expected, writer.acked)  # writes on both sides
+    assert 300 <= expected < writer.acked, (expected, writer.acked, result.point)  # both sides
     # the same snapshot recorded with a later point: the writes after the real one are missing
     late = {**result.point, "master_repl_offset": str(int(result.point["master_repl_offset"]) + 10**9)}
     wrong = await verify_snapshot({**record, "point": late}, ledger)
@@ -157,6 +162,9 @@ async def test_postgres_snapshot_from_a_standby_under_writes_restores_exactly_th
         writer.start()
         try:
             wait_until(lambda: writer.acked >= 300, 30, "300 writes before the snapshot")
+            lsn = pair.query("pg0", "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+            wait_until(lambda: pair.query("pg1", "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                                          (lsn,))[0][0], 30, "the standby past the first 300 writes")
             action = build_action("postgres", Settings(storage=(tmp_path / "snaps").as_uri()),
                                   pg_bindir=postgres_bindir())
             result = await action.take(_target("postgres", "pg1", pair.port("pg1")), timeout=120)

@@ -29,7 +29,7 @@ MeshError
 ├── ConsulError              sources/consul.py: Consul answered an error or refused a registration (logged by the source, never leaves it)
 ├── CliError                 cli/main.py: a command line the CLI cannot carry out
 └── SnapshotActionFailed     snapshots/actions/errors.py: taking, storing or restoring a snapshot failed
-    ├── SnapshotActionTimeout   a command or transfer ran past its timeout (a command killed with its process group)
+    ├── SnapshotActionTimeout   a command or transfer ran past its timeout (a command killed with its process group); also a TimeoutError
     └── RdbFormatError       snapshots/actions/rdb.py: bytes that are not an RDB
 
 Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer

@@ -11,8 +11,9 @@ class SnapshotActionFailed(MeshError):
     code = "snapshot_action_failed"
 
 
-class SnapshotActionTimeout(SnapshotActionFailed):
+class SnapshotActionTimeout(SnapshotActionFailed, TimeoutError):
     """A command or a transfer ran past its timeout and was stopped (a command with its
-    whole process group)."""
+    whole process group). Also a TimeoutError, so a caller that counts timeouts (the workflow's
+    take_timeout metric) sees it as one."""
 
     code = "snapshot_action_timeout"

@@ -208,6 +208,8 @@ class PostgresAction:
                 async with asyncio.timeout_at(deadline):
                     point = await self._take_into(target, staged, lambda: deadline - loop.time())
                     stored = await self.storage.commit(staged, key)
+            except SnapshotActionTimeout:
+                raise  # a program killed at the deadline: its own reason
             except TimeoutError:
                 raise SnapshotActionTimeout(
                     f"postgres snapshot of {target.member} stopped at its timeout of {timeout:g} s"

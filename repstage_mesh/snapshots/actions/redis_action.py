@@ -164,6 +164,8 @@ class RedisAction:
                     take = bgsave_and_copy if self.local_rdb else fetch_rdb
                     point = await take(target, staged / "dump.rdb")
                     stored = await self.storage.commit(staged, key)
+            except SnapshotActionTimeout:
+                raise
             except TimeoutError:
                 raise SnapshotActionTimeout(
                     f"redis snapshot of {target.member} stopped at its timeout of {timeout:g} s"

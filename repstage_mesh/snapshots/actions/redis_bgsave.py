@@ -68,10 +68,10 @@ async def bgsave_and_copy(target: SnapshotTarget, dest: Path) -> dict[str, str]:
         username=_username(target), decode_responses=True,
     )
     try:
+        replication = await client.info("replication")
         await bgsave(client)
         directory = str((await client.config_get("dir"))["dir"])
         filename = str((await client.config_get("dbfilename"))["dbfilename"])
-        role = str((await client.info("replication")).get("role", ""))
     finally:
         await client.aclose()
     source = Path(directory) / filename
@@ -85,6 +85,12 @@ async def bgsave_and_copy(target: SnapshotTarget, dest: Path) -> dict[str, str]:
         fields = aux_fields(f.read(4096))
     if "repl-id" not in fields or "repl-offset" not in fields:
         raise SnapshotActionFailed(f"the RDB of {target.member} carries no replication point")
+    before = int(replication.get("master_repl_offset", 0))
+    if fields["repl-id"] == replication.get("master_replid") and int(fields["repl-offset"]) < before:
+        raise SnapshotActionFailed(  # never store an older file as this snapshot
+            f"{source} predates this BGSAVE (offset {fields['repl-offset']} < {before})"
+        )
+    role = str(replication.get("role", ""))
     return {"master_replid": fields["repl-id"], "master_repl_offset": fields["repl-offset"],
             "member_role": role, "rdb_version": fields["rdb-version"],
             "redis_version": fields.get("redis-ver", ""), "method": "bgsave"}
