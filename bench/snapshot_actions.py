@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import psycopg
 import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from integration.databases import HOST, postgres_bindir, postgres_pair, redis_group
 from repstage_mesh.snapshots.actions import SnapshotTarget, build_action
