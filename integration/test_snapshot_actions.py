@@ -6,6 +6,7 @@ The ledger always holds writes after the point too, so a restore that went past 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -129,6 +130,35 @@ def _pg_writer(dsn: str, rows: list[tuple[str, str, float, int]]):
     return conn, write_one
 
 
+async def _a_stopped_standby_gets_pg_basebackup_killed_at_the_timeout(pair, tmp_path: Path) -> None:
+    from repstage_mesh.snapshots.actions import SnapshotActionTimeout
+    from repstage_mesh.snapshots.actions.postgres_action import PostgresAction
+    from repstage_mesh.snapshots.actions.storage import open_storage
+
+    storage = tmp_path / "hung"
+    action = PostgresAction(open_storage(storage.as_uri()), postgres_bindir(),
+                            checkpoint_primary=False)
+    target = SnapshotTarget(**{**_target("postgres", "pg1", pair.port("pg1")).__dict__,
+                               "snapshot_id": "hung"})
+    pair.stop("pg1")  # SIGSTOP: connected, silent
+    try:
+        with pytest.raises(SnapshotActionTimeout, match=r"pg_basebackup of pg1 .* killed after its timeout of 1\.8 s"):
+            await action.take(target, timeout=2)
+    finally:
+        pair.cont("pg1")
+
+    def cmdlines() -> list[str]:
+        out = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                out.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+        return out
+
+    assert not [c for c in cmdlines() if str(storage) in c]  # no pg_basebackup left behind
+    assert not (storage / "svc" / "hung").exists()
+    assert list((storage / ".staging").iterdir()) == []
+
+
 def _pg_ledger(pair, start_lsn: str, rows, ledger: Path) -> None:
     """Each acknowledged transaction's commit LSN, read from the primary's WAL (pg_walinspect)."""
     end = pair.query("pg0", "SELECT pg_current_wal_insert_lsn()::text")[0][0]
@@ -174,6 +204,7 @@ async def test_postgres_snapshot_from_a_standby_under_writes_restores_exactly_th
             writer.stop()
             conn.close()
         _pg_ledger(pair, start_lsn, rows, tmp_path / "ledger.jsonl")
+        await _a_stopped_standby_gets_pg_basebackup_killed_at_the_timeout(pair, tmp_path)
     assert set(result.point) >= {"start_lsn", "stop_lsn", "timeline", "end_lsn"}
     assert "/" in result.point["upstream_checkpoint"], result.point  # an LSN: it was asked
     assert sorted(os.listdir(result.artifact.removeprefix("file://"))) == [

@@ -79,6 +79,7 @@ def manifest_point(manifest: Path) -> dict[str, str]:
         raise SnapshotActionFailed(f"cannot read the backup's WAL range from {manifest}: {exc}") from exc
 
 
+PROGRAM_MARGIN = 0.2  # seconds
 _RECORD = re.compile(r"len \(rec/tot\):\s*\d+/\s*(\d+),.*?lsn: ([0-9A-F]+)/([0-9A-F]+),")
 
 
@@ -206,7 +207,10 @@ class PostgresAction:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    point = await self._take_into(target, staged, lambda: deadline - loop.time())
+                    # a program's own timeout ends a little before the deadline: its kill, with
+                    # its name, is the reason given rather than the take's
+                    point = await self._take_into(
+                        target, staged, lambda: max(0.01, deadline - loop.time() - PROGRAM_MARGIN))
                     stored = await self.storage.commit(staged, key)
             except SnapshotActionTimeout:
                 raise  # a program killed at the deadline: its own reason

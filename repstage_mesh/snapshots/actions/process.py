@@ -77,7 +77,7 @@ async def run_argv(
         _kill_group(proc)
         await proc.wait()
         raise SnapshotActionTimeout(
-            f"{what} {argv[0]!r} killed after its timeout of {timeout:g} s"
+            f"{what} {argv[0]!r} killed after its timeout of {timeout:.3g} s"
         ) from None
     except BaseException:
         _kill_group(proc)
