@@ -142,7 +142,7 @@ async def _a_stopped_standby_gets_pg_basebackup_killed_at_the_timeout(pair, tmp_
                                "snapshot_id": "hung"})
     pair.stop("pg1")  # SIGSTOP: connected, silent
     try:
-        with pytest.raises(SnapshotActionTimeout, match=r"pg_basebackup of pg1 .* killed after its timeout of 1\.8 s"):
+        with pytest.raises(SnapshotActionTimeout, match=r"pg_basebackup of pg1 .* killed after its timeout of [0-9.]+ s"):
             await action.take(target, timeout=2)
     finally:
         pair.cont("pg1")
