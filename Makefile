@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/tracing_overhead.py --proxies 1000 --rounds 20
 	$(BIN)/python bench/failover_compare.py --write-results
 	$(BIN)/python bench/patroni_compare.py --kills 5 --freezes 2 --write-results
+	$(BIN)/python bench/snapshot_actions.py --redis-keys 200000 --pg-rows 200000 --seconds 8
 
 # Patroni (etcd + 3 PostgreSQL) behind RepStage and behind HAProxy as Patroni documents it.
 bench-patroni: $(STAMP)

@@ -373,7 +373,9 @@ class PostgresPair(_Group):
 
 
 @contextlib.contextmanager
-def postgres_pair() -> Iterator[PostgresPair]:
+def postgres_pair(full_page_writes: bool = False) -> Iterator[PostgresPair]:
+    """`full_page_writes`: on for a pair a backup is taken from the standby (PostgreSQL refuses
+    a standby backup whose WAL was written without full-page images)."""
     bindir = postgres_bindir()
     assert bindir, "PostgreSQL server binaries not found: run scripts/system-deps.sh"
     directory = Path(tempfile.mkdtemp(prefix="repstage-pg-"))
@@ -403,7 +405,7 @@ def postgres_pair() -> Iterator[PostgresPair]:
                 "hot_standby = on",
                 "fsync = off",
                 "synchronous_commit = off",
-                "full_page_writes = off",
+                f"full_page_writes = {'on' if full_page_writes else 'off'}",
                 "shared_buffers = 16MB",
                 "wal_receiver_status_interval = 1s",
                 "wal_retrieve_retry_interval = 100ms",

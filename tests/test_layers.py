@@ -88,3 +88,11 @@ def test_size_limits(copy: Path) -> None:
     result = subprocess.run(script, capture_output=True, text=True)
     assert result.returncode == 1
     assert "repstage_mesh/core/naming.py" in result.stdout and "too_long: 62 lines" in result.stdout
+
+
+def test_snapshot_actions_importing_the_workflow_side_fails(copy: Path) -> None:
+    append(copy / "repstage_mesh" / "snapshots" / "actions" / "ledger.py",
+           "import repstage_mesh.raft.store  # noqa")
+    result = lint_imports(copy)
+    assert result.returncode != 0
+    assert "Snapshot actions know only core" in result.stdout

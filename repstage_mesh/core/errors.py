@@ -29,7 +29,10 @@ MeshError
 ├── ListenError              this node could not bind a listener (field xds.listen or api.listen)
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
 ├── ConsulError              sources/consul.py: Consul answered an error or refused a registration (logged by the source, never leaves it)
-└── CliError                 cli/main.py: a command line the CLI cannot carry out
+├── CliError                 cli/main.py: a command line the CLI cannot carry out
+└── SnapshotActionFailed     snapshots/actions/errors.py: taking, storing or restoring a snapshot failed
+    ├── SnapshotActionTimeout   a command or transfer ran past its timeout (a command killed with its process group); also a TimeoutError
+    └── RdbFormatError       snapshots/actions/rdb.py: bytes that are not an RDB
 
 Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer
 imports nothing of the domain (an import-linter contract), and the error never leaves it: the
