@@ -31,6 +31,7 @@ from repstage_mesh.config.sections import (
     EnvoyConfig,
     ErrorList,
     FailoversConfig,
+    SnapshotSettings,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
@@ -98,6 +99,7 @@ class Settings(BaseSettings):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
     failovers: FailoversConfig = Field(default_factory=FailoversConfig)
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     services: tuple[ServiceConfig, ...] = ()
 
     @classmethod
