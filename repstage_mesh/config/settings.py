@@ -31,10 +31,10 @@ from repstage_mesh.config.sections import (
     EnvoyConfig,
     ErrorList,
     FailoversConfig,
-    SnapshotSettings,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
+    SnapshotSettings,
     TelemetryConfig,
     XdsConfig,
 )

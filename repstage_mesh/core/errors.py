@@ -16,6 +16,7 @@ MeshError
 │   └── RaftBindError        this node could not bind its Raft address
 ├── Rejected                 the state machine refused a command (API 404/409/422 by its code)
 ├── DecisionRefused          the decider will not run a requested switchover (404/409/422 by its code)
+├── SnapshotRefused          a snapshot cannot start: no such member, no primary, one running (404/409/422)
 ├── NotReady                 this node leads but has not started deciding yet (API 503)
 ├── SwitchoverFailed         a switchover ran and failed; carries its record (API 409)
 ├── ApiRequestError          another node's (or, for the CLI, the server's) API answered an error; relayed as is
@@ -107,6 +108,16 @@ class Rejected(MeshError):
 class DecisionRefused(MeshError):
     """A switchover request the decider will not run. `code` is not_found, conflict or
     invalid, like Rejection codes; `field` names the bad input."""
+
+    def __init__(self, code: str, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class SnapshotRefused(MeshError):
+    """A snapshot request that cannot start (no such member, no primary, one already running).
+    `code` is not_found, conflict or invalid; `field` names the bad input."""
 
     def __init__(self, code: str, message: str, field: str | None) -> None:
         super().__init__(message)

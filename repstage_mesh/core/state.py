@@ -390,9 +390,12 @@ def _update_snapshot(state: MeshState, command: UpdateSnapshot, index: int) -> t
     if entry is None:
         return _reject(state, index, "not_found", f"no snapshot {command.id!r}", "id")
     if not entry.running:
-        if command.status not in (None, entry.status) or command.pool not in (None, "in"):
+        # The first end wins: a finished snapshot never completes later nor leaves the pool
+        # again; a later failed/aborted status is ignored (its steps and undo still apply).
+        if (command.status == "completed" and entry.status != "completed") or command.pool not in (None, "in"):
             message = f"snapshot {entry.id} is {entry.status}: {entry.error or 'finished'}"
             return _reject(state, index, "conflict", message, "status")
+        command = command.model_copy(update={"status": None, "error": None})
     elif command.status == "completed":
         reason = _fence_reason(state, entry)
         if reason is not None:

@@ -1,5 +1,7 @@
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
 @dataclass(frozen=True)
 class SnapshotTarget:
     service: str; member: str; host: str; port: int; kind: str  # "redis" | "postgres" | "tcp"
