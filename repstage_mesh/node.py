@@ -30,6 +30,7 @@ from repstage_mesh.api.app import build_app, start_api
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient, PeerProxies
+from repstage_mesh.api.snapshots import snapshot_operations
 from repstage_mesh.config import ConfigError, Settings, load_config
 from repstage_mesh.core.errors import (
     ApiUnreachable,
@@ -61,6 +62,10 @@ from repstage_mesh.failover.traces import FailoverTraces
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
+from repstage_mesh.snapshots.desk import SnapshotDesk
+from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
+from repstage_mesh.snapshots.registry import build_snapshot_action, member_reports, operator_hook
+from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
 from repstage_mesh.sources.consul import ConsulRegistration, ConsulSource
 from repstage_mesh.sources.probes import ProbeRunner
 from repstage_mesh.telemetry import Tracing
@@ -160,6 +165,25 @@ class Node:
             else None
         )
         self._apply_listeners.append(self.engine.on_state)
+        self._build_snapshots()
+
+    def _build_snapshots(self) -> None:
+        """The snapshot runner: only the leader runs it (an engine companion); every applied
+        state reaches it (a failover's abort cancels the running step)."""
+        snap = self.settings.snapshots
+        self.snapshots = SnapshotRunner(SnapshotDeps(
+            node_id=self._node_id, settings=snap, state=self.state,
+            commit=lambda command, timeout: self._commit(CommandEnvelope(command=command, request_id=uuid.uuid4().hex), timeout),
+            await_proxies=self.await_proxies, actions=lambda kind: build_snapshot_action(kind, snap),
+            hooks=lambda name: operator_hook(self.settings, name), reports=lambda service: member_reports(self.decider, service),
+            connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
+            tracing=self.tracing, metrics=self.metrics,
+        ))
+        self._apply_listeners.append(self.snapshots.on_state)
+        self.engine.add_companion(self.snapshots.take_over, self.snapshots.stop)
+        self.snapshot_desk = SnapshotDesk(
+            self.snapshots, self.state, self._leader_api, self._peers.call, lambda: self.engine.active,
+        )
 
     # --- ControlPlane -------------------------------------------------------------------------
 
@@ -279,7 +303,7 @@ class Node:
         self._flush()
         host, port = settings.host_port("xds.listen")
         self.xds_port = await self.xds.start(host, port)
-        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=failover_operations())
+        app = build_app(self, ApiSettings.from_config(settings.api), extra_operations=[*failover_operations(), *snapshot_operations()])
         api_host, api_port = settings.host_port("api.listen")
         self.api_runner = await start_api(app, api_host, api_port)
         from repstage_mesh.api.app import bound_port
@@ -479,6 +503,17 @@ class Node:
             if isinstance(exc.__cause__, aiohttp.ClientConnectorError):  # never reached the leader
                 raise NoLeaderKnown(f"the leader's API at {api} cannot be reached: {exc}") from exc
             raise CommitTimeout(f"the announce was carried to the leader at {api}, which gave no answer: {exc}") from exc
+
+    # --- snapshots (snapshots/desk.py) ---------------------------------------------------------
+
+    async def start_snapshot(self, service: str, member: str) -> dict[str, Any]:
+        return await self.snapshot_desk.start(service, member)
+
+    async def list_snapshots(self, service: str) -> list[dict[str, Any]] | None:
+        return self.snapshot_desk.list(service)
+
+    async def get_snapshot(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
+        return self.snapshot_desk.get(service, snapshot_id)
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
         api = self._leader_api()

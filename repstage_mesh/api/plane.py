@@ -77,3 +77,20 @@ class ControlPlane(Protocol):
         errors of core/errors.py: DecisionRefused, NotReady, NoLeaderKnown, SwitchoverFailed,
         or ApiRequestError / ApiUnreachable relayed from the leader."""
         ...
+
+    # --- snapshots (run by the Raft leader; a follower carries a request to it) ---------------
+
+    async def start_snapshot(self, service: str, member: str) -> dict[str, Any]:
+        """Start a snapshot of `service` from `member` ("replica": the most caught-up replica
+        within the lag bound; "primary"; or a member's name) and answer with its committed
+        intent (a SnapshotEntry as JSON). Raises SnapshotRefused, NotReady, NoLeaderKnown, the
+        replication errors, or relays the leader's answer."""
+        ...
+
+    async def list_snapshots(self, service: str) -> list[dict[str, Any]] | None:
+        """The replicated snapshots of `service`, newest first; None when no such service."""
+        ...
+
+    async def get_snapshot(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
+        """One snapshot of `service` from the replicated state, or None."""
+        ...

@@ -2,7 +2,7 @@
 
 Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
 http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
-`proxies`, `switchover`, `failovers`. `validate CONFIG` checks a config file offline. `serve`,
+`proxies`, `switchover`, `failovers`, `snapshot`, `snapshots`. `validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
 
 Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_commands(sub, common)
     _add_switchover(sub, common)
     sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
+    _add_snapshots(sub, common)
     validate = sub.add_parser(
         "validate", parents=common, help="check a config file; exit 1 on errors"
     )
@@ -133,6 +134,17 @@ def _add_switchover(sub: Subcommands, common: Parents) -> None:
         help="claimed epoch; refused unless greater than the current one",
     )
     switch.add_argument("--cause", default="cli switchover", help="recorded with the change")  # fmt: skip
+
+
+def _add_snapshots(sub: Subcommands, common: Parents) -> None:
+    snap = sub.add_parser("snapshot", parents=common, help="take a snapshot of a service, with live progress")
+    snap.add_argument("service", metavar="SERVICE")
+    snap.add_argument("--member", default="replica",
+                      help="replica (default: the most caught-up one), primary, or a member's name")
+    snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
+    snaps = sub.add_parser("snapshots", parents=common, help="a service's snapshots, or one with its steps")
+    snaps.add_argument("service", metavar="SERVICE")
+    snaps.add_argument("id", metavar="ID", nargs="?")
 
 
 def _add_bootstrap(sub: Subcommands) -> None:
@@ -337,6 +349,40 @@ def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> i
     return EXIT_OK
 
 
+SNAPSHOT_POLL = 0.2  # seconds between progress reads
+
+
+def cmd_snapshot(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """POST the snapshot, then follow its committed steps until it ended and its undo is done."""
+    base = f"/v1/services/{_path(args.service)}/snapshots"
+    entry = client.post(base, {"member": args.member})
+    if not args.no_wait:
+        path = f"{base}/{_path(entry['id'])}"
+        with contextlib.ExitStack() as stack:
+            status = None if out.as_json else stack.enter_context(
+                out.console.status(f"snapshot {entry['id']} of {args.service}/{entry['member']}...", spinner="dots"))
+            while entry.get("status") == "running" or entry.get("undo") or entry.get("pool") != "in":
+                time.sleep(SNAPSHOT_POLL)  # the CLI polls; the server has no change feed
+                entry = client.get(path)
+                steps = entry.get("steps") or []
+                if status is not None and steps:
+                    status.update(f"snapshot {entry['id']} of {args.service}/{entry['member']}: {steps[-1]['name']}")
+    out.show(entry, f"{args.service}/{entry['member']} ({entry['role']}, epoch {entry['epoch']}): {entry['status']}"
+             + (f": {entry['error']}" if entry.get("error") else ""), render.snapshot_steps(entry))
+    return EXIT_OK if entry.get("status") in ("completed", "running") else EXIT_ERROR
+
+
+def cmd_snapshots(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    base = f"/v1/services/{_path(args.service)}/snapshots"
+    if args.id:
+        entry = client.get(f"{base}/{_path(args.id)}")
+        out.show(entry, render.snapshots_table([entry]), render.snapshot_steps(entry))
+        return EXIT_OK
+    listed = client.get(base)
+    out.show(listed, render.snapshots_table(listed.get("snapshots", [])))
+    return EXIT_OK
+
+
 # --- offline commands -----------------------------------------------------------------------------
 
 
@@ -425,6 +471,8 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "proxies": cmd_proxies,
     "switchover": cmd_switchover,
     "failovers": cmd_failovers,
+    "snapshot": cmd_snapshot,
+    "snapshots": cmd_snapshots,
 }
 
 
