@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.core.errors import NotReady, Rejected
+from repstage_mesh.core.errors import NotReady, Rejected, SnapshotRefused
 from repstage_mesh.core.models import (
     Announcement,
     Command,
@@ -31,6 +31,8 @@ from repstage_mesh.core.models import (
     PutService,
     ServiceSpec,
     SetPrimary,
+    SnapshotEntry,
+    StartSnapshot,
 )
 from repstage_mesh.core.state import apply
 
@@ -107,6 +109,32 @@ class FakePlane:
 
     async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
         raise NotReady("this in-memory plane runs no failovers")
+
+    async def start_snapshot(self, service: str, member: str) -> dict[str, Any]:
+        """Commits the intent only (no runner): the API's view of a started snapshot."""
+        from repstage_mesh.snapshots.choice import choose_member
+
+        svc = self._state.service(service)
+        if svc is None:
+            raise SnapshotRefused("not_found", f"no service named {service!r}", "service")
+        choice = choose_member(svc, {}, 0, member)
+        entry = SnapshotEntry(id=f"snap-{self._state.index + 1}", service=service, member=choice.member,
+                              role=choice.role, epoch=svc.epoch, requested=member)
+        outcome = await self.submit(StartSnapshot(entry=entry))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        found = self._state.snapshot(entry.id)
+        assert found is not None
+        return found.model_dump(mode="json")
+
+    async def list_snapshots(self, service: str) -> list[dict[str, Any]] | None:
+        if self._state.service(service) is None:
+            return None
+        return [s.model_dump(mode="json") for s in reversed(self._state.snapshots) if s.service == service]
+
+    async def get_snapshot(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
+        entry = self._state.snapshot(snapshot_id)
+        return entry.model_dump(mode="json") if entry is not None and entry.service == service else None
 
     async def announce(self, service: str, announcement: Announcement) -> dict[str, Any]:
         """Commits the announced primary at once (no plan, no record): the API's view of it."""
