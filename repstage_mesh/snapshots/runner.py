@@ -87,6 +87,7 @@ class SnapshotDeps:
     tracing: Tracing = field(default_factory=Tracing.disabled)
     metrics: MeshMetrics | None = None
     environ: Mapping[str, str] | None = None
+    lease_margin: float = 2 * COMMIT_TIMEOUT  # added to the lease beyond the steps' own timeouts
 
 
 @dataclass
@@ -112,7 +113,7 @@ class SnapshotRunner:
             snapshot_id=entry_id, service=service, member=member, node=self.deps.node_id,
             pre_hook=s.pre_hook, post_hook=s.post_hook, drain_timeout=s.drain_timeout,
             take_timeout=s.take_timeout, keep=s.keep,
-            lease_seconds=s.drain_timeout * 2 + s.take_timeout + hook_timeout + 2 * COMMIT_TIMEOUT, **fields,
+            lease_seconds=s.drain_timeout * 2 + s.take_timeout + hook_timeout + self.deps.lease_margin, **fields,
         )
 
     async def start(self, service: str, ask: str = "replica") -> SnapshotEntry:
