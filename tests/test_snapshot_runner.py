@@ -172,3 +172,34 @@ async def test_a_second_snapshot_of_a_service_is_refused_while_one_runs(tmp_path
     with pytest.raises(SnapshotRefused):
         await r.start("nope")
     await r.stop()
+
+
+# --- REST ------------------------------------------------------------------------------------
+
+
+async def test_rest_starts_lists_and_gets_snapshots_and_refuses_bad_input() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from repstage_mesh.api.app import build_app
+    from repstage_mesh.api.snapshots import snapshot_operations
+    from tests.fakes import FakePlane, orders_spec
+
+    plane = FakePlane(services=[orders_spec()])
+    async with TestClient(TestServer(build_app(plane, extra_operations=snapshot_operations()))) as client:
+        started = await client.post("/v1/services/orders/snapshots", json={})
+        body = await started.json()
+        assert started.status == 202 and body["member"] == "a" and body["status"] == "running"
+        assert body["intent_index"] == plane.state().index
+        again = await client.post("/v1/services/orders/snapshots", json={"member": "b"})
+        assert again.status == 409 and (await again.json())["error"]["code"] == "conflict"
+        bad = await client.post("/v1/services/orders/snapshots", json={"member": "B!"})
+        assert bad.status == 422 and (await bad.json())["error"]["field"] == "member"
+        listed = await (await client.get("/v1/services/orders/snapshots")).json()
+        assert [s["id"] for s in listed["snapshots"]] == [body["id"]]
+        one = await client.get(f"/v1/services/orders/snapshots/{body['id']}")
+        assert one.status == 200 and (await one.json())["epoch"] == body["epoch"]
+        assert (await client.get("/v1/services/orders/snapshots/nope")).status == 404
+        assert (await client.get("/v1/services/nope/snapshots")).status == 404
+        assert (await client.post("/v1/services/nope/snapshots", json={})).status == 404
+        openapi = await (await client.get("/openapi.json")).json()
+        assert "/v1/services/{name}/snapshots/{id}" in openapi["paths"]

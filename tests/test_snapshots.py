@@ -283,3 +283,20 @@ def test_envoy_cx_active_is_read_per_host_and_a_zero_may_be_left_out() -> None:
     assert cx_active(body, naming.read_cluster("orders"), member) == 3
     assert cx_active(body, naming.read_cluster("orders"), THREE.members[2]) == 0
     assert cx_active(body, naming.read_cluster("orders"), THREE.members[0]) is None
+
+
+def test_snapshot_settings_are_checked_with_the_field_named(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from repstage_mesh.config import ConfigError, load_config
+
+    path = Path(str(tmp_path)) / "c.yaml"
+    path.write_text("snapshots: {drain_timeout: -1, envoy_admins: ['nope']}\n")
+    with pytest.raises(ConfigError) as bad:
+        load_config(str(path))
+    text = str(bad.value)
+    assert "snapshots.drain_timeout" in text and "snapshots.envoy_admins" in text
+    path.write_text("node: {data_dir: /tmp/d}\nsnapshots: {pre_hook: quiesce}\n")
+    settings = load_config(str(path))
+    assert settings.snapshots.pre_hook == "quiesce"
+    assert settings.snapshots.storage_uri(settings.node.data_dir) == "file:///tmp/d/snapshots"
