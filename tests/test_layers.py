@@ -88,3 +88,10 @@ def test_size_limits(copy: Path) -> None:
     result = subprocess.run(script, capture_output=True, text=True)
     assert result.returncode == 1
     assert "repstage_mesh/core/naming.py" in result.stdout and "too_long: 62 lines" in result.stdout
+
+
+def test_the_snapshot_workflow_doing_io_fails(copy: Path) -> None:
+    append(copy / "repstage_mesh" / "snapshots" / "workflow.py", "import asyncio  # noqa")
+    result = lint_imports(copy)
+    assert result.returncode != 0
+    assert "The snapshot workflow and its member choice do no I/O BROKEN" in result.stdout
