@@ -86,11 +86,12 @@ def test_a_new_leader_returns_the_member_and_ends_the_snapshot(cluster: Cluster)
     try:
         for other in others:
             other.close()
-        status, started = leader.call("POST", "/v1/services/cache/snapshots", {"member": "r1"})
-        assert status == 202 and started["member"] == "r1", started
+        follower = next(n for n in c.nodes if n is not leader)
+        # asked of a follower, which carries it to the leader
+        status, started = follower.call("POST", "/v1/services/cache/snapshots", {"member": "r1"})
+        assert status == 202 and started["member"] == "r1" and started["lease_holder"] == leader.name, started
         port = c.group.port("r1")
         wait_until(lambda: "eds_status_draining" in c.read_line(port), 10, what="r1 DRAINING in Envoy")
-        follower = next(n for n in c.nodes if n is not leader)
         draining = follower.get(f"/v1/services/cache/snapshots/{started['id']}")
         assert draining["pool"] == "draining" and draining["status"] == "running"
         assert held.ping()  # the open connection is what holds the drain

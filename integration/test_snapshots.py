@@ -211,6 +211,7 @@ async def test_the_drained_replica_is_absent_from_every_envoy_and_gets_no_reads(
 async def test_a_failover_during_a_snapshot_aborts_it_and_returns_the_member(mesh: Mesh) -> None:
     m = mesh
     status, started = await m.call("POST", "/v1/services/cache/snapshots", {})
+    assert status == 202, started
     member = started["member"]
     await asyncio.wait_for(m.action.started.wait(), 15)
     # The snapshotted replica is promoted behind the mesh; the probes follow it.

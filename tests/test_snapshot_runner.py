@@ -203,3 +203,30 @@ async def test_rest_starts_lists_and_gets_snapshots_and_refuses_bad_input() -> N
         assert (await client.post("/v1/services/nope/snapshots", json={})).status == 404
         openapi = await (await client.get("/openapi.json")).json()
         assert "/v1/services/{name}/snapshots/{id}" in openapi["paths"]
+
+
+async def test_one_trace_per_snapshot_and_its_metrics(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    from repstage_mesh.telemetry import Tracing
+    from repstage_mesh.telemetry.metrics import MeshMetrics
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.setup(None, "cp-1", exporter=exporter)
+    registry = CollectorRegistry()
+    metrics = MeshMetrics(registry, "cp-1")
+    plane = Replicated()
+    r = runner(plane, FakeAction(), tmp_path, tracing=tracing, metrics=metrics)
+    started = await r.start("orders")
+    await eventually(lambda: not r.running(), "the snapshot ends")
+    assert tracing.flush()
+    spans = exporter.get_finished_spans()
+    roots = [s for s in spans if s.name == "snapshot"]
+    assert len(roots) == 1 and roots[0].attributes["repstage.snapshot"] == started.id  # type: ignore[index]
+    trace_id = roots[0].context.trace_id  # type: ignore[union-attr]
+    children = [s.name for s in spans if s.parent is not None and s.context.trace_id == trace_id]  # type: ignore[union-attr]
+    assert {"await_proxies", "await_idle", "pre_hook", "take", "post_hook", "raft.commit"} <= set(children)
+    assert entry(plane, started.id).trace["traceparent"].split("-")[1] == f"{trace_id:032x}"
+    assert registry.get_sample_value("repstage_snapshots_total", {"service": "orders", "status": "completed"}) == 1
+    tracing.shutdown()

@@ -68,6 +68,8 @@ __all__ = ["SnapshotDeps", "SnapshotRunner"]
 log = logging.getLogger("repstage_mesh.snapshots")
 
 COMMIT_TIMEOUT = 5.0
+_SPAN_NAMES = {Commit: "raft.commit", AwaitProxies: "await_proxies", AwaitIdle: "await_idle", Take: "take",
+               WaitUntil: "await_previous_lease"}
 IDLE_POLL = 0.05  # seconds between looks at Envoy's counters while connections remain
 
 
@@ -216,7 +218,7 @@ class SnapshotRunner:
             event = await self._abortable(run, action)
         else:
             event = await self._io(run, action)
-        name = getattr(action, "which", None) or type(action).__name__
+        name = getattr(action, "which", None) or _SPAN_NAMES.get(type(action), type(action).__name__)
         ok = getattr(event, "ok", not isinstance(event, Aborted) and getattr(event, "result", None) is not None)
         run.trace.record(str(name), start=started, end=time.time(), ok=bool(ok),
                          detail=getattr(event, "detail", "") or getattr(event, "error", "") or getattr(event, "reason", ""))
