@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from repstage_mesh.config import SnapshotSettings
+from repstage_mesh.core.errors import CommitTimeout
 from repstage_mesh.core.models import Command, HookSpec, Member, Outcome, PutService, SetPrimary
 from repstage_mesh.core.state import apply, replay
 from repstage_mesh.decide.steps import ProxyAcks
@@ -27,8 +28,12 @@ class Replicated:
         self.state, _ = replay([PutService(spec=THREE)])
         self.runners: list[SnapshotRunner] = []
         self.acked: list[int] = []
+        self.fail_when: Any = None  # a predicate on the command: that commit times out once
 
     async def commit(self, command: Command, timeout: float) -> Outcome:
+        if self.fail_when is not None and self.fail_when(command):
+            self.fail_when = None
+            raise CommitTimeout("the commit may or may not have happened")
         self.state, outcome = apply(self.state, command, self.state.index + 1)
         for runner in self.runners:
             runner.on_state(self.state)
@@ -230,3 +235,16 @@ async def test_one_trace_per_snapshot_and_its_metrics(tmp_path: Path) -> None:
     assert entry(plane, started.id).trace["traceparent"].split("-")[1] == f"{trace_id:032x}"
     assert registry.get_sample_value("repstage_snapshots_total", {"service": "orders", "status": "completed"}) == 1
     tracing.shutdown()
+
+
+async def test_an_undo_whose_commit_did_not_land_is_tried_again_while_leading(tmp_path: Path) -> None:
+    plane, action = Replicated(), FakeAction()
+    r = runner(plane, action, tmp_path, hooks=hooks(tmp_path, pre="exit 1"))
+    r.take_over()  # this node leads (nothing to resume yet)
+    plane.fail_when = lambda c: getattr(c, "status", None) == "failed"
+    started = await r.start("orders")
+    await eventually(lambda: entry(plane, started.id).pool == "in" and not r.running(), "the retried undo returns the member")
+    final = entry(plane, started.id)
+    assert final.status == "failed" and "undo's commit did not land" in final.error and final.undo == ()
+    assert [s.name for s in final.steps][-2:] == ["takeover", "post_hook"]  # at least once
+    await r.stop()

@@ -115,7 +115,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Settings:
-        problems = [*_service_problems(self.services), *_listen_problems(self)]
+        problems = [*_service_problems(self.services), *_listen_problems(self), *_snapshot_problems(self)]
         if problems:
             raise ValueError("\n".join(f"{path}: {message}" for path, message in problems))
         return self
@@ -153,6 +153,18 @@ class Settings(BaseSettings):
 
     def raft_password(self) -> str | None:
         return self.raft.password.get_secret_value() if self.raft.password else None
+
+
+def _snapshot_problems(settings: Settings) -> ErrorList:
+    """`snapshots.pre_hook`/`post_hook` must name a hook of `hooks:` (where that section exists)."""
+    hooks = getattr(settings, "hooks", None)
+    if hooks is None:
+        return []
+    return [
+        (f"snapshots.{field}", f"no hook named {name!r} in hooks: (known: {sorted(hooks)})")
+        for field, name in (("pre_hook", settings.snapshots.pre_hook), ("post_hook", settings.snapshots.post_hook))
+        if name is not None and name not in hooks
+    ]
 
 
 def _service_problems(services: Sequence[ServiceConfig]) -> ErrorList:

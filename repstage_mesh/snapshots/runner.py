@@ -70,6 +70,7 @@ log = logging.getLogger("repstage_mesh.snapshots")
 COMMIT_TIMEOUT = 5.0
 _SPAN_NAMES = {Commit: "raft.commit", AwaitProxies: "await_proxies", AwaitIdle: "await_idle", Take: "take",
                WaitUntil: "await_previous_lease"}
+RETRY_UNDO = 1.0  # seconds before an undo whose commit did not land is tried again
 IDLE_POLL = 0.05  # seconds between looks at Envoy's counters while connections remain
 
 
@@ -105,6 +106,7 @@ class SnapshotRunner:
     def __init__(self, deps: SnapshotDeps) -> None:
         self.deps = deps
         self._runs: dict[str, _Run] = {}
+        self._leading = False
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class SnapshotRunner:
     def take_over(self) -> None:
         """Resume every snapshot the state shows unfinished (running, or an undo owed) that no
         task of this node runs: return its member, take its lease, run its owed post-hook."""
+        self._leading = True
         for entry in self.deps.state().snapshots:
             if entry.id in self._runs or not (entry.running or entry.undo or entry.pool != "in"):
                 continue
@@ -177,6 +180,7 @@ class SnapshotRunner:
             run.task = asyncio.create_task(self._drive(run, action, time.time()), name=f"snapshot-undo-{entry.id}")
 
     async def stop(self) -> None:
+        self._leading = False
         runs, self._runs = list(self._runs.values()), {}
         for run in runs:
             if run.task is not None:
@@ -204,6 +208,10 @@ class SnapshotRunner:
         finally:
             self._runs.pop(wf.plan.snapshot_id, None)
         assert isinstance(action, Finished)
+        if action.status == "unknown" and self._leading:
+            # The undo's last commit did not land (a commit timeout while still leading): try
+            # again, as a new leader would, until the state shows the member back.
+            asyncio.get_running_loop().call_later(RETRY_UNDO, self.take_over)
         seconds = run.trace.end(error=action.error or None)
         if self.deps.metrics is not None:
             self.deps.metrics.observe_snapshot(wf.plan.service, action.status, seconds)
@@ -299,7 +307,8 @@ class SnapshotRunner:
         if found is None:
             return Done(False, time.time(), f"{action.which}: the snapshot or its service is gone")
         result = await run_hook(spec, hook_values(found[1], found[0]))
-        return Done(result.ok, time.time(), f"{action.which} {action.name}: {result.detail}")
+        detail = result.detail.replace("promote_hook.", "")  # the runner is shared with promotion hooks
+        return Done(result.ok, time.time(), f"{action.which} {action.name}: {detail}")
 
     async def _take(self, run: _Run, action: Take) -> Took:
         found = self._entry_and_spec(run)

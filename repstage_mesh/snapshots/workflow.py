@@ -211,10 +211,13 @@ class SnapshotWorkflow:
         """The undo of `entry`, which another leader ran and may have left half done."""
         wf = cls(plan=plan, phase=Phase.RESUME)
         wf.owes_post_hook = POST_HOOK in entry.undo and plan.post_hook is not None
-        wf.resume_at = entry.lease_until
+        # Our own lease (an undo whose commit did not land): nothing of ours still acts on it.
+        wf.resume_at = now if entry.lease_holder == plan.node else entry.lease_until
         wf.aborted = entry.status == "aborted"
         wf.status = "failed" if entry.running else entry.status
-        wf.error = f"interrupted: leader {entry.lease_holder or '?'} stopped leading" if entry.running else entry.error
+        why = ("its undo's commit did not land; undone again" if entry.lease_holder == plan.node
+               else f"leader {entry.lease_holder or '?'} stopped leading")
+        wf.error = f"interrupted: {why}" if entry.running else entry.error
         step = SnapshotStep(name="takeover", at=now, ok=True, detail=f"{plan.node} took over from {entry.lease_holder or '?'}")
         command = UpdateSnapshot(
             id=entry.id, status="failed" if entry.running else None, pool="in",
