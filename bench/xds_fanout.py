@@ -51,9 +51,13 @@ import grpc.aio
 from repstage_mesh.xds import resources as R
 from repstage_mesh.xds import wire
 from repstage_mesh.xds.cache import SnapshotCache
+from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
 from repstage_mesh.xds.server import AdsServer
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
+
+# Thousands of simulated proxies share one address here: lift the per-peer stream limit.
+BENCH_LIMITS = XdsLimits(max_streams_per_peer=100_000, max_streams=100_000)
 
 SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
@@ -131,7 +135,7 @@ async def serve(
     tracker = ProxyTracker("bench")
     watch = EdsAckWatch()
     tracker.observers.append(watch)
-    server = TimedAdsServer(cache, tracker, "bench")
+    server = TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS)
     port = await server.start("127.0.0.1", 0)
     listen_ports = [20000 + i for i in range(services)]  # never bound: no Envoy here
     version = 1
@@ -201,7 +205,7 @@ async def serve(
         await server.stop(0)
 
 
-def fast_parse_sotw(data: bytes) -> Any:
+def fast_parse_sotw(data: bytes, *_limits: Any) -> Any:
     """Experiment (--fast-parse): the server's parse_sotw done by a wire scan instead of
     betterproto2's DiscoveryRequest.parse (which builds a pydantic validator per message).
     Node and error_detail are still parsed with betterproto2, only when present."""

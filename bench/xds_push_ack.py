@@ -38,9 +38,12 @@ import grpc.aio
 
 from repstage_mesh.xds import resources as R
 from repstage_mesh.xds.cache import SnapshotCache
+from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
 from repstage_mesh.xds.server import AdsServer
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
+
+BENCH_LIMITS = XdsLimits(max_streams_per_peer=100_000, max_streams=100_000)  # one address, many proxies
 
 _WRITES: list[float] = []  # perf_counter() when a context.write returned (timed server)
 
@@ -122,7 +125,7 @@ async def run_mode(
     tracker = ProxyTracker("bench")
     watch = AckWatch(expected=n)
     tracker.observers.append(watch)
-    server = TimedAdsServer(cache, tracker, "bench")
+    server = TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS)
     port = await server.start("127.0.0.1", 0)
     listen_ports = [common.free_port()]
     backends = (19001, 19002)

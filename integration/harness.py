@@ -284,6 +284,7 @@ class Envoy:
         xds: list[str],
         delta: bool = False,
         extra_args: list[str] | None = None,
+        bootstrap_args: list[str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.admin_port = free_low_port()
@@ -304,6 +305,7 @@ class Envoy:
             argv += ["--xds", x]
         if delta:
             argv.append("--delta")
+        argv += bootstrap_args or []
         subprocess.run(argv, check=True, capture_output=True)
         self.proc = Proc(
             [
@@ -407,7 +409,7 @@ def start_cluster(nodes: list[ControlPlaneNode], timeout: float = 30.0) -> None:
 
 
 def raft_address(node: ControlPlaneNode) -> str:
-    return str(node.config["raft"]["bind"])
+    return str(node.config["raft"].get("advertise") or node.config["raft"]["bind"])
 
 
 def cluster_leader(nodes: list[ControlPlaneNode], timeout: float = 10.0) -> ControlPlaneNode:

@@ -227,6 +227,14 @@ def test_nack_is_recorded_not_resent_and_traffic_keeps_flowing(mesh: Mesh) -> No
                 mesh.envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == rejected
             )
             assert mesh.proxy()["types"]["lds"]["sync"] == "nacked"
+            # A NACK is "not synced" (for a fence: not fenced), and the progress long-poll says
+            # why, with Envoy's error (issue 11).
+            proxy = mesh.proxy()
+            assert proxy["synced"] is False
+            progress = mesh.cp.get(f"/v1/proxies/progress?min_index={int(proxy['snapshot_version'])}&wait=0")
+            assert not progress["satisfied"], progress
+            [behind] = progress["behind"]
+            assert behind["state"] == "nacked" and behind["error"].startswith("lds: "), behind
             # A later valid change is accepted.
             status, _ = mesh.cp.call("DELETE", "/v1/services/bad")
             assert status == 200

@@ -123,6 +123,17 @@ def inline_routes(listener: Listener, routes: dict[str, RouteConfiguration]) -> 
     return out
 
 
+def test_bootstrap_with_xds_mtls_is_valid(tmp_path: Path) -> None:
+    from repstage_mesh.filters.xds_tls import XdsTls
+    from tests.certs import CertAuthority
+
+    ca = CertAuthority()
+    cert, key = ca.issue("edge-1", uris=("spiffe://repstage/envoy/edge-1",)).write(tmp_path, "edge-1")
+    (tmp_path / "ca.crt").write_bytes(ca.pem)
+    tls = XdsTls(str(cert), str(key), str(tmp_path / "ca.crt"), server_name="cp.example")
+    envoy_validate(build_bootstrap("edge-1", [("127.0.0.1", 18000)], 9901, tls=tls), tmp_path)
+
+
 def test_bootstrap_alone_is_valid_sotw_and_delta(tmp_path: Path) -> None:
     envoy_validate(build_bootstrap("n1", [("127.0.0.1", 18000)], 9901), tmp_path)
     envoy_validate(

@@ -120,6 +120,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
             "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
             "snapshots": {"envoy_admins": [f"127.0.0.1:{e.admin_port}" for e in envoys], "drain_timeout": 10,
                           "pre_hook": "pre", "post_hook": "post"},
+            "hooks": {"pre": {"command": ["sh", "-c", "exit 0"]}, "post": {"command": ["sh", "-c", "exit 0"]}},
             "services": [{"name": "cache", "protocol": "redis", "listen_port": listen, "read_port": read,
                           "members": members, "primary": "r0",
                           "leadership": {"source": "probe", "mode": "follow"}}],
@@ -128,10 +129,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         path.write_text(yaml.safe_dump(config))
         node = Node(load_config(path, env={}))
         action = HeldRedisBgsave(tmp_path)
-        node.snapshots.deps.actions = lambda kind: action
-        node.snapshots.deps.hooks = {
-            "pre": HookSpec(command=("sh", "-c", "exit 0")), "post": HookSpec(command=("sh", "-c", "exit 0")),
-        }.get
+        node.snapshots.deps.actions = lambda kind: action  # the test's held BGSAVE (see above)
         try:
             await node.start()
             for envoy in envoys:

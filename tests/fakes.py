@@ -16,13 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.core.errors import NotReady, Rejected, SnapshotRefused
+from repstage_mesh.api.plane import DIRECT, Caller
+from repstage_mesh.core.errors import DecisionRefused, Rejected, SnapshotRefused
 from repstage_mesh.core.models import (
     Announcement,
     Command,
@@ -35,6 +37,7 @@ from repstage_mesh.core.models import (
     StartSnapshot,
 )
 from repstage_mesh.core.state import apply
+from repstage_mesh.failover.proxies import Progress
 
 
 class FakePlane:
@@ -91,6 +94,9 @@ class FakePlane:
     def proxies(self) -> list[dict[str, Any]]:
         return list(self.proxy_list)
 
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        return Progress(node_id=self.node_id, satisfied=True, low_water=min_index, connected=0)
+
     def cluster(self) -> dict[str, Any]:
         return {
             **self.cluster_view,
@@ -101,53 +107,71 @@ class FakePlane:
     def ready(self) -> bool:
         return self.is_ready
 
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+    async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
         return self.node_id, []
 
-    async def failover(self, record_id: str) -> dict[str, Any] | None:
+    async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        raise NotReady("this in-memory plane runs no failovers")
-
-    async def start_snapshot(self, service: str, member: str) -> dict[str, Any]:
-        """Commits the intent only (no runner): the API's view of a started snapshot."""
-        from repstage_mesh.snapshots.choice import choose_member
-
+    async def switchover(
+        self, service: str, to: str, timeout: float | None,
+        wait: float | None = None, caller: Caller = DIRECT,
+    ) -> dict[str, Any]:
+        # refused the way the real decider refuses (4xx), so that a fuzzer sees no 5xx
         svc = self._state.service(service)
         if svc is None:
-            raise SnapshotRefused("not_found", f"no service named {service!r}", "service")
-        choice = choose_member(svc, {}, 0, member)
-        entry = SnapshotEntry(id=f"snap-{self._state.index + 1}", service=service, member=choice.member,
-                              role=choice.role, epoch=svc.epoch, requested=member)
-        outcome = await self.submit(StartSnapshot(entry=entry))
-        if not outcome.ok and outcome.rejection is not None:
-            raise Rejected(outcome.rejection)
-        found = self._state.snapshot(entry.id)
-        assert found is not None
-        return found.model_dump(mode="json")
+            raise DecisionRefused("not_found", f"no service named {service!r}", "service")
+        if svc.spec.member(to) is None:
+            raise DecisionRefused("not_found", f"{to!r} is not a member of {service!r}", "to")
+        raise DecisionRefused("invalid", f"service {service!r} is in follow mode", "service")
 
-    async def list_snapshots(self, service: str) -> list[dict[str, Any]] | None:
-        if self._state.service(service) is None:
-            return None
-        return [s.model_dump(mode="json") for s in reversed(self._state.snapshots) if s.service == service]
-
-    async def get_snapshot(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
-        entry = self._state.snapshot(snapshot_id)
-        return entry.model_dump(mode="json") if entry is not None and entry.service == service else None
-
-    async def announce(self, service: str, announcement: Announcement) -> dict[str, Any]:
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
         """Commits the announced primary at once (no plan, no record): the API's view of it."""
         self.announcements.append((service, announcement))
         before = self._state.service(service)
         outcome = await self.submit(SetPrimary(service=service, member=announcement.member,
-                                               token=announcement.token, cause=announcement.cause))
+                                               token=announcement.token, cause=announcement.cause,
+                                               by=announcement.by))
         if not outcome.ok and outcome.rejection is not None:
             raise Rejected(outcome.rejection)
         result = outcome.result
         return {"service": service, "primary": result["primary"], "epoch": result["epoch"],
                 "previous_primary": before.primary if before else None, "changed": result["changed"],
                 "applied_index": self._state.index, "failover": None}
+
+
+class FakeSnapshots:
+    """The snapshot endpoints' desk over a FakePlane: commits the intent only (no runner)."""
+
+    def __init__(self, plane: FakePlane) -> None:
+        self.plane = plane
+
+    async def start(self, service: str, member: str, caller: Caller = DIRECT) -> dict[str, Any]:
+        from repstage_mesh.snapshots.choice import choose_member
+
+        state = self.plane.state()
+        svc = state.service(service)
+        if svc is None:
+            raise SnapshotRefused("not_found", f"no service named {service!r}", "service")
+        choice = choose_member(svc, {}, 0, member)
+        entry = SnapshotEntry(id=f"snap-{state.index + 1}", service=service, member=choice.member,
+                              role=choice.role, epoch=svc.epoch, requested=member)
+        outcome = await self.plane.submit(StartSnapshot(entry=entry))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        found = self.plane.state().snapshot(entry.id)
+        assert found is not None
+        return found.model_dump(mode="json")
+
+    def list(self, service: str) -> list[dict[str, Any]] | None:
+        state = self.plane.state()
+        if state.service(service) is None:
+            return None
+        return [s.model_dump(mode="json") for s in reversed(state.snapshots) if s.service == service]
+
+    def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
+        entry = self.plane.state().snapshot(snapshot_id)
+        return entry.model_dump(mode="json") if entry is not None and entry.service == service else None
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:
@@ -173,7 +197,7 @@ PROXY = {
     "stream_kind": "delta",
     "control_plane": "node-1",
     "connected": True,
-    "synced": True,  # holds the committed state (its NACKed type will not move)
+    "synced": True,  # display fixture (the real tracker says False while a NACK stands)
     "snapshot_version": "1000000",
     "types": {
         "cds": {
@@ -252,3 +276,32 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.01)
+
+
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for the IP `host` (PEM files: certificate, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "repstage-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "api.crt", directory / "api.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_file, key_file

@@ -219,6 +219,9 @@ class SlowRepoints:
     async def positions(self, *args: Any) -> dict[str, int | None]:
         return {}
 
+    def hook_timeout(self, spec: Any) -> float | None:
+        return None
+
 
 async def test_a_hanging_repoint_does_not_delay_an_announce_and_history_is_committed() -> None:
     h = _stray_harness()

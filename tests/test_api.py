@@ -548,7 +548,11 @@ def schemathesis_failures(plane: FakePlane, only_path: str | None = None) -> lis
         unsupported_method,
         ignored_auth,
     ]
-    with LiveApi(plane, TOKENS.model_copy(update={"listen": "127.0.0.1:0"})) as live:
+    from repstage_mesh.api.failovers import failover_operations
+
+    # the whole document: the core endpoints and the failover ones, as a node serves them
+    api_settings = TOKENS.model_copy(update={"listen": "127.0.0.1:0"})
+    with LiveApi(plane, api_settings, extra_operations=failover_operations()) as live:
         schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
         failures: list[str] = []
         for result in schema.get_all_operations():

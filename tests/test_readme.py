@@ -8,6 +8,7 @@ from pathlib import Path
 from repstage_mesh.api.app import operations
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.snapshots import snapshot_operations
+from fakes import FakePlane, FakeSnapshots
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -16,7 +17,7 @@ def test_readme_rest_reference_matches_the_api() -> None:
     text = README.read_text()
     start, end = text.index("<!-- rest-reference"), text.index("<!-- /rest-reference -->")
     rows = set(re.findall(r"^\| (GET|PUT|POST|DELETE) \| `([^`?]+)", text[start:end], re.M))
-    documented = {(op.method, op.path) for op in [*operations(), *failover_operations(), *snapshot_operations()]}
+    documented = {(op.method, op.path) for op in [*operations(), *failover_operations(), *snapshot_operations(FakeSnapshots(FakePlane()))]}
     assert rows == documented, f"missing from README: {documented - rows}; not in the API: {rows - documented}"
 
 

@@ -17,8 +17,8 @@ from repstage_mesh.decide.steps import ProxyAcks
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotTarget
 from repstage_mesh.snapshots.choice import MemberReport
 from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
-from tests.fakes import eventually
-from tests.test_snapshots import THREE
+from fakes import eventually
+from test_snapshots import THREE
 
 
 class Replicated:
@@ -187,10 +187,10 @@ async def test_rest_starts_lists_and_gets_snapshots_and_refuses_bad_input() -> N
 
     from repstage_mesh.api.app import build_app
     from repstage_mesh.api.snapshots import snapshot_operations
-    from tests.fakes import FakePlane, orders_spec
+    from fakes import FakePlane, FakeSnapshots, orders_spec
 
     plane = FakePlane(services=[orders_spec()])
-    async with TestClient(TestServer(build_app(plane, extra_operations=snapshot_operations()))) as client:
+    async with TestClient(TestServer(build_app(plane, extra_operations=snapshot_operations(FakeSnapshots(plane))))) as client:
         started = await client.post("/v1/services/orders/snapshots", json={})
         body = await started.json()
         assert started.status == 202 and body["member"] == "a" and body["status"] == "running"

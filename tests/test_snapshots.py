@@ -38,7 +38,7 @@ from repstage_mesh.snapshots.workflow import (
     Take,
     Took,
 )
-from tests.fakes import orders_spec
+from fakes import orders_spec
 
 THREE = orders_spec(members=[
     {"name": "a", "address": "127.0.0.1", "port": 9001},
@@ -296,7 +296,12 @@ def test_snapshot_settings_are_checked_with_the_field_named(tmp_path: object) ->
         load_config(str(path))
     text = str(bad.value)
     assert "snapshots.drain_timeout" in text and "snapshots.envoy_admins" in text
-    path.write_text("node: {data_dir: /tmp/d}\nsnapshots: {pre_hook: quiesce}\n")
+    path.write_text("snapshots: {pre_hook: quiesce}\n")
+    with pytest.raises(ConfigError) as unknown:
+        load_config(str(path))
+    assert "snapshots.pre_hook: no hook named 'quiesce'" in str(unknown.value)
+    path.write_text("node: {data_dir: /tmp/d}\nsnapshots: {pre_hook: quiesce}\n"
+                    "hooks: {quiesce: {command: [/bin/true]}}\n")
     settings = load_config(str(path))
     assert settings.snapshots.pre_hook == "quiesce"
     assert settings.snapshots.storage_uri(settings.node.data_dir) == "file:///tmp/d/snapshots"

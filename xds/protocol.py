@@ -334,6 +334,10 @@ class DeltaStream(_Stream):
     """Incremental (Delta) xDS over one ADS stream."""
 
     kind = "delta"
+    # At most this many responses of one type wait for an ACK (xds.limits.max_unacked_delta):
+    # a client that stops answering is sent nothing more of that type until it answers.
+    max_unacked: int | None = None
+    throttled = False  # set when a response was held back by max_unacked (the server counts it)
 
     def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
         yield from state.held.values()
@@ -399,6 +403,9 @@ class DeltaStream(_Stream):
         state = self.types[type_url]
         if not state.requested:
             return None
+        if self.max_unacked is not None and len(state.pending) >= self.max_unacked:
+            self.throttled = True
+            return None
         desired = self._desired(type_url, state)
         updates: dict[str, EncodedResource] = {}
         for name in sorted(desired):
@@ -443,10 +450,14 @@ def digest_of(resources: Mapping[str, EncodedResource]) -> str:
 
 def type_sync_state(stream: SotwStream | DeltaStream, type_url: str) -> str:
     """'synced', 'pending' (a response is in flight), 'nacked' (the client refused the current
-    content and keeps an older one), 'behind' (something newer is not yet sent) or 'idle'."""
+    content and keeps an older one), 'behind' (something newer is not yet sent), 'ahead' (the
+    client came back claiming a version newer than this replica's snapshot: nothing is sent to
+    it until the snapshot catches up) or 'idle'."""
     state = stream.types.get(type_url)
     if state is None or not state.requested or stream.snapshot is None:
         return "idle"
+    if isinstance(stream, SotwStream) and state.floor > stream.snapshot.index and not state.pending:
+        return "ahead"
     if state.pending:
         return "pending"
     desired = stream._desired(type_url, state)

@@ -14,34 +14,39 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
-from envoy_data_plane.envoy.config.core.v3 import Node
 from grpc import aio
 
 from . import wire
 from .cache import Snapshot, SnapshotCache
+from .limits import LimitExceeded, StreamSlots, XdsLimits, check_names
 from .protocol import (
     Action,
-    DeltaRequest,
     DeltaStream,
     NodeInfo,
     ProtocolError,
     Send,
-    SotwRequest,
     SotwStream,
 )
+from .requests import NodeReading, node_info, parse_delta, parse_sotw
+from .tls import CertificateReloader, Refusal, XdsSecurity
 from .tracker import ProxyTracker
+
+__all__ = ["AdsServer", "GuardObserver", "frame", "node_info", "parse_delta", "parse_sotw"]
 
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _GRPC_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    # Envoy's bootstrap (filters/bootstrap.py) pings every 2 s to notice a paused control-plane
+    # A proxy that vanished (host down, partition) is noticed within ~3 s, so a failover's proxy
+    # wait stops waiting for it (xds/tracker.py: a disconnected proxy is not waited for).
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 1_000),
+    # Envoy's bootstrap (filters/bootstrap.py) pings every 0.4 s to notice a paused control-plane
     # node; grpcio's defaults answer such pings with GOAWAY "too_many_pings" after ~11 s.
     ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 0),
@@ -53,75 +58,6 @@ _GRPC_OPTIONS = [
     ("grpc.server.max_pending_requests", 100_000),
     ("grpc.server.max_pending_requests_hard_limit", 100_000),
 ]
-
-
-def node_info(node: Node | None) -> NodeInfo | None:
-    if node is None:
-        return None
-    metadata: dict[str, object] = {}
-    if node.metadata is not None:
-        try:
-            metadata = dict(node.metadata.to_dict())
-        except Exception:  # metadata is informative only
-            metadata = {}
-    return NodeInfo(id=node.id, cluster=node.cluster, metadata=metadata, user_agent=node.user_agent_name)
-
-
-def parse_sotw(data: bytes) -> SotwRequest:
-    """DiscoveryRequest{version_info=1, node=2, resource_names=3, type_url=4,
-    response_nonce=5, error_detail=6}, read by a wire scan; only a node is parsed with
-    envoy-data-plane (it comes once per stream)."""
-    version = type_url = nonce = ""
-    names: list[str] = []
-    node: NodeInfo | None = None
-    error: str | None = None
-    for number, _, value in wire.iter_fields(data):
-        if not isinstance(value, bytes):
-            continue
-        if number == 1:
-            version = value.decode()
-        elif number == 2:
-            node = node_info(Node.parse(value))
-        elif number == 3:
-            names.append(value.decode())
-        elif number == 4:
-            type_url = value.decode()
-        elif number == 5:
-            nonce = value.decode()
-        elif number == 6:
-            error = wire.decode_status(value)
-    return SotwRequest(type_url, version, nonce, tuple(names), error, node)
-
-
-def parse_delta(data: bytes) -> DeltaRequest:
-    """DeltaDiscoveryRequest{node=1, type_url=2, resource_names_subscribe=3,
-    resource_names_unsubscribe=4, initial_resource_versions=5, response_nonce=6,
-    error_detail=7}, read by a wire scan."""
-    type_url = nonce = ""
-    subscribe: list[str] = []
-    unsubscribe: list[str] = []
-    initial: dict[str, str] = {}
-    node: NodeInfo | None = None
-    error: str | None = None
-    for number, _, value in wire.iter_fields(data):
-        if not isinstance(value, bytes):
-            continue
-        if number == 1:
-            node = node_info(Node.parse(value))
-        elif number == 2:
-            type_url = value.decode()
-        elif number == 3:
-            subscribe.append(value.decode())
-        elif number == 4:
-            unsubscribe.append(value.decode())
-        elif number == 5:
-            key, version = wire.decode_map_entry(value)
-            initial[key] = version
-        elif number == 6:
-            nonce = value.decode()
-        elif number == 7:
-            error = wire.decode_status(value)
-    return DeltaRequest(type_url, tuple(subscribe), tuple(unsubscribe), initial, nonce, error, node)
 
 
 def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
@@ -138,13 +74,66 @@ def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
     return body + wire.sotw_tail(send.nonce, control_plane_id)
 
 
-class AdsServer:
-    """Serves ADS from a SnapshotCache; records every stream in a ProxyTracker."""
+class _QuietLog:
+    """At most one log line per key (a limit or refusal reason) per second, so a client that
+    opens thousands of refused streams cannot flood the log; the metrics count every one."""
 
-    def __init__(self, cache: SnapshotCache, tracker: ProxyTracker, control_plane_id: str = "") -> None:
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def log(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        suffix = f" ({quiet} more like it since the last line, not logged)" if quiet else ""
+        log.info(message + suffix, *args)
+
+
+class GuardObserver(Protocol):
+    """Told when a limit is hit (`limits.LIMIT_NAMES`) or a stream refused
+    (`tls.REFUSAL_REASONS`): both fixed sets, so metric labels stay bounded."""
+
+    def on_limit(self, limit: str) -> None: ...
+    def on_refusal(self, reason: str) -> None: ...
+
+
+class _NoGuardObserver:
+    def on_limit(self, limit: str) -> None:
+        return None
+
+    def on_refusal(self, reason: str) -> None:
+        return None
+
+
+class AdsServer:
+    """Serves ADS from a SnapshotCache; records every stream in a ProxyTracker. `limits` bound
+    what one client may cost; `security` decides who may open a stream (TLS, node identity,
+    plaintext on loopback only)."""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        tracker: ProxyTracker,
+        control_plane_id: str = "",
+        *,
+        limits: XdsLimits | None = None,
+        security: XdsSecurity | None = None,
+        guard: GuardObserver | None = None,
+    ) -> None:
         self.cache = cache
         self.tracker = tracker
         self.control_plane_id = control_plane_id
+        self.limits = limits or XdsLimits()
+        self.security = security or XdsSecurity()
+        self.guard: GuardObserver = guard or _NoGuardObserver()
+        self.slots = StreamSlots(self.limits)
+        self._log = _QuietLog()
+        self.reloader: CertificateReloader | None = None
         self._ids = itertools.count(1)
         self._server: aio.Server | None = None
         self.port: int | None = None
@@ -161,14 +150,26 @@ class AdsServer:
         )
 
     async def start(self, host: str, port: int) -> int:
-        server = aio.server(options=_GRPC_OPTIONS)
+        # grpc's own cap is above ours, so a request between the two is counted (request_bytes).
+        receive_cap = self.limits.max_request_bytes + 64 * 1024
+        server = aio.server(options=[*_GRPC_OPTIONS, ("grpc.max_receive_message_length", receive_cap)])
         server.add_generic_rpc_handlers((self.handler(),))
-        bound = server.add_insecure_port(f"{host}:{port}")
+        tls = self.security.tls
+        if tls is not None:
+            self.reloader = CertificateReloader(tls)
+            bound = server.add_secure_port(f"{host}:{port}", self.reloader.credentials())
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise OSError(f"xDS: cannot listen on {host}:{port} (address in use or not available)")
         await server.start()
         self._server, self.port = server, bound
-        log.info("xDS (ADS, SotW and Delta) listening on %s:%d", host, bound)
+        mode = "mTLS, node id checked against " + str(self.security.identity) if tls else (
+            "plaintext, INSECURE: any peer" if self.security.insecure else "plaintext, loopback peers only"
+        )
+        (log.warning if tls is None and self.security.insecure else log.info)(
+            "xDS (ADS, SotW and Delta) listening on %s:%d (%s)", host, bound, mode
+        )
         return bound
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -177,17 +178,51 @@ class AdsServer:
             self._server = None
 
     async def _sotw(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> None:
-        await self._serve(requests, context, SotwStream(), parse_sotw)
+        await self._admitted(requests, context, SotwStream(), parse_sotw)
 
     async def _delta(self, requests: AsyncIterator[bytes], context: aio.ServicerContext) -> None:
-        await self._serve(requests, context, DeltaStream(), parse_delta)
+        stream = DeltaStream()
+        stream.max_unacked = self.limits.max_unacked_delta
+        await self._admitted(requests, context, stream, parse_delta)
+
+    async def _refuse(self, context: aio.ServicerContext, refusal: Refusal) -> None:
+        self.guard.on_refusal(refusal.reason)
+        self._log.log(refusal.reason, "xDS stream from %s refused: %s", context.peer(), refusal.message)
+        await context.abort(grpc.StatusCode[refusal.code], refusal.message)
+
+    async def _over(self, context: aio.ServicerContext, exc: LimitExceeded) -> None:
+        self.guard.on_limit(exc.limit)
+        self._log.log(exc.limit, "xDS stream from %s closed: %s", context.peer(), exc)
+        await context.abort(grpc.StatusCode[exc.code], str(exc))
+
+    async def _admitted(
+        self,
+        requests: AsyncIterator[bytes],
+        context: aio.ServicerContext,
+        stream: SotwStream | DeltaStream,
+        parse: Callable[..., Any],
+    ) -> None:
+        """Who may open a stream (security), and how many (slots), before anything is kept."""
+        refusal = self.security.admit_peer(context.peer(), context.auth_context())
+        if refusal is not None:
+            await self._refuse(context, refusal)
+            return
+        try:
+            release = self.slots.take(context.peer())
+        except LimitExceeded as exc:
+            await self._over(context, exc)
+            return
+        try:
+            await self._serve(requests, context, stream, parse)
+        finally:
+            release()
 
     async def _serve(
         self,
         requests: AsyncIterator[bytes],
         context: aio.ServicerContext,
         stream: SotwStream | DeltaStream,
-        parse: Callable[[bytes], Any],
+        parse: Callable[..., Any],
     ) -> None:
         stream_id = next(self._ids)
         out = _Outbox(stream, stream_id, self, isinstance(stream, DeltaStream))
@@ -196,11 +231,18 @@ class AdsServer:
         try:
             async for data in requests:
                 try:
-                    request = parse(data)
+                    request = self._read(data, stream, parse)
+                except LimitExceeded as exc:
+                    await self._over(context, exc)
+                    return
                 except Exception as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse request: {exc}")
                     return
                 if cancel_watch is None:
+                    refusal = self.security.admit_node(context.auth_context(), request.node.id if request.node else None)
+                    if refusal is not None:
+                        await self._refuse(context, refusal)
+                        return
                     node = request.node or NodeInfo(id=f"unknown-{stream_id}")
                     group = self.cache.group_of(node.id, node.cluster)
                     snapshot = self.cache.get(group)
@@ -214,6 +256,9 @@ class AdsServer:
                 except ProtocolError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
+                if out.overflow:
+                    await self._over(context, out.overflow)
+                    return
                 if writer.done():
                     break
         except asyncio.CancelledError:
@@ -225,12 +270,34 @@ class AdsServer:
             self.streams.pop(stream_id, None)
             self.tracker.disconnect(stream_id)
 
+    def _read(self, data: bytes, stream: SotwStream | DeltaStream, parse: Callable[..., Any]) -> Any:
+        """Parse one request within the limits (LimitExceeded when it is over one)."""
+        limits = self.limits
+        if len(data) > limits.max_request_bytes:
+            raise LimitExceeded(
+                "request_bytes",
+                f"a request of {len(data)} bytes; the limit is {limits.max_request_bytes} "
+                "(xds.limits.max_request_bytes)",
+            )
+        reading = NodeReading()
+        request = parse(data, limits, reading)
+        if reading.dropped_metadata:
+            self.guard.on_limit("node_metadata")
+        if reading.cut_error:
+            self.guard.on_limit("error_detail")
+        if isinstance(stream, SotwStream):
+            check_names(stream, request.type_url, request.resource_names, limits)
+        else:
+            check_names(stream, request.type_url, request.subscribe, limits, request.unsubscribe)
+        return request
+
 
 class _Outbox:
     """One stream's way out. A new snapshot only marks the stream; its writer task runs the
     protocol's update and frames the responses, so a push to thousands of streams starts
     writing to the first at once instead of after every stream was computed (and a stream
-    that is slow to drain computes only the latest snapshot)."""
+    that is slow to drain computes only the latest snapshot). At most `max_outgoing_queue`
+    frames wait: a client that sends requests but does not read its responses is closed."""
 
     def __init__(self, stream: SotwStream | DeltaStream, stream_id: int, server: AdsServer, delta: bool) -> None:
         self.stream = stream
@@ -240,21 +307,35 @@ class _Outbox:
         self.frames: collections.deque[bytes] = collections.deque()
         self.latest: Snapshot | None = None
         self.wake = asyncio.Event()
+        self.overflow: LimitExceeded | None = None
 
     def snapshot(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
         self.wake.set()
 
     def emit(self, actions: list[Action]) -> None:
+        if self.overflow is not None:
+            return  # the stream is being closed
         for action in actions:
             if isinstance(action, Send):
                 self.frames.append(frame(action, self.server.control_plane_id, self.delta))
         self.server.tracker.record(self.stream_id, actions)
+        if isinstance(self.stream, DeltaStream) and self.stream.throttled:
+            self.stream.throttled = False
+            self.server.guard.on_limit("unacked_delta")
+        limit = self.server.limits.max_outgoing_queue
+        if len(self.frames) > limit and self.overflow is None:
+            self.frames.clear()
+            self.overflow = LimitExceeded(
+                "outgoing_queue",
+                f"more than {limit} responses wait for this client to read them "
+                "(xds.limits.max_outgoing_queue)",
+            )
         if self.frames:
             self.wake.set()
 
     async def write(self, context: aio.ServicerContext) -> None:
-        while True:
+        while self.overflow is None:
             await self.wake.wait()
             self.wake.clear()
             if self.latest is not None:

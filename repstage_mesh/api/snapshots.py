@@ -6,12 +6,17 @@ the reads from its copy of the replicated state, where every step of a snapshot 
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field
 
 from repstage_mesh.api.errors import ApiError
-from repstage_mesh.api.http import json_body, ok, parse, path_name, plane
+from repstage_mesh.api.failovers import caller
+from repstage_mesh.api.http import json_body, ok, parse, path_name
 from repstage_mesh.api.openapi import Operation
+from repstage_mesh.api.plane import Caller
 from repstage_mesh.core.models import Name
 
 
@@ -63,32 +68,42 @@ class SnapshotRequest(BaseModel):
     )
 
 
-async def start_snapshot(request: web.Request) -> web.Response:
-    name = path_name(request)
-    raw = await request.read()
-    body = parse(SnapshotRequest, await json_body(request)) if raw.strip() else SnapshotRequest()
-    entry = await plane(request).start_snapshot(name, body.member)
-    return ok(SnapshotView.model_validate(entry), status=202)
+class Snapshots(Protocol):
+    """What the endpoints need (snapshots/desk.SnapshotDesk on a node; a double in tests)."""
+
+    async def start(self, service: str, member: str, caller: Caller) -> dict[str, Any]: ...
+    def list(self, service: str) -> list[dict[str, Any]] | None: ...
+    def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None: ...
 
 
-async def list_snapshots(request: web.Request) -> web.Response:
-    name = path_name(request)
-    entries = await plane(request).list_snapshots(name)
-    if entries is None:
-        raise ApiError(404, "not_found", f"no service named {name!r}", "name")
-    return ok(SnapshotList(snapshots=[SnapshotView.model_validate(e) for e in entries]))
+def _handlers(desk: Snapshots) -> tuple[Handler, Handler, Handler]:
+    async def start_snapshot(request: web.Request) -> web.Response:
+        name = path_name(request)
+        raw = await request.read()
+        body = parse(SnapshotRequest, await json_body(request)) if raw.strip() else SnapshotRequest()
+        entry = await desk.start(name, body.member, caller(request))
+        return ok(SnapshotView.model_validate(entry), status=202)
+
+    async def list_snapshots(request: web.Request) -> web.Response:
+        name = path_name(request)
+        entries = desk.list(name)
+        if entries is None:
+            raise ApiError(404, "not_found", f"no service named {name!r}", "name")
+        return ok(SnapshotList(snapshots=[SnapshotView.model_validate(e) for e in entries]))
+
+    async def get_snapshot(request: web.Request) -> web.Response:
+        name = path_name(request)
+        snapshot_id = request.match_info["id"]
+        entry = desk.get(name, snapshot_id)
+        if entry is None:
+            raise ApiError(404, "not_found", f"no snapshot {snapshot_id!r} of {name!r}; GET /v1/services/{name}/snapshots lists them", "id")
+        return ok(SnapshotView.model_validate(entry))
+
+    return start_snapshot, list_snapshots, get_snapshot
 
 
-async def get_snapshot(request: web.Request) -> web.Response:
-    name = path_name(request)
-    snapshot_id = request.match_info["id"]
-    entry = await plane(request).get_snapshot(name, snapshot_id)
-    if entry is None:
-        raise ApiError(404, "not_found", f"no snapshot {snapshot_id!r} of {name!r}; GET /v1/services/{name}/snapshots lists them", "id")
-    return ok(SnapshotView.model_validate(entry))
-
-
-def snapshot_operations() -> list[Operation]:
+def snapshot_operations(desk: Snapshots) -> list[Operation]:
+    start_snapshot, list_snapshots, get_snapshot = _handlers(desk)
     service = {"name": "service name (lower-case DNS label)"}
     return [
         Operation("POST", "/v1/services/{name}/snapshots", "startSnapshot",

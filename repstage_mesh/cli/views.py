@@ -24,13 +24,34 @@ def _primary(value: Any) -> Text:
 def cluster_table(cluster: Mapping[str, Any]) -> Table:
     table = _table("Cluster", "FIELD", "VALUE")
     first = ["node_id", "leader", "term", "commit_index", "applied_index", "quorum", "peers"]
-    keys = [k for k in first if k in cluster] + sorted(k for k in cluster if k not in first)
+    shown_apart = {"config_drift"}  # drift_text
+    keys = [k for k in first if k in cluster] + sorted(
+        k for k in cluster if k not in first and k not in shown_apart
+    )
     for key in keys:
         value = cluster[key]
         if isinstance(value, list | tuple):
             value = ", ".join(str(v) for v in value) or "-"
         table.add_row(key, str(value))
     return table
+
+
+def drift_text(cluster: Mapping[str, Any]) -> Text:
+    """The node's config drift: services whose spec in its config file is not the replicated
+    one, and how to resolve it."""
+    items = cluster.get("config_drift") or []
+    if not items:
+        return Text("config file: in step with the replicated services", style="green")
+    text = Text(f"config drift on {cluster.get('node_id', 'this node')}: its config file differs "
+                "from the replicated services (the file only seeds; the replicated spec is in force)\n",
+                style="yellow")  # fmt: skip
+    for item in items:
+        if item.get("kind") == "missing":
+            text.append(f"  {item['service']}: in the config file only\n")
+        else:
+            text.append(f"  {item['service']}: {', '.join(item.get('fields') or [])}\n")
+    text.append("  show and apply the file's specs with `repstage-mesh apply FILE [--dry-run]`")
+    return text
 
 
 def _members(service: Mapping[str, Any]) -> str:

@@ -31,7 +31,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from repstage_mesh.core.models import (
+    FROM_LOG,
     AnnounceNode,
+    AuditEntry,
     Command,
     CommandEnvelope,
     DeleteService,
@@ -70,11 +72,11 @@ def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Ou
     if index <= state.index:
         raise ValueError(f"index {index} must be greater than the state's index {state.index}")
     if isinstance(command, PutService):
-        return _fenced(*_put_service(state, command, index), index)
+        return _audited(command, index, *_fenced(*_put_service(state, command, index), index))
     if isinstance(command, DeleteService):
-        return _fenced(*_delete_service(state, command, index), index)
+        return _audited(command, index, *_fenced(*_delete_service(state, command, index), index))
     if isinstance(command, SetPrimary):
-        return _fenced(*_set_primary(state, command, index), index)
+        return _audited(command, index, *_fenced(*_set_primary(state, command, index), index))
     if isinstance(command, Noop):
         return _unchanged(state, index), Outcome(ok=True, result={"noop": True})
     if isinstance(command, RecordFailover):
@@ -121,8 +123,10 @@ def encode_command(envelope: CommandEnvelope) -> bytes:
 
 
 def decode_command(data: bytes) -> CommandEnvelope:
-    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input."""
-    return CommandEnvelope.model_validate_json(data)
+    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input. Entries that
+    older versions wrote with an inline `promote_hook` or a `password_env` are read without
+    them (models.FROM_LOG): the service keeps everything else, and names no hook or secret."""
+    return CommandEnvelope.model_validate_json(data, context=FROM_LOG)
 
 
 def encode_state(state: MeshState) -> bytes:
@@ -134,7 +138,34 @@ def encode_state(state: MeshState) -> bytes:
 
 def decode_state(data: bytes) -> MeshState:
     """Inverse of `encode_state`. Raises pydantic.ValidationError on bad input."""
-    return MeshState.model_validate_json(data)
+    return MeshState.model_validate_json(data, context=FROM_LOG)
+
+
+# --- the audit trail ------------------------------------------------------------------------
+
+
+def _audited(
+    command: PutService | DeleteService | SetPrimary, index: int, state: MeshState, outcome: Outcome
+) -> tuple[MeshState, Outcome]:
+    """Append one `AuditEntry` for a write that changed something (refused writes and repeats
+    change nothing, not even the trail). Who, and how many entries to keep, travel in the
+    command (`by`), so every replica keeps the same trail; a write without `by` is the control
+    plane's own (seeding the config's services, a failover)."""
+    if not outcome.ok or not outcome.result.get("changed", False):
+        return state, outcome
+    keep = command.by.keep if command.by is not None else state.audit_keep
+    actor = command.by.actor if command.by is not None else "control-plane"
+    if isinstance(command, PutService):
+        service, detail = command.spec.name, "created" if outcome.result.get("created") else "spec replaced"
+    elif isinstance(command, DeleteService):
+        service, detail = command.name, "deleted"
+    else:
+        service = command.service
+        detail = f"primary {command.member or 'none'} at epoch {outcome.result.get('epoch')} ({command.cause})"
+    entry = AuditEntry(index=index, actor=actor, action=command.kind, service=service,
+                       detail=detail[:300])
+    trail = (*state.audit, entry)[-keep:] if keep > 0 else ()
+    return state.model_copy(update={"audit": trail, "audit_keep": keep}), outcome
 
 
 # --- the rules ------------------------------------------------------------------------------

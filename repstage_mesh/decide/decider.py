@@ -34,7 +34,7 @@ from dataclasses import replace
 from typing import Any
 
 from repstage_mesh.core.errors import DecisionRefused
-from repstage_mesh.core.models import LeadershipMode, MeshState, ServiceState
+from repstage_mesh.core.models import AuditTag, LeadershipMode, MeshState, ServiceState
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.decide.plan import Plan, Planner, finish
 from repstage_mesh.decide.policy import Choice, Intent, backoff, settled
@@ -185,7 +185,7 @@ class Decider:
     def announce(
         self, service: str, member: str | None, now: float, *, token: int | None = None,
         cause: str = "announce", fence: bool = True, close_wait: float = 0.0,
-        key: str | None = None, trace_parent: dict[str, str] | None = None,
+        key: str | None = None, trace_parent: dict[str, str] | None = None, by: AuditTag | None = None,
     ) -> tuple[str, list[Step]]:
         """Start an announced change: `member` (None: no primary is known) is the primary its
         own orchestrator made. Break-before-make unless `fence` is false; `close_wait` seconds
@@ -217,7 +217,7 @@ class Decider:
             record=record, kind="announce", automatic=False, base_epoch=svc.epoch,
             old_primary=svc.primary, target=member, candidates=[], promote=False,
             phase="fence" if fencing else "commit", fence=fence, token=token,
-            close_wait=close_wait if fence else 0.0,
+            close_wait=close_wait if fence else 0.0, by=by,
         )
         s.plan = plan
         return record.id, self._planner.enter(s, plan, plan.phase, now)
@@ -234,7 +234,12 @@ class Decider:
 
     def abandon(self, now: float, reason: str) -> list[Done]:
         """End every running plan as failed (the executor stopped: leadership lost, shutdown).
-        What was committed stays committed; the next leader decides from there."""
+        What was committed stays committed; the next leader decides from there.
+
+        Every observation is forgotten too: what this node saw while it led says nothing about
+        the members when it leads again (a failover may have happened in between). Found by the
+        chaos suite: a node that led again acted on its old views (the committed primary still
+        "REPLICA", a demoted member still "PRIMARY") and failed over to the wrong member."""
         done: list[Done] = []
         for s in self._services.values():
             if s.plan is not None:
@@ -243,6 +248,7 @@ class Decider:
                 for step in finish(s, s.plan, now, False, f"abandoned: {reason}"):
                     assert isinstance(step, Done)
                     done.append(step)
+            s.views.clear()
         return done
 
     # --- reads ------------------------------------------------------------------------------

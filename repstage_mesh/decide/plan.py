@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
-from repstage_mesh.core.models import MeshState, SetPrimary
+from repstage_mesh.core.models import AuditTag, MeshState, SetPrimary
 from repstage_mesh.core.observations import MemberStatus
 from repstage_mesh.decide.policy import Choice, count_failover, settled
 from repstage_mesh.decide.records import FailoverRecord
@@ -113,6 +113,7 @@ class Plan:
     fence: bool = True  # announce: false routes the new primary without fencing first
     token: int | None = None  # announce: the caller's fencing token, carried by the first commit
     close_wait: float = 0.0  # announce: AwaitClose after the fence ACKs
+    by: AuditTag | None = None  # announce: who asked, for the audit trail of its commits
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,17 @@ def _acks(result: StepResult) -> tuple[ProxyAcks, str | None]:
     """AwaitProxies' answer, and the error when the wait itself failed."""
     acks = result if isinstance(result, ProxyAcks) else ProxyAcks()
     return acks, result.message if isinstance(result, StepFailed) else None
+
+
+def _risks(acks: ProxyAcks) -> dict[str, object]:
+    """What a proxy wait leaves at risk, for the record: NACKs (with Envoy's error text) and
+    control-plane nodes that could not be asked."""
+    risks: dict[str, object] = {}
+    if acks.nacked:
+        risks["nacked"] = dict(acks.nacked)
+    if acks.unreachable:
+        risks["unreachable"] = list(acks.unreachable)
+    return risks
 
 
 def result_kind(step: Step, result: StepResult, s: ServiceView, plan: Plan, now: float) -> Kind | None:
@@ -253,7 +265,8 @@ class Planner:
             return ConfirmLeadership(name, rec.id)
         if plan.phase == "fence":
             return Commit(name, rec.id, SetPrimary(service=name, member=None, epoch=plan.base_epoch + 1,
-                                                   cause=f"fence: {rec.cause}"[:200], token=plan.token))
+                                                   cause=f"fence: {rec.cause}"[:200], token=plan.token,
+                                                   by=plan.by))
         if plan.phase == "await_close":
             return AwaitClose(name, rec.id, plan.close_wait)
         if plan.phase == "promote":
@@ -268,7 +281,7 @@ class Planner:
             epoch = None if unfenced else base + 1
             token = plan.token if plan.fence_epoch is None and plan.phase == "commit" else None
             return Commit(name, rec.id, SetPrimary(service=name, member=member, epoch=epoch,
-                                                   cause=rec.cause[:200], token=token))
+                                                   cause=rec.cause[:200], token=token, by=plan.by))
         if plan.phase in ("await_fence", "await_route", "await_restore"):
             assert rec.epoch is not None  # the commit just made
             purpose: Literal["fence", "route"] = "fence" if plan.phase == "await_fence" else "route"
@@ -347,7 +360,7 @@ class Planner:
         rec.missed_fence = acks.missed
         rec.event("proxies_fenced", now, acks={p: round((t - rec.started_at) * 1000.0, 3)
                                                for p, t in sorted(acks.acked.items())},
-                  missed=list(acks.missed), **({"error": failure} if failure else {}))
+                  missed=list(acks.missed), **_risks(acks), **({"error": failure} if failure else {}))
         if plan.kind == "fail_closed" or plan.target is None:
             return Finish(True, "fail-closed: no primary is certain")
         if plan.kind == "switchover":
@@ -440,6 +453,8 @@ class Planner:
         rec = plan.record
         acks, _ = _acks(result)
         rec.missed_route = acks.missed
+        if acks.nacked or acks.unreachable:
+            rec.event("route_missed", now, missed=list(acks.missed), **_risks(acks))
         for proxy, t in sorted(acks.acked.items(), key=lambda kv: kv[1]):
             rec.event("acked", t, proxy=proxy)
         if acks.acked:

@@ -30,8 +30,10 @@ class FailoverRecord:
     """One failover, fail-closed period or switchover, as the node that ran it saw it.
 
     Timeline event names: detected, decided, leadership_confirmed, caught_up, fenced,
-    proxies_fenced, connections_closed, promoted, promote_failed, committed, pushed, acked (one
-    per proxy), first_routable, attempt_failed, repointed, done, failed.
+    proxies_fenced (with `nacked` proxy -> Envoy's error and `unreachable` nodes when any),
+    connections_closed, promoted, promote_failed, committed, pushed, acked (one per proxy),
+    route_missed (proxies NACKing or unreachable for the new primary), first_routable,
+    attempt_failed, repointed, done, failed.
     """
 
     id: str

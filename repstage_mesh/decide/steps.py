@@ -143,7 +143,9 @@ class ProxyAcks:
     """AwaitProxies' answer: when each proxy ACKed (same clock as `now`), and who did not."""
 
     acked: dict[str, float] = field(default_factory=dict)
-    missed: tuple[str, ...] = ()
+    missed: tuple[str, ...] = ()  # behind at the deadline, NACKed ones and `<node>:unreachable`
+    nacked: dict[str, str] = field(default_factory=dict)  # proxy -> Envoy's error: not fenced
+    unreachable: tuple[str, ...] = ()  # control-plane nodes that could not be asked
 
 
 @dataclass(frozen=True)

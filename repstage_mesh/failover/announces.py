@@ -54,6 +54,7 @@ class Announcer:
             record = await self.runner.announce(
                 service, announcement.member, token=announcement.token, cause=announcement.cause,
                 fence=announcement.fence, close_wait=self.close_wait, key=key, trace_parent=announcement.trace,
+                by=announcement.by,
             )
             future.set_result(record)
         except BaseException as exc:

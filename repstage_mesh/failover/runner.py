@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from repstage_mesh.core.errors import CommitTimeout, ReplicationError
-from repstage_mesh.core.models import CommandEnvelope, MeshState, Outcome, ServiceSpec
+from repstage_mesh.core.models import AuditTag, CommandEnvelope, MeshState, Outcome, ServiceSpec
 from repstage_mesh.core.observations import Observation
 from repstage_mesh.decide import (
     AwaitClose,
@@ -92,6 +92,10 @@ class Promoter(Protocol):
         self, spec: ServiceSpec, members: Sequence[str], timeout: float
     ) -> dict[str, int | None]:
         """Each member's replication position now (None: unknown / unreachable)."""
+        ...
+
+    def hook_timeout(self, spec: ServiceSpec) -> float | None:
+        """The timeout of the operator's hook `spec` names (None: no hook; promote_timeout)."""
         ...
 
 
@@ -153,16 +157,20 @@ class FailoverRunner:
         self.dispatch(self.decider.tick(self.clock()))
 
     async def switchover(
-        self, service: str, target: str, timeout: float | None = None
+        self, service: str, target: str, timeout: float | None = None, wait: float | None = None,
+        cause: str = "planned switchover",
     ) -> FailoverRecord:
-        """Run a planned switchover and return its finished record. Raises DecisionRefused
-        (nothing changed) for a request the decider will not run. Needs the ticker (`run`)."""
-        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout)
+        """Run a planned switchover and return its record once finished, or after `wait`
+        seconds (or the plan's own bound) with the record still "running": the switchover
+        goes on, its record tells how it ends. Raises DecisionRefused (nothing changed) for a
+        request the decider will not run. Needs the ticker (`run`)."""
+        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout,
+                                                   cause=cause[:200])
         catchup = timeout if timeout is not None else self.decider.catchup_timeout
         # every step is bounded: the sum of the bounds of the longest plan, plus slack
         bound = (2 * (catchup + self.positions_timeout) + self.confirm_timeout
                  + 3 * self.commit_timeout + self.promote_timeout + 2 * self._ack(service) + 10 * self.grace + 1.0)
-        return await self._finished_record(record_id, steps, bound)
+        return await self._finished_record(record_id, steps, bound, wait)
 
     def _ack(self, service: str) -> float:
         svc = self.decider.state.service(service)
@@ -171,23 +179,29 @@ class FailoverRunner:
     async def announce(
         self, service: str, member: str | None, *, token: int | None = None, cause: str = "announce",
         fence: bool = True, close_wait: float = 0.0, key: str | None = None,
-        trace_parent: dict[str, str] | None = None,
+        trace_parent: dict[str, str] | None = None, by: AuditTag | None = None,
     ) -> FailoverRecord:
         """Run an announced change (see `Decider.announce`) and return its finished record.
         Raises DecisionRefused (nothing changed) for a request the decider will not run."""
         record_id, steps = self.decider.announce(
             service, member, self.clock(), token=token, cause=cause, fence=fence,
-            close_wait=close_wait, key=key, trace_parent=trace_parent,
+            close_wait=close_wait, key=key, trace_parent=trace_parent, by=by,
         )
         bound = self.confirm_timeout + 3 * self.commit_timeout + 2 * self._ack(service) + close_wait + 6 * self.grace + 1.0
         return await self._finished_record(record_id, steps, bound)
 
-    async def _finished_record(self, record_id: str, steps: list[Step], bound: float) -> FailoverRecord:
-        """Dispatch a plan's first `steps` and wait (at most `bound` seconds) until its record ends."""
+    async def _finished_record(
+        self, record_id: str, steps: list[Step], bound: float, wait: float | None = None
+    ) -> FailoverRecord:
+        """Dispatch a plan's first `steps` and wait until its record ends, at most `bound`
+        seconds (the plan's own bound) or `wait` if shorter: a record still running then is
+        returned as it is (the plan goes on)."""
         event = self._finished.setdefault(record_id, asyncio.Event())
         self.dispatch(steps)
         try:
-            await bounded(event.wait(), bound)
+            await bounded(event.wait(), bound if wait is None else min(wait, bound))
+        except TimeoutError:
+            pass  # still running: the caller answers with the running record
         finally:
             self._finished.pop(record_id, None)
         record = self.decider.record(record_id)
@@ -352,8 +366,8 @@ class FailoverRunner:
         return None
 
     def _promote_timeout(self, spec: ServiceSpec) -> float:
-        hook = spec.leadership.promote_hook
-        return hook.timeout if hook is not None else self.promote_timeout
+        timeout = self._promoter.hook_timeout(spec)
+        return timeout if timeout is not None else self.promote_timeout
 
     async def _commit(self, step: Commit) -> StepResult:
         self._commits += 1

@@ -13,7 +13,8 @@ from repstage_mesh.snapshots.runner import SnapshotRunner
 
 __all__ = ["SnapshotDesk"]
 
-Call = Callable[[str, str, str, dict[str, Any]], Awaitable[Any]]
+Call = Callable[..., Awaitable[Any]]  # api/peers.PeerClient.call
+FORWARD_TIMEOUT = 30.0  # seconds a follower waits for the leader to commit a carried intent
 
 
 class SnapshotDesk:
@@ -21,23 +22,27 @@ class SnapshotDesk:
         self,
         runner: SnapshotRunner,
         state: Callable[[], MeshState],
-        leader_api: Callable[[], str | None],
         call: Call,
         deciding: Callable[[], bool],
+        leader_api: Callable[[Any], str | None],
     ) -> None:
+        self._leader_api = leader_api
         self.runner = runner
         self._state = state
-        self._leader_api = leader_api
         self._call = call
         self._deciding = deciding
 
-    async def start(self, service: str, member: str) -> dict[str, Any]:
+    async def start(self, service: str, member: str, caller: Any) -> dict[str, Any]:
         """Start a snapshot of `service` (`member`: "replica", "primary" or a member's name) on
-        the leader; the answer is the committed intent, the rest runs in the background."""
-        api = self._leader_api()
-        if api is not None:
+        the leader (a follower carries it there, one hop, with the caller's own Authorization;
+        `caller` is the API's `Caller`); the answer is the committed intent, the rest runs in
+        the background."""
+        leader_api = self._leader_api(caller)
+        authorization = getattr(caller, "authorization", None)
+        if leader_api is not None:
             path = f"/v1/services/{quote(service, safe='')}/snapshots"
-            return dict(await self._call(api, "POST", path, {"member": member}))
+            return dict(await self._call(leader_api, "POST", path, {"member": member},
+                                         authorization=authorization, timeout=FORWARD_TIMEOUT))
         if not self._deciding():
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
         entry = await self.runner.start(service, member)

@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
 
+from repstage_mesh.config.operator import Secrets, hook_environment
 from repstage_mesh.core import naming
 from repstage_mesh.core.models import HookSpec, Member, ServiceSpec, SnapshotEntry
 from repstage_mesh.decide.steps import PromoteResult
@@ -79,13 +79,17 @@ class EnvoyAdminCounters:
         return total, "cx_active " + ", ".join(parts)
 
 
-async def run_hook(spec: HookSpec, values: Mapping[str, str]) -> PromoteResult:
-    """Run a hook (command, else URL); a hook with neither fails."""
+async def run_hook(
+    spec: HookSpec, values: Mapping[str, str], secrets: Secrets | None = None, *, name: str = "hook"
+) -> PromoteResult:
+    """Run a hook (command, in its minimal environment; else URL); a hook with neither fails."""
     if spec.command:
-        return await run_command_hook(spec.command, values, spec.timeout)
+        env = hook_environment(spec, secrets if secrets is not None else Secrets({}))
+        return await run_command_hook(spec.command, values, spec.timeout, env, name=name)
     if spec.url:
         try:
-            return await bounded(post_http_hook(spec.url, values, spec.timeout), spec.timeout + 1.0)
+            body = {"action": "snapshot", **values}
+            return await bounded(post_http_hook(spec.url, body, spec.timeout, name=name), spec.timeout + 1.0)
         except TimeoutError:
             return PromoteResult(False, detail=f"hook url: no answer within {spec.timeout:g} s")
     return PromoteResult(False, detail="hook has neither command nor url")
@@ -100,17 +104,18 @@ def hook_values(spec: ServiceSpec, entry: SnapshotEntry) -> dict[str, str]:
     }
 
 
-def target_of(spec: ServiceSpec, entry: SnapshotEntry, environ: Mapping[str, str] | None = None) -> SnapshotTarget:
-    """What the action is given: the member's address, the service's kind, the probe's credentials."""
+def target_of(spec: ServiceSpec, entry: SnapshotEntry, secrets: Secrets | None = None) -> SnapshotTarget:
+    """What the action is given: the member's address, the service's kind, the probe's
+    credentials (its `password_secret`, only when that secret may be sent to this member)."""
     member = spec.member(entry.member)
     assert member is not None
     probe = spec.leadership.probe
-    env = os.environ if environ is None else environ
     credentials: dict[str, str] = {"database": probe.database}
     if probe.user:
         credentials["user"] = probe.user
-    if probe.password_env and probe.password_env in env:
-        credentials["password"] = env[probe.password_env]
+    password = secrets.for_host(probe.password_secret, member.address) if secrets is not None else None
+    if password is not None:
+        credentials["password"] = password
     kind = spec.protocol.value if spec.protocol.value in ("redis", "postgres") else "tcp"
     return SnapshotTarget(
         service=spec.name, member=member.name, host=member.address, port=member.port, kind=kind,

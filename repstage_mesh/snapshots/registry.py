@@ -1,19 +1,30 @@
-"""What the snapshot runner is given by the node: the actions' factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` when the
-actions package provides it (branch snapact), else an action that fails with that reason."""
+"""How the node builds its snapshot parts (`build_snapshots`: the runner, a leader companion of
+the engine and an apply listener, and the desk the REST endpoints use), and the actions'
+factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` when the actions
+package provides it (branch snapact), else an action that fails with that reason."""
 
 from __future__ import annotations
 
 import importlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from repstage_mesh.config import SnapshotSettings
-from repstage_mesh.core.models import HookSpec
+from repstage_mesh.config import Settings, SnapshotSettings
+from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Outcome
 from repstage_mesh.core.observations import MemberStatus
-from repstage_mesh.decide import Decider
+from repstage_mesh.decide import Decider, ProxyAcks
+from repstage_mesh.failover.engine import LeaderEngine
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotAction, SnapshotTarget
 from repstage_mesh.snapshots.choice import MemberReport
+from repstage_mesh.snapshots.desk import SnapshotDesk
+from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
+from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
+from repstage_mesh.telemetry import Tracing
+from repstage_mesh.telemetry.metrics import MeshMetrics
 
-__all__ = ["UnavailableAction", "build_snapshot_action", "member_reports", "operator_hook"]
+__all__ = ["SnapshotWiring", "UnavailableAction", "build_snapshot_action", "build_snapshots", "member_reports"]
 
 
 class UnavailableAction:
@@ -34,17 +45,48 @@ def build_snapshot_action(kind: str, settings: SnapshotSettings) -> SnapshotActi
     return action
 
 
-def operator_hook(settings: Any, name: str) -> HookSpec | None:
-    """A hook of the operator's `hooks:` section by name (None when there is no such hook or,
-    before branch apisec's `hooks:` section, no section at all)."""
-    hooks = getattr(settings, "hooks", None) or {}
-    spec = hooks.get(name)
-    return spec if isinstance(spec, HookSpec) else None
-
-
 def member_reports(decider: Decider, service: str) -> dict[str, MemberReport]:
     """What the leader's sources say of each member (healthy replica? offset)."""
     return {
         m: MemberReport(replica=v.status is MemberStatus.REPLICA, offset=v.offset)
         for m, v in decider.member_views(service).items()
     }
+
+
+@dataclass(frozen=True)
+class SnapshotWiring:
+    """What the node hands its snapshot parts (`Node.__init__`)."""
+
+    node_id: str
+    settings: Settings
+    state: Callable[[], MeshState]
+    commit: Callable[[CommandEnvelope, float], Awaitable[Outcome]]
+    await_proxies: Callable[[int, float], Awaitable[ProxyAcks]]
+    decider: Decider
+    engine: LeaderEngine
+    tracing: Tracing
+    metrics: MeshMetrics
+    call: Callable[..., Awaitable[Any]]  # api/peers.PeerClient.call
+    leader_api: Callable[[Any], str | None]  # Node._leader_api(caller)
+    on_apply: Callable[[Callable[[MeshState], None]], None]
+
+
+def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
+    """The runner (only the leader runs it: an engine companion; every applied state reaches it,
+    so a failover's abort cancels the running step) and the desk."""
+    snap = w.settings.snapshots
+
+    async def commit(command: Command, timeout: float) -> Outcome:
+        return await w.commit(CommandEnvelope(command=command, request_id=uuid.uuid4().hex), timeout)
+
+    runner = SnapshotRunner(SnapshotDeps(
+        node_id=w.node_id, settings=snap, state=w.state, commit=commit, await_proxies=w.await_proxies,
+        actions=lambda kind: build_snapshot_action(kind, snap), hooks=w.settings.hooks.get,
+        reports=lambda service: member_reports(w.decider, service),
+        connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
+        tracing=w.tracing, metrics=w.metrics, secrets=w.settings.secret_store(),
+    ))
+    w.on_apply(runner.on_state)
+    w.engine.add_companion(runner.take_over, runner.stop)
+    desk = SnapshotDesk(runner, w.state, w.call, lambda: w.engine.active, w.leader_api)
+    return runner, desk

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repstage_mesh.config import SnapshotSettings
+from repstage_mesh.config.operator import Secrets
 from repstage_mesh.core.errors import MeshError, SnapshotRefused
 from repstage_mesh.core.models import (
     Command,
@@ -89,7 +90,7 @@ class SnapshotDeps:
     connections: ConnectionCounter = field(default_factory=NoCounters)
     tracing: Tracing = field(default_factory=Tracing.disabled)
     metrics: MeshMetrics | None = None
-    environ: Mapping[str, str] | None = None
+    secrets: Secrets | None = None
     lease_margin: float = 2 * COMMIT_TIMEOUT  # added to the lease beyond the steps' own timeouts
 
 
@@ -306,9 +307,8 @@ class SnapshotRunner:
         found = self._entry_and_spec(run)
         if found is None:
             return Done(False, time.time(), f"{action.which}: the snapshot or its service is gone")
-        result = await run_hook(spec, hook_values(found[1], found[0]))
-        detail = result.detail.replace("promote_hook.", "")  # the runner is shared with promotion hooks
-        return Done(result.ok, time.time(), f"{action.which} {action.name}: {detail}")
+        result = await run_hook(spec, hook_values(found[1], found[0]), self.deps.secrets, name=action.name)
+        return Done(result.ok, time.time(), f"{action.which}: {result.detail}")
 
     async def _take(self, run: _Run, action: Take) -> Took:
         found = self._entry_and_spec(run)
@@ -317,7 +317,7 @@ class SnapshotRunner:
         entry, service_spec = found
         try:
             taker = self.deps.actions(entry.kind)
-            target = target_of(service_spec, entry, self.deps.environ)
+            target = target_of(service_spec, entry, self.deps.secrets)
             result = await bounded(taker.take(target, action.timeout), action.timeout)
         except TimeoutError:
             if self.deps.metrics is not None:

@@ -25,10 +25,15 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_xds_nacks_total{type}                              counter
     repstage_xds_nacked_held{type}                              gauge
     repstage_xds_push_ack_seconds{type}                         histogram
+    repstage_xds_limit_hits_total{limit}                        counter (xds.limits)
+    repstage_xds_streams_refused_total{reason}                  counter (mTLS, plaintext)
+    repstage_xds_proxies_flagged{flag}                          gauge (version_ahead, never_acked)
     repstage_failover_duration_seconds{service,mode}            histogram
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
     repstage_raft_peers / _peers_connected                      gauges
+    repstage_raft_frames_refused_total                          counter (frames over
+        raft.unauthenticated_frame_limit from a peer that had not proven the password)
     repstage_raft_commit_seconds                                histogram
     repstage_write_failures_total{code}                         counter
     repstage_probe_results_total{service,member,result}         counter
@@ -42,12 +47,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
 from repstage_mesh.xds import resources as res
+from repstage_mesh.xds import standing
+from repstage_mesh.xds.limits import LIMIT_NAMES
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
+from repstage_mesh.xds.tls import REFUSAL_REASONS
 from repstage_mesh.xds.tracker import ProxyRecord
 
 log = logging.getLogger(__name__)
@@ -85,6 +93,33 @@ def write_failure_code(exc: BaseException) -> str:
     if isinstance(exc, CommitTimeout):
         return "commit_timeout"
     return "error"
+
+
+def _history_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "repstage_failover_history",
+        "Failover records committed to the replicated history, by event: published, failed (not "
+        "replicated), dropped (the oldest record left the bounded history), keys_dropped (an "
+        "idempotency key was forgotten)",
+        ["event"],
+        registry=registry,
+    )
+
+
+def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    anomalies = Counter(
+        "repstage_consul_anomalies",
+        "Consul health answers that look wrong, by kind: acl_filtered, empty_answer, "
+        "ambiguous, superseded, stale_check, no_checks, warning, rate_limited",
+        ["service", "kind"],
+        registry=registry,
+    )
+    reregistrations = Counter(
+        "repstage_consul_reregistrations",
+        "Times this node found its own Consul registration gone and registered again",
+        registry=registry,
+    )
+    return anomalies, reregistrations
 
 
 class MeshMetrics:
@@ -132,21 +167,22 @@ class MeshMetrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
-        self.history = Counter("repstage_failover_history", "Failover records committed to the replicated "
-                               "history, by event: published, failed (not replicated), dropped (the oldest "
-                               "record left the bounded history), keys_dropped (an idempotency key was forgotten)", ["event"], registry=registry)
+        self.history = _history_counter(registry)
         self.write_failures = Counter(
             "repstage_write_failures",
             "Writes that did not commit, by code (rejection code, no_quorum, commit_timeout, ...)",
             ["code"],
             registry=registry,
         )
+        self._add_forwarding_metrics(registry)
         self.probes = Counter(
             "repstage_probe_results",
             "Leadership probe outcomes per member",
             ["service", "member", "result"],
             registry=registry,
         )
+        self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
+        self._limit_children, self._refusal_children = _guard_counters(registry)
         self._snapshot_metrics(registry)
         registry.register(_ScrapeTimeCollector(self))
 
@@ -208,6 +244,28 @@ class MeshMetrics:
             self._type_children[type_url] = children
         return children
 
+    # --- xds.server.GuardObserver ---------------------------------------------------------------
+
+    def on_limit(self, limit: str) -> None:
+        child = self._limit_children.get(limit)
+        if child is not None:
+            child.inc()
+
+    def on_refusal(self, reason: str) -> None:
+        child = self._refusal_children.get(reason)
+        if child is not None:
+            child.inc()
+
+    def _flagged_counts(self) -> dict[str, int]:
+        with self._lock:
+            records = list(self._live.values())
+        counts = dict.fromkeys(standing.FLAGS, 0)
+        for record in records:
+            for flag in standing.FLAGS:
+                if standing.flags(record, record.clock()).get(flag):
+                    counts[flag] += 1
+        return counts
+
     # --- facts observed elsewhere -------------------------------------------------------------
 
     def observe_failover(self, service: str, seconds: float, mode: str = "follow") -> None:
@@ -234,9 +292,31 @@ class MeshMetrics:
         """`code`: see write_failure_code."""
         self.write_failures.labels(code).inc()
 
+    def _add_forwarding_metrics(self, registry: CollectorRegistry) -> None:
+        """Requests carried between nodes (issue 11) and switchovers that outlived their wait."""
+        self.forwards = Counter(
+            "repstage_api_forwards",
+            "Failover requests a follower carried to the leader or refused, by outcome (forwarded, "
+            "not_leader: already forwarded once, no_answer: the leader did not answer in time)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.switchover_wait_expired = Counter(
+            "repstage_switchover_wait_expired",
+            "Switchover requests answered 504 switchover_running: api.switchover_wait (or the "
+            "request's wait) ended before the switchover",
+            registry=registry,
+        )
+
+    def observe_forward(self, outcome: str) -> None:
+        self.forwards.labels(outcome).inc()
+
     def observe_probe(self, service: str, member: str, result: str) -> None:
         """`result`: what the probe found, e.g. primary, replica, down, error."""
         self.probes.labels(service, member, result).inc()
+
+    def observe_consul_anomaly(self, service: str, kind: str) -> None:
+        self.consul_anomalies.labels(service, kind).inc()
 
     # --- scrape-time views --------------------------------------------------------------------
 
@@ -261,6 +341,28 @@ class MeshMetrics:
             short = res.short_name(type_url)
             counts[short] = counts.get(short, 0) + 1
         return counts
+
+
+def _guard_counters(registry: CollectorRegistry) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The xDS limit-hit and refusal counters' children, one per name of a fixed set, created
+    up front: clients cannot add labels."""
+    limit_hits = Counter(
+        "repstage_xds_limit_hits",
+        "xDS clients that went over a limit (xds.limits), by limit",
+        ["limit"],
+        registry=registry,
+    )
+    refusals = Counter(
+        "repstage_xds_streams_refused",
+        "xDS streams refused before they were served (plaintext from a non-loopback peer, "
+        "no client certificate, node id not matching the certificate), by reason",
+        ["reason"],
+        registry=registry,
+    )
+    return (
+        {name: limit_hits.labels(name) for name in LIMIT_NAMES},
+        {name: refusals.labels(name) for name in REFUSAL_REASONS},
+    )
 
 
 _RAFT_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -325,6 +427,19 @@ class _ScrapeTimeCollector(Collector):
         for short, count in sorted(held.items()):
             nacked.add_metric([short], count)
         yield nacked
+        flagged = GaugeMetricFamily(
+            "repstage_xds_proxies_flagged",
+            "Connected proxies not waited for by a change: version_ahead (claims a version newer "
+            "than this node's snapshot) or never_acked (never ACKed anything)",
+            labels=["flag"],
+        )
+        for flag, count in sorted(self.metrics._flagged_counts().items()):
+            flagged.add_metric([flag], count)
+        yield flagged
+        yield from self._raft_families(status)
+
+    @staticmethod
+    def _raft_families(status: Mapping[str, Any] | None) -> Iterator[Metric]:
         for name, key, doc in _RAFT_GAUGES:
             family = GaugeMetricFamily(name, doc)
             if status is not None and status.get(key) is not None:
@@ -338,3 +453,11 @@ class _ScrapeTimeCollector(Collector):
             up.add_metric([], sum(1 for p in peers if isinstance(p, Mapping) and p.get("connected")))
         yield total
         yield up
+        refused = CounterMetricFamily(
+            "repstage_raft_frames_refused",
+            "Raft connections dropped for a frame over raft.unauthenticated_frame_limit "
+            "before the peer proved the password",
+        )
+        if status is not None and status.get("frames_refused") is not None:
+            refused.add_metric([], float(status["frames_refused"]))
+        yield refused

@@ -36,6 +36,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from repstage_mesh.telemetry._otel import _PROPAGATOR, _attrs
 from repstage_mesh.xds import resources as res
+from repstage_mesh.xds import standing
 from repstage_mesh.xds.protocol import Acked, Nacked, Send, type_sync_state
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
 
@@ -162,7 +163,12 @@ class PushTracer:
             return False
         if expected is None:
             expected = self.tracker.connected() if self.tracker is not None else ()
-        records = [r for r in expected if r.connected]
+        # A proxy that never ACKed anything or claims a version from the future is not waited
+        # for by a failover (xds/standing.py), nor by its trace.
+        records = [
+            r for r in expected
+            if r.connected and not standing.not_awaited(r)
+        ]
         names = tuple(r.node.id for r in records)
         span = self._tracer.start_span(
             "push",
