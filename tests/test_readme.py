@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fakes import FakePlane, FakeSnapshots
+
 from repstage_mesh.api.app import operations
 from repstage_mesh.api.failovers import failover_operations
 from repstage_mesh.api.snapshots import snapshot_operations
-from fakes import FakePlane, FakeSnapshots
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import eventually
+from test_snapshots import THREE
 
 from repstage_mesh.config import SnapshotSettings
 from repstage_mesh.core.errors import CommitTimeout
@@ -17,8 +19,6 @@ from repstage_mesh.decide.steps import ProxyAcks
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotTarget
 from repstage_mesh.snapshots.choice import MemberReport
 from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
-from fakes import eventually
-from test_snapshots import THREE
 
 
 class Replicated:
@@ -184,10 +184,10 @@ async def test_a_second_snapshot_of_a_service_is_refused_while_one_runs(tmp_path
 
 async def test_rest_starts_lists_and_gets_snapshots_and_refuses_bad_input() -> None:
     from aiohttp.test_utils import TestClient, TestServer
+    from fakes import FakePlane, FakeSnapshots, orders_spec
 
     from repstage_mesh.api.app import build_app
     from repstage_mesh.api.snapshots import snapshot_operations
-    from fakes import FakePlane, FakeSnapshots, orders_spec
 
     plane = FakePlane(services=[orders_spec()])
     async with TestClient(TestServer(build_app(plane, extra_operations=snapshot_operations(FakeSnapshots(plane))))) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from envoy_data_plane.envoy.config.core.v3 import HealthStatus
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+from fakes import orders_spec
 
 from repstage_mesh.core import naming
 from repstage_mesh.core.errors import SnapshotRefused
@@ -38,7 +39,6 @@ from repstage_mesh.snapshots.workflow import (
     Take,
     Took,
 )
-from fakes import orders_spec
 
 THREE = orders_spec(members=[
     {"name": "a", "address": "127.0.0.1", "port": 9001},
