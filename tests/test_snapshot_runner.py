@@ -248,3 +248,17 @@ async def test_an_undo_whose_commit_did_not_land_is_tried_again_while_leading(tm
     assert final.status == "failed" and "undo's commit did not land" in final.error and final.undo == ()
     assert [s.name for s in final.steps][-2:] == ["takeover", "post_hook"]  # at least once
     await r.stop()
+
+
+async def test_an_abort_during_the_pre_hook_lets_it_end_before_the_post_hook(tmp_path: Path) -> None:
+    order = tmp_path / "order"
+    specs = {"pre": HookSpec(command=("sh", "-c", f"sleep 0.5; echo pre >> {order}"), timeout=5.0),
+             "post": HookSpec(command=("sh", "-c", f"echo post >> {order}"), timeout=5.0)}
+    plane, action = Replicated(), FakeAction()
+    r = runner(plane, action, tmp_path, hooks=specs)
+    started = await r.start("orders")
+    await eventually(lambda: entry(plane, started.id).undo == ("post_hook",), "the pre-hook is running")
+    await plane.commit(SetPrimary(service="orders", member="b"), 5.0)
+    assert entry(plane, started.id).status == "aborted"
+    await eventually(lambda: not r.running(), "the undo finished")
+    assert order.read_text().split() == ["pre", "post"] and not action.targets

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +27,8 @@ from repstage_mesh.failover.timeouts import bounded
 from repstage_mesh.snapshots.actions.base import SnapshotTarget
 
 __all__ = ["ConnectionCounter", "EnvoyAdminCounters", "NoCounters", "run_hook", "target_of"]
+
+_RUNNING: set[asyncio.Future[PromoteResult]] = set()  # hooks whose waiter was cancelled run on
 
 
 class ConnectionCounter(Protocol):
@@ -85,7 +88,12 @@ async def run_hook(
     """Run a hook (command, in its minimal environment; else URL); a hook with neither fails."""
     if spec.command:
         env = hook_environment(spec, secrets if secrets is not None else Secrets({}))
-        return await run_command_hook(spec.command, values, spec.timeout, env, name=name)
+        run = asyncio.ensure_future(run_command_hook(spec.command, values, spec.timeout, env, name=name))
+        _RUNNING.add(run)
+        run.add_done_callback(_RUNNING.discard)
+        # A cancelled caller (this node stopped leading) leaves the hook to end or be killed at
+        # its timeout: cancelling the wait alone would orphan the process with no timeout at all.
+        return await asyncio.shield(run)
     if spec.url:
         try:
             body = {"action": "snapshot", **values}

@@ -166,16 +166,17 @@ class SnapshotRunner:
                 run.reason = entry.error
                 run.abort.set()
 
-    def take_over(self) -> None:
+    def take_over(self, lease_over: tuple[str, ...] = ()) -> None:
         """Resume every snapshot the state shows unfinished (running, or an undo owed) that no
-        task of this node runs: return its member, take its lease, run its owed post-hook."""
+        task of this node runs: return its member, take its lease, run its owed post-hook (after
+        the old lease, except for the ids in `lease_over`, whose run ended here)."""
         self._leading = True
         for entry in self.deps.state().snapshots:
             if entry.id in self._runs or not (entry.running or entry.undo or entry.pool != "in"):
                 continue
             trace = self.deps.tracing.start_snapshot(entry.service, entry.member, entry.id, resumed=True)
             plan = self._plan(entry.id, entry.service, entry.member, role=entry.role, epoch=entry.epoch, kind=entry.kind)
-            wf, action = SnapshotWorkflow.resume(plan, entry, time.time())
+            wf, action = SnapshotWorkflow.resume(plan, entry, time.time(), lease_over=entry.id in lease_over)
             run = _Run(wf, trace)
             self._runs[entry.id] = run
             run.task = asyncio.create_task(self._drive(run, action, time.time()), name=f"snapshot-undo-{entry.id}")
@@ -212,7 +213,7 @@ class SnapshotRunner:
         if action.status == "unknown" and self._leading:
             # The undo's last commit did not land (a commit timeout while still leading): try
             # again, as a new leader would, until the state shows the member back.
-            asyncio.get_running_loop().call_later(RETRY_UNDO, self.take_over)
+            asyncio.get_running_loop().call_later(RETRY_UNDO, self.take_over, (wf.plan.snapshot_id,))
         seconds = run.trace.end(error=action.error or None)
         if self.deps.metrics is not None:
             self.deps.metrics.observe_snapshot(wf.plan.service, action.status, seconds)
@@ -223,7 +224,9 @@ class SnapshotRunner:
         started = time.time()
         if isinstance(action, Commit):
             event: Event = await self._commit(action)
-        elif run.workflow.abortable:
+        elif run.workflow.abortable and not isinstance(action, RunHook):
+            # A hook is never cut short by an abort (it runs to its end or its timeout): the
+            # post-hook must not start while the pre-hook still runs.
             event = await self._abortable(run, action)
         else:
             event = await self._io(run, action)

@@ -207,12 +207,15 @@ class SnapshotWorkflow:
         return Commit(StartSnapshot(entry=entry, keep=plan.keep))
 
     @classmethod
-    def resume(cls, plan: SnapshotPlan, entry: SnapshotEntry, now: float) -> tuple[SnapshotWorkflow, Action]:
-        """The undo of `entry`, which another leader ran and may have left half done."""
+    def resume(
+        cls, plan: SnapshotPlan, entry: SnapshotEntry, now: float, lease_over: bool = False
+    ) -> tuple[SnapshotWorkflow, Action]:
+        """The undo of `entry`, which another leader (or this node's own run, cancelled or
+        unable to commit) may have left half done. `lease_over`: nothing that held the lease can
+        still act (its run ended here), so the owed post-hook need not wait for `lease_until`."""
         wf = cls(plan=plan, phase=Phase.RESUME)
         wf.owes_post_hook = POST_HOOK in entry.undo and plan.post_hook is not None
-        # Our own lease (an undo whose commit did not land): nothing of ours still acts on it.
-        wf.resume_at = now if entry.lease_holder == plan.node else entry.lease_until
+        wf.resume_at = now if lease_over else entry.lease_until
         wf.aborted = entry.status == "aborted"
         wf.status = "failed" if entry.running else entry.status
         why = ("its undo's commit did not land; undone again" if entry.lease_holder == plan.node
