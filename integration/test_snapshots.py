@@ -242,6 +242,47 @@ async def test_a_failing_pre_hook_takes_nothing_and_returns_the_member(mesh: Mes
     await m.until(lambda: _all_back(m), "the member is back in every Envoy's read cluster")
 
 
+async def test_an_open_connection_holds_the_drain_until_envoy_counts_it_closed(mesh: Mesh) -> None:
+    m = mesh
+    port = m.group.port("r1")
+    held: list[redis.Redis] = []
+
+    def connect_to_r1() -> redis.Redis:
+        while True:  # round robin over three members: a few connections reach r1
+            client = redis.Redis(host="127.0.0.1", port=m.read_port, single_connection_client=True, socket_timeout=2)
+            if int(client.info("server")["tcp_port"]) == port:
+                return client
+            held.append(client)
+
+    r1 = await asyncio.to_thread(connect_to_r1)
+    for other in held:
+        other.close()
+    status, started = await m.call("POST", "/v1/services/cache/snapshots", {"member": "r1"})
+    assert status == 202, started
+    await m.until(lambda: _pool_is(m, started["id"], "draining"), "r1 draining")
+
+    async def envoy_draining_with_one() -> bool:
+        texts = await asyncio.to_thread(lambda: [e.admin("/clusters") or "" for e in m.envoys])
+        prefix = f"cache-read::127.0.0.1:{port}::"
+        return (all(f"{prefix}health_flags::/eds_status_draining" in t for t in texts)
+                and sum(f"{prefix}cx_active::1" in t for t in texts) == 1)
+
+    await m.until(envoy_draining_with_one, "r1 DRAINING in every Envoy, one connection counted")
+    assert (await m.snapshot(started["id"]))["pool"] == "draining"  # the counter holds the drain
+    assert r1.ping() and not m.action.started.is_set()
+    await asyncio.to_thread(r1.close)
+    out = await m.until(lambda: _pool_is(m, started["id"], "out"), "Envoy counts the connection closed")
+    assert out["steps"][2]["name"] == "connections_closed" and out["steps"][2]["ok"]
+    m.action.release.set()
+    done = await m.until(lambda: _ended(m, started["id"]), "the snapshot ends")
+    assert done["status"] == "completed"
+
+
+async def _pool_is(m: Mesh, snapshot_id: str, pool: str) -> dict[str, Any] | None:
+    entry = await m.snapshot(snapshot_id)
+    return entry if entry["pool"] == pool else None
+
+
 async def _primary_is(m: Mesh, member: str) -> dict[str, Any] | None:
     _, svc = await m.call("GET", "/v1/services/cache")
     return dict(svc) if svc.get("primary") == member else None
