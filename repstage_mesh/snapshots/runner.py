@@ -149,7 +149,7 @@ class SnapshotRunner:
             self._runs.pop(snapshot_id, None)
             trace.end(error=wf.error)
             raise SnapshotRefused("conflict", wf.error, "member")
-        run.task = asyncio.create_task(self._drive(run, action, time.time()), name=f"snapshot-{snapshot_id}")
+        run.task = asyncio.create_task(self._drive(run, action), name=f"snapshot-{snapshot_id}")
         entry = self.deps.state().snapshot(snapshot_id)
         assert entry is not None
         return entry
@@ -179,7 +179,7 @@ class SnapshotRunner:
             wf, action = SnapshotWorkflow.resume(plan, entry, time.time(), lease_over=entry.id in lease_over)
             run = _Run(wf, trace)
             self._runs[entry.id] = run
-            run.task = asyncio.create_task(self._drive(run, action, time.time()), name=f"snapshot-undo-{entry.id}")
+            run.task = asyncio.create_task(self._drive(run, action), name=f"snapshot-undo-{entry.id}")
 
     async def stop(self) -> None:
         self._leading = False
@@ -195,7 +195,7 @@ class SnapshotRunner:
 
     # --- execution -----------------------------------------------------------------------------
 
-    async def _drive(self, run: _Run, action: Action, started: float) -> None:
+    async def _drive(self, run: _Run, action: Action) -> None:
         wf = run.workflow
         try:
             while not isinstance(action, Finished):
