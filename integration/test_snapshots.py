@@ -304,3 +304,54 @@ async def _no_undo(m: Mesh, snapshot_id: str) -> bool:
 async def _all_back(m: Mesh) -> bool:
     ports = {m.group.port(n) for n in m.group.names}
     return all(h == ports for h in await asyncio.to_thread(m.read_hosts))
+
+
+@pytest.mark.parametrize("phase", ["drain", "pre_hook", "post_hook"])
+async def test_a_failover_at_each_phase_completes_nothing_and_returns_the_member(mesh: Mesh, phase: str) -> None:
+    """The failover (r1, the snapshotted replica, promoted behind the mesh) lands while the
+    snapshot waits on its drain (a connection held to r1), runs its pre-hook, or its post-hook
+    (the take itself: the test above)."""
+    m = mesh
+    sleepy = HookSpec(command=("sh", "-c", "sleep 1"), timeout=5.0)
+    quick = HookSpec(command=("sh", "-c", "exit 0"))
+    m.node.snapshots.deps.hooks = {"pre": sleepy if phase == "pre_hook" else quick,
+                                   "post": sleepy if phase == "post_hook" else quick}.get
+    held = None
+    if phase == "drain":
+        port = m.group.port("r1")
+        others = []
+        while held is None:
+            client = redis.Redis(host="127.0.0.1", port=m.read_port, single_connection_client=True, socket_timeout=2)
+            if int(await asyncio.to_thread(lambda c=client: c.info("server")["tcp_port"])) == port:
+                held = client
+            else:
+                others.append(client)
+        for other in others:
+            other.close()
+    if phase != "drain":
+        m.action.release.set()  # the take itself does not wait
+    _, started = await m.call("POST", "/v1/services/cache/snapshots", {"member": "r1"})
+    reached = {
+        "drain": lambda: _pool_is(m, started["id"], "draining"),
+        "pre_hook": lambda: _undo_owed(m, started["id"], taken=False),
+        "post_hook": lambda: _undo_owed(m, started["id"], taken=True),
+    }[phase]
+    await m.until(reached, f"the snapshot in its {phase}")
+    m.group.command("r1", "REPLICAOF", "NO", "ONE")
+    for other in ("r0", "r2"):
+        m.group.command(other, "REPLICAOF", "127.0.0.1", str(m.group.port("r1")))
+    try:
+        done = await m.until(lambda: _ended(m, started["id"]), "the failover aborts the snapshot")
+        assert done["status"] == "aborted", done
+        await m.until(lambda: _no_undo(m, started["id"]), "the undo finished")
+        await m.until(lambda: _all_back(m), "r1 back in every Envoy's read cluster")
+        _, listed = await m.call("GET", "/v1/services/cache/snapshots")
+        assert [s["status"] for s in listed["snapshots"]] == ["aborted"]
+    finally:
+        if held is not None:
+            held.close()
+
+
+async def _undo_owed(m: Mesh, snapshot_id: str, taken: bool) -> bool:
+    entry = await m.snapshot(snapshot_id)
+    return entry["undo"] == ["post_hook"] and bool(entry["artifact"]) == taken
