@@ -92,8 +92,10 @@ def test_a_new_leader_returns_the_member_and_ends_the_snapshot(cluster: Cluster)
         assert status == 202 and started["member"] == "r1" and started["lease_holder"] == leader.name, started
         port = c.group.port("r1")
         wait_until(lambda: "eds_status_draining" in c.read_line(port), 10, what="r1 DRAINING in Envoy")
-        draining = follower.get(f"/v1/services/cache/snapshots/{started['id']}")
-        assert draining["pool"] == "draining" and draining["status"] == "running"
+        # a follower's reads are its own copy: it holds the drain once it applied it
+        draining = wait_until(lambda: (e := follower.get(f"/v1/services/cache/snapshots/{started['id']}"))["pool"]
+                              == "draining" and e, 5, what="the follower holds the drain")
+        assert draining["status"] == "running"
         assert held.ping()  # the open connection is what holds the drain
         leader.proc.kill()
         killed = time.monotonic()
