@@ -4,9 +4,7 @@ Data flow (DESIGN.md): a command is committed through Raft → every node applie
 applied state is rendered (pure) → encoded once into a snapshot → the ADS server pushes it to
 this node's proxies → the tracker records their ACKs. Only the Raft leader decides (the
 failover engine is started and stopped with leadership); every node serves xDS and the API.
-
-`Node` implements `plane.ControlPlane` for the REST API. `serve_main` is `repstage-mesh serve`.
-"""
+`Node` implements `plane.ControlPlane` for the REST API; `cli/serve.py` runs it."""
 
 from __future__ import annotations
 
@@ -30,6 +28,7 @@ from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.peers import PeerClient
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.api.progress import PeerProgress
+from repstage_mesh.api.snapshots import snapshot_operations
 from repstage_mesh.config import Settings, listening
 from repstage_mesh.config.drift import ServiceDrift, drift
 from repstage_mesh.config.xds_sections import XdsConfig
@@ -67,6 +66,7 @@ from repstage_mesh.raft.lease import PrimaryLease
 from repstage_mesh.raft.store import ReplicatedStore
 from repstage_mesh.render.envoy import render
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
+from repstage_mesh.snapshots.registry import SnapshotWiring, build_snapshots
 from repstage_mesh.sources.consul import ConsulSource
 from repstage_mesh.sources.consul_registration import ConsulRegistration
 from repstage_mesh.sources.probes import ProbeRunner
@@ -189,6 +189,8 @@ class Node:
             else None
         )
         self._apply_listeners.append(self.engine.on_state)
+        self.snapshots, self.snapshot_desk = build_snapshots(SnapshotWiring(  # snapshots/registry.py
+            self._node_id, self.settings, self.state, self._commit, self.await_proxies, self.decider, self.engine, self.tracing, self.metrics, self._forwarder.peers.call, self._leader_api, self._apply_listeners.append))
 
     # --- ControlPlane -------------------------------------------------------------------------
 
@@ -319,7 +321,7 @@ class Node:
             self.xds_port = await self.xds.start(host, port)
         api_settings = ApiSettings.from_config(settings.api, hooks=settings.hooks,
                                                secrets=settings.secret_store().hosts(), deployment=settings.deployment())
-        app = build_app(self, api_settings, extra_operations=failover_operations())
+        app = build_app(self, api_settings, extra_operations=[*failover_operations(), *snapshot_operations(self.snapshot_desk)])
         api_host, api_port = settings.host_port("api.listen")
         with listening("api.listen", api_host, api_port):
             self.api_runner = await start_api(app, api_host, api_port)
@@ -341,10 +343,8 @@ class Node:
         try:
             await self.registration.register_self(self._node_id, api_address)
         except Exception as exc:
-            log.warning(
-                "could not register in Consul at %s: %s (retried every %g s)",
-                self.settings.consul.address, exc, self.settings.consul.resync_interval,
-            )
+            log.warning("could not register in Consul at %s: %s (retried every %g s)",
+                        self.settings.consul.address, exc, self.settings.consul.resync_interval)
 
     async def stop(self) -> None:
         await self.engine.stop()

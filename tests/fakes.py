@@ -26,7 +26,7 @@ from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.cluster import NodeProxies, member_health
 from repstage_mesh.api.models import ApiSettings
 from repstage_mesh.api.plane import DIRECT, Caller
-from repstage_mesh.core.errors import DecisionRefused, Rejected
+from repstage_mesh.core.errors import DecisionRefused, Rejected, SnapshotRefused
 from repstage_mesh.core.models import (
     Announcement,
     Command,
@@ -35,6 +35,8 @@ from repstage_mesh.core.models import (
     PutService,
     ServiceSpec,
     SetPrimary,
+    SnapshotEntry,
+    StartSnapshot,
 )
 from repstage_mesh.core.state import apply
 from repstage_mesh.failover.proxies import Progress
@@ -160,6 +162,40 @@ class FakeViews:
     async def members(self, caller: Caller = DIRECT) -> dict[str, Any]:
         rows = member_health(self.plane.state(), self.plane.observed, now=100.0)
         return {"node_id": self.plane.node_id, "leader": True, "members": [r.model_dump() for r in rows]}
+
+
+class FakeSnapshots:
+    """The snapshot endpoints' desk over a FakePlane: commits the intent only (no runner)."""
+
+    def __init__(self, plane: FakePlane) -> None:
+        self.plane = plane
+
+    async def start(self, service: str, member: str, caller: Caller = DIRECT) -> dict[str, Any]:
+        from repstage_mesh.snapshots.choice import choose_member
+
+        state = self.plane.state()
+        svc = state.service(service)
+        if svc is None:
+            raise SnapshotRefused("not_found", f"no service named {service!r}", "service")
+        choice = choose_member(svc, {}, 0, member)
+        entry = SnapshotEntry(id=f"snap-{state.index + 1}", service=service, member=choice.member,
+                              role=choice.role, epoch=svc.epoch, requested=member)
+        outcome = await self.plane.submit(StartSnapshot(entry=entry))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        found = self.plane.state().snapshot(entry.id)
+        assert found is not None
+        return found.model_dump(mode="json")
+
+    def list(self, service: str) -> list[dict[str, Any]] | None:
+        state = self.plane.state()
+        if state.service(service) is None:
+            return None
+        return [s.model_dump(mode="json") for s in reversed(state.snapshots) if s.service == service]
+
+    def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
+        entry = self.plane.state().snapshot(snapshot_id)
+        return entry.model_dump(mode="json") if entry is not None and entry.service == service else None
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:

@@ -340,6 +340,53 @@ def test_delegated_command_missing_module(
     assert code == 1 and "not available" in err
 
 
+# --- snapshots ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def snap_live(plane: FakePlane) -> Iterator[LiveApi]:
+    from fakes import FakeSnapshots
+
+    from repstage_mesh.api.snapshots import snapshot_operations
+
+    with LiveApi(plane, extra_operations=snapshot_operations(FakeSnapshots(plane))) as server:
+        yield server
+
+
+def test_snapshot_follows_the_committed_steps_until_the_member_is_back(
+    snap_live: LiveApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import threading
+    import time
+
+    from repstage_mesh.core.models import SnapshotStep, UpdateSnapshot
+
+    live = snap_live
+
+    def finish() -> None:
+        deadline = time.monotonic() + 10
+        while not live.plane.state().snapshots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (entry,) = live.plane.state().snapshots
+        step = SnapshotStep(name="take", at=time.time(), ok=True, detail="file:///x")
+        update = UpdateSnapshot(id=entry.id, steps=(step,), status="completed", pool="in", artifact="file:///x")
+        asyncio.run_coroutine_threadsafe(live.plane.submit(update), live.loop).result(5)
+
+    helper = threading.Thread(target=finish)
+    helper.start()
+    code, out, err = run(capsys, "snapshot", "orders", "--api", live.url)
+    helper.join()
+    assert code == 0, err
+    assert "orders/a (primary" in out and "completed" in out and "take" in out
+    code, out, _ = run(capsys, "snapshots", "orders", "--api", live.url)
+    assert code == 0 and "Snapshots" in out and "file:///x" in out
+    code, out, _ = run(capsys, "--json", "snapshots", "orders", live.plane.state().snapshots[0].id, "--api", live.url)
+    assert code == 0 and json.loads(out)["status"] == "completed"
+    code, _, err = run(capsys, "snapshots", "nope", "--api", live.url)
+    assert code == 1 and "nope" in err
+
+
 @pytest.mark.parametrize("command", ["validate", "serve"])
 def test_a_short_raft_password_is_refused_by_validate_and_serve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str

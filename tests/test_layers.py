@@ -96,3 +96,10 @@ def test_snapshot_actions_importing_the_workflow_side_fails(copy: Path) -> None:
     result = lint_imports(copy)
     assert result.returncode != 0
     assert "Snapshot actions know only core" in result.stdout
+
+
+def test_the_snapshot_workflow_doing_io_fails(copy: Path) -> None:
+    append(copy / "repstage_mesh" / "snapshots" / "workflow.py", "import asyncio  # noqa")
+    result = lint_imports(copy)
+    assert result.returncode != 0
+    assert "The snapshot workflow and its member choice do no I/O BROKEN" in result.stdout

@@ -4,7 +4,8 @@ Client commands talk to a node's REST API (`--api URL`, repeatable or comma-sepa
 next is tried when one cannot be reached; env REPSTAGE_API, default http://127.0.0.1:8080;
 token from `--token` or REPSTAGE_TOKEN): `status`, `services`, `proxies` (every node's),
 `switchover`, `failovers [ID]`, `announce` (for an orchestrator's callback, e.g.
-Patroni's on_role_change), `apply FILE [--dry-run]` (the file's services through the API).
+Patroni's on_role_change), `apply FILE [--dry-run]` (the file's services through the API),
+`snapshot`, `snapshots`.
 `validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
 
@@ -35,6 +36,7 @@ from repstage_mesh.cli.client import (
 )
 from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, Output, path_segment
 from repstage_mesh.cli.overview import cmd_proxies, cmd_status, gather_proxies, members_view
+from repstage_mesh.cli.snapshots import add_snapshot_commands, cmd_snapshot, cmd_snapshots
 
 # --- parser ---------------------------------------------------------------------------------------
 
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "failovers", parents=common, help="recent failovers and switchovers, or one with its timeline"
     )
     failovers.add_argument("id", metavar="ID", nargs="?", help="a failover id: show its timeline")
+    add_snapshot_commands(sub, common)
     validate = sub.add_parser(
         "validate", parents=common, help="check a config file; exit 1 on errors"
     )
@@ -549,6 +552,8 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "announce": cmd_announce,
     "failovers": cmd_failovers,
     "apply": cmd_apply,
+    "snapshot": cmd_snapshot,
+    "snapshots": cmd_snapshots,
 }
 
 

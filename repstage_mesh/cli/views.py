@@ -329,6 +329,32 @@ def failover_detail(record: Mapping[str, Any], now: float | None = None) -> Rend
     return Group(head, timeline)
 
 
+def snapshots_table(snapshots: Sequence[Mapping[str, Any]]) -> Table:
+    """Snapshots of a service (GET /v1/services/{name}/snapshots), newest first."""
+    table = _table("Snapshots", "ID", "MEMBER", "ROLE", "EPOCH", "STATUS", "POOL", "LAST STEP", "ARTIFACT / ERROR")
+    for s in snapshots:
+        status = str(s.get("status", ""))
+        style = {"completed": "green", "failed": "red", "aborted": "red", "running": "yellow"}.get(status, "")
+        steps = s.get("steps") or []
+        last = steps[-1]["name"] if steps else "-"
+        table.add_row(str(s.get("id", "")), str(s.get("member", "")), str(s.get("role", "")),
+                      str(s.get("epoch", "")), Text(status, style=style), str(s.get("pool", "")), last,
+                      str(s.get("error") or s.get("artifact") or "-"))  # fmt: skip
+    if not snapshots:
+        table.caption = "no snapshots"
+    return table
+
+
+def snapshot_steps(snapshot: Mapping[str, Any]) -> str:
+    """One line per committed step: name, seconds since the intent, ok, detail."""
+    steps = snapshot.get("steps") or []
+    start = float(steps[0]["at"]) if steps else 0.0
+    return "\n".join(
+        f"{st['name']:<24} +{float(st['at']) - start:8.3f} s  {'ok ' if st.get('ok') else 'FAIL'}  {st.get('detail', '')}"
+        for st in steps
+    )
+
+
 def generic_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table:
     """A table of arbitrary JSON objects: one column per key seen."""
     columns: list[str] = []

@@ -43,6 +43,7 @@ from repstage_mesh.config.sections import (
     NodeConfig,
     RaftConfig,
     ServiceConfig,
+    SnapshotSettings,
     TelemetryConfig,
     default_node_id,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "Secrets",
     "ServiceConfig",
     "Settings",
+    "SnapshotSettings",
     "SpecParts",
     "TelemetryConfig",
     "XdsConfig",

@@ -309,6 +309,40 @@ class FailoversConfig(Section):
     )
 
 
+class SnapshotSettings(Section):
+    """Snapshots the leader coordinates (`POST /v1/services/{name}/snapshots`).
+
+    `pre_hook`/`post_hook` name hooks of the operator's `hooks:` section (each with its own
+    timeout); the post-hook is owed (leased in Raft) as soon as the pre-hook started."""
+
+    storage: str = Field(
+        default="file://<data_dir>/snapshots",
+        description="where artifacts go: file:///dir or s3://bucket/prefix; <data_dir> is node.data_dir",
+    )
+    lag_bound_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=0,
+        description="a replica further behind the primary than this is not chosen "
+        "(metric repstage_snapshot_choices_total{choice=\"primary_fallback\"} when none qualifies)",
+    )
+    take_timeout: float = Field(default=600.0, gt=0, le=86_400, description="seconds the action may take")
+    drain_timeout: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="seconds to wait for every proxy's ACK and for the member's connections to reach 0",
+    )
+    pre_hook: str | None = Field(default=None, description="name of a hook run after the drain, before the action")
+    post_hook: str | None = Field(default=None, description="name of a hook run after the action, whatever happened")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (default: AWS)")
+    envoy_admins: tuple[HostPort, ...] = Field(
+        default=(),
+        description="Envoy admin addresses (HOST:PORT) whose /clusters counters prove a drained "
+        "member has no connections left; empty: only the proxies' ACKs are waited for",
+    )
+    keep: int = Field(default=100, ge=1, le=10_000, description="finished snapshots kept in the replicated state")
+
+    def storage_uri(self, data_dir: str | Path) -> str:
+        return self.storage.replace("<data_dir>", str(Path(data_dir).resolve()))
+
+
 class RaftConfig(Section):
     """Omit `peers` for a single node. With peers, `password` is required: pysyncobj peers
     exchange pickles, so without it anyone reaching the Raft port can run code.

@@ -46,6 +46,7 @@ from repstage_mesh.config.sections import (
     NodeConfig,
     RaftConfig,
     ServiceConfig,
+    SnapshotSettings,
     TelemetryConfig,
     is_loopback,
     is_wildcard,
@@ -114,6 +115,7 @@ class Settings(BaseSettings):
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
     failovers: FailoversConfig = Field(default_factory=FailoversConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings)
     services: tuple[ServiceConfig, ...] = ()
     hooks: dict[Name, HookSpec] = Field(
         default_factory=dict, description="promotion hooks by name (services name them)"
@@ -287,11 +289,12 @@ class _Parts:
     services: tuple[tuple[int, SpecParts], ...]
     hooks: Mapping[str, HookSpec] | None
     secrets: Mapping[str, SecretSource] | None
+    snapshots: SnapshotSettings | None = None
 
     @classmethod
     def of(cls, s: Settings) -> _Parts:
         services = tuple((i, SpecParts.of(c.spec)) for i, c in enumerate(s.services))
-        return cls(s.xds, s.api, s.raft, s.envoy, s.consul, services, s.hooks, s.secrets)
+        return cls(s.xds, s.api, s.raft, s.envoy, s.consul, services, s.hooks, s.secrets, s.snapshots)
 
     @classmethod
     def salvage(cls, data: Any) -> _Parts:
@@ -302,7 +305,8 @@ class _Parts:
             (i, SpecParts.salvage(item.get("spec", item) if isinstance(item, Mapping) else item))
             for i, item in enumerate(items)
         )
-        sections = {name: _section(data, name) for name in ("xds", "api", "raft", "envoy", "consul", "hooks", "secrets")}
+        sections = {name: _section(data, name)
+                    for name in ("xds", "api", "raft", "envoy", "consul", "hooks", "secrets", "snapshots")}
         return cls(services=services, **sections)
 
     def sockets(self, *, bound_only: bool = False) -> dict[str, tuple[str, int]]:
@@ -363,6 +367,12 @@ class _Parts:
                     taken.setdefault(port, f"services[{i}].{name} ({parts.name})")
         if self.hooks is not None and self.secrets is not None:
             problems += [Problem(f, m) for f, m in hook_problems(self.hooks, self.secrets)]
+        if self.hooks is not None and self.snapshots is not None:  # snapshot hooks name hooks:
+            problems += [
+                Problem(f"snapshots.{field}", f"no hook named {name!r} in hooks: (known: {sorted(self.hooks)})")
+                for field, name in (("pre_hook", self.snapshots.pre_hook), ("post_hook", self.snapshots.post_hook))
+                if name is not None and name not in self.hooks
+            ]
         return problems
 
 

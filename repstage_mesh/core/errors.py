@@ -17,6 +17,7 @@ MeshError
 │   └── DataDirInUse         another running node holds node.data_dir's lock
 ├── Rejected                 the state machine refused a command (API 404/409/422 by its code)
 ├── DecisionRefused          the decider will not run a requested switchover (404/409/422 by its code)
+├── SnapshotRefused          a snapshot cannot start: no such member, no primary, one running (404/409/422)
 ├── NotReady                 this node leads but has not started deciding yet (API 503)
 ├── NotLeader                a forwarded request reached a node that does not lead; never forwarded again (API 503)
 ├── SwitchoverFailed         a switchover ran and failed; carries its record (API 409)
@@ -137,6 +138,16 @@ class Rejected(MeshError):
 class DecisionRefused(MeshError):
     """A switchover request the decider will not run. `code` is not_found, conflict or
     invalid, like Rejection codes; `field` names the bad input."""
+
+    def __init__(self, code: str, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class SnapshotRefused(MeshError):
+    """A snapshot request that cannot start (no such member, no primary, one already running).
+    `code` is not_found, conflict or invalid; `field` names the bad input."""
 
     def __init__(self, code: str, message: str, field: str | None) -> None:
         super().__init__(message)

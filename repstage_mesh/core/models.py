@@ -278,6 +278,54 @@ class FailoverEntry(Frozen):
     record: dict[str, Any]
 
 
+SnapshotStatus = Literal["running", "completed", "failed", "aborted"]
+PoolStatus = Literal["in", "draining", "out"]
+
+
+class SnapshotStep(Frozen):
+    """One step of a snapshot as the replicated state records it (wall-clock seconds)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    at: float = Field(ge=0, description="when the step ended (Unix time, the leader's clock)")
+    ok: bool
+    detail: str = Field(default="", max_length=2000)
+
+
+class SnapshotEntry(Frozen):
+    """A snapshot of one member of a service, from its intent to its end.
+
+    `role` and `epoch` are the member's role and the service's epoch at the intent (Raft index
+    `intent_index`): the snapshot can only complete while both still hold. `pool` is where the
+    member stands in the read pool (`draining`: still in the read cluster but excluded from load
+    balancing, so Envoy's per-host counters stay visible; `out`: absent). `undo` lists what is
+    still owed ("post_hook") by whichever node leads; `lease_holder`/`lease_until` say which
+    leader runs the snapshot and until when it may still act (Unix time)."""
+
+    id: str = Field(min_length=1, max_length=200)
+    service: Name
+    member: Name
+    role: Role
+    epoch: int = Field(ge=0)
+    intent_index: int = Field(default=0, ge=0)
+    kind: str = Field(default="tcp", max_length=32)
+    requested: str = Field(default="replica", max_length=64, description="what the caller asked for")
+    status: SnapshotStatus = "running"
+    pool: PoolStatus = "in"
+    steps: tuple[SnapshotStep, ...] = ()
+    undo: tuple[str, ...] = ()
+    lease_holder: str = ""
+    lease_until: float = 0.0
+    error: str = Field(default="", max_length=2000)
+    artifact: str = Field(default="", max_length=2000)
+    point: dict[str, str] = Field(default_factory=dict)
+    size_bytes: int = Field(default=0, ge=0)
+    trace: dict[str, str] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
 class MeshState(Frozen):
     """The whole replicated state. `index` is the Raft index of the last applied entry."""
 
@@ -289,10 +337,26 @@ class MeshState(Frozen):
     request_keys: tuple[tuple[str, str], ...] = Field(
         default=(), description="(idempotency key, failover record id), oldest first (bounded)"
     )
+    snapshots: tuple[SnapshotEntry, ...] = Field(
+        default=(), description="snapshots, oldest first (bounded by StartSnapshot's `keep`; running ones stay)"
+    )
     index: int = 0
     last_change: int = Field(default=0, description="Raft index of the last entry that changed anything")
     audit: tuple[AuditEntry, ...] = Field(default=(), description="the last applied writes, oldest first, at most audit_keep")
     audit_keep: int = Field(default=AUDIT_KEEP, ge=0, description="how many audit entries are kept (from the last write's api.audit_entries)")
+
+    def snapshot(self, snapshot_id: str) -> SnapshotEntry | None:
+        return next((s for s in self.snapshots if s.id == snapshot_id), None)
+
+    def running_snapshot(self, service: str) -> SnapshotEntry | None:
+        return next((s for s in self.snapshots if s.service == service and s.running), None)
+
+    def pool_of(self, service: str, member: str) -> PoolStatus:
+        """Where `member` stands in the read pool of `service` (a snapshot may have drained it)."""
+        for entry in self.snapshots:
+            if entry.service == service and entry.member == member and entry.pool != "in":
+                return entry.pool
+        return "in"
 
     def service(self, name: str) -> ServiceState | None:
         return self.services.get(name)
@@ -386,8 +450,39 @@ class RecordFailover(Frozen):
     keep_keys: int = Field(default=1000, ge=1, le=1_000_000)
 
 
+class StartSnapshot(Frozen):
+    """The intent of a snapshot, committed before anything happens. Refused unless `member` has
+    `role` at `epoch` now and no other snapshot of the service runs. `keep`: how many finished
+    snapshots the state holds (the oldest drop out)."""
+
+    kind: Literal["start_snapshot"] = "start_snapshot"
+    entry: SnapshotEntry
+    keep: int = Field(default=100, ge=1, le=100_000)
+
+
+class UpdateSnapshot(Frozen):
+    """A step of a running (or, for its undo, finished) snapshot. Each given field replaces the
+    entry's; `steps` are appended. A move to `completed` is refused unless the member still has
+    the role and the service the epoch of the intent; a finished snapshot never leaves the pool
+    again nor changes status."""
+
+    kind: Literal["update_snapshot"] = "update_snapshot"
+    id: str = Field(min_length=1, max_length=200)
+    steps: tuple[SnapshotStep, ...] = ()
+    status: SnapshotStatus | None = None
+    pool: PoolStatus | None = None
+    undo: tuple[str, ...] | None = None
+    lease_holder: str | None = None
+    lease_until: float | None = None
+    error: str | None = Field(default=None, max_length=2000)
+    artifact: str | None = Field(default=None, max_length=2000)
+    point: dict[str, str] | None = None
+    size_bytes: int | None = Field(default=None, ge=0)
+
+
 Command = Annotated[
-    PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover, Field(discriminator="kind")
+    PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover | StartSnapshot | UpdateSnapshot,
+    Field(discriminator="kind"),
 ]
 
 

@@ -16,6 +16,12 @@ Rules (DESIGN, invariants 1 and 6):
 - The failover history (`RecordFailover`) keeps the newest `keep` records and the newest
   `keep_keys` idempotency keys; an update older than the stored one (`rev`) is ignored. Neither
   moves `last_change`: routing did not change.
+- Snapshots (`StartSnapshot`, `UpdateSnapshot`): one running snapshot per service; its intent is
+  refused unless the member has the stated role at the stated epoch. A change of a member's pool
+  (`in`/`draining`/`out`) is a change of routing and moves `last_change`. Any entry that changes a
+  service's epoch or primary, removes the member or deletes the service aborts its running
+  snapshot in that same entry and returns the member to the pool (epoch fencing); a move to
+  `completed` is refused unless role and epoch still hold.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from repstage_mesh.core.models import (
     ServiceSpec,
     ServiceState,
     SetPrimary,
+    SnapshotEntry,
+    StartSnapshot,
+    UpdateSnapshot,
 )
 
 __all__ = [
@@ -63,15 +72,19 @@ def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Ou
     if index <= state.index:
         raise ValueError(f"index {index} must be greater than the state's index {state.index}")
     if isinstance(command, PutService):
-        return _audited(command, index, *_put_service(state, command, index))
+        return _audited(command, index, *_fenced(*_put_service(state, command, index), index))
     if isinstance(command, DeleteService):
-        return _audited(command, index, *_delete_service(state, command, index))
+        return _audited(command, index, *_fenced(*_delete_service(state, command, index), index))
     if isinstance(command, SetPrimary):
-        return _audited(command, index, *_set_primary(state, command, index))
+        return _audited(command, index, *_fenced(*_set_primary(state, command, index), index))
     if isinstance(command, Noop):
         return _unchanged(state, index), Outcome(ok=True, result={"noop": True})
     if isinstance(command, RecordFailover):
         return _record_failover(state, command, index)
+    if isinstance(command, StartSnapshot):
+        return _start_snapshot(state, command, index)
+    if isinstance(command, UpdateSnapshot):
+        return _update_snapshot(state, command, index)
     if isinstance(command, AnnounceNode):
         node = command.node
         if state.nodes.get(node.node_id) == node:
@@ -336,3 +349,103 @@ def _record_failover(state: MeshState, command: RecordFailover, index: int) -> t
     update = {"failovers": tuple(entries[dropped:]), "request_keys": keys, "index": index}
     result = {"failover": entry.id, "changed": True, "dropped": dropped, "keys_dropped": keys_dropped}
     return state.model_copy(update=update), Outcome(ok=True, result=result)
+
+
+# --- snapshots --------------------------------------------------------------------------------
+
+
+def _fenced(state: MeshState, outcome: Outcome, index: int) -> tuple[MeshState, Outcome]:
+    """Abort, in this same entry, every running snapshot whose member no longer has the role
+    and epoch of its intent (or is gone); the member returns to the read pool at once."""
+    if not outcome.ok or not any(s.running for s in state.snapshots):
+        return state, outcome
+    entries, aborted = [], []
+    for entry in state.snapshots:
+        reason = _fence_reason(state, entry)
+        if reason is None:
+            entries.append(entry)
+            continue
+        aborted.append(entry.id)
+        entries.append(entry.model_copy(update={
+            "status": "aborted", "pool": "in", "error": f"aborted at Raft index {index}: {reason}",
+        }))
+    if not aborted:
+        return state, outcome
+    result = {**outcome.result, "aborted_snapshots": aborted}
+    update = {"snapshots": tuple(entries), "last_change": index, "index": index}
+    return state.model_copy(update=update), outcome.model_copy(update={"result": result})
+
+
+def _fence_reason(state: MeshState, entry: SnapshotEntry) -> str | None:
+    if not entry.running:
+        return None
+    service = state.service(entry.service)
+    if service is None:
+        return f"service {entry.service!r} was deleted"
+    if service.spec.member(entry.member) is None:
+        return f"{entry.member!r} is no longer a member of {entry.service!r}"
+    if service.epoch != entry.epoch or service.role_of(entry.member) != entry.role:
+        role = service.role_of(entry.member).value
+        return (f"{entry.member!r} was {entry.role.value} at epoch {entry.epoch} and is now {role} "
+                f"at epoch {service.epoch}")
+    return None
+
+
+def _start_snapshot(state: MeshState, command: StartSnapshot, index: int) -> tuple[MeshState, Outcome]:
+    entry = command.entry
+    service = state.service(entry.service)
+    if service is None:
+        return _reject(state, index, "not_found", f"no service named {entry.service!r}", "service")
+    if service.spec.member(entry.member) is None:
+        members = [m.name for m in service.spec.members]
+        return _reject(state, index, "not_found", f"{entry.member!r} is not a member of {entry.service!r} (members: {members})", "member")
+    if state.snapshot(entry.id) is not None:
+        return _reject(state, index, "conflict", f"snapshot id {entry.id!r} is already used", "id")
+    running = state.running_snapshot(entry.service)
+    if running is not None:
+        return _reject(state, index, "conflict", f"snapshot {running.id} of {entry.service!r} is still running", "service")
+    if service.epoch != entry.epoch or service.role_of(entry.member) != entry.role:
+        message = (f"{entry.member!r} is {service.role_of(entry.member).value} at epoch {service.epoch}, "
+                   f"not {entry.role.value} at epoch {entry.epoch}")
+        return _reject(state, index, "stale_epoch", message, "epoch")
+    new = entry.model_copy(update={"intent_index": index, "status": "running", "pool": "in"})
+    finished = [s for s in state.snapshots if not s.running]
+    dropped = {s.id for s in finished[: max(0, len(finished) + 1 - command.keep)]}
+    entries = (*(s for s in state.snapshots if s.id not in dropped), new)
+    result = {"snapshot": entry.id, "intent_index": index, "dropped": len(dropped)}
+    return state.model_copy(update={"snapshots": entries, "index": index}), Outcome(ok=True, result=result)
+
+
+def _update_snapshot(state: MeshState, command: UpdateSnapshot, index: int) -> tuple[MeshState, Outcome]:
+    entry = state.snapshot(command.id)
+    if entry is None:
+        return _reject(state, index, "not_found", f"no snapshot {command.id!r}", "id")
+    if not entry.running:
+        # The first end wins: a finished snapshot never completes later nor leaves the pool
+        # again; a later failed/aborted status is ignored (its steps and undo still apply).
+        if (command.status == "completed" and entry.status != "completed") or command.pool not in (None, "in"):
+            message = f"snapshot {entry.id} is {entry.status}: {entry.error or 'finished'}"
+            return _reject(state, index, "conflict", message, "status")
+        command = command.model_copy(update={"status": None, "error": None})
+    elif command.status == "completed":
+        reason = _fence_reason(state, entry)
+        if reason is not None:
+            return _reject(state, index, "stale_epoch", f"snapshot {entry.id} cannot complete: {reason}", "status")
+    update: dict[str, object] = {
+        name: value for name, value in (
+            ("status", command.status), ("pool", command.pool), ("undo", command.undo),
+            ("lease_holder", command.lease_holder), ("lease_until", command.lease_until),
+            ("error", command.error), ("artifact", command.artifact), ("point", command.point),
+            ("size_bytes", command.size_bytes),
+        ) if value is not None
+    }
+    if command.steps:
+        update["steps"] = (*entry.steps, *command.steps)
+    new = entry.model_copy(update=update)
+    entries = tuple(new if s.id == entry.id else s for s in state.snapshots)
+    moved = new.pool != entry.pool
+    changes: dict[str, object] = {"snapshots": entries, "index": index}
+    if moved:
+        changes["last_change"] = index  # the read pool changed: a new xDS version
+    result = {"snapshot": entry.id, "status": new.status, "pool": new.pool, "pool_changed": moved}
+    return state.model_copy(update=changes), Outcome(ok=True, result=result)

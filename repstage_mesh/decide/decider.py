@@ -30,6 +30,7 @@ fence; the caller's fencing token rides on its first commit.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from repstage_mesh.core.errors import DecisionRefused
@@ -39,7 +40,7 @@ from repstage_mesh.decide.plan import Plan, Planner, finish
 from repstage_mesh.decide.policy import Choice, Intent, backoff, settled
 from repstage_mesh.decide.records import FailoverRecord, History
 from repstage_mesh.decide.steps import Commit, Done, PromoteResult, Repoint, Step, StepResult
-from repstage_mesh.decide.view import ServiceView
+from repstage_mesh.decide.view import MemberView, ServiceView
 
 __all__ = ["MAX_REPOINT_RETRY", "Decider", "DecisionRefused"]
 
@@ -258,6 +259,11 @@ class Decider:
 
     def record(self, record_id: str) -> FailoverRecord | None:
         return self._history.get(record_id)
+
+    def member_views(self, service: str) -> dict[str, MemberView]:
+        """What the observations say of each member of `service` (copies)."""
+        s = self._services.get(service)
+        return {m: replace(v) for m, v in s.views.items()} if s is not None else {}
 
     def running(self, service: str) -> FailoverRecord | None:
         s = self._services.get(service)

@@ -74,6 +74,12 @@ class LeaderEngine:
         self._follow: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._retry_after = CONFIRM_RETRY
+        self._companions: list[tuple[Callable[[], None], Callable[[], Awaitable[None]]]] = []
+
+    def add_companion(self, start: Callable[[], None], stop: Callable[[], Awaitable[None]]) -> None:
+        """Something else only the leader runs (the snapshot runner): `start` once this node
+        leads and decides, `stop` when it stops."""
+        self._companions.append((start, stop))
 
     def add_source(self, source: LeadershipSource) -> None:
         self.sources.append(source)
@@ -134,6 +140,8 @@ class LeaderEngine:
                 for source in self.sources:
                     source.set_services(latest.services.values())
             self.active = True
+            for start, _ in self._companions:
+                start()
             log.info("leader %s: watching %d service(s)", self.seat.node_id, len(latest.services))
 
     async def _start_sources(self, state: MeshState) -> None:
@@ -158,6 +166,11 @@ class LeaderEngine:
             if not self.active:
                 return
             self.active = False
+            for _, stop in self._companions:
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("%s: a leader companion failed to stop", self.seat.node_id)
             await self.runner.close(reason)
             for source in self.sources:
                 await source.stop()

@@ -97,7 +97,8 @@ def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -> Resour
     out = _empty()
     services = [state.services[name] for name in sorted(state.services)]
     for service in services:
-        for type_url, name, message in _service_resources(service, options):
+        pools = _pools(state, service.name)
+        for type_url, name, message in _service_resources(service, options, pools):
             out[type_url][name] = message
     if options.primary_strategy is PrimaryStrategy.HEALTH_FENCE:
         _render_fence(services, options, out)
@@ -128,12 +129,17 @@ def port_conflicts(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -
 # --- per service ----------------------------------------------------------------------------
 
 
+def _pools(state: MeshState, service: str) -> tuple[tuple[str, str], ...]:
+    """(member, "draining" | "out") for the members a snapshot took out of the read pool."""
+    return tuple(sorted((s.member, s.pool) for s in state.snapshots if s.service == service and s.pool != "in"))
+
+
 @lru_cache(maxsize=4096)
 def _service_resources(
-    service: ServiceState, options: RenderOptions
+    service: ServiceState, options: RenderOptions, pools: tuple[tuple[str, str], ...] = ()
 ) -> tuple[tuple[str, str, betterproto2.Message], ...]:
     out = _empty()
-    _render_service(service, options, out)
+    _render_service(service, options, out, dict(pools))
     return tuple((t, n, m) for t, named in out.items() for n, m in named.items())
 
 
@@ -151,7 +157,13 @@ def _collector(name: str, host: str, port: int) -> Cluster:
     return collector_cluster(name, host, port)
 
 
-def _render_service(service: ServiceState, options: RenderOptions, out: Resources) -> None:
+def _render_service(
+    service: ServiceState, options: RenderOptions, out: Resources, pools: dict[str, str] | None = None
+) -> None:
+    """`pools`: members a snapshot drains from the read cluster: `draining` stays listed as
+    DRAINING (no new connections; its per-host counters stay in Envoy's admin /clusters),
+    `out` is absent."""
+    pools = pools or {}
     name = service.name
     spec = service.spec
     primary = primary_cluster_name(service, options)
@@ -167,7 +179,10 @@ def _render_service(service: ServiceState, options: RenderOptions, out: Resource
         read = naming.read_cluster(name)
         _add_cluster(
             out,
-            load_assignment(read, [_endpoint(service, m) for m in _member_names(service)]),
+            load_assignment(read, [
+                _endpoint(service, m, health_status=HealthStatus.DRAINING if pools.get(m) == "draining" else HealthStatus.HEALTHY)
+                for m in _member_names(service) if pools.get(m) != "out"
+            ]),
             name, False, options,
         )  # fmt: skip
         _add_listener(

@@ -200,9 +200,25 @@ class MeshMetrics:
         self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
         self._limit_children, self._refusal_children = _guard_counters(registry)
         self.peer_unreachable = _peer_counter(registry)
+        self._snapshot_metrics(registry)
         registry.register(_ScrapeTimeCollector(self))
         if state is not None:  # the service and member gauges (telemetry/services.py)
             registry.register(ServiceCollector(self.services, state, leads))
+
+    def _snapshot_metrics(self, registry: CollectorRegistry) -> None:
+        self.snapshots = Counter(
+            "repstage_snapshots", "Snapshots ended, by service and status (completed, failed, aborted, unknown)",
+            ["service", "status"], registry=registry,
+        )
+        self.snapshot_duration = Histogram(
+            "repstage_snapshot_duration_seconds", "Snapshot duration from intent to the member's return to the pool",
+            ["service", "status"], buckets=FAILOVER_BUCKETS, registry=registry,
+        )
+        self.snapshot_limits = Counter(
+            "repstage_snapshot_limits", "Snapshot limits hit: lag_bound (no replica qualified, the primary "
+            "was used), drain_timeout, take_timeout, keep (the oldest finished snapshot dropped)",
+            ["limit"], registry=registry,
+        )
 
     # --- TrackerObserver ----------------------------------------------------------------------
 
@@ -280,6 +296,13 @@ class MeshMetrics:
         oldest one out of the bounded history (`dropped`) or the oldest idempotency key out of
         its bound (`keys_dropped`)."""
         self.history.labels(event).inc()
+
+    def observe_snapshot(self, service: str, status: str, seconds: float) -> None:
+        self.snapshots.labels(service, status).inc()
+        self.snapshot_duration.labels(service, status).observe(seconds)
+
+    def observe_snapshot_limit(self, limit: str) -> None:
+        self.snapshot_limits.labels(limit).inc()
 
     def observe_commit(self, seconds: float) -> None:
         self.commit.observe(seconds)

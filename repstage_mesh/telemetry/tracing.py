@@ -211,6 +211,21 @@ class Tracing:
         )
         return FailoverTrace(self.tracer, span, start)
 
+    def start_snapshot(self, service: str, member: str, snapshot_id: str, **attrs: Any) -> FailoverTrace:
+        """Open the root span "snapshot" of one snapshot (a new trace); its steps are recorded
+        as children (`record`), the same shape as a failover's trace."""
+        start = time.time()
+        if self.tracer is None:
+            return FailoverTrace(None, None, start)
+        span = self.tracer.start_span(
+            "snapshot",
+            context=trace.set_span_in_context(trace.INVALID_SPAN),
+            attributes=_attrs({"service": service, "member": member, "snapshot": snapshot_id,
+                               "control_plane": self.node_id, **attrs}),
+            start_time=_ns(start),
+        )
+        return FailoverTrace(self.tracer, span, start)
+
     def push_tracer(self, clock: Callable[[], float] = time.monotonic) -> PushTracer:
         return PushTracer(self.tracer, self.node_id, clock)
 

@@ -1,0 +1,120 @@
+"""REST endpoints for snapshots (issue 16), added with `build_app(..., extra_operations=...)`.
+
+A snapshot runs on the Raft leader (a follower carries the request there); every node answers
+the reads from its copy of the replicated state, where every step of a snapshot is committed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel, ConfigDict, Field
+
+from repstage_mesh.api.errors import ApiError
+from repstage_mesh.api.failovers import caller
+from repstage_mesh.api.http import json_body, ok, parse, path_name
+from repstage_mesh.api.openapi import Operation
+from repstage_mesh.api.plane import Caller
+from repstage_mesh.core.models import Name
+
+
+class SnapshotStepView(BaseModel):
+    name: str = Field(description="intent, proxies_acked_draining, connections_closed, proxies_acked_removed, pre_hook, take, post_hook, aborted, complete, takeover")
+    at: float = Field(description="when the step ended (Unix time, the leader's clock)")
+    ok: bool
+    detail: str = ""
+
+
+class SnapshotView(BaseModel):
+    """One snapshot as the replicated state holds it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    service: str
+    member: str
+    role: str = Field(description="the member's role at the intent: primary | replica")
+    epoch: int = Field(description="the service's epoch at the intent; a change aborts the snapshot")
+    intent_index: int = Field(description="the Raft index that committed the intent")
+    kind: str = Field(description="redis | postgres | tcp: which action takes it")
+    requested: str = Field(description="what was asked for and why this member was chosen")
+    status: str = Field(description="running | completed | failed | aborted")
+    pool: str = Field(description="in | draining | out: the member in the read pool")
+    steps: list[SnapshotStepView] = Field(default_factory=list)
+    undo: list[str] = Field(default_factory=list, description="what is still owed by the leader (post_hook)")
+    lease_holder: str = Field(default="", description="the leader running the snapshot")
+    lease_until: float = Field(default=0.0, description="until when (Unix time) it may still act; a new leader waits for it before the owed post-hook")
+    error: str = ""
+    artifact: str = Field(default="", description="URI of what was stored")
+    point: dict[str, str] = Field(default_factory=dict, description="the snapshot point (Redis replid/offset, PostgreSQL LSNs)")
+    size_bytes: int = 0
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotView]
+
+
+class SnapshotRequest(BaseModel):
+    """POST /v1/services/{name}/snapshots body."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [{"member": "replica"}]})
+
+    member: Name = Field(
+        default="replica",
+        description="replica (default: the most caught-up replica within snapshots.lag_bound_bytes, "
+        "the primary when none qualifies), primary, or a member's name",
+    )
+
+
+class Snapshots(Protocol):
+    """What the endpoints need (snapshots/desk.SnapshotDesk on a node; a double in tests)."""
+
+    async def start(self, service: str, member: str, caller: Caller) -> dict[str, Any]: ...
+    def list(self, service: str) -> list[dict[str, Any]] | None: ...
+    def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None: ...
+
+
+def _handlers(desk: Snapshots) -> tuple[Handler, Handler, Handler]:
+    async def start_snapshot(request: web.Request) -> web.Response:
+        name = path_name(request)
+        raw = await request.read()
+        body = parse(SnapshotRequest, await json_body(request)) if raw.strip() else SnapshotRequest()
+        entry = await desk.start(name, body.member, caller(request))
+        return ok(SnapshotView.model_validate(entry), status=202)
+
+    async def list_snapshots(request: web.Request) -> web.Response:
+        name = path_name(request)
+        entries = desk.list(name)
+        if entries is None:
+            raise ApiError(404, "not_found", f"no service named {name!r}", "name")
+        return ok(SnapshotList(snapshots=[SnapshotView.model_validate(e) for e in entries]))
+
+    async def get_snapshot(request: web.Request) -> web.Response:
+        name = path_name(request)
+        snapshot_id = request.match_info["id"]
+        entry = desk.get(name, snapshot_id)
+        if entry is None:
+            raise ApiError(404, "not_found", f"no snapshot {snapshot_id!r} of {name!r}; GET /v1/services/{name}/snapshots lists them", "id")
+        return ok(SnapshotView.model_validate(entry))
+
+    return start_snapshot, list_snapshots, get_snapshot
+
+
+def snapshot_operations(desk: Snapshots) -> list[Operation]:
+    start_snapshot, list_snapshots, get_snapshot = _handlers(desk)
+    service = {"name": "service name (lower-case DNS label)"}
+    return [
+        Operation("POST", "/v1/services/{name}/snapshots", "startSnapshot",
+                  "Start a snapshot: drain the member from the read pool, wait for every proxy's ACK, run the hooks and the action",
+                  start_snapshot, {202: ("the committed intent; follow it with GET .../snapshots/{id}", SnapshotView)},
+                  request=SnapshotRequest, errors=(404, 409, 422, 503, 504), path_params=service, tag="snapshots",
+                  description="Runs on the Raft leader; every step is committed to the replicated state. "
+                  "A failover of the service aborts it in the same Raft entry."),
+        Operation("GET", "/v1/services/{name}/snapshots", "listSnapshots", "The service's snapshots, newest first",
+                  list_snapshots, {200: ("newest first", SnapshotList)}, errors=(404, 503), path_params=service, tag="snapshots"),
+        Operation("GET", "/v1/services/{name}/snapshots/{id}", "getSnapshot", "One snapshot with its steps",
+                  get_snapshot, {200: ("the snapshot", SnapshotView)}, errors=(404, 503), tag="snapshots",
+                  path_params={**service, "id": "snapshot id"}),
+    ]

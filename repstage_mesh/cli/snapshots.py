@@ -1,0 +1,59 @@
+"""`repstage-mesh snapshot SERVICE` (with live progress) and `snapshots SERVICE [ID]`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from typing import Any
+
+from repstage_mesh.cli import views as render
+from repstage_mesh.cli.client import ApiClient
+from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, Output, path_segment
+
+__all__ = ["add_snapshot_commands", "cmd_snapshot", "cmd_snapshots"]
+
+
+def add_snapshot_commands(sub: Any, common: list[argparse.ArgumentParser]) -> None:
+    snap = sub.add_parser("snapshot", parents=common, help="take a snapshot of a service, with live progress")
+    snap.add_argument("service", metavar="SERVICE")
+    snap.add_argument("--member", default="replica",
+                      help="replica (default: the most caught-up one), primary, or a member's name")
+    snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
+    snaps = sub.add_parser("snapshots", parents=common, help="a service's snapshots, or one with its steps")
+    snaps.add_argument("service", metavar="SERVICE")
+    snaps.add_argument("id", metavar="ID", nargs="?")
+
+
+SNAPSHOT_POLL = 0.2  # seconds between progress reads
+
+
+def cmd_snapshot(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """POST the snapshot, then follow its committed steps until it ended and its undo is done."""
+    base = f"/v1/services/{path_segment(args.service)}/snapshots"
+    entry = client.post(base, {"member": args.member})
+    if not args.no_wait:
+        path = f"{base}/{path_segment(entry['id'])}"
+        with contextlib.ExitStack() as stack:
+            status = None if out.as_json else stack.enter_context(
+                out.console.status(f"snapshot {entry['id']} of {args.service}/{entry['member']}...", spinner="dots"))
+            while entry.get("status") == "running" or entry.get("undo") or entry.get("pool") != "in":
+                time.sleep(SNAPSHOT_POLL)  # the CLI polls; the server has no change feed
+                entry = client.get(path)
+                steps = entry.get("steps") or []
+                if status is not None and steps:
+                    status.update(f"snapshot {entry['id']} of {args.service}/{entry['member']}: {steps[-1]['name']}")
+    out.show(entry, f"{args.service}/{entry['member']} ({entry['role']}, epoch {entry['epoch']}): {entry['status']}"
+             + (f": {entry['error']}" if entry.get("error") else ""), render.snapshot_steps(entry))
+    return EXIT_OK if entry.get("status") in ("completed", "running") else EXIT_ERROR
+
+
+def cmd_snapshots(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    base = f"/v1/services/{path_segment(args.service)}/snapshots"
+    if args.id:
+        entry = client.get(f"{base}/{path_segment(args.id)}")
+        out.show(entry, render.snapshots_table([entry]), render.snapshot_steps(entry))
+        return EXIT_OK
+    listed = client.get(base)
+    out.show(listed, render.snapshots_table(listed.get("snapshots", [])))
+    return EXIT_OK

@@ -1,0 +1,92 @@
+"""How the node builds its snapshot parts (`build_snapshots`: the runner, a leader companion of
+the engine and an apply listener, and the desk the REST endpoints use), and the actions'
+factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` when the actions
+package provides it (branch snapact), else an action that fails with that reason."""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from repstage_mesh.config import Settings, SnapshotSettings
+from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Outcome
+from repstage_mesh.core.observations import MemberStatus
+from repstage_mesh.decide import Decider, ProxyAcks
+from repstage_mesh.failover.engine import LeaderEngine
+from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotAction, SnapshotTarget
+from repstage_mesh.snapshots.choice import MemberReport
+from repstage_mesh.snapshots.desk import SnapshotDesk
+from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
+from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
+from repstage_mesh.telemetry import Tracing
+from repstage_mesh.telemetry.metrics import MeshMetrics
+
+__all__ = ["SnapshotWiring", "UnavailableAction", "build_snapshot_action", "build_snapshots", "member_reports"]
+
+
+class UnavailableAction:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def take(self, target: SnapshotTarget, timeout: float) -> ActionResult:
+        raise RuntimeError(self.reason)
+
+
+def build_snapshot_action(kind: str, settings: SnapshotSettings) -> SnapshotAction:
+    try:
+        actions = importlib.import_module("repstage_mesh.snapshots.actions")
+        build = actions.build_action
+    except (ImportError, AttributeError):
+        return UnavailableAction(f"no snapshot action for kind {kind!r} is installed (repstage_mesh.snapshots.actions.build_action)")
+    action: SnapshotAction = build(kind, settings)
+    return action
+
+
+def member_reports(decider: Decider, service: str) -> dict[str, MemberReport]:
+    """What the leader's sources say of each member (healthy replica? offset)."""
+    return {
+        m: MemberReport(replica=v.status is MemberStatus.REPLICA, offset=v.offset)
+        for m, v in decider.member_views(service).items()
+    }
+
+
+@dataclass(frozen=True)
+class SnapshotWiring:
+    """What the node hands its snapshot parts (`Node.__init__`)."""
+
+    node_id: str
+    settings: Settings
+    state: Callable[[], MeshState]
+    commit: Callable[[CommandEnvelope, float], Awaitable[Outcome]]
+    await_proxies: Callable[[int, float], Awaitable[ProxyAcks]]
+    decider: Decider
+    engine: LeaderEngine
+    tracing: Tracing
+    metrics: MeshMetrics
+    call: Callable[..., Awaitable[Any]]  # api/peers.PeerClient.call
+    leader_api: Callable[[Any], str | None]  # Node._leader_api(caller)
+    on_apply: Callable[[Callable[[MeshState], None]], None]
+
+
+def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
+    """The runner (only the leader runs it: an engine companion; every applied state reaches it,
+    so a failover's abort cancels the running step) and the desk."""
+    snap = w.settings.snapshots
+
+    async def commit(command: Command, timeout: float) -> Outcome:
+        return await w.commit(CommandEnvelope(command=command, request_id=uuid.uuid4().hex), timeout)
+
+    runner = SnapshotRunner(SnapshotDeps(
+        node_id=w.node_id, settings=snap, state=w.state, commit=commit, await_proxies=w.await_proxies,
+        actions=lambda kind: build_snapshot_action(kind, snap), hooks=w.settings.hooks.get,
+        reports=lambda service: member_reports(w.decider, service),
+        connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
+        tracing=w.tracing, metrics=w.metrics, secrets=w.settings.secret_store(),
+    ))
+    w.on_apply(runner.on_state)
+    w.engine.add_companion(runner.take_over, runner.stop)
+    desk = SnapshotDesk(runner, w.state, w.call, lambda: w.engine.active, w.leader_api)
+    return runner, desk
