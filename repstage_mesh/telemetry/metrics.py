@@ -143,14 +143,8 @@ def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
 class MeshMetrics:
     """Every metric of one node, in `registry`; a TrackerObserver for the xDS ones."""
 
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        node_id: str,
-        raft_status: RaftStatus | None = None,
-        state: Callable[[], MeshState] | None = None,
-        leads: Callable[[], bool] = lambda: True,
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry, node_id: str, raft_status: RaftStatus | None = None,
+                 state: Callable[[], MeshState] | None = None, leads: Callable[[], bool] = lambda: True) -> None:
         self.registry = registry
         self.node_id = node_id
         self.raft_status = raft_status
