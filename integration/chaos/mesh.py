@@ -124,7 +124,7 @@ class ChaosMesh:
                     status, view = call("GET", f"{node.api}/v1/cluster", timeout=1.0)
                     if status == 200:
                         views.append(view)
-            leaders = {v.get("leader") for v in views}
+            leaders = {v.get("leader_address") for v in views}  # `leader` is the node id
             if len(views) < CP or len(leaders) != 1 or None in leaders:
                 return None
             node = by_raft.get(str(leaders.pop()))
