@@ -262,3 +262,14 @@ async def test_an_abort_during_the_pre_hook_lets_it_end_before_the_post_hook(tmp
     assert entry(plane, started.id).status == "aborted"
     await eventually(lambda: not r.running(), "the undo finished")
     assert order.read_text().split() == ["pre", "post"] and not action.targets
+
+
+def test_the_node_builds_real_actions_with_the_data_dir_resolved(tmp_path: Path) -> None:
+    from repstage_mesh.config import SnapshotSettings
+    from repstage_mesh.snapshots.registry import UnavailableAction, build_snapshot_action
+
+    redis = build_snapshot_action("redis", SnapshotSettings(), tmp_path)
+    assert not isinstance(redis, UnavailableAction)
+    assert redis.storage.root == tmp_path.resolve() / "snapshots"  # type: ignore[attr-defined]
+    tcp = build_snapshot_action("tcp", SnapshotSettings(), tmp_path)  # no command template
+    assert isinstance(tcp, UnavailableAction) and "tcp" in tcp.reason

@@ -1,14 +1,14 @@
 """How the node builds its snapshot parts (`build_snapshots`: the runner, a leader companion of
 the engine and an apply listener, and the desk the REST endpoints use), and the actions'
-factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` when the actions
-package provides it (branch snapact), else an action that fails with that reason."""
+factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` with the storage's
+`<data_dir>` resolved; a kind with no action gets one that fails its take with the reason."""
 
 from __future__ import annotations
 
-import importlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from repstage_mesh.config import Settings, SnapshotSettings
@@ -16,7 +16,9 @@ from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Outco
 from repstage_mesh.core.observations import MemberStatus
 from repstage_mesh.decide import Decider, ProxyAcks
 from repstage_mesh.failover.engine import LeaderEngine
+from repstage_mesh.snapshots.actions import build_action
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotAction, SnapshotTarget
+from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
 from repstage_mesh.snapshots.choice import MemberReport
 from repstage_mesh.snapshots.desk import SnapshotDesk
 from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
@@ -35,14 +37,15 @@ class UnavailableAction:
         raise RuntimeError(self.reason)
 
 
-def build_snapshot_action(kind: str, settings: SnapshotSettings) -> SnapshotAction:
+def build_snapshot_action(kind: str, settings: SnapshotSettings, data_dir: str | Path) -> SnapshotAction:
+    """The action for members of `kind` (snapshots/actions), storing under `settings.storage`
+    with `<data_dir>` resolved. A kind with no action (e.g. a tcp service without a command
+    template) fails its take with the reason instead of failing the node."""
+    resolved = settings.model_copy(update={"storage": settings.storage_uri(data_dir)})
     try:
-        actions = importlib.import_module("repstage_mesh.snapshots.actions")
-        build = actions.build_action
-    except (ImportError, AttributeError):
-        return UnavailableAction(f"no snapshot action for kind {kind!r} is installed (repstage_mesh.snapshots.actions.build_action)")
-    action: SnapshotAction = build(kind, settings)
-    return action
+        return build_action(kind, resolved)
+    except SnapshotActionFailed as exc:
+        return UnavailableAction(str(exc))
 
 
 def member_reports(decider: Decider, service: str) -> dict[str, MemberReport]:
@@ -81,7 +84,7 @@ def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
 
     runner = SnapshotRunner(SnapshotDeps(
         node_id=w.node_id, settings=snap, state=w.state, commit=commit, await_proxies=w.await_proxies,
-        actions=lambda kind: build_snapshot_action(kind, snap), hooks=w.settings.hooks.get,
+        actions=lambda kind: build_snapshot_action(kind, snap, w.settings.node.data_dir), hooks=w.settings.hooks.get,
         reports=lambda service: member_reports(w.decider, service),
         connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
         tracing=w.tracing, metrics=w.metrics, secrets=w.settings.secret_store(),
