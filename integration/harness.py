@@ -453,6 +453,8 @@ def free_low_port(consecutive: int = 1, host: str = "127.0.0.1") -> int:
     low = max(low, 12000)
     for _ in range(200):
         port = random.randrange(10000, low - consecutive)
+        if any(port + i in _HANDED_OUT for i in range(consecutive)):
+            continue  # free now, but given to another listener of this run that may not bind yet
         socks = [socket.socket() for _ in range(consecutive)]
         try:
             for i, sock in enumerate(socks):
@@ -462,5 +464,9 @@ def free_low_port(consecutive: int = 1, host: str = "127.0.0.1") -> int:
         finally:
             for sock in socks:
                 sock.close()
+        _HANDED_OUT.update(range(port, port + consecutive))
         return port
     raise RuntimeError(f"no {consecutive} consecutive free ports found")
+
+
+_HANDED_OUT: set[int] = set()  # free_low_port never hands the same port out twice in one run
