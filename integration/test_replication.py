@@ -544,6 +544,7 @@ class NodeProcess:
             *peers,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # one answer is one line: a long run's list of writes passes 64 KiB
         )
         node = cls(proc, address)
         try:
