@@ -9,6 +9,8 @@ resource whose bytes contain b"BAD" (keeping its last good config, as Envoy does
 
 from __future__ import annotations
 
+import copy
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -209,7 +211,14 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule()
     def deliver_to_server(self) -> None:
         request = self.to_server.popleft()
+        shadow = None
+        if isinstance(self.stream, SotwStream):
+            # The ACK fast path must answer exactly as the full sync would have.
+            shadow = copy.deepcopy(self.stream)
+            shadow.ack_fast_path = False
         actions = self.stream.receive(request)  # type: ignore[arg-type]
+        if shadow is not None:
+            assert actions == shadow.receive(request), "the ACK fast path differs from the full sync"  # type: ignore[arg-type]
         for a in actions:
             if isinstance(a, (Acked, Nacked, Stale)):
                 assert a.type_url == request.type_url

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import resources as res
-from .cache import EncodedResource, Snapshot, set_digest, sotw_version, split_version
+from .cache import EncodedResource, Selection, Snapshot, set_digest, split_version
 
 # --- events in -------------------------------------------------------------------------------
 
@@ -110,9 +110,10 @@ class ProtocolError(Exception):
 class _Pending:
     nonce: str
     version: str
-    resources: dict[str, EncodedResource]  # SotW: the full set sent; Delta: the updated ones
+    resources: Mapping[str, EncodedResource]  # SotW: the full set sent (shared, read-only); Delta: the updated ones
     removed: tuple[str, ...] = ()
     previous: dict[str, EncodedResource | None] = field(default_factory=dict)  # Delta: for NACK
+    digest: str = ""  # SotW: the set digest in `version`
 
 
 @dataclass
@@ -120,8 +121,10 @@ class _TypeState:
     requested: bool = False
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
-    acked: dict[str, EncodedResource] = field(default_factory=dict)
+    names_key: frozenset[str] = frozenset()  # SotW: `names`, frozen (the snapshot's memo key)
+    acked: Mapping[str, EncodedResource] = field(default_factory=dict)  # read-only: replaced, never changed
     acked_version: str = ""
+    acked_digest: str = ""  # SotW: the digest in `acked_version`
     pending: dict[str, _Pending] = field(default_factory=dict)  # by nonce
     last_nonce: str = ""
     nacked: set[str] = field(default_factory=set)  # SotW: set digests; Delta: "name:digest"
@@ -193,16 +196,23 @@ class _Stream:
                 refs.update(item.refs)
         return refs
 
-    def _desired(self, type_url: str, state: _TypeState) -> dict[str, EncodedResource]:
+    def _names_key(self, state: _TypeState) -> frozenset[str]:
+        return frozenset(state.names)
+
+    def _selection(self, type_url: str, state: _TypeState) -> Selection:
+        assert self.snapshot is not None
+        return self.snapshot.selection(type_url, None if state.wildcard else self._names_key(state))
+
+    def _desired(self, type_url: str, state: _TypeState) -> Mapping[str, EncodedResource]:
+        """What the client should hold of `type_url`. Read-only: when nothing is kept or held
+        back for this client it is the snapshot's shared `Selection.resources` itself."""
         assert self.snapshot is not None
         current = self.snapshot.get(type_url)
-        if state.wildcard:
-            desired = dict(current)
-        else:
-            desired = {name: current[name] for name in state.names if name in current}
+        desired: Mapping[str, EncodedResource] = self._selection(type_url, state).resources
         # Keep what the client holds and still needs: a resource gone from the snapshot that a
         # held listener, route or cluster still refers to stays until that referrer is gone.
         referenced = None
+        kept: dict[str, EncodedResource] | None = None
         for item in self._held_resources(state):
             if item.name in desired or item.name in current:
                 continue
@@ -211,23 +221,32 @@ class _Stream:
             if referenced is None:
                 referenced = self._referenced()
             if (type_url, item.name) in referenced:
-                desired[item.name] = item
+                if kept is None:
+                    kept = dict(desired)
+                kept[item.name] = item
+        if kept is not None:
+            desired = kept
         if type_url in _GATED:
-            self._gate(type_url, state, desired)
+            desired = self._gate(state, desired)
         return desired
 
-    def _gate(self, type_url: str, state: _TypeState, desired: dict[str, EncodedResource]) -> None:
+    def _gate(self, state: _TypeState, desired: Mapping[str, EncodedResource]) -> Mapping[str, EncodedResource]:
         """A listener or route goes out only once the clusters it names were ACKed by the
         client: if the cluster update is NACKed, the client keeps a consistent older config
-        instead of a listener pointing at nothing. Held back, the client keeps its version."""
-        for name, item in list(desired.items()):
+        instead of a listener pointing at nothing. Held back, the client keeps its version.
+        Returns `desired` itself when nothing is held back, a changed copy otherwise."""
+        out: dict[str, EncodedResource] | None = None
+        for name, item in desired.items():
             if all(self._confirmed(ref_type, ref_name) for ref_type, ref_name in item.refs if ref_type == res.CLUSTER):
                 continue
+            if out is None:
+                out = dict(desired)
             older = self._client_copy(state, name)
             if older is not None:
-                desired[name] = older
+                out[name] = older
             else:
-                del desired[name]
+                del out[name]
+        return desired if out is None else out
 
     def _confirmed(self, type_url: str, name: str) -> bool:
         state = self.types.get(type_url)
@@ -264,8 +283,41 @@ class SotwStream(_Stream):
         for pending in state.pending.values():
             yield from pending.resources.values()
 
+    # An ACK that cannot change what any type should hold skips the sync (see `_plain_ack`);
+    # tests turn it off to check that the full sync would have sent nothing either.
+    ack_fast_path = True
+
+    def _names_key(self, state: _TypeState) -> frozenset[str]:
+        return state.names_key
+
+    def _plain_ack(self, request: SotwRequest, state: _TypeState) -> bool:
+        """An ACK of the latest response, with the same subscription, of a type other than
+        clusters: the sync that follows an ACK could only send something if the ACK changed
+        a cluster's confirmation (gating) or the set of references the client holds (what is
+        kept), and neither moves when what the ACK replaces referred to nothing the ACKed
+        content does not refer to as well. The common ACK (EDS after a push) is this one."""
+        if not self.ack_fast_path or request.error is not None or request.type_url == res.CLUSTER:
+            return False
+        pending = state.pending.get(request.response_nonce)
+        if pending is None or request.response_nonce != state.last_nonce:
+            return False
+        names = request.resource_names
+        if "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES):
+            if not state.wildcard:
+                return False
+        elif state.wildcard or len(names) != len(state.names_key) or state.names_key != frozenset(names):
+            return False
+        refs = [ref for item in state.acked.values() for ref in item.refs]
+        if refs and not set(refs) <= {ref for item in pending.resources.values() for ref in item.refs}:
+            return False
+        return True
+
     def receive(self, request: SotwRequest) -> list[Action]:
         state = self._begin(request)
+        if state.requested and self._plain_ack(request, state):
+            pending = state.pending.pop(request.response_nonce)
+            state.acked, state.acked_version, state.acked_digest = pending.resources, pending.version, pending.digest
+            return [Acked(request.type_url, pending.version, pending.nonce)]
         actions: list[Action] = []
         if request.response_nonce:
             if request.response_nonce != state.last_nonce:
@@ -282,17 +334,19 @@ class SotwStream(_Stream):
                     state.nacked.add(split_version(pending.version)[1])
                     actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
                 else:
-                    state.acked = pending.resources
-                    state.acked_version = pending.version
+                    state.acked, state.acked_version, state.acked_digest = (
+                        pending.resources, pending.version, pending.digest
+                    )
                     actions.append(Acked(request.type_url, pending.version, pending.nonce))
         elif not state.requested and request.version_info:
             # A client coming back (after a reconnect, maybe to another replica) with a version.
             state.floor, state.client_digest = split_version(request.version_info)
-            state.acked_version = request.version_info
+            state.acked_version, state.acked_digest = request.version_info, state.client_digest
         state.requested = True
         names = set(request.resource_names)
         state.wildcard = "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES)
         state.names = names - {"*"}
+        state.names_key = frozenset(state.names)
         actions.extend(self._sync())
         return actions
 
@@ -304,8 +358,13 @@ class SotwStream(_Stream):
         if self.snapshot.index < state.floor:
             return None  # this replica is behind what the client already has
         desired = self._desired(type_url, state)
-        items = tuple(desired[name] for name in sorted(desired))
-        digest = set_digest(items)
+        selection = self._selection(type_url, state)
+        if desired is selection.resources:  # the common case: shared, sorted and digested once
+            items, digest, version = selection.items, selection.digest, selection.version
+        else:
+            items = tuple(desired[name] for name in sorted(desired))
+            digest = set_digest(items)
+            version = f"{self.snapshot.version}-{digest}"
         if state.client_digest:
             # First look after a reconnect: does the client already hold exactly this?
             came_back_with, state.client_digest = state.client_digest, ""
@@ -313,17 +372,15 @@ class SotwStream(_Stream):
                 state.acked = desired
                 return None
         if state.pending:
-            latest = state.pending[state.last_nonce]
-            if split_version(latest.version)[1] == digest:
+            if state.pending[state.last_nonce].digest == digest:
                 return None  # already on its way
-        elif state.acked_version and split_version(state.acked_version)[1] == digest:
+        elif state.acked_version and state.acked_digest == digest:
             return None  # the client has it
         if digest in state.nacked:
             return None  # rejected once: never again to this client
-        version = sotw_version(self.snapshot.version, items)
         nonce = self._next_nonce()
         state.last_nonce = nonce
-        state.pending = {nonce: _Pending(nonce, version, desired)}  # only the latest counts
+        state.pending = {nonce: _Pending(nonce, version, desired, digest=digest)}  # only the latest counts
         state.sent[nonce] = version
         if len(state.sent) > _SENT_HISTORY:
             del state.sent[next(iter(state.sent))]
@@ -372,9 +429,11 @@ class DeltaStream(_Stream):
                         state.client_versions[name] = before.version
                 actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
             else:
+                acked = dict(state.acked)
                 for name in pending.removed:
-                    state.acked.pop(name, None)
-                state.acked.update(pending.resources)
+                    acked.pop(name, None)
+                acked.update(pending.resources)
+                state.acked = acked
                 state.acked_version = pending.version
                 actions.append(Acked(request.type_url, pending.version, pending.nonce))
         if not state.requested:
