@@ -125,6 +125,7 @@ class _TypeState:
     acked: Mapping[str, EncodedResource] = field(default_factory=dict)  # read-only: replaced, never changed
     acked_version: str = ""
     acked_digest: str = ""  # SotW: the digest in `acked_version`
+    quiet: tuple[str, int] | None = None  # SotW: (selection digest, generation) that sent nothing
     pending: dict[str, _Pending] = field(default_factory=dict)  # by nonce
     last_nonce: str = ""
     nacked: set[str] = field(default_factory=set)  # SotW: set digests; Delta: "name:digest"
@@ -142,6 +143,10 @@ class _Stream:
         self.node: NodeInfo | None = None
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
+        # SotW: bumped by every change to what this stream knows of its client (a request
+        # other than a plain ACK, a response sent), so a type found quiet need not be looked
+        # at again until either its selection or the stream changes (`_TypeState.quiet`).
+        self.generation = 0
 
     def _next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -283,9 +288,11 @@ class SotwStream(_Stream):
         for pending in state.pending.values():
             yield from pending.resources.values()
 
-    # An ACK that cannot change what any type should hold skips the sync (see `_plain_ack`);
-    # tests turn it off to check that the full sync would have sent nothing either.
-    ack_fast_path = True
+    # Two shortcuts on the push/ACK hot path: an ACK that cannot change what any type should
+    # hold skips the sync (`_plain_ack`), and a type found quiet is not worked out again until
+    # its selection or the stream changes (`_TypeState.quiet`). The property tests turn them
+    # off on a copy of the stream and check that every answer is the same.
+    shortcuts = True
 
     def _names_key(self, state: _TypeState) -> frozenset[str]:
         return state.names_key
@@ -296,7 +303,7 @@ class SotwStream(_Stream):
         a cluster's confirmation (gating) or the set of references the client holds (what is
         kept), and neither moves when what the ACK replaces referred to nothing the ACKed
         content does not refer to as well. The common ACK (EDS after a push) is this one."""
-        if not self.ack_fast_path or request.error is not None or request.type_url == res.CLUSTER:
+        if not self.shortcuts or request.error is not None or request.type_url == res.CLUSTER:
             return False
         pending = state.pending.get(request.response_nonce)
         if pending is None or request.response_nonce != state.last_nonce:
@@ -317,7 +324,9 @@ class SotwStream(_Stream):
         if state.requested and self._plain_ack(request, state):
             pending = state.pending.pop(request.response_nonce)
             state.acked, state.acked_version, state.acked_digest = pending.resources, pending.version, pending.digest
+            state.quiet = None  # its own type is looked at again; the others cannot change
             return [Acked(request.type_url, pending.version, pending.nonce)]
+        self.generation += 1
         actions: list[Action] = []
         if request.response_nonce:
             if request.response_nonce != state.last_nonce:
@@ -357,8 +366,20 @@ class SotwStream(_Stream):
             return None
         if self.snapshot.index < state.floor:
             return None  # this replica is behind what the client already has
-        desired = self._desired(type_url, state)
         selection = self._selection(type_url, state)
+        quiet = (selection.digest, self.generation)
+        if state.quiet == quiet and self.shortcuts:
+            return None  # nothing moved since this type was found to need nothing
+        send = self._compute_send(type_url, state, selection)
+        if send is None:
+            state.quiet = quiet
+        else:
+            self.generation += 1
+        return send
+
+    def _compute_send(self, type_url: str, state: _TypeState, selection: Selection) -> Send | None:
+        assert self.snapshot is not None
+        desired = self._desired(type_url, state)
         if desired is selection.resources:  # the common case: shared, sorted and digested once
             items, digest, version = selection.items, selection.digest, selection.version
         else:
@@ -370,6 +391,7 @@ class SotwStream(_Stream):
             came_back_with, state.client_digest = state.client_digest, ""
             if came_back_with == digest:
                 state.acked = desired
+                self.generation += 1  # what the client holds changed: not "quiet"
                 return None
         if state.pending:
             if state.pending[state.last_nonce].digest == digest:
