@@ -278,6 +278,10 @@ _SENT_HISTORY = 32
 _GATED = frozenset({res.LISTENER, res.ROUTE})
 
 
+def _any_refs(items: Iterable[EncodedResource]) -> bool:
+    return any(item.refs for item in items)
+
+
 class SotwStream(_Stream):
     """State-of-the-world xDS over one ADS stream."""
 
@@ -370,10 +374,16 @@ class SotwStream(_Stream):
         quiet = (selection.digest, self.generation)
         if state.quiet == quiet and self.shortcuts:
             return None  # nothing moved since this type was found to need nothing
+        replaced = state.pending.get(state.last_nonce)
         send = self._compute_send(type_url, state, selection)
         if send is None:
             state.quiet = quiet
-        else:
+        elif type_url == res.CLUSTER or _any_refs(send.resources) or (
+            replaced is not None and _any_refs(replaced.resources.values())
+        ):
+            # What other types depend on moved: a cluster's confirmation (gating) or the
+            # references the client holds. A response of resources that refer to nothing
+            # (endpoints, the common push) moves neither.
             self.generation += 1
         return send
 
