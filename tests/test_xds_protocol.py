@@ -10,7 +10,6 @@ resource whose bytes contain b"BAD" (keeping its last good config, as Envoy does
 from __future__ import annotations
 
 import copy
-
 from collections import deque
 from dataclasses import dataclass, field
 

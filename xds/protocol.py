@@ -319,9 +319,7 @@ class SotwStream(_Stream):
         elif state.wildcard or len(names) != len(state.names_key) or state.names_key != frozenset(names):
             return False
         refs = [ref for item in state.acked.values() for ref in item.refs]
-        if refs and not set(refs) <= {ref for item in pending.resources.values() for ref in item.refs}:
-            return False
-        return True
+        return not refs or set(refs) <= {ref for item in pending.resources.values() for ref in item.refs}
 
     def receive(self, request: SotwRequest) -> list[Action]:
         state = self._begin(request)
