@@ -324,10 +324,10 @@ class SotwStream(_Stream):
     def receive(self, request: SotwRequest) -> list[Action]:
         state = self._begin(request)
         if state.requested and self._plain_ack(request, state):
-            pending = state.pending.pop(request.response_nonce)
-            state.acked, state.acked_version, state.acked_digest = pending.resources, pending.version, pending.digest
+            acked = state.pending.pop(request.response_nonce)
+            state.acked, state.acked_version, state.acked_digest = acked.resources, acked.version, acked.digest
             state.quiet = None  # its own type is looked at again; the others cannot change
-            return [Acked(request.type_url, pending.version, pending.nonce)]
+            return [Acked(request.type_url, acked.version, acked.nonce)]
         self.generation += 1
         actions: list[Action] = []
         if request.response_nonce:
