@@ -235,7 +235,7 @@ class AdmissionGate:
 
     def __init__(self, limits: XdsLimits) -> None:
         self.interval = 1.0 / limits.admission_rate
-        self.tolerance = limits.admission_burst * self.interval
+        self.tolerance = (limits.admission_burst - 1) * self.interval
         self.due = 0.0  # when the next stream would be admitted with no burst left
         self.waiting = 0  # streams told to wait that have not been admitted yet
 
@@ -243,4 +243,5 @@ class AdmissionGate:
         """Seconds the new stream must wait before it is served (0.0: at once)."""
         due = max(self.due, now)
         self.due = due + self.interval
-        return max(0.0, due - self.tolerance - now)
+        wait = due - self.tolerance - now
+        return wait if wait > 1e-9 else 0.0  # (float sums: a burst's last one is not 1e-15 late)
