@@ -356,10 +356,11 @@ async def test_a_stream_that_leaves_while_waiting_its_turn_gives_its_slot_back()
         await first.receive()
         waiting = served.client()
         waiting.send(sotw_request(CLUSTERS, node_id="waiting"))
-        await eventually(lambda: served.server.admission.waiting == 1, "the second stream waits its turn")
+        server = served.server
+        await eventually(lambda s=server: s.admission.waiting == 1, "the second stream waits its turn")
         assert served.server.slots.total == 2 and served.hits("admission") == 1
         waiting.close()
-        await eventually(lambda: served.server.admission.waiting == 0, "the waiting stream left")
-        await eventually(lambda: served.server.slots.total == 1, "its slot is given back")
+        await eventually(lambda s=server: s.admission.waiting == 0, "the waiting stream left")
+        await eventually(lambda s=server: s.slots.total == 1, "its slot is given back")
         assert "waiting" not in {r.node.id for r in served.tracker.records.values()}
         first.close()
