@@ -26,7 +26,8 @@ Measured:
    by the new primary through the proxy; for RepStage also the POST's return and the Envoys'
    ACKs of the new version (from `GET /v1/proxies`), with 1 Envoy and with `--proxies` Envoys.
 2. RTO: kill -9 of the primary under a writer. RepStage in probe + orchestrate mode (interval
-   0.1 s, timeout 0.25 s, fall 3, rise 2; min_failover_interval 1 s), and Sentinel + tuned
+   0.1 s, timeout 0.25 s, fall 3, refused_fall 2, retry_interval 0.02 s, rise 2;
+   min_failover_interval 1 s), and Sentinel + tuned
    HAProxy. Time from the kill to the first write acknowledged by the new primary; RepStage's
    failover record splits it into detection, decision + fence, promotion, commit + push. Before
    that, the primary is paused 5 times for 0.3 s (one probe times out each time): no failover may
@@ -963,7 +964,8 @@ def render(results: dict[str, Any], command: str) -> str:
         "5000 instead of the default 30000, to keep the bench bounded) in front of the tuned HAProxy. "
         "Each write is `SET` + `CONFIG GET port` on one connection, so each ACK names the Redis that gave "
         "it; clients have no retries and 0.5 s timeouts. RepStage probes: "
-        f"interval {PROBE['interval']} s, timeout {PROBE['timeout']} s, fall {PROBE['fall']}, rise {PROBE['rise']}; "
+        f"interval {PROBE['interval']} s, timeout {PROBE['timeout']} s, fall {PROBE['fall']}, rise {PROBE['rise']}, "
+        "refused_fall 2 and retry_interval 0.02 s (the defaults); "
         f"`min_failover_interval` {MIN_FAILOVER_INTERVAL:.0f} s, kills spaced by more than twice that so the "
         "flapping backoff (the interval doubles for failovers in a row) stays out of the figures.",
         "",
@@ -1026,6 +1028,7 @@ def render(results: dict[str, Any], command: str) -> str:
               "From the SIGKILL to the first write the new primary acknowledges through the proxy. ms.", ""]
     rows = []
     for key, label in (("rto_repstage", "RepStage probe + orchestrate (Envoy)"),
+                       ("rto_sentinel_200", "Sentinel down-after 200 + HAProxy tuned"),
                        ("rto_sentinel_1000", "Sentinel down-after 1000 + HAProxy tuned"),
                        ("rto_sentinel_5000", "Sentinel down-after 5000 + HAProxy tuned")):
         runs = results.get(key, [])
@@ -1049,7 +1052,8 @@ def render(results: dict[str, Any], command: str) -> str:
     runs = results.get("rto_repstage", [])
     if runs:
         parts += ["", "Where RepStage's time goes (from its failover records, ms after the kill; p50 / max):", ""]
-        segs = [("detection: kill -> DOWN observed (3rd failed probe; interval 0.1 s)", None, "detected"),
+        segs = [("detection: kill -> DOWN observed (2nd refused probe, 20 ms after the 1st; interval 0.1 s)",
+                 None, "detected"),
                 ("decision: DOWN -> decided", "detected", "decided"),
                 ("decided -> fence committed (leadership no-op + commit)", "decided", "fenced"),
                 ("push: fence committed -> every Envoy ACKed the fence", "fenced", "proxies_fenced"),
@@ -1128,12 +1132,12 @@ def reading(results: dict[str, Any]) -> list[str]:
         after = p50([x["rto_ms"] - x["events_ms"]["detected"] for x in kills if x["events_ms"].get("detected") is not None])
         rto = p50([x["rto_ms"] for x in kills])
         out.append(
-            f"- **kill -9: detection is the RTO.** Of RepStage's {rto:.0f} ms (p50), {det:.0f} ms pass before the "
-            f"third failed probe marks the primary DOWN (fall 3 at a 0.1 s interval: 200-300 ms depending on where "
-            f"the kill falls between probes); decide, fence commit + ACK, promote, commit, push and the first write "
-            f"take {after:.0f} ms together. The probe already retries a broken connection once on a fresh one, so a "
-            f"refused connection is conclusive: counting it as DOWN at once (keeping fall for timeouts) would bring "
-            f"the RTO to about one interval + {after:.0f} ms.")
+            f"- **kill -9: detection is most of the RTO.** Of RepStage's {rto:.0f} ms (p50), {det:.0f} ms pass "
+            f"before the primary is DOWN: the first probe after the kill finds the kept connection broken and a "
+            f"fresh one refused (0-100 ms after the kill, depending on where it falls between probes), the "
+            f"confirming probe 20 ms later (retry_interval) is refused again (refused_fall 2). A silent member "
+            f"still needs fall (3) timeouts. Decide, fence commit + ACK, promote, commit, push and the first write "
+            f"take {after:.0f} ms together.")
     iso = results.get("isolation", {}).get("RepStage probe + orchestrate", {})
     ev = iso.get("record_events_ms") or {}
     if ev.get("detected") is not None and ev.get("promoted") is not None and ev.get("proxies_fenced") is not None:
@@ -1306,6 +1310,7 @@ def run(args: argparse.Namespace, bins: dict[str, str | None]) -> dict[str, Any]
                     wait_until(lambda: sentinels.settled(r.port(r.primary)), 30, 0.1, "sentinels see everyone")
                     rto_sentinel(r, sentinels, 1000, args.sentinel_runs, budget, results)
                     rto_sentinel(r, sentinels, 5000, args.sentinel_slow_runs, budget, results)
+                    rto_sentinel(r, sentinels, 200, args.sentinel_fast_runs, budget, results)
                 if "isolation" in phases:
                     print("3c. isolated old primary: Sentinel (down-after 1000) + HAProxy")
                     with phase(results, "isolation sentinel"):
@@ -1370,6 +1375,8 @@ def main() -> int:
     parser.add_argument("--rto-runs", type=int, default=20, help="RepStage kill -9 runs")
     parser.add_argument("--sentinel-runs", type=int, default=5, help="Sentinel down-after 1000 kill runs")
     parser.add_argument("--sentinel-slow-runs", type=int, default=3, help="Sentinel down-after 5000 kill runs")
+    parser.add_argument("--sentinel-fast-runs", type=int, default=0,
+                        help="Sentinel down-after 200 kill runs (its most eager setting that stays sane)")
     parser.add_argument("--phases", default="", help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
     parser.add_argument("--budget", type=float, default=600.0, help="seconds for the whole run")
     parser.add_argument("--quick", action="store_true", help="fewer runs (3/2/20 Envoys x 2/5/2/1)")

@@ -8,9 +8,10 @@ through the load balancer. To make that pick a live node, quickly, the bootstrap
 
 1. Every control-plane address as an endpoint of `xds_cluster` (STATIC when all are IPs,
    STRICT_DNS otherwise), so there is someone else to go to.
-2. A short stream retry back-off (`envoy_grpc.retry_policy.retry_back_off`, 0.2 s doubling to
+2. A short stream retry back-off (`envoy_grpc.retry_policy.retry_back_off`, 0.1 s doubling to
    2 s instead of Envoy's 0.5 s to 30 s): after a few failures in a row the default would leave
-   a proxy without a control plane for up to 30 s although a live node is there.
+   a proxy without a control plane for up to 30 s although a live node is there; the first
+   retry comes within 0.1 s (Envoy jitters it in [0, base)).
 3. Outlier detection on local-origin errors (`split_external_local_origin_errors`,
    `consecutive_local_origin_failure: 1`): the host whose connection just failed or reset is
    ejected at once, so the re-connect goes to another node instead of round-robin landing on
@@ -19,18 +20,26 @@ through the load balancer. To make that pick a live node, quickly, the bootstrap
 4. An active TCP health check (1 s): a node that is down is marked unhealthy even while the
    stream is elsewhere, so it is skipped on the next re-connect; a passing check un-ejects a
    node that came back (`successful_active_health_check_uneject_host`, on by default).
-5. HTTP/2 keepalive PINGs on the xDS connection (every 2 s, 1 s timeout): a node that is
-   paused or cut off (no RST ever arrives) is noticed within ~3 s, which TCP alone would not
-   do for minutes. Kernel TCP keepalive is set as a second line. The control plane's gRPC
-   server must accept pings that often (`XDS_SERVER_GRPC_OPTIONS`), or it ends the stream
-   with GOAWAY "too_many_pings": measured with grpcio's defaults, and with
-   `min_ping_interval_without_data_ms` 5000, the stream broke every ~11 s.
+5. HTTP/2 keepalive PINGs on the xDS connection (every 0.4 s, 0.2 s timeout; Envoy extends the
+   timeout while any frame arrives, so a busy stream is not cut): a node that is paused or cut
+   off (no RST ever arrives) is left within ~0.6 s (interval + timeout, plus Envoy's 15 %
+   interval jitter), which TCP alone would not do for minutes. Kernel TCP keepalive is set as a
+   second line. The control plane's gRPC server must accept pings that often
+   (`XDS_SERVER_GRPC_OPTIONS`: no ping strikes), or it ends the stream with GOAWAY
+   "too_many_pings": measured with grpcio's defaults, and with
+   `min_ping_interval_without_data_ms` 5000, the stream broke every ~11 s. The cost: one PING
+   and its ACK per proxy every 0.4 s (2,500 per second for 1,000 proxies). Loosen it with
+   `repstage-mesh bootstrap
+   --keepalive-interval/--keepalive-timeout` where the network is slow or the nodes are far.
 6. A short connect timeout (1 s) so a black-holed address fails fast.
 
 All of these are fields of `XdsConnection`; `build_bootstrap` takes one.
 
 Measured (integration/test_bootstrap_failover.py, three stub ADS servers on loopback): a killed
-node's proxies were on another node 0.2-0.4 s later; a paused (SIGSTOP) node's 1.3-2.8 s later.
+node's proxies were on another node 0.2-0.4 s later. With three real `serve` nodes
+(bench/frozen_node.py, bench/RESULTS.md): the node an Envoy is on SIGSTOPped and a switch
+committed by the other two, the Envoy routed the new primary 0.49-0.74 s after the commit
+(p50 0.54 s; it was ~3.0 s with the former 2 s / 1 s keepalive).
 """
 
 from __future__ import annotations
@@ -98,10 +107,10 @@ class XdsConnection:
     """How this Envoy talks to the control plane (see the module docstring for why)."""
 
     connect_timeout: timedelta = timedelta(seconds=1)
-    retry_base_interval: timedelta = timedelta(milliseconds=200)
+    retry_base_interval: timedelta = timedelta(milliseconds=100)
     retry_max_interval: timedelta = timedelta(seconds=2)
-    keepalive_interval: timedelta = timedelta(seconds=2)
-    keepalive_timeout: timedelta = timedelta(seconds=1)
+    keepalive_interval: timedelta = timedelta(milliseconds=400)
+    keepalive_timeout: timedelta = timedelta(milliseconds=200)
     health_check_interval: timedelta | None = timedelta(seconds=1)
     outlier_detection: bool = True
 

@@ -409,7 +409,7 @@ def start_cluster(nodes: list[ControlPlaneNode], timeout: float = 30.0) -> None:
 
 
 def raft_address(node: ControlPlaneNode) -> str:
-    return str(node.config["raft"]["bind"])
+    return str(node.config["raft"].get("advertise") or node.config["raft"]["bind"])
 
 
 def cluster_leader(nodes: list[ControlPlaneNode], timeout: float = 10.0) -> ControlPlaneNode:

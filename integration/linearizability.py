@@ -142,8 +142,8 @@ class Register:
         return {"value": state}
 
 
-# (primary, lowest possible epoch, highest possible epoch or None for unbounded)
-PrimaryState = tuple[str | None, int, int | None]
+# (primary, lowest possible epoch, highest possible epoch or None for unbounded, highest claim)
+PrimaryState = tuple[str | None, int, int | None, int]
 
 
 def _narrow(lo: int, hi: int | None, low: int | None = None, high: int | None = None) -> tuple[int, int | None] | None:
@@ -171,19 +171,27 @@ class PrimaryRegister:
     nothing and answers the current epoch (state.py). After a change whose answer was lost the
     new epoch is unknown, so the state keeps the interval of epochs still possible; later
     answers narrow it.
+
+    `claims=True` models the REST API since issue 14: `expected_epoch` is the caller's fencing
+    token, compared with the highest token claimed before (kept exactly in the state), not with
+    the system's epoch; a claim of the current primary keeps the epoch (and raises the claim).
     """
 
     initial_primary: str | None = None
     initial_epoch: int | None = 0  # None: unknown (any epoch >= 0)
     name: str = "primary-register"
+    claims: bool = False
+    initial_claim: int = 0
 
     def init(self) -> PrimaryState:
         if self.initial_epoch is None:
-            return (self.initial_primary, 0, None)
-        return (self.initial_primary, self.initial_epoch, self.initial_epoch)
+            return (self.initial_primary, 0, None, self.initial_claim)
+        return (self.initial_primary, self.initial_epoch, self.initial_epoch, self.initial_claim)
 
     def step(self, state: PrimaryState, op: Operation) -> tuple[bool, PrimaryState]:
-        primary, lo, hi = state
+        if self.claims:
+            return self._step_claims(state, op)
+        primary, lo, hi, claim = state
         out = op.output
         if op.name == "read":
             if out is None:
@@ -191,7 +199,7 @@ class PrimaryRegister:
             epoch = int(out["epoch"])
             if out.get("primary") != primary or _narrow(lo, hi, epoch, epoch) is None:
                 return False, state
-            return True, (primary, epoch, epoch)
+            return True, (primary, epoch, epoch, claim)
         if op.name != "set_primary":
             raise ValueError(f"operation {op.id}: name must be set_primary or read, not {op.name!r}")
 
@@ -209,7 +217,7 @@ class PrimaryRegister:
             narrowed = _narrow(lo, hi, low=int(expected))
             if narrowed is None:
                 return False, state
-            return True, (primary, *narrowed)
+            return True, (primary, *narrowed, claim)
 
         # the change took effect (known success, or assumed for an unknown outcome)
         if expected is not None:
@@ -220,22 +228,62 @@ class PrimaryRegister:
         if expected is None and member == primary:
             # re-asserting the current primary changes nothing
             if out is None:
-                return True, (primary, lo, hi)
+                return True, (primary, lo, hi, claim)
             epoch = int(out["epoch"])
             if out.get("primary") != member or _narrow(lo, hi, epoch, epoch) is None:
                 return False, state
-            return True, (primary, epoch, epoch)
+            return True, (primary, epoch, epoch, claim)
+        return self._changed(state, member, out, claim)
+
+    @staticmethod
+    def _changed(state: PrimaryState, member: str | None, out: dict[str, Any] | None,
+                 claim: int) -> tuple[bool, PrimaryState]:
+        """`member` became primary at a new epoch (known from `out`, or any greater one)."""
+        _, lo, hi, _ = state
         if out is None:
-            return True, (member, lo + 1, None)
+            return True, (member, lo + 1, None, claim)
         epoch = int(out["epoch"])
         # needs a current epoch below the new one
         if out.get("primary") != member or _narrow(lo, hi, high=epoch - 1) is None:
             return False, state
-        return True, (member, epoch, epoch)
+        return True, (member, epoch, epoch, claim)
+
+    def _step_claims(self, state: PrimaryState, op: Operation) -> tuple[bool, PrimaryState]:
+        primary, lo, hi, claim = state
+        out = op.output
+        if op.name == "read":
+            if out is None:
+                return True, state
+            epoch = int(out["epoch"])
+            if out.get("primary") != primary or _narrow(lo, hi, epoch, epoch) is None:
+                return False, state
+            return True, (primary, epoch, epoch, claim)
+        if op.name != "set_primary":
+            raise ValueError(f"operation {op.id}: name must be set_primary or read, not {op.name!r}")
+        member = op.input.get("member")
+        token = op.input.get("expected_epoch")
+        if out is not None and "rejected" in out:
+            # stale: a claim at or below the highest one before (and nothing else refuses)
+            return (token is not None and int(token) <= claim), state
+        if token is not None:
+            if int(token) <= claim:
+                return False, state
+            claim = int(token)
+        if member == primary:  # re-asserting the current primary keeps its epoch
+            if out is None:
+                return True, (primary, lo, hi, claim)
+            epoch = int(out["epoch"])
+            if out.get("primary") != member or _narrow(lo, hi, epoch, epoch) is None:
+                return False, state
+            return True, (primary, epoch, epoch, claim)
+        return self._changed(state, member, out, claim)
 
     def describe(self, state: PrimaryState) -> Any:
-        primary, lo, hi = state
-        return {"primary": primary, "epoch": lo if lo == hi else {"min": lo, "max": hi}}
+        primary, lo, hi, claim = state
+        described: dict[str, Any] = {"primary": primary, "epoch": lo if lo == hi else {"min": lo, "max": hi}}
+        if self.claims:
+            described["claim"] = claim
+        return described
 
 
 # --- the search ---------------------------------------------------------------------------------

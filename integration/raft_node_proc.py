@@ -1,6 +1,7 @@
 """One ReplicatedStore in its own OS process, driven by JSON lines on stdin (test helper).
 
 Usage: python raft_node_proc.py NODE_ID SELF_ADDRESS DATA_DIR PASSWORD [PEER ...]
+(environment: RAFT_NODE_DURABLE=0 turns the durable journal off, for bench/raft_commit.py)
 
 Requests, one JSON object per line: {"op": "status"} | {"op": "state"} |
 {"op": "submit", "envelope": {...}, "timeout": 2.0} | {"op": "confirm", "timeout": 1.0} |
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -60,7 +62,8 @@ async def _handle(store: ReplicatedStore, request: dict[str, Any]) -> dict[str, 
 
 async def main(argv: list[str]) -> None:
     node_id, address, data_dir, password, *peers = argv
-    store = ReplicatedStore(node_id, address, peers, data_dir, password=password)
+    durable = os.environ.get("RAFT_NODE_DURABLE", "1") != "0"
+    store = ReplicatedStore(node_id, address, peers, data_dir, password=password, durable_journal=durable)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

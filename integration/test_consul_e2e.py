@@ -6,7 +6,8 @@ service with `leadership: {source: consul, mode: follow}`, and a real Envoy.
 Two members are registered in Consul with a passing check, one tagged `primary`. Moving the tag
 must move the traffic through Envoy, woken by the blocking query (`consul.wait` is 30 s, so a
 poll would be far too late), and the control plane registers itself with an HTTP check on
-/healthz. The case code is shared: the `consul` fixture is parametrised over the two targets.
+/healthz at the address its API is reachable at (the stand-in's agent runs "on another host":
+a check on 127.0.0.1 would be refused there, as a remote agent's own loopback). The case code is shared: the `consul` fixture is parametrised over the two targets.
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ class StandInThread:
     def __enter__(self) -> ConsulStandIn:
         self.thread.start()
         try:
-            self.standin = self.run(ConsulStandIn)
+            # The agent runs on another host (127.0.0.2 stands for it): its 127.0.0.1 is not ours,
+            # so the control plane's check must target the address its API is reachable at.
+            self.standin = self.run(
+                lambda: ConsulStandIn(nodes={"far": "127.0.0.2"}, remote=frozenset({"far"}))
+            )
             self.run(self.standin.start)
         except BaseException:
             self.__exit__()
@@ -212,6 +217,8 @@ def consul_mesh(consul: ConsulTarget) -> Iterator[ConsulMesh]:
             "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
             "consul": {"address": consul.address, "register": True},
         }
+        if consul.standin is not None:  # reachable from the stand-in's "other host"
+            cfg["api"] = {"listen": f"127.0.0.2:{free_low_port()}"}
         cp = ControlPlaneNode(wd, cfg)
         envoy = Envoy(wd, "edge-1", [cp.xds_address])
         mesh = ConsulMesh(consul, cp, envoy, port, consul_name, backends)
@@ -293,7 +300,8 @@ def test_control_plane_registers_itself_with_a_healthz_check(consul_mesh: Consul
 
     check = wait_until(healthz_check, 10, what="the control plane's check")
     assert check["Type"] == "http", check
-    assert (check.get("Definition") or {}).get("HTTP", "").endswith(f":{api_port}/healthz"), check
+    api_host = m.cp.config["api"]["listen"].rsplit(":", 1)[0]
+    assert (check.get("Definition") or {}).get("HTTP") == f"http://{api_host}:{api_port}/healthz", check
     # Consul (or the stand-in) runs the check against the node's /healthz: it turns passing.
     wait_until(
         lambda: (c := healthz_check()) is not None and c["Status"] == "passing",

@@ -135,12 +135,14 @@ def test_no_primary_fails_closed_then_recovers(mesh: Mesh) -> None:
 
 
 def test_bad_input_is_refused_and_changes_nothing(mesh: Mesh) -> None:
+    status, _ = mesh.cp.call("POST", "/v1/services/orders/primary", {"member": "a", "epoch": 7})
+    assert status == 200  # the orchestrator's fencing token is now 7 (the primary stays a)
     before = mesh.cp.get("/v1/services/orders")
     cases = [
         (
             "POST",
             "/v1/services/orders/primary",
-            {"member": "b", "epoch": before["epoch"]},
+            {"member": "b", "epoch": 7},
             409,
             "epoch",
         ),
@@ -225,6 +227,14 @@ def test_nack_is_recorded_not_resent_and_traffic_keeps_flowing(mesh: Mesh) -> No
                 mesh.envoy.admin("/stats?filter=listener_manager.lds.update_rejected") == rejected
             )
             assert mesh.proxy()["types"]["lds"]["sync"] == "nacked"
+            # A NACK is "not synced" (for a fence: not fenced), and the progress long-poll says
+            # why, with Envoy's error (issue 11).
+            proxy = mesh.proxy()
+            assert proxy["synced"] is False
+            progress = mesh.cp.get(f"/v1/proxies/progress?min_index={int(proxy['snapshot_version'])}&wait=0")
+            assert not progress["satisfied"], progress
+            [behind] = progress["behind"]
+            assert behind["state"] == "nacked" and behind["error"].startswith("lds: "), behind
             # A later valid change is accepted.
             status, _ = mesh.cp.call("DELETE", "/v1/services/bad")
             assert status == 200

@@ -130,6 +130,13 @@ def test_one_trace_per_failover_across_every_node(rig: TraceRig) -> None:
     record: dict[str, Any] = wait_until(done_record, 20, 0.05, "the failover is done")
     fence_epoch, epoch = record["fence_epoch"], record["epoch"]
     assert fence_epoch is not None and epoch > fence_epoch, record
+    # Issue 11 item 5: the record is in the replicated history: every node answers it itself.
+    for node in rig.nodes:
+        def replicated(n: ControlPlaneNode = node) -> bool:
+            body = n.get(f"/v1/failovers/{record['id']}")
+            return bool(body["status"] == "done" and body["epoch"] == epoch)
+        wait_until(replicated, 10, 0.05, f"{node.name} holds the finished record")
+        assert node.get("/v1/failovers")["node_id"] == node.name
     # Break-before-make waited for the proxies of EVERY node, not only the leader's own.
     fenced = next(e for e in record["timeline"] if e["name"] == "proxies_fenced")
     acked = " ".join(fenced["detail"]["acks"])

@@ -2,7 +2,8 @@
 of a three-node Raft cluster, during repeated kill -9 of the leader (each killed node restarted),
 is linearizable per service according to `integration.linearizability`.
 
-Operations: POST /v1/services/{s}/primary with and without an epoch claim, and
+Operations: POST /v1/services/{s}/primary with and without an epoch claim (the caller's
+fencing token, issue 14; `fence: false`, so each change is one commit), and
 GET /v1/services/{s}/primary?consistent=true (a Raft read barrier; plain GETs are
 follower-local and not linearizable). Outcomes:
 
@@ -144,7 +145,11 @@ class Client(threading.Thread):
             op = self.recorder.invoke(
                 service, "set_primary", {"member": member, "expected_epoch": claim}, client=name
             )
-            body = {"member": member} if claim is None else {"member": member, "epoch": claim}
+            # fence false: one commit per change (the break-before-make plan, with its fail-closed
+            # step between two commits, is not a register write; test_announce_isolate covers it)
+            body: dict[str, Any] = {"member": member, "fence": False}
+            if claim is not None:
+                body["epoch"] = claim
             outcome = self.call("POST", url, body)
         kind, output = outcome
         self.count(kind)
@@ -170,8 +175,14 @@ class Client(threading.Thread):
         code = answer["error"]["code"] if isinstance(answer, dict) else None
         if status == 409 and code == "stale_epoch":
             return "stale", {"rejected": "stale_epoch"}
+        if status == 409 and code == "conflict":  # another change of this service is running: refused
+            return "not_applied", {"not_applied": code}
+        if status == 409 and code == "switchover_failed":  # ran and failed: committed or not
+            return "unknown", {}
         if status == 503 and code in ("no_quorum", "not_ready"):
             return "not_applied", {"not_applied": code}
+        if status == 503 and code == "unreachable":  # carried to a leader that died: unknown
+            return "unknown", {}
         if status == 504 and code == "commit_timeout":
             return "unknown", {}
         raise AssertionError(f"{method} {url} {body}: unexpected answer {status} {answer}")
@@ -248,7 +259,7 @@ def test_history_under_repeated_leader_kills_is_linearizable(
     keys: dict[str, KeyResult] = {}
     for service in SERVICES:
         primary, epoch = initial[service]
-        model = PrimaryRegister(initial_primary=primary, initial_epoch=epoch)
+        model = PrimaryRegister(initial_primary=primary, initial_epoch=epoch, claims=True)
         keys[service] = check_key(service, [op for op in checked if op.key == service], model)
     verdicts = [k.ok for k in keys.values()]
     result: CheckResult[Any] = CheckResult(

@@ -7,6 +7,7 @@ Timings are printed (`pytest -s`); assertions are on outcomes, with generous dea
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -207,6 +208,13 @@ async def test_kill_the_primary_promotes_the_most_advanced_replica_and_repoints_
                     .get("status") == "replica", 5, "first observations")
         group.command("r0", "SET", "k", "v")
         group.wait_in_sync("r0", ["r1", "r2"])
+
+        def settled_replicas() -> bool:  # a kill is now detected within the decider's settle (0.2 s)
+            members = loop.decider.status().get("cache", {}).get("members", {})
+            return all(members.get(n, {}).get("status") == "replica"
+                       and time.monotonic() - (members[n].get("since") or math.inf) > 0.3 for n in ("r1", "r2"))
+
+        await until(settled_replicas, 5, "replicas settled")
         killed = time.monotonic()
         group.kill("r0")
         await until(lambda: loop.done, 10, "a finished failover")
@@ -249,3 +257,36 @@ async def test_switchover_on_real_redis_waits_for_catch_up_and_reports_the_windo
         names = [e.name for e in record.timeline]
         assert names.index("caught_up") < names.index("fenced") < names.index("promoted")
         assert record.write_unavailable_ms is not None
+
+
+# --- secrets: the operator's password reaches only the hosts it is meant for (issue 13) ----------
+
+
+async def test_a_redis_password_from_secrets_reaches_only_its_hosts(
+    redis_group_fixture: RedisGroup, monkeypatch: Any,
+) -> None:
+    """Real Redis with requirepass: the prober and the promoter authenticate with the secret
+    the service names; a secret whose `hosts` do not list the member is never sent (NOAUTH)."""
+    from repstage_mesh.config import Secrets, SecretSource
+
+    group = redis_group_fixture
+    for name in group.names:  # requirepass on every member; replication authenticates too
+        group.command(name, "CONFIG", "SET", "masterauth", "cache-secret")
+    for name in group.names:
+        group.command(name, "CONFIG", "SET", "requirepass", "cache-secret")
+    monkeypatch.setenv("CACHE_PASSWORD", "cache-secret")
+    monkeypatch.setenv("REPSTAGE_RAFT__PASSWORD", "never-sent-0123456789")
+    spec = redis_spec(group)
+    spec = spec.model_copy(update={"leadership": spec.leadership.model_copy(update={
+        "probe": spec.leadership.probe.model_copy(update={"password_secret": "cache-password"})})})
+    allowed = Secrets({"cache-password": SecretSource(env="CACHE_PASSWORD", hosts=(HOST,))})
+    elsewhere = Secrets({"cache-password": SecretSource(env="CACHE_PASSWORD", hosts=("10.0.0.5",))})
+
+    offsets = await DatabasePromoter(secrets=allowed).positions(spec, group.names, timeout=2.0)
+    assert all(isinstance(v, int) for v in offsets.values()), offsets
+    withheld = await DatabasePromoter(secrets=elsewhere).positions(spec, group.names, timeout=2.0)
+    assert set(withheld.values()) == {None}, withheld  # no password sent: NOAUTH, unknown
+    refused = await DatabasePromoter(secrets=elsewhere).promote(spec, "r1", "r0", epoch=5, timeout=3.0)
+    assert not refused.ok and ("NOAUTH" in refused.detail or "uthentication" in refused.detail), refused.detail
+    promoted = await DatabasePromoter(secrets=allowed).promote(spec, "r1", "r0", epoch=6, timeout=5.0)
+    assert promoted.ok, promoted.detail

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from repstage_mesh.core.models import ServiceSpec
-from repstage_mesh.core.observations import MemberStatus, Observation
+from repstage_mesh.core.observations import MemberStatus, Observation, ProbeOutcome
 from repstage_mesh.sources.probes import ProbeRunner
 
 from .databases import (
@@ -115,7 +115,8 @@ async def test_redis_roles_offsets_and_kill(redis_group_fixture: RedisGroup) -> 
             and (latest.offset or 0) >= primary_offset
         )
 
-        # kill -9: refused at once, DOWN after `fall` refused probes.
+        # kill -9: refused at once (confirmed on a fresh connection), DOWN after `refused_fall`
+        # (2) refused probes, the second one `retry_interval` after the first.
         killed_at = time.monotonic()
         await asyncio.to_thread(redis.kill, "r0")
         down = await collector.wait_for(
@@ -125,7 +126,8 @@ async def test_redis_roles_offsets_and_kill(redis_group_fixture: RedisGroup) -> 
             f"\nredis kill -9 → DOWN observed after {(down.at - killed_at) * 1000:.0f} ms: {down.detail}"
         )
         assert down.detail.startswith("refused")
-        assert "3 consecutive failures: refused, refused, refused" in down.detail
+        assert down.cause is ProbeOutcome.REFUSED
+        assert "2 consecutive refused connections" in down.detail
         # Other members are untouched (a replica whose primary died is still a replica).
         assert all(o.status is not MemberStatus.DOWN for o in collector.items if o.member != "r0")
     finally:

@@ -16,15 +16,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from repstage_mesh.api.app import Operation, bound_port, build_app, start_api
 from repstage_mesh.api.models import ApiSettings
-from repstage_mesh.core.errors import NotReady
-from repstage_mesh.core.models import Command, MeshState, Outcome, PutService, ServiceSpec
+from repstage_mesh.api.plane import DIRECT, Caller
+from repstage_mesh.core.errors import DecisionRefused, Rejected
+from repstage_mesh.core.models import (
+    Announcement,
+    Command,
+    MeshState,
+    Outcome,
+    PutService,
+    ServiceSpec,
+    SetPrimary,
+)
 from repstage_mesh.core.state import apply
+from repstage_mesh.failover.proxies import Progress
 
 
 class FakePlane:
@@ -47,6 +58,7 @@ class FakePlane:
             "quorum": True,
         }
         self.submitted: list[Command] = []
+        self.announcements: list[tuple[str, Announcement]] = []
         for spec in services:
             self._commit(PutService(spec=spec))
 
@@ -80,6 +92,9 @@ class FakePlane:
     def proxies(self) -> list[dict[str, Any]]:
         return list(self.proxy_list)
 
+    async def proxy_progress(self, min_index: int, wait: float) -> Progress:
+        return Progress(node_id=self.node_id, satisfied=True, low_water=min_index, connected=0)
+
     def cluster(self) -> dict[str, Any]:
         return {
             **self.cluster_view,
@@ -90,14 +105,37 @@ class FakePlane:
     def ready(self) -> bool:
         return self.is_ready
 
-    async def failovers(self) -> tuple[str, list[dict[str, Any]]]:
+    async def failovers(self, caller: Caller = DIRECT) -> tuple[str, list[dict[str, Any]]]:
         return self.node_id, []
 
-    async def failover(self, record_id: str) -> dict[str, Any] | None:
+    async def failover(self, record_id: str, caller: Caller = DIRECT) -> dict[str, Any] | None:
         return None
 
-    async def switchover(self, service: str, to: str, timeout: float | None) -> dict[str, Any]:
-        raise NotReady("this in-memory plane runs no failovers")
+    async def switchover(
+        self, service: str, to: str, timeout: float | None,
+        wait: float | None = None, caller: Caller = DIRECT,
+    ) -> dict[str, Any]:
+        # refused the way the real decider refuses (4xx), so that a fuzzer sees no 5xx
+        svc = self._state.service(service)
+        if svc is None:
+            raise DecisionRefused("not_found", f"no service named {service!r}", "service")
+        if svc.spec.member(to) is None:
+            raise DecisionRefused("not_found", f"{to!r} is not a member of {service!r}", "to")
+        raise DecisionRefused("invalid", f"service {service!r} is in follow mode", "service")
+
+    async def announce(self, service: str, announcement: Announcement, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Commits the announced primary at once (no plan, no record): the API's view of it."""
+        self.announcements.append((service, announcement))
+        before = self._state.service(service)
+        outcome = await self.submit(SetPrimary(service=service, member=announcement.member,
+                                               token=announcement.token, cause=announcement.cause,
+                                               by=announcement.by))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        result = outcome.result
+        return {"service": service, "primary": result["primary"], "epoch": result["epoch"],
+                "previous_primary": before.primary if before else None, "changed": result["changed"],
+                "applied_index": self._state.index, "failover": None}
 
 
 def orders_spec(**overrides: Any) -> ServiceSpec:
@@ -123,7 +161,7 @@ PROXY = {
     "stream_kind": "delta",
     "control_plane": "node-1",
     "connected": True,
-    "synced": True,  # holds the committed state (its NACKed type will not move)
+    "synced": True,  # display fixture (the real tracker says False while a NACK stands)
     "snapshot_version": "1000000",
     "types": {
         "cds": {
@@ -202,3 +240,32 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.01)
+
+
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for the IP `host` (PEM files: certificate, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "repstage-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "api.crt", directory / "api.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_file, key_file

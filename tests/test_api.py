@@ -191,14 +191,50 @@ async def test_stale_epoch_is_409_and_changes_nothing(
     make_client: MakeClient, plane: FakePlane
 ) -> None:
     client = await make_client(plane)
+    # The claimed epoch is the caller's fencing token: kept per service, monotonic (issue 14).
+    resp = await client.post("/v1/services/orders/primary", json={"member": "a", "epoch": 100})
+    assert resp.status == 200, await resp.text()
+    assert plane.state().service("orders").claim == 100  # type: ignore[union-attr]
     before = plane.state().service("orders")
-    err = await error_of(
-        await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": 1}),
-        409,
-        "stale_epoch",
-    )
-    assert err["field"] == "epoch"
+    for claim in (50, 100):
+        err = await error_of(
+            await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": claim}),
+            409,
+            "stale_epoch",
+        )
+        assert err["field"] == "epoch" and "100" in err["message"]
     assert plane.state().service("orders") == before
+    resp = await client.post("/v1/services/orders/primary", json={"member": "b", "epoch": 101})
+    assert resp.status == 200 and (await resp.json())["primary"] == "b"
+
+
+async def test_announce_carries_key_trace_and_fence_to_the_plane(make_client: MakeClient, plane: FakePlane) -> None:
+    client = await make_client(plane)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    resp = await client.post("/v1/services/orders/primary", json={"member": "b", "fence": False, "epoch": 3},
+                             headers={"Idempotency-Key": "k-1", "traceparent": traceparent})
+    assert resp.status == 200, await resp.text()
+    service, announcement = plane.announcements[-1]
+    assert service == "orders" and announcement.member == "b" and announcement.token == 3
+    assert announcement.key == "k-1" and announcement.fence is False
+    assert announcement.trace == {"traceparent": traceparent}
+    resp = await client.post("/v1/services/orders/primary", json={"member": "a", "idempotency_key": "k-2"})
+    assert resp.status == 200 and plane.announcements[-1][1].key == "k-2"
+
+
+async def test_bad_idempotency_keys_are_422_and_change_nothing(make_client: MakeClient, plane: FakePlane) -> None:
+    client = await make_client(plane)
+    before = plane.state()
+    err = await error_of(await client.post("/v1/services/orders/primary", json={"member": "b"},
+                                           headers={"Idempotency-Key": "has space"}), 422, "invalid")
+    assert err["field"] == "Idempotency-Key"
+    err = await error_of(await client.post("/v1/services/orders/primary", json={"member": "b", "idempotency_key": "a"},
+                                           headers={"Idempotency-Key": "b"}), 422, "invalid")
+    assert err["field"] == "idempotency_key"
+    err = await error_of(await client.post("/v1/services/orders/primary",
+                                           json={"member": "b", "idempotency_key": "x" * 201}), 422, "invalid")
+    assert "idempotency_key" in (err["field"] or "")
+    assert plane.state() == before and plane.announcements == []
 
 
 async def test_unknown_member_or_service_is_404(make_client: MakeClient, plane: FakePlane) -> None:
@@ -512,7 +548,11 @@ def schemathesis_failures(plane: FakePlane, only_path: str | None = None) -> lis
         unsupported_method,
         ignored_auth,
     ]
-    with LiveApi(plane, TOKENS.model_copy(update={"listen": "127.0.0.1:0"})) as live:
+    from repstage_mesh.api.failovers import failover_operations
+
+    # the whole document: the core endpoints and the failover ones, as a node serves them
+    api_settings = TOKENS.model_copy(update={"listen": "127.0.0.1:0"})
+    with LiveApi(plane, api_settings, extra_operations=failover_operations()) as live:
         schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
         failures: list[str] = []
         for result in schema.get_all_operations():

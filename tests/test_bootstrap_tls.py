@@ -21,7 +21,7 @@ def _args(**kw: str | None) -> argparse.Namespace:
 
 def test_the_xds_cluster_gets_an_upstream_tls_context() -> None:
     tls = XdsTls("/etc/envoy/edge.crt", "/etc/envoy/edge.key", "/etc/envoy/cp-ca.crt", "cp.example")
-    doc = yaml.safe_load(bootstrap_yaml("edge-1", ["10.0.0.1:18000"], 9901, False, "repstage", tls))
+    doc = yaml.safe_load(bootstrap_yaml("edge-1", ["10.0.0.1:18000"], 9901, False, "repstage", tls=tls))
     (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "xds_cluster"]
     socket = cluster["transport_socket"]
     assert socket["name"] == "envoy.transport_sockets.tls"
@@ -37,7 +37,7 @@ def test_the_xds_cluster_gets_an_upstream_tls_context() -> None:
 
 
 def test_without_tls_flags_there_is_no_transport_socket() -> None:
-    doc = yaml.safe_load(bootstrap_yaml("edge-1", ["10.0.0.1:18000"], 9901, False, "repstage", xds_tls(_args())))
+    doc = yaml.safe_load(bootstrap_yaml("edge-1", ["10.0.0.1:18000"], 9901, False, "repstage", tls=xds_tls(_args())))
     (cluster,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "xds_cluster"]
     assert "transport_socket" not in cluster
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
-from fakes import PROXY, FakePlane, LiveApi, orders_spec
+from fakes import PROXY, FakePlane, LiveApi, orders_spec, self_signed_cert
 from pydantic import BaseModel
 
 from repstage_mesh.api.app import Operation
@@ -148,6 +150,8 @@ def test_switchover_table_and_json(live: LiveApi, capsys: pytest.CaptureFixture[
 def test_switchover_stale_epoch_is_refused(
     live: LiveApi, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    code, _, _ = run(capsys, "switchover", "orders", "--to", "a", "--epoch", "5", "--api", live.url)
+    assert code == 0  # the orchestrator's fencing token is now 5
     code, _, err = run(
         capsys, "switchover", "orders", "--to", "b", "--epoch", "1", "--api", live.url
     )
@@ -333,3 +337,96 @@ def test_delegated_command_missing_module(
     monkeypatch.setitem(cli._DELEGATES, "demo", ("repstage_mesh.no_such_module", "main"))
     code, _, err = run(capsys, "demo")
     assert code == 1 and "not available" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "serve"])
+def test_a_short_raft_password_is_refused_by_validate_and_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    path = tmp_path / "short.yaml"
+    path.write_text(
+        GOOD_CONFIG
+        + 'raft: {bind: "127.0.0.1:7101", peers: ["127.0.0.1:7102"], password: "short-pw"}\n'
+        + f"node: {{data_dir: {tmp_path / 'data'}}}\n"
+    )
+    monkeypatch.delenv("REPSTAGE_RAFT__PASSWORD", raising=False)
+    code, out, err = run(capsys, command, *(["--config"] if command == "serve" else []), str(path))
+    assert code == 1
+    assert "raft.password" in out + err and "at least 16 characters" in out + err
+    assert "short-pw" not in out + err  # the value itself is never echoed
+    assert not (tmp_path / "data").exists()  # nothing started
+
+
+def test_bootstrap_keepalive_flags_reach_the_xds_cluster_and_bad_ones_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b.yaml"
+    assert cli.main(["bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--keepalive-interval", "1.5",
+                     "--keepalive-timeout", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    boot = yaml.safe_load(out.read_text())
+    options = boot["static_resources"]["clusters"][0]["typed_extension_protocol_options"]
+    keepalive = next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"]
+    assert keepalive == {"interval": "1.500s", "timeout": "0.500s"}
+    code, _, err = run(capsys, "bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000", "--keepalive-timeout", "0")
+    assert code == 2 and "--keepalive-timeout" in err
+
+
+# --- validate checks what serve checks (issue 13): a config that validates starts -------------
+
+
+def with_top(lines: str) -> str:
+    """GOOD_CONFIG with `lines` added at the top level (an api: line replaces its own)."""
+    base = GOOD_CONFIG.replace('api: {listen: "127.0.0.1:8080"}\n', "") if lines.startswith("api:") else GOOD_CONFIG
+    return lines + "\n" + base
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ('api: {listen: "0.0.0.0:18089"}', "api.listen"),
+    ("secrets: {pw: {env: REPSTAGE_TEST_UNSET_VARIABLE}}", "secrets.pw.env"),
+    ("secrets: {pw: {file: /nonexistent/secret}}", "secrets.pw.file"),
+    ("api: {tls: {cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem}}", "api.tls.cert_file"),
+    ("node: {data_dir: /proc/self/repstage}", "node.data_dir"),
+])
+def test_validate_refuses_what_serve_would_refuse_and_serve_starts_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    extra: str, field: str,
+) -> None:
+    from repstage_mesh.cli.serve import serve_main
+
+    monkeypatch.delenv("REPSTAGE_TEST_UNSET_VARIABLE", raising=False)
+    path = tmp_path / "bad.yaml"
+    path.write_text(with_top(extra))
+    code, out, _ = run(capsys, "validate", str(path), "--json")
+    assert code == 1, out
+    assert [e["field"] for e in json.loads(out)["errors"]] == [field]
+    monkeypatch.chdir(tmp_path)
+    assert serve_main(argparse.Namespace(config=str(path))) == 1  # refused before anything starts
+    assert field in capsys.readouterr().out
+    assert not (tmp_path / ".repstage").exists()
+
+
+def test_a_whitespace_token_is_refused_by_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(with_top('api: {tokens: [{name: ci, role: read_write, token: "two words"}]}'))
+    code, out, _ = run(capsys, "validate", str(path), "--json")
+    assert code == 1
+    assert [e["field"] for e in json.loads(out)["errors"]] == ["api.tokens.named[0].token"]
+
+
+def test_validate_accepts_tls_named_tokens_hooks_and_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    monkeypatch.setenv("CACHE_PW", "x")
+    path = tmp_path / "good.yaml"
+    path.write_text(with_top(
+        f'api: {{listen: "0.0.0.0:18089", tls: {{cert_file: {cert}, key_file: {key}}},\n'
+        '      tokens: [{name: ci, role: read_write, token: t0123456789}]}\n'
+        "secrets: {cache-pw: {env: CACHE_PW}}\n"
+        "hooks: {promote: {command: [/bin/true]}}"))
+    code, out, err = run(capsys, "validate", str(path), "--json")
+    assert code == 0, out + err
+    summary = json.loads(out)
+    assert summary["api"]["token_names"] == ["ci"] and summary["api"]["tls"] is True
+    assert (summary["hooks"], summary["secrets"]) == (["promote"], ["cache-pw"])
+    assert "t0123456789" not in out

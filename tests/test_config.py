@@ -28,7 +28,7 @@ xds: {listen: "127.0.0.1:18000"}
 api:
   listen: "127.0.0.1:8080"
   tokens: {read_write: [writer-token], read_only: [reader-token]}
-raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7002", "[::1]:7003"], password: "from-file"}
+raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7002", "[::1]:7003"], password: "from-file-0123456789"}
 envoy: {listen_address: "0.0.0.0"}
 telemetry: {otlp_endpoint: "http://127.0.0.1:4317", service_name: mesh}
 consul: {address: "127.0.0.1:8500", token: consul-token, register: false}
@@ -81,8 +81,8 @@ def test_good_config(tmp_path: Path) -> None:
     assert settings.host_port("raft.peers[1]") == ("::1", 7003)
     assert settings.raft_peers() == [("127.0.0.1", 7002), ("::1", 7003)]
     assert settings.raft.multi_node
-    assert settings.raft_password() == "from-file"
-    assert "from-file" not in repr(settings)
+    assert settings.raft_password() == "from-file-0123456789"
+    assert "from-file-0123456789" not in repr(settings)
     assert settings.api.tokens is not None
     assert settings.api.tokens.role_of("writer-token") == "read_write"
     assert settings.api.tokens.role_of("reader-token") == "read_only"
@@ -109,7 +109,7 @@ def test_dump_keeps_the_file_layout(tmp_path: Path) -> None:
     assert dumped["services"][0]["name"] == "orders"
     assert "spec" not in dumped["services"][0]
     assert dumped["consul"]["register"] is False
-    assert dumped["raft"]["password"] != "from-file"
+    assert dumped["raft"]["password"] != "from-file-0123456789"
 
 
 def test_defaults_without_a_file() -> None:
@@ -177,12 +177,12 @@ def test_env_overrides_file(tmp_path: Path) -> None:
         """,
     )
     env = {
-        "REPSTAGE_RAFT__PASSWORD": "from-env",
+        "REPSTAGE_RAFT__PASSWORD": "from-env-0123456789",
         "REPSTAGE_XDS__LISTEN": "127.0.0.1:28000",
         "UNRELATED": "x",
     }
     settings = load_config(path, env=env)
-    assert settings.raft_password() == "from-env"
+    assert settings.raft_password() == "from-env-0123456789"
     assert settings.host_port("xds.listen") == ("127.0.0.1", 28000)
     # The rest of the section still comes from the file.
     assert settings.host_port("raft.bind") == ("127.0.0.1", 7101)
@@ -190,15 +190,15 @@ def test_env_overrides_file(tmp_path: Path) -> None:
 
 
 def test_env_overrides_a_value_the_file_sets(tmp_path: Path) -> None:
-    path = write(tmp_path, 'raft: {peers: ["127.0.0.1:7002"], password: "file"}\n')
-    settings = load_config(path, env={"REPSTAGE_RAFT__PASSWORD": "env"})
-    assert settings.raft_password() == "env"
+    path = write(tmp_path, 'raft: {peers: ["127.0.0.1:7002"], password: "file-0123456789abcdef"}\n')
+    settings = load_config(path, env={"REPSTAGE_RAFT__PASSWORD": "env-0123456789abcdef"})
+    assert settings.raft_password() == "env-0123456789abcdef"
 
 
 def test_env_lists_are_json_and_names_are_case_insensitive() -> None:
     env = {
         "repstage_raft__peers": '["127.0.0.1:7002"]',
-        "REPSTAGE_RAFT__PASSWORD": "pw",
+        "REPSTAGE_RAFT__PASSWORD": "pw-0123456789abcdef",
         "REPSTAGE_API__TOKENS__READ_ONLY": '["t1"]',
     }
     settings = load_config(None, env=env)
@@ -239,7 +239,7 @@ CASES = [
     ('xds: {listen: "127.0.0.1:0"}\n', "xds.listen", "port from 1 to 65535"),
     ('api: {listen: "bad host:80"}\n', "api.listen", "expected HOST:PORT"),
     (
-        'raft: {peers: ["127.0.0.1:7002", "x"], password: p}\n',
+        'raft: {peers: ["127.0.0.1:7002", "x"], password: p0123456789abcdef}\n',
         "raft.peers[1]",
         "expected HOST:PORT, got 'x'",
     ),
@@ -248,14 +248,16 @@ CASES = [
         "raft.password",
         "set raft.password or REPSTAGE_RAFT__PASSWORD",
     ),
-    ('raft: {peers: ["127.0.0.1:7002"], password: ""}\n', "raft.password", "at least 1"),
+    ('raft: {peers: ["127.0.0.1:7002"], password: ""}\n', "raft.password", "at least 16 characters"),
+    ('raft: {peers: ["127.0.0.1:7002"], password: "fifteen-chars-x"}\n', "raft.password", "at least 16 characters"),
+    ('raft: {unauthenticated_frame_limit: 100}\n', "raft.unauthenticated_frame_limit", "greater than or equal to 1024"),
     (
-        'raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7001"], password: p}\n',
+        'raft: {bind: "127.0.0.1:7001", peers: ["127.0.0.1:7001"], password: p0123456789abcdef}\n',
         "raft.peers[0]",
         "own raft.bind",
     ),
     (
-        'raft: {peers: ["127.0.0.1:7002", "127.0.0.1:7002"], password: p}\n',
+        'raft: {peers: ["127.0.0.1:7002", "127.0.0.1:7002"], password: p0123456789abcdef}\n',
         "raft.peers[1]",
         "listed twice",
     ),
@@ -269,6 +271,9 @@ CASES = [
     ),
     ('envoy: {listen_address: "example.com"}\n', "envoy.listen_address", "expected an IP address"),
     ('consul: {address: "ftp://x"}\n', "consul.address", "http(s):// URL"),
+    ('consul: {register_address: "0.0.0.0"}\n', "consul.register_address", "HOST:PORT"),
+    ('consul: {register_address: "0.0.0.0:8080"}\n', "consul.register_address", "wildcard"),
+    ("consul: {deregister_after: 30}\n", "consul.deregister_after", "greater than or equal to 60"),
     ("node: {id: CP_1}\n", "node.id", "should match pattern"),
     ("nodes: {id: cp-1}\n", "nodes", "Extra inputs are not permitted"),
     ("xds: {listen: '127.0.0.1:1', port: 3}\n", "xds.port", "Extra inputs are not permitted"),

@@ -17,6 +17,8 @@ from repstage_mesh.core.models import (
 from repstage_mesh.sources.probes import probe_kind
 
 FILE = """
+secrets:
+  redis-password: {env: REDIS_PASSWORD}
 services:
   - name: orders
     protocol: redis
@@ -27,7 +29,7 @@ services:
     leadership:
       source: probe
       mode: orchestrate
-      probe: {interval: 0.2, timeout: 0.5, fall: 2, rise: 1, password_env: REDIS_PASSWORD}
+      probe: {interval: 0.2, timeout: 0.5, fall: 2, rise: 1, password_secret: redis-password}
       min_failover_interval: 10
   - name: billing
     protocol: postgres
@@ -60,12 +62,12 @@ def test_leadership_parses_as_part_of_the_spec(tmp_path: Path) -> None:
     assert orders.leadership.source is LeadershipSource.PROBE
     assert orders.leadership.mode is LeadershipMode.ORCHESTRATE
     probe = orders.leadership.probe
-    assert (probe.interval, probe.timeout, probe.fall, probe.rise, probe.password_env) == (
+    assert (probe.interval, probe.timeout, probe.fall, probe.rise, probe.password_secret) == (
         0.2,
         0.5,
         2,
         1,
-        "REDIS_PASSWORD",
+        "redis-password",
     )
     assert orders.leadership.min_failover_interval == 10
     assert probe_kind(orders) is ProbeKind.REDIS
@@ -104,7 +106,10 @@ def test_dump_and_reload_keeps_leadership(tmp_path: Path) -> None:
     import yaml
 
     settings = load(tmp_path, FILE)
-    dumped = yaml.safe_dump({"services": [s.model_dump(mode="json") for s in settings.services]})
+    dumped = yaml.safe_dump({
+        "secrets": {k: v.model_dump(mode="json", exclude_none=True) for k, v in settings.secrets.items()},
+        "services": [s.model_dump(mode="json") for s in settings.services],
+    })
     again = load(tmp_path, dumped)
     assert again.specs() == settings.specs()
 

@@ -20,15 +20,16 @@ import pytest
 from aiohttp import web
 from consul_standin import ConsulStandIn, parse_duration
 
-from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.core.models import LeadershipMode, ServiceSpec
 from repstage_mesh.core.observations import MemberStatus, Observation
-from repstage_mesh.sources.consul import (
-    ConsulRegistration,
-    ConsulSource,
-    consul_client,
-    health_observations,
-    parse_consul_address,
+from repstage_mesh.sources.consul import ConsulSource, consul_client, parse_consul_address
+from repstage_mesh.sources.consul_health import (
+    BlockingIndex,
+    HealthAnswer,
+    QueryPacer,
+    read_health,
 )
+from repstage_mesh.sources.consul_registration import ConsulRegistration
 
 WAIT = 30.0  # the blocking query's wait: every change must arrive well before it
 
@@ -424,47 +425,130 @@ def entry(
     }
 
 
+def observe(spec: ServiceSpec, entries: list[dict[str, Any]], tag: str = "primary") -> dict[str, Any]:
+    return read_health(spec, HealthAnswer(20, entries), tag, 5.0).observations
+
+
 def test_health_observations_matching_and_precedence() -> None:
     spec = service_spec("pg", MEMBERS)
     entries = [
         entry("pg-a", 1, ["primary"], "passing"),  # matched by ID although the port differs
         entry(
-            "patroni-node-2", 25002, ["primary"], "passing", "warning"
-        ),  # by address:port; warning → down
+            "patroni-node-2", 25002, ["primary"], "passing", "critical"
+        ),  # by address:port; critical → down
         entry(
             "whatever", 25003, ["replica"], "passing", address="10.9.9.9"
         ),  # service address wins: no match
         entry("stray", 9999, ["primary"], "passing"),  # matches nothing
     ]
-    out = health_observations(spec, entries, "primary", 5.0)
+    out = observe(spec, entries)
     assert {m: o.status for m, o in out.items()} == {
         "pg-a": MemberStatus.PRIMARY,
         "pg-b": MemberStatus.DOWN,
         "pg-c": MemberStatus.DOWN,
     }
-    assert out["pg-b"].detail.startswith("warning: c1")
+    assert out["pg-b"].detail.startswith("critical: c1")
     assert out["pg-c"].detail == "not registered in Consul"
     assert all(o.at == 5.0 and o.offset is None for o in out.values())
-    # Two instances for one member: the best one counts.
-    both = health_observations(
+    # Two instances for one member: refuse to guess.
+    both = read_health(
         spec,
-        [entry("pg-a", 25001, ["primary"], "critical"), entry("x", 25001, ["replica"], "passing")],
+        HealthAnswer(20, [entry("pg-a", 25001, ["primary"], "passing"), entry("x", 25001, ["replica"], "passing")]),
         "primary",
         0.0,
     )
-    assert both["pg-a"].status is MemberStatus.REPLICA
+    assert both.observations["pg-a"].status is MemberStatus.UNKNOWN
+    assert [a.kind for a in both.anomalies] == ["ambiguous"]
     # A failing node check (serfHealth) takes the member down.
     dead_node = entry("pg-a", 25001, ["primary"], "passing")
     dead_node["Checks"][0]["Status"] = "critical"
-    assert (
-        health_observations(spec, [dead_node], "primary", 0.0)["pg-a"].status is MemberStatus.DOWN
-    )
+    assert observe(spec, [dead_node])["pg-a"].status is MemberStatus.DOWN
 
 
 def test_custom_tag() -> None:
     spec = service_spec("pg", {"pg-a": 25001})
-    out = health_observations(spec, [entry("pg-a", 25001, ["leader"], "passing")], "leader", 0.0)
+    out = observe(spec, [entry("pg-a", 25001, ["leader"], "passing")], "leader")
     assert out["pg-a"].status is MemberStatus.PRIMARY
+    # With a custom tag, Patroni 2.x's `master` is not a primary tag.
+    out = observe(spec, [entry("pg-a", 25001, ["master"], "passing")], "leader")
+    assert out["pg-a"].status is MemberStatus.REPLICA
+
+
+def test_blocking_index_rules() -> None:
+    index = BlockingIndex()
+    assert index.value is None
+    assert not index.answered(40) and index.value == 40
+    assert not index.answered(40) and index.value == 40  # unchanged: not a reset
+    assert index.answered(12) and index.value is None  # backwards: start over, no blocking
+    assert not index.answered(12) and index.value == 12
+    assert index.answered(0) and index.value == 1  # 0: a reset that still blocks (on 1)
+    index.failed()
+    assert index.value is None and index.resets == 2
+
+
+def test_query_pacer_bursts_then_paces() -> None:
+    pacer = QueryPacer(rate=10.0, burst=2)
+    assert [pacer.delay(0.0), pacer.delay(0.0)] == [0.0, 0.0]
+    assert pacer.delay(0.0) == pytest.approx(0.1)  # the third at once waits one interval
+    assert pacer.delay(5.0) == 0.0  # refilled after a quiet spell
+    assert pacer.limited == 1
+
+
+def _patroni_check(url: str, output: str, status: str = "passing") -> dict[str, Any]:
+    return {"CheckID": "service:batman/pg-a", "ServiceID": "batman/pg-a", "Status": status,
+            "Output": output, "Definition": {"HTTP": url}}
+
+
+@pytest.mark.parametrize(
+    ("checks", "filtered", "expected", "kinds"),
+    [
+        # the kept status was measured on /replica: ignored, the tag decides
+        ([_patroni_check("http://h:8008/primary", "HTTP GET http://h:8008/replica: 503 Service "
+                         "Unavailable Output: ", "critical")], False, MemberStatus.PRIMARY,
+         ["stale_check"]),
+        ([_patroni_check("http://h:8008/primary", 'Get "http://h:8008/replica": dial tcp: refused',
+                         "critical")], False, MemberStatus.PRIMARY, ["stale_check"]),
+        # measured on its own URL: it counts
+        ([_patroni_check("http://h:8008/primary", "HTTP GET http://h:8008/primary: 503 Service "
+                         "Unavailable Output: ", "critical")], False, MemberStatus.DOWN, []),
+        ([{"CheckID": "disk", "ServiceID": "", "Status": "warning", "Output": "80%"}], False,
+         MemberStatus.PRIMARY, ["no_checks", "warning"]),
+        ([{"CheckID": "_node_maintenance", "ServiceID": "", "Status": "critical",
+           "Notes": "patching"}], False, MemberStatus.DOWN, []),
+        ([], True, MemberStatus.PRIMARY, ["acl_filtered", "no_checks"]),
+    ],
+)
+def test_health_reading_table(
+    checks: list[dict[str, Any]], filtered: bool, expected: MemberStatus, kinds: list[str]
+) -> None:
+    spec = service_spec("batman", {"pg-a": 25001, "pg-b": 25002})
+    instance = entry("batman/pg-a", 5432, ["primary", "master"], address="pg-a.db.example")
+    instance["Checks"] += checks
+    reading = read_health(spec, HealthAnswer(20, [instance], filtered), "primary", 0.0)
+    assert reading.observations["pg-a"].status is expected
+    assert sorted(a.kind for a in reading.anomalies) == kinds
+    # pg-b is absent: DOWN in a full answer, UNKNOWN when ACLs may have hidden it
+    absent = reading.observations["pg-b"].status
+    assert absent is (MemberStatus.UNKNOWN if filtered else MemberStatus.DOWN)
+
+
+def test_empty_answer_and_superseded_primary() -> None:
+    spec = service_spec("pg", {"pg-a": 25001, "pg-b": 25002})
+    empty = read_health(spec, HealthAnswer(20, []), "primary", 0.0)
+    assert {o.status for o in empty.observations.values()} == {MemberStatus.UNKNOWN}
+    assert [a.kind for a in empty.anomalies] == ["empty_answer"]
+    old, new = entry("pg-a", 25001, ["primary"]), entry("pg-b", 25002, ["primary"])
+    old["Service"]["ModifyIndex"], new["Service"]["ModifyIndex"] = 30, 31
+    out = read_health(spec, HealthAnswer(40, [old, new]), "primary", 0.0).observations
+    assert out["pg-b"].status is MemberStatus.PRIMARY
+    assert out["pg-a"].status is MemberStatus.DOWN and "superseded" in out["pg-a"].detail
+    orchestrated = spec.model_copy(update={"leadership": spec.leadership.model_copy(
+        update={"mode": LeadershipMode.ORCHESTRATE})})
+    out = read_health(orchestrated, HealthAnswer(40, [old, new]), "primary", 0.0).observations
+    assert {o.status for o in out.values()} == {MemberStatus.PRIMARY}  # the decider keeps its own
+    new["Service"]["ModifyIndex"] = 30  # no order between them: both claims go to the decider
+    out = read_health(spec, HealthAnswer(40, [old, new]), "primary", 0.0).observations
+    assert {o.status for o in out.values()} == {MemberStatus.PRIMARY}
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,7 @@ class Harness:
     executed: list[Step] = field(default_factory=list)
     commits: list[tuple[SetPrimary, int, str | None]] = field(default_factory=list)
     positions: Callable[[float], dict[str, int | None]] = lambda now: {}
+    acks: ProxyAcks | None = None  # what AwaitProxies answers instead of "all ACKed"
     decider: Decider = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class Harness:
         if isinstance(step, Commit):
             return self.commit(step.command)
         if isinstance(step, AwaitProxies):
+            if self.acks is not None:
+                return self.acks
             return ProxyAcks(acked={p: now + 0.001 * (i + 1) for i, p in enumerate(self.proxies)})
         if isinstance(step, Promote | Repoint):
             ok = self.promote_ok.get(step.member, True)
@@ -650,3 +653,34 @@ def test_backoff_doubles_for_failovers_in_a_row_and_resets_after_quiet() -> None
     assert s.streak == 3
     _count_failover(s, svc, 200.0)  # quiet for longer than 2 x 16 s: a new streak
     assert s.streak == 1
+
+
+def test_a_node_that_leads_again_does_not_act_on_what_it_saw_in_its_last_term() -> None:
+    # Found by the chaos suite: leader, then not leader while another leader failed over to b,
+    # then leader again. Its old views (b REPLICA, a PRIMARY) must not fail over back to a.
+    h = Harness(spec())
+    healthy(h)
+    h.decider.abandon(1.0, "this node is no longer the Raft leader")
+    h.commit(SetPrimary(service="cache", member="b"))  # the other leader's failover
+    assert h.primary == "b"
+    assert h.tick(10.0) == [] and h.primary == "b"  # nothing known yet: keep, do not guess
+    h.see("a", R, 11.0, 100, upstream="b")
+    h.see("b", P, 11.0, 100)
+    assert h.tick(20.0) == [] and h.primary == "b"
+
+
+def test_a_nacked_fence_and_an_unreachable_node_are_recorded_as_risks_with_envoys_error() -> None:
+    h = Harness(spec(LeadershipMode.FOLLOW))
+    h.acks = ProxyAcks(acked={"envoy-1#1": 0.5}, missed=("cp-2/envoy-2#4", "cp-3:unreachable"),
+                       nacked={"cp-2/envoy-2#4": "cds: duplicate cluster"}, unreachable=("cp-3",))
+    healthy(h)
+    h.see("b", P, 1.0, 120)
+    h.see("a", D, 1.25)
+    rec = h.decider.records()[0]
+    assert rec.status == "done" and rec.missed_fence == ("cp-2/envoy-2#4", "cp-3:unreachable")
+    [fenced] = [e for e in rec.timeline if e.name == "proxies_fenced"]
+    assert fenced.detail["nacked"] == {"cp-2/envoy-2#4": "cds: duplicate cluster"}
+    assert fenced.detail["unreachable"] == ["cp-3"]
+    [missed] = [e for e in rec.timeline if e.name == "route_missed"]
+    assert missed.detail["nacked"] == {"cp-2/envoy-2#4": "cds: duplicate cluster"}
+    json.dumps(rec.as_dict())

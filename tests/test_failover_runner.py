@@ -12,7 +12,6 @@ import pytest
 from repstage_mesh.core.errors import CommitTimeout, DecisionRefused, NoQuorum
 from repstage_mesh.core.models import (
     CommandEnvelope,
-    HookSpec,
     LeadershipMode,
     LeadershipSource,
     LeadershipSpec,
@@ -36,9 +35,14 @@ from repstage_mesh.failover.runner import FailoverRunner
 P, R, D = MemberStatus.PRIMARY, MemberStatus.REPLICA, MemberStatus.DOWN
 
 
+HOOK_TIMEOUTS: dict[str, float] = {}  # the operator's hooks (config hooks:), by name
+
+
 def spec(name: str = "cache", port: int = 6379, hook_timeout: float | None = None) -> ServiceSpec:
     members = tuple(Member(name=n, address="127.0.0.1", port=port + 1 + i) for i, n in enumerate("abc"))
-    hook = HookSpec(command=("true",), timeout=hook_timeout) if hook_timeout else None
+    hook = f"hook-{hook_timeout:g}".replace(".", "-") if hook_timeout else None
+    if hook_timeout:
+        HOOK_TIMEOUTS[hook] = hook_timeout
     return ServiceSpec(
         name=name, listen_port=port, members=members, primary="a",
         leadership=LeadershipSpec(source=LeadershipSource.PROBE, mode=LeadershipMode.ORCHESTRATE,
@@ -102,6 +106,10 @@ class Fakes:
         if self.ack_delay:
             await asyncio.sleep(self.ack_delay)  # a slow proxy, not synchronisation
         return ProxyAcks({"envoy-1": time.monotonic()})
+
+    def hook_timeout(self, spec: ServiceSpec) -> float | None:
+        hook = spec.leadership.promote_hook
+        return HOOK_TIMEOUTS.get(hook) if hook is not None else None
 
     async def promote(self, spec: ServiceSpec, member: str, old: str | None, epoch: int,
                       timeout: float) -> PromoteResult:
@@ -232,6 +240,22 @@ async def test_switchover_through_the_runner_reports_the_unavailable_window() ->
         await f.runner.switchover("cache", "b")
 
 
+async def test_a_switchover_that_outlives_its_wait_returns_running_and_goes_on() -> None:
+    f = Fakes(ack_delay=0.5)
+    f.put(spec())
+    f.healthy(offsets=(100, 100, 90))
+    f.runner.start(interval=0.01)
+    try:
+        record = await f.runner.switchover("cache", "b", timeout=2.0, wait=0.05)
+        assert record.status == "running"  # the answer comes after `wait`, not a TimeoutError
+        await f.runner.idle()
+        final = f.runner.decider.record(record.id)
+    finally:
+        await f.runner.close()
+    assert final is not None and final.status == "done", final
+    assert f.primary() == "b"
+
+
 async def test_close_abandons_a_running_plan() -> None:
     f = Fakes(ack_delay=5.0)
     f.put(spec())
@@ -244,3 +268,19 @@ async def test_close_abandons_a_running_plan() -> None:
     assert f.done and f.done[-1].status == "failed" and "leadership lost" in f.done[-1].reason
     assert f.runner.decider.running("cache") is None
     assert f.primary() is None  # the fence stays committed: fail closed
+
+
+async def test_a_switchover_names_who_asked_in_its_cause_and_the_audit_trail() -> None:
+    f = Fakes()
+    f.put(spec())
+    f.healthy(offsets=(100, 100, 90))
+    f.runner.start(interval=0.01)
+    try:
+        record = await f.runner.switchover("cache", "b", timeout=2.0,
+                                           cause="planned switchover requested by ci-deploy")
+    finally:
+        await f.runner.close()
+    assert record.status == "done", record.reason
+    assert "ci-deploy" in record.cause
+    routed = [e for e in f.state.audit if e.action == "set_primary" and "primary b" in e.detail]
+    assert routed and "requested by ci-deploy" in routed[-1].detail

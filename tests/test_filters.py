@@ -360,7 +360,7 @@ def test_bootstrap_sotw_with_several_control_plane_nodes() -> None:
     grpc = ads["grpc_services"][0]["envoy_grpc"]
     assert grpc["cluster_name"] == XDS_CLUSTER
     assert grpc["retry_policy"]["retry_back_off"] == {
-        "base_interval": "0.200s",
+        "base_interval": "0.100s",
         "max_interval": "2s",
     }
     for key in ("cds_config", "lds_config"):
@@ -384,8 +384,8 @@ def test_bootstrap_sotw_with_several_control_plane_nodes() -> None:
         == "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     )
     assert options["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"] == {
-        "interval": "2s",
-        "timeout": "1s",
+        "interval": "0.400s",
+        "timeout": "0.200s",
     }
     assert cluster["upstream_connection_options"]["tcp_keepalive"]["keepalive_probes"] == 3
     assert cluster["outlier_detection"]["consecutive_local_origin_failure"] == 1

@@ -375,6 +375,9 @@ class Promoter:
     async def positions(self, spec: Any, members: Any, timeout: float) -> dict[str, int | None]:
         return dict.fromkeys(members)
 
+    def hook_timeout(self, spec: Any) -> float | None:
+        return None
+
 
 async def test_real_runner_ticks_only_while_leading_and_abandons_plans_on_loss() -> None:
     spec = orders_spec(leadership=LeadershipSpec(source=LeadershipSource.PROBE, mode=LeadershipMode.ORCHESTRATE))

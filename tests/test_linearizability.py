@@ -172,6 +172,27 @@ def test_an_unknown_set_leaves_an_interval_of_epochs_that_later_answers_narrow()
     assert check([*refused, read_p("a", 7, 7, 8)], PRIMARY).ok is True
 
 
+CLAIMS = PrimaryRegister(claims=True)
+
+
+def test_claims_are_fencing_tokens_independent_of_the_epoch() -> None:
+    """Issue 14: the API's claimed epoch is the caller's token, compared with earlier tokens."""
+    assert check([set_p("a", 0, 1, epoch=5, expected=100), set_p("b", 2, 3, expected=50, rejected=True)],
+                 CLAIMS).ok is True
+    assert check([set_p("a", 0, 1, epoch=5, expected=100), set_p("b", 2, 3, epoch=9, expected=50)],
+                 CLAIMS).ok is False  # the issue's bug: a lower claim accepted
+    assert check([set_p("a", 0, 1, epoch=5, expected=2), set_p("b", 2, 3, epoch=9, expected=3)],
+                 CLAIMS).ok is True  # below our epoch, above the last claim: fine
+    assert check([set_p("b", 0, 1, expected=1, rejected=True)], CLAIMS).ok is False  # nothing claimed yet
+    # a claim of the current primary keeps the epoch and raises the claim
+    assert check([set_p("a", 0, 1, epoch=5), set_p("a", 2, 3, epoch=5, expected=7),
+                  set_p("b", 4, 5, expected=7, rejected=True)], CLAIMS).ok is True
+    # a lost claim may or may not have raised it
+    lost = set_p("b", 0, None, expected=10)
+    assert check([lost, set_p("c", 5, 6, expected=9, rejected=True)], CLAIMS).ok is True
+    assert check([lost, set_p("c", 5, 6, epoch=7, expected=9)], CLAIMS).ok is True
+
+
 # --- generated histories ------------------------------------------------------------------------
 
 MEMBERS = ["a", "b", "c", None]

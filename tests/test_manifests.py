@@ -226,7 +226,10 @@ def pod_environment(container: Doc, pod_name: str, namespace: str) -> dict[str, 
         source = var["valueFrom"]
         if "fieldRef" in source:
             field = source["fieldRef"]["fieldPath"]
-            env[name] = {"metadata.name": pod_name, "metadata.namespace": namespace}[field]
+            ordinal = pod_name.rsplit("-", 1)[-1]
+            pod_ip = f"10.244.0.{10 + int(ordinal)}" if ordinal.isdigit() else "10.244.0.9"
+            env[name] = {"metadata.name": pod_name, "metadata.namespace": namespace,
+                         "status.podIP": pod_ip}[field]  # fmt: skip
         elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
             key = (ref["name"], ref["key"])
@@ -449,8 +452,9 @@ def test_control_plane_ports_match_the_config() -> None:
 
 def test_each_pod_gets_its_own_raft_identity() -> None:
     """entrypoint.sh, run as the kubelet would run it for every pod: node.id is the pod's name,
-    raft.bind its stable name, raft.peers the others' names spelt exactly as they spell their own
-    (pysyncobj knows nodes by these strings)."""
+    raft.advertise its stable name, raft.peers the others' names spelt exactly as they spell their
+    own (pysyncobj knows nodes by these strings); every listener binds 0.0.0.0 and the API and
+    xDS advertise the pod IP (issue 11)."""
     docs = render("base")
     sts, container = control_plane_container(docs)
     name, service, replicas = (
@@ -470,14 +474,20 @@ def test_each_pod_gets_its_own_raft_identity() -> None:
     for i in range(replicas):
         config = effective_config("base", i)
         assert config["node"]["id"] == f"{name}-{i}"
-        bind = config["raft"]["bind"]
+        bind = config["raft"]["advertise"]
         assert bind == f"{name}-{i}.{service}.{ns}.svc.{env['CLUSTER_DOMAIN']}:{raft_port}"
+        assert config["raft"]["bind"] == f"0.0.0.0:{raft_port}"
+        pod_ip = f"10.244.0.{10 + i}"
+        assert config["api"]["advertise"] == f"{pod_ip}:{named_port(container, 'api')}"
+        assert config["xds"]["advertise"] == f"{pod_ip}:{named_port(container, 'xds')}"
         binds[i] = (bind, config["raft"]["peers"])
     for i, (_, peers) in binds.items():
         assert peers == [b for j, (b, _) in sorted(binds.items()) if j != i]
     # The shared file holds nothing that must differ per pod.
     shared = repstage_config(docs)
-    assert "id" not in shared.get("node", {}) and "raft" not in shared
+    assert "id" not in shared.get("node", {})
+    assert {"advertise", "peers"}.isdisjoint(shared.get("raft", {}))
+    assert "advertise" not in shared.get("api", {}) and "advertise" not in shared.get("xds", {})
 
 
 def test_entrypoint_refuses_a_pod_outside_the_raft_membership() -> None:
@@ -646,7 +656,8 @@ def test_config_map_config_loads_with_the_pod_environment(target: str, tmp_path:
         config.raft.password.get_secret_value()
         == FAKE_SECRETS[("repstage-secrets", "raft-password")]
     )
-    assert len(config.raft.peers) == 2 and config.raft.bind not in config.raft.peers
+    assert len(config.raft.peers) == 2 and config.raft.identity not in config.raft.peers
+    assert config.raft.bind == "0.0.0.0:7001" and config.api.advertised().startswith("10.244.0.")
     tokens = config.api.tokens
     assert [t.get_secret_value() for t in tokens.read_write] == [
         FAKE_SECRETS[("repstage-secrets", "api-token-read-write")]

@@ -8,6 +8,7 @@ activates on those events. Every node a test builds is stopped, even when the te
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import textwrap
 import time
@@ -19,15 +20,27 @@ import pytest
 from aiohttp import web
 from fakes import eventually, orders_spec
 
+from repstage_mesh.api.peers import FORWARDED_HEADER, ApiNoAnswer
+from repstage_mesh.api.plane import Caller
 from repstage_mesh.config import load_config
 from repstage_mesh.core.errors import (
     ApiRequestError,
     ApiUnreachable,
     DecisionRefused,
     NoLeaderKnown,
+    NotLeader,
     NotReady,
+    SwitchoverRunning,
+    SwitchoverUnknown,
 )
-from repstage_mesh.core.models import AnnounceNode, MeshState, NodeAddress, PutService
+from repstage_mesh.core.models import (
+    Announcement,
+    AnnounceNode,
+    FailoverEntry,
+    MeshState,
+    NodeAddress,
+    PutService,
+)
 from repstage_mesh.core.state import apply
 from repstage_mesh.node import SNAPSHOT_GROUP, Node
 from repstage_mesh.xds import resources as res
@@ -113,6 +126,31 @@ async def test_single_node_leads_and_engine_activates(make_node: NodeFactory) ->
     assert follow is not None and not follow.done()
 
 
+async def test_announce_runs_a_recorded_plan_and_a_retry_with_its_key_changes_nothing(
+    make_node: NodeFactory,
+) -> None:
+    """Issue 14 item 1 on a real node: the announce is a failover record in the replicated
+    history (fence before route), and the same idempotency key answers the first change."""
+    node = await started(make_node(services=ORDERS))
+    first = await node.announce("orders", Announcement(member="b", token=7, key="k-1", cause="patroni"))
+    record = first["failover"]
+    assert (first["primary"], first["previous_primary"], first["changed"], first["replayed"]) == ("b", "a", True, False)
+    names = [e["name"] for e in record["timeline"]]
+    assert names.index("fenced") < names.index("proxies_fenced") < names.index("connections_closed") < names.index("committed")
+    assert record["status"] == "done" and record["kind"] == "announce" and record["claim"] == 7
+    await eventually(lambda: (e := node.state().failover(record["id"])) is not None and e.record["status"] == "done",
+                     "the finished record is in the replicated history")
+    index = node.state().services["orders"].epoch
+    again = await node.announce("orders", Announcement(member="b", token=7, key="k-1", cause="patroni"))
+    assert again["replayed"] is True and again["failover"]["id"] == record["id"]
+    assert node.state().services["orders"].epoch == index  # nothing applied twice
+    with pytest.raises(DecisionRefused) as caught:  # the key, reused for another change
+        await node.announce("orders", Announcement(member="a", token=8, key="k-1"))
+    assert caught.value.field == "idempotency_key"
+    _, history = await node.failovers()
+    assert [r["id"] for r in history] == [record["id"]]
+
+
 async def test_submit_is_applied_and_rendered_into_the_xds_cache(make_node: NodeFactory) -> None:
     node = await started(make_node())
     await eventually(lambda: node.cache.get(SNAPSHOT_GROUP) is not None, "a first snapshot")
@@ -145,7 +183,7 @@ async def test_leader_answers_failovers_switchovers_and_proxy_waits_itself(
     async def no_forwarding(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"a leader must not call another node: {args}")
 
-    monkeypatch.setattr(node._peers, "call", no_forwarding)
+    monkeypatch.setattr(node._forwarder.peers, "call", no_forwarding)
 
     # the decider refuses: follow mode, unknown service, unknown member
     with pytest.raises(DecisionRefused) as refused:
@@ -240,19 +278,29 @@ class FakeLeader:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, Any, str | None]] = []
+        self.forwarded_by: list[str | None] = []
         self.app = web.Application()
         self.app.router.add_post("/v1/services/{service}/switchover", self.switchover)
         self.app.router.add_get("/v1/failovers", self.failovers)
         self.app.router.add_get("/v1/failovers/{id}", self.failover)
+        self.app.router.add_post("/v1/services/{service}/primary", self.announce)
         self.address = ""
+        self.traceparents: list[str | None] = []
 
     async def _record(self, request: web.Request) -> None:
+        self.forwarded_by.append(request.headers.get(FORWARDED_HEADER))
         body = await request.json() if request.can_read_body else None
         self.requests.append((request.method, request.path, body, request.headers.get("Authorization")))
 
     async def switchover(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.json_response(SWITCHOVER_FAILED, status=409)
+
+    async def announce(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        self.traceparents.append(request.headers.get("traceparent"))
+        return web.json_response({"service": "x", "primary": "b", "epoch": 9, "previous_primary": "a",
+                                  "changed": True, "applied_index": 9, "failover": None})
 
     async def failovers(self, request: web.Request) -> web.Response:
         await self._record(request)
@@ -281,7 +329,7 @@ async def fake_leader() -> AsyncIterator[FakeLeader]:
 
 
 def follower_of(node: Node, address: str, monkeypatch: pytest.MonkeyPatch) -> Node:
-    monkeypatch.setattr(node, "_leader_api", lambda: address)
+    monkeypatch.setattr(node, "_leader_api", lambda caller=None: address)
     return node
 
 
@@ -289,31 +337,52 @@ async def test_forwarded_switchover_relays_the_leaders_error(
     make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = follower_of(make_node(), fake_leader.address, monkeypatch)
+    caller = Caller(authorization="Bearer the-callers-own")
     with pytest.raises(ApiRequestError) as caught:
-        await node.switchover("x", "b", 3.0)
+        await node.switchover("x", "b", 3.0, wait=7.0, caller=caller)
     err = caught.value
     assert (err.status, err.code, err.message, err.field) == (409, "switchover_failed", "m", None)
     assert err.details == [{"id": "r1"}]
+    # the caller's own Authorization header, never this node's token; marked as forwarded
     assert fake_leader.requests == [
-        ("POST", "/v1/services/x/switchover", {"to": "b", "timeout": 3.0}, f"Bearer {WRITER_TOKEN}")
+        ("POST", "/v1/services/x/switchover", {"to": "b", "timeout": 3.0, "wait": 7.0}, "Bearer the-callers-own")
     ]
+    assert fake_leader.forwarded_by == ["cp-1"]
 
-    # without a timeout, none is sent
+    # without a timeout, none is sent; the wait defaults to (and is capped by) api.switchover_wait
     with pytest.raises(ApiRequestError):
-        await node.switchover("x", "b", None)
-    assert fake_leader.requests[-1][2] == {"to": "b"}
+        await node.switchover("x", "b", None, wait=10_000.0)
+    assert fake_leader.requests[-1][2] == {"to": "b", "wait": node.settings.api.switchover_wait}
+    assert fake_leader.requests[-1][3] is None  # no caller's header: none sent
 
 
-async def test_forwarded_reads_answer_from_the_leader(
+async def test_reads_answer_from_the_local_replica(
+    make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11 item 5: the history is replicated; a follower answers from its own copy."""
+    node = follower_of(make_node(), fake_leader.address, monkeypatch)
+    entries = tuple(FailoverEntry(id=f"cp-2-{n}", rev=1, record={"id": f"cp-2-{n}", "status": "done"})
+                    for n in (1, 2))
+    monkeypatch.setattr(node, "state", lambda: MeshState(failovers=entries))
+    node_id, records = await node.failovers()
+    assert node_id == "cp-1" and [r["id"] for r in records] == ["cp-2-2", "cp-2-1"]  # newest first
+    assert await node.failover("cp-2-1") == {"id": "cp-2-1", "status": "done"}
+    assert await node.failover("r2") is None
+    assert fake_leader.requests == []  # nothing was carried to the leader
+
+
+async def test_forwarded_announce_carries_key_and_trace(
     make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = follower_of(make_node(), fake_leader.address, monkeypatch)
-    assert await node.failovers() == ("cp-2", [{"id": "r1"}])
-    assert await node.failover("r1") == {"id": "r1", "status": "done"}
-    assert await node.failover("r2") is None  # the leader's 404
-    assert [r[:2] for r in fake_leader.requests] == [
-        ("GET", "/v1/failovers"), ("GET", "/v1/failovers/r1"), ("GET", "/v1/failovers/r2"),
-    ]
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    caller = Caller(authorization=f"Bearer {WRITER_TOKEN}")  # the caller's own token travels
+    answer = await node.announce("x", Announcement(member="b", token=7, cause="patroni", key="k-1", trace=trace), caller)
+    assert answer["primary"] == "b"
+    method, path, body, auth = fake_leader.requests[-1]
+    assert (method, path, auth) == ("POST", "/v1/services/x/primary", f"Bearer {WRITER_TOKEN}")
+    assert body == {"member": "b", "cause": "patroni", "fence": True, "epoch": 7, "idempotency_key": "k-1"}
+    assert fake_leader.traceparents == [trace["traceparent"]]
 
 
 @pytest.fixture
@@ -328,9 +397,100 @@ async def test_forwarding_to_an_unreachable_leader(
     make_node: NodeFactory, dead_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = follower_of(make_node(), dead_address, monkeypatch)
-    with pytest.raises(ApiUnreachable):
+    with pytest.raises(ApiUnreachable) as caught:
         await node.switchover("x", "b", 3.0)
+    assert not isinstance(caught.value, ApiNoAnswer)  # never reached the leader: not started
     # reads fall back to this node's own answers
     assert await node.failovers() == ("cp-1", [])
     assert await node.failover("r1") is None
 
+
+
+async def test_forwarded_request_on_a_follower_is_refused_not_forwarded_again(make_node: NodeFactory) -> None:
+    node = make_node()
+    node.store = FakeStore(False, "127.0.0.1:7002", with_peer("cp-2", "127.0.0.1:7002", "127.0.0.1:8002"))  # type: ignore[assignment]
+    forwarded = Caller(forwarded_by="cp-3")
+    with pytest.raises(NotLeader) as caught:
+        await node.switchover("orders", "b", None, caller=forwarded)
+    assert "cp-3" in str(caught.value) and "127.0.0.1:7002" in str(caught.value)
+    assert caught.value.leader == "127.0.0.1:7002"
+    with pytest.raises(NotLeader):
+        await node.announce("orders", Announcement(member="b"), forwarded)
+    # the failover history is replicated: every node answers reads from its own copy
+    assert await node.failovers(forwarded) == ("cp-1", [])
+    assert await node.failover("cp-2-1", forwarded) is None
+    # a leader announcing this node's own API (a misconfigured advertise) is not forwarded to
+    own = node.settings.api.advertised(node.api_port)
+    node.store = FakeStore(False, "127.0.0.1:7002", with_peer("cp-2", "127.0.0.1:7002", own))  # type: ignore[assignment]
+    with pytest.raises(NotLeader):
+        node._leader_api()
+
+
+class SlowLeader:
+    """A leader that accepts the request and never answers."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.app.router.add_post("/v1/services/{service}/switchover", self.hang)
+
+    async def hang(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)  # never answers within the test
+        raise AssertionError("unreachable")
+
+
+async def test_forwarded_switchover_without_an_answer_is_unknown_not_500(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("repstage_mesh.api.forwarding.FORWARD_MARGIN", 0.2)
+    runner = web.AppRunner(SlowLeader().app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        node = follower_of(make_node(), f"{host}:{port}", monkeypatch)
+        with pytest.raises(SwitchoverUnknown) as caught:
+            await node.switchover("x", "b", None, wait=0.1)
+        assert "GET /v1/failovers" in str(caught.value)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_switchover_still_running_after_the_wait_is_answered_with_its_record(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    node = make_node()
+    node.store = FakeStore(leader=True, leader_address="local:cp-1")  # type: ignore[assignment]
+    monkeypatch.setattr(node.engine, "active", True)
+    waits: list[float | None] = []
+
+    async def running(service: str, to: str, timeout: float | None, wait: float | None = None, **_: Any) -> Any:
+        waits.append(wait)
+        return SimpleNamespace(id="cp-1-4", status="running", as_dict=lambda: {"id": "cp-1-4", "status": "running"})
+
+    monkeypatch.setattr(node.runner, "switchover", running)
+    with pytest.raises(SwitchoverRunning) as caught:
+        await node.switchover("orders", "b", None, wait=10_000.0)
+    assert caught.value.record == {"id": "cp-1-4", "status": "running"}
+    assert "GET /v1/failovers/cp-1-4" in str(caught.value)
+    assert waits == [node.settings.api.switchover_wait]  # capped
+
+
+async def test_config_drift_is_reported_by_cluster_and_logged_at_start(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = await started(make_node(services=ORDERS))
+    assert node.cluster()["config_drift"] == []
+    spec = node.state().service("orders").spec  # type: ignore[union-attr]
+    outcome = await node.submit(PutService(spec=spec.model_copy(update={"listen_port": 15100})))
+    assert outcome.ok
+    assert node.cluster()["config_drift"] == [{"service": "orders", "kind": "changed", "fields": ["listen_port"]}]
+    await node.stop()
+
+    caplog.set_level("WARNING", logger="repstage_mesh.node")
+    again = await started(make_node(services=ORDERS))  # the same file and data directory
+    assert again.state().service("orders").spec.listen_port == 15100  # type: ignore[union-attr]
+    drift_lines = [r.getMessage() for r in caplog.records if "config drift" in r.getMessage()]
+    assert drift_lines and "service orders" in drift_lines[0] and "listen_port" in drift_lines[0]

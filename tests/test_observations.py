@@ -27,9 +27,17 @@ ERROR = ProbeResult.failed(ProbeOutcome.ERROR, "LOADING")
 results = st.sampled_from([PRIMARY, REPLICA, UP, REFUSED, TIMEOUT, ERROR])
 
 
-def tracker(fall: int = 3, rise: int = 2, refresh: float = 1.0) -> ProbeTracker:
+def tracker(
+    fall: int = 3, rise: int = 2, refresh: float = 1.0, refused_fall: int | None = None
+) -> ProbeTracker:
     return ProbeTracker(
-        "orders", "a", fall=fall, rise=rise, source="probe:redis", offset_refresh=refresh
+        "orders",
+        "a",
+        fall=fall,
+        rise=rise,
+        source="probe:redis",
+        offset_refresh=refresh,
+        refused_fall=refused_fall,
     )
 
 
@@ -74,7 +82,7 @@ def test_tcp_up_is_emitted_as_unknown() -> None:
 
 
 def test_down_after_fall_refusals_says_refused() -> None:
-    t = tracker()
+    t = tracker()  # refused_fall not given: refused counts like any failure
     emitted = run(t, [PRIMARY, PRIMARY, REFUSED, REFUSED, REFUSED, REFUSED])
     assert [(i, o.status) for i, o in emitted] == [
         (1, MemberStatus.PRIMARY),
@@ -233,3 +241,81 @@ def test_emission_matches_the_tracked_status(feed: list[ProbeResult], fall: int,
         else:
             assert obs.status is t.status
             assert obs == t.last_emitted
+
+
+# --- refused is conclusive sooner than silent ------------------------------------------------
+
+
+def test_two_refusals_are_down_and_say_so() -> None:
+    t = tracker(fall=3, refused_fall=2)
+    assert t.feed(PRIMARY, 0.0) is None
+    assert t.feed(PRIMARY, 0.1) is not None
+    assert not t.confirming
+    assert t.feed(REFUSED, 0.2) is None
+    assert t.confirming  # the runner probes again after retry_interval
+    down = t.feed(REFUSED, 0.22)
+    assert down is not None and down.status is MemberStatus.DOWN
+    assert down.cause is ProbeOutcome.REFUSED
+    assert "2 consecutive refused connections" in down.detail
+    assert down.since == 0.2
+    assert not t.confirming  # down: back to the interval
+
+
+def test_timeouts_keep_fall_and_set_no_retry() -> None:
+    t = tracker(fall=3, refused_fall=2)
+    run(t, [PRIMARY, PRIMARY])
+    assert t.feed(TIMEOUT, 0.2) is None
+    assert not t.confirming
+    assert t.feed(TIMEOUT, 0.3) is None
+    down = t.feed(TIMEOUT, 0.4)
+    assert down is not None and down.cause is ProbeOutcome.TIMEOUT
+    assert "3 consecutive failures: timeout, timeout, timeout" in down.detail
+
+
+def test_one_refusal_between_answers_is_no_failover() -> None:
+    t = tracker(fall=3, refused_fall=2)
+    emitted = run(t, [PRIMARY, PRIMARY, REFUSED, PRIMARY, REFUSED, PRIMARY, REFUSED, PRIMARY])
+    assert [o.status for _, o in emitted] == [MemberStatus.PRIMARY]
+
+
+def test_refusals_after_a_timeout_count_from_the_first_refusal() -> None:
+    t = tracker(fall=5, refused_fall=2)
+    run(t, [PRIMARY, PRIMARY])
+    assert t.feed(TIMEOUT, 0.2) is None
+    assert t.feed(REFUSED, 0.3) is None
+    assert t.feed(TIMEOUT, 0.4) is None  # a timeout breaks the refused run
+    assert not t.confirming
+    assert t.feed(REFUSED, 0.5) is None
+    down = t.feed(REFUSED, 0.52)
+    assert down is not None and down.cause is ProbeOutcome.REFUSED
+    assert down.since == 0.2  # the failure streak began with the timeout
+
+
+def test_refused_fall_above_fall_is_fall() -> None:
+    t = tracker(fall=2, refused_fall=5)
+    assert t.refused_fall == 2
+    with pytest.raises(ValueError, match="refused_fall"):
+        tracker(refused_fall=0)
+
+
+@settings(max_examples=300)
+@given(
+    feed=st.lists(results, max_size=300),
+    fall=st.integers(min_value=1, max_value=5),
+    refused_fall=st.integers(min_value=1, max_value=5),
+    rise=st.integers(min_value=1, max_value=5),
+)
+def test_down_is_earned_by_fall_failures_or_refused_fall_refusals(
+    feed: list[ProbeResult], fall: int, refused_fall: int, rise: int
+) -> None:
+    t = tracker(fall=fall, rise=rise, refused_fall=refused_fall)
+    changes = status_changes(run(t, feed))
+    for i, obs in changes:
+        if obs.status is MemberStatus.DOWN:
+            by_fall = i >= fall - 1 and all(not r.succeeded for r in feed[i - fall + 1 : i + 1])
+            n = min(fall, refused_fall)
+            by_refused = i >= n - 1 and all(r is REFUSED for r in feed[i - n + 1 : i + 1])
+            assert by_fall or by_refused
+            assert obs.cause is feed[i].outcome
+        else:
+            assert all(r.succeeded and r.role is obs.status for r in feed[i - rise + 1 : i + 1])

@@ -1,5 +1,6 @@
 """The private internals of pysyncobj, betterproto2 and redis-py that our code relies on are
-still there (redis-py: the probe's RESP2 parser, sources/probers.py; capped redis<9).
+still there (redis-py: the probe's RESP2 parser, sources/probers.py; capped redis<9; py-consul:
+the client's `token` and raw `http.get`, sources/consul.py; capped py-consul<2).
 
 pyproject.toml caps both packages (pysyncobj<0.3.18, betterproto2<0.10) because raft/store.py,
 raft/conf.py and xds/encoding.py reach into them. Several of those uses fail silently when the
@@ -28,15 +29,19 @@ import pytest
 try:  # an upgrade that moves an import we rely on must fail as loudly as the checks below
     import betterproto2
     import pydantic
+    import pysyncobj.journal
+    import pysyncobj.serializer
     import pysyncobj.syncobj
     from envoy_data_plane.envoy.config.cluster.v3 import Cluster
     from envoy_data_plane.message_pool import default_message_pool
     from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer
     from pysyncobj.node import Node, TCPNode
-    from pysyncobj.transport import Transport
+    from pysyncobj.tcp_connection import TcpConnection
+    from pysyncobj.transport import TCPTransport, Transport
 
     from repstage_mesh.core.models import CommandEnvelope, Noop
     from repstage_mesh.raft import conf as raft_conf
+    from repstage_mesh.raft import durable as raft_durable
     from repstage_mesh.raft import store as raft_store
     from repstage_mesh.raft.conf import RaftTimings, build_conf
     from repstage_mesh.raft.store import ReplicatedStore
@@ -317,6 +322,88 @@ INTERNALS += [
 ]
 
 
+def _create_journal(store: ReplicatedStore) -> None:
+    need("createJournal" in code_names(SyncObj.__init__),
+         "SyncObj.__init__ no longer builds its journal with the module-level createJournal")
+    need(pysyncobj.syncobj.createJournal is raft_durable._create_journal, "was not replaced by durable.install()")
+    need(isinstance(store._sync._SyncObj__raftLog, raft_durable.DurableJournal),
+         "the store's journal is not a DurableJournal")
+
+
+def _file_journal(_: ReplicatedStore) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        journal = raft_durable.DurableJournal(str(Path(data_dir) / "j"), raft_durable.JournalOptions())
+        try:
+            need(isinstance(journal._FileJournal__journal, list), "_FileJournal__journal is not the entry list")
+            need(callable(journal._FileJournal__journalFile.flush), "ResizableFile.flush (msync) is gone")
+            need(isinstance(journal._FileJournal__meta, dict), "_FileJournal__meta is not a dict")
+            journal.add(b"x", 1, 1)
+            need(journal._dirty, "add() did not go through DurableJournal.add")
+            need(journal[0] == (b"x", 1, 1) and journal.durable_index == 1, "a read did not sync")
+            journal.setCurrentTerm(3, "peer")
+            need(journal.meta_storer.durable_meta.get("currentTerm") == 3,
+                 "setCurrentTerm no longer stores term and vote through _FileJournal__metaStorer.storeMeta")
+        finally:
+            journal._destroy()
+    for name in ("add", "clear", "deleteEntriesFrom", "deleteEntriesTo", "__getitem__", "__len__",
+                 "setCurrentTerm", "flush"):
+        need(name in vars(pysyncobj.journal.FileJournal), f"FileJournal.{name} is gone")
+
+
+def _dump_before_clear(_: ReplicatedStore) -> None:
+    need("clear" in code_names(pysyncobj.journal.FileJournal.deleteEntriesTo),
+         "FileJournal.deleteEntriesTo (log compaction) no longer goes through clear()")
+    need("clear" in code_names(SyncObj._SyncObj__loadDumpFile),
+         "SyncObj.__loadDumpFile (an installed snapshot) no longer clears the journal with clear()")
+    need("atomicReplace" in code_names(pysyncobj.serializer.Serializer.serialize),
+         "the full dump is no longer written through a rename (atomicReplace)")
+
+
+def _vote_stored_before_sent(_: ReplicatedStore) -> None:
+    source = inspect.getsource(SyncObj._SyncObj__onMessageReceived)
+    vote = source.index("'response_vote'")
+    need(source.rfind("__setCurrentTerm(self.__raftCurrentTerm, node.id)", 0, vote) != -1,
+         "no longer stores the vote (setCurrentTerm) before it sends response_vote")
+
+
+def _tcp_connection(_: ReplicatedStore) -> None:
+    for name in ("_TcpConnection__processRead", "_TcpConnection__processParseMessage", "disconnect"):
+        need(callable(getattr(TcpConnection, name, None)), f"TcpConnection.{name} is gone")
+    need("_TcpConnection__processRead" in code_names(TcpConnection._TcpConnection__tryReadBuffer),
+         "__tryReadBuffer no longer reads through __processRead")
+    need({"_TcpConnection__readBuffer", "recv"} <= code_names(TcpConnection._TcpConnection__processRead),
+         "__processRead no longer appends recv() to __readBuffer")
+    parse = inspect.getsource(TcpConnection._TcpConnection__processParseMessage)
+    need("struct.unpack('i'" in parse, "the frame header is no longer a native 'i' length")
+    need({"sendRandKey"} <= code_names(TCPTransport._onIncomingMessageReceived),
+         "authentication no longer sets conn.sendRandKey (the guard's 'authenticated' marker)")
+
+
+def _tcp_transport(_: ReplicatedStore) -> None:
+    for name in ("_onNewIncomingConnection", "addNode", "send"):
+        need(callable(getattr(TCPTransport, name, None)), f"TCPTransport.{name} is gone")
+    need("_connections" in code_names(TCPTransport.addNode), "addNode no longer fills _connections")
+    need("_syncObj" in code_names(TCPTransport.__init__), "TCPTransport no longer keeps _syncObj")
+
+
+DURABLE = "repstage_mesh/raft/durable.py"
+GUARD = "repstage_mesh/raft/guard.py"
+INTERNALS += [
+    Internal(PYSYNCOBJ, "pysyncobj.syncobj.createJournal", f"{DURABLE} install (the durable journal)",
+             _create_journal),
+    Internal(PYSYNCOBJ, "FileJournal _FileJournal__journal, _FileJournal__journalFile, _FileJournal__meta, "
+             "_FileJournal__metaStorer", f"{DURABLE} DurableJournal (msync, fsync'd term and vote)", _file_journal),
+    Internal(PYSYNCOBJ, "FileJournal.deleteEntriesTo and SyncObj._SyncObj__loadDumpFile clear the journal after a dump",
+             f"{DURABLE} DurableJournal.clear (the dump is fsync'd first)", _dump_before_clear),
+    Internal(PYSYNCOBJ, "SyncObj._SyncObj__onMessageReceived stores the vote before response_vote",
+             f"{DURABLE} (a vote is on disk before it is granted)", _vote_stored_before_sent),
+    Internal(PYSYNCOBJ, "TcpConnection _TcpConnection__processRead, _TcpConnection__readBuffer, sendRandKey",
+             f"{GUARD} GuardedConnection (frame limit before authentication)", _tcp_connection),
+    Internal(PYSYNCOBJ, "TCPTransport _onNewIncomingConnection, addNode, _connections, _syncObj",
+             f"{GUARD} GuardedTCPTransport", _tcp_transport),
+]
+
+
 def _resp2_parser(_: ReplicatedStore) -> None:
     from redis._parsers import _AsyncRESP2Parser
 
@@ -329,6 +416,37 @@ INTERNALS += [
     Internal("redis", "redis._parsers._AsyncRESP2Parser.EXCEPTION_CLASSES",
              "sources/probers.py _WholeErrorReplies (every error reply a plain answer with its text)",
              _resp2_parser),
+]
+
+
+def _consul_token(_: ReplicatedStore) -> None:
+    import consul
+
+    client = consul.Consul(token="from-argument")
+    client.token = "configured"
+    need(client.prepare_headers() == {"X-Consul-Token": "configured"},
+         "prepare_headers() no longer sends the client's `token` attribute")
+
+
+def _consul_http_get(_: ReplicatedStore) -> None:
+    import consul.aio
+    import consul.base
+
+    need(consul.base.Response._fields == ("code", "headers", "body"),
+         "base.Response is no longer (code, headers, body)")
+    params = list(inspect.signature(consul.aio.HTTPClient.get).parameters)
+    need(params[:5] == ["self", "callback", "path", "params", "headers"],
+         f"aio HTTPClient.get(callback, path, params, headers) changed: {params}")
+
+
+CONSUL_USES = "sources/consul.py"
+INTERNALS += [
+    Internal("py-consul", "Consul.token read by prepare_headers()",
+             f"{CONSUL_USES} consul_client (the configured token wins over CONSUL_HTTP_TOKEN)",
+             _consul_token),
+    Internal("py-consul", "Consul.http.get(callback, path, params, headers) -> callback(Response)",
+             f"{CONSUL_USES} health_query (reads X-Consul-Results-Filtered-By-ACLs), "
+             "sources/consul_registration.py resync (asks with our token)", _consul_http_get),
 ]
 
 
@@ -386,6 +504,14 @@ def private_names_used() -> set[str]:
             used.add(node.attr)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("_SyncObj__"):
             used.add(node.value)  # getattr(sync, "_SyncObj__x", None)
+    for module in ("durable.py", "guard.py"):
+        tree = ast.parse((ROOT / "repstage_mesh" / "raft" / module).read_text())
+        for node in ast.walk(tree):
+            name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "name", None)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                name = node.value
+            if (isinstance(name, str) and name.startswith(("_FileJournal__", "_TcpConnection__", "_SyncObj__"))) or (isinstance(name, str) and name in {"_onNewIncomingConnection", "_connections", "_syncObj"}):
+                used.add(name)
     encoding_tree = ast.parse((ROOT / "xds" / "encoding.py").read_text())
     for node in ast.walk(encoding_tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr not in {"_VALIDATORS"}:

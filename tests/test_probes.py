@@ -18,6 +18,7 @@ from repstage_mesh.sources.probers import (
     HttpProber,
     RedisProber,
     TcpProber,
+    make_prober,
     parse_role_reply,
     probe_once,
 )
@@ -352,3 +353,83 @@ async def test_runner_survives_a_failing_async_callback() -> None:
         MemberStatus.DOWN,
         MemberStatus.PRIMARY,
     ]
+
+
+async def test_runner_confirms_a_refusal_without_waiting_the_interval() -> None:
+    """A refused probe is followed by the confirming one after retry_interval, not interval;
+    two refusals (refused_fall) are DOWN; a timeout is not retried early."""
+    seen: list[Observation] = []
+    times: list[float] = []
+    refused = ProbeResult.failed(ProbeOutcome.REFUSED, "connection refused")
+
+    def script(n: int) -> ProbeResult:
+        times.append(time.monotonic())
+        return ProbeResult.ok(MemberStatus.PRIMARY) if n == 1 else refused
+
+    runner = ProbeRunner(seen.append, prober_factory=Factory({"a": script}))
+    spec = service("orders", "tcp", {"a": 1}, interval=0.5, retry_interval=0.01, rise=1)
+    try:
+        runner.set_services([spec])
+        await runner.start()
+        await until(lambda: any(o.status is MemberStatus.DOWN for o in seen))
+    finally:
+        await runner.stop()
+    down = next(o for o in seen if o.status is MemberStatus.DOWN)
+    assert down.cause is ProbeOutcome.REFUSED
+    assert len(times) >= 3
+    assert times[1] - times[0] >= 0.5  # the interval after an answer
+    assert times[2] - times[1] < 0.4  # the retry_interval after a refusal, well below 0.5
+
+
+class HangUpFirst:
+    """A loopback HTTP server that closes the first `hang_ups` connections without an answer
+    (a kept-alive connection the server dropped) and answers 200 on later ones."""
+
+    def __init__(self, hang_ups: int) -> None:
+        self.hang_ups = hang_ups
+        self.connections = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if self.connections > self.hang_ups:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+async def test_http_probe_retries_a_dropped_connection_once_on_a_fresh_one() -> None:
+    server = HangUpFirst(hang_ups=1)
+    async with server as port:
+        http = HttpProber("127.0.0.1", port, 1.0)
+        try:
+            result = await http.probe()
+        finally:
+            await http.close()
+    assert (result.outcome, result.role) == (ProbeOutcome.OK, MemberStatus.PRIMARY)
+    assert server.connections == 2
+    server = HangUpFirst(hang_ups=5)
+    async with server as port:
+        http = HttpProber("127.0.0.1", port, 1.0)
+        try:
+            result = await http.probe()
+        finally:
+            await http.close()
+    assert result.outcome is ProbeOutcome.REFUSED and "connection closed" in result.detail
+    assert server.connections == 2  # one retry, not more
+
+
+def test_probe_port_replaces_the_member_port_and_fields_are_checked() -> None:
+    spec = service("orders", "postgres", {"a": 5432}, kind="http", port=8008, refused_fall=2)
+    prober = make_prober(spec, spec.members[0])
+    assert isinstance(prober, HttpProber) and prober.url == "http://127.0.0.1:8008/primary"
+    for bad in ({"refused_fall": 0}, {"retry_interval": 0}, {"port": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            service("orders", "postgres", {"a": 5432}, **bad)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -435,3 +437,27 @@ def test_node_addresses_survive_every_other_command() -> None:
     state, _ = apply(state, SetPrimary(service="s", member="b"), 3)
     assert list(state.nodes) == ["cp-1"]
     assert state.last_change == 3
+
+
+def test_a_journal_written_before_operator_hooks_still_loads_without_the_inline_hook() -> None:
+    """Issue 13: an older entry with an inline hook or a password variable name is read back
+    (nothing acknowledged is lost) without the part a request may no longer carry."""
+    old = {
+        "command": {"kind": "put_service", "spec": {
+            "name": "cache", "protocol": "redis", "listen_port": 16000,
+            "members": [{"name": "a", "address": "10.0.0.1", "port": 6379}],
+            "leadership": {"source": "probe", "mode": "orchestrate",
+                           "promote_hook": {"command": ["sh", "-c", "id"], "timeout": 5},
+                           "probe": {"password_env": "REPSTAGE_RAFT__PASSWORD"}}}},
+        "request_id": "r1",
+    }
+    envelope = decode_command(json.dumps(old).encode())
+    assert isinstance(envelope.command, PutService)
+    lead = envelope.command.spec.leadership
+    assert lead.promote_hook is None and lead.probe.password_secret is None
+    state, _ = replay([envelope.command])
+    snapshot = json.loads(encode_state(state))
+    snapshot["services"]["cache"]["spec"]["leadership"]["promote_hook"] = {"url": "http://x"}
+    assert decode_state(json.dumps(snapshot).encode()) == state
+    with pytest.raises(ValidationError):  # a request still gets the refusal
+        ServiceSpec.model_validate(old["command"]["spec"])

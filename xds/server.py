@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 _GRPC_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    # Envoy's bootstrap (filters/bootstrap.py) pings every 2 s to notice a paused control-plane
+    # A proxy that vanished (host down, partition) is noticed within ~3 s, so a failover's proxy
+    # wait stops waiting for it (xds/tracker.py: a disconnected proxy is not waited for).
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 1_000),
+    # Envoy's bootstrap (filters/bootstrap.py) pings every 0.4 s to notice a paused control-plane
     # node; grpcio's defaults answer such pings with GOAWAY "too_many_pings" after ~11 s.
     ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 0),

@@ -26,7 +26,9 @@ from .protocol import SotwStream, type_sync_state
 if TYPE_CHECKING:
     from .tracker import ProxyRecord
 
-SETTLED = frozenset({"synced", "nacked", "idle", "ahead"})
+# A NACKed type is not settled: Envoy keeps its older config (for a fence, it may still route
+# to the old primary), so the proxy is waited for until the deadline and recorded as missed.
+SETTLED = frozenset({"synced", "idle", "ahead"})
 FLAGS = ("version_ahead", "never_acked")
 
 

@@ -2,7 +2,13 @@
 
 Fed by the server with the protocol's actions; read by the REST API (`/v1/proxies`), by
 metrics, and by whoever needs to wait for proxies to follow (break-before-make, failover
-traces) through observers. No I/O here; the clock is passed in.
+traces) through observers and waiters (`wait_for`, progress.py): after each change to one
+proxy its `synced_index` is brought up to date and the open waiters see that one proxy. No I/O
+here; the clock is passed in.
+
+"Synced" means every type the proxy asked for holds what this replica would send. A NACKed
+type is NOT synced: Envoy keeps its older config (for a fence, it may still route to the old
+primary), and the proxy's `lag()` carries Envoy's error text.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Protocol
 from . import resources as res
 from . import standing
 from .cache import split_version
+from .progress import Behind, IndexWaiter, Waiters, behind_of
 from .protocol import (
     Acked,
     Action,
@@ -42,6 +49,7 @@ class TypeStatus:
     error: str = ""
     last_ack_latency: float | None = None
     stale_requests: int = 0
+    refused: bool = False  # the last answer for this type was a NACK
     _sent_times: dict[str, float] = field(default_factory=dict, repr=False)
 
 
@@ -55,6 +63,7 @@ class ProxyRecord:
     stream: SotwStream | DeltaStream
     disconnected_at: float | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
+    synced_index: int = -1  # highest snapshot index at which the proxy was seen fully synced
     never_acked_grace: float = 10.0  # see standing.never_acked
     first_sent_at: float | None = None  # the first response on this stream
     clock: Clock = field(default=time.time, repr=False)
@@ -62,6 +71,39 @@ class ProxyRecord:
     @property
     def connected(self) -> bool:
         return self.disconnected_at is None
+
+    @property
+    def key(self) -> str:
+        return f"{self.node.id}#{self.stream_id}"
+
+    def refresh(self) -> None:
+        """Bring `synced_index` up to date (cheap while a response is in flight)."""
+        snap = self.stream.snapshot
+        if snap is None or snap.index <= self.synced_index:
+            return
+        types = self.stream.types
+        if not any(state.requested for state in types.values()) or any(state.pending for state in types.values()):
+            return  # nothing asked for yet (a new stream), or a response in flight
+        # With nothing in flight, a type is synced unless its last answer was a NACK: the
+        # protocol sends every difference at once (gated listeners go out on the cluster ACK).
+        # Only a refused type needs the full comparison (cheap path: no digest per ACK).
+        for type_url in types:
+            st = self.types.get(type_url)
+            if st is not None and st.refused and type_sync_state(self.stream, type_url) not in standing.SETTLED:
+                return
+        self.synced_index = snap.index
+
+    def lag(self) -> tuple[str, str]:
+        """('synced' | 'pending' | 'behind' | 'nacked', Envoy's error text for a NACK)."""
+        worst = "synced"
+        for type_url in self.stream.types:
+            sync = type_sync_state(self.stream, type_url)
+            if sync == "nacked":
+                st = self.types.get(type_url)
+                return "nacked", f"{res.short_name(type_url)}: {st.error if st else ''}"
+            if sync in ("pending", "behind"):
+                worst = sync
+        return worst, ""
 
     def status(self, type_url: str) -> TypeStatus:
         st = self.types.get(type_url)
@@ -71,13 +113,17 @@ class ProxyRecord:
 
     def synced(self, min_index: int = 0) -> bool:
         """True when every type the proxy asked for holds what this replica would send, from a
-        snapshot at index >= min_index (a NACKed type counts: it will not move)."""
+        snapshot at index >= min_index. A NACKed type is not synced: Envoy keeps older config."""
         snap = self.stream.snapshot
         if snap is None or snap.index < min_index:
             return False
         if standing.never_acked(self, self.clock()):
             return True  # it would hold every wait back for its whole deadline, for nothing
         return all(type_sync_state(self.stream, t) in standing.SETTLED for t in self.stream.types)
+
+    def excused(self, min_index: int) -> bool:
+        """Neither waited for nor counted as an ACK at `min_index` (standing.py)."""
+        return standing.excused(self, min_index)
 
     def to_dict(self) -> dict[str, Any]:
         snap = self.stream.snapshot
@@ -110,6 +156,7 @@ class ProxyRecord:
             "disconnected_at": self.disconnected_at,
             "snapshot_version": snap.version if snap else None,
             "synced": self.synced(),
+            "synced_index": self.synced_index,
             "types": types,
             **standing.flags(self, self.clock()),
         }
@@ -139,6 +186,7 @@ class ProxyTracker:
         self.keep_disconnected = keep_disconnected
         self.records: dict[int, ProxyRecord] = {}
         self.observers: list[TrackerObserver] = []
+        self.waiters = Waiters()
 
     def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream) -> ProxyRecord:
         self._prune()
@@ -149,6 +197,7 @@ class ProxyTracker:
         self.records[stream_id] = record
         for obs in self.observers:
             obs.on_connect(record)
+        self._changed(record)
         return record
 
     def disconnect(self, stream_id: int) -> None:
@@ -158,6 +207,7 @@ class ProxyTracker:
         record.disconnected_at = self.clock()
         for obs in self.observers:
             obs.on_disconnect(record)
+        self.waiters.changed(record)
 
     def record(self, stream_id: int, actions: list[Action]) -> None:
         record = self.records.get(stream_id)
@@ -176,24 +226,50 @@ class ProxyTracker:
                 for obs in self.observers:
                     obs.on_send(record, action)
             elif isinstance(action, Acked):
-                st.acked_version, st.acked_at = action.version, now
+                st.acked_version, st.acked_at, st.refused = action.version, now, False
                 sent = st._sent_times.pop(action.nonce, None)
                 st.last_ack_latency = None if sent is None else now - sent
                 for obs in self.observers:
                     obs.on_ack(record, action, st.last_ack_latency)
             elif isinstance(action, Nacked):
-                st.nacked_version, st.nacked_at, st.error = action.version, now, action.error
+                st.nacked_version, st.nacked_at, st.error, st.refused = action.version, now, action.error, True
                 st._sent_times.pop(action.nonce, None)
                 for obs in self.observers:
                     obs.on_nack(record, action)
             elif isinstance(action, Stale):
                 st.stale_requests += 1
+        self._changed(record)
+
+    def _changed(self, record: ProxyRecord) -> None:
+        record.refresh()
+        self.waiters.changed(record)
 
     def connected(self) -> list[ProxyRecord]:
         return [r for r in self.records.values() if r.connected]
 
     def unsynced(self, min_index: int) -> list[ProxyRecord]:
         return [r for r in self.connected() if not r.synced(min_index)]
+
+    def wait_for(
+        self, min_index: int, on_done: Callable[[], None] | None = None, clock: Clock | None = None
+    ) -> IndexWaiter:
+        """A waiter satisfied when every connected proxy holds a snapshot at or after
+        `min_index`; `on_done` runs on the ACK that satisfies it (at once if nobody is behind).
+        Cancel it with `cancel(waiter)` when giving up."""
+        waiter = IndexWaiter(min_index, clock or self.clock, on_done)
+        return self.waiters.add(waiter, self.connected())
+
+    def cancel(self, waiter: IndexWaiter) -> None:
+        self.waiters.cancel(waiter)
+
+    def low_water(self) -> int | None:
+        """The lowest `synced_index` of the connected proxies (None when none is connected)."""
+        indexes = [r.synced_index for r in self.records.values() if r.connected]
+        return min(indexes) if indexes else None
+
+    def behind(self, min_index: int) -> list[Behind]:
+        """The connected proxies that do not hold `min_index`, with why."""
+        return [behind_of(r) for r in self.connected() if r.synced_index < min_index]
 
     def to_list(self) -> list[dict[str, Any]]:
         self._prune()

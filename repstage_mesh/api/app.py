@@ -12,6 +12,7 @@ Writes validate first (pydantic models in api_models.py), then build one Command
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
@@ -21,11 +22,15 @@ from pydantic import ValidationError
 
 from repstage_mesh.api.auth import TokenChecker, auth_middleware
 from repstage_mesh.api.errors import ApiError, error_middleware, invalid
+from repstage_mesh.api.failovers import AnnounceAnswer, caller
 from repstage_mesh.api.http import (
     CONSISTENT,
     OPENAPI,
     PLANE,
+    READS,
     SETTINGS,
+    audit_tag,
+    commit_error,
     json_body,
     ok,
     parse,
@@ -36,12 +41,13 @@ from repstage_mesh.api.http import (
     service_view,
     submit,
 )
+from repstage_mesh.api.limits import CoalescedReads, limit_counter
 from repstage_mesh.api.models import (
     ApiSettings,
+    AuditView,
     ClusterView,
     DeleteResult,
     HealthView,
-    PrimaryChange,
     PrimaryRequest,
     PrimaryView,
     ProxyView,
@@ -54,12 +60,13 @@ from repstage_mesh.api.models import (
 )
 from repstage_mesh.api.openapi import AnyObject, ListOf, Operation, Text, build_openapi
 from repstage_mesh.api.plane import ControlPlane
-from repstage_mesh.core.errors import MeshError
+from repstage_mesh.api.progress import progress_operations
+from repstage_mesh.core.errors import CommitTimeout, MeshError, NoQuorum
 from repstage_mesh.core.models import (
+    Announcement,
     DeleteService,
     PutService,
     ServiceSpec,
-    SetPrimary,
 )
 
 __all__ = [
@@ -122,8 +129,9 @@ async def put_service(request: web.Request) -> web.Response:
         spec = ServiceSpec.model_validate({**dict(body), "name": name})
     except ValidationError as exc:  # pragma: no cover
         raise invalid(exc) from None
+    _check_operator_names(request, spec)
     existed = plane(request).state().service(name) is not None
-    outcome = await submit(request, PutService(spec=spec))
+    outcome = await submit(request, PutService(spec=spec, by=audit_tag(request)))
     state = plane(request).state()
     svc = state.service(name)
     if svc is None:
@@ -134,9 +142,36 @@ async def put_service(request: web.Request) -> web.Response:
     return ok(service_view(state, svc), status=201 if created else 200)
 
 
+def _check_operator_names(request: web.Request, spec: ServiceSpec) -> None:
+    """A service may only name hooks and secrets the operator defined in the config file."""
+    settings = request.app[SETTINGS]
+    lead = spec.leadership
+    for field, name, known, section in (
+        ("leadership.promote_hook", lead.promote_hook, settings.hook_names, "hooks"),
+        ("leadership.probe.password_secret", lead.probe.password_secret, settings.secret_hosts, "secrets"),
+    ):
+        if name is not None and name not in known:
+            raise ApiError(
+                422, "invalid",
+                f"{field}: no {section[:-1]} named {name!r} in the config file's {section}: section "
+                f"(known: {sorted(known)}); only the operator defines them",
+                field,
+            )
+    secret = lead.probe.password_secret
+    hosts = settings.secret_hosts.get(secret) if secret is not None else None
+    for i, member in enumerate(spec.members):
+        if hosts is not None and member.address not in hosts:
+            raise ApiError(
+                422, "invalid",
+                f"leadership.probe.password_secret: secret {secret!r} may not be sent to "
+                f"members.{i}.address {member.address!r} (its hosts: {sorted(hosts)})",
+                "leadership.probe.password_secret",
+            )
+
+
 async def delete_service(request: web.Request) -> web.Response:
     name = path_name(request)
-    outcome = await submit(request, DeleteService(name=name))
+    outcome = await submit(request, DeleteService(name=name, by=audit_tag(request)))
     index = int(outcome.result.get("index", plane(request).state().index))
     return ok(DeleteResult(deleted=name, applied_index=index))
 
@@ -156,30 +191,37 @@ async def get_primary(request: web.Request) -> web.Response:
     )
 
 
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
 async def set_primary(request: web.Request) -> web.Response:
+    """An announce: break-before-make by default, one failover record and one trace each."""
     name = path_name(request)
     body = parse(PrimaryRequest, await json_body(request))
-    before = plane(request).state().service(name)
-    command = SetPrimary(service=name, member=body.member, epoch=body.epoch, cause=body.cause)
-    outcome = await submit(request, command)
-    state = plane(request).state()
-    svc = require_service(state, name)
-    result = outcome.result
-    previous = result.get("previous_primary", before.primary if before else None)
-    primary = result.get("primary", svc.primary)
-    epoch = int(result.get("epoch", svc.epoch))
-    before_epoch = before.epoch if before else 0
-    changed = bool(result.get("changed", primary != previous or epoch != before_epoch))
-    return ok(
-        PrimaryChange(
-            service=name,
-            primary=primary,
-            epoch=epoch,
-            previous_primary=previous,
-            changed=changed,
-            applied_index=state.index,
-        )
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _KEY.match(key):
+        raise ApiError(422, "invalid", "Idempotency-Key: 1 to 200 printable ASCII characters, no spaces", "Idempotency-Key")
+    if key is not None and body.idempotency_key is not None and key != body.idempotency_key:
+        raise ApiError(422, "invalid", "idempotency_key: the body and the Idempotency-Key header differ; "
+                       "send one, or the same in both", "idempotency_key")
+    trace = {h: request.headers[h][:512] for h in _TRACE_HEADERS if h in request.headers}
+    announcement = Announcement(
+        member=body.member, token=body.epoch, cause=body.cause, fence=body.fence,
+        key=key if key is not None else body.idempotency_key, trace=trace or None,
+        by=audit_tag(request),
     )
+    try:
+        answer = await plane(request).announce(name, announcement, caller(request))
+    except (CommitTimeout, NoQuorum) as exc:
+        raise commit_error(exc) from None
+    return ok(AnnounceAnswer.model_validate(answer))
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    state = await read_state(request)
+    entries = list(reversed(state.audit))
+    return ok(AuditView(entries=entries, keep=state.audit_keep, applied_index=state.index))
 
 
 async def list_proxies(request: web.Request) -> web.Response:
@@ -234,13 +276,22 @@ def operations() -> list[Operation]:
         Operation("GET", svc + "/primary", "getPrimary", "Who is primary, at which epoch", get_primary,
                   {200: ("the primary", PrimaryView)}, errors=(400, 404, 503, 504), path_params=_NAME_PARAM,
                   query_flags=CONSISTENT),
-        Operation("POST", svc + "/primary", "setPrimary", "Set (or clear) the primary: a switchover", set_primary,
-                  {200: ("the primary after the change", PrimaryChange)}, request=PrimaryRequest,
-                  errors=(404, 409, 503, 504), path_params=_NAME_PARAM,
-                  description="member null means no primary is known: the primary listener refuses "
-                  "connections (fail closed). A claimed epoch at or below the current one is refused (409)."),
+        Operation("POST", svc + "/primary", "setPrimary", "Announce (or clear) the primary", set_primary,
+                  {200: ("the primary after the change, with its failover record", AnnounceAnswer)},
+                  request=PrimaryRequest, errors=(404, 409, 422, 503, 504), path_params=_NAME_PARAM,
+                  description="Break-before-make by default: fail closed, wait until every proxy of every "
+                  "node ACKed and closed its connections to the old primary, then route the new one, then "
+                  "answer. member null means no primary is known (fail closed). A claimed epoch (the "
+                  "caller's fencing token) at or below the highest one claimed before is refused (409). "
+                  "Send an Idempotency-Key header (or idempotency_key) to make a retry safe, and a W3C "
+                  "traceparent to make the change's trace a child of yours. A follower carries it to the leader."),
+        Operation("GET", "/v1/audit", "getAudit", "The audit trail: who changed what, at which Raft index", get_audit,
+                  {200: ("the last writes that changed something, newest first", AuditView)},
+                  errors=(400, 503, 504), query_flags=CONSISTENT, tag="audit",
+                  description="Replicated: every node answers the same trail. Kept: api.audit_entries."),
         Operation("GET", "/v1/proxies", "listProxies", "Envoy proxies and their xDS versions", list_proxies,
                   {200: ("one item per proxy", ListOf(ProxyView))}, tag="proxies"),
+        *progress_operations(),
         Operation("GET", "/v1/cluster", "getCluster", "This node's Raft view", get_cluster,
                   {200: ("Raft view", ClusterView)}, tag="cluster"),
         Operation("GET", "/healthz", "healthz", "The process is alive", healthz,
@@ -270,9 +321,16 @@ def build_app(
     """
     settings = settings or ApiSettings()
     checker = TokenChecker(settings.tokens)
-    app = web.Application(middlewares=[error_middleware, auth_middleware(checker)])
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(checker)],
+        client_max_size=settings.max_body_bytes,
+    )
     app[PLANE] = plane
     app[SETTINGS] = settings
+    limited = limit_counter(plane.registry).labels("consistent_read_interval")
+    app[READS] = CoalescedReads(
+        lambda: plane.read_state(consistent=True), settings.consistent_read_interval, limited.inc
+    )
     ops = [*operations(), *extra_operations]
     app[OPENAPI] = build_openapi(ops, title="RepStage Mesh", version=_package_version())
     for op in ops:
@@ -285,7 +343,8 @@ async def start_api(
 ) -> web.AppRunner:
     """Bind `app` on host:port (defaults: the app's ApiSettings.listen) and start serving.
 
-    Refuses a non-loopback host when no tokens are configured (InsecureBindError). Returns the
+    Serves HTTPS when the settings have `tls`. Refuses a non-loopback host when no tokens are
+    configured (InsecureBindError). Returns the
     runner: `await runner.cleanup()` stops it; `bound_port(runner)` tells the port (for port 0).
     """
     settings = app[SETTINGS]
@@ -295,7 +354,7 @@ async def start_api(
         if not is_loopback(host):
             raise InsecureBindError(
                 f"refusing to serve the API on {host}:{port} without authentication: configure "
-                "api.tokens.read_write (and optionally api.tokens.read_only) in the config file, "
+                "api.tokens (named read_write and read_only tokens) in the config file, "
                 "or listen on 127.0.0.1"
             )
         log.warning(
@@ -303,10 +362,11 @@ async def start_api(
             host,
             port,
         )
+    context = settings.tls.server_context() if settings.tls is not None else None
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=context)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -16,7 +16,12 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from repstage_mesh.api.models import ErrorDetail
-from repstage_mesh.core.errors import ApiRequestError, MeshError, SwitchoverFailed
+from repstage_mesh.core.errors import (
+    ApiRequestError,
+    MeshError,
+    SwitchoverFailed,
+    SwitchoverRunning,
+)
 from repstage_mesh.core.models import Rejection
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,9 @@ STATUS_OF_CODE: dict[str, int] = {
     "invalid_config": 422,
     "no_quorum": 503,
     "not_ready": 503,
+    "not_leader": 503,
+    "switchover_running": 504,
+    "switchover_unknown": 504,
     "unreachable": 503,
     "commit_timeout": 504,
 }
@@ -76,7 +84,7 @@ class ApiError(ApiRequestError):
             return exc
         if isinstance(exc, ApiRequestError):
             return cls(exc.status, exc.code, exc.message, exc.field, exc.details)
-        details = [exc.record] if isinstance(exc, SwitchoverFailed) else None
+        details = [exc.record] if isinstance(exc, SwitchoverFailed | SwitchoverRunning) else None
         return cls(STATUS_OF_CODE.get(exc.code, 500), exc.code, str(exc), exc.field, details)
 
     def response(self) -> web.Response:

@@ -11,15 +11,25 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from repstage_mesh.api.auth import ACTOR, LOOPBACK_ACTOR
 from repstage_mesh.api.errors import ApiError, invalid
+from repstage_mesh.api.limits import CoalescedReads, json_depth, limit_counter
 from repstage_mesh.api.models import ApiSettings, ServiceView, member_views
 from repstage_mesh.api.plane import ControlPlane
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
-from repstage_mesh.core.models import NAME_PATTERN, Command, MeshState, Outcome, ServiceState
+from repstage_mesh.core.models import (
+    NAME_PATTERN,
+    AuditTag,
+    Command,
+    MeshState,
+    Outcome,
+    ServiceState,
+)
 
 PLANE: web.AppKey[ControlPlane] = web.AppKey("plane")
 SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings", ApiSettings)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+READS: web.AppKey[CoalescedReads] = web.AppKey("reads", CoalescedReads)
 
 M = TypeVar("M", bound=BaseModel)
 _NAME = re.compile(NAME_PATTERN)
@@ -51,7 +61,24 @@ def path_name(request: web.Request, *, on_bad: int = 404) -> str:
 
 
 async def json_body(request: web.Request) -> bytes:
-    raw = await request.read()
+    """The body, checked: within api.max_body_bytes (413), api.max_json_depth (400), valid
+    UTF-8 JSON (400)."""
+    settings = request.app[SETTINGS]
+    try:
+        if (request.content_length or 0) > settings.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(settings.max_body_bytes, request.content_length or 0)
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit_counter(plane(request).registry).labels("body_bytes").inc()
+        raise ApiError(
+            413, "too_large", f"the request body is over {settings.max_body_bytes} bytes (api.max_body_bytes)"
+        ) from None
+    if json_depth(raw, settings.max_json_depth) > settings.max_json_depth:
+        limit_counter(plane(request).registry).labels("json_depth").inc()
+        raise ApiError(
+            400, "too_deep",
+            f"the request body nests deeper than {settings.max_json_depth} levels (api.max_json_depth)",
+        )
     if not raw.strip():
         raise ApiError(400, "malformed_json", "the request body is empty; send a JSON object")
     try:
@@ -69,32 +96,52 @@ async def json_body(request: web.Request) -> bytes:
     return raw
 
 
+def _number(text: str) -> int | float:
+    """JSON Schema counts 2.0 as an integer: read integral numbers as int (strict models refuse
+    a float for an int field; a float field takes an int)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def parse(model: type[M], raw: bytes) -> M:
+    """`raw` (checked JSON) as `model`, strictly (no "5" for 5), with integral floats as ints."""
+    raw = json.dumps(json.loads(raw, parse_float=_number)).encode()
     try:
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise invalid(exc) from None
 
 
-async def submit(request: web.Request, command: Command) -> Outcome:
-    settings = request.app[SETTINGS]
-    try:
-        outcome = await plane(request).submit(command, timeout=settings.commit_timeout)
-    except CommitTimeout as exc:
+def audit_tag(request: web.Request) -> AuditTag:
+    """Who is writing (the token's name) and how long the audit trail is, for the command."""
+    actor = request.get(ACTOR) or LOOPBACK_ACTOR
+    return AuditTag(actor=str(actor)[:64], keep=request.app[SETTINGS].audit_entries)
+
+
+def commit_error(exc: CommitTimeout | NoQuorum) -> ApiError:
+    """The answer to a write that did not commit, or whose outcome is unknown."""
+    if isinstance(exc, CommitTimeout):
         # Before NoQuorum: NoQuorumOutcomeUnknown is both (no majority now, but the write
         # reached a leader and may still commit), and must not be reported as "nothing changed".
-        raise ApiError(
+        return ApiError(
             504,
             "commit_timeout",
             f"the write was not confirmed in time ({exc}); it may or may not have been applied: "
             "read the resource back before retrying",
-        ) from None
-    except NoQuorum as exc:
-        raise ApiError(
-            503,
-            "no_quorum",
-            f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
-        ) from None
+        )
+    return ApiError(
+        503,
+        "no_quorum",
+        f"the write was not committed: no Raft leader or no majority ({exc}); nothing changed, retry later",
+    )
+
+
+async def submit(request: web.Request, command: Command) -> Outcome:
+    settings = request.app[SETTINGS]
+    try:
+        outcome = await plane(request).submit(command, timeout=settings.commit_timeout)
+    except (CommitTimeout, NoQuorum) as exc:
+        raise commit_error(exc) from None
     except Rejected as exc:
         raise ApiError.from_rejection(exc.rejection) from None
     if not outcome.ok:
@@ -145,7 +192,7 @@ async def read_state(request: web.Request) -> MeshState:
     node = plane(request)
     if flag in ("true", "1"):
         try:
-            return await node.read_state(consistent=True)
+            return await request.app[READS].read()
         except CommitTimeout as exc:
             raise ApiError(504, "commit_timeout", f"read barrier timed out: {exc}") from None
         except NoQuorum as exc:

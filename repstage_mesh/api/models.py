@@ -7,13 +7,13 @@ from the same classes. Change a model here and the document follows.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from repstage_mesh.config import ApiTokens
-from repstage_mesh.core.models import Name, Role, ServiceProtocol, ServiceSpec
+from repstage_mesh.config import ApiTls, ApiTokens
+from repstage_mesh.core.addresses import is_loopback
+from repstage_mesh.core.models import AuditEntry, Name, Role, ServiceProtocol, ServiceSpec
 
 # --- settings -----------------------------------------------------------------------------------
 
@@ -30,16 +30,6 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def is_loopback(host: str) -> bool:
-    """True for loopback addresses and the name localhost; False for wildcards and other names."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class ApiSettings(BaseModel):
     """The `api:` section of the config file."""
 
@@ -50,6 +40,15 @@ class ApiSettings(BaseModel):
     commit_timeout: float = Field(
         default=5.0, gt=0, le=120, description="seconds a write waits for its commit"
     )
+    tls: ApiTls | None = None
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1, description="413 above")
+    max_json_depth: int = Field(default=32, ge=1, description="400 deeper")
+    audit_entries: int = Field(default=1000, ge=0, description="audit trail length (replicated)")
+    consistent_read_interval: float = Field(default=0.005, ge=0, description="read barriers at most this often")
+    hook_names: frozenset[str] = Field(default=frozenset(), description="hooks the config defines")
+    secret_hosts: dict[str, frozenset[str] | None] = Field(
+        default_factory=dict, description="secrets the config defines, with the addresses each may go to (None: any)"
+    )
 
     @field_validator("listen")
     @classmethod
@@ -58,13 +57,23 @@ class ApiSettings(BaseModel):
         return value
 
     @classmethod
-    def from_config(cls, api: Any, commit_timeout: float = 5.0) -> ApiSettings:
-        """From config.ApiConfig (`listen`, `tokens: ApiTokens | None` with read_write/read_only)."""
+    def from_config(
+        cls, api: Any, commit_timeout: float = 5.0, *, hooks: Any = (), secrets: Any = ()
+    ) -> ApiSettings:
+        """From config.ApiConfig, the names of the config's hooks and its secrets' allowed hosts
+        (`Secrets.hosts()`), which a service body may name."""
         tokens = getattr(api, "tokens", None)
         return cls(
             listen=api.listen,
             tokens=tokens if tokens is not None else ApiTokens(),
             commit_timeout=commit_timeout,
+            tls=api.tls,
+            max_body_bytes=api.max_body_bytes,
+            max_json_depth=api.max_json_depth,
+            audit_entries=api.audit_entries,
+            consistent_read_interval=api.consistent_read_interval,
+            hook_names=frozenset(hooks),
+            secret_hosts=dict(secrets),
         )
 
     @property
@@ -111,7 +120,7 @@ class PrimaryRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        json_schema_extra={"examples": [{"member": "b", "cause": "planned switchover"}]},
+        json_schema_extra={"examples": [{"member": "b", "cause": "planned switchover", "epoch": 7}]},
     )
 
     member: Name | None = Field(
@@ -120,9 +129,21 @@ class PrimaryRequest(BaseModel):
     epoch: int | None = Field(
         default=None,
         ge=1,
-        description="the epoch the caller claims; must be greater than the current epoch or the claim is refused (409)",
+        description="the caller's fencing token (Patroni's term, Sentinel's epoch...): it must be "
+        "greater than every token claimed for this service before, or the claim is refused (409); "
+        "kept per service, independent of our own epoch (the Raft index that committed the role)",
     )
     cause: str = Field(default="api", max_length=200, description="why, recorded with the change")
+    fence: bool = Field(
+        default=True,
+        description="break-before-make (the default): fail closed, wait until every proxy ACKed and "
+        "closed its connections to the old primary, then route the new one; false routes at once",
+    )
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="the same as the Idempotency-Key header: a retry with the same key answers the "
+        "first request's change instead of making another",
+    )
 
 
 # --- responses ------------------------------------------------------------------------------------
@@ -139,8 +160,9 @@ class ErrorDetail(BaseModel):
 class ErrorInfo(BaseModel):
     code: str = Field(
         description=(
-            "stable code: malformed_json, invalid, unauthorized, forbidden, not_found, "
-            "method_not_allowed, stale_epoch, conflict, no_quorum, commit_timeout, not_ready, internal"
+            "stable code: malformed_json, too_large, too_deep, invalid, unauthorized, forbidden, "
+            "misdirected, not_found, method_not_allowed, stale_epoch, conflict, no_quorum, "
+            "commit_timeout, not_ready, internal"
         )
     )
     message: str = Field(description="what went wrong and what to do about it")
@@ -206,6 +228,9 @@ class PrimaryChange(BaseModel):
         description="false when the claim repeated the current primary and nothing changed"
     )
     applied_index: int
+    replayed: bool = Field(
+        default=False, description="true when this answers an earlier request with the same idempotency key"
+    )
 
 
 class DeleteResult(BaseModel):
@@ -266,6 +291,14 @@ class ProxyView(BaseModel):
     )
 
 
+class ConfigDriftView(BaseModel):
+    service: str
+    kind: Literal["changed", "missing", "unmanaged"] = Field(
+        description="changed: fields differ; missing: in the file only; unmanaged: replicated only"
+    )
+    fields: list[str] = Field(default_factory=list, description="the spec fields that differ")
+
+
 class ClusterView(BaseModel):
     """This node's Raft view. More fields may be present."""
 
@@ -274,11 +307,24 @@ class ClusterView(BaseModel):
     node_id: str
     leader: str | None = None
     applied_index: int
+    config_drift: list[ConfigDriftView] = Field(
+        default_factory=list,
+        description="services whose spec in this node's config file differs from the replicated "
+        "one (the file only seeds; `repstage-mesh apply FILE` applies it)",
+    )
 
 
 class HealthView(BaseModel):
     status: Literal["ok"] = "ok"
     node_id: str
+
+
+class AuditView(BaseModel):
+    """The replicated audit trail: the last writes that changed something, newest first."""
+
+    entries: list[AuditEntry]
+    keep: int = Field(description="how many entries the trail keeps (api.audit_entries of the last write)")
+    applied_index: int
 
 
 class ReadyView(BaseModel):
@@ -302,6 +348,7 @@ def member_views(spec: ServiceSpec, primary: str | None) -> list[MemberView]:
 __all__ = [
     "ApiSettings",
     "ApiTokens",
+    "AuditView",
     "ClusterView",
     "DeleteResult",
     "ErrorBody",

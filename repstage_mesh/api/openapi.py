@@ -45,11 +45,13 @@ class AnyObject:
 Body = type[BaseModel] | ListOf | Text | AnyObject
 
 ERROR_DESCRIPTIONS: dict[int, str] = {
-    400: "malformed JSON (code malformed_json)",
+    400: "malformed JSON (code malformed_json), or nested deeper than api.max_json_depth (too_deep)",
     401: "no bearer token, or an unknown one (code unauthorized)",
     403: "the token is read-only and this is a write (code forbidden)",
     404: "no such service or member (code not_found)",
     409: "stale epoch or conflicting change (code stale_epoch or conflict)",
+    413: "the body is larger than api.max_body_bytes (code too_large)",
+    421: "no api.tokens and the Host header is not a loopback name (code misdirected)",
     422: "invalid input; `field` names it (code invalid)",
     500: "unexpected server error (code internal); logged on the server",
     503: "no quorum: the write could not be committed (code no_quorum), or the node is not ready (not_ready)",
@@ -72,19 +74,20 @@ class Operation:
     description: str = ""
     path_params: Mapping[str, str] = field(default_factory=dict)
     query_flags: Mapping[str, str] = field(default_factory=dict)  # boolean query parameters
+    query_params: Mapping[str, tuple[str, Mapping[str, Any]]] = field(default_factory=dict)  # name -> (description, schema)
 
     @property
     def is_write(self) -> bool:
         return self.method not in ("GET", "HEAD", "OPTIONS")
 
     def error_statuses(self) -> list[int]:
-        statuses = set(self.errors) | {500}
+        statuses = set(self.errors) | {421, 500}
         if not self.open:
             statuses.add(401)
         if self.is_write:
             statuses |= {403} if not self.open else set()
         if self.request is not None:
-            statuses |= {400, 422}
+            statuses |= {400, 413, 422}
         return sorted(statuses)
 
 
@@ -163,6 +166,10 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
         }
         for name, description in op.query_flags.items()
     ]
+    params += [
+        {"name": name, "in": "query", "required": False, "description": description, "schema": dict(schema)}
+        for name, (description, schema) in op.query_params.items()
+    ]
     return params
 
 
@@ -212,7 +219,7 @@ def build_openapi(operations: Sequence[Operation], *, title: str, version: str) 
                 SECURITY_SCHEME: {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "a token from api.tokens.read_write or api.tokens.read_only",
+                    "description": "a token from api.tokens (role read_write for writes; read_only or read_write for reads)",
                 }
             },
         },

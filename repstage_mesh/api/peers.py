@@ -1,6 +1,6 @@
 """The client side of our own REST API, as one control-plane node calls another: carrying a
-request to the Raft leader (`PeerClient`), and asking the other nodes how far their proxies
-are during a failover (`PeerProxies`).
+request to the Raft leader (`PeerClient`). (How far the other nodes' proxies are during a
+failover: `api/progress.PeerProgress`.)
 
 Answers come back as domain results and domain errors: a 2xx answer's JSON, or
 `ApiRequestError` with the peer's status, code, message, field and details, or
@@ -9,18 +9,19 @@ Answers come back as domain results and domain errors: a 2xx answer's JSON, or
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Sequence
+import ssl
 from typing import Any
 
 import aiohttp
 
 from repstage_mesh.core.errors import ApiRequestError, ApiUnreachable
-from repstage_mesh.core.models import NodeAddress
 
-FORWARD_TIMEOUT = 660.0  # seconds: a forwarded switchover may wait for catch-up and proxies
-PROXIES_TIMEOUT = 0.5  # seconds for one peer's GET /v1/proxies during a failover
+FORWARDED_HEADER = "X-Repstage-Forwarded-By"  # set on a forwarded request: the forwarding node's id
+# The timeout chain of a switchover (README "Timeouts"): the leader holds the request at most
+# `wait` seconds (api.switchover_wait caps it) and then answers, finished or not; a follower
+# that forwards it waits `wait + FORWARD_MARGIN`; the CLI waits `wait + 2 * FORWARD_MARGIN`.
+FORWARD_MARGIN = 5.0
+READ_FORWARD_TIMEOUT = 5.0  # seconds for a forwarded GET /v1/failovers[/{id}] (the CLI waits 10)
 
 
 def _auth(token: str | None) -> dict[str, str]:
@@ -41,86 +42,46 @@ def _error_of(status: int, body: Any) -> ApiRequestError:
 
 
 class PeerClient:
-    """Calls another node's REST API with this node's token."""
+    """Carries a request to another node's REST API: one hop. The request is marked with
+    FORWARDED_HEADER (this node's id), so the receiver never forwards it again, and carries
+    the caller's own Authorization header, so the receiver checks the caller's token."""
 
-    def __init__(self, token: str | None, timeout: float = FORWARD_TIMEOUT) -> None:
-        self.headers = _auth(token)
-        self.timeout = timeout
+    def __init__(self, node_id: str, tls: ssl.SSLContext | None = None) -> None:
+        self.node_id = node_id
+        self.tls = tls  # HTTPS with this context when the cluster's API uses TLS (api.tls)
+        self.scheme = "https" if tls is not None else "http"
 
-    async def call(self, api: str, method: str, path: str, body: Any = None) -> Any:
-        """`method path` on the node whose API answers at `api` (HOST:PORT)."""
+    async def call(
+        self, api: str, method: str, path: str, body: Any = None, *,
+        authorization: str | None = None, timeout: float = READ_FORWARD_TIMEOUT,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """`method path` on the node whose API answers at `api` (HOST:PORT). `path` must be
+        quoted already. Raises ApiRequestError (the peer's error answer), ApiUnreachable (no
+        connection: the request never reached the peer) or ApiNoAnswer (sent, but no usable
+        answer within `timeout`: it may have been carried out). `headers` are added (e.g. a
+        caller's W3C traceparent)."""
+        headers = {**(headers or {}), FORWARDED_HEADER: self.node_id}
+        if authorization:
+            headers["Authorization"] = authorization
         try:
             async with aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout)
+                timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session, session.request(
-                method, f"http://{api}{path}", json=body, headers=self.headers
+                method, f"{self.scheme}://{api}{path}", json=body, headers=headers,
+                ssl=self.tls if self.tls is not None else True,
             ) as resp:
                 answer = await resp.json(content_type=None)
                 status = resp.status
+        except aiohttp.ClientConnectorError as exc:
+            raise ApiUnreachable(f"{method} {path} on {api}: cannot connect ({exc})") from exc
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            raise ApiUnreachable(f"{method} {path} on {api}: {exc!r}") from exc
+            raise ApiNoAnswer(f"{method} {path} on {api}: no answer within {timeout:g} s ({exc!r})") from exc
         if status >= 400:
             raise _error_of(status, answer)
         return answer
 
 
-class PeerProxies:
-    """The other control-plane nodes' proxies, polled over their REST API during a failover
-    (implements `failover.proxies.RemoteProxies`)."""
-
-    def __init__(self, nodes: Sequence[NodeAddress], token: str | None) -> None:
-        self.nodes = list(nodes)
-        self.token = token
-        self.done: set[str] = set()
-        self.session: aiohttp.ClientSession | None = None
-
-    async def pending(self, min_index: int, acked: dict[str, float]) -> list[str]:
-        asking = [n for n in self.nodes if n.node_id not in self.done]
-        if not asking:
-            return []
-        if self.session is None:
-            self.session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=PROXIES_TIMEOUT), headers=_auth(self.token)
-            )
-        answers = await asyncio.gather(*(self._ask(n) for n in asking), return_exceptions=True)
-        pending: list[str] = []
-        for node, answer in zip(asking, answers, strict=True):
-            if isinstance(answer, BaseException):
-                pending.append(f"{node.node_id}:unreachable")
-                continue
-            behind = _behind(node.node_id, answer, min_index, acked)
-            pending += behind
-            if not behind:
-                self.done.add(node.node_id)
-        return pending
-
-    async def _ask(self, node: NodeAddress) -> list[dict[str, Any]]:
-        assert self.session is not None
-        async with self.session.get(f"http://{node.api}/v1/proxies") as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{node.node_id}: /v1/proxies answered {resp.status}")
-            return list(await resp.json())
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-
-def _behind(node_id: str, proxies: list[dict[str, Any]], min_index: int, acked: dict[str, float]) -> list[str]:
-    """Keys of `node_id`'s connected proxies not yet synced at `min_index`; records the others."""
-    behind = []
-    for proxy in proxies:
-        if not proxy.get("connected"):
-            continue
-        key = f"{node_id}/{proxy.get('node_id')}#{proxy.get('stream_id')}"
-        if key in acked:
-            continue
-        version = proxy.get("snapshot_version")
-        caught_up = version is not None and int(version) >= min_index
-        if (proxy.get("never_acked") or proxy.get("version_ahead")) and proxy.get("synced") and caught_up:
-            continue  # xds/standing.py: not waited for, not an ACK either
-        if proxy.get("synced") and version is not None and int(version) >= min_index:
-            acked[key] = time.monotonic()
-        else:
-            behind.append(key)
-    return behind
+class ApiNoAnswer(ApiUnreachable):
+    """A request was sent to a peer but no usable answer came back (timeout, connection lost,
+    not JSON): what it asked for may or may not have been carried out."""

@@ -63,7 +63,8 @@ class ApiClient:
         try:
             error = json.loads(raw)["error"]
             return ApiRequestError(
-                status, str(error["code"]), str(error["message"]), error.get("field")
+                status, str(error["code"]), str(error["message"]), error.get("field"),
+                list(error.get("details") or []),
             )
         except (ValueError, KeyError, TypeError):
             return ApiRequestError(status, "http_error", f"HTTP {status} {reason}".strip())
@@ -73,3 +74,6 @@ class ApiClient:
 
     def post(self, path: str, body: Any) -> Any:
         return self.request("POST", path, body)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.request("PUT", path, body)

@@ -2,7 +2,9 @@
 
 Client commands talk to a node's REST API (`--api URL`, env REPSTAGE_API, default
 http://127.0.0.1:8080; token from `--token` or REPSTAGE_TOKEN): `status`, `services`,
-`proxies`, `switchover`, `failovers`. `validate CONFIG` checks a config file offline. `serve`,
+`proxies`, `switchover`, `failovers`, `announce` (for an orchestrator's callback, e.g.
+Patroni's on_role_change), `apply FILE [--dry-run]` (the file's services through the API).
+`validate CONFIG` checks a config file offline. `serve`,
 `bootstrap` and `demo` hand over to their modules (imported lazily).
 
 Output: rich tables, or JSON with `--json` (for scripts). Errors go to stderr as
@@ -14,17 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
-from urllib.parse import quote
-
-from rich.console import Console
 
 from repstage_mesh.cli import views as render
+from repstage_mesh.cli.apply import cmd_apply
 from repstage_mesh.cli.client import (
     API_ENV,
     DEFAULT_API,
@@ -33,16 +32,7 @@ from repstage_mesh.cli.client import (
     ApiRequestError,
     ApiUnreachable,
 )
-from repstage_mesh.core.errors import MeshError
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-class CliError(MeshError):
-    """A problem to print as `error: ...` with exit status 1."""
-
+from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, CliError, Output, path_segment
 
 # --- parser ---------------------------------------------------------------------------------------
 
@@ -87,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     common = [_client_options(suppress=True)]
     _add_read_commands(sub, common)
     _add_switchover(sub, common)
+    _add_announce(sub, common)
     sub.add_parser("failovers", parents=common, help="recent failovers and switchovers")
     validate = sub.add_parser(
         "validate", parents=common, help="check a config file; exit 1 on errors"
     )
     validate.add_argument("config", metavar="CONFIG")
+    apply = sub.add_parser(
+        "apply", parents=common,
+        help="show how a config file's services differ from the replicated ones and apply them (PUT)",
+    )
+    apply.add_argument("config", metavar="FILE")
+    apply.add_argument("--dry-run", action="store_true", help="show the differences, change nothing")
     serve = sub.add_parser("serve", help="run a control-plane node")
     serve.add_argument("--config", metavar="FILE", required=True, help="YAML config file")
     _add_bootstrap(sub)
@@ -135,6 +132,39 @@ def _add_switchover(sub: Subcommands, common: Parents) -> None:
     switch.add_argument("--cause", default="cli switchover", help="recorded with the change")  # fmt: skip
 
 
+PRIMARY_ROLES = ("primary", "master")  # Patroni >= 3 says primary, Patroni 2 master
+
+
+def _add_announce(sub: Subcommands, common: Parents) -> None:
+    announce = sub.add_parser(
+        "announce",
+        parents=common,
+        help="announce that MEMBER is now the primary (an orchestrator's callback, e.g. Patroni's on_role_change)",
+        description=(
+            "POST /v1/services/SERVICE/primary {member: MEMBER}. Used as Patroni's on_role_change "
+            "callback, Patroni appends ACTION ROLE SCOPE: the member is announced only when ROLE "
+            "is primary (or master); any other role is printed and nothing is sent."
+        ),
+    )
+    announce.add_argument("service", metavar="SERVICE")
+    announce.add_argument("member", metavar="MEMBER")
+    announce.add_argument(
+        "callback",
+        nargs="*",
+        metavar="ACTION ROLE SCOPE",
+        help="what Patroni appends to a callback command (e.g. on_role_change primary pg-cluster)",
+    )
+    announce.add_argument(
+        "--epoch", type=int, metavar="N",
+        help="fencing token the orchestrator claims (e.g. Patroni's term); refused unless newer",
+    )  # fmt: skip
+    announce.add_argument("--cause", help="recorded with the change (default: names the callback)")
+    announce.add_argument(
+        "--retry-for", type=float, default=10.0, metavar="SECONDS",
+        help="keep retrying while the API cannot be reached, up to this long (default 10)",
+    )  # fmt: skip
+
+
 def _add_bootstrap(sub: Subcommands) -> None:
     boot = sub.add_parser(
         "bootstrap", help="print an Envoy bootstrap pointing at the control plane"
@@ -157,6 +187,10 @@ def _add_bootstrap(sub: Subcommands) -> None:
         "--delta", action="store_true", help="use Delta xDS (DELTA_GRPC) instead of SotW"
     )
     boot.add_argument("--out", metavar="FILE", default=None, help="write to FILE instead of stdout")  # fmt: skip
+    boot.add_argument("--keepalive-interval", type=float, default=None, metavar="SECONDS",
+                      help="HTTP/2 PING interval on the xDS connection (default 0.5)")  # fmt: skip
+    boot.add_argument("--keepalive-timeout", type=float, default=None, metavar="SECONDS",
+                      help="leave a control-plane node whose PING is unanswered this long (default 0.25)")  # fmt: skip
     for flag, what in (
         ("--xds-tls-cert", "this Envoy's client certificate (its SAN names the node id)"),
         ("--xds-tls-key", "the client certificate's private key"),
@@ -177,27 +211,6 @@ def _add_demo(sub: Subcommands) -> None:
     )
 
 
-# --- output ---------------------------------------------------------------------------------------
-
-
-class Output:
-    def __init__(self, as_json: bool) -> None:
-        self.as_json = as_json
-        self.console = Console(soft_wrap=False)
-        if not self.console.is_terminal and "COLUMNS" not in os.environ:
-            self.console.width = max(self.console.width, 120)  # piped: do not fold tables at 80
-
-    def json(self, data: Any) -> None:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-    def show(self, data: Any, *renderables: Any) -> None:
-        if self.as_json:
-            self.json(data)
-            return
-        for item in renderables:
-            self.console.print(item)
-
-
 def _error(message: str, field: str | None = None) -> None:
     suffix = f" (field: {field})" if field else ""
     sys.stderr.write(f"error: {message}{suffix}\n")
@@ -212,8 +225,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(api, token, timeout=args.timeout or 10.0)
 
 
-def _path(name: str) -> str:
-    return quote(name, safe="")
+_path = path_segment
 
 
 def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
@@ -225,6 +237,7 @@ def cmd_status(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     out.show(
         data,
         render.cluster_table(cluster),
+        render.drift_text(cluster),
         render.services_table(services["services"], services["applied_index"]),
         render.proxies_table(proxies),
     )
@@ -295,11 +308,26 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
 
     result: dict[str, Any] = {}
 
+    from repstage_mesh.api.peers import FORWARD_MARGIN
+
     def run() -> None:
-        waiting = ApiClient(client.base_url, client.token, timeout=max(client.timeout, 330.0))
+        # The timeout chain (README "Timeouts"): the leader answers within SWITCHOVER_WAIT, a
+        # forwarding follower waits FORWARD_MARGIN longer, this client twice that.
+        waiting = ApiClient(client.base_url, client.token,
+                            timeout=max(client.timeout, SWITCHOVER_WAIT + 2 * FORWARD_MARGIN))  # fmt: skip
+        body = {"to": args.to, "timeout": SWITCHOVER_CATCHUP, "wait": SWITCHOVER_WAIT}
         try:
-            result["record"] = waiting.post(
-                f"/v1/services/{_path(args.service)}/switchover", {"to": args.to, "timeout": 300}
+            result["record"] = waiting.post(f"/v1/services/{_path(args.service)}/switchover", body)
+        except ApiRequestError as exc:
+            running = exc.details[0] if exc.code == "switchover_running" and exc.details else None
+            if isinstance(running, Mapping) and running.get("id"):
+                result["record"] = _follow(client, str(running["id"]))
+            else:
+                result["error"] = exc
+        except ApiUnreachable as exc:
+            result["error"] = CliError(
+                f"{exc}; if the request was sent, the switchover may be running: see "
+                "`repstage-mesh failovers`"
             )
         except Exception as exc:  # reported below
             result["error"] = exc
@@ -323,6 +351,8 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
     if "error" in result:
         raise result["error"]
     record = result["record"]
+    if record.get("status") == "failed":
+        raise CliError(f"switchover {record.get('id')} failed: {record.get('reason')}")
     lines = [f"{e['name']:<22} +{e['elapsed_ms']:.1f} ms" for e in record.get("timeline", [])]
     summary = (
         f"{args.service}: {record.get('old_primary')} -> {record.get('new_primary')} at epoch {record.get('epoch')}; "
@@ -330,6 +360,59 @@ def _planned_switchover(args: argparse.Namespace, client: ApiClient, out: Output
     )
     out.show(record, summary, "\n".join(lines))
     return EXIT_OK
+
+
+def cmd_announce(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """Announce MEMBER as SERVICE's primary; as a Patroni callback, only for a primary role."""
+    cause = args.cause or "announce"
+    if args.callback:
+        if len(args.callback) != 3:
+            raise CliError(
+                "after SERVICE MEMBER expected nothing or ACTION ROLE SCOPE (what Patroni appends "
+                f"to a callback), got {' '.join(args.callback)!r}"
+            )
+        action, role, scope = args.callback
+        if role not in PRIMARY_ROLES:
+            out.show({"announced": False, "member": args.member, "role": role},
+                     f"{args.member} is now {role} ({action}, {scope}): nothing to announce")
+            return EXIT_OK
+        cause = args.cause or f"patroni {action}: {args.member} is {role} in {scope}"
+    if args.epoch is not None and args.epoch < 1:
+        raise CliError(f"--epoch must be at least 1, got {args.epoch}")
+    if args.retry_for < 0:
+        raise CliError(f"--retry-for must not be negative, got {args.retry_for:g}")
+    body: dict[str, Any] = {"member": args.member, "cause": cause}
+    if args.epoch is not None:
+        body["epoch"] = args.epoch
+    deadline = time.monotonic() + args.retry_for
+    while True:
+        try:
+            change = client.post(f"/v1/services/{_path(args.service)}/primary", body)
+            break
+        except ApiUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)  # retry pacing while the API is unreachable
+    out.show(change, render.switchover_text(change))
+    return EXIT_OK
+
+
+SWITCHOVER_CATCHUP = 300.0  # seconds the leader waits for the target to catch up
+SWITCHOVER_WAIT = 120.0  # seconds the API holds the request (capped by the node's api.switchover_wait)
+FOLLOW_LIMIT = 3600.0  # seconds the CLI follows a switchover still running after SWITCHOVER_WAIT
+
+
+def _follow(client: ApiClient, record_id: str) -> dict[str, Any]:
+    """A switchover outlived the request: follow its record until it ends."""
+    deadline = time.monotonic() + FOLLOW_LIMIT
+    while True:
+        record = dict(client.get(f"/v1/failovers/{_path(record_id)}"))
+        if record.get("status") != "running":
+            return record
+        if time.monotonic() > deadline:
+            raise CliError(f"switchover {record_id} still running after {FOLLOW_LIMIT:g} s; "
+                           f"follow it with `repstage-mesh failovers`")  # fmt: skip
+        time.sleep(0.5)  # polling the server
 
 
 def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
@@ -350,9 +433,35 @@ def cmd_failovers(args: argparse.Namespace, client: ApiClient, out: Output) -> i
 # --- offline commands -----------------------------------------------------------------------------
 
 
+def _validate_summary(settings: Any, config: str) -> dict[str, Any]:
+    """What `validate --json` prints for a valid config (tokens by name, never their value)."""
+    tokens = settings.api.tokens
+    entries = tokens.entries() if tokens else ()
+    return {
+        "valid": True,
+        "config": config,
+        "node": settings.node.id,
+        "xds": settings.xds.listen,
+        "api": {
+            "listen": settings.api.listen,
+            "auth": bool(entries),
+            "read_write_tokens": sum(t.role == "read_write" for t in entries),
+            "read_only_tokens": sum(t.role == "read_only" for t in entries),
+            "token_names": [t.name for t in entries],
+            "tls": settings.api.tls is not None,
+        },
+        "hooks": sorted(settings.hooks),
+        "secrets": sorted(settings.secrets),
+        "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
+        "advertised": {"api": settings.api.advertised(), "xds": settings.xds.advertised(),
+                       "raft": settings.raft.identity},
+        "services": [s.model_dump(mode="json") for s in settings.specs()],
+    }
+
+
 def cmd_validate(args: argparse.Namespace, out: Output) -> int:
     try:
-        from repstage_mesh.config import ConfigError, load_config
+        from repstage_mesh.config import ConfigError, load_config, startup_problems
     except ImportError:
         raise CliError(
             "config support is not available in this build (repstage_mesh.config is missing)"
@@ -361,6 +470,10 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
     env = {k: v for k, v in os.environ.items() if k not in (API_ENV, TOKEN_ENV)}
     try:
         settings = load_config(args.config, env=env)
+        # what serve checks before it starts anything (a config that validates starts)
+        problems = startup_problems(settings, env)
+        if problems:
+            raise ConfigError(problems, args.config)
     except ConfigError as exc:
         if out.as_json:
             errors = [{"field": path or None, "message": message} for path, message in exc.errors]
@@ -372,32 +485,22 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
             for path, message in exc.errors:
                 _error(message, path or None)
         return EXIT_ERROR
-    services = [s.model_dump(mode="json") for s in settings.specs()]
-    tokens = settings.api.tokens
-    summary = {
-        "valid": True,
-        "config": args.config,
-        "node": settings.node.id,
-        "xds": settings.xds.listen,
-        "api": {
-            "listen": settings.api.listen,
-            "auth": bool(tokens and (tokens.read_write or tokens.read_only)),
-            "read_write_tokens": len(tokens.read_write) if tokens else 0,
-            "read_only_tokens": len(tokens.read_only) if tokens else 0,
-        },
-        "raft": {"bind": settings.raft.bind, "peers": list(settings.raft.peers)},
-        "services": services,
-    }
+    summary = _validate_summary(settings, args.config)
+    services = summary["services"]
+    entries = summary["api"]["token_names"]
     if out.as_json:
         out.json(summary)
         return EXIT_OK
-    auth = "on" if tokens and (tokens.read_write or tokens.read_only) else "off (loopback only)"
+    auth = "on" if entries else "off (loopback only)"
     out.console.print(f"[green]{args.config}: valid[/green]")
     out.console.print(
         f"node {settings.node.id}; xds {settings.xds.listen}; api {settings.api.listen} (auth {auth}); "
         f"raft {settings.raft.bind} with {len(settings.raft.peers)} peer(s); {len(services)} service(s)",
         markup=False,
     )
+    advertised = summary["advertised"]
+    out.console.print(f"advertised: api {advertised['api']}, xds {advertised['xds']}, raft {advertised['raft']}",
+                      markup=False)  # fmt: skip
     views = [
         {**s, "epoch": "-", "members": [{**m, "role": "primary" if m["name"] == s.get("primary") else "replica"}
                                         for m in s["members"]]}
@@ -408,7 +511,7 @@ def cmd_validate(args: argparse.Namespace, out: Output) -> int:
 
 
 _DELEGATES: dict[str, tuple[str, str]] = {
-    "serve": ("repstage_mesh.node", "serve_main"),
+    "serve": ("repstage_mesh.cli.serve", "serve_main"),
     "bootstrap": ("repstage_mesh.cli.bootstrap", "main"),
     "demo": ("repstage_mesh.cli.demo", "main"),
 }
@@ -434,14 +537,20 @@ CLIENT_COMMANDS: dict[str, ClientCommand] = {
     "services": cmd_services,
     "proxies": cmd_proxies,
     "switchover": cmd_switchover,
+    "announce": cmd_announce,
     "failovers": cmd_failovers,
+    "apply": cmd_apply,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
+        if extra:  # Patroni appends ACTION ROLE SCOPE after the options of an announce
+            if args.command != "announce" or any(a.startswith("-") for a in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.callback = [*args.callback, *extra]
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command in _DELEGATES:

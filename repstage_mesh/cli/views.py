@@ -24,13 +24,34 @@ def _primary(value: Any) -> Text:
 def cluster_table(cluster: Mapping[str, Any]) -> Table:
     table = _table("Cluster", "FIELD", "VALUE")
     first = ["node_id", "leader", "term", "commit_index", "applied_index", "quorum", "peers"]
-    keys = [k for k in first if k in cluster] + sorted(k for k in cluster if k not in first)
+    shown_apart = {"config_drift"}  # drift_text
+    keys = [k for k in first if k in cluster] + sorted(
+        k for k in cluster if k not in first and k not in shown_apart
+    )
     for key in keys:
         value = cluster[key]
         if isinstance(value, list | tuple):
             value = ", ".join(str(v) for v in value) or "-"
         table.add_row(key, str(value))
     return table
+
+
+def drift_text(cluster: Mapping[str, Any]) -> Text:
+    """The node's config drift: services whose spec in its config file is not the replicated
+    one, and how to resolve it."""
+    items = cluster.get("config_drift") or []
+    if not items:
+        return Text("config file: in step with the replicated services", style="green")
+    text = Text(f"config drift on {cluster.get('node_id', 'this node')}: its config file differs "
+                "from the replicated services (the file only seeds; the replicated spec is in force)\n",
+                style="yellow")  # fmt: skip
+    for item in items:
+        if item.get("kind") == "missing":
+            text.append(f"  {item['service']}: in the config file only\n")
+        else:
+            text.append(f"  {item['service']}: {', '.join(item.get('fields') or [])}\n")
+    text.append("  show and apply the file's specs with `repstage-mesh apply FILE [--dry-run]`")
+    return text
 
 
 def _members(service: Mapping[str, Any]) -> str:
@@ -123,9 +144,10 @@ def failovers_table(records: Sequence[Mapping[str, Any]]) -> Table:
         style = {"done": "green", "failed": "red", "running": "yellow"}.get(status, "")
         missed = sorted({*r.get("missed_fence", []), *r.get("missed_route", [])})
         why = str(r.get("cause", ""))
-        if r.get("reason") and status == "failed":
+        if r.get("reason") and status in ("failed", "running"):  # running: a repoint's last error
             why += f" / {r['reason']}"
-        table.add_row(str(r.get("id", "")), str(r.get("service", "")), str(r.get("kind", "")),
+        kind = str(r.get("kind", "")) + (f" x{r['attempts']}" if int(r.get("attempts") or 0) > 1 else "")
+        table.add_row(str(r.get("id", "")), str(r.get("service", "")), kind,
                       str(r.get("mode", "")), f"{r.get('old_primary') or '-'} -> {r.get('new_primary') or '-'}",
                       str(r.get("epoch") if r.get("epoch") is not None else "-"), Text(status, style=style),
                       _ms(r.get("duration_ms")), _ms(r.get("write_unavailable_ms")),

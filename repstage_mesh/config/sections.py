@@ -5,20 +5,18 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    FilePath,
     SecretStr,
     SerializerFunctionWrapHandler,
     field_validator,
@@ -70,6 +68,19 @@ def _consul_address(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 IPAddress = Annotated[str, AfterValidator(_ip_address)]
 Secret = Annotated[SecretStr, Field(min_length=1)]
+RAFT_PASSWORD_MIN_LENGTH = 16
+
+
+def _long_enough(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < RAFT_PASSWORD_MIN_LENGTH:
+        raise ValueError(
+            f"must be at least {RAFT_PASSWORD_MIN_LENGTH} characters (it keys the encryption and "
+            "authentication of every Raft peer)"
+        )
+    return value
+
+
+RaftPassword = Annotated[SecretStr, AfterValidator(_long_enough)]
 
 
 def default_node_id() -> str:
@@ -105,92 +116,19 @@ class NodeConfig(Section):
         return data
 
 
-class XdsTlsConfig(Section):
-    """mTLS for xDS. The three files are re-read when they change (no restart)."""
-
-    cert_file: FilePath = Field(description="the server's certificate chain (PEM)")
-    key_file: FilePath = Field(description="the server's private key (PEM)")
-    ca_file: FilePath = Field(description="the CA that signs the Envoys' client certificates (PEM)")
-    node_san: str = Field(
-        default="uri:spiffe://repstage/envoy/{node_id}",
-        pattern=r"^(uri|dns):[^{}]*\{node_id\}[^{}]*$",
-        description="the client certificate SAN an Envoy's node id must match: uri:<pattern> "
-        "(a SPIFFE id) or dns:<pattern>, with {node_id} once",
-    )
-
-    @model_validator(mode="after")
-    def _usable(self) -> XdsTlsConfig:
-        """What serve would find when it loads the files: PEM that parses, a key that is the
-        certificate's (the same check xds/tls.py makes before every reload)."""
-        try:
-            cert = x509.load_pem_x509_certificates(self.cert_file.read_bytes())[0]
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cert_file: not a PEM certificate chain ({exc})") from None
-        try:
-            key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ValueError(f"key_file: not an unencrypted PEM private key ({exc})") from None
-        try:
-            x509.load_pem_x509_certificates(self.ca_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"ca_file: not PEM certificates ({exc})") from None
-        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
-            raise ValueError("key_file: is not the private key of cert_file")
-        return self
+_ADVERTISE = (
+    "HOST:PORT the other nodes (and Envoys, for xDS) reach this one at; default: the listen "
+    "address, or 127.0.0.1 for a wildcard bind on a single node. Required in a multi-node "
+    "cluster when the listen address is a wildcard (0.0.0.0, ::)"
+)
 
 
-class XdsLimitsConfig(Section):
-    """What one xDS client may cost (README: "xDS limits"); each hit counts in
-    repstage_xds_limit_hits_total{limit}."""
-
-    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
-    max_resource_names: int = Field(default=10_000, ge=1, description="per stream, all types")
-    max_resource_name_bytes: int = Field(default=1024, ge=64, description="one resource name")
-    max_initial_resource_versions: int = Field(default=10_000, ge=1, description="per Delta request")
-    max_node_id_bytes: int = Field(default=256, ge=16, le=65536, description="node.id and node.cluster")
-    max_node_metadata_bytes: int = Field(default=16 * 1024, ge=0, description="larger metadata is dropped")
-    max_streams_per_peer: int = Field(default=1_000, ge=1, description="open streams per client IP")
-    max_streams: int = Field(default=20_000, ge=1, description="open streams on this node")
-    max_outgoing_queue: int = Field(default=256, ge=8, description="responses waiting per stream")
-    max_unacked_delta: int = Field(default=16, ge=1, description="Delta responses of one type awaiting ACK")
-    max_error_detail_bytes: int = Field(default=4096, ge=64, description="a NACK's error text is cut to it")
-    max_disconnected_proxies: int = Field(
-        default=1_000, ge=0, description="disconnected proxies /v1/proxies remembers (10 minutes at most)"
-    )
-    admission_rate: float = Field(
-        default=2_000.0, gt=0, le=1_000_000, description="new streams served per second once the burst is used"
-    )
-    admission_burst: int = Field(default=500, ge=1, le=1_000_000, description="new streams served at once")
+def is_wildcard(host: str) -> bool:
+    return host in _WILDCARDS
 
 
-class XdsConfig(Section):
-    listen: HostPort = "127.0.0.1:18000"
-    tls: XdsTlsConfig | None = None
-    insecure: bool = Field(
-        default=False,
-        description="serve plaintext xDS to any peer (without tls, only loopback peers are served)",
-    )
-    never_acked_grace: float = Field(
-        default=10.0, gt=0, le=3600,
-        description="a proxy sent config this long ago that never ACKed anything is not waited for",
-    )
-    limits: XdsLimitsConfig = Field(default_factory=XdsLimitsConfig)
-
-    @model_validator(mode="after")
-    def _plaintext_on_loopback(self) -> XdsConfig:
-        """The API's rule: no authentication, loopback only. A wildcard address is allowed
-        (streams from non-loopback peers are refused); a concrete non-loopback one is not."""
-        host = parse_host_port(self.listen)[0]
-        if self.tls is None and not self.insecure and host not in _WILDCARDS and not _is_loopback(host):
-            raise ValueError(
-                f"listen: plaintext xDS on {host} would refuse every peer (plaintext is served to "
-                "loopback peers only): configure xds.tls, listen on 127.0.0.1, or set xds.insecure: true"
-            )
-        return self
-
-
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost" (a DNS name is otherwise taken as not loopback)."""
     if host.lower() == "localhost":
         return True
     try:
@@ -199,24 +137,70 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _advertised(listen: str, advertise: str | None, bound_port: int | None = None) -> str:
+    """HOST:PORT to announce: `advertise` if set, else the listen address (a wildcard host
+    becomes 127.0.0.1: only right for a single node, which the settings check)."""
+    if advertise is not None:
+        return advertise
+    host, port = parse_host_port(listen)
+    if is_wildcard(host):
+        host = "127.0.0.1"
+    port = bound_port if bound_port is not None else port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+TokenRole = Literal["read_write", "read_only"]
+
+
+def _check_token(value: SecretStr) -> SecretStr:
+    secret = value.get_secret_value()
+    if not secret or any(c.isspace() or not c.isprintable() for c in secret):
+        raise ValueError("a token must be non-empty and contain no whitespace or control characters")
+    return value
+
+
+Token = Annotated[Secret, AfterValidator(_check_token)]
+
+
+class NamedToken(Section):
+    """One entry of `api.tokens` (list shape): who holds it (audit trail) and what it may do."""
+
+    name: Name = Field(description="shown in the audit trail (GET /v1/audit) for this token's writes")
+    role: TokenRole
+    token: Token
+
+
 class ApiTokens(Section):
-    """Bearer tokens for the REST API. No tokens section: the API needs no token."""
+    """Bearer tokens for the REST API. No tokens section: the API needs no token.
 
-    read_write: tuple[Secret, ...] = ()
-    read_only: tuple[Secret, ...] = ()
+    Two shapes: a list of named tokens (`[{name, role, token}]`), or the older mapping
+    (`{read_write: [...], read_only: [...]}`), whose tokens are named read-write-1,
+    read-only-1, ... in the audit trail. A token may be listed only once.
+    """
 
-    @field_validator("read_write", "read_only")
+    read_write: tuple[Token, ...] = ()
+    read_only: tuple[Token, ...] = ()
+    named: tuple[NamedToken, ...] = ()
+
+    @model_validator(mode="before")
     @classmethod
-    def _no_whitespace(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-        for token in value:
-            secret = token.get_secret_value()
-            if not secret or any(c.isspace() for c in secret):
-                raise ValueError("a token must be non-empty and contain no whitespace")
-        return value
+    def _list_shape(cls, data: Any) -> Any:
+        if isinstance(data, (list, tuple)):
+            return {"named": data}
+        return data
 
     @property
     def enabled(self) -> bool:
-        return bool(self.read_write or self.read_only)
+        return bool(self.read_write or self.read_only or self.named)
+
+    def entries(self) -> tuple[NamedToken, ...]:
+        """Every token with its name and role (the older shape's tokens named by position)."""
+        legacy = [
+            NamedToken(name=f"{role.replace('_', '-')}-{i + 1}", role=role, token=token)
+            for role in ("read_write", "read_only")
+            for i, token in enumerate(getattr(self, role))
+        ]
+        return (*legacy, *self.named)
 
     @model_validator(mode="after")
     def _disjoint(self) -> ApiTokens:
@@ -226,40 +210,142 @@ class ApiTokens(Section):
             for i, token in enumerate(self.read_only)
             if token.get_secret_value() in writers
         ]
+        names: dict[str, int] = {}
+        values: dict[str, int] = {}
+        for i, entry in enumerate(self.named):
+            if entry.name in names:
+                problems.append(f"named[{i}].name: {entry.name!r} is also named[{names[entry.name]}]")
+            value = entry.token.get_secret_value()
+            if value in values or value in writers or any(value == t.get_secret_value() for t in self.read_only):
+                problems.append(f"named[{i}].token: this token is listed twice; each token once")
+            names.setdefault(entry.name, i)
+            values.setdefault(value, i)
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
     def role_of(self, token: str) -> str | None:
         """ "read_write", "read_only" or None for an unknown token."""
-        if any(t.get_secret_value() == token for t in self.read_write):
-            return "read_write"
-        if any(t.get_secret_value() == token for t in self.read_only):
-            return "read_only"
+        for entry in self.entries():
+            if entry.token.get_secret_value() == token:
+                return entry.role
+        return None
+
+    def first(self, role: TokenRole) -> str | None:
+        """The first token of `role` (what this node shows another node's API)."""
+        for entry in self.entries():
+            if entry.role == role:
+                return entry.token.get_secret_value()
         return None
 
 
+class ApiTls(Section):
+    """Serve the REST API over HTTPS. Files are read when the API starts."""
+
+    cert_file: Path = Field(description="PEM certificate chain")
+    key_file: Path = Field(description="PEM private key")
+    ca_file: Path | None = Field(
+        default=None, description="CA this node trusts when it calls another node's API (default: system CAs)"
+    )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The API's TLS context (TLS 1.2 or later). Raises OSError / ssl.SSLError."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """What this node uses to call another node's API: ca_file, else the system CAs."""
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+
+
 class ApiConfig(Section):
-    listen: HostPort = "127.0.0.1:8080"
+    listen: HostPort = Field(default="127.0.0.1:8080", description="HOST:PORT the REST API binds")
+    advertise: HostPort | None = Field(default=None, description=_ADVERTISE)
     tokens: ApiTokens | None = None
+    switchover_wait: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="longest a POST .../switchover is held open (default and cap of the request's "
+        "`wait`); a switchover still running then is answered 504 with its record",
+    )
+    tls: ApiTls | None = Field(default=None, description="HTTPS for the API; omitted: plain HTTP")
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="largest request body accepted (413 above; metric repstage_api_limit_hits_total)",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, le=512,
+        description="deepest nesting of a JSON request body (400 deeper; metric repstage_api_limit_hits_total)",
+    )
+    audit_entries: int = Field(
+        default=1000, ge=0, le=100_000,
+        description="writes kept in the replicated audit trail (GET /v1/audit), oldest dropped first",
+    )
+    consistent_read_interval: float = Field(
+        default=0.005, ge=0, le=10,
+        description="?consistent=true: at most one Raft read barrier per this many seconds; "
+        "concurrent and following reads share it (see README)",
+    )
+
+    def advertised(self, bound_port: int | None = None) -> str:
+        return _advertised(self.listen, self.advertise, bound_port)
+
+
+class FailoversConfig(Section):
+    """The failover history every node holds (replicated through Raft)."""
+
+    history: int = Field(
+        default=100, ge=1, le=10_000,
+        description="failover records kept in the replicated history; the oldest drop out "
+        "(metric repstage_failover_history_total{event=\"dropped\"})",
+    )
+    idempotency_keys: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="announce idempotency keys remembered in the replicated state; the oldest are forgotten",
+    )
 
 
 class RaftConfig(Section):
     """Omit `peers` for a single node. With peers, `password` is required: pysyncobj peers
-    exchange pickles, so without it anyone reaching the Raft port can run code."""
+    exchange pickles, so without it anyone reaching the Raft port can run code.
 
-    bind: HostPort = "127.0.0.1:7001"
+    `bind` is where the Raft port listens; `advertise` (default: `bind`) is this node's Raft
+    identity, the exact string the other nodes list in their `peers`."""
+
+    bind: HostPort = Field(default="127.0.0.1:7001", description="HOST:PORT the Raft port binds")
+    advertise: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT the other nodes reach this one at, spelt exactly as in their "
+        "raft.peers; default: bind. Required when bind is a wildcard (0.0.0.0, ::)",
+    )
     peers: tuple[HostPort, ...] = ()
-    password: Secret | None = None
+    password: RaftPassword | None = None
+    durable_journal: bool = Field(
+        default=True,
+        description="msync the journal and fsync term and vote before acknowledging; false is "
+        "faster, logs a warning, and a power loss of a majority can lose acknowledged writes",
+    )
+    unauthenticated_frame_limit: Annotated[int, Field(ge=1024, le=2**31 - 1)] = Field(
+        default=65536,
+        description="largest frame (bytes) accepted from a Raft peer before it proved the "
+        "password; a bigger one drops the connection (metric repstage_raft_frames_refused_total)",
+    )
+
+    @property
+    def identity(self) -> str:
+        """This node's Raft address as the peers know it."""
+        return self.advertise if self.advertise is not None else self.bind
 
     @model_validator(mode="after")
     def _cluster(self) -> RaftConfig:
         problems = []
         seen: dict[str, int] = {}
+        own = "raft.advertise" if self.advertise is not None else "raft.bind"
         for i, peer in enumerate(self.peers):
-            if peer == self.bind:
+            if peer == self.identity:
                 problems.append(
-                    f"peers[{i}]: {peer!r} is this node's own raft.bind; list only the others"
+                    f"peers[{i}]: {peer!r} is this node's own {own}; list only the others"
                 )
             elif peer in seen:
                 problems.append(
@@ -384,6 +470,50 @@ class ConsulConfig(Section):
     token: Secret | None = None
     # `register` in the file; a field of that name would shadow BaseModel.register (ABCMeta).
     register_service: bool = Field(default=True, alias="register")
+    register_address: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT registered in Consul for this node's API and checked by Consul "
+        "(the address other hosts reach it at); default: api.listen unless it is a wildcard, "
+        "else the Consul agent's node address",
+    )
+    check_interval: float = Field(
+        default=1.0, gt=0, le=3600, description="seconds between Consul's checks of /healthz"
+    )
+    deregister_after: float = Field(
+        default=60.0,
+        ge=60,
+        le=86400,
+        description="Consul removes this node's registration after its check is critical this "
+        "long (DeregisterCriticalServiceAfter; Consul's minimum is 1 min)",
+    )
+    resync_interval: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds between checks that the registration is still in Consul "
+        "(re-registered when it is gone)",
+    )
+
+    max_query_rate: float = Field(
+        default=20.0,
+        gt=0,
+        le=1000,
+        description="blocking health queries per second and service at most, after "
+        "query_burst (Consul's advice: a churning answer degrades into polling, not a busy loop)",
+    )
+    query_burst: int = Field(
+        default=5, ge=1, le=1000, description="health queries sent at once before pacing"
+    )
+
+    @field_validator("register_address")
+    @classmethod
+    def _reachable(cls, value: str | None) -> str | None:
+        if value is not None and parse_host_port(value)[0] in ("0.0.0.0", "::", "*"):
+            raise ValueError(
+                "a wildcard is no address Consul can check: give the address other hosts reach "
+                "this node's API at"
+            )
+        return value
 
 
 class ServiceConfig(Section):

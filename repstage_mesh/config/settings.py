@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from repstage_mesh.config.operator import HookSpec, Secrets, SecretSource, hook_problems
 from repstage_mesh.config.sections import (
     _WILDCARDS,
     ENV_DELIMITER,
@@ -30,14 +31,17 @@ from repstage_mesh.config.sections import (
     ConsulConfig,
     EnvoyConfig,
     ErrorList,
+    FailoversConfig,
     NodeConfig,
     RaftConfig,
     ServiceConfig,
     TelemetryConfig,
-    XdsConfig,
+    is_loopback,
+    is_wildcard,
 )
+from repstage_mesh.config.xds_sections import XdsConfig
 from repstage_mesh.core.addresses import parse_host_port
-from repstage_mesh.core.models import ServiceSpec
+from repstage_mesh.core.models import Name, ServiceSpec
 
 # --- the settings -----------------------------------------------------------------------------
 
@@ -96,7 +100,14 @@ class Settings(BaseSettings):
     envoy: EnvoyConfig = Field(default_factory=EnvoyConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
+    failovers: FailoversConfig = Field(default_factory=FailoversConfig)
     services: tuple[ServiceConfig, ...] = ()
+    hooks: dict[Name, HookSpec] = Field(
+        default_factory=dict, description="promotion hooks by name (services name them)"
+    )
+    secrets: dict[Name, SecretSource] = Field(
+        default_factory=dict, description="secrets by name: {env: VAR} or {file: PATH}"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -111,7 +122,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Settings:
-        problems = [*_service_problems(self.services), *_listen_problems(self)]
+        problems = [
+            *_service_problems(self.services),
+            *_listen_problems(self),
+            *_advertise_problems(self),
+            *hook_problems(self.hooks, self.secrets),
+            *_reference_problems(self),
+        ]
         if problems:
             raise ValueError("\n".join(f"{path}: {message}" for path, message in problems))
         return self
@@ -147,6 +164,10 @@ class Settings(BaseSettings):
     def raft_peers(self) -> list[tuple[str, int]]:
         return [parse_host_port(peer) for peer in self.raft.peers]
 
+    def secret_store(self, environ: Mapping[str, str] | None = None) -> Secrets:
+        """The `secrets:` section as a lookup by name (os.environ unless `environ` is given)."""
+        return Secrets(self.secrets, environ)
+
     def raft_password(self) -> str | None:
         return self.raft.password.get_secret_value() if self.raft.password else None
 
@@ -176,6 +197,25 @@ def _service_problems(services: Sequence[ServiceConfig]) -> ErrorList:
     return problems
 
 
+def _reference_problems(settings: Settings) -> ErrorList:
+    """Every hook and secret a service names is defined in this file."""
+    problems: ErrorList = []
+    for i, service in enumerate(settings.services):
+        lead = service.spec.leadership
+        if lead.promote_hook is not None and lead.promote_hook not in settings.hooks:
+            problems.append((f"services[{i}].leadership.promote_hook",
+                             f"no hook named {lead.promote_hook!r} in hooks: (known: {sorted(settings.hooks)})"))
+        secret = lead.probe.password_secret
+        field = f"services[{i}].leadership.probe.password_secret"
+        if secret is not None and secret not in settings.secrets:
+            problems.append((field, f"no secret named {secret!r} in secrets: (known: {sorted(settings.secrets)})"))
+        elif secret is not None:
+            refused = [m.address for m in service.spec.members if not settings.secrets[secret].allows(m.address)]
+            if refused:
+                problems.append((field, f"secret {secret!r} may not be sent to {refused} (secrets.{secret}.hosts)"))
+    return problems
+
+
 def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
     def norm(host: str) -> str:
         return "127.0.0.1" if host in ("localhost", "::1") else host
@@ -184,6 +224,37 @@ def _same_socket(a: tuple[str, int], b: tuple[str, int]) -> bool:
         return False
     ha, hb = norm(a[0]), norm(b[0])
     return ha == hb or ha in _WILDCARDS or hb in _WILDCARDS
+
+
+def _advertise_problems(settings: Settings) -> ErrorList:
+    """What this node announces must reach it: never a wildcard; in a multi-node cluster, set
+    explicitly for a wildcard bind, and not loopback when a peer is not."""
+    problems: ErrorList = []
+    multi = settings.raft.multi_node
+    remote_peer = next((p for p in settings.raft.peers if not is_loopback(parse_host_port(p)[0])), None)
+    entries = (
+        ("api", "listen", settings.api.listen, settings.api.advertise),
+        ("xds", "listen", settings.xds.listen, settings.xds.advertise),
+        ("raft", "bind", settings.raft.bind, settings.raft.advertise),
+    )
+    for section, bind_field, bind, advertise in entries:
+        env = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}ADVERTISE"
+        if advertise is not None and is_wildcard(parse_host_port(advertise)[0]):
+            problems.append((f"{section}.advertise", f"{advertise!r} is a wildcard address, which "
+                             "nobody can reach; give this node's own address (e.g. the pod IP)"))
+            continue
+        if advertise is None and multi and is_wildcard(parse_host_port(bind)[0]):
+            problems.append((f"{section}.advertise", f"required in a multi-node cluster when "
+                             f"{section}.{bind_field} is a wildcard ({bind!r}): set the address the "
+                             f"other nodes reach this node at, e.g. the pod IP (or {env})"))
+            continue
+        announced = advertise if advertise is not None else bind
+        if remote_peer is not None and is_loopback(parse_host_port(announced)[0]):
+            field = f"{section}.advertise" if advertise is not None else f"{section}.{bind_field}"
+            problems.append((field, f"{announced!r} is a loopback address but peer {remote_peer!r} "
+                             "is not: the other nodes could not reach this one; set "
+                             f"{section}.advertise (or {env}) to an address they reach"))
+    return problems
 
 
 def _listen_problems(settings: Settings) -> ErrorList:

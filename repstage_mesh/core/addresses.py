@@ -1,13 +1,36 @@
-"""Network addresses as the config, the API and the sources write them: HOST:PORT parsing."""
+"""Network addresses as the config, the API and the sources write them: hosts and HOST:PORT.
+
+A host is an IP address (IPv4, or IPv6 without a scope id) or a DNS name; nothing else. A
+member address reaches the proxies' config and a promotion hook's arguments, so an IPv6 scope
+id (`fe80::1%eth0`, where Python accepts any characters after the `%`) is refused outright.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import re
 
-from repstage_mesh.core.models import _HOSTNAME
+__all__ = ["HOSTNAME", "check_host", "is_loopback", "parse_host_port"]
 
-__all__ = ["parse_host_port"]
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def check_host(value: str) -> str:
+    """`value` when it is an IP address (no IPv6 scope id) or a DNS name; ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError("must be an IP address or a DNS name")
+    if "%" in value:
+        raise ValueError(
+            "must be an IP address or a DNS name; IPv6 scope ids ('%...') are not accepted"
+        )
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not HOSTNAME.match(value):
+            raise ValueError("must be an IP address or a DNS name") from None
+    return value
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -25,8 +48,18 @@ def parse_host_port(value: str) -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if match.group(1) or not _HOSTNAME.match(host):
+        if match.group(1) or not HOSTNAME.match(host):
             raise ValueError(
                 f"expected HOST:PORT with an IP address or DNS name, got {value!r}"
             ) from None
     return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback addresses and the name localhost; False for wildcards and other names."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -17,11 +17,16 @@ MeshError
 ├── Rejected                 the state machine refused a command (API 404/409/422 by its code)
 ├── DecisionRefused          the decider will not run a requested switchover (404/409/422 by its code)
 ├── NotReady                 this node leads but has not started deciding yet (API 503)
+├── NotLeader                a forwarded request reached a node that does not lead; never forwarded again (API 503)
 ├── SwitchoverFailed         a switchover ran and failed; carries its record (API 409)
+├── SwitchoverRunning        a switchover outlived the request's wait; carries its running record (API 504)
+├── SwitchoverUnknown        a forwarded switchover got no answer from the leader: it may be running (API 504)
 ├── ApiRequestError          another node's (or, for the CLI, the server's) API answered an error; relayed as is
 │   └── ApiError             api/errors.py: an HTTP error answer a handler raises (adds its headers)
 ├── ApiUnreachable           no answer at all from an API
+│   └── ApiNoAnswer          api/peers.py: a request was sent to another node but no usable answer came back
 ├── InsecureBindError        api/app.py: the API would listen beyond loopback with no tokens
+├── ConsulError              sources/consul.py: Consul answered an error or refused a registration (logged by the source, never leaves it)
 └── CliError                 cli/main.py: a command line the CLI cannot carry out
 
 Not in the tree, on purpose: `repstage_mesh.xds.protocol.ProtocolError`. The generic xDS layer
@@ -116,6 +121,36 @@ class DecisionRefused(MeshError):
 
 class NotReady(MeshError):
     code = "not_ready"
+
+
+class NotLeader(MeshError):
+    """A request another node forwarded here, to a node that does not lead (a request is
+    forwarded at most once). `leader` is who this node believes leads (its Raft address), if
+    anyone."""
+
+    code = "not_leader"
+
+    def __init__(self, message: str, leader: str | None = None) -> None:
+        super().__init__(message)
+        self.leader = leader
+
+
+class SwitchoverRunning(MeshError):
+    """The switchover is still running when the request's wait ends; `record` is its record
+    (as a dict) so the caller can follow it at GET /v1/failovers/{id}."""
+
+    code = "switchover_running"
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+class SwitchoverUnknown(MeshError):
+    """A switchover carried to the leader got no answer (timeout, connection lost): it may
+    be running or done there; GET /v1/failovers tells."""
+
+    code = "switchover_unknown"
 
 
 class SwitchoverFailed(MeshError):

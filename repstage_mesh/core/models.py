@@ -7,15 +7,30 @@ REST API, the config file and the Raft log all refuse the same bad input the sam
 
 from __future__ import annotations
 
-import ipaddress
-import re
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from repstage_mesh.core.addresses import check_host
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# Validation context of entries and snapshots read back from the Raft journal: shapes this
+# version refuses from a request but older versions wrote are read, without their unsafe part
+# (an inline hook, a password variable name), instead of failing to load what was acknowledged.
+FROM_LOG = {"from_log": True}
+
+
+def _from_log(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("from_log"))
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case DNS label")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -43,18 +58,15 @@ class Member(Frozen):
     """One replica of a service, reachable at address:port."""
 
     name: Name
-    address: str = Field(description="IP address or DNS name the proxies connect to")
+    address: str = Field(
+        max_length=253, description="IP address (no IPv6 scope id) or DNS name the proxies connect to"
+    )
     port: Port
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            if not _HOSTNAME.match(value):
-                raise ValueError("must be an IP address or a DNS name") from None
-        return value
+        return check_host(value)
 
 
 class LeadershipSource(StrEnum):
@@ -85,11 +97,31 @@ class ProbeSpec(Frozen):
     timeout: float = Field(default=0.25, gt=0, le=60, description="seconds before a silent member counts as failed")
     fall: int = Field(default=3, ge=1, le=100, description="consecutive failures before a member is down")
     rise: int = Field(default=2, ge=1, le=100, description="consecutive successes before a member is up")
+    refused_fall: int = Field(default=2, ge=1, le=100, description="consecutive refused connections (each confirmed on a fresh connection) before a member is down; at most fall counts")
+    retry_interval: float = Field(default=0.02, gt=0, le=60, description="seconds before the probe that confirms a refused one (instead of interval)")
     path: str = Field(default="/primary", description="http: path that answers expect_status only on the primary")
+    port: Port | None = Field(default=None, description="probe this port on each member's address instead of the member's port (e.g. Patroni's REST API, 8008)")
     expect_status: int = Field(default=200, ge=100, le=599)
     user: str | None = Field(default=None, description="postgres: user to connect as")
     database: str = Field(default="postgres")
-    password_env: str | None = Field(default=None, description="name of an environment variable holding the password")
+    password_secret: Name | None = Field(
+        default=None,
+        description="name of an entry of the config file's `secrets:` section holding the password "
+        "(an operator defines secrets; the API can only name them)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_env_name(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, Mapping) and "password_env" in data:
+            if _from_log(info):
+                return {k: v for k, v in data.items() if k != "password_env"}
+            raise ValueError(
+                "password_env: not accepted (it could name any variable of the control plane); "
+                "define the password under the config file's secrets: section and name it with "
+                "password_secret"
+            )
+        return data
 
 
 class ConsulSourceSpec(Frozen):
@@ -99,19 +131,46 @@ class ConsulSourceSpec(Frozen):
 
 
 class HookSpec(Frozen):
-    """How to promote a member of a service RepStage has no built-in promotion for."""
+    """How to promote a member of a service RepStage has no built-in promotion for.
 
-    command: tuple[str, ...] | None = Field(default=None, description="argv; {service} {member} {address} {port} are substituted")
-    url: str | None = Field(default=None, description="POSTed JSON {service, member, address, port, epoch}")
+    Defined only by the operator, in the config file's `hooks:` section under a name; a
+    service names it (`leadership.promote_hook: NAME`). Never part of an API request.
+    """
+
+    command: tuple[str, ...] | None = Field(default=None, min_length=1, description="argv (no shell); {service} {member} {address} {port} {epoch} {old_primary} are substituted")
+    url: str | None = Field(default=None, description="POSTed JSON {action, service, member, address, port, epoch, old_primary}")
     timeout: float = Field(default=10.0, gt=0, le=300)
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables of a command hook (the rest is the allow-list)")
+    secret_env: dict[str, Name] = Field(default_factory=dict, description="environment variable -> name of a secret (secrets: section) given to a command hook")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HookSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("command: give exactly one of command (argv) or url")
+        return self
 
 
 class LeadershipSpec(Frozen):
+    @model_validator(mode="before")
+    @classmethod
+    def _hook_by_name(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, Mapping) and isinstance(data.get("promote_hook"), Mapping):
+            if _from_log(info):
+                return {**data, "promote_hook": None}
+            raise ValueError(
+                "promote_hook: give the name of a hook defined in the config file's hooks: "
+                "section; commands and URLs cannot be given here"
+            )
+        return data
+
     source: LeadershipSource = LeadershipSource.ANNOUNCE
     mode: LeadershipMode = LeadershipMode.FOLLOW
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     consul: ConsulSourceSpec = Field(default_factory=ConsulSourceSpec)
-    promote_hook: HookSpec | None = None
+    promote_hook: Name | None = Field(
+        default=None,
+        description="name of a hook defined in the config file's hooks: section (the API can only name one)",
+    )
     ack_deadline: float = Field(default=2.0, gt=0, le=60, description="break-before-make: longest wait for proxies to stop routing to the old primary")
     min_failover_interval: float = Field(default=5.0, ge=0, le=3600, description="hysteresis: no second automatic failover of this service within this many seconds")
     max_lag_bytes: int | None = Field(default=None, ge=0, description="orchestrate: refuse to promote a replica further behind than this")
@@ -161,6 +220,11 @@ class ServiceState(Frozen):
         description="(member, how many times it became primary), sorted; the renderer uses it "
         "to give a newly promoted member a fresh Envoy host so it is routable at once",
     )
+    claim: int = Field(
+        default=0, ge=0,
+        description="the highest fencing token an orchestrator claimed (Patroni's term, Sentinel's "
+        "epoch...): a claim at or below it is refused; independent of `epoch` (our Raft index)",
+    )
 
     def promotion_count(self, member: str) -> int:
         return dict(self.promotions).get(member, 0)
@@ -189,19 +253,69 @@ class NodeAddress(Frozen):
     xds: str = Field(default="", description="HOST:PORT of its xDS server")
 
 
+AUDIT_KEEP = 1000
+
+
+class AuditEntry(Frozen):
+    """One applied write that changed something, as the audit trail keeps it (GET /v1/audit)."""
+
+    index: int = Field(ge=0, description="Raft index of the write")
+    actor: str = Field(description="token name (api.tokens), 'loopback' without tokens, or 'control-plane' for the node's own writes")
+    action: str = Field(description="put_service, delete_service or set_primary")
+    service: str
+    detail: str = Field(default="", max_length=300)
+
+
+class FailoverEntry(Frozen):
+    """One failover record as the replicated history holds it (`record` is the record's JSON;
+    `rev` grows with every update, so a late update never overwrites a newer one)."""
+
+    id: str = Field(min_length=1, max_length=200)
+    rev: int = Field(ge=0)
+    record: dict[str, Any]
+
+
 class MeshState(Frozen):
     """The whole replicated state. `index` is the Raft index of the last applied entry."""
 
     services: dict[str, ServiceState] = Field(default_factory=dict)
     nodes: dict[str, NodeAddress] = Field(default_factory=dict, description="control-plane nodes by id")
+    failovers: tuple[FailoverEntry, ...] = Field(
+        default=(), description="the failover history, oldest first (bounded by the commands' `keep`)"
+    )
+    request_keys: tuple[tuple[str, str], ...] = Field(
+        default=(), description="(idempotency key, failover record id), oldest first (bounded)"
+    )
     index: int = 0
     last_change: int = Field(default=0, description="Raft index of the last entry that changed anything")
+    audit: tuple[AuditEntry, ...] = Field(default=(), description="the last applied writes, oldest first, at most audit_keep")
+    audit_keep: int = Field(default=AUDIT_KEEP, ge=0, description="how many audit entries are kept (from the last write's api.audit_entries)")
 
     def service(self, name: str) -> ServiceState | None:
         return self.services.get(name)
 
+    def failover(self, record_id: str) -> FailoverEntry | None:
+        for entry in self.failovers:
+            if entry.id == record_id:
+                return entry
+        return None
+
+    def request_key(self, key: str) -> str | None:
+        """The failover record id an idempotency key was first used for."""
+        for known, record_id in self.request_keys:
+            if known == key:
+                return record_id
+        return None
+
 
 # --- Commands: every change to MeshState is one of these, committed through the log. ------------
+
+
+class AuditTag(Frozen):
+    """Who asked for a write, carried in the command so that every replica records the same."""
+
+    actor: str = Field(min_length=1, max_length=64)
+    keep: int = Field(default=AUDIT_KEEP, ge=0, le=100_000, description="audit entries to keep")
 
 
 class PutService(Frozen):
@@ -209,11 +323,13 @@ class PutService(Frozen):
 
     kind: Literal["put_service"] = "put_service"
     spec: ServiceSpec
+    by: AuditTag | None = None
 
 
 class DeleteService(Frozen):
     kind: Literal["delete_service"] = "delete_service"
     name: Name
+    by: AuditTag | None = None
 
 
 class SetPrimary(Frozen):
@@ -230,6 +346,12 @@ class SetPrimary(Frozen):
     epoch: int | None = Field(default=None, ge=1)
     cause: str = Field(default="announce", max_length=200)
     trace: dict[str, str] | None = Field(default=None, description="W3C trace context carried through the log")
+    token: int | None = Field(
+        default=None, ge=1,
+        description="the orchestrator's fencing token (its own epoch/term): must be greater than "
+        "the service's `claim`, which it then becomes",
+    )
+    by: AuditTag | None = None
 
 
 class Noop(Frozen):
@@ -247,7 +369,23 @@ class AnnounceNode(Frozen):
     node: NodeAddress
 
 
-Command = Annotated[PutService | DeleteService | SetPrimary | Noop | AnnounceNode, Field(discriminator="kind")]
+class RecordFailover(Frozen):
+    """Add or update one failover record in the replicated history (the leader commits each
+    record when it starts, at its major steps and when it ends). Changes no routing.
+
+    `keep`: how many records the history holds (the oldest drop out); `key`: an idempotency
+    key the record answers (remembered with the newest `keep_keys` keys)."""
+
+    kind: Literal["record_failover"] = "record_failover"
+    entry: FailoverEntry
+    keep: int = Field(default=100, ge=1, le=100_000)
+    key: str | None = Field(default=None, min_length=1, max_length=200)
+    keep_keys: int = Field(default=1000, ge=1, le=1_000_000)
+
+
+Command = Annotated[
+    PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover, Field(discriminator="kind")
+]
 
 
 class CommandEnvelope(Frozen):
@@ -255,6 +393,19 @@ class CommandEnvelope(Frozen):
 
     command: Command
     request_id: str = ""
+
+
+class Announcement(Frozen):
+    """What a caller announces about a service's primary (POST /v1/services/{name}/primary),
+    as the node runs it: not a command, but the request for the plan that commits it."""
+
+    member: Name | None
+    token: int | None = Field(default=None, ge=1, description="the caller's fencing token (the API's epoch)")
+    cause: str = Field(default="announce", max_length=200)
+    fence: bool = Field(default=True, description="break-before-make; false routes at once")
+    key: str | None = Field(default=None, min_length=1, max_length=200, description="idempotency key")
+    trace: dict[str, str] | None = Field(default=None, description="the caller's W3C trace context")
+    by: AuditTag | None = Field(default=None, description="who asked (the audit trail of its commits)")
 
 
 class Rejection(Frozen):

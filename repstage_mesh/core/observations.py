@@ -12,8 +12,13 @@ changes, and at most every `offset_refresh` seconds to carry a moved offset. No 
 the caller passes `now`.
 
 A refused connection (a killed process: the kernel answers RST at once) and a silent one (a
-stopped process or a partition: the probe times out) both count toward `fall` the same way; the
-DOWN observation's `detail` says which it was (it starts with the last failure's kind).
+stopped process or a partition: the probe times out) are told apart. Every failure counts toward
+`fall`; but `refused_fall` consecutive REFUSED results (each one already confirmed by the prober
+on a fresh connection) are conclusive on their own: with the default 2, a refused probe and one
+quick retry (`confirming` tells the runner to probe again after `retry_interval` rather than
+the interval) mark a killed member DOWN, while a silent member keeps `fall` x interval (a lost
+probe or a pause is no reason to fail over). The DOWN observation's `cause` says which rule
+decided (REFUSED, or the last failure's kind) and its `detail` starts with that kind.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class Observation:
     # Monotonic time of the first probe result of the streak that established this status (for
     # DOWN: the first failed probe), i.e. when the change began; None when the source cannot say.
     since: float | None = None
+    # For DOWN: why. REFUSED when refused connections decided (the process is gone), TIMEOUT or
+    # ERROR when `fall` failures did (the last one's kind); None for other statuses and sources.
+    cause: ProbeOutcome | None = None
 
 
 class ProbeOutcome(StrEnum):
@@ -123,6 +131,7 @@ class _Streak:
     length: int = 0
     started: float = 0.0  # when the streak's first probe started (its `now` minus its latency)
     kinds: list[str] = field(default_factory=list)  # failure kinds of a failure run, oldest first
+    refused: int = 0  # consecutive REFUSED results at the end of a failure run
 
 
 class ProbeTracker:
@@ -130,6 +139,8 @@ class ProbeTracker:
 
     The status starts as "nothing known" (`status is None`); the first debounced status is
     emitted whatever it is, including UNKNOWN for a TCP-probed member that is up.
+    `refused_fall` (default: `fall`, i.e. no special rule) is how many consecutive REFUSED
+    results are enough for DOWN; it only ever shortens `fall`.
     """
 
     def __init__(
@@ -141,7 +152,10 @@ class ProbeTracker:
         rise: int,
         source: str,
         offset_refresh: float = 1.0,
+        refused_fall: int | None = None,
     ) -> None:
+        if refused_fall is not None and refused_fall < 1:
+            raise ValueError(f"refused_fall: must be at least 1, got {refused_fall}")
         if fall < 1:
             raise ValueError(f"fall: must be at least 1, got {fall}")
         if rise < 1:
@@ -151,6 +165,7 @@ class ProbeTracker:
         self.service = service
         self.member = member
         self.fall = fall
+        self.refused_fall = min(fall, refused_fall) if refused_fall is not None else fall
         self.rise = rise
         self.source = source
         self.offset_refresh = offset_refresh
@@ -163,6 +178,17 @@ class ProbeTracker:
     def status(self) -> MemberStatus | None:
         """The debounced status, None until the first one is established."""
         return self._emitted.status if self._emitted else None
+
+    @property
+    def confirming(self) -> bool:
+        """The last result was REFUSED and the member is not DOWN yet: the next probe, a fresh
+        connection, would confirm it (the runner then probes after `retry_interval`)."""
+        streak = self._streak
+        return (
+            streak.status is MemberStatus.DOWN
+            and streak.refused > 0
+            and self.status is not MemberStatus.DOWN
+        )
 
     @property
     def last_emitted(self) -> Observation | None:
@@ -187,20 +213,31 @@ class ProbeTracker:
         if not result.succeeded:
             streak.kinds.append(str(result.outcome))
             del streak.kinds[: -self.fall]
+            streak.refused = streak.refused + 1 if result.outcome is ProbeOutcome.REFUSED else 0
 
-        needed = self.fall if status is MemberStatus.DOWN else self.rise
         current = self.status
-        if status is not current and streak.length >= needed:
+        if status is not current and self._earned(streak):
             return self._emit(self._observation(status, result, now))
         if status is current and current is not None:
             return self._refresh(result, now)
         return None
 
+    def _earned(self, streak: _Streak) -> bool:
+        """The streak is long enough for its status: rise successes, fall failures, or
+        refused_fall refused connections in a row."""
+        if streak.status is not MemberStatus.DOWN:
+            return streak.length >= self.rise
+        return streak.length >= self.fall or streak.refused >= self.refused_fall
+
     def _observation(self, status: MemberStatus, result: ProbeResult, now: float) -> Observation:
         if status is MemberStatus.DOWN:
-            kinds = self._streak.kinds[-self.fall :]
+            streak = self._streak
+            kinds = streak.kinds[-self.fall :]
             head = f"{result.outcome}: {result.detail}" if result.detail else str(result.outcome)
-            detail = f"{head} ({len(kinds)} consecutive failures: {', '.join(kinds)})"
+            if streak.length < self.fall:  # the refused rule decided
+                detail = f"{head} ({streak.refused} consecutive refused connections, each on a fresh connection)"
+            else:
+                detail = f"{head} ({len(kinds)} consecutive failures: {', '.join(kinds)})"
             return Observation(
                 self.service,
                 self.member,
@@ -208,7 +245,8 @@ class ProbeTracker:
                 now,
                 self.source,
                 detail,
-                since=self._streak.started,
+                since=streak.started,
+                cause=result.outcome,
             )
         return Observation(
             self.service,

@@ -11,6 +11,11 @@ Rules (DESIGN, invariants 1 and 6):
   `changed_at` move to `index` only when something changed.
 - An epoch is the Raft index that committed a role, so epochs only grow.
 - A rejection changes nothing but `index`.
+- An orchestrator's fencing token (`SetPrimary.token`, the API's claimed epoch) must be greater
+  than the service's `claim`, which it becomes: claims are monotonic per service.
+- The failover history (`RecordFailover`) keeps the newest `keep` records and the newest
+  `keep_keys` idempotency keys; an update older than the stored one (`rev`) is ignored. Neither
+  moves `last_change`: routing did not change.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from repstage_mesh.core.models import (
+    FROM_LOG,
     AnnounceNode,
+    AuditEntry,
     Command,
     CommandEnvelope,
     DeleteService,
@@ -28,6 +35,7 @@ from repstage_mesh.core.models import (
     Noop,
     Outcome,
     PutService,
+    RecordFailover,
     Rejection,
     ServiceSpec,
     ServiceState,
@@ -55,13 +63,15 @@ def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Ou
     if index <= state.index:
         raise ValueError(f"index {index} must be greater than the state's index {state.index}")
     if isinstance(command, PutService):
-        return _put_service(state, command, index)
+        return _audited(command, index, *_put_service(state, command, index))
     if isinstance(command, DeleteService):
-        return _delete_service(state, command, index)
+        return _audited(command, index, *_delete_service(state, command, index))
     if isinstance(command, SetPrimary):
-        return _set_primary(state, command, index)
+        return _audited(command, index, *_set_primary(state, command, index))
     if isinstance(command, Noop):
         return _unchanged(state, index), Outcome(ok=True, result={"noop": True})
+    if isinstance(command, RecordFailover):
+        return _record_failover(state, command, index)
     if isinstance(command, AnnounceNode):
         node = command.node
         if state.nodes.get(node.node_id) == node:
@@ -100,8 +110,10 @@ def encode_command(envelope: CommandEnvelope) -> bytes:
 
 
 def decode_command(data: bytes) -> CommandEnvelope:
-    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input."""
-    return CommandEnvelope.model_validate_json(data)
+    """Inverse of `encode_command`. Raises pydantic.ValidationError on bad input. Entries that
+    older versions wrote with an inline `promote_hook` or a `password_env` are read without
+    them (models.FROM_LOG): the service keeps everything else, and names no hook or secret."""
+    return CommandEnvelope.model_validate_json(data, context=FROM_LOG)
 
 
 def encode_state(state: MeshState) -> bytes:
@@ -113,7 +125,34 @@ def encode_state(state: MeshState) -> bytes:
 
 def decode_state(data: bytes) -> MeshState:
     """Inverse of `encode_state`. Raises pydantic.ValidationError on bad input."""
-    return MeshState.model_validate_json(data)
+    return MeshState.model_validate_json(data, context=FROM_LOG)
+
+
+# --- the audit trail ------------------------------------------------------------------------
+
+
+def _audited(
+    command: PutService | DeleteService | SetPrimary, index: int, state: MeshState, outcome: Outcome
+) -> tuple[MeshState, Outcome]:
+    """Append one `AuditEntry` for a write that changed something (refused writes and repeats
+    change nothing, not even the trail). Who, and how many entries to keep, travel in the
+    command (`by`), so every replica keeps the same trail; a write without `by` is the control
+    plane's own (seeding the config's services, a failover)."""
+    if not outcome.ok or not outcome.result.get("changed", False):
+        return state, outcome
+    keep = command.by.keep if command.by is not None else state.audit_keep
+    actor = command.by.actor if command.by is not None else "control-plane"
+    if isinstance(command, PutService):
+        service, detail = command.spec.name, "created" if outcome.result.get("created") else "spec replaced"
+    elif isinstance(command, DeleteService):
+        service, detail = command.name, "deleted"
+    else:
+        service = command.service
+        detail = f"primary {command.member or 'none'} at epoch {outcome.result.get('epoch')} ({command.cause})"
+    entry = AuditEntry(index=index, actor=actor, action=command.kind, service=service,
+                       detail=detail[:300])
+    trail = (*state.audit, entry)[-keep:] if keep > 0 else ()
+    return state.model_copy(update={"audit": trail, "audit_keep": keep}), outcome
 
 
 # --- the rules ------------------------------------------------------------------------------
@@ -244,9 +283,21 @@ def _set_primary(state: MeshState, command: SetPrimary, index: int) -> tuple[Mes
         )
         return _reject(state, index, "stale_epoch", message, "epoch")
 
+    if command.token is not None and command.token <= current.claim:
+        message = (
+            f"epoch {command.token} is stale: the orchestrator's epoch (fencing token) of service "
+            f"{command.service!r} is already {current.claim}; a claim must be greater"
+        )
+        return _reject(state, index, "stale_epoch", message, "epoch")
+    claim = command.token if command.token is not None else current.claim
+
     if command.epoch is None and command.member == current.primary:
         result = _role_result(command.service, current, current, False, cause=command.cause)
-        return _unchanged(state, index), Outcome(ok=True, result=result)
+        if claim == current.claim:
+            return _unchanged(state, index), Outcome(ok=True, result=result)
+        # A newer claim of the same primary: remembered, routing unchanged (`last_change` stays).
+        kept = {**state.services, command.service: current.model_copy(update={"claim": claim})}
+        return state.model_copy(update={"services": kept, "index": index}), Outcome(ok=True, result=result)
 
     promoted = command.member if command.member != current.primary else None
     new = current.model_copy(
@@ -255,6 +306,7 @@ def _set_primary(state: MeshState, command: SetPrimary, index: int) -> tuple[Mes
             "epoch": index,
             "changed_at": index,
             "promotions": current.promoted(promoted),
+            "claim": claim,
         }
     )
     services = {**state.services, command.service: new}
@@ -262,3 +314,25 @@ def _set_primary(state: MeshState, command: SetPrimary, index: int) -> tuple[Mes
     if command.trace:
         result["trace"] = dict(command.trace)  # every node's push joins the failover's trace
     return _with_services(state, services, index), Outcome(ok=True, result=result)
+
+
+def _record_failover(state: MeshState, command: RecordFailover, index: int) -> tuple[MeshState, Outcome]:
+    entry = command.entry
+    entries = list(state.failovers)
+    at = next((i for i, e in enumerate(entries) if e.id == entry.id), None)
+    if at is not None and entries[at].rev >= entry.rev:
+        return _unchanged(state, index), Outcome(ok=True, result={"failover": entry.id, "changed": False})
+    if at is not None:
+        entries[at] = entry
+    else:
+        entries.append(entry)
+    dropped = max(0, len(entries) - command.keep)
+    keys = state.request_keys
+    keys_dropped = 0
+    if command.key is not None and all(known != command.key for known, _ in keys):
+        keys = (*keys, (command.key, entry.id))
+        keys_dropped = max(0, len(keys) - command.keep_keys)
+        keys = keys[keys_dropped:]
+    update = {"failovers": tuple(entries[dropped:]), "request_keys": keys, "index": index}
+    result = {"failover": entry.id, "changed": True, "dropped": dropped, "keys_dropped": keys_dropped}
+    return state.model_copy(update=update), Outcome(ok=True, result=result)

@@ -10,6 +10,7 @@ from repstage_mesh.decide.plan import Phase
 from repstage_mesh.decide.policy import MAX_BACKOFF
 from repstage_mesh.decide.records import FailoverRecord, TimelineEvent
 from repstage_mesh.decide.steps import (
+    AwaitClose,
     AwaitProxies,
     Commit,
     CommitResult,
@@ -28,6 +29,7 @@ from repstage_mesh.decide.steps import (
 
 __all__ = [
     "MAX_BACKOFF",
+    "AwaitClose",
     "AwaitProxies",
     "Commit",
     "CommitResult",

@@ -15,9 +15,16 @@ see comes in through `observe`, time comes in as `now` (monotonic seconds, the s
 A planned switchover (`switchover(service, target, now)`) waits for the target to catch up,
 runs the same break-before-make plan, and reports the write-unavailable window: fence
 committed -> the new primary's commit ACKed by every proxy. An old primary that comes back
-claiming PRIMARY, or a replica following another upstream, gets a `Repoint` step (rate-limited
-per member; nothing is committed for it); after a promotion or re-point, what was observed of
-those members is forgotten (UNKNOWN) until the sources report again.
+claiming PRIMARY, or a replica following another upstream, gets a `Repoint` step (nothing is
+committed for it): at most one in flight per member, and one record per member and outage
+whose `attempts` count the tries (failed tries back off, doubling `repoint_retry` up to
+`MAX_REPOINT_RETRY`); the record ends when the member is re-pointed or is seen replicating from
+the primary. After a promotion or re-point, what was observed of those members is forgotten
+(UNKNOWN) until the sources report again.
+
+An announce (`announce(service, member, now, ...)`: the caller's orchestrator already promoted
+`member`) runs the same break-before-make plan without a promotion, plus `AwaitClose` after the
+fence; the caller's fencing token rides on its first commit.
 """
 
 from __future__ import annotations
@@ -26,15 +33,17 @@ import math
 from typing import Any
 
 from repstage_mesh.core.errors import DecisionRefused
-from repstage_mesh.core.models import LeadershipMode, MeshState, ServiceState
+from repstage_mesh.core.models import AuditTag, LeadershipMode, MeshState, ServiceState
 from repstage_mesh.core.observations import MemberStatus, Observation
 from repstage_mesh.decide.plan import Plan, Planner, finish
-from repstage_mesh.decide.policy import Choice, Intent, backoff
+from repstage_mesh.decide.policy import Choice, Intent, backoff, settled
 from repstage_mesh.decide.records import FailoverRecord, History
-from repstage_mesh.decide.steps import Done, PromoteResult, Repoint, Step, StepResult
+from repstage_mesh.decide.steps import Commit, Done, PromoteResult, Repoint, Step, StepResult
 from repstage_mesh.decide.view import ServiceView
 
-__all__ = ["Decider", "DecisionRefused"]
+__all__ = ["MAX_REPOINT_RETRY", "Decider", "DecisionRefused"]
+
+MAX_REPOINT_RETRY = 30.0  # seconds: the longest back-off between failed re-points of one member
 
 
 class Decider:
@@ -77,7 +86,9 @@ class Decider:
         self.poll_interval = poll_interval
         self.state = MeshState()
         self._services: dict[str, ServiceView] = {}
-        self._history = History(node_id, history, wall_offset)
+        self._history = History(
+            node_id, history, wall_offset, taken=lambda rid: self.state.failover(rid) is not None
+        )
         self._planner = Planner(self)
 
     @property
@@ -170,6 +181,46 @@ class Decider:
         record.event("decided", now, target=target, timeout=plan.deadline - now)
         return record.id, self._planner.enter(s, plan, plan.phase, now)
 
+    def announce(
+        self, service: str, member: str | None, now: float, *, token: int | None = None,
+        cause: str = "announce", fence: bool = True, close_wait: float = 0.0,
+        key: str | None = None, trace_parent: dict[str, str] | None = None, by: AuditTag | None = None,
+    ) -> tuple[str, list[Step]]:
+        """Start an announced change: `member` (None: no primary is known) is the primary its
+        own orchestrator made. Break-before-make unless `fence` is false; `close_wait` seconds
+        after the fence ACKs (the proxies close their connections to the old primary). Returns
+        (record id, steps); raises DecisionRefused and changes nothing when it cannot run."""
+        svc = self.state.service(service)
+        if svc is None:
+            raise DecisionRefused("not_found", f"no service named {service!r}", "service")
+        if member is not None and svc.spec.member(member) is None:
+            members = [m.name for m in svc.spec.members]
+            raise DecisionRefused("not_found", f"{member!r} is not a member of service {service!r} (members: {members})", "member")
+        if token is not None and token <= svc.claim:
+            raise DecisionRefused(
+                "stale_epoch", f"epoch {token} is stale: the orchestrator's epoch (fencing token) of service "
+                f"{service!r} is already {svc.claim}; a claim must be greater", "epoch")
+        s = self._svc(service)
+        if s.plan is not None:
+            raise DecisionRefused(
+                "conflict", f"a change of {service!r} is already running ({s.plan.record.id}); retry when it ends", "service"
+            )
+        mode = svc.spec.leadership.mode.value
+        record = self._history.start(svc.name, "announce", mode, cause, svc.primary, member, now)
+        record.claim, record.request_key, record.trace_parent = token, key, trace_parent
+        record.event("decided", now, target=member, fence=fence)
+        # No ConfirmLeadership: an announce promotes nothing, and its first commit (checked
+        # against the epoch it saw) is refused if the state moved or this leader is stale.
+        fencing = fence and svc.primary is not None and svc.primary != member
+        plan = Plan(
+            record=record, kind="announce", automatic=False, base_epoch=svc.epoch,
+            old_primary=svc.primary, target=member, candidates=[], promote=False,
+            phase="fence" if fencing else "commit", fence=fence, token=token,
+            close_wait=close_wait if fence else 0.0, by=by,
+        )
+        s.plan = plan
+        return record.id, self._planner.enter(s, plan, plan.phase, now)
+
     def step_done(self, step: Step, result: StepResult, now: float) -> list[Step]:
         """Report the result of an executed step; returns the next steps."""
         if isinstance(step, Repoint):
@@ -182,13 +233,21 @@ class Decider:
 
     def abandon(self, now: float, reason: str) -> list[Done]:
         """End every running plan as failed (the executor stopped: leadership lost, shutdown).
-        What was committed stays committed; the next leader decides from there."""
+        What was committed stays committed; the next leader decides from there.
+
+        Every observation is forgotten too: what this node saw while it led says nothing about
+        the members when it leads again (a failover may have happened in between). Found by the
+        chaos suite: a node that led again acted on its old views (the committed primary still
+        "REPLICA", a demoted member still "PRIMARY") and failed over to the wrong member."""
         done: list[Done] = []
         for s in self._services.values():
             if s.plan is not None:
+                # a commit in flight may still apply: unknown; otherwise nothing more will
+                s.plan.record.error_code = "commit_timeout" if isinstance(s.plan.outstanding, Commit) else "no_quorum"
                 for step in finish(s, s.plan, now, False, f"abandoned: {reason}"):
                     assert isinstance(step, Done)
                     done.append(step)
+            s.views.clear()
         return done
 
     # --- reads ------------------------------------------------------------------------------
@@ -297,29 +356,63 @@ class Decider:
 
     def _repoints(self, svc: ServiceState, s: ServiceView, now: float) -> list[Step]:
         spec = svc.spec
+        strays = dict(Choice(svc, s, now, self.settle).strays())
+        self._close_repoints(svc, s, strays, now)
         steps: list[Step] = []
-        for n, cause in Choice(svc, s, now, self.settle).strays():
+        for n, cause in strays.items():
             assert svc.primary is not None
-            if now < s.repoint_at.get(n, -math.inf):
-                continue
-            s.repoint_at[n] = now + self.repoint_retry
-            rec = self._history.start(svc.name, "repoint", spec.leadership.mode.value, cause, n, svc.primary, now)
-            rec.event("detected", s.view(n).since, member=n)
+            if n in s.repointing or now < s.repoint_at.get(n, -math.inf):
+                continue  # one in flight per member; failed ones back off
+            rec = self.record(s.repoint_record.get(n, ""))
+            if rec is None or rec.status != "running":
+                rec = self._history.start(svc.name, "repoint", spec.leadership.mode.value, cause, n, svc.primary, now)
+                rec.event("detected", s.view(n).since, member=n)
+                s.repoint_record[n] = rec.id
+            rec.attempts += 1
+            s.repointing.add(n)
             steps.append(Repoint(spec.name, rec.id, spec, n, svc.primary))
         return steps
+
+    def _close_repoints(self, svc: ServiceState, s: ServiceView, strays: dict[str, str], now: float) -> None:
+        """End the open repoint records of members that no longer need one: seen replicating
+        from the primary, removed from the service, or no longer a replica-to-be (the primary)."""
+        for n, record_id in list(s.repoint_record.items()):
+            if n in strays or n in s.repointing:
+                continue
+            gone = svc.spec.member(n) is None or n == svc.primary
+            if not gone and not settled(s, n, MemberStatus.REPLICA, now, 0.0):
+                continue  # down or unknown: the same outage goes on
+            del s.repoint_record[n]
+            s.repoint_failures.pop(n, None)
+            rec = self.record(record_id)
+            if rec is not None and rec.status == "running":
+                why = "no longer needs re-pointing" if not gone else "no longer a member or now the primary"
+                rec.event("done", now, reason=why)
+                rec.end(now, True, why)
 
     def _repoint_done(self, step: Repoint, result: StepResult, now: float) -> list[Step]:
         rec = self.record(step.record_id)
         s = self._services.get(step.service)
         ok = isinstance(result, PromoteResult) and result.ok
-        if ok and s is not None:
-            s.forget(step.member, now)
-        if s is not None and isinstance(result, PromoteResult) and result.needs_rejoin:
-            s.needs_rejoin.update(result.needs_rejoin)
-        if rec is not None:
-            detail = result.detail if isinstance(result, PromoteResult) else getattr(result, "message", "")
-            if isinstance(result, PromoteResult):
-                rec.needs_rejoin = result.needs_rejoin
-            rec.event("repointed" if ok else "failed", now, detail=detail)
+        detail = result.detail if isinstance(result, PromoteResult) else getattr(result, "message", "")
+        if s is not None:
+            s.repointing.discard(step.member)
+            failures = 0 if ok else s.repoint_failures.get(step.member, 0) + 1
+            s.repoint_failures[step.member] = failures
+            s.repoint_at[step.member] = now + min(MAX_REPOINT_RETRY, self.repoint_retry * 2 ** max(0, failures - 1))
+            if ok:
+                s.forget(step.member, now)
+                s.repoint_record.pop(step.member, None)
+            if isinstance(result, PromoteResult) and result.needs_rejoin:
+                s.needs_rejoin.update(result.needs_rejoin)
+        if rec is None or rec.status != "running":
+            return []
+        if isinstance(result, PromoteResult):
+            rec.needs_rejoin = result.needs_rejoin
+        if ok or (isinstance(result, PromoteResult) and result.needs_rejoin):
+            rec.event("repointed" if ok else "failed", now, detail=detail, attempts=rec.attempts)
             rec.end(now, ok, detail)
+        elif detail != rec.reason:  # a timeline event per new error, not per attempt
+            rec.reason = detail
+            rec.event("attempt_failed", now, detail=detail, attempt=rec.attempts)
         return []

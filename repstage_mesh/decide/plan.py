@@ -9,6 +9,7 @@ always break-before-make:
     confirm        ConfirmLeadership
     fence          Commit(SetPrimary(service, None, epoch=current+1))   fail closed
     await_fence    AwaitProxies(fence index, ack_deadline)              no proxy routes to A
+    await_close    AwaitClose(close_wait)                               announce: open conns closed
     promote        Promote(service, B)                                   orchestrate / switchover
     commit         Commit(SetPrimary(service, B, epoch=fence+1))
     await_route    AwaitProxies(commit index, ack_deadline)              first_routable, ACKs
@@ -19,6 +20,12 @@ reaches the primary's, or its timeout: then nothing changes) and checks again af
 (`final_catchup`: the old primary no longer takes writes through the mesh). If the target does
 not catch up, or its promotion fails, the old primary is restored (`restore`, `await_restore`).
 A failed orchestrated promotion tries the next eligible candidate, then stays fail-closed.
+An announce (the caller already promoted B; A may still be up and take writes on its open
+connections) runs fence, await_fence, await_close (the health fence's interval: the
+proxies close their connections to A), commit, await_route, without confirm: it promotes
+nothing, and its first commit (at the epoch it saw + 1) is refused when the state moved or the
+leader is stale. That first commit carries the caller's fencing token (`SetPrimary.token`), so a
+stale claim is refused before anything moves.
 
 How a result moves a plan (`Planner.step_done`): `_absorb` keeps what the result says about the
 members, `result_kind` names it, and `TRANSITIONS[(phase, kind)]` gives the handler that
@@ -33,11 +40,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
-from repstage_mesh.core.models import MeshState, SetPrimary
+from repstage_mesh.core.models import AuditTag, MeshState, SetPrimary
 from repstage_mesh.core.observations import MemberStatus
 from repstage_mesh.decide.policy import Choice, count_failover, settled
 from repstage_mesh.decide.records import FailoverRecord
 from repstage_mesh.decide.steps import (
+    AwaitClose,
     AwaitProxies,
     Commit,
     CommitResult,
@@ -57,8 +65,8 @@ from repstage_mesh.decide.view import ServiceView
 __all__ = ["TRANSITIONS", "Context", "Finish", "Phase", "Plan", "Planner", "finish"]
 
 Phase = Literal[
-    "catchup", "confirm", "fence", "await_fence", "final_catchup", "promote", "commit",
-    "await_route", "restore", "await_restore",
+    "catchup", "confirm", "fence", "await_fence", "await_close", "final_catchup", "promote",
+    "commit", "await_route", "restore", "await_restore",
 ]
 
 # What a step's result was, as the table sees it (see `result_kind`).
@@ -66,6 +74,7 @@ Kind = Literal[
     "confirmed", "unconfirmed",  # ConfirmLeadership
     "committed", "commit_failed",  # Commit
     "acked",  # AwaitProxies (never fails: missed proxies are recorded)
+    "closed",  # AwaitClose
     "promoted", "promote_failed",  # Promote
     "caught_up", "behind", "target_down", "timed_out",  # ReadPositions
 ]
@@ -101,6 +110,10 @@ class Plan:
     confirmed: bool = False
     catchup_timeout: float = 0.0
     polls: int = 0
+    fence: bool = True  # announce: false routes the new primary without fencing first
+    token: int | None = None  # announce: the caller's fencing token, carried by the first commit
+    close_wait: float = 0.0  # announce: AwaitClose after the fence ACKs
+    by: AuditTag | None = None  # announce: who asked, for the audit trail of its commits
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,17 @@ def _acks(result: StepResult) -> tuple[ProxyAcks, str | None]:
     return acks, result.message if isinstance(result, StepFailed) else None
 
 
+def _risks(acks: ProxyAcks) -> dict[str, object]:
+    """What a proxy wait leaves at risk, for the record: NACKs (with Envoy's error text) and
+    control-plane nodes that could not be asked."""
+    risks: dict[str, object] = {}
+    if acks.nacked:
+        risks["nacked"] = dict(acks.nacked)
+    if acks.unreachable:
+        risks["unreachable"] = list(acks.unreachable)
+    return risks
+
+
 def result_kind(step: Step, result: StepResult, s: ServiceView, plan: Plan, now: float) -> Kind | None:
     """Name a step's result for `TRANSITIONS` (None: a step that no plan waits for)."""
     if isinstance(step, ConfirmLeadership):
@@ -166,6 +190,8 @@ def result_kind(step: Step, result: StepResult, s: ServiceView, plan: Plan, now:
         return "committed" if ok else "commit_failed"
     if isinstance(step, AwaitProxies):
         return "acked"
+    if isinstance(step, AwaitClose):
+        return "closed"
     if isinstance(step, Promote):
         return "promoted" if isinstance(result, PromoteResult) and result.ok else "promote_failed"
     if isinstance(step, ReadPositions):
@@ -239,15 +265,23 @@ class Planner:
             return ConfirmLeadership(name, rec.id)
         if plan.phase == "fence":
             return Commit(name, rec.id, SetPrimary(service=name, member=None, epoch=plan.base_epoch + 1,
-                                                   cause=f"fence: {rec.cause}"[:200]))
+                                                   cause=f"fence: {rec.cause}"[:200], token=plan.token,
+                                                   by=plan.by))
+        if plan.phase == "await_close":
+            return AwaitClose(name, rec.id, plan.close_wait)
         if plan.phase == "promote":
             svc = self.ctx.state.service(name)
             assert svc is not None and plan.target is not None
             return Promote(name, rec.id, svc.spec, plan.target, plan.old_primary, base)
         if plan.phase in ("commit", "restore"):
             member = plan.target if plan.phase == "commit" else plan.old_primary
-            return Commit(name, rec.id, SetPrimary(service=name, member=member, epoch=base + 1,
-                                                   cause=rec.cause[:200]))
+            # An announce of the current primary, or one without a fence, asks for no epoch of
+            # ours: the caller's token fences it, and the plan runs alone on the leader.
+            unfenced = plan.kind == "announce" and (member == plan.old_primary or plan.fence_epoch is None)
+            epoch = None if unfenced else base + 1
+            token = plan.token if plan.fence_epoch is None and plan.phase == "commit" else None
+            return Commit(name, rec.id, SetPrimary(service=name, member=member, epoch=epoch,
+                                                   cause=rec.cause[:200], token=token, by=plan.by))
         if plan.phase in ("await_fence", "await_route", "await_restore"):
             assert rec.epoch is not None  # the commit just made
             purpose: Literal["fence", "route"] = "fence" if plan.phase == "await_fence" else "route"
@@ -291,7 +325,7 @@ class Planner:
             plan.target = plan.record.new_primary = intent.target
             plan.candidates = list(intent.candidates)
             plan.promote = intent.promote
-        if plan.old_primary is not None:
+        if plan.old_primary is not None and plan.fence and plan.old_primary != plan.target:
             return "fence"
         return "promote" if plan.promote else "commit"
 
@@ -302,6 +336,10 @@ class Planner:
     def _commit_failed(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> Outcome:
         why = result.message if isinstance(result, CommitResult | StepFailed) else repr(result)
         s.retry_at = now + self.ctx.leadership_retry
+        if isinstance(result, StepFailed):
+            plan.record.error_code = "commit_timeout" if result.unknown else "no_quorum"
+        elif isinstance(result, CommitResult):
+            plan.record.error_code = result.code
         if plan.phase in ("commit", "restore") and plan.fence_epoch is not None:
             return Finish(False, f"commit of the new primary failed, staying fail-closed: {why}")
         return Finish(False, f"commit failed: {why}")
@@ -322,13 +360,18 @@ class Planner:
         rec.missed_fence = acks.missed
         rec.event("proxies_fenced", now, acks={p: round((t - rec.started_at) * 1000.0, 3)
                                                for p, t in sorted(acks.acked.items())},
-                  missed=list(acks.missed), **({"error": failure} if failure else {}))
+                  missed=list(acks.missed), **_risks(acks), **({"error": failure} if failure else {}))
         if plan.kind == "fail_closed" or plan.target is None:
             return Finish(True, "fail-closed: no primary is certain")
         if plan.kind == "switchover":
             plan.deadline = now + plan.catchup_timeout
             return "final_catchup"
+        if plan.close_wait > 0:
+            return "await_close"
         return "promote" if plan.promote else "commit"
+
+    def _closed(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> None:
+        plan.record.event("connections_closed", now, waited_ms=round(plan.close_wait * 1000.0, 3))
 
     def _caught_up(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> None:
         target, primary = _offsets(plan, result)
@@ -398,10 +441,20 @@ class Planner:
             count_failover(s, self.ctx.state.service(step.service), now)  # promoting into an empty primary counts
         rec.event("committed", now, epoch=result.epoch, member=step.command.member)
 
+    def _committed(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> Outcome:
+        """The new primary committed: wait for the proxies, except for an announce without a
+        fence, which answers at once (the proxies follow within milliseconds)."""
+        self._primary_committed(s, plan, step, result, now)
+        if plan.kind == "announce" and not plan.fence:
+            return Finish(True, "new primary committed (no fence: not waiting for the proxies)")
+        return "await_route"
+
     def _route_acked(self, s: ServiceView, plan: Plan, step: Step, result: StepResult, now: float) -> Outcome:
         rec = plan.record
         acks, _ = _acks(result)
         rec.missed_route = acks.missed
+        if acks.nacked or acks.unreachable:
+            rec.event("route_missed", now, missed=list(acks.missed), **_risks(acks))
         for proxy, t in sorted(acks.acked.items(), key=lambda kv: kv[1]):
             rec.event("acked", t, proxy=proxy)
         if acks.acked:
@@ -447,14 +500,15 @@ TRANSITIONS: dict[tuple[Phase, Kind], Transition] = {
     ("confirm",       "unconfirmed"):    _on(Planner._unconfirmed,       FAILED),
     ("fence",         "committed"):      _on(Planner._fenced,            "await_fence"),
     ("fence",         "commit_failed"):  _on(Planner._commit_failed,     FAILED),
-    ("await_fence",   "acked"):          _on(Planner._fence_acked,       "final_catchup", "promote", "commit", DONE),
+    ("await_fence",   "acked"):          _on(Planner._fence_acked,       "final_catchup", "await_close", "promote", "commit", DONE),
+    ("await_close",   "closed"):         _on(Planner._closed,            "commit"),
     ("final_catchup", "caught_up"):      _on(Planner._caught_up,         "promote"),
     ("final_catchup", "behind"):         _on(Planner._behind,            "final_catchup"),
     ("final_catchup", "target_down"):    _on(Planner._target_down,       "restore"),
     ("final_catchup", "timed_out"):      _on(Planner._timed_out,         "restore"),
     ("promote",       "promoted"):       _on(Planner._promoted,          "commit"),
     ("promote",       "promote_failed"): _on(Planner._promote_failed,    "restore", "promote", "commit", FAILED),
-    ("commit",        "committed"):      _on(Planner._primary_committed, "await_route"),
+    ("commit",        "committed"):      _on(Planner._committed,         "await_route", DONE),
     ("commit",        "commit_failed"):  _on(Planner._commit_failed,     FAILED),
     ("await_route",   "acked"):          _on(Planner._route_acked,       DONE),
     ("restore",       "committed"):      _on(Planner._primary_committed, "await_restore"),

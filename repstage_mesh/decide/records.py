@@ -1,13 +1,17 @@
 """Failover records: what one plan (or one re-point) did and when, and the bounded history of them.
 
-Records live on the node that ran the plan (the Raft leader at the time); they are not
-replicated, so a new leader starts with an empty history.
+The node that runs a plan (the Raft leader) keeps its records here, live; the failover
+runner's publisher commits each one to the replicated state (`core.models.RecordFailover`) when
+it starts, at its major steps and when it ends, so every node (and the next leader) shows the
+history. Ids are `<node_id>-<n>`; `start` skips ids the replicated history already holds (a
+restarted node counts from 1 again).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,15 +30,17 @@ class FailoverRecord:
     """One failover, fail-closed period or switchover, as the node that ran it saw it.
 
     Timeline event names: detected, decided, leadership_confirmed, caught_up, fenced,
-    proxies_fenced, promoted, promote_failed, committed, pushed, acked (one per proxy),
-    first_routable, repointed, done, failed.
+    proxies_fenced (with `nacked` proxy -> Envoy's error and `unreachable` nodes when any),
+    connections_closed, promoted, promote_failed, committed, pushed, acked (one per proxy),
+    route_missed (proxies NACKing or unreachable for the new primary), first_routable,
+    attempt_failed, repointed, done, failed.
     """
 
     id: str
     service: str
     cause: str
     mode: str  # follow | orchestrate | switchover
-    kind: str  # failover | fail_closed | adopt | switchover | repoint
+    kind: str  # failover | fail_closed | adopt | switchover | repoint | announce
     old_primary: str | None
     new_primary: str | None
     started_at: float
@@ -49,6 +55,12 @@ class FailoverRecord:
     needs_rejoin: tuple[str, ...] = ()
     write_unavailable_ms: float | None = None  # fence committed -> new primary ACKed
     duration_ms: float | None = None
+    node: str = ""  # the control-plane node that ran it
+    attempts: int = 0  # repoint: how many times it was tried during this outage
+    claim: int | None = None  # announce: the orchestrator's fencing token
+    request_key: str | None = None  # announce: the caller's idempotency key
+    trace_parent: dict[str, str] | None = None  # announce: the caller's W3C trace context
+    error_code: str | None = None  # a failed commit: its rejection code, commit_timeout (unknown) or no_quorum
 
     def event(self, name: str, at: float, **detail: Any) -> None:
         elapsed = round((at - self.started_at) * 1000.0, 3)
@@ -72,19 +84,26 @@ class FailoverRecord:
 class History:
     """The newest `size` records of this node, with their ids (`<node_id>-<n>`)."""
 
-    def __init__(self, node_id: str, size: int, wall_offset: float | None) -> None:
+    def __init__(
+        self, node_id: str, size: int, wall_offset: float | None,
+        taken: Callable[[str], bool] = lambda _id: False,
+    ) -> None:
         self.node_id = node_id
         self.wall_offset = wall_offset  # unix time minus the `now` clock (for started_unix)
         self._records: deque[FailoverRecord] = deque(maxlen=size)
         self._seq = itertools.count(1)
+        self.taken = taken  # True for an id the replicated history already holds
 
     def start(
         self, service: str, kind: str, mode: str, cause: str,
         old: str | None, new: str | None, now: float,
     ) -> FailoverRecord:
         """A new running record, kept in the history (the oldest one drops out when full)."""
+        record_id = f"{self.node_id}-{next(self._seq)}"
+        while self.taken(record_id) or self.get(record_id) is not None:
+            record_id = f"{self.node_id}-{next(self._seq)}"
         rec = FailoverRecord(
-            id=f"{self.node_id}-{next(self._seq)}", service=service, cause=cause, mode=mode,
+            id=record_id, node=self.node_id, service=service, cause=cause, mode=mode,
             kind=kind, old_primary=old, new_primary=new, started_at=now,
             started_unix=None if self.wall_offset is None else now + self.wall_offset,
         )

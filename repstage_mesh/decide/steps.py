@@ -13,6 +13,7 @@ from typing import Literal
 from repstage_mesh.core.models import ServiceSpec, SetPrimary
 
 __all__ = [
+    "AwaitClose",
     "AwaitProxies",
     "Commit",
     "CommitResult",
@@ -63,6 +64,17 @@ class AwaitProxies:
 
 
 @dataclass(frozen=True)
+class AwaitClose:
+    """Wait `seconds` after the fence was ACKed: the time a proxy takes to close its open
+    connections to the old primary (the health fence's check interval, plus a margin). Result:
+    None. Used by announces, whose old primary may still be up and still take writes."""
+
+    service: str
+    record_id: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Promote:
     """Make `member` the primary of the data store and re-point the other members to it;
     result: PromoteResult. `epoch` is the fencing epoch (every claim at or below it is refused)."""
@@ -110,7 +122,7 @@ class Done:
     reason: str
 
 
-Step = ConfirmLeadership | Commit | AwaitProxies | Promote | Repoint | ReadPositions | Done
+Step = ConfirmLeadership | Commit | AwaitProxies | AwaitClose | Promote | Repoint | ReadPositions | Done
 
 
 # --- step results ------------------------------------------------------------------------------
@@ -131,7 +143,9 @@ class ProxyAcks:
     """AwaitProxies' answer: when each proxy ACKed (same clock as `now`), and who did not."""
 
     acked: dict[str, float] = field(default_factory=dict)
-    missed: tuple[str, ...] = ()
+    missed: tuple[str, ...] = ()  # behind at the deadline, NACKed ones and `<node>:unreachable`
+    nacked: dict[str, str] = field(default_factory=dict)  # proxy -> Envoy's error: not fenced
+    unreachable: tuple[str, ...] = ()  # control-plane nodes that could not be asked
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The decider's per-service view: what the latest observations say about each member, plus the
-bookkeeping the policy and the plans keep per service (running plan, hysteresis, re-point
-rate limits, members waiting for an operator to re-join them, why nothing is done).
+bookkeeping the policy and the plans keep per service (running plan, hysteresis, re-points:
+one in flight and one record per member and outage, with back-off, members waiting for an operator to re-join them, why nothing is done).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class ServiceView:
     streak: int = 0  # automatic failovers in a row, each within twice the interval of the last
     retry_at: float = -math.inf
     repoint_at: dict[str, float] = field(default_factory=dict)
+    repoint_record: dict[str, str] = field(default_factory=dict)  # member -> its open repoint record
+    repoint_failures: dict[str, int] = field(default_factory=dict)  # failed attempts in a row
+    repointing: set[str] = field(default_factory=set)  # members with a Repoint in flight
     needs_rejoin: set[str] = field(default_factory=set)
     blocked: str = ""
 

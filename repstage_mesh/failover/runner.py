@@ -1,9 +1,13 @@
 """The failover executor: runs the decider's steps with injected async callables.
 
 `FailoverRunner` is the thin I/O shell around the sans-IO `Decider`. It feeds the decider
-(committed states, observations, ticks, switchover requests), executes the steps it gets back
-one service at a time (a per-service lock), bounds every step in time, and reports each result
-with `Decider.step_done`. It never decides anything itself.
+(committed states, observations, ticks, switchover and announce requests), executes the steps
+it gets back one service at a time (a per-service lock), bounds every step in time, and reports
+each result with `Decider.step_done`. It never decides anything itself. `Repoint` steps run
+outside the per-service lock (one per member at a time, the decider sees to it), so a member
+that stays down never delays a real failover, nor waits behind one. Every time a record may
+have changed, the `HistoryPublisher` hears of it (it commits the record to the replicated
+history); `start` first ends the records a previous leader left running ("interrupted").
 
 What the node provides (all async unless said otherwise):
 
@@ -33,9 +37,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from repstage_mesh.core.errors import CommitTimeout, ReplicationError
-from repstage_mesh.core.models import CommandEnvelope, MeshState, Outcome, ServiceSpec
+from repstage_mesh.core.models import AuditTag, CommandEnvelope, MeshState, Outcome, ServiceSpec
 from repstage_mesh.core.observations import Observation
 from repstage_mesh.decide import (
+    AwaitClose,
     AwaitProxies,
     Commit,
     CommitResult,
@@ -53,6 +58,7 @@ from repstage_mesh.decide import (
     StepFailed,
     StepResult,
 )
+from repstage_mesh.failover.history import HistoryPublisher
 from repstage_mesh.failover.timeouts import bounded
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,10 @@ class Promoter(Protocol):
         """Each member's replication position now (None: unknown / unreachable)."""
         ...
 
+    def hook_timeout(self, spec: ServiceSpec) -> float | None:
+        """The timeout of the operator's hook `spec` names (None: no hook; promote_timeout)."""
+        ...
+
 
 class FailoverRunner:
     """Executes Decider steps. `grace` is added to each step's own timeout before the runner
@@ -108,6 +118,7 @@ class FailoverRunner:
         positions_timeout: float = 1.0,
         grace: float = 1.0,
         on_done: Callable[[FailoverRecord], None] | None = None,
+        history: HistoryPublisher | None = None,
     ) -> None:
         for name, value in (("commit_timeout", commit_timeout), ("confirm_timeout", confirm_timeout),
                             ("promote_timeout", promote_timeout), ("positions_timeout", positions_timeout)):
@@ -127,6 +138,7 @@ class FailoverRunner:
         self.positions_timeout = positions_timeout
         self.grace = grace
         self.on_done = on_done
+        self.history = history
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._finished: dict[str, asyncio.Event] = {}
@@ -145,21 +157,51 @@ class FailoverRunner:
         self.dispatch(self.decider.tick(self.clock()))
 
     async def switchover(
-        self, service: str, target: str, timeout: float | None = None
+        self, service: str, target: str, timeout: float | None = None, wait: float | None = None,
+        cause: str = "planned switchover",
     ) -> FailoverRecord:
-        """Run a planned switchover and return its finished record. Raises DecisionRefused
-        (nothing changed) for a request the decider will not run. Needs the ticker (`run`)."""
-        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout)
-        event = self._finished.setdefault(record_id, asyncio.Event())
-        self.dispatch(steps)
+        """Run a planned switchover and return its record once finished, or after `wait`
+        seconds (or the plan's own bound) with the record still "running": the switchover
+        goes on, its record tells how it ends. Raises DecisionRefused (nothing changed) for a
+        request the decider will not run. Needs the ticker (`run`)."""
+        record_id, steps = self.decider.switchover(service, target, self.clock(), timeout=timeout,
+                                                   cause=cause[:200])
         catchup = timeout if timeout is not None else self.decider.catchup_timeout
-        svc = self.decider.state.service(service)
-        ack = svc.spec.leadership.ack_deadline if svc is not None else 60.0
         # every step is bounded: the sum of the bounds of the longest plan, plus slack
         bound = (2 * (catchup + self.positions_timeout) + self.confirm_timeout
-                 + 3 * self.commit_timeout + self.promote_timeout + 2 * ack + 10 * self.grace + 1.0)
+                 + 3 * self.commit_timeout + self.promote_timeout + 2 * self._ack(service) + 10 * self.grace + 1.0)
+        return await self._finished_record(record_id, steps, bound, wait)
+
+    def _ack(self, service: str) -> float:
+        svc = self.decider.state.service(service)
+        return svc.spec.leadership.ack_deadline if svc is not None else 60.0
+
+    async def announce(
+        self, service: str, member: str | None, *, token: int | None = None, cause: str = "announce",
+        fence: bool = True, close_wait: float = 0.0, key: str | None = None,
+        trace_parent: dict[str, str] | None = None, by: AuditTag | None = None,
+    ) -> FailoverRecord:
+        """Run an announced change (see `Decider.announce`) and return its finished record.
+        Raises DecisionRefused (nothing changed) for a request the decider will not run."""
+        record_id, steps = self.decider.announce(
+            service, member, self.clock(), token=token, cause=cause, fence=fence,
+            close_wait=close_wait, key=key, trace_parent=trace_parent, by=by,
+        )
+        bound = self.confirm_timeout + 3 * self.commit_timeout + 2 * self._ack(service) + close_wait + 6 * self.grace + 1.0
+        return await self._finished_record(record_id, steps, bound)
+
+    async def _finished_record(
+        self, record_id: str, steps: list[Step], bound: float, wait: float | None = None
+    ) -> FailoverRecord:
+        """Dispatch a plan's first `steps` and wait until its record ends, at most `bound`
+        seconds (the plan's own bound) or `wait` if shorter: a record still running then is
+        returned as it is (the plan goes on)."""
+        event = self._finished.setdefault(record_id, asyncio.Event())
+        self.dispatch(steps)
         try:
-            await bounded(event.wait(), bound)
+            await bounded(event.wait(), bound if wait is None else min(wait, bound))
+        except TimeoutError:
+            pass  # still running: the caller answers with the running record
         finally:
             self._finished.pop(record_id, None)
         record = self.decider.record(record_id)
@@ -176,6 +218,12 @@ class FailoverRunner:
             await asyncio.sleep(interval)  # a periodic timer, not synchronisation
 
     def start(self, interval: float = 0.05) -> None:
+        """Start ticking (the node calls it once this node leads, after confirming it)."""
+        if self.history is not None:
+            def running(record_id: str) -> bool:
+                record = self.decider.record(record_id)
+                return record is not None and record.status == "running"
+            self.history.interrupted(self.decider.state, running, self.decider.node_id)
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.get_running_loop().create_task(self.run(interval))
 
@@ -205,16 +253,35 @@ class FailoverRunner:
     def dispatch(self, steps: list[Step]) -> None:
         """Execute `steps` in the background, in order per service, one service at a time."""
         by_service: dict[str, list[Step]] = {}
+        loop = asyncio.get_running_loop()
         for step in steps:
+            self._changed(step.record_id)  # a new record is committed before its first step
             if isinstance(step, Done):
                 self._handle_done([step])
+            elif isinstance(step, Repoint):
+                self._spawn(loop.create_task(self._repoint(step)))
             else:
                 by_service.setdefault(step.service, []).append(step)
-        loop = asyncio.get_running_loop()
         for service, batch in by_service.items():
-            task = loop.create_task(self._drive(service, batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            self._spawn(loop.create_task(self._drive(service, batch)))
+
+    def _spawn(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _changed(self, record_id: str) -> None:
+        record = self.decider.record(record_id)
+        if record is not None and self.history is not None:
+            try:
+                self.history.changed(record)
+            except Exception:
+                log.exception("publishing failover record %s failed", record_id)
+
+    async def _repoint(self, step: Repoint) -> None:
+        """A re-point, outside the per-service lock (see the module docstring)."""
+        result = await self.execute(step)
+        self.dispatch(self.decider.step_done(step, result, self.clock()))
+        self._changed(step.record_id)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -232,9 +299,11 @@ class FailoverRunner:
                     continue
                 result = await self.execute(step)
                 queue.extend(self.decider.step_done(step, result, self.clock()))
+                self._changed(step.record_id)
 
     def _handle_done(self, done: list[Done]) -> None:
         for step in done:
+            self._changed(step.record_id)
             record = self.decider.record(step.record_id)
             if record is not None and self.on_done is not None:
                 try:
@@ -262,6 +331,9 @@ class FailoverRunner:
                                               step.deadline + self.grace)
             except Exception as exc:
                 return StepFailed(f"waiting for proxy ACKs failed: {exc!r}")
+        if isinstance(step, AwaitClose):
+            await asyncio.sleep(step.seconds)  # the proxies' health-check interval, not synchronisation
+            return None
         if isinstance(step, Promote):
             timeout = self._promote_timeout(step.spec)
             try:
@@ -294,8 +366,8 @@ class FailoverRunner:
         return None
 
     def _promote_timeout(self, spec: ServiceSpec) -> float:
-        hook = spec.leadership.promote_hook
-        return hook.timeout if hook is not None else self.promote_timeout
+        timeout = self._promoter.hook_timeout(spec)
+        return timeout if timeout is not None else self.promote_timeout
 
     async def _commit(self, step: Commit) -> StepResult:
         self._commits += 1

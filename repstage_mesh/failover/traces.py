@@ -1,5 +1,6 @@
-"""One OpenTelemetry trace per primary change the leader runs, from the first failed probe to
-the last proxy's ACK, and the failover-duration metric.
+"""One OpenTelemetry trace per primary change the leader runs (failovers, switchovers and
+announces), from the first failed probe to the last proxy's ACK, and the failover-duration
+metric. An announce whose caller sent a W3C `traceparent` continues the caller's trace.
 
 `FailoverTraces` sits between the runner and the store: `traced(commit)` gives the runner a
 commit function that carries the trace context in each SetPrimary (so every node's push joins
@@ -87,6 +88,7 @@ class FailoverTraces:
             cause=record.cause if record is not None else command.cause,  # not the fence's "fence: ..."
             mode=record.mode if record is not None else "unknown",
             started_at=started,
+            parent=record.trace_parent if record is not None else None,  # an announce's caller
         )
 
     def done(self, record: FailoverRecord) -> None:

@@ -6,12 +6,18 @@ See /work/shared/FACTS.md for the measurements behind them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pysyncobj import SyncObjConf
+
+from repstage_mesh.core.addresses import parse_host_port
+from repstage_mesh.raft.durable import DIR_MODE, FILE_MODE
+
+log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "journal.bin"
 DUMP_FILE = "dump.bin"
@@ -56,14 +62,43 @@ class RaftTimings:
             raise ValueError("bind_retries: must be at least 1 (0 would retry forever)")
 
 
+def prepare_data_dir(data_dir: Path) -> None:
+    """Create `data_dir` (and its parents) if missing, make it 0700 (only this user) and the
+    files already in it 0600 (journals, dumps written by an older version or another umask)."""
+    data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if data_dir.stat().st_mode & 0o777 != DIR_MODE:
+        try:
+            os.chmod(data_dir, DIR_MODE)
+        except PermissionError:  # not ours (a mounted volume's root): say so, run on
+            log.warning("data_dir %s is mode %o and not ours to change: other users may read the "
+                        "journal", data_dir, data_dir.stat().st_mode & 0o777)
+    for path in data_dir.iterdir():
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077:
+            try:
+                os.chmod(path, FILE_MODE)
+            except PermissionError:
+                log.warning("%s is mode %o and not ours to change", path, path.stat().st_mode & 0o777)
+
+
 def build_conf(
     data_dir: Path,
     password: str | None,
     timings: RaftTimings,
     on_state_changed: Callable[[int, int], None] | None = None,
+    bind_address: str | None = None,
 ) -> SyncObjConf:
-    """The SyncObjConf for one node whose journal and dump live in `data_dir` (created if missing)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """The SyncObjConf for one node whose journal and dump live in `data_dir` (created if missing,
+    mode 0700 either way: the journal holds pickles).
+
+    `bind_address` (HOST:PORT) is where the Raft port listens. pysyncobj knows a node by its
+    self address (the string the peers list, our `raft.advertise`) and, without
+    `bindAddress`, listens on that address's port on every interface (0.0.0.0, or :: for an
+    IPv6 host), whatever its host; with `bindAddress` it listens there instead (a host name
+    is resolved). So a node may bind 0.0.0.0 and be known as its pod IP or DNS name."""
+    prepare_data_dir(data_dir)
+    if bind_address is not None:  # pysyncobj splits at the last ':' and wants no brackets
+        host, port = parse_host_port(bind_address)
+        bind_address = f"{host}:{port}"
     return SyncObjConf(
         password=password,
         autoTick=True,
@@ -88,5 +123,6 @@ def build_conf(
         useFork=False,
         maxBindRetries=timings.bind_retries,
         bindRetryTime=timings.bind_retry_time,
+        bindAddress=bind_address,
         onStateChanged=on_state_changed,
     )

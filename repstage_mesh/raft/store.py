@@ -14,9 +14,11 @@ Errors (see errors.py): `NoQuorum` (no leader / no majority: not applied),
 `CommitTimeout` (the write may or may not be applied), `NoQuorumOutcomeUnknown` (both: there is no
 majority *and* the write was handed to a leader that may still commit it), `RaftBindError`.
 
-Limits inherited from pysyncobj: nothing is fsync'd (a power loss can lose acknowledged writes);
-the peer protocol is pickle over TCP, so multi-node mode requires a password (it encrypts and
-authenticates peers); there is no PreVote. The store must be constructed on a thread that outlives
+Durability: the journal is a `durable.DurableJournal` (msync before any read or send, term and
+vote fsync'd), unless `durable=False` (then a power loss can lose acknowledged writes; logged
+as a warning). The peer protocol is pickle over TCP, so multi-node mode requires a password (it
+encrypts and authenticates peers); frames from a peer that has not authenticated are limited to
+`unauthenticated_frame_limit` bytes (`guard.py`). There is no PreVote. The store must be constructed on a thread that outlives
 it (pysyncobj stops ticking when the constructing thread exits; we pin that to the main thread).
 """
 
@@ -45,7 +47,9 @@ from repstage_mesh.core.errors import (
     ReplicationError,
 )
 from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Noop, Outcome, Rejection
-from repstage_mesh.raft.conf import LOCK_FILE, RaftTimings, build_conf
+from repstage_mesh.raft import durable
+from repstage_mesh.raft.conf import DUMP_FILE, LOCK_FILE, RaftTimings, build_conf
+from repstage_mesh.raft.guard import DEFAULT_UNAUTHENTICATED_FRAME_LIMIT, guarded_transport
 
 if TYPE_CHECKING:
     from pysyncobj import SyncObjConf
@@ -76,6 +80,8 @@ _UNKNOWN = {
     FAIL_REASON.UNKNOWN_OUTCOME: "the entry was applied through a snapshot before its answer came",
 }
 _RETRY_INTERVAL = 0.02
+
+durable.install()
 
 
 class StateMachine(Protocol):
@@ -207,8 +213,23 @@ class ReplicatedStore:
         loop: asyncio.AbstractEventLoop | None = None,
         machine: StateMachine | None = None,
         timings: RaftTimings | None = None,
+        bind_address: str | None = None,
+        durable_journal: bool = True,
+        unauthenticated_frame_limit: int = DEFAULT_UNAUTHENTICATED_FRAME_LIMIT,
+        on_frame_refused: Callable[[int], None] | None = None,
     ) -> None:
         peers = _checked_peers(node_id, self_address, peers, password)
+        if not durable_journal:
+            log.warning(
+                "raft: the durable journal is off (raft.durable_journal: false): a power loss of a "
+                "majority can lose acknowledged writes and issue an epoch twice"
+            )
+        self._journal_options = durable.JournalOptions(
+            durable=durable_journal, dump_file=str(Path(data_dir) / DUMP_FILE)
+        )
+        self._transport = guarded_transport(unauthenticated_frame_limit, self._frame_refused)
+        self._on_frame_refused = on_frame_refused
+        self.frames_refused = 0
         self.node_id = node_id
         self.self_address = self_address
         self.peers = tuple(peers)
@@ -224,8 +245,10 @@ class ReplicatedStore:
         self._peer_keys = tuple(Node(p) for p in self.peers)
         self._applier = _Applier(self._machine, self._notify)
         conf: SyncObjConf = build_conf(
-            self.data_dir, password if peers else None, self._timings, self._on_state_changed
+            self.data_dir, password if peers else None, self._timings, self._on_state_changed,
+            bind_address=bind_address if peers else None,
         )
+        self.bind_address = bind_address or self_address
         self._lock_file = _lock_data_dir(self.data_dir)
         self._sync = self._start(conf)
         self._sync.addOnTickCallback(self._on_tick)
@@ -233,14 +256,18 @@ class ReplicatedStore:
     def _start(self, conf: SyncObjConf) -> SyncObj:
         """Build pysyncobj's node and wait until it listens. On failure, release the data dir."""
         try:
-            if self.peers:
-                assert self.self_address is not None
-                sync = SyncObj(self.self_address, list(self.peers), conf=conf, consumers=[self._applier])
-            else:
-                sync = SyncObj(
-                    Node(self.self_address or f"local:{self.node_id}"), [], conf=conf,
-                    consumers=[self._applier], nodeClass=Node, transportClass=_LocalTransport,
-                )
+            with durable.journal_options(self._journal_options):
+                if self.peers:
+                    assert self.self_address is not None
+                    sync = SyncObj(
+                        self.self_address, list(self.peers), conf=conf, consumers=[self._applier],
+                        transportClass=self._transport,
+                    )
+                else:
+                    sync = SyncObj(
+                        Node(self.self_address or f"local:{self.node_id}"), [], conf=conf,
+                        consumers=[self._applier], nodeClass=Node, transportClass=_LocalTransport,
+                    )
         except BaseException:
             self._lock_file.close()
             raise
@@ -254,7 +281,7 @@ class ReplicatedStore:
             sync.destroy_synchronous()
             self._lock_file.close()
             raise RaftBindError(
-                f"raft bind: cannot listen on {self.self_address} after {self._timings.bind_retries} "
+                f"raft bind: cannot listen on {self.bind_address} after {self._timings.bind_retries} "
                 "attempts (address in use or not local)"
             ) from exc
         return sync
@@ -305,8 +332,18 @@ class ReplicatedStore:
         if not self._closed:  # checked where the callback runs: a change queued on the loop
             callback(is_leader)  # before close() is dropped after it
 
+    def _frame_refused(self, size: int) -> None:
+        self.frames_refused += 1
+        callback = self._on_frame_refused
+        if callback is not None:
+            try:
+                callback(size)
+            except Exception:
+                log.exception("on_frame_refused callback failed")
+
     def _on_tick(self) -> None:
         sync = self._sync
+        durable.sync_journal_of(sync)  # what this tick appended is on disk before the next one
         if not self.peers:
             self._wake_if_uncommitted()
         connected = frozenset(key.id for key in self._peer_keys if sync.isNodeConnected(key))
@@ -362,6 +399,7 @@ class ReplicatedStore:
             "state_index": self.state.index,
             "peers": [{"address": p, "connected": p in snap.connected} for p in self.peers],
             "has_quorum": snap.has_quorum,
+            "frames_refused": self.frames_refused,
         }
 
     # --- writes -----------------------------------------------------------------------------------

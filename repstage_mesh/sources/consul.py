@@ -1,56 +1,74 @@
-"""The Consul leadership source, and the control-plane node's own registration in Consul.
+"""The Consul leadership source: a blocking-query watch of each consul-sourced service's health.
 
 `ConsulSource` (Raft leader only) watches `/v1/health/service/<name>` for every service whose
-leadership source is `consul`, with blocking queries (py-consul's asyncio client): the primary is
-the instance whose checks all pass and which carries the configured tag (`primary` by default,
-as Patroni registers). Each answer becomes one Observation per member, emitted when a member's
-status changes:
+leadership source is `consul` (py-consul's asyncio client) and turns each answer into one
+Observation per member with `consul_health.read_health` (the sans-IO part: matching, checks,
+tags, what an empty or ACL-filtered answer means). It emits a member's Observation when its
+status changes, and logs (and counts, through `on_anomaly`) what looks wrong once per episode:
+an answer filtered by ACLs or empty, two instances for one member, a stale check, a warning.
 
-- all checks passing (node checks such as serfHealth included): PRIMARY with the tag, else REPLICA;
-- any check not passing (warning, critical, maintenance): DOWN, the failing checks in `detail`;
-- no Consul instance matches the member: DOWN ("not registered in Consul");
-- Consul unreachable for `unknown_after_errors` attempts in a row: UNKNOWN (no information,
-  which is not the same as down).
+- Blocking queries follow Consul's rules (`consul_health.BlockingIndex`): the index sent is the
+  last X-Consul-Index; an index that goes backwards or is 0 resets the watch; Consul adds up to
+  wait/16 of jitter, which the request timeout allows for; the loop is rate-limited (a token
+  bucket: `query_burst` at once, then `max_query_rate` per second). Every answer is read (an unchanged
+  answer changes no status, so it emits nothing): an answer is never skipped for its index.
+- Errors back off exponentially with jitter; after `unknown_after_errors` in a row every member
+  is UNKNOWN (no information, not down). After an error the next query does not block, so the
+  first answer after an outage is read in full even when nothing changed meanwhile.
+- The token: `consul.token` from the config wins; py-consul's `CONSUL_HTTP_TOKEN` from the
+  environment is used only when the config has none.
 
-Instances match members by Service ID == member name, else by address:port (the service
-address, or the node address when the service has none). Blocking-query rules from Consul's
-documentation: the index sent is the last X-Consul-Index; an index that goes backwards resets
-the watch (the next query does not block); an index below 1 is taken as 1; errors back off
-exponentially with jitter; an answer with an unchanged index is not a change.
-
-`ConsulRegistration` (every node) registers the node's REST API as a Consul service with an
-HTTP check on `/healthz`, and deregisters it on `stop()`.
+`ConsulRegistration` (every node) lives in `consul_registration.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
+import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import LeadershipSource, ServiceSpec, ServiceState
 from repstage_mesh.core.observations import MemberStatus, Observation, specs_with_source
+from repstage_mesh.sources.consul_health import (
+    SOURCE,
+    Anomaly,
+    BlockingIndex,
+    HealthAnswer,
+    QueryPacer,
+    read_health,
+)
 from repstage_mesh.sources.supervisor import KeyedTasks, ObservationCallback
 
 __all__ = [
-    "ConsulRegistration",
+    "AnomalyCallback",
+    "ConsulError",
     "ConsulSource",
     "WatchStats",
     "consul_client",
-    "health_observations",
+    "health_query",
     "parse_consul_address",
 ]
 
 log = logging.getLogger(__name__)
 
-SOURCE = "consul"
+AnomalyCallback = Callable[[str, str], None]  # (service, kind): for the metric
+_LOUD = {"acl_filtered", "empty_answer", "ambiguous"}  # logged at ERROR, the rest at WARNING
+
+
+class ConsulError(MeshError):
+    """Consul answered with an error status or refused a registration (kept inside the source,
+    like a timeout: logged, counted, retried)."""
+
+    code = "consul"
 
 
 def parse_consul_address(address: str | None) -> dict[str, Any]:
@@ -70,77 +88,44 @@ def parse_consul_address(address: str | None) -> dict[str, Any]:
 def consul_client(address: str | None = None, token: str | None = None) -> Any:
     """A py-consul asyncio client (`consul.aio.Consul`). Its aiohttp session has a total timeout
     longer than the longest blocking query (600 s + Consul's wait/16 jitter); callers bound each
-    request themselves."""
+    request themselves. A configured `token` wins over CONSUL_HTTP_TOKEN (py-consul lets the
+    environment override its argument; we set it back)."""
     import consul.aio
 
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", DeprecationWarning
         )  # py-consul passes verify_ssl= to aiohttp
-        return consul.aio.Consul(
+        client = consul.aio.Consul(
             token=token, connections_timeout=700, **parse_consul_address(address)
         )
+    if token is not None:
+        if os.environ.get("CONSUL_HTTP_TOKEN") not in (None, token):
+            log.info("CONSUL_HTTP_TOKEN is set but consul.token is configured: using consul.token")
+        client.token = token
+    return client
 
 
-# --- from Consul's answer to Observations (pure) -----------------------------------------------
-
-
-def _entry_address(entry: Mapping[str, Any]) -> str:
-    service = entry.get("Service") or {}
-    node = entry.get("Node") or {}
-    return str(service.get("Address") or node.get("Address") or "")
-
-
-def _entry_status(entry: Mapping[str, Any], tag: str) -> tuple[MemberStatus, str]:
-    service = entry.get("Service") or {}
-    checks = entry.get("Checks") or []
-    failing = [c for c in checks if c.get("Status") != "passing"]
-    if failing:
-        parts = []
-        for check in failing:
-            output = str(check.get("Output") or "").strip().replace("\n", " ")[:120]
-            name = check.get("CheckID") or check.get("Name") or "?"
-            parts.append(f"{check.get('Status')}: {name}" + (f" ({output})" if output else ""))
-        return MemberStatus.DOWN, "; ".join(parts)
-    tags = list(service.get("Tags") or [])
-    if tag in tags:
-        return MemberStatus.PRIMARY, f"passing, tagged {tag!r}"
-    return MemberStatus.REPLICA, f"passing, tags {tags}"
-
-
-_RANK = {
-    MemberStatus.PRIMARY: 3,
-    MemberStatus.REPLICA: 2,
-    MemberStatus.UNKNOWN: 1,
-    MemberStatus.DOWN: 0,
-}
-
-
-def health_observations(
-    spec: ServiceSpec, entries: Sequence[Mapping[str, Any]], tag: str, now: float
-) -> dict[str, Observation]:
-    """One Observation per member of `spec` from a `/v1/health/service/<name>` answer."""
-    by_id = {m.name: m.name for m in spec.members}
-    by_endpoint = {(m.address, m.port): m.name for m in spec.members}
-    found: dict[str, tuple[MemberStatus, str]] = {}
-    for entry in entries:
-        service = entry.get("Service") or {}
-        member = by_id.get(str(service.get("ID", ""))) or by_endpoint.get(
-            (_entry_address(entry), int(service.get("Port") or 0))
-        )
-        if member is None:
-            continue
-        status, detail = _entry_status(entry, tag)
-        if member not in found or _RANK[status] > _RANK[found[member][0]]:
-            found[member] = (status, detail)
-    out = {}
-    for m in spec.members:
-        status, detail = found.get(m.name, (MemberStatus.DOWN, "not registered in Consul"))
-        out[m.name] = Observation(spec.name, m.name, status, now, SOURCE, detail)
-    return out
-
-
-# --- the watch -------------------------------------------------------------------------------
+async def health_query(
+    client: Any, name: str, index: int | None, wait: float
+) -> HealthAnswer:
+    """One `/v1/health/service/<name>` query, blocking when `index` is given, with the headers
+    py-consul's `health.service` drops (X-Consul-Results-Filtered-By-ACLs)."""
+    params: list[tuple[str, str]] = []
+    if index is not None:
+        params += [("index", str(index)), ("wait", f"{int(wait * 1000)}ms")]
+    response = await client.http.get(
+        lambda r: r, f"/v1/health/service/{name}", params=params, headers=client.prepare_headers()
+    )
+    if response.code != 200:
+        raise ConsulError(f"consul answered {response.code}: {str(response.body)[:200]}")
+    try:
+        raw_index = int(response.headers.get("X-Consul-Index", ""))
+        entries = json.loads(response.body)
+    except ValueError as exc:
+        raise ConsulError(f"consul answer without a usable index or body: {exc}") from None
+    filtered = str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true"
+    return HealthAnswer(raw_index, entries if isinstance(entries, list) else [], filtered)
 
 
 @dataclass
@@ -150,9 +135,11 @@ class WatchStats:
     queries: int = 0  # requests sent
     responses: int = 0
     errors: int = 0
-    resets: int = 0  # the index went backwards
+    resets: int = 0  # the index went backwards or was 0
     index: int | None = None  # the index the next query sends
     blocking: bool = False  # a blocking query (with an index) is outstanding
+    anomalies: int = 0  # anomalies logged (each new one once)
+    rate_limited: bool = False  # the last query waited for the pacer
 
 
 class ConsulSource:
@@ -175,12 +162,18 @@ class ConsulSource:
         initial_backoff: float = 0.1,
         max_backoff: float = 5.0,
         unknown_after_errors: int = 3,
+        on_anomaly: AnomalyCallback | None = None,
+        max_query_rate: float = 20.0,
+        query_burst: int = 5,
     ) -> None:
         self._address, self._token = address, token
         self._clock = clock
         self._initial_backoff, self._max_backoff = initial_backoff, max_backoff
         self._unknown_after = unknown_after_errors
+        self._on_anomaly = on_anomaly
+        self._rate, self._burst = max_query_rate, query_burst
         self._last: dict[str, dict[str, Observation]] = {}
+        self._anomalies: dict[str, set[tuple[str, str | None]]] = {}  # (kind, member) now
         self.stats: dict[str, WatchStats] = {}
         # One watch per service, restarted when anything in its spec changes. A stop keeps
         # `_last` and `stats` (latest() answers after a stop); a dropped watch forgets `_last`.
@@ -215,6 +208,7 @@ class ConsulSource:
 
     def _spawn(self, name: str, spec: ServiceSpec) -> Coroutine[Any, Any, None]:
         self.stats[name] = WatchStats()
+        self._anomalies.pop(name, None)
         return self._watch(spec)
 
     async def _watch(self, spec: ServiceSpec) -> None:
@@ -222,28 +216,27 @@ class ConsulSource:
         name = consul_spec.service or spec.name
         wait = consul_spec.wait
         stats = self.stats[spec.name]
+        index = BlockingIndex()
+        pacer = QueryPacer(self._rate, self._burst)
         backoff, errors = self._initial_backoff, 0
         while True:
-            index = stats.index
+            await self._pace(spec.name, name, pacer)
+            stats.index = sent = index.value
             stats.queries += 1
-            stats.blocking = index is not None
+            stats.blocking = sent is not None
             try:
                 # Consul adds up to wait/16 of jitter; allow that plus a margin for the answer.
                 async with asyncio.timeout(wait + wait / 16 + 5):
-                    raw_index, entries = await self._client.health.service(
-                        name,
-                        index=str(index) if index is not None else None,
-                        wait=f"{int(wait * 1000)}ms",
-                    )
-                new_index = int(raw_index)
+                    answer = await health_query(self._client, name, sent, wait)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 stats.blocking = False
                 stats.errors += 1
                 errors += 1
+                index.failed()  # the first answer after errors is read without blocking
                 log.warning("consul watch of %s failed (%d in a row): %r", name, errors, exc)
-                if errors == self._unknown_after:
+                if errors >= self._unknown_after:
                     await self._unknown(spec, f"consul unreachable: {exc!r}"[:200])
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # back off, with jitter
                 backoff = min(backoff * 2, self._max_backoff)
@@ -251,16 +244,46 @@ class ConsulSource:
             stats.blocking = False
             stats.responses += 1
             errors, backoff = 0, self._initial_backoff
-            if index is not None and new_index < index:
+            if index.answered(answer.index):
                 stats.resets += 1
-                stats.index = None  # the index went backwards: start over without blocking
-            else:
-                stats.index = max(new_index, 1)
-            if index is not None and new_index == index:
-                continue  # the wait elapsed, or a wake-up without a change
-            await self._publish(
-                spec, health_observations(spec, entries or [], consul_spec.tag, self._clock())
+                log.info("consul index of %s reset (%s → %d)", name, sent, answer.index)
+            stats.index = index.value
+            reading = read_health(spec, answer, consul_spec.tag, self._clock())
+            self._report(spec.name, name, reading.anomalies)
+            await self._publish(spec, reading.observations)
+
+    async def _pace(self, service: str, consul_name: str, pacer: QueryPacer) -> None:
+        """Consul's advice: rate-limit the blocking loop (a churning result, or an index that
+        never blocks, degrades into polling at `max_query_rate`, not a busy loop)."""
+        pause = pacer.delay(time.monotonic())  # real time: the pause is a real sleep
+        stats = self.stats[service]
+        if pause <= 0:
+            stats.rate_limited = False
+            return
+        if not stats.rate_limited:
+            stats.rate_limited = True
+            log.warning(
+                "consul watch of %s (%s): answers come faster than %g/s; pacing the queries",
+                service, consul_name, self._rate,
             )
+        if self._on_anomaly is not None:
+            self._on_anomaly(service, "rate_limited")
+        await asyncio.sleep(pause)
+
+    def _report(self, service: str, consul_name: str, anomalies: Iterable[Anomaly]) -> None:
+        """Log and count each anomaly when it appears (not again while it lasts)."""
+        messages = {(a.kind, a.member): a.message for a in anomalies}
+        current = set(messages)
+        seen = self._anomalies.get(service, set())
+        for kind, member in sorted(current - seen, key=str):
+            message = messages[(kind, member)]
+            self.stats[service].anomalies += 1
+            level = logging.ERROR if kind in _LOUD else logging.WARNING
+            who = f"member {member!r} of " if member else ""
+            log.log(level, "consul: %s%s (consul service %r): %s", who, service, consul_name, message)
+            if self._on_anomaly is not None:
+                self._on_anomaly(service, kind)
+        self._anomalies[service] = current
 
     async def _publish(self, spec: ServiceSpec, observations: dict[str, Observation]) -> None:
         last = self._last.setdefault(spec.name, {})
@@ -280,87 +303,3 @@ class ConsulSource:
                 for m in spec.members
             },
         )
-
-
-# --- the node's own registration -----------------------------------------------------------
-
-
-class ConsulRegistration:
-    """Registers this control-plane node in Consul, with an HTTP check on its `/healthz`.
-
-    registration = ConsulRegistration(address="127.0.0.1:8500", token=None)
-    await registration.register_self("cp-1", "10.0.0.5:8080")
-    ...
-    await registration.stop()    # deregisters, closes the client
-    """
-
-    def __init__(
-        self,
-        *,
-        address: str | None = None,
-        token: str | None = None,
-        service_name: str = "repstage-mesh",
-        check_interval: str = "1s",
-        check_timeout: str = "1s",
-        deregister_after: str = "1m",
-        request_timeout: float = 10.0,
-    ) -> None:
-        self._address, self._token = address, token
-        self.service_name = service_name
-        self.check_interval, self.check_timeout = check_interval, check_timeout
-        self.deregister_after = deregister_after
-        self.request_timeout = request_timeout
-        self.service_id: str | None = None
-        self._client: Any = None
-
-    async def register_self(
-        self, node_id: str, api_address: str, *, tags: Sequence[str] = ()
-    ) -> str:
-        """Register `node_id`'s REST API at `api_address` (HOST:PORT); returns the service ID.
-        A wildcard host (0.0.0.0, ::) registers no address (Consul uses the node's) and checks
-        127.0.0.1."""
-        from consul import Check
-
-        from repstage_mesh.core.addresses import parse_host_port
-
-        host, port = parse_host_port(api_address)
-        wildcard = host in ("0.0.0.0", "::", "")
-        check_host = "127.0.0.1" if wildcard else (f"[{host}]" if ":" in host else host)
-        if self._client is None:
-            self._client = consul_client(self._address, self._token)
-        service_id = f"{self.service_name}-{node_id}"
-        check = Check.http(
-            f"http://{check_host}:{port}/healthz",
-            self.check_interval,
-            timeout=self.check_timeout,
-            deregister=self.deregister_after,
-        )
-        check["Name"] = f"{self.service_name} {node_id} /healthz"
-        async with asyncio.timeout(self.request_timeout):
-            ok = await self._client.agent.service.register(
-                self.service_name,
-                service_id=service_id,
-                address=None if wildcard else host,
-                port=port,
-                tags=[self.service_name, *tags],
-                meta={"node_id": node_id},
-                check=check,
-            )
-        if not ok:
-            raise RuntimeError(f"consul refused to register {service_id}")
-        self.service_id = service_id
-        return service_id
-
-    async def stop(self) -> None:
-        """Deregister (best effort) and close the client."""
-        client, self._client = self._client, None
-        service_id, self.service_id = self.service_id, None
-        if client is None:
-            return
-        try:
-            if service_id is not None:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self.request_timeout):
-                        await client.agent.service.deregister(service_id)
-        finally:
-            await client.close()

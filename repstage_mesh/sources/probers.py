@@ -12,9 +12,10 @@ returns a `ProbeResult` within the spec's timeout and never raises:
 - http: GET path; status == expect_status → PRIMARY, any other answer → REPLICA.
 - tcp: connect → UNKNOWN ("up").
 
-A refused connection is REFUSED (the process is gone); a kept connection that breaks is retried
-once on a fresh one within the same probe, so a killed member reads as REFUSED, not as a vague
-error. No answer within the timeout is TIMEOUT.
+A refused connection is REFUSED (the process is gone); a kept connection that breaks (Redis,
+PostgreSQL, an HTTP keep-alive connection) is retried once on a fresh one within the same probe,
+so a killed member reads as REFUSED, not as a vague error, and REFUSED always means a fresh
+connection was refused or closed. No answer within the timeout is TIMEOUT.
 
 `ProbeRunner` (sources/probes.py) runs them on every member's interval.
 """
@@ -27,6 +28,7 @@ import inspect
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -59,8 +61,11 @@ __all__ = [
     "PostgresProber",
     "Prober",
     "RedisProber",
+    "SecretLookup",
     "TcpProber",
+    "abort_pg_attempt",
     "make_prober",
+    "no_secrets",
     "parse_role_reply",
     "probe_kind",
     "probe_once",
@@ -89,8 +94,18 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def _password(spec: ProbeSpec) -> str | None:
-    return os.environ.get(spec.password_env) if spec.password_env else None
+SecretLookup = Callable[[str | None, str], str | None]  # (secret name, member address)
+
+
+def no_secrets(name: str | None, host: str) -> str | None:
+    """The lookup used when none is given: no password for anyone."""
+    return None
+
+
+def _password(spec: ProbeSpec, member: Member, secrets: SecretLookup) -> str | None:
+    """The password named by `password_secret`, from the operator's `secrets:` only, and only
+    if that secret may be sent to this member's address (config.Secrets.for_host)."""
+    return secrets(spec.password_secret, member.address) if spec.password_secret else None
 
 
 def _failure(exc: BaseException, started: float) -> ProbeResult:
@@ -388,30 +403,48 @@ class PostgresProber:
     async def _abort(self, task: asyncio.Task[Any]) -> None:
         """Stop an overdue attempt without psycopg's cancel request."""
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            fd = conn.pgconn.socket
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        else:
-            task.cancel()  # still connecting
-        await asyncio.wait({task}, timeout=1.0)
-        if not task.done():
-            task.cancel()
-        else:
-            with contextlib.suppress(BaseException):
-                task.exception()
-        if conn is not None:
-            self._finish(conn)
+        await abort_pg_attempt(task, conn)
 
     @staticmethod
     def _finish(conn: psycopg.AsyncConnection[Any]) -> None:
-        if not conn.closed:
-            conn.pgconn.finish()  # no Terminate round trip to wait for
+        _finish_pg(conn)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             self._finish(conn)
+
+
+def _finish_pg(conn: psycopg.AsyncConnection[Any]) -> None:
+    if not conn.closed:
+        conn.pgconn.finish()  # no Terminate round trip to wait for
+
+
+async def abort_pg_attempt(
+    task: asyncio.Task[Any], conn: psycopg.AsyncConnection[Any] | None
+) -> None:
+    """Stop an overdue PostgreSQL exchange (`task`, working on `conn`, None while still
+    connecting) without psycopg's cancel request: a task cancelled inside a query makes psycopg
+    send the server a cancel request and wait up to 5 s for it and 5 s more for the query to
+    end (psycopg 3.1 even sends the request blocking the event loop; 3.2+ uses libpq 17's
+    non-blocking cancel or a worker thread), which against a silent server is 10 s lost. Instead the connection's socket is
+    shut down: the pending wait fails at once with an OperationalError and nothing is sent. A
+    connection attempt is cancelled (psycopg connects cancel-safely). Returns once the task has
+    ended (or after 1 s, then cancelled); `conn` is finished."""
+    if conn is not None and not conn.closed:
+        fd = conn.pgconn.socket
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    else:
+        task.cancel()  # still connecting
+    await asyncio.wait({task}, timeout=1.0)
+    if not task.done():
+        task.cancel()
+    else:
+        with contextlib.suppress(BaseException):
+            task.exception()
+    if conn is not None:
+        _finish_pg(conn)
 
 
 # --- HTTP and TCP -----------------------------------------------------------------------------
@@ -442,12 +475,8 @@ class HttpProber:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         try:
-            async with (
-                asyncio.timeout(self.timeout),
-                self._session.get(self.url, allow_redirects=False) as response,
-            ):
-                await response.read()
-                status = response.status
+            async with asyncio.timeout(self.timeout):
+                status = await self._get()
         except aiohttp.ClientConnectorError as exc:
             return _failure(exc.os_error, started)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -459,6 +488,15 @@ class HttpProber:
         latency = time.monotonic() - started
         role = MemberStatus.PRIMARY if status == self.expect_status else MemberStatus.REPLICA
         return ProbeResult.ok(role, detail=f"HTTP {status}", latency=latency)
+
+    async def _get(self) -> int:
+        """The status of one GET. A kept-alive connection the server had closed is retried once
+        on a fresh one by aiohttp itself (idempotent methods, since 3.9: aio-libs/aiohttp#7363),
+        so "connection closed" is always a fresh connection's."""
+        assert self._session is not None
+        async with self._session.get(self.url, allow_redirects=False) as response:
+            await response.read()
+            return response.status
 
     async def close(self) -> None:
         session, self._session = self._session, None
@@ -489,39 +527,47 @@ class TcpProber:
 
 
 def make_prober(
-    spec: ServiceSpec, member: Member, *, session: aiohttp.ClientSession | None = None
+    spec: ServiceSpec,
+    member: Member,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    secrets: SecretLookup = no_secrets,
 ) -> Prober:
-    """The prober for one member of a service, per the service's leadership.probe spec."""
+    """The prober for one member of a service, per the service's leadership.probe spec.
+    `secrets` resolves `password_secret` (config.Secrets.for_host)."""
     probe = spec.leadership.probe
     kind = probe_kind(spec)
+    port = probe.port or member.port
     if kind is ProbeKind.REDIS:
         return RedisProber(
-            member.address, member.port, probe.timeout, user=probe.user, password=_password(probe)
+            member.address, port, probe.timeout, user=probe.user, password=_password(probe, member, secrets)
         )
     if kind is ProbeKind.POSTGRES:
         return PostgresProber(
             member.address,
-            member.port,
+            port,
             probe.timeout,
             user=probe.user,
             database=probe.database,
-            password=_password(probe),
+            password=_password(probe, member, secrets),
         )
     if kind is ProbeKind.HTTP:
         return HttpProber(
             member.address,
-            member.port,
+            port,
             probe.timeout,
             path=probe.path,
             expect_status=probe.expect_status,
             session=session,
         )
-    return TcpProber(member.address, member.port, probe.timeout)
+    return TcpProber(member.address, port, probe.timeout)
 
 
-async def probe_once(spec: ServiceSpec, member: Member) -> ProbeResult:
+async def probe_once(
+    spec: ServiceSpec, member: Member, secrets: SecretLookup = no_secrets
+) -> ProbeResult:
     """One probe of one member on a fresh connection (CLI, switchover checks, tests)."""
-    prober = make_prober(spec, member)
+    prober = make_prober(spec, member, secrets=secrets)
     try:
         return await prober.probe()
     finally:

@@ -31,7 +31,13 @@ from repstage_mesh.core.observations import (
     ProbeTracker,
     specs_with_source,
 )
-from repstage_mesh.sources.probers import Prober, make_prober, probe_kind
+from repstage_mesh.sources.probers import (
+    Prober,
+    SecretLookup,
+    make_prober,
+    no_secrets,
+    probe_kind,
+)
 from repstage_mesh.sources.supervisor import KeyedTasks, ObservationCallback
 
 __all__ = [
@@ -69,9 +75,11 @@ class ProbeRunner:
 
     One asyncio task per member: probe, feed the member's ProbeTracker, deliver what it emits,
     then wait until `interval` after the probe started (a probe that times out is followed by
-    the next one at once). `set_services` may be called before or after `start`; it keeps the
-    tasks (and their trackers) of members whose target is unchanged. `on_probe(service, member,
-    result)`, when given, sees every raw result (metrics: Metrics.observe_probe).
+    the next one at once; a refused one that the tracker is confirming, by the next one
+    `retry_interval` after it started). `set_services` may be called before or after `start`;
+    it keeps the tasks (and their trackers) of members whose target is unchanged.
+    `on_probe(service, member, result)`, when given, sees every raw result (metrics:
+    Metrics.observe_probe).
     """
 
     def __init__(
@@ -81,13 +89,14 @@ class ProbeRunner:
         clock: Clock = time.monotonic,
         offset_refresh: float = 1.0,
         prober_factory: ProberFactory | None = None,
+        secrets: SecretLookup = no_secrets,
         on_probe: Callable[[str, str, ProbeResult], None] | None = None,
     ) -> None:
         self._on_probe = on_probe
         self._clock = clock
         self._offset_refresh = offset_refresh
         self._factory: ProberFactory = prober_factory or (
-            lambda spec, member, session: make_prober(spec, member, session=session)
+            lambda spec, member, session: make_prober(spec, member, session=session, secrets=secrets)
         )
         self._trackers: dict[tuple[str, str], ProbeTracker] = {}
         self._tasks: KeyedTasks[tuple[str, str], _Target] = KeyedTasks(
@@ -145,6 +154,7 @@ class ProbeRunner:
             target.member.name,
             fall=target.probe.fall,
             rise=target.probe.rise,
+            refused_fall=target.probe.refused_fall,
             source=f"probe:{target.kind}",
             offset_refresh=self._offset_refresh,
         )
@@ -155,6 +165,7 @@ class ProbeRunner:
         assert self._session is not None
         prober = self._factory(target.spec, target.member, self._session)
         interval, timeout = target.probe.interval, target.probe.timeout
+        retry = min(interval, target.probe.retry_interval)
         try:
             while True:
                 started = self._clock()
@@ -172,7 +183,8 @@ class ProbeRunner:
                 observation = tracker.feed(result, self._clock())
                 if observation is not None:
                     await self._tasks.deliver(observation)
-                delay = started + interval - self._clock()
+                # A refused probe is confirmed by the next one soon, not an interval later.
+                delay = started + (retry if tracker.confirming else interval) - self._clock()
                 if delay > 0:
                     await asyncio.sleep(delay)  # the probe interval, not a synchronisation
                 else:

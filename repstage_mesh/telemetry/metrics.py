@@ -32,6 +32,8 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
     repstage_raft_peers / _peers_connected                      gauges
+    repstage_raft_frames_refused_total                          counter (frames over
+        raft.unauthenticated_frame_limit from a peer that had not proven the password)
     repstage_raft_commit_seconds                                histogram
     repstage_write_failures_total{code}                         counter
     repstage_probe_results_total{service,member,result}         counter
@@ -45,7 +47,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from repstage_mesh.core.errors import CommitTimeout, NoQuorum, Rejected
@@ -93,6 +95,33 @@ def write_failure_code(exc: BaseException) -> str:
     return "error"
 
 
+def _history_counter(registry: CollectorRegistry) -> Counter:
+    return Counter(
+        "repstage_failover_history",
+        "Failover records committed to the replicated history, by event: published, failed (not "
+        "replicated), dropped (the oldest record left the bounded history), keys_dropped (an "
+        "idempotency key was forgotten)",
+        ["event"],
+        registry=registry,
+    )
+
+
+def _consul_counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    anomalies = Counter(
+        "repstage_consul_anomalies",
+        "Consul health answers that look wrong, by kind: acl_filtered, empty_answer, "
+        "ambiguous, superseded, stale_check, no_checks, warning, rate_limited",
+        ["service", "kind"],
+        registry=registry,
+    )
+    reregistrations = Counter(
+        "repstage_consul_reregistrations",
+        "Times this node found its own Consul registration gone and registered again",
+        registry=registry,
+    )
+    return anomalies, reregistrations
+
+
 class MeshMetrics:
     """Every metric of one node, in `registry`; a TrackerObserver for the xDS ones."""
 
@@ -138,18 +167,21 @@ class MeshMetrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self.history = _history_counter(registry)
         self.write_failures = Counter(
             "repstage_write_failures",
             "Writes that did not commit, by code (rejection code, no_quorum, commit_timeout, ...)",
             ["code"],
             registry=registry,
         )
+        self._add_forwarding_metrics(registry)
         self.probes = Counter(
             "repstage_probe_results",
             "Leadership probe outcomes per member",
             ["service", "member", "result"],
             registry=registry,
         )
+        self.consul_anomalies, self.consul_reregistrations = _consul_counters(registry)
         self._limit_children, self._refusal_children = _guard_counters(registry)
         registry.register(_ScrapeTimeCollector(self))
 
@@ -224,6 +256,12 @@ class MeshMetrics:
         """A failover or switchover finished (mode: follow, orchestrate, switchover)."""
         self.failover.labels(service, mode).observe(seconds)
 
+    def observe_history(self, event: str) -> None:
+        """A failover record was committed (`published`), not committed (`failed`), pushed the
+        oldest one out of the bounded history (`dropped`) or the oldest idempotency key out of
+        its bound (`keys_dropped`)."""
+        self.history.labels(event).inc()
+
     def observe_commit(self, seconds: float) -> None:
         self.commit.observe(seconds)
 
@@ -231,9 +269,31 @@ class MeshMetrics:
         """`code`: see write_failure_code."""
         self.write_failures.labels(code).inc()
 
+    def _add_forwarding_metrics(self, registry: CollectorRegistry) -> None:
+        """Requests carried between nodes (issue 11) and switchovers that outlived their wait."""
+        self.forwards = Counter(
+            "repstage_api_forwards",
+            "Failover requests a follower carried to the leader or refused, by outcome (forwarded, "
+            "not_leader: already forwarded once, no_answer: the leader did not answer in time)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.switchover_wait_expired = Counter(
+            "repstage_switchover_wait_expired",
+            "Switchover requests answered 504 switchover_running: api.switchover_wait (or the "
+            "request's wait) ended before the switchover",
+            registry=registry,
+        )
+
+    def observe_forward(self, outcome: str) -> None:
+        self.forwards.labels(outcome).inc()
+
     def observe_probe(self, service: str, member: str, result: str) -> None:
         """`result`: what the probe found, e.g. primary, replica, down, error."""
         self.probes.labels(service, member, result).inc()
+
+    def observe_consul_anomaly(self, service: str, kind: str) -> None:
+        self.consul_anomalies.labels(service, kind).inc()
 
     # --- scrape-time views --------------------------------------------------------------------
 
@@ -353,6 +413,10 @@ class _ScrapeTimeCollector(Collector):
         for flag, count in sorted(self.metrics._flagged_counts().items()):
             flagged.add_metric([flag], count)
         yield flagged
+        yield from self._raft_families(status)
+
+    @staticmethod
+    def _raft_families(status: Mapping[str, Any] | None) -> Iterator[Metric]:
         for name, key, doc in _RAFT_GAUGES:
             family = GaugeMetricFamily(name, doc)
             if status is not None and status.get(key) is not None:
@@ -366,3 +430,11 @@ class _ScrapeTimeCollector(Collector):
             up.add_metric([], sum(1 for p in peers if isinstance(p, Mapping) and p.get("connected")))
         yield total
         yield up
+        refused = CounterMetricFamily(
+            "repstage_raft_frames_refused",
+            "Raft connections dropped for a frame over raft.unauthenticated_frame_limit "
+            "before the peer proved the password",
+        )
+        if status is not None and status.get("frames_refused") is not None:
+            refused.add_metric([], float(status["frames_refused"]))
+        yield refused

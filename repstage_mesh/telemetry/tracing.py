@@ -43,7 +43,7 @@ from opentelemetry.trace import Tracer
 from repstage_mesh.config import TelemetryConfig
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.errors import ConfigError
-from repstage_mesh.telemetry._otel import _attrs, _ns
+from repstage_mesh.telemetry._otel import _PROPAGATOR, _attrs, _ns
 from repstage_mesh.telemetry.failover_trace import FailoverTrace
 from repstage_mesh.telemetry.push_tracer import PushTracer
 
@@ -185,16 +185,24 @@ class Tracing:
         mode: str,
         epoch: int | None = None,
         started_at: float | None = None,
+        parent: Mapping[str, str] | None = None,
         **attrs: Any,
     ) -> FailoverTrace:
         """Open the root span of a failover (or switchover). `started_at` (time.time()) lets
-        the trace begin at the first sign of trouble (the first failed probe)."""
+        the trace begin at the first sign of trouble (the first failed probe). `parent`, a W3C
+        trace context ({"traceparent": ...}) from the caller of an announce, makes the change
+        a child of the caller's trace; without one (or an invalid one) it is a new trace."""
         start = time.time() if started_at is None else started_at
         if self.tracer is None:
             return FailoverTrace(None, None, start)
+        context = trace.set_span_in_context(trace.INVALID_SPAN)  # a new trace
+        if parent:
+            extracted = _PROPAGATOR.extract(carrier=dict(parent))
+            if trace.get_current_span(extracted).get_span_context().is_valid:
+                context = extracted
         span = self.tracer.start_span(
             "failover",
-            context=trace.set_span_in_context(trace.INVALID_SPAN),  # always a new trace
+            context=context,
             attributes=_attrs({
                 "service": service, "old_primary": old or "", "new_primary": new or "",
                 "epoch": epoch, "cause": cause, "mode": mode, "control_plane": self.node_id, **attrs,
