@@ -118,7 +118,8 @@ class EdsAckWatch:
 
 
 async def serve(
-    services: int, profile: Path | None, options: list[str], fast_parse: bool, gc_freeze: bool, ack_fast: bool
+    services: int, profile: Path | None, options: list[str], fast_parse: bool, gc_freeze: bool, ack_fast: bool,
+    listen_port: int = 0, first_version: int = 1,
 ) -> None:
     import repstage_mesh.xds.server as xds_server
 
@@ -136,9 +137,9 @@ async def serve(
     watch = EdsAckWatch()
     tracker.observers.append(watch)
     server = TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS)
-    port = await server.start("127.0.0.1", 0)
+    port = await server.start("127.0.0.1", listen_port)
     listen_ports = [20000 + i for i in range(services)]  # never bound: no Envoy here
-    version = 1
+    version = first_version  # a restarted server (--restart) renders what the old one last had
     cache.set_snapshot("", common.build_snapshot(version, listen_ports, 19001 + version % 2))
     gc.collect()
     out = sys.stdout
@@ -372,6 +373,9 @@ class StreamState:
     initial: set[str] = field(default_factory=set)
     retries: int = 0
     last_error: str = ""
+    versions: dict[str, str] = field(default_factory=dict)  # type -> the version it ACKed last
+    reconnects: int = 0  # streams re-opened after the config was complete (server gone)
+    reconnect_failures: int = 0  # re-opened streams that failed again (refused, cancelled)
 
 
 async def run_stream(
@@ -387,7 +391,13 @@ async def run_stream(
             return
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             if len(state.initial) == len(TYPES):
-                raise
+                # Like Envoy: come back at once (the channel waits for the server), with the
+                # versions held; a failure of that new stream counts as a reconnect failure.
+                if state.reconnects and state.versions.get("reopened") == "1":
+                    state.reconnect_failures += 1
+                state.reconnects += 1
+                state.versions["reopened"] = "1"
+                continue
             state.retries += 1
             state.last_error = (
                 f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
@@ -400,17 +410,20 @@ async def ads_stream(
     channel: grpc.aio.Channel, node_id: str, names: list[str], delta: bool, parse: Any,
     state: StreamState, ready: asyncio.Event, counter: list[int], total: int,
 ) -> None:
-    call = channel.stream_stream(DELTA_METHOD if delta else SOTW_METHOD)()
+    call = channel.stream_stream(DELTA_METHOD if delta else SOTW_METHOD)(wait_for_ready=bool(state.reconnects))
     for k, type_url in enumerate(TYPES):
         subscribe = names if type_url == R.ENDPOINT else []
         nid = node_id if k == 0 else ""
-        await call.write(delta_request(type_url, subscribe, node_id=nid) if delta else sotw_request(type_url, subscribe, node_id=nid))
+        held = state.versions.get(type_url, "")
+        await call.write(delta_request(type_url, subscribe, node_id=nid) if delta else sotw_request(type_url, subscribe, held, node_id=nid))
     while True:
         data = await call.read()
         if data is grpc.aio.EOF:
             return
         now = time.monotonic()
         version, type_url, nonce = parse(data, delta)
+        state.versions[type_url] = version
+        state.versions["reopened"] = "0"  # the re-opened stream works
         if type_url == R.ENDPOINT:
             state.eds_version, state.eds_received = version_index(version), now
         if delta:
@@ -476,6 +489,11 @@ async def client(port: int, streams: int, per_channel: int, services: int, delta
                 target = cmd["version"]
                 got = [s.eds_received for s in states if s.eds_version >= target]
                 say({"received": got, "cpu": time.process_time() - c0, "failed": sum(t.done() for t in tasks)})
+            elif cmd["cmd"] == "reconnects":
+                say({"reconnects": sum(s.reconnects for s in states),
+                     "reconnect_failures": sum(s.reconnect_failures for s in states),
+                     "responses_after": sum(1 for s in states if s.eds_received > cmd["since"]),
+                     "failed": sum(t.done() for t in tasks)})
             elif cmd["cmd"] == "quit":
                 break
     finally:
@@ -529,21 +547,27 @@ def micro(n: int, services: int) -> str:
     rows: list[tuple[str, float]] = []
     streams = synced_streams(SotwStream)
     us, sends = cpu(lambda st: st.update(snap2), streams)
-    rows.append(("protocol: stream.update(snapshot) (set_snapshot's work per stream)", us))
+    rows.append(("protocol: stream.update(snapshot), first push after the streams synced", us))
     us, frames = cpu(lambda acts: frame(acts[0], "bench", False), sends)
     rows.append(("server.frame (SotW response bytes)", us))
     acks = [sotw_request(a[0].type_url, names, a[0].version, a[0].nonce) for a in sends]
     us, reqs = cpu(parse_sotw, acks)
-    rows.append(("server.parse_sotw(ACK) (betterproto2 DiscoveryRequest.parse)", us))
+    rows.append(("server.parse_sotw(ACK) (wire scan)", us))
     us, reqs2 = cpu(fast_parse_sotw, acks)
     rows.append((f"  experiment: fast_parse_sotw(ACK) (wire scan; same result: {reqs2 == reqs})", us))
     us, _ = cpu(lambda sr: sr[0].receive(sr[1]), list(zip(streams, reqs, strict=True)))
-    rows.append(("protocol: stream.receive(ACK) (runs _sync over every type)", us))
-    fast_streams = synced_streams(ack_fast_stream_class())
-    fsends = [st.update(snap2) for st in fast_streams]
-    freqs = [parse_sotw(sotw_request(a[0].type_url, names, a[0].version, a[0].nonce)) for a in fsends]
-    us, res = cpu(lambda sr: sr[0].receive(sr[1]), list(zip(fast_streams, freqs, strict=True)))
-    rows.append((f"  experiment: ack-fast receive(ACK) (no _sync; {type(res[0][0]).__name__})", us))
+    rows.append(("protocol: stream.receive(ACK) (a plain ACK: no sync)", us))
+    snap3 = common.build_snapshot(3, ports, 19002)
+    us, _ = cpu(lambda st: st.update(snap3), streams)
+    rows.append(("protocol: stream.update(snapshot), the next push (unchanged types stay quiet)", us))
+    slow_streams = synced_streams(SotwStream)
+    for st in slow_streams:
+        st.shortcuts = False  # the per-snapshot memo stays; the ACK fast path and quiet types go
+    us, ssends = cpu(lambda st: st.update(snap2), slow_streams)
+    rows.append(("  without SotwStream.shortcuts: stream.update(snapshot)", us))
+    sreqs = [parse_sotw(sotw_request(a[0].type_url, names, a[0].version, a[0].nonce)) for a in ssends]
+    us, res = cpu(lambda sr: sr[0].receive(sr[1]), list(zip(slow_streams, sreqs, strict=True)))
+    rows.append((f"  without SotwStream.shortcuts: stream.receive(ACK) (full sync; {type(res[0][0]).__name__})", us))
     tracker = ProxyTracker("bench")
     from repstage_mesh.xds.protocol import NodeInfo
 
@@ -654,7 +678,12 @@ def run_count(args: argparse.Namespace, streams: int, log_dir: Path) -> dict[str
             res["client_cpu"] = client_cpu
             pushes.append(res)
             time.sleep(0.5)  # let the streams go quiet between pushes
+        restart = restart_server(args, server, clients, port, streams, common_args, log_dir) if args.restart else None
+        if restart is not None:
+            server = restart.pop("server")
+            print(f"  restart: {restart}")
         return {
+            "restart": restart,
             "streams": streams, "clients": args.clients, "per_channel": args.per_channel, "services": args.services,
             "delta": args.delta, "parse": args.parse, "rss_start": rss0, "rss_synced": synced["rss"],
             "synced": synced["synced"], "connect_s": connect_s, "pushes": pushes,
@@ -665,6 +694,36 @@ def run_count(args: argparse.Namespace, streams: int, log_dir: Path) -> dict[str
         for c in clients:
             c.stop()
         server.stop()
+
+
+def restart_server(
+    args: argparse.Namespace, server: Proc, clients: list[Proc], port: int, streams: int,
+    common_args: list[str], log_dir: Path,
+) -> dict[str, Any]:
+    """A node restart: the server quits, a new one (same port, the same last version) starts;
+    every stream comes back at once with the versions it holds. Until all are synced again."""
+    version = 1 + args.pushes
+    load = common.loadavg()
+    server.stop()
+    t0 = time.monotonic()
+    new = Proc(["--role", "server", "--port", str(port), "--first-version", str(version), *common_args,
+                *(["--gc-freeze"] if args.gc_freeze else [])], f"server-{streams}-restarted", log_dir)
+    new.recv(30)
+    new.send({"cmd": "wait_synced", "n": streams, "timeout": 120})
+    synced = new.recv(150)
+    took = time.monotonic() - t0
+    since = time.monotonic() - took  # an EDS response after the restart would be "something new"
+    stats = []
+    for c in clients:
+        c.send({"cmd": "reconnects", "since": since})
+        stats.append(c.recv(30))
+    return {
+        "server": new, "synced_s": took, "connected": synced["connected"], "synced": synced["synced"],
+        "reconnects": sum(st["reconnects"] for st in stats),
+        "reconnect_failures": sum(st["reconnect_failures"] for st in stats),
+        "eds_responses_after_restart": sum(st["responses_after"] for st in stats),
+        "failed": sum(st["failed"] for st in stats), "load": load,
+    }
 
 
 def variant(args: argparse.Namespace) -> str:
@@ -763,11 +822,16 @@ def main() -> None:
     parser.add_argument("--ack-fast", action="store_true",
                         help="experiment: no _sync over every type on a pure EDS ACK (see ack_fast_stream_class)")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--first-version", type=int, default=1)
+    parser.add_argument("--restart", action="store_true",
+                        help="after the pushes, restart the server on the same port: every stream reconnects at once "
+                             "with the version it holds (a node restart); time until all are synced again")
     parser.add_argument("--count", type=int)
     parser.add_argument("--cid", type=int, default=0)
     args = parser.parse_args()
     if args.role == "server":
-        asyncio.run(serve(args.services, args.profile_server, args.server_option, args.fast_parse, args.gc_freeze, args.ack_fast))
+        asyncio.run(serve(args.services, args.profile_server, args.server_option, args.fast_parse, args.gc_freeze,
+                          args.ack_fast, args.port or 0, args.first_version))
         return
     if args.role == "client":
         asyncio.run(client(args.port, args.count, args.per_channel, args.services, args.delta, args.parse, args.cid))

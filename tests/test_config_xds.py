@@ -81,3 +81,12 @@ def test_tls_files_that_serve_could_not_load_are_refused_by_validate(tmp_path: P
         with pytest.raises(ConfigError) as err:
             load_config(write(tmp_path, text), env={})
         assert message in str(err.value) and "xds.tls" in str(err.value), str(err.value)
+
+
+def test_admission_fields_reach_the_limits_and_a_zero_rate_is_refused(tmp_path: Path) -> None:
+    settings = load_config(write(tmp_path, "  limits:\n    admission_rate: 250.5\n    admission_burst: 40\n"), env={})
+    limits = xds_limits(settings.xds)
+    assert limits.admission_rate == 250.5 and limits.admission_burst == 40
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "  limits:\n    admission_rate: 0\n"), env={})
+    assert "xds.limits.admission_rate" in str(err.value)

@@ -317,3 +317,50 @@ def test_a_delta_client_at_the_limit_may_swap_names_in_one_request() -> None:
     check_names(stream, res.ENDPOINT, ["d"], limits, unsubscribe=["a"])  # 3 after: allowed
     with pytest.raises(LimitExceeded):
         check_names(stream, res.ENDPOINT, ["d"], limits)
+
+
+def test_admission_gate_serves_a_burst_then_a_steady_rate() -> None:
+    from repstage_mesh.xds.limits import AdmissionGate
+
+    gate = AdmissionGate(XdsLimits(admission_rate=10.0, admission_burst=3))
+    waits = [gate.reserve(100.0) for _ in range(6)]
+    assert waits[:3] == [0.0, 0.0, 0.0]  # the burst
+    assert waits[3:] == pytest.approx([0.1, 0.2, 0.3])  # then one every 1/rate seconds
+    assert gate.reserve(200.0) == 0.0  # an idle gate has its burst back
+    with pytest.raises(ValueError, match="admission_rate"):
+        XdsLimits(admission_rate=0)
+
+
+async def test_a_reconnect_storm_waits_its_turn_and_nothing_is_refused() -> None:
+    limits = XdsLimits(admission_rate=5.0, admission_burst=1, max_streams_per_peer=100)
+    async for served in serve(limits):
+        clients = [served.client() for _ in range(6)]
+        for i, c in enumerate(clients):
+            c.send(sotw_request(CLUSTERS, node_id=f"storm-{i}"))
+        answers = [await c.receive() for c in clients]  # every stream is served, in turn
+        assert all(a.version_info.startswith("5-") for a in answers)
+        # Beyond the burst they waited (how many depends on how fast they arrived; the exact
+        # schedule is test_admission_gate_serves_a_burst_then_a_steady_rate's).
+        assert served.hits("admission") >= 1
+        assert served.hits("streams") == 0 and served.hits("streams_per_peer") == 0
+        assert served.server.admission.waiting == 0
+        for c in clients:
+            c.close()
+
+
+async def test_a_stream_that_leaves_while_waiting_its_turn_gives_its_slot_back() -> None:
+    limits = XdsLimits(admission_rate=0.5, admission_burst=1, max_streams_per_peer=100)
+    async for served in serve(limits):
+        first = served.client()
+        first.send(sotw_request(CLUSTERS, node_id="first"))
+        await first.receive()
+        waiting = served.client()
+        waiting.send(sotw_request(CLUSTERS, node_id="waiting"))
+        server = served.server
+        await eventually(lambda s=server: s.admission.waiting == 1, "the second stream waits its turn")
+        assert served.server.slots.total == 2 and served.hits("admission") == 1
+        waiting.close()
+        await eventually(lambda s=server: s.admission.waiting == 0, "the waiting stream left")
+        await eventually(lambda s=server: s.slots.total == 1, "its slot is given back")
+        assert "waiting" not in {r.node.id for r in served.tracker.records.values()}
+        first.close()

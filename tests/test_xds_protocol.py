@@ -9,6 +9,7 @@ resource whose bytes contain b"BAD" (keeping its last good config, as Envoy does
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -197,7 +198,20 @@ class ProtocolMachine(RuleBasedStateMachine):
     def new_snapshot(self, world: World) -> None:
         self.version += 1
         self.world = world
-        self._take(self.stream.update(world.snapshot(self.version)))
+        snapshot = world.snapshot(self.version)
+        shadow = self._shadow()
+        actions = self.stream.update(snapshot)
+        if shadow is not None:
+            assert actions == shadow.update(snapshot), "a shortcut answered otherwise than the full sync"
+        self._take(actions)
+
+    def _shadow(self) -> SotwStream | None:
+        """A copy of a SotW stream without the hot-path shortcuts (`SotwStream.shortcuts`)."""
+        if not isinstance(self.stream, SotwStream):
+            return None
+        shadow = copy.deepcopy(self.stream)
+        shadow.shortcuts = False
+        return shadow
 
     @precondition(lambda self: bool(self.to_envoy))
     @rule()
@@ -209,7 +223,10 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule()
     def deliver_to_server(self) -> None:
         request = self.to_server.popleft()
+        shadow = self._shadow()
         actions = self.stream.receive(request)  # type: ignore[arg-type]
+        if shadow is not None:
+            assert actions == shadow.receive(request), "a shortcut answered otherwise than the full sync"  # type: ignore[arg-type]
         for a in actions:
             if isinstance(a, (Acked, Nacked, Stale)):
                 assert a.type_url == request.type_url

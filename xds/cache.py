@@ -25,6 +25,7 @@ from . import resources as res
 encoding.install()
 
 DIGEST_BYTES = 8
+_MAX_SELECTIONS = 4096  # distinct subscriptions memoised per snapshot (clients choose names)
 
 
 def _digest(data: bytes) -> bytes:
@@ -100,6 +101,18 @@ def split_version(version_info: str) -> tuple[int, str]:
     return int(index), digest
 
 
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What a snapshot holds of one type for one subscription (all names, or a set of them),
+    worked out once per snapshot and shared by every stream with that subscription: the
+    resources (read-only), in name order, their set digest and SotW `version_info`."""
+
+    resources: Mapping[str, EncodedResource]
+    items: tuple[EncodedResource, ...]
+    digest: str
+    version: str
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A consistent set of resources at one version, by type URL then name."""
@@ -114,6 +127,9 @@ class Snapshot:
     order: tuple[str, ...] = res.ADS_ORDER
     _bodies: dict[tuple[str, str], bytes] = field(default_factory=dict, compare=False, repr=False)
     _messages: dict[tuple[str, str], tuple[betterproto2.Message, EncodedResource]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _selections: dict[tuple[str, frozenset[str] | None], Selection] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -175,6 +191,21 @@ class Snapshot:
                     if ref_name not in self.get(ref_type):
                         missing.add((ref_type, ref_name))
         return missing
+
+    def selection(self, type_url: str, names: frozenset[str] | None) -> Selection:
+        """The resources of `type_url` a subscription to `names` (None: all) gets, memoised:
+        a push to thousands of streams with the same subscription sorts and digests once."""
+        key = (type_url, names)
+        found = self._selections.get(key)
+        if found is None:
+            current = self.get(type_url)
+            chosen = dict(current) if names is None else {n: current[n] for n in names if n in current}
+            items = tuple(chosen[n] for n in sorted(chosen))
+            digest = set_digest(items)
+            found = Selection(chosen, items, digest, f"{self.version}-{digest}")
+            if len(self._selections) < _MAX_SELECTIONS:  # names come from clients: bounded
+                self._selections[key] = found
+        return found
 
     def sotw_body(self, type_url: str, items: tuple[EncodedResource, ...], version: str) -> bytes:
         """The shared part of a DiscoveryResponse, memoised per (type, version_info)."""

@@ -18,6 +18,7 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | `outgoing_queue` | more than `max_outgoing_queue` responses waiting for a client that does not read: closed (RESOURCE_EXHAUSTED) |
 | `unacked_delta` | `max_unacked_delta` Delta responses of one type not yet ACKed: nothing more of that type is sent until the client answers |
 | `error_detail` | a NACK's error text longer than `max_error_detail_bytes` is cut to it (it is stored and shown in `/v1/proxies`) |
+| `admission` | more new streams than `admission_burst` at once, or faster than `admission_rate` per second: the new stream waits its turn (it is not refused), so a reconnect storm is served at a steady rate |
 | `disconnected_proxies` | the tracker keeps at most `max_disconnected_proxies` disconnected proxies for `/v1/proxies`: the oldest are forgotten |
 """
 
@@ -44,6 +45,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "disconnected_proxies",
     "error_detail",
     "resource_name_bytes",
+    "admission",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -66,13 +68,18 @@ class XdsLimits:
     max_unacked_delta: int = 16
     max_disconnected_proxies: int = 1_000
     max_error_detail_bytes: int = 4096
+    admission_rate: float = 2_000.0  # new streams served per second once the burst is used
+    admission_burst: int = 500  # new streams served at once
     known_type_urls: frozenset[str] = KNOWN_TYPE_URLS
 
     def __post_init__(self) -> None:
+        if not self.admission_rate > 0:
+            raise ValueError("admission_rate: must be above 0")
         for name in (
             "max_request_bytes", "max_resource_names", "max_resource_name_bytes", "max_initial_resource_versions",
             "max_node_id_bytes", "max_node_metadata_bytes", "max_streams_per_peer",
             "max_streams", "max_outgoing_queue", "max_unacked_delta", "max_error_detail_bytes",
+            "admission_burst",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
@@ -216,3 +223,25 @@ class StreamSlots:
                 del self.by_peer[host]
 
         return release
+
+
+class AdmissionGate:
+    """New streams admitted at a steady rate: up to `admission_burst` at once, then one every
+    1/`admission_rate` seconds (the generic cell rate algorithm: one number of state, the time
+    the next stream is due). A stream over it is not refused but told how long to wait, so
+    when a restarted node sees all its proxies come back at once it serves them in turn, none
+    cancelled, instead of starving its event loop on thousands of first pushes together.
+    Sans-IO: the caller passes the clock and does the waiting."""
+
+    def __init__(self, limits: XdsLimits) -> None:
+        self.interval = 1.0 / limits.admission_rate
+        self.tolerance = (limits.admission_burst - 1) * self.interval
+        self.due = 0.0  # when the next stream would be admitted with no burst left
+        self.waiting = 0  # streams told to wait that have not been admitted yet
+
+    def reserve(self, now: float) -> float:
+        """Seconds the new stream must wait before it is served (0.0: at once)."""
+        due = max(self.due, now)
+        self.due = due + self.interval
+        wait = due - self.tolerance - now
+        return wait if wait > 1e-9 else 0.0  # (float sums: a burst's last one is not 1e-15 late)

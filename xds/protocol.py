@@ -23,85 +23,20 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import resources as res
-from .cache import EncodedResource, Snapshot, set_digest, sotw_version, split_version
+from .cache import EncodedResource, Selection, Snapshot, set_digest, split_version
+from .messages import (
+    Acked,
+    Action,
+    DeltaRequest,
+    Nacked,
+    NodeInfo,
+    ProtocolError,
+    Send,
+    SotwRequest,
+    Stale,
+)
 
-# --- events in -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    id: str
-    cluster: str = ""
-    metadata: Mapping[str, object] = field(default_factory=dict)
-    user_agent: str = ""
-
-
-@dataclass(frozen=True)
-class SotwRequest:
-    type_url: str
-    version_info: str = ""
-    response_nonce: str = ""
-    resource_names: tuple[str, ...] = ()
-    error: str | None = None
-    node: NodeInfo | None = None
-
-
-@dataclass(frozen=True)
-class DeltaRequest:
-    type_url: str
-    subscribe: tuple[str, ...] = ()
-    unsubscribe: tuple[str, ...] = ()
-    initial_versions: Mapping[str, str] = field(default_factory=dict)
-    response_nonce: str = ""
-    error: str | None = None
-    node: NodeInfo | None = None
-
-
-# --- actions out -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send a response. For SotW `version` is version_info and `removed` is empty; for Delta
-    `version` is system_version_info and `resources` are the added or changed ones."""
-
-    type_url: str
-    version: str
-    nonce: str
-    resources: tuple[EncodedResource, ...]
-    removed: tuple[str, ...]
-    snapshot: Snapshot
-
-
-@dataclass(frozen=True)
-class Acked:
-    type_url: str
-    version: str
-    nonce: str
-
-
-@dataclass(frozen=True)
-class Nacked:
-    type_url: str
-    version: str
-    nonce: str
-    error: str
-
-
-@dataclass(frozen=True)
-class Stale:
-    """A request naming a nonce that is not the latest: ignored, as the protocol says."""
-
-    type_url: str
-    nonce: str
-
-
-Action = Send | Acked | Nacked | Stale
-
-
-class ProtocolError(Exception):
-    """The client broke the xDS protocol (a remote error): the stream should be closed."""
-
+__all__ = ["Acked", "Action", "DeltaRequest", "DeltaStream", "Nacked", "NodeInfo", "ProtocolError", "Send", "SotwRequest", "SotwStream", "Stale", "digest_of", "type_sync_state"]
 
 # --- shared machinery ------------------------------------------------------------------------
 
@@ -110,9 +45,10 @@ class ProtocolError(Exception):
 class _Pending:
     nonce: str
     version: str
-    resources: dict[str, EncodedResource]  # SotW: the full set sent; Delta: the updated ones
+    resources: Mapping[str, EncodedResource]  # SotW: the full set sent (shared, read-only); Delta: the updated ones
     removed: tuple[str, ...] = ()
     previous: dict[str, EncodedResource | None] = field(default_factory=dict)  # Delta: for NACK
+    digest: str = ""  # SotW: the set digest in `version`
 
 
 @dataclass
@@ -120,8 +56,11 @@ class _TypeState:
     requested: bool = False
     wildcard: bool = False
     names: set[str] = field(default_factory=set)
-    acked: dict[str, EncodedResource] = field(default_factory=dict)
+    names_key: frozenset[str] = frozenset()  # SotW: `names`, frozen (the snapshot's memo key)
+    acked: Mapping[str, EncodedResource] = field(default_factory=dict)  # read-only: replaced, never changed
     acked_version: str = ""
+    acked_digest: str = ""  # SotW: the digest in `acked_version`
+    quiet: tuple[str, int] | None = None  # SotW: (selection digest, generation) that sent nothing
     pending: dict[str, _Pending] = field(default_factory=dict)  # by nonce
     last_nonce: str = ""
     nacked: set[str] = field(default_factory=set)  # SotW: set digests; Delta: "name:digest"
@@ -140,6 +79,10 @@ class _Stream:
         self.node: NodeInfo | None = None
         self.types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
+        # SotW: bumped by every change to what this stream knows of its client (a request
+        # other than a plain ACK, a response sent), so a type found quiet need not be looked
+        # at again until either its selection or the stream changes (`_TypeState.quiet`).
+        self.generation = 0
 
     def _next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -216,16 +159,23 @@ class _Stream:
                 refs.update(item.refs)
         return refs
 
-    def _desired(self, type_url: str, state: _TypeState) -> dict[str, EncodedResource]:
+    def _names_key(self, state: _TypeState) -> frozenset[str]:
+        return frozenset(state.names)
+
+    def _selection(self, type_url: str, state: _TypeState) -> Selection:
+        assert self.snapshot is not None
+        return self.snapshot.selection(type_url, None if state.wildcard else self._names_key(state))
+
+    def _desired(self, type_url: str, state: _TypeState) -> Mapping[str, EncodedResource]:
+        """What the client should hold of `type_url`. Read-only: when nothing is kept or held
+        back for this client it is the snapshot's shared `Selection.resources` itself."""
         assert self.snapshot is not None
         current = self.snapshot.get(type_url)
-        if state.wildcard:
-            desired = dict(current)
-        else:
-            desired = {name: current[name] for name in state.names if name in current}
+        desired: Mapping[str, EncodedResource] = self._selection(type_url, state).resources
         # Keep what the client holds and still needs: a resource gone from the snapshot that a
         # held listener, route or cluster still refers to stays until that referrer is gone.
         referenced = None
+        kept: dict[str, EncodedResource] | None = None
         for item in self._held_resources(state):
             if item.name in desired or item.name in current:
                 continue
@@ -234,23 +184,32 @@ class _Stream:
             if referenced is None:
                 referenced = self._referenced()
             if (type_url, item.name) in referenced:
-                desired[item.name] = item
+                if kept is None:
+                    kept = dict(desired)
+                kept[item.name] = item
+        if kept is not None:
+            desired = kept
         if type_url in _GATED:
-            self._gate(type_url, state, desired)
+            desired = self._gate(state, desired)
         return desired
 
-    def _gate(self, type_url: str, state: _TypeState, desired: dict[str, EncodedResource]) -> None:
+    def _gate(self, state: _TypeState, desired: Mapping[str, EncodedResource]) -> Mapping[str, EncodedResource]:
         """A listener or route goes out only once the clusters it names were ACKed by the
         client: if the cluster update is NACKed, the client keeps a consistent older config
-        instead of a listener pointing at nothing. Held back, the client keeps its version."""
-        for name, item in list(desired.items()):
+        instead of a listener pointing at nothing. Held back, the client keeps its version.
+        Returns `desired` itself when nothing is held back, a changed copy otherwise."""
+        out: dict[str, EncodedResource] | None = None
+        for name, item in desired.items():
             if all(self._confirmed(ref_type, ref_name) for ref_type, ref_name in item.refs if ref_type == res.CLUSTER):
                 continue
+            if out is None:
+                out = dict(desired)
             older = self._client_copy(state, name)
             if older is not None:
-                desired[name] = older
+                out[name] = older
             else:
-                del desired[name]
+                del out[name]
+        return desired if out is None else out
 
     def _confirmed(self, type_url: str, name: str) -> bool:
         state = self.types.get(type_url)
@@ -277,6 +236,10 @@ _SENT_HISTORY = 32
 _GATED = frozenset({res.LISTENER, res.ROUTE})
 
 
+def _any_refs(items: Iterable[EncodedResource]) -> bool:
+    return any(item.refs for item in items)
+
+
 class SotwStream(_Stream):
     """State-of-the-world xDS over one ADS stream."""
 
@@ -287,8 +250,43 @@ class SotwStream(_Stream):
         for pending in state.pending.values():
             yield from pending.resources.values()
 
+    # Two shortcuts on the push/ACK hot path: an ACK that cannot change what any type should
+    # hold skips the sync (`_plain_ack`), and a type found quiet is not worked out again until
+    # its selection or the stream changes (`_TypeState.quiet`). The property tests turn them
+    # off on a copy of the stream and check that every answer is the same.
+    shortcuts = True
+
+    def _names_key(self, state: _TypeState) -> frozenset[str]:
+        return state.names_key
+
+    def _plain_ack(self, request: SotwRequest, state: _TypeState) -> bool:
+        """An ACK of the latest response, with the same subscription, of a type other than
+        clusters: the sync that follows an ACK could only send something if the ACK changed
+        a cluster's confirmation (gating) or the set of references the client holds (what is
+        kept), and neither moves when what the ACK replaces referred to nothing the ACKed
+        content does not refer to as well. The common ACK (EDS after a push) is this one."""
+        if not self.shortcuts or request.error is not None or request.type_url == res.CLUSTER:
+            return False
+        pending = state.pending.get(request.response_nonce)
+        if pending is None or request.response_nonce != state.last_nonce:
+            return False
+        names = request.resource_names
+        if "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES):
+            if not state.wildcard:
+                return False
+        elif state.wildcard or len(names) != len(state.names_key) or state.names_key != frozenset(names):
+            return False
+        refs = [ref for item in state.acked.values() for ref in item.refs]
+        return not refs or set(refs) <= {ref for item in pending.resources.values() for ref in item.refs}
+
     def receive(self, request: SotwRequest) -> list[Action]:
         state = self._begin(request)
+        if state.requested and self._plain_ack(request, state):
+            acked = state.pending.pop(request.response_nonce)
+            state.acked, state.acked_version, state.acked_digest = acked.resources, acked.version, acked.digest
+            state.quiet = None  # its own type is looked at again; the others cannot change
+            return [Acked(request.type_url, acked.version, acked.nonce)]
+        self.generation += 1
         actions: list[Action] = []
         if request.response_nonce:
             if request.response_nonce != state.last_nonce:
@@ -310,17 +308,19 @@ class SotwStream(_Stream):
                     state.nacked.add(split_version(pending.version)[1])
                     actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
                 else:
-                    state.acked = pending.resources
-                    state.acked_version = pending.version
+                    state.acked, state.acked_version, state.acked_digest = (
+                        pending.resources, pending.version, pending.digest
+                    )
                     actions.append(Acked(request.type_url, pending.version, pending.nonce))
         elif not state.requested and request.version_info:
             # A client coming back (after a reconnect, maybe to another replica) with a version.
             state.floor, state.client_digest = split_version(request.version_info)
-            state.acked_version = request.version_info
+            state.acked_version, state.acked_digest = request.version_info, state.client_digest
         state.requested = True
         names = set(request.resource_names)
         state.wildcard = "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES)
         state.names = names - {"*"}
+        state.names_key = frozenset(state.names)
         actions.extend(self._sync())
         return actions
 
@@ -336,28 +336,50 @@ class SotwStream(_Stream):
             return None
         if self.snapshot.index < state.floor:
             return None  # this replica is behind what the client already has
+        selection = self._selection(type_url, state)
+        quiet = (selection.digest, self.generation)
+        if state.quiet == quiet and self.shortcuts:
+            return None  # nothing moved since this type was found to need nothing
+        replaced = state.pending.get(state.last_nonce)
+        send = self._compute_send(type_url, state, selection)
+        if send is None:
+            state.quiet = quiet
+        elif type_url == res.CLUSTER or _any_refs(send.resources) or (
+            replaced is not None and _any_refs(replaced.resources.values())
+        ):
+            # What other types depend on moved: a cluster's confirmation (gating) or the
+            # references the client holds. A response of resources that refer to nothing
+            # (endpoints, the common push) moves neither.
+            self.generation += 1
+        return send
+
+    def _compute_send(self, type_url: str, state: _TypeState, selection: Selection) -> Send | None:
+        assert self.snapshot is not None
         desired = self._desired(type_url, state)
-        items = tuple(desired[name] for name in sorted(desired))
-        digest = set_digest(items)
+        if desired is selection.resources:  # the common case: shared, sorted and digested once
+            items, digest, version = selection.items, selection.digest, selection.version
+        else:
+            items = tuple(desired[name] for name in sorted(desired))
+            digest = set_digest(items)
+            version = f"{self.snapshot.version}-{digest}"
         asked_again, state.asked_again = state.asked_again, False
         if state.client_digest:
             # First look after a reconnect: does the client already hold exactly this?
             came_back_with, state.client_digest = state.client_digest, ""
             if came_back_with == digest:
                 state.acked = desired
+                self.generation += 1  # what the client holds changed: not "quiet"
                 return None
         if state.pending:
-            latest = state.pending[state.last_nonce]
-            if split_version(latest.version)[1] == digest:
+            if state.pending[state.last_nonce].digest == digest:
                 return None  # already on its way
-        elif state.acked_version and split_version(state.acked_version)[1] == digest and not asked_again:
+        elif state.acked_version and state.acked_digest == digest and not asked_again:
             return None  # the client has it
         if digest in state.nacked:
             return None  # rejected once: never again to this client
-        version = sotw_version(self.snapshot.version, items)
         nonce = self._next_nonce()
         state.last_nonce = nonce
-        state.pending = {nonce: _Pending(nonce, version, desired)}  # only the latest counts
+        state.pending = {nonce: _Pending(nonce, version, desired, digest=digest)}  # only the latest counts
         state.sent[nonce] = version
         if len(state.sent) > _SENT_HISTORY:
             del state.sent[next(iter(state.sent))]
@@ -375,7 +397,7 @@ class SotwStream(_Stream):
         # cluster (bench/xds_ttl.py), the whole set at the same version renews its TTL.
         nonce = self._next_nonce()
         state.last_nonce = nonce
-        state.pending = {nonce: _Pending(nonce, state.acked_version, desired)}
+        state.pending = {nonce: _Pending(nonce, state.acked_version, desired, digest=state.acked_digest)}
         state.sent[nonce] = state.acked_version
         if len(state.sent) > _SENT_HISTORY:
             del state.sent[next(iter(state.sent))]
@@ -424,9 +446,11 @@ class DeltaStream(_Stream):
                         state.client_versions[name] = before.version
                 actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
             else:
+                acked = dict(state.acked)
                 for name in pending.removed:
-                    state.acked.pop(name, None)
-                state.acked.update(pending.resources)
+                    acked.pop(name, None)
+                acked.update(pending.resources)
+                state.acked = acked
                 state.acked_version = pending.version
                 actions.append(Acked(request.type_url, pending.version, pending.nonce))
         if not state.requested:

@@ -23,7 +23,7 @@ from grpc import aio
 
 from . import wire
 from .cache import Snapshot, SnapshotCache
-from .limits import LimitExceeded, StreamSlots, XdsLimits, check_names
+from .limits import AdmissionGate, LimitExceeded, StreamSlots, XdsLimits, check_names
 from .protocol import (
     Action,
     DeltaStream,
@@ -132,6 +132,7 @@ class AdsServer:
         self.security = security or XdsSecurity()
         self.guard: GuardObserver = guard or _NoGuardObserver()
         self.slots = StreamSlots(self.limits)
+        self.admission = AdmissionGate(self.limits)
         self._log = _QuietLog()
         self.reloader: CertificateReloader | None = None
         self._ids = itertools.count(1)
@@ -225,9 +226,23 @@ class AdsServer:
             await self._over(context, exc)
             return
         try:
+            await self._admit_in_turn()
             await self._serve(requests, context, stream, parse)
         finally:
             release()
+
+    async def _admit_in_turn(self) -> None:
+        """A reconnect storm is served at `admission_rate`: the stream waits (holding its slot),
+        its first request unread, instead of being refused or cancelled."""
+        wait = self.admission.reserve(time.monotonic())
+        if wait <= 0:
+            return
+        self.guard.on_limit("admission")
+        self.admission.waiting += 1
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            self.admission.waiting -= 1
 
     async def _serve(
         self,

@@ -71,6 +71,10 @@ class XdsLimitsConfig(Section):
     max_disconnected_proxies: int = Field(
         default=1_000, ge=0, description="disconnected proxies /v1/proxies remembers (10 minutes at most)"
     )
+    admission_rate: float = Field(
+        default=2_000.0, gt=0, le=1_000_000, description="new streams served per second once the burst is used"
+    )
+    admission_burst: int = Field(default=500, ge=1, le=1_000_000, description="new streams served at once")
 
 
 class XdsConfig(Section):
