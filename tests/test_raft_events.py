@@ -186,3 +186,26 @@ async def test_nothing_is_reported_once_close_has_begun(make_store: StoreFactory
     with pytest.raises(TimeoutError):
         await recorder.wait_for_calls(2, 0.2)
     assert recorder.calls == [(True, True)]
+
+
+async def test_a_submitter_resumes_after_on_apply_and_before_what_it_scheduled(
+    make_store: StoreFactory,
+) -> None:
+    # The node's on_apply schedules the render with call_soon: a REST write must be answered
+    # without waiting for it (and the state it reads must already be applied and seen).
+    loop = asyncio.get_running_loop()
+    events: list[str] = []
+
+    def on_apply(state: Any, outcome: Any) -> None:
+        events.append(f"applied {state.index}")
+        loop.call_soon(events.append, f"rendered {state.index}")
+
+    recorder = Recorder()
+    store = make_store(on_apply=on_apply, on_role_change=recorder, loop=loop)
+    await recorder.wait_for_calls(1, ELECTION_DEADLINE)
+    for _ in range(5):
+        await store.submit(CommandEnvelope(command=Noop(node="solo")), timeout=2)
+        index = store.state.index
+        assert events[-1] == f"applied {index}", events[-3:]
+        await asyncio.sleep(0)  # one pass of the loop: now the scheduled work has run
+        assert events[-1] == f"rendered {index}", events[-3:]
