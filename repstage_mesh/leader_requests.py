@@ -4,12 +4,14 @@ composition root, stays a wiring module; every attribute it uses is built by `No
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from repstage_mesh.api.forwarding import Forwarder
 from repstage_mesh.api.plane import DIRECT, Caller
 from repstage_mesh.config import Settings
 from repstage_mesh.core.errors import (
+    CommitTimeout,
     NoLeaderKnown,
     NotLeader,
     NotReady,
@@ -104,10 +106,25 @@ class LeaderRequests:
     async def _forward_announce(
         self, api: str, service: str, announcement: Announcement, caller: Caller
     ) -> dict[str, Any]:
-        # A leader that cannot be reached through Raft will not answer over HTTP either: fail
-        # within the commit timeout (503/504) instead of waiting on a frozen or partitioned one.
-        await self.read_state(consistent=True)
-        return await self._forwarder.announce(api, service, announcement, caller)
+        # A leader that cannot be reached through Raft will not answer over HTTP either: a Raft
+        # read barrier runs beside the hop (not before it: a healthy forward does not wait for a
+        # commit first), and if it fails before the leader answered, the hop is abandoned within
+        # the commit timeout instead of waiting on a frozen or partitioned leader. The announce
+        # may have reached the leader by then: the answer is 504 (unknown), never 503.
+        forward = asyncio.ensure_future(self._forwarder.announce(api, service, announcement, caller))
+        barrier = asyncio.ensure_future(self.read_state(consistent=True))
+        try:
+            await asyncio.wait({forward, barrier}, return_when=asyncio.FIRST_COMPLETED)
+            if not forward.done() and barrier.exception() is not None:
+                raise CommitTimeout(
+                    f"this node lost the Raft leader ({barrier.exception()}) while the announce was "
+                    f"carried to its API at {api}; it may or may not have been applied"
+                ) from barrier.exception()
+            return await forward
+        finally:
+            for task in (forward, barrier):
+                task.cancel()
+                task.add_done_callback(_retrieve)
 
     def switchover_wait(self, wait: float | None) -> float:
         """How long a switchover request is held open: `wait`, capped by api.switchover_wait."""
@@ -136,3 +153,8 @@ class LeaderRequests:
                 f"follow it at GET /v1/failovers/{record.id}", record.as_dict(),
             )
         return record.as_dict()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # the answer went out already; never "exception was never retrieved"

@@ -352,6 +352,7 @@ class Node(LeaderRequests):
                 await task
         if self.api_runner is not None:
             await self.api_runner.cleanup()
+        await self._forwarder.peers.close()
         await self.xds.stop(0.5)
         loop = asyncio.get_running_loop()
         if self.store is not None:

@@ -397,6 +397,7 @@ async def test_the_api_serves_https_with_the_configured_certificate(tmp_path: Pa
         client = PeerClient("cp-2", tls=tls.client_context())
         answer = await client.call(f"127.0.0.1:{port}", "GET", "/v1/services", authorization=f"Bearer {READER}")
         assert answer["services"][0]["name"] == "orders"
+        await client.close()
         async with aiohttp.ClientSession() as session:
             with pytest.raises(aiohttp.ClientError):  # plain HTTP gets no answer
                 await session.get(f"http://127.0.0.1:{port}/healthz")

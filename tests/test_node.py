@@ -26,8 +26,10 @@ from repstage_mesh.config import load_config
 from repstage_mesh.core.errors import (
     ApiRequestError,
     ApiUnreachable,
+    CommitTimeout,
     DecisionRefused,
     NoLeaderKnown,
+    NoQuorum,
     NotLeader,
     NotReady,
     SwitchoverRunning,
@@ -383,6 +385,42 @@ async def test_forwarded_announce_carries_key_and_trace(
     assert (method, path, auth) == ("POST", "/v1/services/x/primary", f"Bearer {WRITER_TOKEN}")
     assert body == {"member": "b", "cause": "patroni", "fence": True, "epoch": 7, "idempotency_key": "k-1"}
     assert fake_leader.traceparents == [trace["traceparent"]]
+
+
+async def test_a_forwarded_announce_does_not_wait_for_the_read_barrier(
+    make_node: NodeFactory, fake_leader: FakeLeader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = follower_of(make_node(), fake_leader.address, monkeypatch)
+    never = asyncio.Event()
+
+    async def slow_barrier(consistent: bool = False) -> MeshState:
+        await never.wait()  # a barrier that has not committed yet
+        return MeshState()
+
+    monkeypatch.setattr(node, "read_state", slow_barrier)
+    async with asyncio.timeout(5):
+        answer = await node.announce("x", Announcement(member="b"))
+    assert answer["primary"] == "b" and len(fake_leader.requests) == 1
+
+
+async def test_a_forwarded_announce_is_unknown_when_the_barrier_fails_first(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as silent:  # listens, never answers: a frozen leader
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        node = follower_of(make_node(), f"127.0.0.1:{silent.getsockname()[1]}", monkeypatch)
+
+        async def lost(consistent: bool = False) -> MeshState:
+            await asyncio.sleep(0.05)
+            raise NoQuorum("this node reaches 1 of 3 nodes")
+
+        monkeypatch.setattr(node, "read_state", lost)
+        started = time.monotonic()
+        with pytest.raises(CommitTimeout) as caught:  # 504: it may have reached the leader
+            await node.announce("x", Announcement(member="b"))
+        assert time.monotonic() - started < 5
+        assert not isinstance(caught.value, NoQuorum)
 
 
 @pytest.fixture
