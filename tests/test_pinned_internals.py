@@ -287,6 +287,23 @@ def _bytes_calls_validate(_: ReplicatedStore) -> None:
         bytes(broken)
 
 
+def _field_default_is_only_compared(_: ReplicatedStore) -> None:
+    original = _message_method("_get_field_default")
+    need([a.arg for a in original.args.args] == ["self", "field_name"], "takes other arguments now")
+    need({"default_gen", "catch_warnings"} <= _names_in(original),
+         "no longer builds the default from default_gen inside catch_warnings (what the cache skips)")
+    # the cache hands out one shared default per field: fine only while betterproto2 compares it
+    tree = ast.parse(inspect.getsource(inspect.getmodule(betterproto2.Message)))  # type: ignore[arg-type]
+    callers = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+               and fn.name != "_get_field_default" and "_get_field_default" in _names_in(fn)}
+    need(callers <= {"__bytes__", "__bool__", "__repr__", "is_set"},
+         f"is used by {sorted(callers)} now, which may keep or change the default it returns")
+    need(betterproto2.Message._get_field_default is encoding._get_field_default,
+         "was not replaced by encoding.install()")
+    need(bytes(Cluster(name="pin")) == bytes(Cluster(name="pin")) and not bool(Cluster()),
+         "defaults are not left out of the encoding any more")
+
+
 def _is_pydantic(_: ReplicatedStore) -> None:
     need(callable(getattr(betterproto2.Message, "_is_pydantic", None)), "is gone")
     need(Cluster(name="pin")._is_pydantic() is True, "is False for envoy-data-plane messages")
@@ -314,6 +331,8 @@ INTERNALS += [
              _validate_exists),
     Internal(BETTERPROTO2, "betterproto2.Message.__bytes__ -> self._validate()", f"{ENCODING} (what the patch speeds up)",
              _bytes_calls_validate),
+    Internal(BETTERPROTO2, "betterproto2.Message._get_field_default (compared only)",
+             f"{ENCODING} _get_field_default (the default cached per class and field)", _field_default_is_only_compared),
     Internal(BETTERPROTO2, "betterproto2.Message._is_pydantic", f"{ENCODING} _validate", _is_pydantic),
     Internal(BETTERPROTO2, "<message class>.__pydantic_core_schema__", f"{ENCODING} _validate", _core_schema),
     Internal(BETTERPROTO2, "Message instance __dict__ == fields + _unknown_fields",
