@@ -1,0 +1,123 @@
+"""An announced switch on one node with N real Envoys: from the commit to the last Envoy's ACK
+(issue 17 item 4).
+
+Usage: .venv/bin/python bench/switch_acks.py [--envoys 50] [--runs 30]
+
+One `repstage-mesh serve` node (single-node Raft, health fence, default settings) and N Envoys
+(1.40, `--concurrency 1`, SotW ADS, one connection each) on loopback. Each run POSTs
+`/v1/services/orders/primary` (break-before-make, alternating a and b) and reads the failover
+record the answer carries; its timeline is the control plane's own clock:
+
+- fence: `fenced` (the fail-closed commit returned to the runner) -> `proxies_fenced` (the last
+  Envoy's ACK of it woke the runner);
+- route: `committed` (the new primary's commit) -> the last `acked` event (the last Envoy's
+  ACK time as the tracker recorded it).
+
+Both are "commit to the last ACK" for one announced switch: apply, render, encode, push to N
+streams, N ACKs. Nothing asserted; prints p50/p99 and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+from integration.harness import (  # noqa: E402
+    ControlPlaneNode,
+    free_low_port,
+    http_json,
+    wait_until,
+    workdir,
+)
+
+SERVICE = "orders"
+
+
+def _elapsed(record: dict[str, Any], name: str, last: bool = False) -> float | None:
+    times = [float(e["elapsed_ms"]) for e in record["timeline"] if e["name"] == name]
+    if not times:
+        return None
+    return max(times) if last else times[0]
+
+
+def measure(envoys: int, runs: int) -> dict[str, Any]:
+    config = {
+        "services": [{
+            "name": SERVICE, "protocol": "tcp", "listen_port": free_low_port(),
+            "members": [{"name": "a", "address": "127.0.0.1", "port": 20001},
+                        {"name": "b", "address": "127.0.0.1", "port": 20002}],
+            "primary": "a",
+        }],
+        "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
+    }
+    fence, route, answered = [], [], []
+    with workdir() as wd:
+        node = ControlPlaneNode(wd, config, name="cp-1").start()
+        xds_port = int(node.xds_address.rsplit(":", 1)[1])
+        procs = [common.start_envoy(f"edge-{i}", xds_port, False, base)
+                 for i, base in enumerate(common.base_ids(envoys))]
+        try:
+            def synced() -> bool:
+                proxies = node.get("/v1/proxies")
+                items = proxies["proxies"] if isinstance(proxies, dict) else proxies
+                return sum(1 for p in items if p.get("synced")) >= envoys
+
+            wait_until(synced, 120, 0.25, f"{envoys} Envoys synced")
+            load = common.loadavg()
+            for i in range(runs):
+                member = "ba"[i % 2]
+                started = time.perf_counter()
+                status, body = http_json("POST", f"{node.api}/v1/services/{SERVICE}/primary",
+                                         {"member": member}, timeout=30)
+                answered.append((time.perf_counter() - started) * 1000)
+                assert status == 200, body
+                record = body["failover"]
+                f0, f1 = _elapsed(record, "fenced"), _elapsed(record, "proxies_fenced")
+                c0, c1 = _elapsed(record, "committed"), _elapsed(record, "acked", last=True)
+                acked = sum(1 for e in record["timeline"] if e["name"] == "acked")
+                if None in (f0, f1, c0, c1) or acked < envoys:
+                    print(f"run {i}: incomplete record ({acked} acked): {json.dumps(record)[:400]}")
+                    continue
+                fence.append(f1 - f0)  # type: ignore[operator]
+                route.append(c1 - c0)  # type: ignore[operator]
+        finally:
+            for proc in procs:
+                proc.stop()
+            node.stop()
+    return {"envoys": envoys, "runs": len(route), "load_before": load, "load_after": common.loadavg(),
+            "fence": fence, "route": route, "answered": answered}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envoys", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    out = measure(args.envoys, args.runs)
+    p = common.percentile
+    both = out["fence"] + out["route"]
+    print(f"{out['envoys']} Envoys, {out['runs']} switches, load {out['load_before']} -> {out['load_after']}")
+    for name in ("fence", "route"):
+        xs = out[name]
+        if xs:
+            print(f"  {name}: commit -> last ACK p50 {p(xs, 50):.1f} ms, p99 {p(xs, 99):.1f} ms, max {max(xs):.1f} ms")
+    if both:
+        print(f"  both commits: p50 {p(both, 50):.1f} ms, p99 {p(both, 99):.1f} ms "
+              f"(POST answered p50 {p(out['answered'], 50):.0f} ms)")
+    if os.environ.get("SWITCH_ACKS_JSON"):
+        Path(os.environ["SWITCH_ACKS_JSON"]).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
