@@ -1,7 +1,7 @@
 """A REST change on a 3-node cluster of real `serve` processes, on loopback (issue 17).
 
 Usage: .venv/bin/python bench/rest_latency.py [--nodes 3] [--n 300] [--kinds put announce same]
-       [--no-write]
+       (`PYTHONPATH=<another tree>` runs that tree's `serve`: old and new side by side)
 
 What it times, from one sequential client on a keep-alive connection, sent to the leader and
 to a follower (the answer means: committed through Raft and applied on the node that answers):
@@ -14,8 +14,8 @@ to a follower (the answer means: committed through Raft and applied on the node 
   applied), alternating the primary. A follower carries it to the leader's API (one HTTP hop).
 - `same`: PUT of an unchanged spec: a commit with nothing to render.
 
-p50/p99 per row; nothing asserted. Writes the `rest_latency` section of bench/RESULTS.md
-unless --no-write.
+p50/p99 per row, and the load average; nothing asserted (the figures go to bench/RESULTS.md
+by hand, with the command).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -129,7 +128,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--kinds", nargs="+", default=["put", "announce", "same"],
                         choices=["put", "announce", "same"])
-    parser.add_argument("--label", default=os.environ.get("REST_LATENCY_LABEL", "this tree"))
     args = parser.parse_args()
     before = common.loadavg()
     rows = run(args.nodes, args.n, args.kinds)
