@@ -1,7 +1,8 @@
 """An announced switch on one node with N real Envoys: from the commit to the last Envoy's ACK
 (issue 17 item 4).
 
-Usage: .venv/bin/python bench/switch_acks.py [--envoys 50] [--runs 30]
+Usage: .venv/bin/python bench/switch_acks.py [--envoys 50] [--runs 30] [--probe]
+       (`PYTHONPATH=<another tree>` runs that tree's `serve`: old and new side by side)
 
 One `repstage-mesh serve` node (single-node Raft, health fence, default settings) and N Envoys
 (1.40, `--concurrency 1`, SotW ADS, one connection each) on loopback. Each run POSTs
@@ -13,8 +14,13 @@ record the answer carries; its timeline is the control plane's own clock:
 - route: `committed` (the new primary's commit) -> the last `acked` event (the last Envoy's
   ACK time as the tracker recorded it).
 
-Both are "commit to the last ACK" for one announced switch: apply, render, encode, push to N
-streams, N ACKs. Nothing asserted; prints p50/p99 and the load average.
+Both are "commit to the last ACK" for one announced switch as the record sees it; but the
+runner's clock reads `committed` when it resumes after the commit, which is after the render
+(and, in trees before issue 17's changes, often after the push too). `--probe` measures from
+the commit itself instead: `bench/switch_probe/sitecustomize.py` is loaded into the `serve`
+process and timestamps the SetPrimary entry's apply (pysyncobj's thread), the render and
+encode, every send and every ACK; the table splits each commit -> last ACK into its parts.
+Nothing asserted; prints p50/p99 and the load average.
 """
 
 from __future__ import annotations
@@ -51,7 +57,32 @@ def _elapsed(record: dict[str, Any], name: str, last: bool = False) -> float | N
     return max(times) if last else times[0]
 
 
-def measure(envoys: int, runs: int) -> dict[str, Any]:
+PROBE = ROOT / "bench" / "switch_probe"
+PARTS = ("commit->render", "render+encode", "->1st send", "1st->last send", "last send->last ACK",
+         "commit->last ACK")
+
+
+def probe_parts(prefix: str, envoys: int) -> list[dict[str, float]]:
+    """Per commit (fence and route alike) from the probe's events: its parts, ms."""
+    events: list[list[Any]] = []
+    for path in Path(prefix).parent.glob(Path(prefix).name + ".*"):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line]
+    events.sort(key=lambda e: e[0])
+    starts = [i for i, e in enumerate(events) if e[1] == "applied"]
+    rows = []
+    for k, i in enumerate(starts):
+        window = events[i: starts[k + 1] if k + 1 < len(starts) else len(events)]
+        at = {name: [e[0] for e in window if e[1] == name] for name in ("publish_start", "publish_end", "send", "ack")}
+        if not at["publish_start"] or len(at["send"]) < envoys or len(at["ack"]) < envoys:
+            continue
+        t0, sends = events[i][0], at["send"]
+        values = (at["publish_start"][0] - t0, at["publish_end"][0] - at["publish_start"][0],
+                  sends[0] - at["publish_end"][0], sends[-1] - sends[0], at["ack"][-1] - sends[-1], at["ack"][-1] - t0)
+        rows.append({name: v * 1000 for name, v in zip(PARTS, values, strict=True)})
+    return rows
+
+
+def measure(envoys: int, runs: int, probe: bool = False) -> dict[str, Any]:
     config = {
         "services": [{
             "name": SERVICE, "protocol": "tcp", "listen_port": free_low_port(),
@@ -63,6 +94,10 @@ def measure(envoys: int, runs: int) -> dict[str, Any]:
     }
     fence, route, answered = [], [], []
     with workdir() as wd:
+        prefix = str(wd / "probe")
+        if probe:
+            os.environ["SWITCH_PROBE_OUT"] = prefix
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROBE), os.environ.get("PYTHONPATH")]))
         node = ControlPlaneNode(wd, config, name="cp-1").start()
         xds_port = int(node.xds_address.rsplit(":", 1)[1])
         procs = [common.start_envoy(f"edge-{i}", xds_port, False, base)
@@ -95,16 +130,18 @@ def measure(envoys: int, runs: int) -> dict[str, Any]:
             for proc in procs:
                 proc.stop()
             node.stop()
+        parts = probe_parts(prefix, envoys) if probe else []
     return {"envoys": envoys, "runs": len(route), "load_before": load, "load_after": common.loadavg(),
-            "fence": fence, "route": route, "answered": answered}
+            "fence": fence, "route": route, "answered": answered, "parts": parts}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envoys", type=int, default=50)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--probe", action="store_true", help="time each part from the commit itself")
     args = parser.parse_args()
-    out = measure(args.envoys, args.runs)
+    out = measure(args.envoys, args.runs, args.probe)
     p = common.percentile
     both = out["fence"] + out["route"]
     print(f"{out['envoys']} Envoys, {out['runs']} switches, load {out['load_before']} -> {out['load_after']}")
@@ -115,6 +152,10 @@ def main() -> None:
     if both:
         print(f"  both commits: p50 {p(both, 50):.1f} ms, p99 {p(both, 99):.1f} ms "
               f"(POST answered p50 {p(out['answered'], 50):.0f} ms)")
+    if out["parts"]:
+        print(f"  probe, {len(out['parts'])} commits (fence and route), ms: " + ", ".join(
+            f"{name} p50 {p([r[name] for r in out['parts']], 50):.2f} / p99 {p([r[name] for r in out['parts']], 99):.2f}"
+            for name in PARTS))
     if os.environ.get("SWITCH_ACKS_JSON"):
         Path(os.environ["SWITCH_ACKS_JSON"]).write_text(json.dumps(out))
 
