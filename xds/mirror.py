@@ -1,0 +1,79 @@
+"""What the node process knows of a stream that an xDS worker process serves.
+
+With `xds.workers` above 0 (workers.py) the streams live in worker processes; the node's
+`ProxyTracker` holds, for each of them, a `StreamMirror` in place of the stream: the facts the
+tracker, its waiters (progress.py), standing.py, the metrics and the push tracer read of a
+stream (its snapshot's version, per type: asked for, a response in flight, the client's claimed
+floor and ACKed version, and the type's sync state as `protocol.type_sync_state` worked it out
+in the worker) plus the `synced_index` the worker's own tracker computed. Plain values, no I/O:
+`mirror_of` takes them from a live stream, `StreamMirror.from_wire` rebuilds them from the
+tuple the worker sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRef:
+    """The version of the snapshot a mirrored stream holds (what the tracker reads of it)."""
+
+    version: str
+
+    @property
+    def index(self) -> int:
+        return int(self.version)
+
+
+@dataclass(slots=True)
+class TypeMirror:
+    requested: bool = False
+    pending: bool = False  # a response is in flight
+    floor: int = -1  # SotW: index of the version the client came back with
+    acked_version: str = ""
+    sync: str = "idle"  # protocol.type_sync_state, worked out in the worker
+
+
+@dataclass
+class StreamMirror:
+    kind: str
+    snapshot: SnapshotRef | None = None
+    types: dict[str, TypeMirror] = field(default_factory=dict)
+    synced_index: int = -1  # the worker tracker's ProxyRecord.synced_index
+
+    def sync_state(self, type_url: str) -> str:
+        mirrored = self.types.get(type_url)
+        return "idle" if mirrored is None else mirrored.sync
+
+    def to_wire(self) -> tuple[Any, ...]:
+        version = self.snapshot.version if self.snapshot is not None else None
+        types = tuple((t, m.requested, m.pending, m.floor, m.acked_version, m.sync) for t, m in self.types.items())
+        return (version, self.synced_index, types)
+
+    def update(self, wire: tuple[Any, ...]) -> None:
+        """Take the state `to_wire` sent (the whole of it: it replaces what was mirrored)."""
+        version, self.synced_index, types = wire
+        if self.snapshot is None or self.snapshot.version != version:
+            self.snapshot = None if version is None else SnapshotRef(version)
+        self.types = {t: TypeMirror(req, pending, floor, acked, sync) for t, req, pending, floor, acked, sync in types}
+
+    @classmethod
+    def from_wire(cls, kind: str, wire: tuple[Any, ...]) -> StreamMirror:
+        mirror = cls(kind)
+        mirror.update(wire)
+        return mirror
+
+
+def mirror_of(stream: Any, synced_index: int, sync_state: Callable[[Any, str], str]) -> StreamMirror:
+    """The mirror of a live `SotwStream`/`DeltaStream` (`sync_state`: protocol.type_sync_state)."""
+    snap = stream.snapshot
+    types = {
+        type_url: TypeMirror(
+            state.requested, bool(state.pending), state.floor, state.acked_version, sync_state(stream, type_url)
+        )
+        for type_url, state in stream.types.items()
+    }
+    return StreamMirror(stream.kind, SnapshotRef(snap.version) if snap is not None else None, types, synced_index)
