@@ -5,7 +5,7 @@ Over one socketpair per worker, in both directions, length-prefixed frames (`enc
 code, started by the node: the pipe is private to them). Node → worker: `("init", WorkerInit)`,
 `("snapshot", group, SnapshotWire)` (one frame encoded once per version and written to every
 worker: the resources' encoded bytes, digests and refs, never re-encoded), `("renew",)`,
-`("stop",)`. Worker → node: `("ready", port)` or `("failed", message)`, then `("facts",
+`("stop",)`, `("tick",)` (nothing to say: the node is alive). Worker → node: `("ready", port)` or `("failed", message)`, then `("facts",
 facts, guards)` once per event-loop pass in which anything happened (`FactBatcher`).
 
 A fact is one stream's news of that pass: `(stream_id, connect, events, mirror, gone)`;
@@ -103,6 +103,11 @@ class WorkerInit:
     name: str = "xds-worker"
     log_level: int = 20
     grpc_options: tuple[tuple[str, Any], ...] = ()
+    # The node writes at least every `heartbeat` seconds; a worker that hears nothing for
+    # `node_silence` exits (its listener closes): a frozen node's Envoys go to another node
+    # instead of being served a config the node no longer renews.
+    heartbeat: float = 0.5
+    node_silence: float = 3.0
 
 
 # --- worker side: facts, batched per event-loop pass ------------------------------------------

@@ -58,6 +58,8 @@ class Worker:
             self.server.renew()
         elif kind == "stop":
             return False
+        elif kind == "tick":
+            pass
         else:
             log.warning("xDS worker: unknown message %r from the node", kind)
         return True
@@ -90,7 +92,11 @@ async def _serve(fd: int) -> int:
             for message in pending:
                 if not worker.handle(message):
                     return 0
-            data = await reader.read(1 << 20)
+            try:
+                data = await asyncio.wait_for(reader.read(1 << 20), init.node_silence)
+            except TimeoutError:
+                log.warning("xDS worker: the node said nothing for %.1f s (frozen?): exiting", init.node_silence)
+                return 3
             if not data:
                 return 0  # the node is gone
             pending = decoder.feed(data)

@@ -121,6 +121,7 @@ class WorkerPool:
         self._frame: bytes | None = None  # the current snapshot, encoded once
         self._cancel_watch: Callable[[], None] | None = None
         self._stopping = False
+        self._ticker: asyncio.Task[None] | None = None
 
     # --- the AdsServer face -------------------------------------------------------------------
 
@@ -141,11 +142,14 @@ class WorkerPool:
             raise
         for worker in self._workers:
             worker.task = asyncio.create_task(self._supervise(worker), name=f"xds-worker-{worker.slot}")
+        self._ticker = asyncio.create_task(self._tick(), name="xds-worker-ticks")
         log.info("xDS served by %d worker processes on %s:%d", self.count, host, self.port)
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:
         self._stopping = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         if self._cancel_watch is not None:
             self._cancel_watch()
             self._cancel_watch = None
@@ -167,6 +171,14 @@ class WorkerPool:
         for worker in self._workers:
             self._write(worker, frame)
         return len(self.tracker.connected())
+
+    async def _tick(self) -> None:
+        """The node is alive (relay.WorkerInit.node_silence)."""
+        frame = relay.encode(("tick",))
+        while True:
+            await asyncio.sleep(relay.WorkerInit.heartbeat)
+            for worker in self._workers:
+                self._write(worker, frame)
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process is not None and w.process.returncode is None]
