@@ -15,7 +15,14 @@ from repstage_mesh.xds import relay
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
 from repstage_mesh.xds.limits import XdsLimits
-from repstage_mesh.xds.protocol import DeltaRequest, DeltaStream, NodeInfo, Send, SotwRequest, SotwStream
+from repstage_mesh.xds.protocol import (
+    DeltaRequest,
+    DeltaStream,
+    NodeInfo,
+    Send,
+    SotwRequest,
+    SotwStream,
+)
 from repstage_mesh.xds.tracker import ProxyTracker
 from repstage_mesh.xds.workers import STREAM_ID_STRIDE, worker_limits
 
@@ -168,7 +175,7 @@ def test_facts_of_one_pass_go_in_one_frame_and_the_node_sees_what_the_worker_see
     for proxy in (one, two):
         proxy.push(snapshot(6, "b"))
     replay.apply(decoder.feed(worker.flush())[0][1])
-    assert not woken and sorted(b.proxy for b in waiter.lagging()) == ["envoy-1#%d" % one.stream_id, "envoy-2#%d" % two.stream_id]
+    assert not woken and sorted(b.proxy for b in waiter.lagging()) == [f"envoy-1#{one.stream_id}", f"envoy-2#{two.stream_id}"]
     one.answer()
     two.answer(error="bad cluster")
     replay.apply(decoder.feed(worker.flush())[0][1])
