@@ -1,4 +1,4 @@
-"""One xDS worker process: `python -m repstage_mesh.xds.worker_main FD` (started by workers.py).
+"""One xDS worker process: `python -m repstage_mesh.xds.worker_main FD NODE_PID` (workers.py).
 
 FD is this end of the socketpair to the node. The worker reads its `relay.WorkerInit`, serves
 ADS with an `AdsServer` bound to the node's xDS port with `grpc.so_reuseport` (the kernel
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import socket
 import sys
@@ -21,6 +23,7 @@ from .cache import SnapshotCache
 from .server import AdsServer
 
 log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
 
 
 class Worker:
@@ -101,13 +104,26 @@ async def _serve(fd: int) -> int:
                 return 0  # the node is gone
             pending = decoder.feed(data)
     finally:
+        # Streams cancelled by the stop are not errors (grpc logs each with a traceback).
+        logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
         await worker.server.stop(0.2)
         with contextlib.suppress(Exception):
             writer.close()
 
 
+def _die_with(parent: int) -> None:
+    """The kernel kills this worker when the node process dies (Linux PR_SET_PDEATHSIG), so a
+    node restarted at once finds its port free; elsewhere the closed pipe ends the worker."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the node died before the prctl
+        os._exit(0)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
+    if len(sys.argv) > 2:
+        _die_with(int(sys.argv[2]))
     sys.exit(asyncio.run(_serve(int(sys.argv[1]))))
 
 

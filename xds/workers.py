@@ -60,10 +60,14 @@ def hold_port(host: str, port: int) -> socket.socket:
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR, as grpc sets it: connections of an earlier run in TIME_WAIT do not
+        # hold the port; a listener (or a bound socket) still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
         port = probe.getsockname()[1]
     held = socket.socket(family, kind, proto)
     try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind((*address[:1], port, *address[2:]))
     except OSError:
@@ -129,7 +133,7 @@ class WorkerPool:
         try:
             self._held = hold_port(host, port)
         except OSError as exc:
-            raise OSError(f"xDS: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+            raise OSError(exc.errno, f"xDS: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
         self._host, self.port = host, self._held.getsockname()[1]
         snapshot = self.cache.get(self.group)
         if snapshot is not None:
@@ -200,7 +204,7 @@ class WorkerPool:
         ours, theirs = socket.socketpair()
         try:
             worker.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "repstage_mesh.xds.worker_main", str(theirs.fileno()),
+                sys.executable, "-m", "repstage_mesh.xds.worker_main", str(theirs.fileno()), str(os.getpid()),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
