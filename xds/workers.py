@@ -303,5 +303,6 @@ class WorkerPool:
 
 
 def default_count() -> int:
-    """One worker per core."""
-    return os.cpu_count() or 1
+    """One worker per core this process may run on (its CPU affinity, else `os.cpu_count()`)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
