@@ -41,6 +41,7 @@ from .tracker import ProxyTracker
 log = logging.getLogger(__name__)
 
 STREAM_ID_STRIDE = 1 << 40  # worker spawn n numbers its streams from n * STRIDE
+MAX_UNREAD = 256 << 20  # bytes written to a worker and not read by it: it is wedged
 
 
 def worker_limits(limits: XdsLimits, count: int) -> XdsLimits:
@@ -195,8 +196,18 @@ class WorkerPool:
             self._write(worker, self._frame)
 
     def _write(self, worker: _Worker, frame: bytes) -> None:
-        if worker.writer is not None and not worker.writer.is_closing():
-            worker.writer.write(frame)
+        writer = worker.writer
+        if writer is None or writer.is_closing():
+            return
+        if writer.transport.get_write_buffer_size() > MAX_UNREAD:
+            # A worker that reads nothing (stopped, wedged) is not waited for: it is killed and
+            # restarted (its supervisor sees the pipe close), and gets the current snapshot.
+            log.warning("xDS worker %d has not read %d bytes: restarting it", worker.slot, MAX_UNREAD)
+            writer.close()
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.kill()
+            return
+        writer.write(frame)
 
     async def _spawn(self, worker: _Worker) -> None:
         self._spawns += 1
