@@ -37,7 +37,7 @@ class TypeMirror:
     sync: str = "idle"  # protocol.type_sync_state, worked out in the worker
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamMirror:
     kind: str
     snapshot: SnapshotRef | None = None
