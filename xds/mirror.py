@@ -13,7 +13,7 @@ tuple the worker sends.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -37,15 +37,35 @@ class TypeMirror:
     sync: str = "idle"  # protocol.type_sync_state, worked out in the worker
 
 
-@dataclass(slots=True)
 class StreamMirror:
-    kind: str
-    snapshot: SnapshotRef | None = None
-    types: dict[str, TypeMirror] = field(default_factory=dict)
-    synced_index: int = -1  # the worker tracker's ProxyRecord.synced_index
+    """Takes the worker's tuple as it comes (`update` is O(1): it runs on every ACK of every
+    stream); `types` is built from it when something reads it (scrapes, /v1/proxies)."""
+
+    __slots__ = ("_types", "_wire", "kind", "snapshot", "synced_index")
+
+    def __init__(
+        self, kind: str, snapshot: SnapshotRef | None = None, types: dict[str, TypeMirror] | None = None,
+        synced_index: int = -1,
+    ) -> None:
+        self.kind = kind
+        self.snapshot = snapshot
+        self.synced_index = synced_index  # the worker tracker's ProxyRecord.synced_index
+        self._types: dict[str, TypeMirror] | None = types if types is not None else {}
+        self._wire: tuple[Any, ...] = ()
+
+    @property
+    def types(self) -> dict[str, TypeMirror]:
+        if self._types is None:
+            self._types = {t: TypeMirror(req, pending, floor, acked, sync) for t, req, pending, floor, acked, sync in self._wire}
+        return self._types
 
     def sync_state(self, type_url: str) -> str:
-        mirrored = self.types.get(type_url)
+        if self._types is None:
+            for entry in self._wire:
+                if entry[0] == type_url:
+                    return str(entry[5])
+            return "idle"
+        mirrored = self._types.get(type_url)
         return "idle" if mirrored is None else mirrored.sync
 
     def to_wire(self) -> tuple[Any, ...]:
@@ -55,10 +75,10 @@ class StreamMirror:
 
     def update(self, wire: tuple[Any, ...]) -> None:
         """Take the state `to_wire` sent (the whole of it: it replaces what was mirrored)."""
-        version, self.synced_index, types = wire
+        version, self.synced_index, self._wire = wire
+        self._types = None
         if self.snapshot is None or self.snapshot.version != version:
             self.snapshot = None if version is None else SnapshotRef(version)
-        self.types = {t: TypeMirror(req, pending, floor, acked, sync) for t, req, pending, floor, acked, sync in types}
 
     @classmethod
     def from_wire(cls, kind: str, wire: tuple[Any, ...]) -> StreamMirror:

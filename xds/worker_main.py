@@ -30,6 +30,7 @@ class Worker:
     def __init__(self, init: relay.WorkerInit, writer: asyncio.StreamWriter) -> None:
         self.init = init
         self.writer = writer
+        self.grace = 0.0  # what the streams get when the server stops (the node's stop says)
         self.cache = SnapshotCache()
         loop = asyncio.get_running_loop()
         self.batcher = relay.FactBatcher(lambda: loop.call_soon(self.flush))
@@ -60,6 +61,7 @@ class Worker:
         elif kind == "renew":
             self.server.renew()
         elif kind == "stop":
+            self.grace = float(message[1]) if len(message) > 1 else 0.2  # type: ignore[arg-type]
             return False
         elif kind == "tick":
             pass
@@ -106,7 +108,7 @@ async def _serve(fd: int) -> int:
     finally:
         # Streams cancelled by the stop are not errors (grpc logs each with a traceback).
         logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
-        await worker.server.stop(0.2)
+        await worker.server.stop(worker.grace)
         with contextlib.suppress(Exception):
             writer.close()
 

@@ -165,7 +165,7 @@ class WorkerPool:
             if worker.task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await worker.task
-            await self._end(worker, (grace or 0) + 2.0)
+        await asyncio.gather(*(self._end(worker, grace or 0.0) for worker in self._workers))
         if self._held is not None:
             self._held.close()
             self._held = None
@@ -295,17 +295,18 @@ class WorkerPool:
             log.warning("xDS worker %d: %s", worker.slot, exc)
 
     async def _end(self, worker: _Worker, grace: float) -> int | None:
-        """Ask the worker to stop, wait `grace`, then kill it; returns its exit code."""
+        """Ask the worker to stop (its streams get `grace` seconds), then kill it if it has not
+        exited 2 s later; returns its exit code."""
         process, writer = worker.process, worker.writer
         worker.writer = worker.reader = None
         if writer is not None:
             with contextlib.suppress(Exception):
-                writer.write(relay.encode(("stop",)))
+                writer.write(relay.encode(("stop", grace)))
                 writer.close()
         if process is None:
             return None
         try:
-            await asyncio.wait_for(process.wait(), grace)
+            await asyncio.wait_for(process.wait(), grace + 2.0)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
