@@ -6,7 +6,7 @@ tracker, its waiters (progress.py), standing.py, the metrics and the push tracer
 stream (its snapshot's version, per type: asked for, a response in flight, the client's claimed
 floor and ACKed version, and the type's sync state as `protocol.type_sync_state` worked it out
 in the worker) plus the `synced_index` the worker's own tracker computed. Plain values, no I/O:
-`mirror_of` takes them from a live stream, `StreamMirror.from_wire` rebuilds them from the
+`mirror_wire` takes them from a live stream, `StreamMirror.from_wire` rebuilds them from the
 tuple the worker sends.
 """
 
@@ -87,13 +87,13 @@ class StreamMirror:
         return mirror
 
 
-def mirror_of(stream: Any, synced_index: int, sync_state: Callable[[Any, str], str]) -> StreamMirror:
-    """The mirror of a live `SotwStream`/`DeltaStream` (`sync_state`: protocol.type_sync_state)."""
+def mirror_wire(stream: Any, synced_index: int, sync_state: Callable[[Any, str], str]) -> tuple[Any, ...]:
+    """`StreamMirror.to_wire` of a live `SotwStream`/`DeltaStream` (`sync_state`:
+    protocol.type_sync_state), built directly: the worker runs it for every stream that moved."""
     snap = stream.snapshot
-    types = {
-        type_url: TypeMirror(
-            state.requested, bool(state.pending), state.floor, state.acked_version, sync_state(stream, type_url)
-        )
+    types = tuple(
+        (type_url, state.requested, bool(state.pending), state.floor, state.acked_version, sync_state(stream, type_url))
         for type_url, state in stream.types.items()
-    }
-    return StreamMirror(stream.kind, SnapshotRef(snap.version) if snap is not None else None, types, synced_index)
+    )
+    return (snap.version if snap is not None else None, synced_index, types)
+

@@ -26,7 +26,7 @@ from typing import Any
 from .cache import EncodedResource, Snapshot
 from .limits import XdsLimits
 from .messages import Acked, Action, Nacked, NodeInfo, Send, Stale
-from .mirror import StreamMirror, mirror_of
+from .mirror import StreamMirror, mirror_wire
 from .protocol import DeltaStream, SotwStream, type_sync_state
 from .tls import XdsSecurity
 from .tracker import ProxyTracker
@@ -198,7 +198,7 @@ class FactBatcher:
             record = tracker.records.get(stream_id)
             mirror = None
             if record is not None and isinstance(record.stream, (SotwStream, DeltaStream)):
-                mirror = mirror_of(record.stream, record.synced_index, type_sync_state).to_wire()
+                mirror = mirror_wire(record.stream, record.synced_index, type_sync_state)
             facts.append((stream_id, item.connect, item.events, mirror, item.gone))
         return facts, guards
 
