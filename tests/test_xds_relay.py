@@ -242,3 +242,25 @@ def test_after_every_pass_the_node_s_view_is_the_worker_s(steps: list[tuple[str,
                 assert _seen(mine.to_dict()) == _seen(theirs.to_dict())
                 assert (mine.synced_index, mine.synced(), mine.excused(version)) == (
                     theirs.synced_index, theirs.synced(), theirs.excused(version))
+
+
+def test_a_worker_freezes_its_streams_once_their_count_settles() -> None:
+    policy = relay.GcPolicy(churn=0.1, floor=100, quiet=1.0)
+    policy.changed(0.0, 5000)  # a connect storm
+    assert not policy.due(0.5, 5000)  # still moving
+    assert policy.due(1.5, 5000)  # settled: collect and freeze once
+    assert not policy.due(2.5, 5000)  # nothing moved since
+    policy.changed(3.0, 300)  # a few reconnects: under a tenth of the streams
+    assert not policy.due(5.0, 5000)
+    policy.changed(6.0, 300)  # 600 in all: collect the closed ones' garbage, freeze again
+    assert not policy.due(6.5, 5000) and policy.due(7.0, 5000)
+    few = relay.GcPolicy(floor=100)
+    few.changed(0.0, 20)  # a handful of streams is not worth a collection
+    assert not few.due(10.0, 20)
+
+
+def test_the_batcher_counts_streams_opened_and_closed() -> None:
+    worker = Worker()
+    proxies = [Proxy(worker, n, snapshot(5, "a")) for n in range(3)]
+    proxies[0].leave()
+    assert worker.batcher.churn == 4

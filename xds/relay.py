@@ -158,6 +158,7 @@ class FactBatcher:
         self._news: dict[int, _News] = {}
         self._guards: list[tuple[str, str]] = []
         self._due = False
+        self.churn = 0  # streams opened or closed (GcPolicy reads and resets it)
 
     def _entry(self, stream_id: int) -> _News:
         if not self._due:
@@ -170,12 +171,14 @@ class FactBatcher:
 
     def connected(self, stream_id: int, node: NodeInfo, kind: str) -> None:
         self._entry(stream_id).connect = (node, kind)
+        self.churn += 1
 
     def recorded(self, stream_id: int, actions: list[Action]) -> None:
         self._entry(stream_id).events.extend(event_of(a) for a in actions)
 
     def disconnected(self, stream_id: int) -> None:
         self._entry(stream_id).gone = True
+        self.churn += 1
 
     def on_limit(self, limit: str) -> None:
         self._entry_guard(("limit", limit))
@@ -224,6 +227,37 @@ class ReportingTracker(ProxyTracker):
     def disconnect(self, stream_id: int) -> None:
         super().disconnect(stream_id)
         self.batcher.disconnected(stream_id)
+
+
+# --- worker side: the collector kept off the long-lived streams ----------------------------
+
+
+class GcPolicy:
+    """When a worker moves what it holds out of the cyclic collector's sight: Python's full
+    collections walk every object of every stream, which at thousands of streams cost as much
+    CPU as a push (bench/RESULTS.md). Once the stream count has settled (`quiet` seconds with
+    no stream opened or closed) after moving by `churn` (a share of the streams, or `floor`
+    streams), the worker collects once and freezes what survives (`gc.freeze`); the next
+    settled change unfreezes, collects the closed streams' garbage and freezes again. Sans-IO:
+    `due(now, opened_or_closed)` says when; the worker does it."""
+
+    def __init__(self, churn: float = 0.1, floor: int = 100, quiet: float = 1.0) -> None:
+        self.churn, self.floor, self.quiet = churn, floor, quiet
+        self.frozen_at_count = 0  # streams held at the last freeze
+        self.changes = 0  # streams opened or closed since
+        self.last_change = 0.0
+
+    def changed(self, now: float, count: int = 1) -> None:
+        self.changes += count
+        self.last_change = now
+
+    def due(self, now: float, streams: int) -> bool:
+        if now - self.last_change < self.quiet:
+            return False
+        if self.changes < max(self.floor, self.churn * max(streams, self.frozen_at_count)):
+            return False
+        self.frozen_at_count, self.changes = streams, 0
+        return True
 
 
 # --- node side: the facts replayed into the node's tracker ------------------------------------

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 
 from . import relay
 from .cache import SnapshotCache
@@ -32,6 +34,7 @@ class Worker:
         self.writer = writer
         self.grace = 0.0  # what the streams get when the server stops (the node's stop says)
         self.cache = SnapshotCache()
+        self.gc_policy = relay.GcPolicy()
         loop = asyncio.get_running_loop()
         self.batcher = relay.FactBatcher(lambda: loop.call_soon(self.flush))
         self.tracker = relay.ReportingTracker(
@@ -42,6 +45,17 @@ class Worker:
             guard=self.batcher, first_stream_id=init.first_stream_id,
             grpc_options=(*init.grpc_options, ("grpc.so_reuseport", 1)),
         )
+
+    def keep_gc(self) -> None:
+        """Collect once and freeze the streams' objects when their count settled (GcPolicy)."""
+        now = time.monotonic()
+        if self.batcher.churn:
+            self.gc_policy.changed(now, self.batcher.churn)
+            self.batcher.churn = 0
+        if self.gc_policy.due(now, len(self.server.streams)):
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
     def send(self, message: tuple[object, ...]) -> None:
         if not self.writer.is_closing():
@@ -64,7 +78,7 @@ class Worker:
             self.grace = float(message[1]) if len(message) > 1 else 0.2  # type: ignore[arg-type]
             return False
         elif kind == "tick":
-            pass
+            self.keep_gc()
         else:
             log.warning("xDS worker: unknown message %r from the node", kind)
         return True
