@@ -56,6 +56,7 @@ class Worker:
             gc.unfreeze()
             gc.collect()
             gc.freeze()
+            log.debug("xDS worker: %d streams, %d objects frozen", len(self.server.streams), gc.get_freeze_count())
 
     def send(self, message: tuple[object, ...]) -> None:
         if not self.writer.is_closing():
