@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
-import re
 import tempfile
 import threading
 import time
@@ -386,20 +385,6 @@ def _vote_stored_before_sent(_: ReplicatedStore) -> None:
          "no longer stores the vote (setCurrentTerm) before it sends response_vote")
 
 
-def _leader_appends_acknowledge_nothing(store: ReplicatedStore) -> None:
-    need("_checkCommandsToApply" in code_names(SyncObj._onTick), "_onTick no longer calls self._checkCommandsToApply()")
-    check = inspect.getsource(SyncObj._checkCommandsToApply)
-    need("self.__raftLog.add(" in check and "self.__sendAppendEntries()" in check,
-         "_checkCommandsToApply no longer appends the leader's commands and sends them")
-    sent = inspect.getsource(SyncObj._checkCommandsToApply) + inspect.getsource(SyncObj._SyncObj__sendAppendEntries)
-    kinds = set(re.findall(r"'type': '(\w+)'", sent))
-    need(kinds <= {"apply_command", "apply_command_response", "append_entries"},
-         f"_checkCommandsToApply / __sendAppendEntries now send {sorted(kinds)}: an acknowledgement "
-         "would leave before the leader's msync")
-    need(store._sync._checkCommandsToApply.__name__ == "check_commands_overlapped",
-         "durable.overlap_leader_appends did not wrap the store's _checkCommandsToApply")
-
-
 def _tcp_connection(_: ReplicatedStore) -> None:
     for name in ("_TcpConnection__processRead", "_TcpConnection__processParseMessage", "disconnect"):
         need(callable(getattr(TcpConnection, name, None)), f"TcpConnection.{name} is gone")
@@ -431,9 +416,6 @@ INTERNALS += [
              f"{DURABLE} DurableJournal.clear (the dump is fsync'd first)", _dump_before_clear),
     Internal(PYSYNCOBJ, "SyncObj._SyncObj__onMessageReceived stores the vote before response_vote",
              f"{DURABLE} (a vote is on disk before it is granted)", _vote_stored_before_sent),
-    Internal(PYSYNCOBJ, "SyncObj._checkCommandsToApply (called by _onTick; appends and sends, acknowledges nothing)",
-             f"{DURABLE} overlap_leader_appends (the leader's msync overlaps replication)",
-             _leader_appends_acknowledge_nothing),
     Internal(PYSYNCOBJ, "TcpConnection _TcpConnection__processRead, _TcpConnection__readBuffer, sendRandKey",
              f"{GUARD} GuardedConnection (frame limit before authentication)", _tcp_connection),
     Internal(PYSYNCOBJ, "TCPTransport _onNewIncomingConnection, addNode, _connections, _syncObj",

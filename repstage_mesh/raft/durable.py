@@ -17,17 +17,9 @@ That covers the three points where Raft acknowledges: a follower answers AppendE
 counts its own entry towards the commit index (the count reads the entry back from the journal:
 synced by then), a vote is granted (pysyncobj stores the vote through `setCurrentTerm` before it
 sends `response_vote`). Follower appends of many entries in one message cost one msync, not
-one per entry.
-
-One exception, which Raft allows (the leader may write its log in parallel with replicating it,
-Ongaro's thesis 10.2.1): while the leader appends new commands and sends them
-(`SyncObj._checkCommandsToApply`, wrapped by `overlap_leader_appends`), reads and sends do not
-sync; the block ends with the msync. So the leader's flush runs while its AppendEntries travel
-and the followers flush theirs, instead of before: a commit waits for one flush, not two in a
-row. Nothing sent in that block acknowledges anything (AppendEntries, a follower's command
-forwarded to the leader, the log index given to a forwarded command), and the leader counts its
-own entry towards the commit index only on a later tick, after the msync (and reading the entry
-back syncs anyway). Pinned in tests/test_pinned_internals.py.
+one per entry. The leader msyncs before it sends its entries (it reads them back to send
+them), so a commit costs two flushes in a row, the leader's then a follower's; Raft would allow
+the leader's to overlap replication, pysyncobj's structure does not make that easy.
 
 pysyncobj builds its journal with the module-level `pysyncobj.syncobj.createJournal(path)`;
 `install()` replaces that function (once per process) with one that builds a `DurableJournal`,
@@ -133,7 +125,6 @@ class DurableJournal(FileJournal):
         self._durable = options.durable
         self._dump_file = options.dump_file
         self._dirty = False
-        self._deferred = False
         self.syncs = 0
         storer = DurableMetaStorer(journal_file + ".meta", options.durable)
         super().__init__(journal_file)
@@ -158,9 +149,8 @@ class DurableJournal(FileJournal):
         return storer
 
     def sync(self) -> None:
-        """Put every mutation since the last sync on disk (msync, MS_SYNC). Cheap when clean;
-        nothing inside `synced_after` (which syncs at its end)."""
-        if not self._dirty or self._deferred:
+        """Put every mutation since the last sync on disk (msync, MS_SYNC). Cheap when clean."""
+        if not self._dirty:
             return
         self._dirty = False
         if not self._durable:
@@ -169,17 +159,6 @@ class DurableJournal(FileJournal):
         self.syncs += 1
         entries = self._FileJournal__journal
         self.durable_index = int(entries[-1][1]) if entries else 0
-
-    @contextlib.contextmanager
-    def synced_after(self) -> Iterator[None]:
-        """No sync inside the block (reads, sends), one at its end (see the module docstring:
-        only for the leader's appends, which acknowledge nothing)."""
-        self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
-            self.sync()
 
     # --- mutations: remembered, synced before the next read or send ------------------------------
 
@@ -240,22 +219,6 @@ def _create_journal(journal_file: str | None = None) -> Journal:
 def install() -> None:
     """Make pysyncobj build `DurableJournal`s (idempotent)."""
     pysyncobj.syncobj.createJournal = _create_journal
-
-
-def overlap_leader_appends(sync_obj: Any) -> None:
-    """Make the leader's msync of new entries overlap their replication (module docstring):
-    `SyncObj._checkCommandsToApply` (called once per tick by `_onTick`) runs inside the
-    journal's `synced_after`. Nothing changes for a journal that is not durable."""
-    journal = getattr(sync_obj, "_SyncObj__raftLog", None)
-    if not isinstance(journal, DurableJournal) or not journal.durable:
-        return
-    check = sync_obj._checkCommandsToApply
-
-    def check_commands_overlapped() -> None:
-        with journal.synced_after():
-            check()
-
-    sync_obj._checkCommandsToApply = check_commands_overlapped
 
 
 def sync_journal_of(sync_obj: Any) -> None:

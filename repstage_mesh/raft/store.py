@@ -323,7 +323,6 @@ class ReplicatedStore:
         # pysyncobj's tick thread stops when the thread that built it exits; tie it to the
         # process's main thread instead so a store may be built from a worker thread.
         sync._SyncObj__mainThread = threading.main_thread()
-        durable.overlap_leader_appends(sync)  # the leader's msync overlaps replication
         try:
             sync.waitBinded()
         except Exception as exc:
