@@ -40,12 +40,22 @@ class Cluster3:
     nodes: list[ControlPlaneNode]
     envoys: list[Envoy] = field(default_factory=list)
 
-    def envoy(self, node_id: str, xds: list[ControlPlaneNode] | None = None, **kw: Any) -> Envoy:
-        """A started Envoy bootstrapped with the xDS addresses of `xds` (default: every node);
+    def envoy(
+        self, node_id: str, xds: list[ControlPlaneNode] | None = None, start: bool = True, **kw: Any
+    ) -> Envoy:
+        """An Envoy bootstrapped with the xDS addresses of `xds` (default: every node), started
+        unless `start` is False (its admin port is known before: a node's config may name it);
         stopped when the cluster is."""
         envoy = Envoy(self.wd, node_id, [n.xds_address for n in (xds or self.nodes)], **kw)
         self.envoys.append(envoy)
-        return envoy.start()
+        return envoy.start() if start else envoy
+
+    def start(self) -> None:
+        """Start the nodes (for `cluster3(..., start=False)`), then the Envoys not started yet."""
+        start_cluster(self.nodes)
+        for envoy in self.envoys:
+            if not envoy.proc.alive():
+                envoy.start()
 
     def leader(self, timeout: float = 10.0) -> ControlPlaneNode:
         return cluster_leader(self.nodes, timeout=timeout)
