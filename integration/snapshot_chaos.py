@@ -44,7 +44,7 @@ HOLD = 3.0  # seconds a phase is held (a hook's sleep, the slowed take)
 KEYS = 3000  # with rdb-key-save-delay HOLD / KEYS s per key: the take lasts about HOLD
 GENEROUS = 30.0
 
-__all__ = ["GENEROUS", "PHASES", "ROLES", "RunResult", "SnapshotMesh", "one_run", "snapshot_mesh"]
+__all__ = ["GENEROUS", "PHASES", "ROLES", "RunResult", "SnapshotMesh", "one_run", "replicas_seen", "snapshot_mesh"]
 
 
 @dataclass
@@ -108,11 +108,11 @@ def snapshot_mesh(phase: str) -> Iterator[SnapshotMesh]:
             wait_until(lambda: client.set("probe", 1), GENEROUS, 0.05, "writes through Envoy reach r0")
             client.close()
             leader = m.leader()
-            wait_until(lambda: _replicas_seen(leader), GENEROUS, 0.05, "the leader's probes see both replicas")
+            wait_until(lambda: replicas_seen(leader), GENEROUS, 0.05, "the leader's probes see both replicas")
             yield m
 
 
-def _replicas_seen(leader: ControlPlaneNode) -> bool:
+def replicas_seen(leader: ControlPlaneNode) -> bool:
     status, body = http_json("GET", f"{leader.api}/v1/members", timeout=2.0)
     if status != 200:
         return False
@@ -261,7 +261,7 @@ def one_run(m: SnapshotMesh, phase: str, role: str) -> RunResult:
 def table(results: list[RunResult]) -> str:
     lines = ["| kill -9 of the primary at | role | runs | aborted | failed | completed (before the failover) "
              "| completed from a demoted member | aborted in the failover's own commit "
-             "| failover commit -> back in every read pool: max | the failover's commit landed after step |",
+             "| failover commit -> back in every read pool: max | last step recorded before the failover's commit |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for phase in PHASES:
         for role in ROLES:
