@@ -157,6 +157,11 @@ class Watcher:
         assert back is not None, "the member never came back in every read cluster"
         return back - t0
 
+    def back(self) -> bool:
+        """The newest known sample has the member in every read cluster."""
+        known = [listed for _, listed, _ in list(self.samples) if listed is not None]
+        return bool(known) and bool(known[-1])
+
     def completed_at(self) -> float | None:
         return min((t for t, _, status in self.samples if status == "completed"), default=None)
 
@@ -242,7 +247,7 @@ def one_run(m: SnapshotMesh, phase: str, role: str) -> RunResult:
         fence = wait_until(lambda: _fence(leader, killed_at), GENEROUS, 0.05, "the failover's commit")
         entry = wait_until(lambda: (e := m.snapshot(leader, snapshot_id)) and e["status"] != "running"
                            and e["pool"] == "in" and not e["undo"] and e, GENEROUS, 0.05, "the snapshot ends")
-        wait_until(lambda: m.listed(member), GENEROUS, 0.02, f"{member} back in every Envoy's read cluster")
+        wait_until(watcher.back, GENEROUS, 0.02, f"{member} back in every Envoy's read cluster")
         if held is not None:
             held.close()
     completed_at = watcher.completed_at()
