@@ -3,7 +3,7 @@
 the drain, Redis 7 with a primary `r0` and replicas `r1`, `r2`, and a writer through the
 primary port. Used by `test_snapshot_chaos.py` (the 20-run chaos suite and one lean case).
 
-One run: a snapshot of `r1` (`replica`) or of the primary (`primary`); the primary is killed
+One run: a snapshot of a replica (`r1` or `r2`) or of the primary; the primary is killed
 when the snapshot reaches `phase`:
 
 - `intent`: killed first, the snapshot asked at once (its intent commits before the failover's);
@@ -169,13 +169,15 @@ class Watcher:
 @dataclass
 class RunResult:
     phase: str
-    role: str
+    role: str  # replica | primary
     status: str  # the snapshot's end: completed | aborted | failed | refused (no intent)
     landed: str  # the last step before the failover's commit landed ("-" if none)
     back_s: float  # the failover's commit -> the member in every Envoy's read cluster
     completed_from_demoted: bool
     abort_in_fence: bool | None  # aborted in the failover's own commit (None: not aborted)
     writes: int
+    promoted_member: bool = False  # the failover promoted the snapshot's own member
+    member: str = ""
 
 
 def _hold_connection(m: SnapshotMesh, member: str) -> redis.Redis:
@@ -212,13 +214,14 @@ def _fence(leader: ControlPlaneNode, after: float) -> dict[str, Any] | None:
     for record in body["failovers"]:
         for event in record["timeline"]:
             if record["service"] == "cache" and event["name"] == "fenced" and event["at"] >= after:
-                return dict(event)
+                return {**event, "new_primary": record["new_primary"]}
     return None
 
 
-def one_run(m: SnapshotMesh, phase: str, role: str) -> RunResult:
-    member = "r1" if role == "replica" else "r0"
-    ask = {"member": "r1" if role == "replica" else "primary"}
+def one_run(m: SnapshotMesh, phase: str, role: str, replica: str = "r1") -> RunResult:
+    """`replica`: the member a replica snapshot takes (the failover promotes r1 or r2)."""
+    member = replica if role == "replica" else "r0"
+    ask = {"member": replica if role == "replica" else "primary"}
     leader = m.leader()
     primary = m.group.client("r0")
     primary.mset({f"k:{i}": i for i in range(KEYS)})
@@ -235,8 +238,9 @@ def one_run(m: SnapshotMesh, phase: str, role: str) -> RunResult:
         status, started = http_json("POST", f"{leader.api}/v1/services/cache/snapshots", ask, timeout=10.0)
         if status != 202:  # the failover's commit came first: no intent, nothing to fence
             assert phase == "intent" and status == 409, (status, started)
-            wait_until(lambda: _fence(leader, killed_at), GENEROUS, 0.05, "the failover's commit")
-            return RunResult(phase, role, "refused", "-", 0.0, False, None, len(writer.acked))
+            fence = wait_until(lambda: _fence(leader, killed_at), GENEROUS, 0.05, "the failover's commit")
+            return RunResult(phase, role, "refused", "-", 0.0, False, None, len(writer.acked),
+                             fence["new_primary"] == member, member)
         snapshot_id = started["id"]
         assert started["member"] == member, started
         watcher.snapshot_id = snapshot_id
@@ -259,15 +263,15 @@ def one_run(m: SnapshotMesh, phase: str, role: str) -> RunResult:
         phase, role, entry["status"], landed[-1] if landed else "-", watcher.back_after(fence["at"]),
         completed and (completed_at is None or completed_at >= fence["at"]),
         None if aborted is None else int(aborted.group(1)) == int(fence["detail"]["epoch"]),
-        len(writer.acked),
+        len(writer.acked), fence["new_primary"] == member, member,
     )
 
 
 def table(results: list[RunResult]) -> str:
-    lines = ["| kill -9 of the primary at | role | runs | aborted | failed | completed (before the failover) "
+    lines = ["| kill -9 of the primary at | snapshot of | runs | aborted | failed | completed (before the failover) "
              "| completed from a demoted member | aborted in the failover's own commit "
-             "| failover commit -> back in every read pool: max | last step recorded before the failover's commit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| failover commit -> back in every read pool: max | failover promoted the snapshot's member | last step recorded before the failover's commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for phase in PHASES:
         for role in ROLES:
             rs = [r for r in results if r.phase == phase and r.role == role]
@@ -276,9 +280,11 @@ def table(results: list[RunResult]) -> str:
             count = {s: sum(r.status == s for r in rs) for s in ("aborted", "failed", "completed", "refused")}
             fenced = [r.abort_in_fence for r in rs if r.abort_in_fence is not None]
             refused = f" (+{count['refused']} refused at the intent)" if count["refused"] else ""
+            members = "/".join(sorted({r.member for r in rs}))
             lines.append(
-                f"| {phase} | {role} | {len(rs)} | {count['aborted']}{refused} | {count['failed']} "
+                f"| {phase} | {role} ({members}) | {len(rs)} | {count['aborted']}{refused} | {count['failed']} "
                 f"| {count['completed']} | {sum(r.completed_from_demoted for r in rs)} "
                 f"| {sum(fenced)} of {len(fenced)} | {max(r.back_s for r in rs) * 1000:.0f} ms "
+                f"| {sum(r.promoted_member for r in rs)} "
                 f"| {', '.join(sorted({r.landed for r in rs}))} |")
     return "\n".join(lines)
