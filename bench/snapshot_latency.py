@@ -88,6 +88,15 @@ class Snapshots(threading.Thread):
             self.ended.append(entry)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of `pids` and their reaped children (Redis' forks), from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += sum(int(f) for f in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def round_of(port: int, rate: float, seconds: float, leader: ControlPlaneNode | None) -> tuple[list[float], int, float]:
     snaps = Snapshots(leader) if leader is not None else None
     if snaps is not None:
@@ -146,20 +155,29 @@ def main() -> int:
             leader = c.leader(timeout=30)
             wait_until(lambda: replicas_seen(leader), 30, 0.05, "the leader's probes see both replicas")
             round_of(listen, args.rate, 2.0, None)  # warm-up, not counted
+            mesh = [n.proc.pid for n in c.nodes] + [e.proc.pid for e in envoys]
+            dbs = [server.process.pid for server in group.servers.values()]
             pooled: dict[str, list[float]] = {"without": [], "with": []}
-            print("| round | snapshots | p50 ms | p99 ms | writes | snapshots completed | time a snapshot ran |")
-            print("| --- | --- | --- | --- | --- | --- | --- |")
+            per_round: dict[str, list[float]] = {"without": [], "with": []}
+            print("| round | snapshots | p50 ms | p99 ms | max ms | writes | snapshots completed "
+                  "| CPU s: nodes + Envoys / Redis |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
             for n in range(args.rounds):
                 for kind in ("without", "with"):
-                    lat, done, busy = round_of(listen, args.rate, args.seconds, leader if kind == "with" else None)
+                    cpu0 = cpu_seconds(mesh), cpu_seconds(dbs)
+                    lat, done, _ = round_of(listen, args.rate, args.seconds, leader if kind == "with" else None)
+                    cpu = cpu_seconds(mesh) - cpu0[0], cpu_seconds(dbs) - cpu0[1]
                     pooled[kind] += lat
-                    print(f"| {n + 1} | {kind} | {percentile(lat, 50):.3f} | {percentile(lat, 99):.3f} | {len(lat)} "
-                          f"| {done if kind == 'with' else '-'} "
-                          f"| {f'{busy:.1f} s' if kind == 'with' else '-'} |", flush=True)
+                    per_round[kind].append(percentile(lat, 99))
+                    print(f"| {n + 1} | {kind} | {percentile(lat, 50):.3f} | {percentile(lat, 99):.3f} | {max(lat):.1f} "
+                          f"| {len(lat)} | {done if kind == 'with' else '-'} | {cpu[0]:.1f} / {cpu[1]:.1f} |", flush=True)
             p99 = {k: percentile(v, 99) for k, v in pooled.items()}
             for kind, values in pooled.items():
-                print(f"| all | {kind} | {percentile(values, 50):.3f} | {p99[kind]:.3f} | {len(values)} | | |")
-            print(f"p99 with / without: {p99['with'] / p99['without']:.3f}")
+                print(f"| all | {kind} | {percentile(values, 50):.3f} | {p99[kind]:.3f} | {max(values):.1f} "
+                      f"| {len(values)} | | |")
+            median = {k: percentile(v, 50) for k, v in per_round.items()}
+            print(f"p99 over all writes, with / without: {p99['with'] / p99['without']:.3f}; "
+                  f"median of the rounds' p99, with / without: {median['with'] / median['without']:.3f}")
     print(f"load average after: {loadavg()}  (pid {os.getpid()})")
     return 0
 
