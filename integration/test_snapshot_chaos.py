@@ -84,7 +84,9 @@ def _write_results(results: list[RunResult], before: str, after: str, seconds: f
         "(`integration/snapshot_chaos.py`). \"Back in every read pool\" is measured from the "
         "failover record's `fenced` event (its first commit, which aborts the snapshot) to the "
         "first of the 20 ms samples from which the member is listed healthy in both Envoys' "
-        "`/clusters` for good (0: it never left after that commit). No earlier figure: first run.\n\n"
+        "`/clusters` for good (0: back before the leader recorded that commit's answer). \"Failed\": the "
+        "take from the killed primary failed before the failover's commit (nothing completed). No earlier "
+        "figure: first run.\n\n"
         f"{table(results)}\n{end}\n"
     )
     current = RESULTS.read_text()
