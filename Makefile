@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/failover_compare.py --write-results
 	$(BIN)/python bench/patroni_compare.py --kills 5 --freezes 2 --write-results
 	$(BIN)/python bench/snapshot_actions.py --redis-keys 200000 --pg-rows 200000 --seconds 8
+	$(BIN)/python bench/snapshot_latency.py --rounds 8 --seconds 8 --rate 500 --keys 100000
 
 # Patroni (etcd + 3 PostgreSQL) behind RepStage and behind HAProxy as Patroni documents it.
 bench-patroni: $(STAMP)
