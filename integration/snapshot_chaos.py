@@ -40,8 +40,9 @@ from .harness import ControlPlaneNode, Envoy, free_low_port, http_json, wait_unt
 
 PHASES = ("intent", "draining", "pre_hook", "taking", "post_hook", "returning")
 ROLES = ("replica", "primary")
-HOLD = 3.0  # seconds a phase is held (a hook's sleep, the slowed take)
-KEYS = 3000  # with rdb-key-save-delay HOLD / KEYS s per key: the take lasts about HOLD
+HOLD = 3.0  # seconds a hook sleeps (an abort never cuts a hook short: the undo waits for it)
+TAKE_HOLD = 10.0  # seconds the slowed take would last (an abort cancels it: a margin, not a wait)
+KEYS = 3000  # with rdb-key-save-delay TAKE_HOLD / KEYS s per key
 GENEROUS = 30.0
 
 __all__ = ["GENEROUS", "PHASES", "ROLES", "RunResult", "SnapshotMesh", "one_run", "replicas_seen", "snapshot_mesh"]
@@ -227,7 +228,7 @@ def one_run(m: SnapshotMesh, phase: str, role: str, replica: str = "r1") -> RunR
     primary.mset({f"k:{i}": i for i in range(KEYS)})
     m.group.wait_in_sync("r0", ["r1", "r2"])
     if phase == "taking":
-        m.group.command(member, "CONFIG", "SET", "rdb-key-save-delay", str(int(HOLD / KEYS * 1e6)))
+        m.group.command(member, "CONFIG", "SET", "rdb-key-save-delay", str(int(TAKE_HOLD / KEYS * 1e6)))
     held = _hold_connection(m, member) if phase == "draining" else None
     watcher = Watcher(m, member, leader)
     with RedisWriter(m.listen_port) as writer, watcher:
