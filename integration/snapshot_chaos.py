@@ -198,8 +198,10 @@ def _hold_connection(m: SnapshotMesh, member: str) -> redis.Redis:
 
 
 def _reached(m: SnapshotMesh, leader: ControlPlaneNode, phase: str, snapshot_id: str, member: str) -> bool:
+    entry = m.snapshot(leader, snapshot_id)
+    if entry is not None and entry["status"] != "running" and phase != "returning":
+        raise AssertionError(f"the snapshot ended before its {phase} (nothing was killed yet): {entry}")
     if phase == "draining":
-        entry = m.snapshot(leader, snapshot_id)
         return bool(entry and entry["pool"] == "draining")
     if phase == "taking":
         info = m.group.client(member).info("persistence")
@@ -266,7 +268,10 @@ def one_run(m: SnapshotMesh, phase: str, role: str, replica: str = "r1") -> RunR
         assert started["member"] == member, started
         watcher.snapshot_id = snapshot_id
         if phase != "intent":
-            wait_until(lambda: _reached(m, leader, phase, snapshot_id, member), GENEROUS, 0.01, f"the snapshot {phase}")
+            try:
+                wait_until(lambda: _reached(m, leader, phase, snapshot_id, member), GENEROUS, 0.01, f"the snapshot {phase}")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nentry: {m.snapshot(leader, snapshot_id)}") from None
             killed_at = time.monotonic()
             m.group.kill("r0")
         fence = wait_until(lambda: _fence(leader, killed_at), GENEROUS, 0.05, "the failover's commit")
