@@ -246,14 +246,16 @@ def one_run(m: SnapshotMesh, phase: str, role: str, replica: str = "r1") -> RunR
     member = replica if role == "replica" else "r0"
     ask = {"member": replica if role == "replica" else "primary"}
     leader = m.leader()
-    primary = m.group.client("r0")
-    primary.mset({f"k:{i}": i for i in range(KEYS)})
+    with m.group.client("r0") as primary:
+        primary.mset({f"k:{i}": i for i in range(KEYS)})
     m.group.wait_in_sync("r0", ["r1", "r2"])
     if phase == "taking":
         m.group.command(member, "CONFIG", "SET", "rdb-key-save-delay", str(int(TAKE_HOLD / KEYS * 1e6)))
     held = _hold_connection(m, member) if phase == "draining" else None
     watcher = Watcher(m, member, leader)
-    with RedisWriter(m.listen_port) as writer, watcher:
+    with contextlib.ExitStack() as closing, RedisWriter(m.listen_port) as writer, watcher:
+        if held is not None:
+            closing.callback(held.close)
         wait_until(lambda: len(writer.acked) > 20, GENEROUS, 0.01, "the writer runs")
         killed_at = time.monotonic()
         if phase == "intent":
@@ -277,8 +279,6 @@ def one_run(m: SnapshotMesh, phase: str, role: str, replica: str = "r1") -> RunR
         fence = wait_until(lambda: _fence(leader, killed_at), GENEROUS, 0.05, "the failover's commit")
         entry = _ended(m, leader, snapshot_id)
         wait_until(watcher.back, GENEROUS, 0.02, f"{member} back in every Envoy's read cluster")
-        if held is not None:
-            held.close()
     completed_at = watcher.completed_at()
     completed = entry["status"] == "completed"
     aborted = re.search(r"aborted at Raft index (\d+)", entry["error"])
