@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.config.snapshot_sections import SnapshotActionFields
+from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.models import NAME_PATTERN, Name, ServiceSpec
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
