@@ -372,3 +372,17 @@ def test_cli_snapshot_verify_follows_the_drill_until_it_ends(capsys: pytest.Capt
         assert code == 1 and "snapshot verify SERVICE ID" in capsys.readouterr().err
         code = cli.main(["snapshot", "verify", "orders", "nope", "--api", live.url])
         assert code == 1 and "nope" in capsys.readouterr().err
+
+
+def test_the_composition_root_hands_the_runner_the_configured_actions_and_the_desk_its_drills(tmp_path: Path) -> None:
+    from repstage_mesh.node import Node
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "node": {"id": "cp-1", "data_dir": str(tmp_path / "d")},
+        "snapshots": {"commands": {"orders": ["zfs", "snapshot", "t@{snapshot_id}"]}, "redis_local_rdb": True},
+    }))
+    node = Node(load_config(path, env={}))
+    assert node.snapshots.deps.actions("tcp", "orders").template[0] == "zfs"  # type: ignore[attr-defined]
+    assert node.snapshots.deps.actions("redis", "cache").local_rdb  # type: ignore[attr-defined]
+    assert node.snapshot_desk.drills is not None

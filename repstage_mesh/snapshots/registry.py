@@ -6,7 +6,6 @@ factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` with the
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -111,7 +110,7 @@ def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
 
     runner = SnapshotRunner(SnapshotDeps(
         node_id=w.node_id, settings=snap, state=w.state, commit=commit, await_proxies=w.await_proxies,
-        actions=functools.partial(build_snapshot_action, settings=snap, data_dir=w.settings.node.data_dir),
+        actions=lambda kind, service: build_snapshot_action(kind, snap, w.settings.node.data_dir, service),
         hooks=w.settings.hooks.get,
         reports=lambda service: member_reports(w.decider, service),
         connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
