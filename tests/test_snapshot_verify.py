@@ -173,6 +173,7 @@ async def test_a_difference_a_timeout_and_refusals_are_recorded_or_answered() ->
     await late.start("orders", "s2")
     await eventually(lambda: plane.state.snapshot("s2").verification.status == "failed", "timed out")  # type: ignore[union-attr]
     assert "snapshots.verify.timeout" in plane.state.snapshot("s2").verification.error  # type: ignore[union-attr]
+    assert sample(late, "repstage_snapshot_limits_total", limit="verify_timeout") == 1
     with pytest.raises(SnapshotRefused) as refused:
         await runner.start("orders", "nope")
     assert refused.value.code == "not_found" and refused.value.field == "id"
@@ -366,6 +367,8 @@ def test_cli_snapshot_verify_follows_the_drill_until_it_ends(capsys: pytest.Capt
         out, err = capsys.readouterr()
         assert code == 0, err
         assert "ok" in out and "5/5 matched, 0 missing, 0 extra, 0 unexplained" in out
+        code = cli.main(["snapshots", "orders", "s1", "--api", live.url])
+        assert code == 0 and "verify drill-" in capsys.readouterr().out
         code = cli.main(["--json", "snapshots", "orders", "s1", "--api", live.url])
         assert code == 0 and json.loads(capsys.readouterr().out)["verification"]["status"] == "ok"
         code = cli.main(["snapshot", "verify", "orders", "--api", live.url])  # the ID is missing

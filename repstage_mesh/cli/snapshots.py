@@ -60,7 +60,7 @@ def cmd_snapshots(args: argparse.Namespace, client: ApiClient, out: Output) -> i
     base = f"/v1/services/{path_segment(args.service)}/snapshots"
     if args.id:
         entry = client.get(f"{base}/{path_segment(args.id)}")
-        out.show(entry, render.snapshots_table([entry]), render.snapshot_steps(entry))
+        out.show(entry, render.snapshots_table([entry]), render.snapshot_steps(entry), verification_text(entry))
         return EXIT_OK
     listed = client.get(base)
     out.show(listed, render.snapshots_table(listed.get("snapshots", [])))

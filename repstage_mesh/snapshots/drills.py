@@ -153,6 +153,8 @@ class DrillRunner:
         except Exception as exc:  # the drill reports its own failures; this is a bug or a timeout
             reason = f"no result within {self.deps.settings.verify.timeout:g} s (snapshots.verify.timeout)" \
                 if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, TimeoutError) and self.deps.metrics is not None:
+                self.deps.metrics.observe_snapshot_limit("verify_timeout")
             ended = base.model_copy(update={"status": "failed", "finished_at": time.time(),
                                             "duration_s": round(time.time() - base.started_at, 3),
                                             "error": reason[:2000]})

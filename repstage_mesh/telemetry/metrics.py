@@ -210,7 +210,8 @@ class MeshMetrics:
         )
         self.snapshot_limits = Counter(
             "repstage_snapshot_limits", "Snapshot limits hit: lag_bound (no replica qualified, the primary "
-            "was used), drain_timeout, take_timeout, keep (the oldest finished snapshot dropped)",
+            "was used), drain_timeout, take_timeout, keep (the oldest finished snapshot dropped), verify_concurrency "
+            "(a drill refused), verify_timeout (a drill stopped at snapshots.verify.timeout)",
             ["limit"], registry=registry,
         )
         self.snapshot_verifications = Counter(
