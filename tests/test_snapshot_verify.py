@@ -389,3 +389,35 @@ def test_the_composition_root_hands_the_runner_the_configured_actions_and_the_de
     assert node.snapshots.deps.actions("tcp", "orders").template[0] == "zfs"  # type: ignore[attr-defined]
     assert node.snapshots.deps.actions("redis", "cache").local_rdb  # type: ignore[attr-defined]
     assert node.snapshot_desk.drills is not None
+
+
+async def test_work_on_its_own_loop_answers_raises_and_is_cancelled_there() -> None:
+    import threading
+
+    from repstage_mesh.snapshots.drills import on_own_loop
+
+    async def answer() -> str:
+        return threading.current_thread().name
+
+    assert await on_own_loop(answer, "drill-x") == "drill-x"
+
+    async def fail() -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        await on_own_loop(fail, "drill-y")
+    started, cleaned = threading.Event(), threading.Event()
+
+    async def hang() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()  # a scratch server's context manager stops it here
+
+    waiting = asyncio.ensure_future(on_own_loop(hang, "drill-z"))
+    await eventually(started.is_set, "the work started on its loop")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await eventually(cleaned.is_set, "the work was cancelled on its own loop")

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from repstage_mesh.config import SnapshotSettings
 from repstage_mesh.core.errors import MeshError, SnapshotRefused
@@ -35,7 +36,9 @@ from repstage_mesh.core.models import (
 )
 from repstage_mesh.telemetry.metrics import MeshMetrics
 
-__all__ = ["DrillDeps", "DrillRunner", "verification_of"]
+__all__ = ["DrillDeps", "DrillRunner", "on_own_loop", "verification_of"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("repstage_mesh.snapshots")
 
@@ -58,6 +61,51 @@ def verification_of(base: SnapshotVerification, result: Any) -> SnapshotVerifica
         "unexplained": tuple(comparison.get("unexplained", ()))[:20],
         "error": error[:2000],
     })
+
+
+async def on_own_loop(work: Callable[[], Awaitable[T]], name: str) -> T:
+    """`work()` on a new event loop in a daemon thread of its own, awaited here. Cancelling the
+    caller cancels the work there (its context managers clean up: scratch servers are killed),
+    and nothing waits for the thread at shutdown (the default executor would be joined)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+    cancelled = threading.Event()
+    inner: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = []
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    async def main() -> T:
+        task = asyncio.ensure_future(work())
+        inner.append((asyncio.get_running_loop(), task))
+        if cancelled.is_set():
+            task.cancel()
+        return await task
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = asyncio.run(main())
+        except BaseException as exc:  # handed to the awaiting side, whatever it is
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the node's loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        return await done
+    except asyncio.CancelledError:
+        cancelled.set()
+        for inner_loop, task in inner:
+            with contextlib.suppress(RuntimeError):
+                inner_loop.call_soon_threadsafe(task.cancel)
+        raise
 
 
 @dataclass
@@ -119,6 +167,7 @@ class DrillRunner:
             if v is not None and v.running and entry.id not in self._tasks:
                 ended = v.model_copy(update={
                     "status": "interrupted", "finished_at": time.time(),
+                    "duration_s": round(max(0.0, time.time() - v.started_at), 3),
                     "error": f"the leader running it ({v.node}) stopped before it ended; run it again",
                 })
                 self._spawn(self._finish(entry.id, entry.service, ended))

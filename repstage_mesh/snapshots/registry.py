@@ -24,7 +24,7 @@ from repstage_mesh.snapshots.actions.scratch import ScratchOptions
 from repstage_mesh.snapshots.actions.verify import VerifyResult
 from repstage_mesh.snapshots.choice import MemberReport
 from repstage_mesh.snapshots.desk import SnapshotDesk
-from repstage_mesh.snapshots.drills import DrillDeps, DrillRunner
+from repstage_mesh.snapshots.drills import DrillDeps, DrillRunner, on_own_loop
 from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
 from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
 from repstage_mesh.telemetry import Tracing
@@ -58,8 +58,8 @@ def build_snapshot_action(kind: str, settings: SnapshotSettings, data_dir: str |
 def restore_drill(settings: SnapshotSettings) -> Callable[[SnapshotEntry], Awaitable[VerifyResult]]:
     """The leader's drill of one snapshot: `verify_snapshot` with the service's ledger from the
     config (never from a request), bounded by `verify.timeout`. It runs on its own event loop in
-    a worker thread, so reading and comparing a large ledger never stalls the node's loop (Raft,
-    xDS); a drill abandoned by a leader that stepped down ends there at its timeout."""
+    a thread of its own, so reading and comparing a large ledger never stalls the node's loop
+    (Raft, xDS); a leader that steps down cancels it there (its scratch server is stopped)."""
     v = settings.verify
     options = ScratchOptions(run_as=v.run_as, pg_bindir=settings.pg_bindir, start_timeout=v.start_timeout)
 
@@ -69,7 +69,7 @@ def restore_drill(settings: SnapshotSettings) -> Callable[[SnapshotEntry], Await
                                          s3_endpoint_url=settings.s3_endpoint_url, options=options)
 
     async def drill(entry: SnapshotEntry) -> VerifyResult:
-        return await asyncio.to_thread(asyncio.run, bounded_drill(entry))
+        return await on_own_loop(lambda: bounded_drill(entry), f"drill-{entry.id}")
 
     return drill
 
