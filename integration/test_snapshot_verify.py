@@ -4,13 +4,15 @@ ledger of acknowledged writes is the one the operator configured for the service
 (`snapshots.verify.ledgers`). Then `repstage-mesh snapshot verify SERVICE ID`, sent to the
 follower (which carries it to the leader), restores the snapshot into a scratch server; the
 verification committed with the snapshot shows ok, the ledger compared, 0 missing and 0 extra,
-on every node. A request that names a ledger is refused (422) and changes nothing.
+on every node. A request that names a ledger is refused (422) and changes nothing. A drill running
+when its leader is killed (-9) is marked interrupted by the next leader, never left running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import time
 import urllib.request
@@ -162,3 +164,49 @@ def test_postgres_snapshot_verified_holds_exactly_the_acked_writes(tmp_ledger: P
             _pg_ledger(pair, start_lsn, rows, tmp_ledger)
             v = _verify_through_the_cli(nodes, "db", entry["id"])
             assert 300 <= v["expected"] < writer.acked, (v, writer.acked)
+
+
+def test_a_drill_running_when_its_leader_is_killed_is_marked_interrupted_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is the operator's command (`snapshots.commands`, per service); its artifact
+    is an s3:// URI on an endpoint that accepts connections and never answers, so the drill
+    holds in its fetch until the leader is killed."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "drill-test")  # the serve processes inherit them (boto3 asks first)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with workdir() as wd, socket.socket() as silent:
+        silent.bind((HOST, 0))
+        silent.listen(16)  # never accepted: the kernel completes connections, nobody answers
+        members = [{"name": n, "address": HOST, "port": free_low_port()} for n in ("a", "b")]
+        service = {"name": "web", "protocol": "tcp", "listen_port": free_low_port(), "members": members,
+                   "primary": "a"}
+        nodes = raft_cluster(wd, 3, {"services": [service]})
+        for node in nodes:
+            node.config["snapshots"] = {
+                "commands": {"web": ["sh", "-c", "echo s3://drills/{service}/{snapshot_id}"]},
+                "s3_endpoint_url": f"http://{HOST}:{silent.getsockname()[1]}",
+            }
+        try:
+            start_cluster(nodes)
+            leader = cluster_leader(nodes)
+            status, started = leader.call("POST", "/v1/services/web/snapshots", {"member": "b"})
+            assert status == 202, started
+            path = f"/v1/services/web/snapshots/{started['id']}"
+            entry = wait_until(lambda: (e := leader.get(path))["status"] != "running" and not e["undo"] and e,
+                               30, what="the command snapshot ends")
+            assert entry["status"] == "completed" and entry["artifact"].startswith("s3://drills/web/"), entry
+            status, body = leader.call("POST", f"{path}/verify")
+            assert status == 202 and body["verification"]["status"] == "running", body
+            leader.proc.kill()
+            alive = [n for n in nodes if n is not leader]
+            successor = cluster_leader(alive, timeout=30)
+            v = wait_until(lambda: (e := successor.get(path)["verification"])["status"] != "running" and e,
+                           30, what="the next leader ends the drill")
+            assert v["status"] == "interrupted" and leader.name in v["error"], v
+            with urllib.request.urlopen(f"{successor.api}/metrics", timeout=10) as resp:
+                metrics = resp.read().decode()
+            assert 'repstage_snapshot_verifications_total{result="interrupted",service="web"} 1.0' in metrics
+        finally:
+            for node in nodes:
+                node.stop()
