@@ -243,11 +243,12 @@ def test_the_actions_and_drills_fields_are_validated_naming_the_field(tmp_path: 
         "commands": {"orders": ["zfs", "snapshot", "tank@{nope}"], "tcp": []},
         "pg_bindir": "usr/lib/postgresql/15/bin",
         "verify": {"ledgers": {"cache": "ledger.jsonl", "Bad_Name": "/x"}, "every": 1, "run_as": "root; rm",
-                   "start_timeout": 0, "concurrency": 0, "bogus": 1},
+                   "start_timeout": 0, "concurrency": 0, "bogus": 1, "redis_server": "redis-server"},
     })
     for field in ("snapshots.commands.orders", "snapshots.commands.tcp", "snapshots.pg_bindir",
                   "snapshots.verify.ledgers.cache", "snapshots.verify.every", "snapshots.verify.run_as",
-                  "snapshots.verify.start_timeout", "snapshots.verify.concurrency", "snapshots.verify.bogus"):
+                  "snapshots.verify.start_timeout", "snapshots.verify.concurrency", "snapshots.verify.bogus",
+                  "snapshots.verify.redis_server"):
         assert field in text, (field, text)
     assert "unknown placeholder ['nope']" in text and "absolute path" in text
 
@@ -284,7 +285,7 @@ async def test_the_drill_uses_the_configured_ledger_of_the_service_only(tmp_path
 
     monkeypatch.setattr("repstage_mesh.snapshots.registry.verify_snapshot", fake_verify)
     s = SnapshotSettings(pg_bindir="/opt/pg/bin", verify={"ledgers": {"orders": "/l/orders.jsonl"},  # type: ignore[arg-type]
-                                                          "run_as": "pgscratch", "start_timeout": 7})
+                                                          "run_as": "pgscratch", "start_timeout": 7, "pg_user": "admin"})
     run = restore_drill(s)
     state = completed(seeded())
     assert (await run(state.snapshot("s1"))).ok  # type: ignore[arg-type]
@@ -292,7 +293,8 @@ async def test_the_drill_uses_the_configured_ledger_of_the_service_only(tmp_path
     await run(other)
     assert [ledger for ledger, _ in seen] == ["/l/orders.jsonl", None]
     options = seen[0][1]
-    assert (options.run_as, options.pg_bindir, options.start_timeout) == ("pgscratch", "/opt/pg/bin", 7)
+    assert (options.run_as, options.pg_bindir, options.start_timeout, options.pg_user) == (
+        "pgscratch", "/opt/pg/bin", 7, "admin")
 
 
 # --- REST, forwarding, CLI ----------------------------------------------------------------------

@@ -61,6 +61,8 @@ class SnapshotVerifySettings(_Section):
     run_as: UserName | None = Field(
         default=None, description="OS user of the scratch PostgreSQL when the node runs as root (default: postgres)"
     )
+    pg_user: UserName = Field(default="postgres", description="the restored PostgreSQL's superuser the drill reads as")
+    redis_server: AbsolutePath | None = Field(default=None, description="path of redis-server (default: from PATH)")
     concurrency: int = Field(
         default=1, ge=1, le=16,
         description="drills run at once on the leader; more are refused (409, repstage_snapshot_limits_total"

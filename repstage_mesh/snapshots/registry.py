@@ -61,7 +61,8 @@ def restore_drill(settings: SnapshotSettings) -> Callable[[SnapshotEntry], Await
     a thread of its own, so reading and comparing a large ledger never stalls the node's loop
     (Raft, xDS); a leader that steps down cancels it there (its scratch server is stopped)."""
     v = settings.verify
-    options = ScratchOptions(run_as=v.run_as, pg_bindir=settings.pg_bindir, start_timeout=v.start_timeout)
+    options = ScratchOptions(run_as=v.run_as, pg_bindir=settings.pg_bindir, start_timeout=v.start_timeout,
+                             pg_user=v.pg_user, redis_server=v.redis_server)
 
     async def bounded_drill(entry: SnapshotEntry) -> VerifyResult:
         async with asyncio.timeout(v.timeout):
