@@ -23,7 +23,7 @@ def add_snapshot_commands(sub: Any, common: list[argparse.ArgumentParser]) -> No
     snap.add_argument("verify_args", metavar="ID", nargs="*", help=argparse.SUPPRESS)
     snap.add_argument("--member", default="replica",
                       help="replica (default: the most caught-up one), primary, or a member's name")
-    snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
+    snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent (verify: the drill's start) at once")
     snaps = sub.add_parser("snapshots", parents=common, help="a service's snapshots, or one with its steps")
     snaps.add_argument("service", metavar="SERVICE")
     snaps.add_argument("id", metavar="ID", nargs="?")
