@@ -20,10 +20,10 @@ def add_snapshot_commands(sub: Any, common: list[argparse.ArgumentParser]) -> No
                           "`snapshot verify SERVICE ID`: a restore drill of one",
                           usage="%(prog)s SERVICE [options] | %(prog)s verify SERVICE ID [options]")
     snap.add_argument("service", metavar="SERVICE")
-    snap.add_argument("verify_args", metavar="ID", nargs="*", help=argparse.SUPPRESS)
+    snap.add_argument("more", metavar="SERVICE", nargs="*", help="verify: the SERVICE and the snapshot ID")
     snap.add_argument("--member", default="replica",
                       help="replica (default: the most caught-up one), primary, or a member's name")
-    snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent (verify: the drill's start) at once")
+    snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
     snaps = sub.add_parser("snapshots", parents=common, help="a service's snapshots, or one with its steps")
     snaps.add_argument("service", metavar="SERVICE")
     snaps.add_argument("id", metavar="ID", nargs="?")
@@ -34,10 +34,12 @@ SNAPSHOT_POLL = 0.2  # seconds between progress reads
 
 def cmd_snapshot(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     """POST the snapshot, then follow its committed steps until it ended and its undo is done."""
-    if args.verify_args:
-        if args.service != "verify" or len(args.verify_args) != 2:
-            raise CliError("usage: `snapshot SERVICE` takes a snapshot; `snapshot verify SERVICE ID` verifies one")
+    if args.service == "verify" and args.more and not getattr(args, "consistent", False):
+        if len(args.more) != 2:
+            raise CliError("usage: `snapshot verify SERVICE ID` (a restore drill of the snapshot ID of SERVICE)")
         return cmd_snapshot_verify(args, client, out)
+    if args.more and not getattr(args, "consistent", False):
+        raise CliError("usage: `snapshot SERVICE` takes a snapshot; `snapshot verify SERVICE ID` verifies one")
     base = f"/v1/services/{path_segment(args.service)}/snapshots"
     entry = client.post(base, {"member": args.member})
     if not args.no_wait:
@@ -86,7 +88,7 @@ def verification_text(entry: dict[str, Any]) -> str:
 
 def cmd_snapshot_verify(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     """POST the drill, then follow the snapshot's `verification` until it ended."""
-    service, snapshot_id = args.verify_args
+    service, snapshot_id = args.more
     path = f"/v1/services/{path_segment(service)}/snapshots/{path_segment(snapshot_id)}"
     entry = client.post(f"{path}/verify", {})
     drill = (entry.get("verification") or {}).get("drill")
