@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from repstage_mesh.core.addresses import check_host
+from repstage_mesh.core.verification import SnapshotVerification, VerifySnapshot
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 # Validation context of entries and snapshots read back from the Raft journal: shapes this
@@ -291,39 +292,6 @@ class SnapshotStep(Frozen):
     detail: str = Field(default="", max_length=2000)
 
 
-VerificationStatus = Literal["running", "ok", "failed", "interrupted"]
-
-
-class SnapshotVerification(Frozen):
-    """A restore drill of a completed snapshot (issue 16, item 6), run by the Raft leader.
-
-    `drill` names one attempt: only the attempt that is `running` may be ended (`ok`, `failed`,
-    or `interrupted` when a new leader finds it running after the old one died). The counts and
-    the first keys of `missing`/`extra`/`unexplained` are the ledger comparison (`compared`:
-    the service has a ledger configured); `restored`: the scratch server came up on it."""
-
-    drill: str = Field(min_length=1, max_length=200)
-    status: VerificationStatus = "running"
-    node: str = Field(default="", max_length=200, description="the leader that runs it")
-    requested: Literal["request", "schedule"] = "request"
-    started_at: float = Field(default=0.0, ge=0)
-    finished_at: float = Field(default=0.0, ge=0)
-    duration_s: float = Field(default=0.0, ge=0)
-    restored: bool = False
-    compared: bool = False
-    expected: int = Field(default=0, ge=0, description="ledger keys written at or before the point")
-    matched: int = Field(default=0, ge=0)
-    counts: dict[str, int] = Field(default_factory=dict, description="missing, extra, unexplained")
-    missing: tuple[str, ...] = Field(default=(), max_length=20)
-    extra: tuple[str, ...] = Field(default=(), max_length=20)
-    unexplained: tuple[str, ...] = Field(default=(), max_length=20)
-    error: str = Field(default="", max_length=2000)
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-
 class SnapshotEntry(Frozen):
     """A snapshot of one member of a service, from its intent to its end.
 
@@ -353,9 +321,7 @@ class SnapshotEntry(Frozen):
     point: dict[str, str] = Field(default_factory=dict)
     size_bytes: int = Field(default=0, ge=0)
     trace: dict[str, str] | None = None
-    verification: SnapshotVerification | None = Field(
-        default=None, description="the last restore drill of this snapshot (VerifySnapshot)"
-    )
+    verification: SnapshotVerification | None = Field(default=None, description="the last restore drill (VerifySnapshot)")
 
     @property
     def running(self) -> bool:
@@ -514,16 +480,6 @@ class UpdateSnapshot(Frozen):
     artifact: str | None = Field(default=None, max_length=2000)
     point: dict[str, str] | None = None
     size_bytes: int | None = Field(default=None, ge=0)
-
-
-class VerifySnapshot(Frozen):
-    """Start or end a restore drill of a snapshot (recorded as the entry's `verification`).
-    Starting (`status` running) is refused unless the snapshot completed and no drill of it
-    runs; ending is refused unless `drill` is the running attempt. Changes no routing."""
-
-    kind: Literal["verify_snapshot"] = "verify_snapshot"
-    id: str = Field(min_length=1, max_length=200)
-    verification: SnapshotVerification
 
 
 Command = Annotated[
