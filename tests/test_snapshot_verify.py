@@ -371,6 +371,9 @@ def test_cli_snapshot_verify_follows_the_drill_until_it_ends(capsys: pytest.Capt
         assert "ok" in out and "5/5 matched, 0 missing, 0 extra, 0 unexplained" in out
         code = cli.main(["snapshots", "orders", "s1", "--api", live.url])
         assert code == 0 and "verify drill-" in capsys.readouterr().out
+        code = cli.main(["snapshots", "orders", "--api", live.url])
+        listed = capsys.readouterr().out  # the status cell may wrap between its words
+        assert code == 0 and "(verify:" in listed and "ok)" in listed
         code = cli.main(["--json", "snapshots", "orders", "s1", "--api", live.url])
         assert code == 0 and json.loads(capsys.readouterr().out)["verification"]["status"] == "ok"
         code = cli.main(["snapshot", "verify", "orders", "--api", live.url])  # the ID is missing
