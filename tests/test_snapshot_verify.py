@@ -426,3 +426,16 @@ async def test_work_on_its_own_loop_answers_raises_and_is_cancelled_there() -> N
     with pytest.raises(asyncio.CancelledError):
         await waiting
     await eventually(cleaned.is_set, "the work was cancelled on its own loop")
+
+
+def test_validate_refuses_programs_that_are_not_there(tmp_path: Path) -> None:
+    from repstage_mesh.config.startup import startup_problems
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"node": {"data_dir": str(tmp_path / "d")}, "snapshots": {
+        "pg_bindir": str(tmp_path / "no-pg"), "verify": {"redis_server": str(tmp_path)}}}))
+    fields = [field for field, _ in startup_problems(load_config(path, env={}), env={})]
+    assert fields == ["snapshots.pg_bindir", "snapshots.verify.redis_server"]
+    path.write_text(yaml.safe_dump({"node": {"data_dir": str(tmp_path / "d")}, "snapshots": {
+        "pg_bindir": str(tmp_path), "verify": {"redis_server": "/bin/sh"}}}))
+    assert startup_problems(load_config(path, env={}), env={}) == []
