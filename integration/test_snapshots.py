@@ -131,7 +131,7 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         path.write_text(yaml.safe_dump(config))
         node = Node(load_config(path, env={}))
         action = HeldRedisBgsave(tmp_path)
-        node.snapshots.deps.actions = lambda kind: action  # the test's held BGSAVE (see above)
+        node.snapshots.deps.actions = lambda kind, service: action  # the test's held BGSAVE (see above)
         try:
             await node.start()
             for envoy in envoys:

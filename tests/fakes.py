@@ -197,6 +197,21 @@ class FakeSnapshots:
         entry = self.plane.state().snapshot(snapshot_id)
         return entry.model_dump(mode="json") if entry is not None and entry.service == service else None
 
+    async def verify(self, service: str, snapshot_id: str, caller: Caller = DIRECT) -> dict[str, Any]:
+        """Commits the drill's start only (no scratch server)."""
+        from repstage_mesh.core.models import SnapshotVerification, VerifySnapshot
+
+        entry = self.plane.state().snapshot(snapshot_id)
+        if entry is None or entry.service != service:
+            raise SnapshotRefused("not_found", f"no snapshot {snapshot_id!r} of {service!r}", "id")
+        drill = SnapshotVerification(drill=f"drill-{self.plane.state().index + 1}")
+        outcome = await self.plane.submit(VerifySnapshot(id=snapshot_id, verification=drill))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        found = self.plane.state().snapshot(snapshot_id)
+        assert found is not None
+        return found.model_dump(mode="json")
+
 
 def orders_spec(**overrides: Any) -> ServiceSpec:
     data: dict[str, Any] = {

@@ -89,7 +89,7 @@ def runner(
     specs = kw.pop("hooks", None) or hooks(tmp_path)
     r = SnapshotRunner(SnapshotDeps(
         node_id=node, settings=settings, state=lambda: plane.state, commit=plane.commit,
-        await_proxies=plane.await_proxies, actions=lambda kind: action, hooks=specs.get,
+        await_proxies=plane.await_proxies, actions=lambda kind, service: action, hooks=specs.get,
         reports=lambda _s: {"a": MemberReport(False, 100), "b": MemberReport(True, 90), "c": MemberReport(True, 99)},
         lease_margin=0.0, **kw,
     ))

@@ -6,6 +6,7 @@ the reads from its copy of the replicated state, where every step of a snapshot 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -25,6 +26,29 @@ class SnapshotStepView(BaseModel):
     at: float = Field(description="when the step ended (Unix time, the leader's clock)")
     ok: bool
     detail: str = ""
+
+
+class SnapshotVerificationView(BaseModel):
+    """The last restore drill of a snapshot (`POST .../snapshots/{id}/verify` or the schedule)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    drill: str = Field(description="this attempt's id")
+    status: str = Field(description="running | ok | failed | interrupted (the leader running it stopped)")
+    node: str = Field(default="", description="the leader that ran it")
+    requested: str = Field(default="request", description="request | schedule")
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    duration_s: float = 0.0
+    restored: bool = Field(default=False, description="a scratch server came up on the snapshot")
+    compared: bool = Field(default=False, description="compared with the service's ledger (snapshots.verify.ledgers)")
+    expected: int = Field(default=0, description="ledger keys written at or before the snapshot point")
+    matched: int = 0
+    counts: dict[str, int] = Field(default_factory=dict, description="missing, extra, unexplained")
+    missing: list[str] = Field(default_factory=list, description="first 20 keys acknowledged before the point and absent")
+    extra: list[str] = Field(default_factory=list, description="first 20 keys holding a write from after the point")
+    unexplained: list[str] = Field(default_factory=list, description="first 20 keys with a value no ledger write produced")
+    error: str = ""
 
 
 class SnapshotView(BaseModel):
@@ -50,6 +74,8 @@ class SnapshotView(BaseModel):
     artifact: str = Field(default="", description="URI of what was stored")
     point: dict[str, str] = Field(default_factory=dict, description="the snapshot point (Redis replid/offset, PostgreSQL LSNs)")
     size_bytes: int = 0
+    verification: SnapshotVerificationView | None = Field(
+        default=None, description="the last restore drill (POST .../snapshots/{id}/verify); null: never verified")
 
 
 class SnapshotList(BaseModel):
@@ -68,12 +94,23 @@ class SnapshotRequest(BaseModel):
     )
 
 
+class VerifyRequest(BaseModel):
+    """POST /v1/services/{name}/snapshots/{id}/verify body: empty. The ledger a drill compares
+    with is the operator's (`snapshots.verify.ledgers`), never named by a request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [{}]})
+
+
+SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
 class Snapshots(Protocol):
     """What the endpoints need (snapshots/desk.SnapshotDesk on a node; a double in tests)."""
 
     async def start(self, service: str, member: str, caller: Caller) -> dict[str, Any]: ...
     def list(self, service: str) -> list[dict[str, Any]] | None: ...
     def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None: ...
+    async def verify(self, service: str, snapshot_id: str, caller: Caller) -> dict[str, Any]: ...
 
 
 def _handlers(desk: Snapshots) -> tuple[Handler, Handler, Handler]:
@@ -117,4 +154,33 @@ def snapshot_operations(desk: Snapshots) -> list[Operation]:
         Operation("GET", "/v1/services/{name}/snapshots/{id}", "getSnapshot", "One snapshot with its steps",
                   get_snapshot, {200: ("the snapshot", SnapshotView)}, errors=(404, 503), tag="snapshots",
                   path_params={**service, "id": "snapshot id"}),
+        verify_operation(desk),
     ]
+
+
+def verify_operation(desk: Snapshots) -> Operation:
+    """`POST /v1/services/{name}/snapshots/{id}/verify`: a restore drill on the leader."""
+
+    async def verify_snapshot(request: web.Request) -> web.Response:
+        name = path_name(request)
+        snapshot_id = request.match_info["id"]
+        if not SNAPSHOT_ID.match(snapshot_id):
+            raise ApiError(422, "invalid", f"id: {snapshot_id!r} is not a snapshot id "
+                           "(letters, digits, '.', '_', '-'; at most 200)", "id")
+        raw = await request.read()
+        if raw.strip():
+            parse(VerifyRequest, await json_body(request))
+        entry = await desk.verify(name, snapshot_id, caller(request))
+        return ok(SnapshotView.model_validate(entry), status=202)
+
+    return Operation(
+        "POST", "/v1/services/{name}/snapshots/{id}/verify", "verifySnapshot",
+        "Verify a completed snapshot: restore it into a scratch server and compare it with the service's ledger",
+        verify_snapshot, {202: ("the snapshot with its running `verification`; follow it with GET .../snapshots/{id}",
+                                SnapshotView)},
+        request=VerifyRequest, errors=(404, 409, 422, 503, 504), tag="snapshots",
+        path_params={"name": "service name (lower-case DNS label)", "id": "snapshot id"},
+        description="Runs on the Raft leader (a follower carries it there); the drill's start and result are "
+        "committed with the snapshot. The ledger is snapshots.verify.ledgers[service] from the leader's config "
+        "(none: the drill proves the snapshot restores). 409 while a drill of it runs or if it did not complete.",
+    )

@@ -1,4 +1,5 @@
-"""`repstage-mesh snapshot SERVICE` (with live progress) and `snapshots SERVICE [ID]`."""
+"""`repstage-mesh snapshot SERVICE` (with live progress), `snapshot verify SERVICE ID` (a restore
+drill, with live progress) and `snapshots SERVICE [ID]`."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ from typing import Any
 
 from repstage_mesh.cli import views as render
 from repstage_mesh.cli.client import ApiClient
-from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, Output, path_segment
+from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, CliError, Output, path_segment
 
-__all__ = ["add_snapshot_commands", "cmd_snapshot", "cmd_snapshots"]
+__all__ = ["add_snapshot_commands", "cmd_snapshot", "cmd_snapshot_verify", "cmd_snapshots"]
 
 
 def add_snapshot_commands(sub: Any, common: list[argparse.ArgumentParser]) -> None:
-    snap = sub.add_parser("snapshot", parents=common, help="take a snapshot of a service, with live progress")
+    snap = sub.add_parser("snapshot", parents=common, help="take a snapshot of a service, with live progress; "
+                          "`snapshot verify SERVICE ID`: a restore drill of one",
+                          usage="%(prog)s SERVICE [options] | %(prog)s verify SERVICE ID [options]")
     snap.add_argument("service", metavar="SERVICE")
+    snap.add_argument("more", metavar="SERVICE", nargs="*", help="verify: the SERVICE and the snapshot ID")
     snap.add_argument("--member", default="replica",
                       help="replica (default: the most caught-up one), primary, or a member's name")
     snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
@@ -30,6 +34,12 @@ SNAPSHOT_POLL = 0.2  # seconds between progress reads
 
 def cmd_snapshot(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     """POST the snapshot, then follow its committed steps until it ended and its undo is done."""
+    if args.service == "verify" and args.more and not getattr(args, "consistent", False):
+        if len(args.more) != 2:
+            raise CliError("usage: `snapshot verify SERVICE ID` (a restore drill of the snapshot ID of SERVICE)")
+        return cmd_snapshot_verify(args, client, out)
+    if args.more and not getattr(args, "consistent", False):
+        raise CliError("usage: `snapshot SERVICE` takes a snapshot; `snapshot verify SERVICE ID` verifies one")
     base = f"/v1/services/{path_segment(args.service)}/snapshots"
     entry = client.post(base, {"member": args.member})
     if not args.no_wait:
@@ -52,8 +62,47 @@ def cmd_snapshots(args: argparse.Namespace, client: ApiClient, out: Output) -> i
     base = f"/v1/services/{path_segment(args.service)}/snapshots"
     if args.id:
         entry = client.get(f"{base}/{path_segment(args.id)}")
-        out.show(entry, render.snapshots_table([entry]), render.snapshot_steps(entry))
+        out.show(entry, render.snapshots_table([entry]), render.snapshot_steps(entry), verification_text(entry))
         return EXIT_OK
     listed = client.get(base)
     out.show(listed, render.snapshots_table(listed.get("snapshots", [])))
     return EXIT_OK
+
+
+def verification_text(entry: dict[str, Any]) -> str:
+    """One line for a snapshot's last drill."""
+    v = entry.get("verification") or {}
+    if not v:
+        return f"snapshot {entry.get('id')}: never verified"
+    counts = v.get("counts") or {}
+    ledger = (f"ledger: {v.get('matched', 0)}/{v.get('expected', 0)} matched, " + ", ".join(
+        f"{counts.get(k, 0)} {k}" for k in ("missing", "extra", "unexplained"))) if v.get("compared") \
+        else "no ledger configured (restore only)"
+    line = (f"snapshot {entry.get('id')} verify {v.get('drill')}: {v.get('status')} "
+            f"(restored: {'yes' if v.get('restored') else 'no'}; {ledger}; {float(v.get('duration_s') or 0):.1f} s)")
+    for name in ("missing", "extra", "unexplained"):
+        if v.get(name):
+            line += f"\n  {name}: {', '.join(v[name])}"
+    return line + (f"\n  error: {v['error']}" if v.get("error") else "")
+
+
+def cmd_snapshot_verify(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """POST the drill, then follow the snapshot's `verification` until it ended."""
+    service, snapshot_id = args.more
+    path = f"/v1/services/{path_segment(service)}/snapshots/{path_segment(snapshot_id)}"
+    entry = client.post(f"{path}/verify", {})
+    drill = (entry.get("verification") or {}).get("drill")
+    if not args.no_wait:
+        with contextlib.ExitStack() as stack:
+            status = None if out.as_json else stack.enter_context(
+                out.console.status(f"verifying snapshot {snapshot_id} of {service} (drill {drill})...", spinner="dots"))
+            started = time.monotonic()
+            while (v := entry.get("verification") or {}).get("drill") == drill and v.get("status") == "running":
+                time.sleep(SNAPSHOT_POLL)  # the CLI polls; the server has no change feed
+                entry = client.get(path)
+                if status is not None:
+                    status.update(f"verifying snapshot {snapshot_id} of {service}: restore and compare, "
+                                  f"{time.monotonic() - started:.0f} s")
+    out.show(entry, verification_text(entry))
+    v = entry.get("verification") or {}
+    return EXIT_OK if v.get("status") in ("ok", "running") and v.get("drill") == drill else EXIT_ERROR

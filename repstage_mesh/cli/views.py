@@ -337,8 +337,11 @@ def snapshots_table(snapshots: Sequence[Mapping[str, Any]]) -> Table:
         style = {"completed": "green", "failed": "red", "aborted": "red", "running": "yellow"}.get(status, "")
         steps = s.get("steps") or []
         last = steps[-1]["name"] if steps else "-"
+        drill = (s.get("verification") or {}).get("status")
+        shown = f"{status} (verify: {drill})" if drill else status  # the last restore drill
+        style = "red" if drill in ("failed", "interrupted") else style
         table.add_row(str(s.get("id", "")), str(s.get("member", "")), str(s.get("role", "")),
-                      str(s.get("epoch", "")), Text(status, style=style), str(s.get("pool", "")), last,
+                      str(s.get("epoch", "")), Text(shown, style=style), str(s.get("pool", "")), last,
                       str(s.get("error") or s.get("artifact") or "-"))  # fmt: skip
     if not snapshots:
         table.caption = "no snapshots"

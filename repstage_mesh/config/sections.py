@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from repstage_mesh.config.snapshot_sections import SnapshotActionFields
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.models import NAME_PATTERN, Name, ServiceSpec
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
@@ -309,7 +310,7 @@ class FailoversConfig(Section):
     )
 
 
-class SnapshotSettings(Section):
+class SnapshotSettings(SnapshotActionFields):
     """Snapshots the leader coordinates (`POST /v1/services/{name}/snapshots`).
 
     `pre_hook`/`post_hook` name hooks of the operator's `hooks:` section (each with its own

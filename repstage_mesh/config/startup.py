@@ -31,7 +31,20 @@ def startup_problems(settings: Settings, env: Mapping[str, str] | None = None) -
         *_api_problems(settings),
         *settings.secret_store(env).problems(),
         *_data_dir_problems(Path(settings.node.data_dir)),
+        *_snapshot_program_problems(settings),
     ]
+
+
+def _snapshot_program_problems(settings: Settings) -> ErrorList:
+    """The programs the snapshot actions and drills run, where the operator named them."""
+    snap = settings.snapshots
+    problems: ErrorList = []
+    if snap.pg_bindir is not None and not Path(snap.pg_bindir).is_dir():
+        problems.append(("snapshots.pg_bindir", f"{snap.pg_bindir} is not a directory"))
+    server = snap.verify.redis_server
+    if server is not None and not (Path(server).is_file() and os.access(server, os.X_OK)):
+        problems.append(("snapshots.verify.redis_server", f"{server} is not an executable file"))
+    return problems
 
 
 def _api_problems(settings: Settings) -> ErrorList:

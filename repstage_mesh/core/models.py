@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from repstage_mesh.core.addresses import check_host
+from repstage_mesh.core.verification import SnapshotVerification, VerifySnapshot
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 # Validation context of entries and snapshots read back from the Raft journal: shapes this
@@ -320,6 +321,7 @@ class SnapshotEntry(Frozen):
     point: dict[str, str] = Field(default_factory=dict)
     size_bytes: int = Field(default=0, ge=0)
     trace: dict[str, str] | None = None
+    verification: SnapshotVerification | None = Field(default=None, description="the last restore drill (VerifySnapshot)")
 
     @property
     def running(self) -> bool:
@@ -481,7 +483,8 @@ class UpdateSnapshot(Frozen):
 
 
 Command = Annotated[
-    PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover | StartSnapshot | UpdateSnapshot,
+    PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover | StartSnapshot | UpdateSnapshot
+    | VerifySnapshot,
     Field(discriminator="kind"),
 ]
 

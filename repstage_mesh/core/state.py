@@ -22,6 +22,8 @@ Rules (DESIGN, invariants 1 and 6):
   service's epoch or primary, removes the member or deletes the service aborts its running
   snapshot in that same entry and returns the member to the pool (epoch fencing); a move to
   `completed` is refused unless role and epoch still hold.
+- Restore drills (`VerifySnapshot`): only a completed snapshot is verified, one drill at a time;
+  only the running attempt (`drill`) may end. Not a change of routing.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from repstage_mesh.core.models import (
     SnapshotEntry,
     StartSnapshot,
     UpdateSnapshot,
+    VerifySnapshot,
 )
 
 __all__ = [
@@ -85,6 +88,8 @@ def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Ou
         return _start_snapshot(state, command, index)
     if isinstance(command, UpdateSnapshot):
         return _update_snapshot(state, command, index)
+    if isinstance(command, VerifySnapshot):
+        return _verify_snapshot(state, command, index)
     if isinstance(command, AnnounceNode):
         node = command.node
         if state.nodes.get(node.node_id) == node:
@@ -449,3 +454,22 @@ def _update_snapshot(state: MeshState, command: UpdateSnapshot, index: int) -> t
         changes["last_change"] = index  # the read pool changed: a new xDS version
     result = {"snapshot": entry.id, "status": new.status, "pool": new.pool, "pool_changed": moved}
     return state.model_copy(update=changes), Outcome(ok=True, result=result)
+
+
+def _verify_snapshot(state: MeshState, command: VerifySnapshot, index: int) -> tuple[MeshState, Outcome]:
+    entry = state.snapshot(command.id)
+    if entry is None:
+        return _reject(state, index, "not_found", f"no snapshot {command.id!r}", "id")
+    new, current = command.verification, entry.verification
+    if new.running:
+        if entry.status != "completed":
+            return _reject(state, index, "conflict", f"snapshot {entry.id} is {entry.status}; only a completed "
+                           "snapshot can be verified", "id")
+        if current is not None and current.running:
+            return _reject(state, index, "conflict", f"drill {current.drill} of snapshot {entry.id} is still "
+                           "running", "id")
+    elif current is None or not current.running or current.drill != new.drill:
+        return _reject(state, index, "conflict", f"drill {new.drill} of snapshot {entry.id} is not running", "drill")
+    entries = tuple(s.model_copy(update={"verification": new}) if s.id == entry.id else s for s in state.snapshots)
+    result = {"snapshot": entry.id, "drill": new.drill, "verification": new.status}
+    return state.model_copy(update={"snapshots": entries, "index": index}), Outcome(ok=True, result=result)

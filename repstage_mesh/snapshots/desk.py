@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 from repstage_mesh.core.errors import NotReady
 from repstage_mesh.core.models import MeshState
+from repstage_mesh.snapshots.drills import DrillRunner
 from repstage_mesh.snapshots.runner import SnapshotRunner
 
 __all__ = ["SnapshotDesk"]
@@ -25,7 +26,9 @@ class SnapshotDesk:
         call: Call,
         deciding: Callable[[], bool],
         leader_api: Callable[[Any], str | None],
+        drills: DrillRunner | None = None,
     ) -> None:
+        self.drills = drills
         self._leader_api = leader_api
         self.runner = runner
         self._state = state
@@ -58,3 +61,16 @@ class SnapshotDesk:
     def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None:
         entry = self._state().snapshot(snapshot_id)
         return entry.model_dump(mode="json") if entry is not None and entry.service == service else None
+
+    async def verify(self, service: str, snapshot_id: str, caller: Any) -> dict[str, Any]:
+        """Start a restore drill of a completed snapshot on the leader (a follower carries it
+        there, as `start`); the answer is the entry with its running `verification`."""
+        leader_api = self._leader_api(caller)
+        if leader_api is not None:
+            path = f"/v1/services/{quote(service, safe='')}/snapshots/{quote(snapshot_id, safe='')}/verify"
+            return dict(await self._call(leader_api, "POST", path, None,
+                                         authorization=getattr(caller, "authorization", None), timeout=FORWARD_TIMEOUT))
+        if not self._deciding() or self.drills is None:
+            raise NotReady("this node leads but has not started deciding yet; retry shortly")
+        entry = await self.drills.start(service, snapshot_id)
+        return entry.model_dump(mode="json")

@@ -5,6 +5,7 @@ factory: `repstage_mesh.snapshots.actions.build_action(kind, settings)` with the
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,21 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from repstage_mesh.config import Settings, SnapshotSettings
-from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Outcome
+from repstage_mesh.core.models import Command, CommandEnvelope, MeshState, Outcome, SnapshotEntry
 from repstage_mesh.core.observations import MemberStatus
 from repstage_mesh.decide import Decider, ProxyAcks
 from repstage_mesh.failover.engine import LeaderEngine
-from repstage_mesh.snapshots.actions import build_action
+from repstage_mesh.snapshots.actions import build_action, verify_snapshot
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotAction, SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
+from repstage_mesh.snapshots.actions.scratch import ScratchOptions
+from repstage_mesh.snapshots.actions.verify import VerifyResult
 from repstage_mesh.snapshots.choice import MemberReport
 from repstage_mesh.snapshots.desk import SnapshotDesk
+from repstage_mesh.snapshots.drills import DrillDeps, DrillRunner, on_own_loop
 from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
 from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
 from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics
 
-__all__ = ["SnapshotWiring", "UnavailableAction", "build_snapshot_action", "build_snapshots", "member_reports"]
+__all__ = ["SnapshotWiring", "UnavailableAction", "build_snapshot_action", "build_snapshots", "member_reports",
+           "restore_drill"]
 
 
 class UnavailableAction:
@@ -37,15 +42,37 @@ class UnavailableAction:
         raise RuntimeError(self.reason)
 
 
-def build_snapshot_action(kind: str, settings: SnapshotSettings, data_dir: str | Path) -> SnapshotAction:
+def build_snapshot_action(kind: str, settings: SnapshotSettings, data_dir: str | Path, service: str = "") -> SnapshotAction:
     """The action for members of `kind` (snapshots/actions), storing under `settings.storage`
-    with `<data_dir>` resolved. A kind with no action (e.g. a tcp service without a command
-    template) fails its take with the reason instead of failing the node."""
+    with `<data_dir>` resolved; the operator's command template of `service` (or of `kind`),
+    `redis_local_rdb` and `pg_bindir` from the settings. A kind with no action (e.g. a tcp
+    service without a command template) fails its take with the reason instead of failing the node."""
     resolved = settings.model_copy(update={"storage": settings.storage_uri(data_dir)})
     try:
-        return build_action(kind, resolved)
+        return build_action(kind, resolved, command=settings.command_for(service, kind),
+                            pg_bindir=settings.pg_bindir, redis_local_rdb=settings.redis_local_rdb)
     except SnapshotActionFailed as exc:
         return UnavailableAction(str(exc))
+
+
+def restore_drill(settings: SnapshotSettings) -> Callable[[SnapshotEntry], Awaitable[VerifyResult]]:
+    """The leader's drill of one snapshot: `verify_snapshot` with the service's ledger from the
+    config (never from a request), bounded by `verify.timeout`. It runs on its own event loop in
+    a thread of its own, so reading and comparing a large ledger never stalls the node's loop
+    (Raft, xDS); a leader that steps down cancels it there (its scratch server is stopped)."""
+    v = settings.verify
+    options = ScratchOptions(run_as=v.run_as, pg_bindir=settings.pg_bindir, start_timeout=v.start_timeout,
+                             pg_user=v.pg_user, redis_server=v.redis_server)
+
+    async def bounded_drill(entry: SnapshotEntry) -> VerifyResult:
+        async with asyncio.timeout(v.timeout):
+            return await verify_snapshot(entry, v.ledgers.get(entry.service),
+                                         s3_endpoint_url=settings.s3_endpoint_url, options=options)
+
+    async def drill(entry: SnapshotEntry) -> VerifyResult:
+        return await on_own_loop(lambda: bounded_drill(entry), f"drill-{entry.id}")
+
+    return drill
 
 
 def member_reports(decider: Decider, service: str) -> dict[str, MemberReport]:
@@ -84,12 +111,16 @@ def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
 
     runner = SnapshotRunner(SnapshotDeps(
         node_id=w.node_id, settings=snap, state=w.state, commit=commit, await_proxies=w.await_proxies,
-        actions=lambda kind: build_snapshot_action(kind, snap, w.settings.node.data_dir), hooks=w.settings.hooks.get,
+        actions=lambda kind, service: build_snapshot_action(kind, snap, w.settings.node.data_dir, service),
+        hooks=w.settings.hooks.get,
         reports=lambda service: member_reports(w.decider, service),
         connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
         tracing=w.tracing, metrics=w.metrics, secrets=w.settings.secret_store(),
     ))
     w.on_apply(runner.on_state)
     w.engine.add_companion(runner.take_over, runner.stop)
-    desk = SnapshotDesk(runner, w.state, w.call, lambda: w.engine.active, w.leader_api)
+    drills = DrillRunner(DrillDeps(node_id=w.node_id, settings=snap, state=w.state, commit=commit,
+                                   drill=restore_drill(snap), metrics=w.metrics))
+    w.engine.add_companion(drills.take_over, drills.stop)
+    desk = SnapshotDesk(runner, w.state, w.call, lambda: w.engine.active, w.leader_api, drills=drills)
     return runner, desk

@@ -84,7 +84,7 @@ class SnapshotDeps:
     state: Callable[[], MeshState]
     commit: Callable[[Command, float], Awaitable[Outcome]]
     await_proxies: Callable[[int, float], Awaitable[ProxyAcks]]
-    actions: Callable[[str], SnapshotAction]
+    actions: Callable[[str, str], SnapshotAction]  # (kind, service)
     hooks: Callable[[str], HookSpec | None]
     reports: Callable[[str], Mapping[str, MemberReport]] = lambda _service: {}
     connections: ConnectionCounter = field(default_factory=NoCounters)
@@ -319,7 +319,7 @@ class SnapshotRunner:
             return Took(time.time(), error="the snapshot or its service is gone")
         entry, service_spec = found
         try:
-            taker = self.deps.actions(entry.kind)
+            taker = self.deps.actions(entry.kind, entry.service)
             target = target_of(service_spec, entry, self.deps.secrets)
             result = await bounded(taker.take(target, action.timeout), action.timeout)
         except TimeoutError:

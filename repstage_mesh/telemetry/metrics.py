@@ -213,9 +213,23 @@ class MeshMetrics:
         )
         self.snapshot_limits = Counter(
             "repstage_snapshot_limits", "Snapshot limits hit: lag_bound (no replica qualified, the primary "
-            "was used), drain_timeout, take_timeout, keep (the oldest finished snapshot dropped)",
+            "was used), drain_timeout, take_timeout, keep (the oldest finished snapshot dropped), verify_concurrency "
+            "(a drill refused), verify_timeout (a drill stopped at snapshots.verify.timeout)",
             ["limit"], registry=registry,
         )
+        self.snapshot_verifications = Counter(
+            "repstage_snapshot_verifications", "Restore drills ended, by service and result (ok, failed, interrupted)",
+            ["service", "result"], registry=registry,
+        )
+        self.snapshot_verification_duration = Histogram(
+            "repstage_snapshot_verification_duration_seconds", "Restore drill duration, by service and result",
+            ["service", "result"], buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+            registry=registry,
+        )
+
+    def observe_verification(self, service: str, result: str, seconds: float) -> None:
+        self.snapshot_verifications.labels(service, result).inc()
+        self.snapshot_verification_duration.labels(service, result).observe(seconds)
 
     # --- TrackerObserver ----------------------------------------------------------------------
 

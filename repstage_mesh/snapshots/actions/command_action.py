@@ -15,32 +15,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from string import Formatter
 
+from repstage_mesh.core.templates import SNAPSHOT_PLACEHOLDERS, template_problem
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
 from repstage_mesh.snapshots.actions.process import run_argv
 
-PLACEHOLDERS = frozenset(
-    {"service", "member", "host", "port", "kind", "role", "epoch", "snapshot_id"}
-)
+PLACEHOLDERS = SNAPSHOT_PLACEHOLDERS
 
 
 def check_template(template: Sequence[str]) -> None:
     """SnapshotActionFailed naming the element with an unknown placeholder or bad braces."""
-    if not template:
-        raise SnapshotActionFailed("snapshot command: the template is empty")
-    for index, element in enumerate(template):
-        try:
-            names = {name for _, name, _, _ in Formatter().parse(element) if name is not None}
-        except ValueError as exc:
-            raise SnapshotActionFailed(f"snapshot command[{index}]: {exc}") from exc
-        unknown = names - PLACEHOLDERS
-        if unknown:
-            raise SnapshotActionFailed(
-                f"snapshot command[{index}]: unknown placeholder {sorted(unknown)}; "
-                f"known: {sorted(PLACEHOLDERS)}"
-            )
+    problem = template_problem(template)
+    if problem is not None:
+        raise SnapshotActionFailed(f"snapshot command{'' if problem.startswith('[') else ': '}{problem}")
 
 
 class CommandAction:

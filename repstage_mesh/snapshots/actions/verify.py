@@ -105,7 +105,11 @@ async def verify_snapshot(
         result.artifact = str(_field(record, "artifact"))
         result.point = {str(k): str(v) for k, v in dict(_field(record, "point")).items()}
         entries = read_ledger(Path(ledger_path)) if ledger_path is not None else []
-        included = included_by(result.kind, result.point)
+        try:
+            included = included_by(result.kind, result.point)
+        except KeyError as exc:  # e.g. a redis service snapshotted by the operator's command
+            raise SnapshotActionFailed(f"the snapshot's point has no {exc}: no {result.kind} restore "
+                                       f"drill for it (point: {sorted(result.point)})") from None
         with tempfile.TemporaryDirectory(prefix="repstage-verify-") as tmp:
             files = await fetch(result.artifact, Path(tmp), s3_endpoint_url)
             values = await _restored_values(result.kind, files, result.point, entries,
