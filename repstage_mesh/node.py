@@ -396,7 +396,8 @@ class Node(LeaderRequests):
         try:
             previous = self.cache.get(SNAPSHOT_GROUP)
             state, ttls = self.lease.shape(state, self.options) if self.lease is not None else (state, None)
-            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous, self.order, ttls)
+            held = self._held(state)
+            snapshot = Snapshot.build(state.last_change, render(state, self.options, held), previous, self.order, ttls)
         except Exception:
             log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
             return
@@ -404,6 +405,21 @@ class Node(LeaderRequests):
             return
         self._rendered_change = state.last_change
         self.cache.set_snapshot(SNAPSHOT_GROUP, snapshot)
+
+    def _held(self, state: MeshState) -> frozenset[str]:
+        """The services a consistent point holds now; at the earliest committed deadline this
+        node renders again without them, by its own clock, whoever leads (or nobody)."""
+        now = time.time()
+        held = state.held_services(now)
+        ends = [h.hold_until for h in state.holds if h.holding(now)]
+        timer = getattr(self, "_hold_timer", None)
+        if timer is not None:
+            timer.cancel()
+        with contextlib.suppress(RuntimeError):  # no loop: a test rendering synchronously
+            if ends:
+                loop = asyncio.get_running_loop()
+                self._hold_timer = loop.call_later(min(ends) - now + 0.001, lambda: self._publish(self.state()))
+        return held
 
     async def _seed_services(self) -> None:
         """Define the config file's services that the replicated state does not hold yet.

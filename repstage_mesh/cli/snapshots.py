@@ -1,4 +1,5 @@
-"""`repstage-mesh snapshot SERVICE` (with live progress) and `snapshots SERVICE [ID]`."""
+"""`repstage-mesh snapshot SERVICE` (with live progress), `snapshot S1 S2 --consistent` (several
+services at one consistent point) and `snapshots SERVICE [ID]`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from repstage_mesh.cli import views as render
 from repstage_mesh.cli.client import ApiClient
-from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, Output, path_segment
+from repstage_mesh.cli.output import EXIT_ERROR, EXIT_OK, CliError, Output, path_segment
 
 __all__ = ["add_snapshot_commands", "cmd_snapshot", "cmd_snapshots"]
 
@@ -17,8 +18,12 @@ __all__ = ["add_snapshot_commands", "cmd_snapshot", "cmd_snapshots"]
 def add_snapshot_commands(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     snap = sub.add_parser("snapshot", parents=common, help="take a snapshot of a service, with live progress")
     snap.add_argument("service", metavar="SERVICE")
+    snap.add_argument("more", metavar="SERVICE", nargs="*", help="more services (with --consistent)")
     snap.add_argument("--member", default="replica",
                       help="replica (default: the most caught-up one), primary, or a member's name")
+    snap.add_argument("--consistent", action="store_true",
+                      help="all the services at one consistent point (new writes held for at most "
+                      "snapshots.consistent_hold_ms)")
     snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
     snaps = sub.add_parser("snapshots", parents=common, help="a service's snapshots, or one with its steps")
     snaps.add_argument("service", metavar="SERVICE")
@@ -30,6 +35,10 @@ SNAPSHOT_POLL = 0.2  # seconds between progress reads
 
 def cmd_snapshot(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
     """POST the snapshot, then follow its committed steps until it ended and its undo is done."""
+    if args.more and not args.consistent:
+        raise CliError("several services are snapshotted together only at one point: add --consistent")
+    if args.consistent:
+        return _consistent_point(args, client, out)
     base = f"/v1/services/{path_segment(args.service)}/snapshots"
     entry = client.post(base, {"member": args.member})
     if not args.no_wait:
@@ -57,3 +66,34 @@ def cmd_snapshots(args: argparse.Namespace, client: ApiClient, out: Output) -> i
     listed = client.get(base)
     out.show(listed, render.snapshots_table(listed.get("snapshots", [])))
     return EXIT_OK
+
+
+def _point_done(client: ApiClient, point: dict[str, Any]) -> bool:
+    if point.get("status") in ("intent", "holding"):
+        return False
+    for service, snapshot_id in (point.get("snapshots") or {}).items():
+        entry = client.get(f"/v1/services/{path_segment(service)}/snapshots/{path_segment(snapshot_id)}")
+        if entry.get("status") == "running":
+            return False
+    return True
+
+
+def _consistent_point(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """POST /v1/consistent-points, then follow it until every snapshot of it ended."""
+    if args.member not in ("replica", "primary"):
+        raise CliError("--member: replica or primary with --consistent (a point names no member)")
+    services = [args.service, *args.more]
+    point = client.post("/v1/consistent-points", {"services": services, "consistent": True, "member": args.member})
+    path = f"/v1/consistent-points/{path_segment(point['id'])}"
+    if not args.no_wait:
+        with contextlib.ExitStack() as stack:
+            status = None if out.as_json else stack.enter_context(
+                out.console.status(f"consistent point {point['id']} of {', '.join(services)}...", spinner="dots"))
+            while not _point_done(client, point):
+                time.sleep(SNAPSHOT_POLL)  # the CLI polls; the server has no change feed
+                point = client.get(path)
+                if status is not None:
+                    status.update(f"consistent point {point['id']}: {point['status']}")
+    summary = f"{', '.join(services)}: {point['status']}, writes held {float(point.get('held_ms', 0)):.1f} ms"
+    out.show(point, summary + (f": {point['error']}" if point.get("error") else ""), render.snapshot_steps(point))
+    return EXIT_OK if point.get("status") in ("released", "intent", "holding") else EXIT_ERROR

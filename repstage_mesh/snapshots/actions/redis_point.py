@@ -1,0 +1,152 @@
+"""Redis at a cross-service consistent point: hold writes, fork at the held offset, release.
+
+- `pause_writes(primary, ms)`: `CLIENT PAUSE <ms> WRITE`. Redis ends the pause by itself after
+  `ms` even if nobody unpauses it (the control plane may die); reads go on. While paused Redis
+  neither accepts writes nor sends its replicas PINGs, so the primary's `master_repl_offset`
+  stays where it is: that offset is the service's point.
+- `open_fork(member, replid, offset, deadline)`: if the member is a replica, wait (polling
+  `INFO replication`, a few ms apart) until it has applied the stream up to `offset`; then ask
+  it for a full resynchronisation (`REPLCONF rdb-only 1`, `PSYNC ? -1`) *without* `capa eof`,
+  so it forks at once for a disk-based transfer (a diskless one would wait
+  `repl-diskless-sync-delay`, 5 s by default). Its `+FULLRESYNC <replid> <offset>` answer is
+  sent in the same event-loop pass as the fork: when it names the held offset, the RDB is
+  exactly the point. The transfer itself is read later (`finish_fork`), after the release.
+- `unpause(primary)`: `CLIENT UNPAUSE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from repstage_mesh.snapshots.actions.base import SnapshotTarget
+from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
+from repstage_mesh.snapshots.actions.rdb import redis_username
+
+__all__ = ["OpenFork", "open_fork", "pause_writes", "primary_point", "unpause"]
+
+CATCH_UP_POLL = 0.002  # seconds between looks at a replica's offset while it catches up
+
+
+def _client(target: SnapshotTarget, timeout: float) -> aioredis.Redis:
+    return aioredis.Redis(
+        host=target.host, port=target.port, password=target.credentials.get("password"),
+        username=redis_username(target), socket_connect_timeout=timeout, decode_responses=True,
+    )
+
+
+async def pause_writes(primary: SnapshotTarget, ms: int) -> None:
+    client = _client(primary, 1.0)
+    try:
+        await client.execute_command("CLIENT", "PAUSE", str(ms), "WRITE")
+    finally:
+        await client.aclose()
+
+
+async def unpause(primary: SnapshotTarget) -> None:
+    client = _client(primary, 1.0)
+    try:
+        await client.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await client.aclose()
+
+
+async def primary_point(primary: SnapshotTarget) -> tuple[str, int]:
+    """(master_replid, master_repl_offset) of the paused primary."""
+    client = _client(primary, 1.0)
+    try:
+        info = await client.info("replication")
+    finally:
+        await client.aclose()
+    if info.get("role") != "master":
+        raise SnapshotActionFailed(f"{primary.member} is not a primary (role {info.get('role')})")
+    return str(info["master_replid"]), int(info["master_repl_offset"])
+
+
+async def _caught_up(member: SnapshotTarget, replid: str, offset: int, deadline: float) -> None:
+    client = _client(member, 1.0)
+    try:
+        while True:
+            info = await client.info("replication")
+            have = int(info.get("master_repl_offset", -1))
+            if info.get("master_replid") == replid and have >= offset:
+                if have > offset:
+                    raise SnapshotActionFailed(f"{member.member} is at {have}, past the held offset {offset}")
+                return
+            if time.time() >= deadline:
+                raise SnapshotActionFailed(f"{member.member} did not reach offset {offset} in the window (at {have})")
+            await asyncio.sleep(CATCH_UP_POLL)  # a replica's offset has no change feed
+    finally:
+        await client.aclose()
+
+
+def _command(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        raw = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+@dataclass
+class OpenFork:
+    """A transfer whose fork happened at (`replid`, `offset`); the RDB is still to be read."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    replid: str
+    offset: int
+    head: bytes  # what was read already (the +FULLRESYNC line)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+async def _line(reader: asyncio.StreamReader, what: str) -> str:
+    line = (await reader.readline()).decode(errors="replace").strip()
+    if not line:
+        raise SnapshotActionFailed(f"{what}: connection closed")
+    return line
+
+
+async def open_fork(member: SnapshotTarget, replid: str, offset: int, deadline: float) -> OpenFork:
+    """Fork `member` at (`replid`, `offset`) (waiting for a replica to get there first)."""
+    if member.role != "primary":
+        await _caught_up(member, replid, offset, deadline)
+    reader, writer = await asyncio.open_connection(member.host, member.port)
+    try:
+        password, user = member.credentials.get("password"), redis_username(member)
+        if password:
+            writer.write(_command("AUTH", user, password) if user else _command("AUTH", password))
+            await writer.drain()
+            if not (await _line(reader, "AUTH")).startswith("+"):
+                raise SnapshotActionFailed(f"AUTH refused by {member.member}")
+        writer.write(_command("REPLCONF", "rdb-only", "1"))
+        await writer.drain()
+        await _line(reader, "REPLCONF rdb-only")  # an error (Redis < 7) is fine
+        writer.write(_command("PSYNC", "?", "-1"))
+        await writer.drain()
+        while True:
+            raw = await reader.readline()
+            if not raw:
+                raise SnapshotActionFailed(f"PSYNC: {member.member} closed the connection")
+            line = raw.decode(errors="replace").strip()
+            if line:
+                break  # newlines before it are keep-alives
+        parts = line.split()
+        if len(parts) != 3 or parts[0] != "+FULLRESYNC":
+            raise SnapshotActionFailed(f"PSYNC: {line}")
+        fork = OpenFork(reader, writer, parts[1], int(parts[2]), raw)
+        if (fork.replid, fork.offset) != (replid, offset):
+            raise SnapshotActionFailed(
+                f"{member.member} forked at {fork.replid} {fork.offset}, not at the held point {replid} {offset} "
+                "(a save already running?)")
+        return fork
+    except BaseException:
+        writer.close()
+        raise
