@@ -247,7 +247,6 @@ class PointWorkflow:
 
     def _on_points(self, event: Event) -> Action:
         assert isinstance(event, PointsTaken)
-        self.held_ms = max(0.0, (event.now - self.paused_at) * 1000)
         self._step("points", event.now, not event.error, event.error or ", ".join(sorted(event.points)))
         if event.error:
             return self._unpause_then_abort(event.error, event.now)
@@ -262,6 +261,7 @@ class PointWorkflow:
 
     def _on_unpause(self, event: Event) -> Action:
         assert isinstance(event, Done)
+        self.held_ms = max(0.0, (event.now - self.paused_at) * 1000) if self.paused_at else 0.0
         self._step("unpaused", event.now, event.ok, event.detail)
         if self.error:
             return self._abort(self.error, event.now)
