@@ -275,7 +275,10 @@ class PointRunner:
     async def _pause(self, action: Pause) -> Done:
         try:
             targets = [self._primary(s) for s in action.services]
-            await asyncio.gather(*(pause_writes(t, action.ms) for t in targets))
+            async with asyncio.timeout(action.ms / 1000):  # a silent primary cannot outlast the window
+                await asyncio.gather(*(pause_writes(t, action.ms) for t in targets))
+        except TimeoutError:
+            return Done(False, time.time(), f"CLIENT PAUSE: no answer within the window of {action.ms} ms")
         except Exception as exc:
             return Done(False, time.time(), f"CLIENT PAUSE: {type(exc).__name__}: {exc}")
         return Done(True, time.time(), f"CLIENT PAUSE {action.ms} WRITE on {', '.join(t.member for t in targets)}")
