@@ -108,6 +108,7 @@ class ServicePlan:
     epoch: int
     kind: str  # "redis" | "http"
     snapshot_id: str
+    reason: str = ""  # why this member
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class PointWorkflow:
             s = self.plan.services[self.started]
             entry = SnapshotEntry(
                 id=s.snapshot_id, service=s.service, member=s.member, role=s.role, epoch=s.epoch,
-                kind=s.kind if s.kind == "redis" else "tcp", requested="consistent point",
+                kind=s.kind if s.kind == "redis" else "tcp", requested=f"consistent point: {s.reason}"[:64],
                 lease_holder=self.plan.node, group=self.plan.hold_id, trace=self.plan.trace,
                 steps=(SnapshotStep(name="intent", at=now, ok=True, detail=f"consistent point {self.plan.hold_id}"),),
             )

@@ -136,10 +136,10 @@ class PointRunner:
                 raise SnapshotRefused("conflict", f"snapshot {running.id} of {name!r} is still running", "services")
             if kind == "redis":
                 choice = choose_member(svc, self.deps.reports(name), self.deps.settings.lag_bound_bytes, member)
-                chosen, role = choice.member, choice.role
+                chosen, role, reason = choice.member, choice.role, choice.reason
             else:
-                chosen, role = svc.primary, Role.PRIMARY
-            plans.append(ServicePlan(name, chosen, role, svc.epoch, kind, f"{self.deps.node_id}-{stamp}-{name}"))
+                chosen, role, reason = svc.primary, Role.PRIMARY, "the primary (http)"
+            plans.append(ServicePlan(name, chosen, role, svc.epoch, kind, f"{self.deps.node_id}-{stamp}-{name}", reason))
         return tuple(plans)
 
     async def start(self, services: list[str], member: str = "replica") -> HoldEntry:
