@@ -7,8 +7,10 @@ previous one's acknowledgement) and times every write.
   and B's `n` are a cut of the writer's sequence (A's is B's or B's + 1: no write acknowledged
   by one service after the point is missing from the other); nothing stays paused;
 - the leader is killed (SIGKILL) during the hold (a replica that cannot catch up keeps the
-  points from being taken): the held write goes through within the window (Redis ends the pause
-  by itself), and the new leader records the point aborted and its snapshots failed.
+  points from being taken; an http service in the point gets 503 + Retry-After for writes from
+  Envoy): the held write goes through within the window (Redis ends the pause by itself, or the
+  new leader's UNPAUSE first), http writes flow again, and the new leader records the point
+  aborted and its snapshots failed.
 The stall as the writer sees it is printed here and measured over several runs by
 `bench/consistent_point.py`.
 """
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,17 +55,46 @@ class Mesh:
     envoy: Envoy
 
 
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def mesh(hold_ms: int) -> Iterator[Mesh]:
-    with workdir() as wd, redis_group(replicas=1) as a, redis_group(replicas=1) as b:
+def http_backend() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def mesh(hold_ms: int, web: bool = False) -> Iterator[Mesh]:
+    with workdir() as wd, redis_group(replicas=1) as a, redis_group(replicas=1) as b, http_backend() as backend:
         groups = {"svc-a": a, "svc-b": b}
-        ports = {name: free_low_port() for name in groups}
+        ports = {name: free_low_port() for name in (*groups, "web")}
         services = [
             {"name": name, "protocol": "redis", "listen_port": ports[name], "primary": "r0",
              "members": [{"name": n, "address": "127.0.0.1", "port": g.port(n)} for n in g.names],
              "leadership": {"source": "probe", "mode": "follow"}}
             for name, g in groups.items()
         ]
+        if web:
+            services.append({"name": "web", "protocol": "http", "listen_port": ports["web"], "primary": "h0",
+                             "members": [{"name": "h0", "address": "127.0.0.1", "port": backend}]})
         base: dict[str, Any] = {"services": services, "snapshots": {"consistent_hold_ms": hold_ms},
                                 "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)}}
         nodes = raft_cluster(wd, 3, base)
@@ -68,10 +102,10 @@ def mesh(hold_ms: int) -> Iterator[Mesh]:
         try:
             start_cluster(nodes)
             envoy.start()
-            for port in ports.values():
-                wait_until(lambda p=port: _answers(p), 20, what="the services through Envoy")
+            for name in groups:
+                wait_until(lambda p=ports[name]: _answers(p), 20, what="the services through Envoy")
             leader = cluster_leader(nodes)
-            wait_until(lambda: all(r["offset"] is not None for r in leader.get("/v1/members")["members"]), 20,
+            wait_until(lambda: all(r["offset"] is not None for r in leader.get("/v1/members")["members"] if r["service"] != "web"), 20,
                        what="the leader's probes report every member's offset")
             yield Mesh(groups, ports, nodes, envoy)
         finally:
@@ -133,6 +167,16 @@ def restored_n(artifact: str) -> int:
     return asyncio.run(read())
 
 
+def web_write(port: int) -> tuple[int, str | None]:
+    """POST through the mesh: (status, Retry-After)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/orders", data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, answer.headers.get("retry-after")
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("retry-after")
+
+
 def follow(node: ControlPlaneNode, point_id: str, done: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
     def now() -> dict[str, Any] | None:  # a follower may not have applied the intent yet (404)
         status, point = node.call("GET", f"/v1/consistent-points/{point_id}")
@@ -172,23 +216,26 @@ def test_a_consistent_point_over_two_services_is_a_cut_with_no_write_error() -> 
 
 def test_leader_killed_during_the_hold_writes_resume_within_the_window_and_the_point_is_aborted() -> None:
     window = 3000
-    with mesh(hold_ms=window) as m:
+    with mesh(hold_ms=window, web=True) as m:
+        wait_until(lambda: web_write(m.ports["web"])[0] == 200, 20, what="the web service through Envoy")
         try:
             with Writer(m.ports).running() as writer:
                 leader = cluster_leader(m.nodes)
                 # SIGSTOP: chosen still (the probes need `fall` misses, about 1 s, to call it
                 # down), its offset cannot reach the held one, so the hold lasts the window
                 m.groups["svc-b"].stop("r1")
-                status, started = leader.call("POST", "/v1/consistent-points", {"services": ["svc-a", "svc-b"]})
+                status, started = leader.call("POST", "/v1/consistent-points", {"services": ["svc-a", "svc-b", "web"]})
                 assert status == 202, started
                 survivors = [n for n in m.nodes if n is not leader]
                 follow(survivors[0], started["id"], lambda p: p["status"] == "holding", 10)
+                held_web = wait_until(lambda: (w := web_write(m.ports["web"]))[0] == 503 and w, 3, what="web writes answered 503")
                 paused = wait_until(lambda: writer.latencies and time.monotonic() - writer.latencies[-1][0] > 0.3 and time.monotonic(),
                                     5, what="a write held by the pause")
                 leader.proc.kill()
                 n_at_kill = writer.n
                 wait_until(lambda: writer.n > n_at_kill + 5, window / 1000 + 5, what="writes resume")
                 resumed = time.monotonic() - paused
+                wait_until(lambda: web_write(m.ports["web"])[0] == 200, window / 1000 + 5, what="web writes flow again")
                 new_leader = cluster_leader(survivors, timeout=20)
                 point = follow(new_leader, started["id"], lambda p: p["status"] == "aborted", 20)
                 for service, snapshot_id in point["snapshots"].items():
@@ -198,6 +245,7 @@ def test_leader_killed_during_the_hold_writes_resume_within_the_window_and_the_p
             m.groups["svc-b"].cont("r1")
     assert writer.errors == []
     assert "interrupted" in point["error"] and point["leader"] == new_leader.name
+    assert held_web == (503, "1")  # Envoy itself answered the held write, with Retry-After
     assert writer.slowest() <= window / 1000 + 1.0, writer.slowest()  # Redis's own timeout, not a leader
     print(f"leader killed mid-hold: writes resumed {resumed:.2f} s after the kill's hold began; "
           f"slowest write {writer.slowest() * 1000:.0f} ms (window {window} ms)")
