@@ -285,19 +285,17 @@ async def test_requests_are_refused_for_tcp_or_postgres_services_unknown_ones_an
 async def test_redis_points_pause_every_primary_and_unpause_even_when_a_fork_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, Any]] = []
 
-    async def pause_writes(target: SnapshotTarget, ms: int) -> None:
+    async def pause_and_read(target: SnapshotTarget, ms: int) -> Any:
         calls.append(("pause", (target.member, ms)))
+        return points_module.Paused(client=None, replid="r" * 40, offset=77)  # type: ignore[arg-type]
 
-    async def unpause(target: SnapshotTarget) -> None:
-        calls.append(("unpause", target.member))
-
-    async def primary_point(target: SnapshotTarget) -> tuple[str, int]:
-        return "r" * 40, 77
+    async def release(paused: Any) -> None:
+        calls.append(("unpause", paused.offset))
 
     async def open_fork(member: SnapshotTarget, replid: str, offset: int, deadline: float) -> Any:
         raise RuntimeError("b forked at 70, not at the held point")
 
-    for name, fake in (("pause_writes", pause_writes), ("unpause", unpause), ("primary_point", primary_point), ("open_fork", open_fork)):
+    for name, fake in (("pause_and_read", pause_and_read), ("release", release), ("open_fork", open_fork)):
         monkeypatch.setattr(points_module, name, fake)
     replicated = Replicated()
     points = runner(replicated, Command_())

@@ -36,9 +36,10 @@ from repstage_mesh.decide.steps import ProxyAcks
 from repstage_mesh.snapshots.actions.base import ActionResult, SnapshotAction, SnapshotTarget
 from repstage_mesh.snapshots.actions.redis_point import (
     OpenFork,
+    Paused,
     open_fork,
-    pause_writes,
-    primary_point,
+    pause_and_read,
+    release,
     unpause,
 )
 from repstage_mesh.snapshots.choice import MemberReport, choose_member
@@ -90,6 +91,7 @@ class _Run:
     workflow: PointWorkflow
     trace: FailoverTrace
     forks: dict[str, OpenFork] = field(default_factory=dict)
+    paused: dict[str, Paused] = field(default_factory=dict)  # service -> its paused primary
     taken: dict[str, ActionResult | str] = field(default_factory=dict)  # http services, in the hold
     task: asyncio.Task[None] | None = None
 
@@ -193,6 +195,10 @@ class PointRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for run in runs:
+            if run.paused:  # cancelled while holding: release now rather than at the window
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await self._unpause(tuple(run.paused), run.paused)
             run.close()
             run.trace.end(error="this node stopped leading")
 
@@ -207,7 +213,7 @@ class PointRunner:
             log.exception("consistent point %s: the workflow failed", wf.plan.hold_id)
             action = Finished("unknown", "internal error; the next leader ends it")
             with contextlib.suppress(Exception):
-                await self._unpause(wf.plan.redis)
+                await self._unpause(tuple(run.paused), run.paused)
         finally:
             run.close()
             self._runs.pop(wf.plan.hold_id, None)
@@ -234,11 +240,11 @@ class PointRunner:
             detail = f"{len(acks.acked)} proxies ACKed index {action.min_index}"
             return Done(not acks.missed, time.time(), detail + (f"; missed: {', '.join(acks.missed)}" if acks.missed else ""))
         if isinstance(action, Pause):
-            return await self._pause(action)
+            return await self._pause(run, action)
         if isinstance(action, TakePoints):
             return await self._points(run, action.deadline)
         if isinstance(action, Unpause):
-            detail = await self._unpause(action.services)
+            detail = await self._unpause(action.services, run.paused)
             return Done(not detail.startswith("failed"), time.time(), detail)
         if isinstance(action, FinishTakes):
             return await self._finish(run, action.timeout)
@@ -272,24 +278,32 @@ class PointRunner:
             raise SnapshotRefused("conflict", f"{service!r} has no primary now", "services")
         return self._target(service, svc.primary, Role.PRIMARY, "pause")
 
-    async def _pause(self, action: Pause) -> Done:
+    async def _pause(self, run: _Run, action: Pause) -> Done:
         try:
             targets = [self._primary(s) for s in action.services]
             async with asyncio.timeout(action.ms / 1000):  # a silent primary cannot outlast the window
-                await asyncio.gather(*(pause_writes(t, action.ms) for t in targets))
+                paused = await asyncio.gather(*(pause_and_read(t, action.ms) for t in targets))
+            run.paused.update(zip(action.services, paused, strict=True))
         except TimeoutError:
             return Done(False, time.time(), f"CLIENT PAUSE: no answer within the window of {action.ms} ms")
         except Exception as exc:
             return Done(False, time.time(), f"CLIENT PAUSE: {type(exc).__name__}: {exc}")
         return Done(True, time.time(), f"CLIENT PAUSE {action.ms} WRITE on {', '.join(t.member for t in targets)}")
 
-    async def _unpause(self, services: tuple[str, ...]) -> str:
-        failed = []
-        for service in services:
-            try:
+    async def _unpause_one(self, service: str, paused: Paused | None) -> str | None:
+        try:
+            if paused is not None:
+                await release(paused)  # on the pausing connection
+            else:
                 await unpause(self._primary(service))
-            except Exception as exc:  # the pause ends by itself at the window
-                failed.append(f"{service}: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # the pause ends by itself at the window
+            return f"{service}: {type(exc).__name__}: {exc}"
+        return None
+
+    async def _unpause(self, services: tuple[str, ...], paused: dict[str, Paused] | None = None) -> str:
+        held = paused if paused is not None else {}
+        answers = await asyncio.gather(*(self._unpause_one(s, held.pop(s, None)) for s in services))
+        failed = [a for a in answers if a is not None]
         return f"failed: {'; '.join(failed)} (Redis ends the pause at the window)" if failed else f"CLIENT UNPAUSE on {len(services)} primaries"
 
     async def _point(self, run: _Run, plan: ServicePlan, deadline: float) -> dict[str, str]:
@@ -301,7 +315,7 @@ class PointRunner:
             except Exception as exc:
                 run.taken[plan.service] = f"{type(exc).__name__}: {exc}"
             return {"held_at": held_at}
-        replid, offset = await primary_point(self._primary(plan.service))
+        replid, offset = run.paused[plan.service].replid, run.paused[plan.service].offset
         member = self._target(plan.service, plan.member, plan.role, plan.snapshot_id)
         run.forks[plan.service] = await open_fork(member, replid, offset, deadline)
         return {"master_replid": replid, "master_repl_offset": str(offset), "held_at": held_at}

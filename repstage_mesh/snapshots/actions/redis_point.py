@@ -1,6 +1,7 @@
 """Redis at a cross-service consistent point: hold writes, fork at the held offset, release.
 
-- `pause_writes(primary, ms)`: `CLIENT PAUSE <ms> WRITE`. Redis ends the pause by itself after
+- `pause_and_read(primary, ms)`: `CLIENT PAUSE <ms> WRITE` and `INFO replication` in one round
+  trip, on one connection kept for the release. Redis ends the pause by itself after
   `ms` even if nobody unpauses it (the control plane may die); reads go on. While paused Redis
   neither accepts writes nor sends its replicas PINGs, so the primary's `master_repl_offset`
   stays where it is: that offset is the service's point.
@@ -11,7 +12,8 @@
   `repl-diskless-sync-delay`, 5 s by default). Its `+FULLRESYNC <replid> <offset>` answer is
   sent in the same event-loop pass as the fork: when it names the held offset, the RDB is
   exactly the point. The transfer itself is read later (`finish_fork`), after the release.
-- `unpause(primary)`: `CLIENT UNPAUSE`.
+- `release(paused)`: `CLIENT UNPAUSE` on the pausing connection (`unpause(primary)` on a new
+  one: a new leader's, for a point another leader left open).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from repstage_mesh.snapshots.actions.base import SnapshotTarget
 from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed
 from repstage_mesh.snapshots.actions.rdb import redis_username
 
-__all__ = ["OpenFork", "open_fork", "pause_writes", "primary_point", "unpause"]
+__all__ = ["OpenFork", "Paused", "open_fork", "pause_and_read", "release", "unpause"]
 
 CATCH_UP_POLL = 0.002  # seconds between looks at a replica's offset while it catches up
 
@@ -39,12 +41,38 @@ def _client(target: SnapshotTarget, timeout: float) -> aioredis.Redis:
     )
 
 
-async def pause_writes(primary: SnapshotTarget, ms: int) -> None:
+@dataclass
+class Paused:
+    """A primary paused by `pause_and_read`: its connection (kept for the unpause) and point."""
+
+    client: aioredis.Redis
+    replid: str
+    offset: int
+
+
+async def pause_and_read(primary: SnapshotTarget, ms: int) -> Paused:
+    """`CLIENT PAUSE <ms> WRITE` and `INFO replication` in one round trip on one connection
+    (kept open for `release`): the offset read is the held one (no write runs after the pause)."""
     client = _client(primary, 1.0)
     try:
-        await client.execute_command("CLIENT", "PAUSE", str(ms), "WRITE")
-    finally:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("CLIENT", "PAUSE", str(ms), "WRITE")
+            pipe.info("replication")
+            _, info = await pipe.execute()
+        if info.get("role") != "master":
+            raise SnapshotActionFailed(f"{primary.member} is not a primary (role {info.get('role')})")
+        return Paused(client, str(info["master_replid"]), int(info["master_repl_offset"]))
+    except BaseException:
         await client.aclose()
+        raise
+
+
+async def release(paused: Paused) -> None:
+    """`CLIENT UNPAUSE` on the pausing connection, then close it."""
+    try:
+        await paused.client.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await paused.client.aclose()
 
 
 async def unpause(primary: SnapshotTarget) -> None:
@@ -53,18 +81,6 @@ async def unpause(primary: SnapshotTarget) -> None:
         await client.execute_command("CLIENT", "UNPAUSE")
     finally:
         await client.aclose()
-
-
-async def primary_point(primary: SnapshotTarget) -> tuple[str, int]:
-    """(master_replid, master_repl_offset) of the paused primary."""
-    client = _client(primary, 1.0)
-    try:
-        info = await client.info("replication")
-    finally:
-        await client.aclose()
-    if info.get("role") != "master":
-        raise SnapshotActionFailed(f"{primary.member} is not a primary (role {info.get('role')})")
-    return str(info["master_replid"]), int(info["master_repl_offset"])
 
 
 async def _caught_up(member: SnapshotTarget, replid: str, offset: int, deadline: float) -> None:
