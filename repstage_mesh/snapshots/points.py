@@ -317,8 +317,9 @@ class PointRunner:
             return {"held_at": held_at}
         replid, offset = run.paused[plan.service].replid, run.paused[plan.service].offset
         member = self._target(plan.service, plan.member, plan.role, plan.snapshot_id)
-        run.forks[plan.service] = await open_fork(member, replid, offset, deadline)
-        return {"master_replid": replid, "master_repl_offset": str(offset), "held_at": held_at}
+        fork = run.forks[plan.service] = await open_fork(member, replid, offset, deadline)
+        return {"master_replid": fork.replid, "master_repl_offset": str(fork.offset), "held_offset": str(offset),
+                "held_at": held_at}
 
     async def _points(self, run: _Run, deadline: float) -> PointsTaken:
         plans = run.workflow.plan.services
