@@ -247,11 +247,12 @@ class Command_:
         return ActionResult(f"zfs://tank@{target.snapshot_id}", {"finished_at": "1"}, 0)
 
 
-def runner(replicated: Replicated, action: Command_, hold_ms: int = 200) -> PointRunner:
+def runner(replicated: Replicated, action: Command_, hold_ms: int = 200, **deps: Any) -> PointRunner:
     settings = SnapshotSettings(consistent_hold_ms=hold_ms)
     return PointRunner(PointDeps(
         node_id="cp-1", settings=settings, state=lambda: replicated.state, commit=replicated.commit,
         await_proxies=replicated.await_proxies, actions=lambda _kind: action,  # type: ignore[arg-type,return-value]
+        **deps,
     ))
 
 
@@ -269,6 +270,30 @@ async def test_an_http_point_holds_until_the_proxies_acked_takes_inside_the_hold
     assert snapshot.group == entry.id and snapshot.point["group"] == entry.id and "held_at" in snapshot.point
     assert replicated.acked and action.targets[0].member == "a"
     assert replicated.state.held_services(0.0) == frozenset()
+
+
+async def test_one_trace_per_point_and_the_hold_metric() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import CollectorRegistry
+
+    from repstage_mesh.telemetry import Tracing
+    from repstage_mesh.telemetry.metrics import MeshMetrics
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.setup(None, "cp-1", exporter=exporter)
+    registry = CollectorRegistry()
+    replicated = Replicated()
+    points = runner(replicated, Command_(), tracing=tracing, metrics=MeshMetrics(registry, "cp-1"))
+    entry = await points.start(["web"])
+    await eventually(lambda: registry.get_sample_value("repstage_consistent_hold_seconds_count", {"status": "completed"}) == 1,
+                     "the hold observed")
+    assert tracing.flush()
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == "snapshot"]
+    assert root.attributes["repstage.snapshot"] == entry.id  # type: ignore[index]
+    children = {s.name for s in spans if s.parent is not None and s.context.trace_id == root.context.trace_id}  # type: ignore[union-attr]
+    assert {"StartHold", "StartSnapshot", "UpdateHold", "AwaitProxies", "TakePoints", "Unpause", "FinishTakes"} <= children
+    tracing.shutdown()
 
 
 async def test_requests_are_refused_for_tcp_or_postgres_services_unknown_ones_and_twice_named() -> None:
