@@ -375,3 +375,17 @@ async def test_rest_starts_lists_and_gets_points_and_refuses_bad_input() -> None
         assert (await client.get(f"/v1/consistent-points/{body['id']}")).status == 200
         assert (await client.get("/v1/consistent-points/nope")).status == 404
     await asyncio.sleep(0)
+
+
+async def test_a_point_whose_release_did_not_land_is_ended_before_the_next_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def unpause(target: SnapshotTarget) -> None:
+        pass
+
+    monkeypatch.setattr(points_module, "unpause", unpause)
+    replicated = Replicated()
+    replicated.state, _ = step(replicated.state, StartHold(entry=hold(services=("web",))))
+    replicated.state, _ = step(replicated.state, UpdateHold(id="p1", status="holding", hold_until=1.0))
+    points = runner(replicated, Command_())
+    entry = await points.start(["web"])
+    assert replicated.state.hold("p1").status == "aborted"  # type: ignore[union-attr]
+    await eventually(lambda: replicated.state.hold(entry.id).status == "released", "the new point released")  # type: ignore[union-attr]

@@ -146,6 +146,9 @@ class PointRunner:
 
     async def start(self, services: list[str], member: str = "replica") -> HoldEntry:
         state = self.deps.state()
+        for orphan in [h for h in state.holds if h.open and h.id not in self._runs]:
+            await self._resume(orphan)  # left open (its release did not land): end it first
+            state = self.deps.state()
         s = self.deps.settings
         plans = self._services(state, services, member)
         hold_id = f"{self.deps.node_id}-point-{int(time.time())}-{uuid.uuid4().hex[:6]}"
