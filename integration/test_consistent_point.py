@@ -187,7 +187,8 @@ def follow(node: ControlPlaneNode, point_id: str, done: Callable[[dict[str, Any]
 
 
 def test_a_consistent_point_over_two_services_is_a_cut_with_no_write_error() -> None:
-    with mesh(hold_ms=200) as m, Writer(m.ports).running() as writer:
+    window = 1000  # the window is a cap; wide here so that a loaded machine does not abort the point
+    with mesh(hold_ms=window) as m, Writer(m.ports).running() as writer:
         follower = next(n for n in m.nodes if n is not cluster_leader(m.nodes))
         status, started = follower.call("POST", "/v1/consistent-points", {"services": ["svc-a", "svc-b"], "consistent": True})
         assert status == 202 and started["status"] == "intent", started
@@ -201,9 +202,9 @@ def test_a_consistent_point_over_two_services_is_a_cut_with_no_write_error() -> 
         restored = {s: restored_n(e["artifact"]) for s, e in snaps.items() if e["status"] == "completed"}
     assert point["status"] == "released", point
     assert writer.errors == []
-    assert 0 < point["held_ms"] <= 200
+    assert 0 < point["held_ms"] <= window
     pause = next(s for s in point["steps"] if s["name"] == "paused")
-    assert pause["ok"] and int(pause["detail"].split()[2]) <= 200  # CLIENT PAUSE <ms> WRITE: the window at most
+    assert pause["ok"] and int(pause["detail"].split()[2]) <= window  # CLIENT PAUSE <ms> WRITE: the window at most
     for service, entry in snaps.items():
         assert entry["status"] == "completed" and entry["group"] == point["id"], entry
         assert entry["member"] == "r1" and entry["role"] == "replica"  # forked at the held offset
