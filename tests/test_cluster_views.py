@@ -275,9 +275,12 @@ def test_a_write_that_may_have_been_received_is_not_sent_to_the_next_node(
     listener.listen(8)
     port = listener.getsockname()[1]
 
-    def drop() -> None:
-        for _ in range(2):
-            conn, _ = listener.accept()
+    def drop() -> None:  # every connection taken and dropped, until the listener is closed
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
             conn.recv(65536)
             conn.close()
 
@@ -287,7 +290,9 @@ def test_a_write_that_may_have_been_received_is_not_sent_to_the_next_node(
         code, _, err = run(capsys, "switchover", "orders", "--to", "b", "--epoch", "50",
                            "--api", f"http://127.0.0.1:{port},{live.url}")  # fmt: skip
     finally:
+        listener.shutdown(socket.SHUT_RDWR)
         listener.close()
+        thread.join(timeout=5)
     assert code == 1 and f"127.0.0.1:{port}" in err and live.url not in err
     assert live.call(lambda: live.plane.submitted) == []
     code, _, err = run(capsys, "services", "--api", f"{live.url}")  # a read would have moved on

@@ -383,6 +383,27 @@ def test_delta_nack_restores_and_is_not_resent() -> None:
     assert type_sync_state(s, res.CLUSTER) == "nacked"
 
 
+def test_delta_nack_of_an_older_response_keeps_the_later_responses_view() -> None:
+    """Two responses in flight, the first NACKed: the client holds what it confirmed plus the
+    second response, not what the first would have given (found by the state machine: a
+    listener was sent for a cluster the client never applied)."""
+    both = World({}, {}, {"c0": "1", "c1": "1", "c2": "BAD"}).snapshot(1)
+    s = DeltaStream(both)
+    [first] = s.receive(DeltaRequest(res.CLUSTER))
+    assert isinstance(first, Send)
+    [second] = s.update(World({}, {}, {"c0": "BAD"}).snapshot(2))
+    assert isinstance(second, Send) and set(second.removed) == {"c1", "c2"}
+    s.receive(DeltaRequest(res.CLUSTER, response_nonce=first.nonce, error="c2 is bad"))
+    state = s.types[res.CLUSTER]
+    assert set(state.client_versions) == {"c0"}  # the second response's c0, in flight
+    s.receive(DeltaRequest(res.CLUSTER, response_nonce=second.nonce, error="c0 is bad"))
+    assert state.client_versions == {} and state.held == {}
+    # A listener naming c1 now is held back: the client never applied c1.
+    s.receive(DeltaRequest(res.LISTENER))
+    out = s.update(World({"l0": ("tcp", "c1", "1")}, {}, {"c1": "1"}).snapshot(3))
+    assert not any(isinstance(a, Send) and a.type_url == res.LISTENER and a.resources for a in out)
+
+
 def test_delta_subscribed_missing_resource_is_reported_once() -> None:
     s = DeltaStream(simple(1))
     [send] = s.receive(DeltaRequest(res.ENDPOINT, subscribe=("c0", "nope")))

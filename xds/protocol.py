@@ -47,7 +47,6 @@ class _Pending:
     version: str
     resources: Mapping[str, EncodedResource]  # SotW: the full set sent (shared, read-only); Delta: the updated ones
     removed: tuple[str, ...] = ()
-    previous: dict[str, EncodedResource | None] = field(default_factory=dict)  # Delta: for NACK
     digest: str = ""  # SotW: the set digest in `version`
 
 
@@ -70,6 +69,7 @@ class _TypeState:
     client_versions: dict[str, str] = field(default_factory=dict)  # Delta: name -> version
     told_missing: set[str] = field(default_factory=set)  # Delta
     sent: dict[str, str] = field(default_factory=dict)  # SotW: recent nonce -> version
+    known_versions: dict[str, str] = field(default_factory=dict)  # Delta: what the client confirmed
     asked_again: bool = False  # SotW: a request that is not an ACK: answer it even if unchanged
 
 
@@ -434,28 +434,24 @@ class DeltaStream(_Stream):
             if pending is None:
                 actions.append(Stale(request.type_url, request.response_nonce))
             elif request.error is not None:
-                for name, before in pending.previous.items():
-                    item = pending.resources.get(name)
-                    if item is not None:
-                        state.nacked.add(f"{name}:{item.version}")
-                    if before is None:
-                        state.held.pop(name, None)
-                        state.client_versions.pop(name, None)
-                    else:
-                        state.held[name] = before
-                        state.client_versions[name] = before.version
+                for name, item in pending.resources.items():
+                    state.nacked.add(f"{name}:{item.version}")
+                self._replay(state)
                 actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
             else:
                 acked = dict(state.acked)
                 for name in pending.removed:
                     acked.pop(name, None)
+                    state.known_versions.pop(name, None)
                 acked.update(pending.resources)
+                state.known_versions.update({name: item.version for name, item in pending.resources.items()})
                 state.acked = acked
                 state.acked_version = pending.version
                 actions.append(Acked(request.type_url, pending.version, pending.nonce))
         if not state.requested:
             state.requested = True
             state.client_versions.update(request.initial_versions)
+            state.known_versions.update(request.initial_versions)
             subscribe = set(request.subscribe)
             state.wildcard = not subscribe or "*" in subscribe
         subscribe = set(request.subscribe)
@@ -470,9 +466,27 @@ class DeltaStream(_Stream):
             if not state.wildcard:
                 state.held.pop(name, None)
                 state.client_versions.pop(name, None)
+                state.known_versions.pop(name, None)
         state.told_missing -= subscribe  # a new subscription is answered afresh
         actions.extend(self._sync())
         return actions
+
+    @staticmethod
+    def _replay(state: _TypeState) -> None:
+        """After a NACK: what the client holds is what it confirmed (ACKs and the versions it
+        came back with, in the order it answered) with the responses still in flight on top.
+        Envoy answers in order, so a NACK of an older response undoes only that one, never a
+        later response's view (rolling each NACKed response back on its own did not)."""
+        versions = dict(state.known_versions)
+        held = {name: item for name, item in state.acked.items() if name in versions}
+        for pending in state.pending.values():  # in the order they were sent
+            for name in pending.removed:
+                held.pop(name, None)
+                versions.pop(name, None)
+            for name, item in pending.resources.items():
+                held[name] = item
+                versions[name] = item.version
+        state.held, state.client_versions = held, versions
 
     def _compute(self, type_url: str) -> Send | None:
         assert self.snapshot is not None
@@ -502,18 +516,16 @@ class DeltaStream(_Stream):
         if not updates and not removed and not missing:
             return None
         nonce = self._next_nonce()
-        previous: dict[str, EncodedResource | None] = {}
         for name, item in updates.items():
-            previous[name] = state.held.get(name)
             state.held[name] = item
             state.client_versions[name] = item.version
         for name in removed:
-            previous[name] = state.held.pop(name, None)
+            state.held.pop(name, None)
             state.client_versions.pop(name, None)
         state.told_missing.update(missing)
         version = self.snapshot.version
         all_removed = tuple(removed + missing)
-        state.pending[nonce] = _Pending(nonce, version, updates, all_removed, previous)
+        state.pending[nonce] = _Pending(nonce, version, updates, all_removed)
         return Send(type_url, version, nonce, tuple(updates.values()), all_removed, self.snapshot)
 
     def _renewal(self, type_url: str, state: _TypeState) -> Send | None:
@@ -527,7 +539,7 @@ class DeltaStream(_Stream):
             return None
         nonce = self._next_nonce()
         version = self.snapshot.version
-        state.pending[nonce] = _Pending(nonce, version, leased, (), {n: state.held.get(n) for n in leased})
+        state.pending[nonce] = _Pending(nonce, version, leased)
         return Send(type_url, version, nonce, tuple(leased.values()), (), self.snapshot)
 
 
