@@ -389,3 +389,32 @@ async def test_a_point_whose_release_did_not_land_is_ended_before_the_next_one(m
     entry = await points.start(["web"])
     assert replicated.state.hold("p1").status == "aborted"  # type: ignore[union-attr]
     await eventually(lambda: replicated.state.hold(entry.id).status == "released", "the new point released")  # type: ignore[union-attr]
+
+
+async def test_points_not_taken_within_the_window_count_a_cap_hit_and_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from repstage_mesh.telemetry.metrics import MeshMetrics
+
+    released: list[int] = []
+
+    async def pause_and_read(target: SnapshotTarget, ms: int) -> Any:
+        return points_module.Paused(client=None, replid="r" * 40, offset=77)  # type: ignore[arg-type]
+
+    async def release(paused: Any) -> None:
+        released.append(paused.offset)
+
+    async def open_fork(member: SnapshotTarget, replid: str, offset: int, deadline: float) -> Any:
+        await asyncio.sleep(10)  # a replica that never gets there
+
+    for name, fake in (("pause_and_read", pause_and_read), ("release", release), ("open_fork", open_fork)):
+        monkeypatch.setattr(points_module, name, fake)
+    registry = CollectorRegistry()
+    replicated = Replicated()
+    points = runner(replicated, Command_(), hold_ms=50, metrics=MeshMetrics(registry, "cp-1"))
+    entry = await points.start(["cache"])
+    await eventually(lambda: registry.get_sample_value("repstage_snapshot_limits_total", {"limit": "consistent_hold"}) == 1,
+                     "the cap hit counted")
+    done = replicated.state.hold(entry.id)
+    assert done is not None and done.status == "aborted" and done.error.startswith("consistent_hold")
+    assert released == [77]

@@ -219,7 +219,8 @@ class PointWorkflow:
         assert isinstance(event, Done)
         self._step("proxies_acked_hold", event.now, event.ok, event.detail)
         if not event.ok:
-            return self._unpause_then_abort(f"the hold was not ACKed in time: {event.detail}", event.now)
+            cap = "consistent_hold: " if event.now >= self.hold_until - 0.001 else ""
+            return self._unpause_then_abort(f"{cap}the proxies did not ACK the hold: {event.detail}", event.now)
         return self._pause(event.now)
 
     def _left(self, now: float) -> float:

@@ -223,6 +223,8 @@ class PointRunner:
         run.trace.end(error=action.error or None)
         if self.deps.metrics is not None:
             self.deps.metrics.observe_consistent_hold(action.status, wf.held_ms / 1000)
+            if "consistent_hold" in wf.error:  # the window ended first: the cap was hit
+                self.deps.metrics.observe_snapshot_limit("consistent_hold")
         log.info("consistent point %s (%s): %s held %.1f ms %s", wf.plan.hold_id, ",".join(s.service for s in wf.plan.services),
                  action.status, wf.held_ms, action.error)
 
@@ -288,7 +290,7 @@ class PointRunner:
                 paused = await asyncio.gather(*(pause_and_read(t, action.ms) for t in targets))
             run.paused.update(zip(action.services, paused, strict=True))
         except TimeoutError:
-            return Done(False, time.time(), f"CLIENT PAUSE: no answer within the window of {action.ms} ms")
+            return Done(False, time.time(), f"consistent_hold: CLIENT PAUSE got no answer within the window of {action.ms} ms")
         except Exception as exc:
             return Done(False, time.time(), f"CLIENT PAUSE: {type(exc).__name__}: {exc}")
         return Done(True, time.time(), f"CLIENT PAUSE {action.ms} WRITE on {', '.join(t.member for t in targets)}")
@@ -330,8 +332,6 @@ class PointRunner:
             async with asyncio.timeout(max(0.0, deadline - time.time())):
                 got = await asyncio.gather(*(self._point(run, p, deadline) for p in plans))
         except TimeoutError:
-            if self.deps.metrics is not None:
-                self.deps.metrics.observe_snapshot_limit("consistent_hold")
             run.close()
             window = run.workflow.plan.window_ms
             return PointsTaken(time.time(), error=f"consistent_hold: the points were not taken within the window of {window} ms")
