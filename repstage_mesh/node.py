@@ -127,6 +127,7 @@ class Node(LeaderRequests):
         self.api_port: int | None = None
         self.xds_port: int | None = None
         self._rendered_change = -1
+        self._hold_timer: asyncio.TimerHandle | None = None  # re-render at a consistent point's deadline
         self._ready = False
         self._apply_listeners: list[Callable[[MeshState], None]] = []
         self._pending_state: MeshState | None = None
@@ -341,6 +342,8 @@ class Node(LeaderRequests):
                         self.settings.consul.address, exc, self.settings.consul.resync_interval)
 
     async def stop(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         await self.engine.stop()
         if self.registration is not None:
             with contextlib.suppress(Exception):
@@ -412,9 +415,9 @@ class Node(LeaderRequests):
         now = time.time()
         held = state.held_services(now)
         ends = [h.hold_until for h in state.holds if h.holding(now)]
-        timer = getattr(self, "_hold_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         with contextlib.suppress(RuntimeError):  # no loop: a test rendering synchronously
             if ends:
                 loop = asyncio.get_running_loop()
