@@ -418,3 +418,11 @@ async def test_points_not_taken_within_the_window_count_a_cap_hit_and_release(mo
     done = replicated.state.hold(entry.id)
     assert done is not None and done.status == "aborted" and done.error.startswith("consistent_hold")
     assert released == [77]
+
+
+def test_a_route_entry_refuses_a_method_that_is_not_an_upper_case_word() -> None:
+    from repstage_mesh.filters import DirectResponse, RouteEntry
+
+    for bad in ("post", "PO ST", ""):
+        with pytest.raises(ValueError, match="methods"):
+            RouteEntry(prefix="/", methods=(bad,), target=DirectResponse(503))
