@@ -51,6 +51,7 @@ class SnapshotView(BaseModel):
     artifact: str = Field(default="", description="URI of what was stored")
     point: dict[str, str] = Field(default_factory=dict, description="the snapshot point (Redis replid/offset, PostgreSQL LSNs)")
     size_bytes: int = 0
+    group: str = Field(default="", description="the consistent point (GET /v1/consistent-points/{id}) this snapshot belongs to, if any")
 
 
 class SnapshotList(BaseModel):
