@@ -35,18 +35,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import loadavg, percentile
+from integration.cluster3 import cluster3, two_tcp_members
 from integration.harness import (
     ControlPlaneNode,
     Envoy,
-    NamedTcpBackend,
     ask_once,
     cluster_leader,
-    free_low_port,
     http_json,
-    raft_cluster,
-    start_cluster,
     wait_until,
-    workdir,
 )
 
 SERVICE = "orders"
@@ -110,28 +106,13 @@ def main() -> int:
     args = parser.parse_args()
     print(f"load average before: {loadavg()}")
     rows = []
-    with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
-        port = free_low_port()
-        base = {
-            "services": [{"name": SERVICE, "protocol": "tcp", "listen_port": port, "primary": "a",
-                          "members": [{"name": "a", "address": "127.0.0.1", "port": a.port},
-                                      {"name": "b", "address": "127.0.0.1", "port": b.port}]}],
-            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
-        }
-        nodes = raft_cluster(wd, 3, base)
-        try:
-            start_cluster(nodes)
-            for n in range(args.rounds):
-                row = one_round(wd, nodes, port, n)
-                rows.append(row)
-                print(f"round {n + 1}: frozen {row['node']}, commit {row['commit_ms']:.0f} ms after SIGSTOP, "
-                      f"new primary routed {row['from_commit_ms']:.0f} ms after the commit "
-                      f"({row['from_stop_ms']:.0f} ms after SIGSTOP), Envoy now on {row['moved_to']}")
-        finally:
-            for node in nodes:
-                if node.proc.alive():
-                    node.proc.signal(signal.SIGCONT)
-                node.stop()
+    with two_tcp_members(SERVICE) as service, cluster3([service.spec]) as c:
+        for n in range(args.rounds):
+            row = one_round(c.wd, c.nodes, service.port, n)
+            rows.append(row)
+            print(f"round {n + 1}: frozen {row['node']}, commit {row['commit_ms']:.0f} ms after SIGSTOP, "
+                  f"new primary routed {row['from_commit_ms']:.0f} ms after the commit "
+                  f"({row['from_stop_ms']:.0f} ms after SIGSTOP), Envoy now on {row['moved_to']}")
     if rows:
         for key in ("from_commit_ms", "from_stop_ms"):
             values = [r[key] for r in rows]

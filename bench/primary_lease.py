@@ -40,19 +40,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import loadavg, percentile
+from integration.cluster3 import cluster3, two_tcp_members
 from integration.harness import (
     ControlPlaneNode,
-    Envoy,
     LineClient,
-    NamedTcpBackend,
     ask_once,
     cluster_leader,
-    free_low_port,
     http_json,
-    raft_cluster,
-    start_cluster,
     wait_until,
-    workdir,
 )
 
 SERVICE = "orders"
@@ -161,44 +156,24 @@ def cost(nodes: list[ControlPlaneNode], on: ControlPlaneNode, seconds: float) ->
 
 def run(lease: str, rounds: int, window: float, cost_seconds: float) -> tuple[list[dict[str, Any]], dict[str, float]]:
     lease_s = None if lease == "off" else int(lease) / 1000
-    with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
-        port = free_low_port()
-        base: dict[str, Any] = {
-            "services": [{"name": SERVICE, "protocol": "tcp", "listen_port": port, "primary": "a",
-                          "members": [{"name": "a", "address": "127.0.0.1", "port": a.port},
-                                      {"name": "b", "address": "127.0.0.1", "port": b.port}]}],
-            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
-        }
-        if lease_s:
-            base["xds"] = {"primary_lease_ms": int(lease)}
-        nodes = raft_cluster(wd, 3, base)
-        for node in nodes:
-            node.config.setdefault("xds", {})["listen"] = f"127.0.0.1:{free_low_port()}"
-        envoy: Envoy | None = None
-        try:
-            start_cluster(nodes)
-            leader = cluster_leader(nodes)
-            on = next(n for n in nodes if n is not leader)
-            envoy = Envoy(wd, "edge-1", [on.xds_address]).start()
-            wait_until(lambda: routed_to(port) == "a", 30, 0.01, "traffic reaches a")
-            spent = cost(nodes, on, cost_seconds)
-            print(f"  lease {lease}: cost window {spent}")
-            rows = []
-            for n in range(rounds):
-                if cluster_leader(nodes) is on:
-                    print("  (the Envoy's node became leader: round skipped)")
-                    continue
-                row = one_round(nodes, on, port, lease_s, window)
-                rows.append(row)
-                print(f"  lease {lease} round {n + 1}: {row}")
-            return rows, spent
-        finally:
-            if envoy is not None:
-                envoy.stop()
-            for node in nodes:
-                if node.proc.alive():
-                    node.proc.signal(signal.SIGCONT)
-                node.stop()
+    options = {"xds": {"primary_lease_ms": int(lease)}} if lease_s else None
+    with two_tcp_members(SERVICE) as service, cluster3([service.spec], options) as c:
+        nodes, port = c.nodes, service.port
+        leader = cluster_leader(nodes)
+        on = next(n for n in nodes if n is not leader)
+        c.envoy("edge-1", [on])
+        wait_until(lambda: routed_to(port) == "a", 30, 0.01, "traffic reaches a")
+        spent = cost(nodes, on, cost_seconds)
+        print(f"  lease {lease}: cost window {spent}")
+        rows = []
+        for n in range(rounds):
+            if cluster_leader(nodes) is on:
+                print("  (the Envoy's node became leader: round skipped)")
+                continue
+            row = one_round(nodes, on, port, lease_s, window)
+            rows.append(row)
+            print(f"  lease {lease} round {n + 1}: {row}")
+        return rows, spent
 
 
 def main() -> int:

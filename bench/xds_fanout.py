@@ -55,6 +55,7 @@ from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.protocol import Acked, Nacked, Send
 from repstage_mesh.xds.server import AdsServer
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
+from repstage_mesh.xds.workers import WorkerPool
 
 # Thousands of simulated proxies share one address here: lift the per-peer stream limit.
 BENCH_LIMITS = XdsLimits(max_streams_per_peer=100_000, max_streams=100_000)
@@ -117,9 +118,18 @@ class EdsAckWatch:
         self.nacks += 1
 
 
+def _rss_all(pool: WorkerPool | None) -> int:
+    """The server's RSS: the node process and, with --workers, every worker process."""
+    return common.rss_bytes() + sum(common.rss_bytes(pid) for pid in (pool.pids() if pool else []))
+
+
+def _cpu_all(pool: WorkerPool | None) -> float:
+    return time.process_time() + sum(proc_cpu_seconds(pid) for pid in (pool.pids() if pool else []))
+
+
 async def serve(
     services: int, profile: Path | None, options: list[str], fast_parse: bool, gc_freeze: bool, ack_fast: bool,
-    listen_port: int = 0, first_version: int = 1,
+    listen_port: int = 0, first_version: int = 1, workers: int = 0,
 ) -> None:
     import repstage_mesh.xds.server as xds_server
 
@@ -136,11 +146,13 @@ async def serve(
     tracker = ProxyTracker("bench")
     watch = EdsAckWatch()
     tracker.observers.append(watch)
-    server = TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS)
-    port = await server.start("127.0.0.1", listen_port)
     listen_ports = [20000 + i for i in range(services)]  # never bound: no Envoy here
     version = first_version  # a restarted server (--restart) renders what the old one last had
     cache.set_snapshot("", common.build_snapshot(version, listen_ports, 19001 + version % 2))
+    # --workers N: the node's WorkerPool (xds.workers); the ACKs are seen as the node sees them
+    pool = WorkerPool(workers, cache, tracker, "bench", limits=BENCH_LIMITS) if workers else None
+    server = pool or TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS)
+    port = await server.start("127.0.0.1", listen_port)
     gc.collect()
     out = sys.stdout
 
@@ -148,7 +160,7 @@ async def serve(
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
-    say({"port": port, "pid": os.getpid(), "rss": common.rss_bytes()})
+    say({"port": port, "pid": os.getpid(), "rss": _rss_all(pool)})
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -162,7 +174,7 @@ async def serve(
                 # Cheap polling (a count) first: checking every stream's sync state costs the
                 # server ~30 µs a stream, which would slow down the very thing being measured.
                 n, deadline = cmd["n"], time.monotonic() + cmd["timeout"]
-                while time.monotonic() < deadline and len(server.streams) < n:
+                while time.monotonic() < deadline and len(tracker.connected()) < n:
                     await asyncio.sleep(0.2)
                 while time.monotonic() < deadline:
                     if all(r.synced(version) for r in tracker.connected()):
@@ -173,14 +185,14 @@ async def serve(
                 gc.collect()
                 if gc_freeze:  # experiment: long-lived stream state out of the collector's way
                     gc.freeze()
-                say({"connected": len(connected), "synced": synced, "rss": common.rss_bytes()})
+                say({"connected": len(connected), "synced": synced, "rss": _rss_all(pool)})
             elif cmd["cmd"] == "push":
                 version += 1
                 snap = common.build_snapshot(version, listen_ports, 19001 + version % 2)  # before t0
                 expected = len(tracker.connected())
                 watch.arm(version, expected)
                 profiler = cProfile.Profile() if profile else None
-                c0 = time.process_time()
+                c0 = _cpu_all(pool)
                 if profiler is not None:
                     profiler.enable()
                 t0 = time.monotonic()
@@ -193,12 +205,12 @@ async def serve(
                     profiler.disable()
                     with open(profile, "w") as f:
                         pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
-                cpu = time.process_time() - c0
+                cpu = _cpu_all(pool) - c0
                 say({
                     "version": version, "t0": t0, "set_snapshot": t1 - t0, "expected": expected,
                     "acks": [a - t0 for a in watch.acks], "nacks": watch.nacks,
                     "last_write": _WRITE_DONE[0] - t0, "cpu": cpu, "wall": t_end - t0,
-                    "rss": common.rss_bytes(),
+                    "rss": _rss_all(pool),
                 })
             elif cmd["cmd"] == "quit":
                 return
@@ -637,6 +649,7 @@ def run_count(args: argparse.Namespace, streams: int, log_dir: Path) -> dict[str
     prof = [f"--server-option={o}" for o in args.server_option] + (["--fast-parse"] if args.fast_parse else [])
     prof += ["--gc-freeze"] if args.gc_freeze else []
     prof += ["--ack-fast"] if args.ack_fast else []
+    prof += ["--workers", str(args.workers)] if args.workers else []
     if args.profile_server:
         prof += ["--profile-server", str(args.profile_server.with_suffix(f".{streams}.txt"))]
     load = common.loadavg()
@@ -736,6 +749,8 @@ def variant(args: argparse.Namespace) -> str:
         parts.append("gc-freeze")
     if args.ack_fast:
         parts.append("ack-fast")
+    if args.workers:
+        parts.append(f"workers={args.workers}")
     return "+".join(parts) or "as is"
 
 
@@ -826,12 +841,14 @@ def main() -> None:
     parser.add_argument("--restart", action="store_true",
                         help="after the pushes, restart the server on the same port: every stream reconnects at once "
                              "with the version it holds (a node restart); time until all are synced again")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="serve with N xDS worker processes on one port (xds.workers); 0: in the server process")
     parser.add_argument("--count", type=int)
     parser.add_argument("--cid", type=int, default=0)
     args = parser.parse_args()
     if args.role == "server":
         asyncio.run(serve(args.services, args.profile_server, args.server_option, args.fast_parse, args.gc_freeze,
-                          args.ack_fast, args.port or 0, args.first_version))
+                          args.ack_fast, args.port or 0, args.first_version, args.workers))
         return
     if args.role == "client":
         asyncio.run(client(args.port, args.count, args.per_channel, args.services, args.delta, args.parse, args.cid))

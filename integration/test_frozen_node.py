@@ -11,24 +11,12 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .harness import (
-    ControlPlaneNode,
-    Envoy,
-    NamedTcpBackend,
-    ask_once,
-    cluster_leader,
-    free_low_port,
-    http_json,
-    raft_cluster,
-    start_cluster,
-    wait_until,
-    workdir,
-)
+from .cluster3 import Cluster3, cluster3, two_tcp_members
+from .harness import ControlPlaneNode, Envoy, ask_once, cluster_leader, http_json, wait_until
 
 SERVICE = "orders"
 PRIMARY = f"/v1/services/{SERVICE}/primary"
@@ -52,32 +40,15 @@ def routed_to(port: int) -> str:
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[Path, list[ControlPlaneNode], int, list[Envoy]]]:
-    with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
-        port = free_low_port()
-        base: dict[str, Any] = {
-            "services": [{"name": SERVICE, "protocol": "tcp", "listen_port": port, "primary": "a",
-                          "members": [{"name": "a", "address": "127.0.0.1", "port": a.port},
-                                      {"name": "b", "address": "127.0.0.1", "port": b.port}]}],
-            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
-        }
-        nodes = raft_cluster(wd, 3, base)
-        envoys: list[Envoy] = []
-        try:
-            start_cluster(nodes)
-            yield wd, nodes, port, envoys
-        finally:
-            for envoy in envoys:
-                envoy.stop()
-            for node in nodes:
-                node.proc.signal(signal.SIGCONT)
-                node.stop()
+def cluster() -> Iterator[tuple[Cluster3, int]]:
+    with two_tcp_members(SERVICE) as service, cluster3([service.spec]) as c:
+        yield c, service.port
 
 
 def test_envoy_leaves_a_frozen_node_and_routes_the_switch_committed_by_the_others(cluster: Any) -> None:
-    wd, nodes, port, envoys = cluster
-    envoy = Envoy(wd, "edge-1", [n.xds_address for n in nodes]).start()
-    envoys.append(envoy)
+    c, port = cluster
+    nodes = c.nodes
+    envoy = c.envoy("edge-1")
     [frozen] = wait_until(lambda: serving(nodes, envoy), 20, 0.05, "the Envoy on one node")
     wait_until(lambda: routed_to(port) == "a", 20, 0.01, "traffic reaches a")
     live = [n for n in nodes if n is not frozen]

@@ -24,25 +24,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .harness import (
-    ControlPlaneNode,
-    Envoy,
-    LineClient,
-    NamedTcpBackend,
-    ask_once,
-    cluster_leader,
-    free_low_port,
-    http_json,
-    raft_cluster,
-    start_cluster,
-    wait_until,
-    workdir,
-)
+from .cluster3 import Cluster3, cluster3, two_tcp_members
+from .harness import ControlPlaneNode, LineClient, ask_once, cluster_leader, http_json, wait_until
 
 SERVICE = "orders"
 PRIMARY = f"/v1/services/{SERVICE}/primary"
@@ -103,39 +90,19 @@ def steady(port: int, member: str) -> None:
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[Path, list[ControlPlaneNode], int, list[Envoy]]]:
-    with workdir() as wd, NamedTcpBackend("a") as a, NamedTcpBackend("b") as b:
-        port = free_low_port()
-        base: dict[str, Any] = {
-            "services": [{"name": SERVICE, "protocol": "tcp", "listen_port": port, "primary": "a",
-                          "members": [{"name": "a", "address": "127.0.0.1", "port": a.port},
-                                      {"name": "b", "address": "127.0.0.1", "port": b.port}]}],
-            "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
-            "xds": {"primary_lease_ms": LEASE_MS},
-        }
-        nodes = raft_cluster(wd, 3, base)
-        for node in nodes:
-            node.config["xds"]["listen"] = f"127.0.0.1:{free_low_port()}"
-        envoys: list[Envoy] = []
-        try:
-            start_cluster(nodes)
-            yield wd, nodes, port, envoys
-        finally:
-            for envoy in envoys:
-                envoy.stop()
-            for node in nodes:
-                node.proc.signal(signal.SIGCONT)
-                node.stop()
+def cluster() -> Iterator[tuple[Cluster3, int]]:
+    with two_tcp_members(SERVICE) as service, cluster3([service.spec], {"xds": {"primary_lease_ms": LEASE_MS}}) as c:
+        yield c, service.port
 
 
 @pytest.mark.parametrize("kind", ["sotw", "delta"])
 def test_an_envoy_cut_off_from_every_live_node_fails_closed_after_the_lease(cluster: Any, kind: str) -> None:
-    wd, nodes, port, envoys = cluster
+    c, port = cluster
+    nodes = c.nodes
     leader = cluster_leader(nodes, timeout=GENEROUS)
     on = next(n for n in nodes if n is not leader)  # a switch then needs no election
     others = [n for n in nodes if n is not on]
-    envoy = Envoy(wd, "edge-1", [on.xds_address], delta=kind == "delta").start()
-    envoys.append(envoy)
+    c.envoy("edge-1", [on], delta=kind == "delta")
     wait_until(lambda: routed_to(port) == "a", GENEROUS, 0.01, "traffic reaches a")
     steady(port, "a")  # while the node renews, the lease never runs out
 

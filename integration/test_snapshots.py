@@ -6,12 +6,14 @@ while it looks; the actions proper are branch snapact's), snapshots through the 
   reads through the mesh while the action runs; it is back afterwards;
 - a failover (the snapshotted replica promoted) aborts the snapshot: nothing completes from the
   demoted/promoted member and it is back in the read pool;
-- a failing pre-hook takes nothing and returns the member.
+- a failing pre-hook takes nothing and returns the member; so does a hanging one, killed (with
+  its process) at its 1 s timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -240,6 +242,28 @@ async def test_a_failing_pre_hook_takes_nothing_and_returns_the_member(mesh: Mes
     assert not m.action.started.is_set() and done["pool"] == "in"
     assert [s["name"] for s in done["steps"]][-2:] == ["pre_hook", "post_hook"]
     await m.until(lambda: _all_back(m), "the member is back in every Envoy's read cluster")
+
+    # A pre-hook that hangs is killed at its timeout (1 s), with its process; same undo.
+    pidfile = m.node.settings.node.data_dir / "hung.pid"
+    m.node.snapshots.deps.hooks = {"pre": HookSpec(command=("sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"), timeout=1.0),
+                                   "post": HookSpec(command=("sh", "-c", "exit 0"))}.get
+    status, started = await m.call("POST", "/v1/services/cache/snapshots", {"member": "r1"})
+    assert status == 202, started
+    done = await m.until(lambda: _ended(m, started["id"]), "the hung pre-hook is killed and the snapshot fails")
+    assert done["status"] == "failed" and "pre_hook failed" in done["error"] and "killed after 1 s" in done["error"], done
+    assert not m.action.started.is_set() and done["pool"] == "in"
+    assert [s["name"] for s in done["steps"]][-2:] == ["pre_hook", "post_hook"]
+    hung = int(pidfile.read_text())
+    await m.until(lambda: _gone(hung), f"the hook's sleep (pid {hung}) is gone")
+    await m.until(lambda: _all_back(m), "the member is back in every Envoy's read cluster")
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"  # a zombie is dead
 
 
 async def test_an_open_connection_holds_the_drain_until_envoy_counts_it_closed(mesh: Mesh) -> None:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +33,14 @@ pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-ser
 CACHE = "cache"
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 @dataclass
 class Target:
     cp: ControlPlaneNode
@@ -40,11 +49,10 @@ class Target:
     group: RedisGroup
 
     def rss_kib(self) -> int:
-        with open(f"/proc/{self.cp.proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        """`serve`'s RSS and its xDS workers' (xds.workers), where the streams are held."""
+        pid = self.cp.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return sum(_rss_kib(int(p)) for p in [pid, *children])
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"{self.cp.api}/metrics", timeout=5) as resp:

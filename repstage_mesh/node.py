@@ -69,9 +69,10 @@ from repstage_mesh.telemetry.metrics import MeshMetrics, write_failure_code
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import Snapshot, SnapshotCache
 from repstage_mesh.xds.limits import XdsLimits
-from repstage_mesh.xds.server import AdsServer
+from repstage_mesh.xds.server import AdsServer, GuardObserver
 from repstage_mesh.xds.tls import NodeIdentity, TlsFiles, XdsSecurity
 from repstage_mesh.xds.tracker import ProxyTracker
+from repstage_mesh.xds.workers import WorkerPool, default_count
 
 log = logging.getLogger("repstage_mesh.node")
 
@@ -116,10 +117,10 @@ class Node(LeaderRequests):
         self.tracing = Tracing.setup(settings.telemetry, self._node_id)
         self.push_tracer = self.tracing.push_tracer()
         self.push_tracer.attach(self.tracker)
-        self.xds = AdsServer(
-            self.cache, self.tracker, control_plane_id=self._node_id,
-            limits=xds_limits(settings.xds), security=xds_security(settings.xds), guard=self.metrics,
-        )
+        workers = settings.xds.workers if settings.xds.workers is not None else default_count()
+        self.xds = (WorkerPool(workers, self.cache, self.tracker, self._node_id, group=SNAPSHOT_GROUP,
+                               on_restart=self.metrics.xds_worker_restarts.inc, **xds_server_args(settings.xds, self.metrics))
+                    if workers else AdsServer(self.cache, self.tracker, self._node_id, **xds_server_args(settings.xds, self.metrics)))
         self.lease = PrimaryLease.build(settings.xds.primary_lease_ms, lambda: self.store, self._flush,
                                         self.xds.renew, lambda: self._publish(self.state()))
         self.metrics.lease = self.lease.renewer if self.lease is not None else None
@@ -505,6 +506,10 @@ def _first_token(settings: Settings, *, read_only: bool) -> str | None:
 
 def xds_limits(xds: XdsConfig) -> XdsLimits:
     return XdsLimits(**xds.limits.model_dump())
+
+
+def xds_server_args(xds: XdsConfig, guard: GuardObserver) -> dict[str, Any]:
+    return {"limits": xds_limits(xds), "security": xds_security(xds), "guard": guard}
 
 
 def xds_security(xds: XdsConfig) -> XdsSecurity:

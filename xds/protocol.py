@@ -35,6 +35,7 @@ from .messages import (
     SotwRequest,
     Stale,
 )
+from .mirror import StreamMirror
 
 __all__ = ["Acked", "Action", "DeltaRequest", "DeltaStream", "Nacked", "NodeInfo", "ProtocolError", "Send", "SotwRequest", "SotwStream", "Stale", "digest_of", "type_sync_state"]
 
@@ -550,11 +551,14 @@ def digest_of(resources: Mapping[str, EncodedResource]) -> str:
 # --- sync state, for the tracker ---------------------------------------------------------------
 
 
-def type_sync_state(stream: _Stream, type_url: str) -> str:
+def type_sync_state(stream: _Stream | StreamMirror, type_url: str) -> str:
     """'synced', 'pending' (a response is in flight), 'nacked' (the client refused the current
     content and keeps an older one), 'behind' (something newer is not yet sent), 'ahead' (the
     client came back claiming a version newer than this replica's snapshot: nothing is sent to
-    it until the snapshot catches up) or 'idle'."""
+    it until the snapshot catches up) or 'idle'. A worker's stream (mirror.py): as the worker
+    worked it out."""
+    if isinstance(stream, StreamMirror):
+        return stream.sync_state(type_url)
     state = stream.types.get(type_url)
     if state is None or not state.requested or stream.snapshot is None:
         return "idle"
@@ -566,7 +570,8 @@ def type_sync_state(stream: _Stream, type_url: str) -> str:
         return "pending"
     desired = stream._desired(type_url, state)
     if isinstance(stream, SotwStream):
-        digest = set_digest(desired.values())
+        selection = stream._selection(type_url, state)
+        digest = selection.digest if desired is selection.resources else set_digest(desired.values())
         if state.acked_version and split_version(state.acked_version)[1] == digest:
             return "synced"
         return "nacked" if digest in state.nacked else "behind"

@@ -15,7 +15,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -127,6 +127,8 @@ class AdsServer:
         limits: XdsLimits | None = None,
         security: XdsSecurity | None = None,
         guard: GuardObserver | None = None,
+        first_stream_id: int = 1,
+        grpc_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.cache = cache
         self.tracker = tracker
@@ -138,7 +140,8 @@ class AdsServer:
         self.admission = AdmissionGate(self.limits)
         self._log = _QuietLog()
         self.reloader: CertificateReloader | None = None
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_stream_id)  # a worker's ids do not meet another's (workers.py)
+        self.grpc_options = {**dict(_GRPC_OPTIONS), **dict(grpc_options)}  # e.g. grpc.so_reuseport
         self._server: aio.Server | None = None
         self.port: int | None = None
         self.streams: dict[int, SotwStream | DeltaStream] = {}
@@ -164,7 +167,7 @@ class AdsServer:
     async def start(self, host: str, port: int) -> int:
         # grpc's own cap is above ours, so a request between the two is counted (request_bytes).
         receive_cap = self.limits.max_request_bytes + 64 * 1024
-        server = aio.server(options=[*_GRPC_OPTIONS, ("grpc.max_receive_message_length", receive_cap)])
+        server = aio.server(options=[*self.grpc_options.items(), ("grpc.max_receive_message_length", receive_cap)])
         server.add_generic_rpc_handlers((self.handler(),))
         tls = self.security.tls
         try:  # grpcio >= 1.60 raises RuntimeError when it cannot bind

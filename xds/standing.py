@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .mirror import StreamMirror
 from .protocol import SotwStream, type_sync_state
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ def _ahead_types(record: ProxyRecord) -> list[str]:
     """The types in state "ahead" (protocol.type_sync_state), without computing what the
     stream would be sent (cheap enough for every scrape of /metrics)."""
     stream, snap = record.stream, record.stream.snapshot
+    if isinstance(stream, StreamMirror):  # a worker's stream: the worker worked it out
+        return [t for t, st in list(stream.types.items()) if st.sync == "ahead"]
     if not isinstance(stream, SotwStream) or snap is None:
         return []
     return [t for t, st in list(stream.types.items()) if st.requested and st.floor > snap.index and not st.pending]

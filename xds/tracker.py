@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from . import resources as res
 from . import standing
 from .cache import split_version
+from .mirror import StreamMirror
 from .progress import Behind, IndexWaiter, Waiters, behind_of
 from .protocol import (
     Acked,
@@ -60,7 +61,7 @@ class ProxyRecord:
     kind: str
     control_plane: str
     connected_at: float
-    stream: SotwStream | DeltaStream
+    stream: SotwStream | DeltaStream | StreamMirror  # a mirror: the stream is a worker's (mirror.py)
     disconnected_at: float | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
     synced_index: int = -1  # highest snapshot index at which the proxy was seen fully synced
@@ -78,6 +79,9 @@ class ProxyRecord:
 
     def refresh(self) -> None:
         """Bring `synced_index` up to date (cheap while a response is in flight)."""
+        if isinstance(self.stream, StreamMirror):  # the worker's tracker worked it out
+            self.synced_index = max(self.synced_index, self.stream.synced_index)
+            return
         snap = self.stream.snapshot
         if snap is None or snap.index <= self.synced_index:
             return
@@ -92,6 +96,13 @@ class ProxyRecord:
             if st is not None and st.refused and type_sync_state(self.stream, type_url) not in standing.SETTLED:
                 return
         self.synced_index = snap.index
+
+    def type_flags(self) -> list[tuple[str, bool, bool]]:
+        """(type_url, asked for, a response in flight) for each type of the stream (or mirror)."""
+        stream = self.stream
+        if isinstance(stream, StreamMirror):
+            return [(t, m.requested, m.pending) for t, m in list(stream.types.items())]
+        return [(t, st.requested, bool(st.pending)) for t, st in list(stream.types.items())]
 
     def lag(self) -> tuple[str, str]:
         """('synced' | 'pending' | 'behind' | 'nacked', Envoy's error text for a NACK)."""
@@ -188,7 +199,7 @@ class ProxyTracker:
         self.observers: list[TrackerObserver] = []
         self.waiters = Waiters()
 
-    def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream) -> ProxyRecord:
+    def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream | StreamMirror) -> ProxyRecord:
         self._prune()
         record = ProxyRecord(
             stream_id, node, stream.kind, self.control_plane, self.clock(), stream,

@@ -90,6 +90,11 @@ class XdsConfig(Section):
         description="a proxy sent config this long ago that never ACKed anything is not waited for",
     )
     limits: XdsLimitsConfig = Field(default_factory=XdsLimitsConfig)
+    workers: int | None = Field(
+        default=None, ge=0, le=256,
+        description="xDS worker processes sharing xds.listen (SO_REUSEPORT); unset: one per core; "
+        "0: xDS is served in the node process. README, 'xDS workers'",
+    )
     primary_lease_ms: int | None = Field(
         default=None, ge=300, le=3_600_000,
         description="lease each service's primary cluster for this long (an xDS resource TTL), "

@@ -29,6 +29,7 @@ Metric names (Prometheus conventions: `_total` counters, `_seconds` histograms, 
     repstage_xds_limit_hits_total{limit}                        counter (xds.limits)
     repstage_xds_streams_refused_total{reason}                  counter (mTLS, plaintext)
     repstage_xds_proxies_flagged{flag}                          gauge (version_ahead, never_acked)
+    repstage_xds_worker_restarts_total                          counter (xds.workers: a worker exited)
     repstage_failover_duration_seconds{service,mode}            histogram
     repstage_raft_term / _commit_index / _applied_index         gauges
     repstage_raft_is_leader / _has_quorum                       gauges (0/1)
@@ -157,6 +158,8 @@ class MeshMetrics:
         self.pushes = Counter("repstage_xds_pushes", "xDS responses sent to proxies", ["type"], registry=registry)
         self.acks = Counter("repstage_xds_acks", "xDS responses proxies accepted (ACK)", ["type"], registry=registry)
         self.nacks = Counter("repstage_xds_nacks", "xDS responses proxies rejected (NACK)", ["type"], registry=registry)
+        self.xds_worker_restarts = Counter("repstage_xds_worker_restarts", "xDS worker processes that exited and were "
+                                           "started again (xds.workers)", registry=registry)
         self.push_ack = Histogram(
             "repstage_xds_push_ack_seconds",
             "Time from sending an xDS response to the proxy's ACK",
@@ -356,8 +359,8 @@ class MeshMetrics:
         syncs: dict[tuple[str, str], int] = {}
         for record in records:
             streams[record.kind] = streams.get(record.kind, 0) + 1
-            for type_url, state in list(record.stream.types.items()):
-                if state.requested:
+            for type_url, requested, _ in record.type_flags():
+                if requested:
                     short = res.short_name(type_url)
                     by_type[(short, record.kind)] = by_type.get((short, record.kind), 0) + 1
                     if short in KNOWN_TYPES:

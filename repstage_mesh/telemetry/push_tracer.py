@@ -100,11 +100,11 @@ def _progress(record: ProxyRecord, index: int) -> str:
     snap = stream.snapshot
     if snap is None or snap.index < index:
         return "waiting"
-    types = list(stream.types.items())
-    if any(state.pending for _, state in types):
+    types = record.type_flags()
+    if any(pending for _, _, pending in types):
         return "waiting"
     nacked = False
-    for type_url, _ in types:
+    for type_url, _, _ in types:
         sync = type_sync_state(stream, type_url)
         if sync == "nacked":
             nacked = True

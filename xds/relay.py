@@ -1,0 +1,298 @@
+"""What the node process and its xDS worker processes tell each other (workers.py), sans-IO.
+
+Over one socketpair per worker, in both directions, length-prefixed frames (`encode`,
+`FrameDecoder`): a 4-byte big-endian length, then a pickled message (both ends are this
+code, started by the node: the pipe is private to them). Node → worker: `("init", WorkerInit)`,
+`("snapshot", group, SnapshotWire)` (one frame encoded once per version and written to every
+worker: the resources' encoded bytes, digests and refs, never re-encoded), `("renew",)`,
+`("stop",)`, `("tick",)` (nothing to say: the node is alive). Worker → node: `("ready", port)` or `("failed", message)`, then `("facts",
+facts, guards)` once per event-loop pass in which anything happened (`FactBatcher`).
+
+A fact is one stream's news of that pass: `(stream_id, connect, events, mirror, gone)`;
+`connect` is `(NodeInfo, kind)` on the pass it connected, `events` what the tracker recorded
+(sent, ACKed, NACKed, stale: small tuples), `mirror` the stream's state after them
+(mirror.StreamMirror.to_wire), `gone` True when it disconnected. `FactReplay` feeds them to
+the node's `ProxyTracker`, so its observers and waiters see every proxy as if it were local.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import EncodedResource, Snapshot
+from .limits import XdsLimits
+from .messages import Acked, Action, Nacked, NodeInfo, Send, Stale
+from .mirror import StreamMirror, mirror_wire
+from .protocol import DeltaStream, SotwStream, type_sync_state
+from .tls import XdsSecurity
+from .tracker import ProxyTracker
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME = 1 << 30  # a snapshot of every resource of a large mesh fits many times over
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame of ours: the pipe is closed."""
+
+
+def encode(message: tuple[Any, ...]) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > MAX_FRAME:
+        raise FrameError(f"a frame of {len(payload)} bytes is over {MAX_FRAME}")
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Bytes in (any chunking), whole messages out."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[Any, ...]]:
+        self._buffer += data
+        out: list[tuple[Any, ...]] = []
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            if size > MAX_FRAME:
+                raise FrameError(f"a frame of {size} bytes announced; the limit is {MAX_FRAME}")
+            end = _HEADER.size + size
+            if len(self._buffer) < end:
+                break
+            message = pickle.loads(bytes(self._buffer[_HEADER.size:end]))
+            del self._buffer[:end]
+            if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+                raise FrameError(f"not a message: {type(message).__name__}")
+            out.append(message)
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+# --- snapshots --------------------------------------------------------------------------------
+
+SnapshotWire = tuple[str, tuple[str, ...], Mapping[str, Mapping[str, EncodedResource]]]
+
+
+def snapshot_wire(snapshot: Snapshot) -> SnapshotWire:
+    return (snapshot.version, snapshot.order, snapshot.resources)
+
+
+def snapshot_from_wire(wire: SnapshotWire) -> Snapshot:
+    """The worker's copy: the same encoded resources, nothing encoded again."""
+    version, order, resources = wire
+    return Snapshot(version, resources, order)
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    """What a worker is started with (every setting of the node's own AdsServer)."""
+
+    host: str
+    port: int
+    control_plane_id: str
+    limits: XdsLimits
+    security: XdsSecurity
+    first_stream_id: int
+    never_acked_grace: float
+    name: str = "xds-worker"
+    log_level: int = 20
+    grpc_options: tuple[tuple[str, Any], ...] = ()
+    # The node writes at least every `heartbeat` seconds; a worker that hears nothing for
+    # `node_silence` exits (its listener closes): a frozen node's Envoys go to another node
+    # instead of being served a config the node no longer renews.
+    heartbeat: float = 0.5
+    node_silence: float = 3.0
+
+
+# --- worker side: facts, batched per event-loop pass ------------------------------------------
+
+Event = tuple[Any, ...]
+
+
+def event_of(action: Action) -> Event:
+    if isinstance(action, Send):
+        return ("s", action.type_url, action.version, action.nonce)
+    if isinstance(action, Acked):
+        return ("a", action.type_url, action.version, action.nonce)
+    if isinstance(action, Nacked):
+        return ("n", action.type_url, action.version, action.nonce, action.error)
+    return ("x", action.type_url, action.nonce)
+
+
+_NOTHING = Snapshot("0", {})  # what a replayed Send carries: the bytes stay in the worker
+
+
+def action_of(event: Event) -> Action:
+    tag = event[0]
+    if tag == "s":
+        return Send(event[1], event[2], event[3], (), (), _NOTHING)
+    if tag == "a":
+        return Acked(event[1], event[2], event[3])
+    if tag == "n":
+        return Nacked(event[1], event[2], event[3], event[4])
+    if tag == "x":
+        return Stale(event[1], event[2])
+    raise FrameError(f"unknown event {tag!r}")
+
+
+@dataclass
+class _News:
+    connect: tuple[NodeInfo, str] | None = None
+    events: list[Event] = field(default_factory=list)
+    gone: bool = False
+
+
+class FactBatcher:
+    """Collects what the worker's tracker recorded (and the limits hit, refusals made) until
+    `drain`, called once per event-loop pass; `schedule` is called on the first news of a pass
+    (the worker makes it `loop.call_soon(flush)`). Also the worker server's `GuardObserver`."""
+
+    def __init__(self, schedule: Callable[[], object] = lambda: None) -> None:
+        self.schedule = schedule
+        self._news: dict[int, _News] = {}
+        self._guards: list[tuple[str, str]] = []
+        self._due = False
+        self.churn = 0  # streams opened or closed (GcPolicy reads and resets it)
+
+    def _entry(self, stream_id: int) -> _News:
+        if not self._due:
+            self._due = True
+            self.schedule()
+        news = self._news.get(stream_id)
+        if news is None:
+            news = self._news[stream_id] = _News()
+        return news
+
+    def connected(self, stream_id: int, node: NodeInfo, kind: str) -> None:
+        self._entry(stream_id).connect = (node, kind)
+        self.churn += 1
+
+    def recorded(self, stream_id: int, actions: list[Action]) -> None:
+        self._entry(stream_id).events.extend(event_of(a) for a in actions)
+
+    def disconnected(self, stream_id: int) -> None:
+        self._entry(stream_id).gone = True
+        self.churn += 1
+
+    def on_limit(self, limit: str) -> None:
+        self._entry_guard(("limit", limit))
+
+    def on_refusal(self, reason: str) -> None:
+        self._entry_guard(("refusal", reason))
+
+    def _entry_guard(self, guard: tuple[str, str]) -> None:
+        if not self._due:
+            self._due = True
+            self.schedule()
+        self._guards.append(guard)
+
+    def drain(self, tracker: ProxyTracker) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]]]:
+        """The facts of this pass, each with its stream's state now (read from `tracker`)."""
+        news, self._news, self._due = self._news, {}, False
+        guards, self._guards = self._guards, []
+        facts: list[tuple[Any, ...]] = []
+        for stream_id, item in news.items():
+            record = tracker.records.get(stream_id)
+            mirror = None
+            if record is not None and isinstance(record.stream, (SotwStream, DeltaStream)):
+                mirror = mirror_wire(record.stream, record.synced_index, type_sync_state)
+            facts.append((stream_id, item.connect, item.events, mirror, item.gone))
+        return facts, guards
+
+
+class ReportingTracker(ProxyTracker):
+    """The worker's tracker: keeps its streams' records (the protocol's sync state needs them)
+    and tells a `FactBatcher` everything; the node's tracker keeps the history."""
+
+    def __init__(self, batcher: FactBatcher, **kwargs: Any) -> None:
+        super().__init__(keep_disconnected=0.0, max_disconnected=0, **kwargs)
+        self.batcher = batcher
+
+    def connect(self, stream_id: int, node: NodeInfo, stream: Any) -> Any:
+        record = super().connect(stream_id, node, stream)
+        self.batcher.connected(stream_id, node, stream.kind)
+        return record
+
+    def record(self, stream_id: int, actions: list[Action]) -> None:
+        super().record(stream_id, actions)
+        if stream_id in self.records:
+            self.batcher.recorded(stream_id, actions)
+
+    def disconnect(self, stream_id: int) -> None:
+        super().disconnect(stream_id)
+        self.batcher.disconnected(stream_id)
+
+
+# --- worker side: the collector kept off the long-lived streams ----------------------------
+
+
+class GcPolicy:
+    """When a worker moves what it holds out of the cyclic collector's sight: Python's full
+    collections walk every object of every stream, which at thousands of streams cost as much
+    CPU as a push (bench/RESULTS.md). Once the stream count has settled (`quiet` seconds with
+    no stream opened or closed) after moving by `churn` (a share of the streams, or `floor`
+    streams), the worker collects once and freezes what survives (`gc.freeze`); the next
+    settled change unfreezes, collects the closed streams' garbage and freezes again. Sans-IO:
+    `due(now, opened_or_closed)` says when; the worker does it."""
+
+    def __init__(self, churn: float = 0.1, floor: int = 100, quiet: float = 1.0) -> None:
+        self.churn, self.floor, self.quiet = churn, floor, quiet
+        self.frozen_at_count = 0  # streams held at the last freeze
+        self.changes = 0  # streams opened or closed since
+        self.last_change = 0.0
+
+    def changed(self, now: float, count: int = 1) -> None:
+        self.changes += count
+        self.last_change = now
+
+    def due(self, now: float, streams: int) -> bool:
+        if now - self.last_change < self.quiet:
+            return False
+        if self.changes < max(self.floor, self.churn * max(streams, self.frozen_at_count)):
+            return False
+        self.frozen_at_count, self.changes = streams, 0
+        return True
+
+
+# --- node side: the facts replayed into the node's tracker ------------------------------------
+
+
+class FactReplay:
+    """Feeds one worker's facts to the node's `tracker`; remembers which of its streams are
+    connected, so that when the worker dies they are all marked disconnected (`lost`)."""
+
+    def __init__(self, tracker: ProxyTracker) -> None:
+        self.tracker = tracker
+        self.live: set[int] = set()
+
+    def apply(self, facts: list[tuple[Any, ...]]) -> None:
+        tracker = self.tracker
+        for stream_id, connect, events, mirror, gone in facts:
+            if connect is not None:
+                node, kind = connect
+                view = StreamMirror(kind) if mirror is None else StreamMirror.from_wire(kind, mirror)
+                tracker.connect(stream_id, node, view)
+                self.live.add(stream_id)
+            record = tracker.records.get(stream_id)
+            if record is None or stream_id not in self.live:
+                continue
+            if mirror is not None and isinstance(record.stream, StreamMirror) and connect is None:
+                record.stream.update(mirror)
+            if events or connect is None:
+                tracker.record(stream_id, [action_of(e) for e in events])
+            if gone:
+                self.live.discard(stream_id)
+                tracker.disconnect(stream_id)
+
+    def lost(self) -> int:
+        """The worker is gone: every stream it served is disconnected. Returns how many."""
+        live, self.live = self.live, set()
+        for stream_id in sorted(live):
+            self.tracker.disconnect(stream_id)
+        return len(live)

@@ -1,0 +1,148 @@
+"""One xDS worker process: `python -m repstage_mesh.xds.worker_main FD NODE_PID` (workers.py).
+
+FD is this end of the socketpair to the node. The worker reads its `relay.WorkerInit`, serves
+ADS with an `AdsServer` bound to the node's xDS port with `grpc.so_reuseport` (the kernel
+spreads new connections over the workers), takes every snapshot the node sends (already
+encoded), renews leases when told, and sends back once per event-loop pass what its streams
+did (`relay.FactBatcher`). It exits when the node says stop or the pipe closes (the node died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import relay
+from .cache import SnapshotCache
+from .server import AdsServer
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    def __init__(self, init: relay.WorkerInit, writer: asyncio.StreamWriter) -> None:
+        self.init = init
+        self.writer = writer
+        self.grace = 0.0  # what the streams get when the server stops (the node's stop says)
+        self.cache = SnapshotCache()
+        self.gc_policy = relay.GcPolicy()
+        loop = asyncio.get_running_loop()
+        self.batcher = relay.FactBatcher(lambda: loop.call_soon(self.flush))
+        self.tracker = relay.ReportingTracker(
+            self.batcher, control_plane=init.control_plane_id, never_acked_grace=init.never_acked_grace
+        )
+        self.server = AdsServer(
+            self.cache, self.tracker, init.control_plane_id, limits=init.limits, security=init.security,
+            guard=self.batcher, first_stream_id=init.first_stream_id,
+            grpc_options=(*init.grpc_options, ("grpc.so_reuseport", 1)),
+        )
+
+    def keep_gc(self) -> None:
+        """Collect once and freeze the streams' objects when their count settled (GcPolicy)."""
+        now = time.monotonic()
+        if self.batcher.churn:
+            self.gc_policy.changed(now, self.batcher.churn)
+            self.batcher.churn = 0
+        if self.gc_policy.due(now, len(self.server.streams)):
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            log.debug("xDS worker: %d streams, %d objects frozen", len(self.server.streams), gc.get_freeze_count())
+
+    def send(self, message: tuple[object, ...]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(relay.encode(message))
+
+    def flush(self) -> None:
+        facts, guards = self.batcher.drain(self.tracker)
+        self.send(("facts", facts, guards))
+
+    def handle(self, message: tuple[object, ...]) -> bool:
+        """One message from the node; False when told to stop."""
+        kind = message[0]
+        if kind == "snapshot":
+            group, wire = message[1], message[2]
+            assert isinstance(group, str)
+            self.cache.set_snapshot(group, relay.snapshot_from_wire(wire))  # type: ignore[arg-type]
+        elif kind == "renew":
+            self.server.renew()
+        elif kind == "stop":
+            self.grace = float(message[1]) if len(message) > 1 else 0.2  # type: ignore[arg-type]
+            return False
+        elif kind == "tick":
+            self.keep_gc()
+        else:
+            log.warning("xDS worker: unknown message %r from the node", kind)
+        return True
+
+
+async def _serve(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    decoder = relay.FrameDecoder()
+    pending: list[tuple[object, ...]] = []
+    while not pending:
+        data = await reader.read(1 << 20)
+        if not data:
+            return 0
+        pending = decoder.feed(data)
+    init = pending.pop(0)[1]
+    assert isinstance(init, relay.WorkerInit)
+    logging.basicConfig(level=init.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {init.name} %(name)s: %(message)s")
+    worker = Worker(init, writer)
+    try:
+        port = await worker.server.start(init.host, init.port)
+    except OSError as exc:
+        worker.send(("failed", str(exc)))
+        await writer.drain()
+        return 2
+    worker.send(("ready", port))
+    try:
+        while True:
+            for message in pending:
+                if not worker.handle(message):
+                    return 0
+            try:
+                data = await asyncio.wait_for(reader.read(1 << 20), init.node_silence)
+            except TimeoutError:
+                log.warning("xDS worker: the node said nothing for %.1f s (frozen?): exiting", init.node_silence)
+                return 3
+            if not data:
+                return 0  # the node is gone
+            pending = decoder.feed(data)
+    finally:
+        # Streams cancelled by the stop are not errors (grpc logs each with a traceback).
+        logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
+        await worker.server.stop(worker.grace)
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+def _die_with(parent: int) -> None:
+    """The kernel kills this worker when the node process dies (Linux PR_SET_PDEATHSIG), so a
+    node restarted at once finds its port free; elsewhere the closed pipe ends the worker."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the node died before the prctl
+        os._exit(0)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
+    if len(sys.argv) > 2:
+        _die_with(int(sys.argv[2]))
+    sys.exit(asyncio.run(_serve(int(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()
