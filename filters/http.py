@@ -6,7 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from envoy_data_plane.envoy.config.core.v3 import DataSource
+from envoy_data_plane.envoy.config.core.v3 import (
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
+)
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
@@ -25,7 +30,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
     Rds,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 
 from .access_logs import stdout_access_log
 from .sources import ads_config_source
@@ -74,20 +79,23 @@ class ToCluster:
 
 @dataclass(frozen=True)
 class DirectResponse:
-    """Answer from Envoy itself with `status` (and `body`, if any)."""
+    """Answer from Envoy itself with `status` (and `body`, if any, and `headers`)."""
 
     status: int
     body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class RouteEntry:
-    """Match exactly one of `path` (exact) or `prefix`, and optionally the exact `:authority`."""
+    """Match exactly one of `path` (exact) or `prefix`, and optionally the exact `:authority`
+    and one of `methods` (upper-case HTTP methods)."""
 
     target: ToCluster | DirectResponse
     path: str | None = None
     prefix: str | None = None
     authority: str | None = None
+    methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.prefix is None):
@@ -99,18 +107,19 @@ class RouteEntry:
             raise ValueError(f"status: must be in 200..599, got {self.target.status}")
         if isinstance(self.target, ToCluster) and not self.target.cluster:
             raise ValueError("cluster: must not be empty")
+        for method in self.methods:
+            if not method.isalpha() or not method.isupper():
+                raise ValueError(f"methods: {method!r} is not an upper-case HTTP method")
 
 
 def _route(entry: RouteEntry) -> Route:
-    match = RouteMatch(
-        path=entry.path,
-        prefix=entry.prefix,
-        headers=(
-            [HeaderMatcher(name=":authority", string_match=StringMatcher(exact=entry.authority))]
-            if entry.authority is not None
-            else []
-        ),
-    )
+    headers = []
+    if entry.authority is not None:
+        headers.append(HeaderMatcher(name=":authority", string_match=StringMatcher(exact=entry.authority)))
+    if entry.methods:
+        regex = RegexMatcher(regex=f"^({'|'.join(entry.methods)})$")
+        headers.append(HeaderMatcher(name=":method", string_match=StringMatcher(safe_regex=regex)))
+    match = RouteMatch(path=entry.path, prefix=entry.prefix, headers=headers)
     target = entry.target
     if isinstance(target, DirectResponse):
         return Route(
@@ -119,6 +128,13 @@ def _route(entry: RouteEntry) -> Route:
                 status=target.status,
                 body=DataSource(inline_string=target.body) if target.body else None,
             ),
+            response_headers_to_add=[
+                HeaderValueOption(
+                    header=HeaderValue(key=k, value=v),
+                    append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+                for k, v in target.headers
+            ],
         )
     return Route(
         match=match,

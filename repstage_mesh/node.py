@@ -128,6 +128,7 @@ class Node(LeaderRequests):
         self.api_port: int | None = None
         self.xds_port: int | None = None
         self._rendered_change = -1
+        self._hold_timer: asyncio.TimerHandle | None = None  # re-render at a consistent point's deadline
         self._ready = False
         self._apply_listeners: list[Callable[[MeshState], None]] = []
         self._pending_state: MeshState | None = None
@@ -342,6 +343,8 @@ class Node(LeaderRequests):
                         self.settings.consul.address, exc, self.settings.consul.resync_interval)
 
     async def stop(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         await self.engine.stop()
         if self.registration is not None:
             with contextlib.suppress(Exception):
@@ -398,7 +401,8 @@ class Node(LeaderRequests):
         try:
             previous = self.cache.get(SNAPSHOT_GROUP)
             state, ttls = self.lease.shape(state, self.options) if self.lease is not None else (state, None)
-            snapshot = Snapshot.build(state.last_change, render(state, self.options), previous, self.order, ttls)
+            held = self._held(state)
+            snapshot = Snapshot.build(state.last_change, render(state, self.options, held), previous, self.order, ttls)
         except Exception:
             log.exception("rendering state at index %d failed; proxies keep the last good config", state.index)
             return
@@ -406,6 +410,21 @@ class Node(LeaderRequests):
             return
         self._rendered_change = state.last_change
         self.cache.set_snapshot(SNAPSHOT_GROUP, snapshot)
+
+    def _held(self, state: MeshState) -> frozenset[str]:
+        """The services a consistent point holds now; at the earliest committed deadline this
+        node renders again without them, by its own clock, whoever leads (or nobody)."""
+        now = time.time()
+        held = state.held_services(now)
+        ends = [h.hold_until for h in state.holds if h.holding(now)]
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        with contextlib.suppress(RuntimeError):  # no loop: a test rendering synchronously
+            if ends:
+                loop = asyncio.get_running_loop()
+                self._hold_timer = loop.call_later(min(ends) - now + 0.001, lambda: self._publish(self.state()))
+        return held
 
     async def _seed_services(self) -> None:
         """Define the config file's services that the replicated state does not hold yet.

@@ -213,6 +213,27 @@ class FakeSnapshots:
         return found.model_dump(mode="json")
 
 
+    async def start_point(self, services: list[str], member: str, caller: Caller = DIRECT) -> dict[str, Any]:
+        """The intent only, as the leader's PointRunner commits it first."""
+        from repstage_mesh.core.models import HoldEntry, StartHold
+
+        state = self.plane.state()
+        entry = HoldEntry(id=f"point-{state.index + 1}", services=tuple(services), window_ms=200)
+        outcome = await self.plane.submit(StartHold(entry=entry))
+        if not outcome.ok and outcome.rejection is not None:
+            raise Rejected(outcome.rejection)
+        found = self.plane.state().hold(entry.id)
+        assert found is not None
+        return found.model_dump(mode="json")
+
+    def points_list(self) -> list[dict[str, Any]]:
+        return [h.model_dump(mode="json") for h in reversed(self.plane.state().holds)]
+
+    def point(self, hold_id: str) -> dict[str, Any] | None:
+        entry = self.plane.state().hold(hold_id)
+        return entry.model_dump(mode="json") if entry is not None else None
+
+
 def orders_spec(**overrides: Any) -> ServiceSpec:
     data: dict[str, Any] = {
         "name": "orders",

@@ -387,6 +387,19 @@ def test_snapshot_follows_the_committed_steps_until_the_member_is_back(
     assert code == 1 and "nope" in err
 
 
+def test_snapshot_of_several_services_needs_consistent_and_posts_one_point(
+    snap_live: LiveApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "snapshot", "orders", "web", "--api", snap_live.url)
+    assert code == 1 and "--consistent" in err and not snap_live.plane.state().holds
+    code, _, err = run(capsys, "snapshot", "orders", "--consistent", "--member", "b", "--api", snap_live.url)
+    assert code == 1 and "--member" in err and not snap_live.plane.state().holds
+    code, out, err = run(capsys, "--json", "snapshot", "orders", "--consistent", "--no-wait", "--api", snap_live.url)
+    assert code == 0, err
+    (point,) = snap_live.plane.state().holds
+    assert json.loads(out)["id"] == point.id and point.services == ("orders",)
+
+
 @pytest.mark.parametrize("command", ["validate", "serve"])
 def test_a_short_raft_password_is_refused_by_validate_and_serve(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str

@@ -103,3 +103,10 @@ def test_the_snapshot_workflow_doing_io_fails(copy: Path) -> None:
     result = lint_imports(copy)
     assert result.returncode != 0
     assert "The snapshot workflow and its member choice do no I/O BROKEN" in result.stdout
+
+
+def test_the_consistent_point_doing_io_fails(copy: Path) -> None:
+    append(copy / "repstage_mesh" / "snapshots" / "consistent.py", "import redis  # noqa")
+    result = lint_imports(copy)
+    assert result.returncode != 0
+    assert "The consistent point's workflow does no I/O BROKEN" in result.stdout

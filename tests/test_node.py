@@ -575,3 +575,31 @@ async def test_a_fence_port_moved_onto_a_replicated_service_is_logged_at_start(
         assert sum(r.getMessage().startswith(expected) for r in caplog.records) == 1  # once
     finally:
         await node.stop()
+
+
+async def test_a_held_http_route_is_rendered_until_the_committed_deadline_then_dropped_by_the_nodes_clock(
+    make_node: NodeFactory,
+) -> None:
+    """Issue 16 item 5: no commit ends the hold here (as when its leader died): the node renders
+    the 503 route while `hold_until` is ahead and re-renders without it when it passes."""
+
+    from repstage_mesh.core.models import HoldEntry, StartHold, UpdateHold
+
+    node = await started(make_node())
+    spec = orders_spec(name="web", protocol="http", listen_port=15030, read_port=None)
+    assert (await node.submit(PutService(spec=spec), timeout=5.0)).ok
+
+    def routes() -> bytes | None:
+        snap = node.cache.get(SNAPSHOT_GROUP)
+        found = snap.get(res.ROUTE).get("web-primary-routes") if snap is not None else None
+        return found.digest if found is not None else None
+
+    await eventually(lambda: routes() is not None, "the web routes rendered")
+    free = routes()
+    assert (await node.submit(StartHold(entry=HoldEntry(id="p1", services=("web",), window_ms=500)), timeout=5.0)).ok
+    until = time.time() + 0.5
+    assert (await node.submit(UpdateHold(id="p1", status="holding", hold_until=until), timeout=5.0)).ok
+    await eventually(lambda: routes() != free, "the hold route rendered")
+    assert time.time() < until
+    await eventually(lambda: routes() == free, "the hold dropped at the deadline", timeout=5.0)
+    assert time.time() >= until and node.state().hold("p1").status == "holding"  # type: ignore[union-attr]

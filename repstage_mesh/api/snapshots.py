@@ -7,6 +7,7 @@ the reads from its copy of the replicated state, where every step of a snapshot 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -76,6 +77,7 @@ class SnapshotView(BaseModel):
     size_bytes: int = 0
     verification: SnapshotVerificationView | None = Field(
         default=None, description="the last restore drill (POST .../snapshots/{id}/verify); null: never verified")
+    group: str = Field(default="", description="the consistent point (GET /v1/consistent-points/{id}) this snapshot belongs to, if any")
 
 
 class SnapshotList(BaseModel):
@@ -104,6 +106,41 @@ class VerifyRequest(BaseModel):
 SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+class PointRequest(BaseModel):
+    """POST /v1/consistent-points body."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "examples": [{"services": ["cache", "sessions"], "consistent": True}]})
+
+    services: list[Name] = Field(min_length=1, max_length=32, description="the services (redis or http) held at one point")
+    consistent: bool = Field(default=True, description="must be true: several services are only snapshotted at one consistent point")
+    member: Name = Field(default="replica", description="each redis service's member whose fork is the point: replica (default: a caught-up one) or primary")
+
+
+class PointView(BaseModel):
+    """One consistent point as the replicated state holds it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    services: list[str]
+    members: dict[str, str] = Field(default_factory=dict, description="service -> member whose point is taken")
+    status: str = Field(description="intent | holding | released | aborted")
+    window_ms: int = Field(description="the longest writes are held (snapshots.consistent_hold_ms)")
+    hold_until: float = Field(default=0.0, description="Unix time the hold ends at the latest, whoever leads")
+    intent_index: int = 0
+    leader: str = ""
+    steps: list[SnapshotStepView] = Field(default_factory=list)
+    points: dict[str, dict[str, str]] = Field(default_factory=dict, description="each service's point, taken while writes were held")
+    snapshots: dict[str, str] = Field(default_factory=dict, description="service -> snapshot id (its entry has group = this id)")
+    held_ms: float = Field(default=0.0, description="how long writes were held (the leader's measure)")
+    error: str = ""
+
+
+class PointList(BaseModel):
+    points: list[PointView]
+
+
 class Snapshots(Protocol):
     """What the endpoints need (snapshots/desk.SnapshotDesk on a node; a double in tests)."""
 
@@ -111,6 +148,50 @@ class Snapshots(Protocol):
     def list(self, service: str) -> list[dict[str, Any]] | None: ...
     def get(self, service: str, snapshot_id: str) -> dict[str, Any] | None: ...
     async def verify(self, service: str, snapshot_id: str, caller: Caller) -> dict[str, Any]: ...
+    async def start_point(self, services: Sequence[str], member: str, caller: Caller) -> dict[str, Any]: ...
+    def points_list(self) -> Sequence[dict[str, Any]]: ...
+    def point(self, hold_id: str) -> dict[str, Any] | None: ...
+
+
+def _point_handlers(desk: Snapshots) -> tuple[Handler, Handler, Handler]:
+    async def start_point(request: web.Request) -> web.Response:
+        body = parse(PointRequest, await json_body(request))
+        if not body.consistent:
+            raise ApiError(422, "invalid", "consistent: must be true (one service: POST /v1/services/{name}/snapshots)", "consistent")
+        if body.member not in ("replica", "primary"):
+            raise ApiError(422, "invalid", "member: replica or primary (a consistent point names no member)", "member")
+        entry = await desk.start_point(list(body.services), body.member, caller(request))
+        return ok(PointView.model_validate(entry), status=202)
+
+    async def list_points(request: web.Request) -> web.Response:
+        return ok(PointList(points=[PointView.model_validate(e) for e in desk.points_list()]))
+
+    async def get_point(request: web.Request) -> web.Response:
+        hold_id = request.match_info["id"]
+        entry = desk.point(hold_id)
+        if entry is None:
+            raise ApiError(404, "not_found", f"no consistent point {hold_id!r}; GET /v1/consistent-points lists them", "id")
+        return ok(PointView.model_validate(entry))
+
+    return start_point, list_points, get_point
+
+
+def point_operations(desk: Snapshots) -> list[Operation]:
+    start_point, list_points, get_point = _point_handlers(desk)
+    return [
+        Operation("POST", "/v1/consistent-points", "startConsistentPoint",
+                  "Snapshot several services at one consistent point: new writes held for at most snapshots.consistent_hold_ms",
+                  start_point, {202: ("the committed intent; follow it with GET /v1/consistent-points/{id}", PointView)},
+                  request=PointRequest, errors=(404, 409, 422, 503, 504), tag="snapshots",
+                  description="Runs on the Raft leader. Redis: CLIENT PAUSE WRITE on each primary, a fork at the held "
+                  "offset, CLIENT UNPAUSE; HTTP: writes answered 503 with Retry-After at the Envoy route until the "
+                  "committed deadline."),
+        Operation("GET", "/v1/consistent-points", "listConsistentPoints", "Consistent points, newest first",
+                  list_points, {200: ("newest first", PointList)}, errors=(503,), tag="snapshots"),
+        Operation("GET", "/v1/consistent-points/{id}", "getConsistentPoint", "One consistent point with its steps and points",
+                  get_point, {200: ("the consistent point", PointView)}, errors=(404, 503), tag="snapshots",
+                  path_params={"id": "consistent point id"}),
+    ]
 
 
 def _handlers(desk: Snapshots) -> tuple[Handler, Handler, Handler]:
@@ -140,6 +221,10 @@ def _handlers(desk: Snapshots) -> tuple[Handler, Handler, Handler]:
 
 
 def snapshot_operations(desk: Snapshots) -> list[Operation]:
+    return [*_snapshot_operations(desk), *point_operations(desk)]
+
+
+def _snapshot_operations(desk: Snapshots) -> list[Operation]:
     start_snapshot, list_snapshots, get_snapshot = _handlers(desk)
     service = {"name": "service name (lower-case DNS label)"}
     return [

@@ -1,5 +1,6 @@
 """`repstage-mesh snapshot SERVICE` (with live progress), `snapshot verify SERVICE ID` (a restore
-drill, with live progress) and `snapshots SERVICE [ID]`."""
+drill, with live progress), `snapshot S1 S2 --consistent` (several services at one consistent
+point) and `snapshots SERVICE [ID]`."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ def add_snapshot_commands(sub: Any, common: list[argparse.ArgumentParser]) -> No
                           "`snapshot verify SERVICE ID`: a restore drill of one",
                           usage="%(prog)s SERVICE [options] | %(prog)s verify SERVICE ID [options]")
     snap.add_argument("service", metavar="SERVICE")
-    snap.add_argument("more", metavar="SERVICE", nargs="*", help="verify: the SERVICE and the snapshot ID")
+    snap.add_argument("more", metavar="SERVICE", nargs="*",
+                      help="more services (with --consistent); verify: the SERVICE and the snapshot ID")
     snap.add_argument("--member", default="replica",
                       help="replica (default: the most caught-up one), primary, or a member's name")
+    snap.add_argument("--consistent", action="store_true",
+                      help="all the services at one consistent point (new writes held for at most "
+                      "snapshots.consistent_hold_ms)")
     snap.add_argument("--no-wait", action="store_true", help="answer with the committed intent at once")
     snaps = sub.add_parser("snapshots", parents=common, help="a service's snapshots, or one with its steps")
     snaps.add_argument("service", metavar="SERVICE")
@@ -38,8 +43,11 @@ def cmd_snapshot(args: argparse.Namespace, client: ApiClient, out: Output) -> in
         if len(args.more) != 2:
             raise CliError("usage: `snapshot verify SERVICE ID` (a restore drill of the snapshot ID of SERVICE)")
         return cmd_snapshot_verify(args, client, out)
-    if args.more and not getattr(args, "consistent", False):
-        raise CliError("usage: `snapshot SERVICE` takes a snapshot; `snapshot verify SERVICE ID` verifies one")
+    if args.more and not args.consistent:
+        raise CliError("several services are snapshotted together only at one point: add --consistent "
+                       "(`snapshot verify SERVICE ID` verifies one)")
+    if args.consistent:
+        return _consistent_point(args, client, out)
     base = f"/v1/services/{path_segment(args.service)}/snapshots"
     entry = client.post(base, {"member": args.member})
     if not args.no_wait:
@@ -106,3 +114,34 @@ def cmd_snapshot_verify(args: argparse.Namespace, client: ApiClient, out: Output
     out.show(entry, verification_text(entry))
     v = entry.get("verification") or {}
     return EXIT_OK if v.get("status") in ("ok", "running") and v.get("drill") == drill else EXIT_ERROR
+
+
+def _point_done(client: ApiClient, point: dict[str, Any]) -> bool:
+    if point.get("status") in ("intent", "holding"):
+        return False
+    for service, snapshot_id in (point.get("snapshots") or {}).items():
+        entry = client.get(f"/v1/services/{path_segment(service)}/snapshots/{path_segment(snapshot_id)}")
+        if entry.get("status") == "running":
+            return False
+    return True
+
+
+def _consistent_point(args: argparse.Namespace, client: ApiClient, out: Output) -> int:
+    """POST /v1/consistent-points, then follow it until every snapshot of it ended."""
+    if args.member not in ("replica", "primary"):
+        raise CliError("--member: replica or primary with --consistent (a point names no member)")
+    services = [args.service, *args.more]
+    point = client.post("/v1/consistent-points", {"services": services, "consistent": True, "member": args.member})
+    path = f"/v1/consistent-points/{path_segment(point['id'])}"
+    if not args.no_wait:
+        with contextlib.ExitStack() as stack:
+            status = None if out.as_json else stack.enter_context(
+                out.console.status(f"consistent point {point['id']} of {', '.join(services)}...", spinner="dots"))
+            while not _point_done(client, point):
+                time.sleep(SNAPSHOT_POLL)  # the CLI polls; the server has no change feed
+                point = client.get(path)
+                if status is not None:
+                    status.update(f"consistent point {point['id']}: {point['status']}")
+    summary = f"{', '.join(services)}: {point['status']}, writes held {float(point.get('held_ms', 0)):.1f} ms"
+    out.show(point, summary + (f": {point['error']}" if point.get("error") else ""), render.snapshot_steps(point))
+    return EXIT_OK if point.get("status") in ("released", "intent", "holding") else EXIT_ERROR

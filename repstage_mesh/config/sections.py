@@ -339,6 +339,7 @@ class SnapshotSettings(SnapshotActionFields):
         "member has no connections left; empty: only the proxies' ACKs are waited for",
     )
     keep: int = Field(default=100, ge=1, le=10_000, description="finished snapshots kept in the replicated state")
+    consistent_hold_ms: int = Field(default=200, ge=10, le=10_000, description="a consistent point holds new writes at most this long (metric repstage_snapshot_limits_total{limit=\"consistent_hold\"} when hit)")
 
     def storage_uri(self, data_dir: str | Path) -> str:
         return self.storage.replace("<data_dir>", str(Path(data_dir).resolve()))

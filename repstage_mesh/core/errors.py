@@ -17,7 +17,7 @@ MeshError
 │   └── DataDirInUse         another running node holds node.data_dir's lock
 ├── Rejected                 the state machine refused a command (API 404/409/422 by its code)
 ├── DecisionRefused          the decider will not run a requested switchover (404/409/422 by its code)
-├── SnapshotRefused          a snapshot cannot start: no such member, no primary, one running (404/409/422)
+├── SnapshotRefused          a snapshot or a consistent point cannot start: no such member, no primary, one running (404/409/422)
 ├── NotReady                 this node leads but has not started deciding yet (API 503)
 ├── NotLeader                a forwarded request reached a node that does not lead; never forwarded again (API 503)
 ├── SwitchoverFailed         a switchover ran and failed; carries its record (API 409)

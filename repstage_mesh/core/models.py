@@ -322,10 +322,46 @@ class SnapshotEntry(Frozen):
     size_bytes: int = Field(default=0, ge=0)
     trace: dict[str, str] | None = None
     verification: SnapshotVerification | None = Field(default=None, description="the last restore drill (VerifySnapshot)")
+    group: str = Field(default="", max_length=200, description="the consistent point (HoldEntry id) it belongs to")
 
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+
+HoldStatus = Literal["intent", "holding", "released", "aborted"]
+
+
+class HoldEntry(Frozen):
+    """A cross-service consistent point: new writes of `services` held for at most `window_ms`.
+
+    `intent` is committed before anything happens; `holding` carries `hold_until` (Unix time,
+    the leader's clock), after which every node renders without the hold by itself and Redis
+    ends its `CLIENT PAUSE` by itself; `released`/`aborted` end it. `points` holds each
+    service's point taken while writes were held; `snapshots` the snapshot id per service."""
+
+    id: str = Field(min_length=1, max_length=200)
+    services: tuple[Name, ...] = Field(min_length=1, max_length=32)
+    members: dict[str, str] = Field(default_factory=dict, description="service -> member whose point is taken")
+    status: HoldStatus = "intent"
+    window_ms: int = Field(ge=1, le=60_000)
+    hold_until: float = Field(default=0.0, ge=0)
+    intent_index: int = Field(default=0, ge=0)
+    leader: str = ""
+    steps: tuple[SnapshotStep, ...] = ()
+    points: dict[str, dict[str, str]] = Field(default_factory=dict)
+    snapshots: dict[str, str] = Field(default_factory=dict)
+    held_ms: float = Field(default=0.0, ge=0, description="writes held this long (the leader's measure)")
+    error: str = Field(default="", max_length=2000)
+    trace: dict[str, str] | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.status in ("intent", "holding")
+
+    def holding(self, now: float) -> bool:
+        """Writes are held at `now` (by the committed deadline, whoever leads)."""
+        return self.status == "holding" and now < self.hold_until
 
 
 class MeshState(Frozen):
@@ -342,6 +378,7 @@ class MeshState(Frozen):
     snapshots: tuple[SnapshotEntry, ...] = Field(
         default=(), description="snapshots, oldest first (bounded by StartSnapshot's `keep`; running ones stay)"
     )
+    holds: tuple[HoldEntry, ...] = Field(default=(), description="consistent points, oldest first (bounded by StartHold's `keep`)")
     index: int = 0
     last_change: int = Field(default=0, description="Raft index of the last entry that changed anything")
     audit: tuple[AuditEntry, ...] = Field(default=(), description="the last applied writes, oldest first, at most audit_keep")
@@ -362,6 +399,13 @@ class MeshState(Frozen):
 
     def service(self, name: str) -> ServiceState | None:
         return self.services.get(name)
+
+    def hold(self, hold_id: str) -> HoldEntry | None:
+        return next((h for h in self.holds if h.id == hold_id), None)
+
+    def held_services(self, now: float) -> frozenset[str]:
+        """Services whose new writes are held at `now` (the renderer's 503 route)."""
+        return frozenset(s for h in self.holds if h.holding(now) for s in h.services)
 
     def failover(self, record_id: str) -> FailoverEntry | None:
         for entry in self.failovers:
@@ -482,9 +526,35 @@ class UpdateSnapshot(Frozen):
     size_bytes: int | None = Field(default=None, ge=0)
 
 
+class StartHold(Frozen):
+    """The intent of a consistent point (status `intent`). Refused while another is open or if
+    a service is unknown; `keep`: how many finished ones the state holds."""
+
+    kind: Literal["start_hold"] = "start_hold"
+    entry: HoldEntry
+    keep: int = Field(default=100, ge=1, le=100_000)
+
+
+class UpdateHold(Frozen):
+    """A step of a consistent point: `holding` (with `hold_until`), then `released` or `aborted`
+    (final: a finished one never holds again). Given fields replace, `steps` are appended."""
+
+    kind: Literal["update_hold"] = "update_hold"
+    id: str = Field(min_length=1, max_length=200)
+    status: HoldStatus | None = None
+    hold_until: float | None = Field(default=None, ge=0)
+    leader: str | None = None
+    steps: tuple[SnapshotStep, ...] = ()
+    points: dict[str, dict[str, str]] | None = None
+    snapshots: dict[str, str] | None = None
+    held_ms: float | None = Field(default=None, ge=0)
+    error: str | None = Field(default=None, max_length=2000)
+
+
 Command = Annotated[
     PutService | DeleteService | SetPrimary | Noop | AnnounceNode | RecordFailover | StartSnapshot | UpdateSnapshot
-    | VerifySnapshot,
+    | VerifySnapshot
+    | StartHold | UpdateHold,
     Field(discriminator="kind"),
 ]
 

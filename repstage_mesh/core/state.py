@@ -24,6 +24,11 @@ Rules (DESIGN, invariants 1 and 6):
   `completed` is refused unless role and epoch still hold.
 - Restore drills (`VerifySnapshot`): only a completed snapshot is verified, one drill at a time;
   only the running attempt (`drill`) may end. Not a change of routing.
+- Consistent points (`StartHold`, `UpdateHold`): one open (intent or holding) at a time, over
+  known services; `intent` → `holding` (with its deadline `hold_until`) → `released`, or
+  `aborted` from either; a finished one never changes status again. A move into or out of
+  `holding` moves `last_change` (the renderer's hold route; the deadline itself is read by
+  each node's clock, `MeshState.held_services(now)`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ from repstage_mesh.core.models import (
     ServiceState,
     SetPrimary,
     SnapshotEntry,
+    StartHold,
     StartSnapshot,
+    UpdateHold,
     UpdateSnapshot,
     VerifySnapshot,
 )
@@ -90,6 +97,10 @@ def apply(state: MeshState, command: Command, index: int) -> tuple[MeshState, Ou
         return _update_snapshot(state, command, index)
     if isinstance(command, VerifySnapshot):
         return _verify_snapshot(state, command, index)
+    if isinstance(command, StartHold):
+        return _start_hold(state, command, index)
+    if isinstance(command, UpdateHold):
+        return _update_hold(state, command, index)
     if isinstance(command, AnnounceNode):
         node = command.node
         if state.nodes.get(node.node_id) == node:
@@ -473,3 +484,51 @@ def _verify_snapshot(state: MeshState, command: VerifySnapshot, index: int) -> t
     entries = tuple(s.model_copy(update={"verification": new}) if s.id == entry.id else s for s in state.snapshots)
     result = {"snapshot": entry.id, "drill": new.drill, "verification": new.status}
     return state.model_copy(update={"snapshots": entries, "index": index}), Outcome(ok=True, result=result)
+# --- consistent points ------------------------------------------------------------------------
+
+_HOLD_MOVES = {"intent": {"holding", "aborted"}, "holding": {"released", "aborted"}}
+
+
+def _start_hold(state: MeshState, command: StartHold, index: int) -> tuple[MeshState, Outcome]:
+    entry = command.entry
+    unknown = [s for s in entry.services if state.service(s) is None]
+    if unknown:
+        return _reject(state, index, "not_found", f"no service named {unknown[0]!r}", "services")
+    if len(set(entry.services)) != len(entry.services):
+        return _reject(state, index, "invalid", "a service is named twice", "services")
+    if state.hold(entry.id) is not None:
+        return _reject(state, index, "conflict", f"consistent point id {entry.id!r} is already used", "id")
+    other = next((h for h in state.holds if h.open), None)
+    if other is not None:
+        return _reject(state, index, "conflict", f"consistent point {other.id} is still {other.status}", "services")
+    new = entry.model_copy(update={"intent_index": index, "status": "intent", "hold_until": 0.0})
+    finished = [h for h in state.holds if not h.open]
+    dropped = {h.id for h in finished[: max(0, len(finished) + 1 - command.keep)]}
+    holds = (*(h for h in state.holds if h.id not in dropped), new)
+    result = {"hold": entry.id, "intent_index": index, "dropped": len(dropped)}
+    return state.model_copy(update={"holds": holds, "index": index}), Outcome(ok=True, result=result)
+
+
+def _update_hold(state: MeshState, command: UpdateHold, index: int) -> tuple[MeshState, Outcome]:
+    entry = state.hold(command.id)
+    if entry is None:
+        return _reject(state, index, "not_found", f"no consistent point {command.id!r}", "id")
+    status = command.status
+    if status is not None and status != entry.status and status not in _HOLD_MOVES.get(entry.status, set()):
+        return _reject(state, index, "conflict", f"consistent point {entry.id} is {entry.status}, cannot become {status}", "status")
+    if status == "holding" and entry.status != "holding" and command.hold_until is None:
+        return _reject(state, index, "invalid", "holding needs hold_until", "hold_until")
+    update: dict[str, object] = {
+        name: value for name, value in (
+            ("status", status), ("hold_until", command.hold_until), ("leader", command.leader),
+            ("points", command.points), ("snapshots", command.snapshots), ("held_ms", command.held_ms),
+            ("error", command.error),
+        ) if value is not None
+    }
+    if command.steps:
+        update["steps"] = (*entry.steps, *command.steps)
+    new = entry.model_copy(update=update)
+    changes: dict[str, object] = {"holds": tuple(new if h.id == entry.id else h for h in state.holds), "index": index}
+    if (new.status == "holding") != (entry.status == "holding"):
+        changes["last_change"] = index  # the hold route appears or goes: a new xDS version
+    return state.model_copy(update=changes), Outcome(ok=True, result={"hold": entry.id, "status": new.status})

@@ -83,12 +83,20 @@ def without_primaries(state: MeshState) -> MeshState:
     return state.model_copy(update={"services": services})
 
 
+HELD_METHODS = ("DELETE", "PATCH", "POST", "PUT")
+HELD_ANSWER = DirectResponse(503, "writes held for a consistent point; retry\n", headers=(("retry-after", "1"),))
+
+
 def _empty() -> Resources:
     return {CLUSTER: {}, CLUSTER_LOAD_ASSIGNMENT: {}, LISTENER: {}, ROUTE_CONFIGURATION: {}}
 
 
-def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -> Resources:
+def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS, held: frozenset[str] = frozenset()) -> Resources:
     """All Envoy resources for `state`, by type URL then resource name (both sorted).
+
+    `held`: services whose new writes a consistent point holds now (`MeshState.held_services`,
+    read with the node's clock by the caller): their HTTP primary route answers writes
+    (`HELD_METHODS`) with 503 and `Retry-After` from Envoy itself.
 
     A service whose state and options are unchanged since an earlier call gets the very same
     message objects back (a per-service cache): treat the messages as read-only. An encoder can
@@ -98,7 +106,7 @@ def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS) -> Resour
     services = [state.services[name] for name in sorted(state.services)]
     for service in services:
         pools = _pools(state, service.name)
-        for type_url, name, message in _service_resources(service, options, pools):
+        for type_url, name, message in _service_resources(service, options, pools, service.name in held):
             out[type_url][name] = message
     if options.primary_strategy is PrimaryStrategy.HEALTH_FENCE:
         _render_fence(services, options, out)
@@ -136,10 +144,10 @@ def _pools(state: MeshState, service: str) -> tuple[tuple[str, str], ...]:
 
 @lru_cache(maxsize=4096)
 def _service_resources(
-    service: ServiceState, options: RenderOptions, pools: tuple[tuple[str, str], ...] = ()
+    service: ServiceState, options: RenderOptions, pools: tuple[tuple[str, str], ...] = (), held: bool = False
 ) -> tuple[tuple[str, str, betterproto2.Message], ...]:
     out = _empty()
-    _render_service(service, options, out, dict(pools))
+    _render_service(service, options, out, dict(pools), held)
     return tuple((t, n, m) for t, named in out.items() for n, m in named.items())
 
 
@@ -158,7 +166,8 @@ def _collector(name: str, host: str, port: int) -> Cluster:
 
 
 def _render_service(
-    service: ServiceState, options: RenderOptions, out: Resources, pools: dict[str, str] | None = None
+    service: ServiceState, options: RenderOptions, out: Resources, pools: dict[str, str] | None = None,
+    held: bool = False,
 ) -> None:
     """`pools`: members a snapshot drains from the read cluster: `draining` stays listed as
     DRAINING (no new connections; its per-host counters stay in Envoy's admin /clusters),
@@ -173,7 +182,7 @@ def _render_service(
         _add_cluster(out, load_assignment(primary, _primary_endpoints(service)), name, False, options)
     _add_listener(
         out, service, naming.primary_listener(name), spec.listen_port, primary,
-        naming.primary_routes(name), options,
+        naming.primary_routes(name), options, held,
     )  # fmt: skip
     if spec.read_port is not None:
         read = naming.read_cluster(name)
@@ -311,9 +320,10 @@ def _add_listener(
     cluster: str,
     routes_name: str,
     options: RenderOptions,
+    held: bool = False,
 ) -> None:
     for type_url, name, message in _listener_resources(
-        service.spec.protocol, service.name, listener_name, port, cluster, routes_name, options
+        service.spec.protocol, service.name, listener_name, port, cluster, routes_name, options, held
     ):
         out[type_url][name] = message
 
@@ -327,6 +337,7 @@ def _listener_resources(
     cluster: str,
     routes_name: str,
     options: RenderOptions,
+    held: bool = False,
 ) -> tuple[tuple[str, str, betterproto2.Message], ...]:
     """Cached like `_eds_cluster`: the listener (and HTTP routes) of a service whose primary
     changed are the same objects as before."""
@@ -334,9 +345,10 @@ def _listener_resources(
     stat_prefix = listener_name.removesuffix("-listener")
     listener: Listener
     if protocol is ServiceProtocol.HTTP:
+        hold = [RouteEntry(prefix="/", methods=HELD_METHODS, target=HELD_ANSWER)] if held else []
         routes = route_configuration(
             routes_name,
-            [RouteEntry(prefix="/", target=ToCluster(cluster, retry=_retry(options)))],
+            [*hold, RouteEntry(prefix="/", target=ToCluster(cluster, retry=_retry(options)))],
             virtual_host=service_name,
         )
         out[ROUTE_CONFIGURATION][routes.name] = routes

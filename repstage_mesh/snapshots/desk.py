@@ -3,13 +3,14 @@ a follower carries a request to the leader; reads answer from the replicated sta
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from repstage_mesh.core.errors import NotReady
 from repstage_mesh.core.models import MeshState
 from repstage_mesh.snapshots.drills import DrillRunner
+from repstage_mesh.snapshots.points import PointRunner
 from repstage_mesh.snapshots.runner import SnapshotRunner
 
 __all__ = ["SnapshotDesk"]
@@ -26,8 +27,10 @@ class SnapshotDesk:
         call: Call,
         deciding: Callable[[], bool],
         leader_api: Callable[[Any], str | None],
+        points: PointRunner | None = None,
         drills: DrillRunner | None = None,
     ) -> None:
+        self.points = points
         self.drills = drills
         self._leader_api = leader_api
         self.runner = runner
@@ -74,3 +77,21 @@ class SnapshotDesk:
             raise NotReady("this node leads but has not started deciding yet; retry shortly")
         entry = await self.drills.start(service, snapshot_id)
         return entry.model_dump(mode="json")
+
+    async def start_point(self, services: Sequence[str], member: str, caller: Any) -> dict[str, Any]:
+        """A consistent point over `services`, on the leader (carried there like `start`)."""
+        leader_api = self._leader_api(caller)
+        if leader_api is not None:
+            body = {"services": list(services), "consistent": True, "member": member}
+            return dict(await self._call(leader_api, "POST", "/v1/consistent-points", body,
+                                         authorization=getattr(caller, "authorization", None), timeout=FORWARD_TIMEOUT))
+        if not self._deciding() or self.points is None:
+            raise NotReady("this node leads but has not started deciding yet; retry shortly")
+        return (await self.points.start(list(services), member)).model_dump(mode="json")
+
+    def points_list(self) -> Sequence[dict[str, Any]]:
+        return [h.model_dump(mode="json") for h in reversed(self._state().holds)]
+
+    def point(self, hold_id: str) -> dict[str, Any] | None:
+        entry = self._state().hold(hold_id)
+        return entry.model_dump(mode="json") if entry is not None else None

@@ -26,6 +26,7 @@ from repstage_mesh.snapshots.choice import MemberReport
 from repstage_mesh.snapshots.desk import SnapshotDesk
 from repstage_mesh.snapshots.drills import DrillDeps, DrillRunner, on_own_loop
 from repstage_mesh.snapshots.edges import EnvoyAdminCounters, NoCounters
+from repstage_mesh.snapshots.points import PointDeps, PointRunner
 from repstage_mesh.snapshots.runner import SnapshotDeps, SnapshotRunner
 from repstage_mesh.telemetry import Tracing
 from repstage_mesh.telemetry.metrics import MeshMetrics
@@ -103,7 +104,8 @@ class SnapshotWiring:
 
 def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
     """The runner (only the leader runs it: an engine companion; every applied state reaches it,
-    so a failover's abort cancels the running step) and the desk."""
+    so a failover's abort cancels the running step), the consistent points' runner (another
+    companion) and the desk."""
     snap = w.settings.snapshots
 
     async def commit(command: Command, timeout: float) -> Outcome:
@@ -117,10 +119,17 @@ def build_snapshots(w: SnapshotWiring) -> tuple[SnapshotRunner, SnapshotDesk]:
         connections=EnvoyAdminCounters(snap.envoy_admins) if snap.envoy_admins else NoCounters(),
         tracing=w.tracing, metrics=w.metrics, secrets=w.settings.secret_store(),
     ))
+    points = PointRunner(PointDeps(
+        node_id=w.node_id, settings=snap, state=w.state, commit=commit, await_proxies=w.await_proxies,
+        actions=runner.deps.actions, reports=runner.deps.reports, tracing=w.tracing, metrics=w.metrics,
+        secrets=runner.deps.secrets,
+    ))
+    runner.owned_elsewhere = points.owns
     w.on_apply(runner.on_state)
     w.engine.add_companion(runner.take_over, runner.stop)
     drills = DrillRunner(DrillDeps(node_id=w.node_id, settings=snap, state=w.state, commit=commit,
                                    drill=restore_drill(snap), metrics=w.metrics))
     w.engine.add_companion(drills.take_over, drills.stop)
-    desk = SnapshotDesk(runner, w.state, w.call, lambda: w.engine.active, w.leader_api, drills=drills)
+    w.engine.add_companion(points.take_over, points.stop)
+    desk = SnapshotDesk(runner, w.state, w.call, lambda: w.engine.active, w.leader_api, points, drills=drills)
     return runner, desk

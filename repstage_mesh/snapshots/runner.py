@@ -108,6 +108,7 @@ class SnapshotRunner:
         self.deps = deps
         self._runs: dict[str, _Run] = {}
         self._leading = False
+        self.owned_elsewhere: Callable[[str], bool] = lambda _id: False  # a consistent point's snapshots
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class SnapshotRunner:
         the old lease, except for the ids in `lease_over`, whose run ended here)."""
         self._leading = True
         for entry in self.deps.state().snapshots:
-            if entry.id in self._runs or not (entry.running or entry.undo or entry.pool != "in"):
+            if entry.id in self._runs or self.owned_elsewhere(entry.id) or not (entry.running or entry.undo or entry.pool != "in"):
                 continue
             trace = self.deps.tracing.start_snapshot(entry.service, entry.member, entry.id, resumed=True)
             plan = self._plan(entry.id, entry.service, entry.member, role=entry.role, epoch=entry.epoch, kind=entry.kind)

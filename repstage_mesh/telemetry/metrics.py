@@ -214,7 +214,8 @@ class MeshMetrics:
         self.snapshot_limits = Counter(
             "repstage_snapshot_limits", "Snapshot limits hit: lag_bound (no replica qualified, the primary "
             "was used), drain_timeout, take_timeout, keep (the oldest finished snapshot dropped), verify_concurrency "
-            "(a drill refused), verify_timeout (a drill stopped at snapshots.verify.timeout)",
+            "(a drill refused), verify_timeout (a drill stopped at snapshots.verify.timeout), "
+            "consistent_hold (a consistent point's window ended before its points were taken)",
             ["limit"], registry=registry,
         )
         self.snapshot_verifications = Counter(
@@ -225,6 +226,11 @@ class MeshMetrics:
             "repstage_snapshot_verification_duration_seconds", "Restore drill duration, by service and result",
             ["service", "result"], buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
             registry=registry,
+        )
+        self.consistent_hold = Histogram(
+            "repstage_consistent_hold_seconds", "How long a consistent point held writes (from the pause "
+            "to the last point taken), by how the point ended (completed, failed, aborted, unknown)",
+            ["status"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 10.0), registry=registry,
         )
 
     def observe_verification(self, service: str, result: str, seconds: float) -> None:
@@ -314,6 +320,9 @@ class MeshMetrics:
 
     def observe_snapshot_limit(self, limit: str) -> None:
         self.snapshot_limits.labels(limit).inc()
+
+    def observe_consistent_hold(self, status: str, seconds: float) -> None:
+        self.consistent_hold.labels(status).observe(seconds)
 
     def observe_commit(self, seconds: float) -> None:
         self.commit.observe(seconds)

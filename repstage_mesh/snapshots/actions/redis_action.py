@@ -28,6 +28,7 @@ from repstage_mesh.snapshots.actions.errors import SnapshotActionFailed, Snapsho
 from repstage_mesh.snapshots.actions.rdb import TransferHeader, aux_fields
 from repstage_mesh.snapshots.actions.rdb import redis_username as _username
 from repstage_mesh.snapshots.actions.redis_bgsave import bgsave_and_copy
+from repstage_mesh.snapshots.actions.redis_point import OpenFork
 from repstage_mesh.snapshots.actions.storage import Storage, snapshot_key
 
 _CHUNK = 1 << 16
@@ -63,15 +64,15 @@ async def _replication_info(target: SnapshotTarget, timeout: float) -> dict[str,
     return {k: str(v) for k, v in info.items()}
 
 
-async def _receive_rdb(reader: asyncio.StreamReader, dest: Path) -> TransferHeader:
-    buffer = b""
+async def _receive_rdb(reader: asyncio.StreamReader, dest: Path, buffer: bytes = b"") -> TransferHeader:
     header = None
     while header is None:
-        chunk = await reader.read(_CHUNK)
-        if not chunk:
-            raise SnapshotActionFailed("the member closed the connection before the RDB")
-        buffer += chunk
-        header = TransferHeader.parse(buffer)
+        header = TransferHeader.parse(buffer) if buffer else None
+        if header is None:
+            chunk = await reader.read(_CHUNK)
+            if not chunk:
+                raise SnapshotActionFailed("the member closed the connection before the RDB")
+            buffer += chunk
     rest = buffer[header.consumed :]
     with open(dest, "wb") as out:
         if header.length is not None:
@@ -131,6 +132,11 @@ async def fetch_rdb(target: SnapshotTarget, dest: Path) -> dict[str, str]:
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+    return _checked_point(dest, header, info.get("role", ""))
+
+
+def _checked_point(dest: Path, header: TransferHeader, role: str) -> dict[str, str]:
+    """The point of the RDB in `dest`, which must agree with the transfer's header."""
     with open(dest, "rb") as f:
         fields = aux_fields(f.read(4096))
     in_file = (fields.get("repl-id"), fields.get("repl-offset"))
@@ -141,11 +147,19 @@ async def fetch_rdb(target: SnapshotTarget, dest: Path) -> dict[str, str]:
     return {
         "master_replid": header.replid,
         "master_repl_offset": str(header.offset),
-        "member_role": info.get("role", ""),
+        "member_role": role,
         "rdb_version": fields["rdb-version"],
         "redis_version": fields.get("redis-ver", ""),
         "method": "replication",
     }
+
+
+async def _read_fork(fork: OpenFork, target: SnapshotTarget, dest: Path) -> dict[str, str]:
+    try:
+        header = await _receive_rdb(fork.reader, dest, fork.head)
+    finally:
+        fork.close()
+    return _checked_point(dest, header, "master" if target.role == "primary" else "slave")
 
 
 class RedisAction:
@@ -173,6 +187,25 @@ class RedisAction:
             except (OSError, RedisError) as exc:
                 raise SnapshotActionFailed(f"redis snapshot of {target.member}: {exc}") from exc
         except BaseException:
+            self.storage.discard(staged)
+            raise
+        return ActionResult(stored.uri, point, stored.size_bytes)
+
+    async def finish_fork(self, fork: OpenFork, target: SnapshotTarget, timeout: float) -> ActionResult:
+        """Read and store the RDB of a fork opened at a consistent point (`redis_point.py`)."""
+        key = snapshot_key(target.service, target.snapshot_id)
+        staged = self.storage.stage()
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    point = await _read_fork(fork, target, staged / "dump.rdb")
+                    stored = await self.storage.commit(staged, key)
+            except TimeoutError:
+                raise SnapshotActionTimeout(f"redis transfer from {target.member} stopped at its timeout of {timeout:g} s") from None
+            except (OSError, RedisError) as exc:
+                raise SnapshotActionFailed(f"redis transfer from {target.member}: {exc}") from exc
+        except BaseException:
+            fork.close()
             self.storage.discard(staged)
             raise
         return ActionResult(stored.uri, point, stored.size_bytes)
