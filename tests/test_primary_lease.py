@@ -32,8 +32,8 @@ from repstage_mesh.xds.protocol import (
     Send,
     SotwRequest,
     SotwStream,
-    type_sync_state,
 )
+from repstage_mesh.xds.sync_state import type_sync_state
 from repstage_mesh.xds.tracker import ProxyTracker
 
 

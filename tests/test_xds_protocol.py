@@ -30,8 +30,8 @@ from repstage_mesh.xds.protocol import (
     SotwRequest,
     SotwStream,
     Stale,
-    type_sync_state,
 )
+from repstage_mesh.xds.sync_state import type_sync_state
 
 TYPES = (res.CLUSTER, res.ENDPOINT, res.LISTENER, res.ROUTE)
 WILDCARD_TYPES = (res.CLUSTER, res.LISTENER)
@@ -381,6 +381,26 @@ def test_delta_nack_restores_and_is_not_resent() -> None:
     assert acts == [Nacked(res.CLUSTER, "2", bad.nonce, "bad")]
     assert s.update(simple(3, "BAD")) == []
     assert type_sync_state(s, res.CLUSTER) == "nacked"
+
+
+def test_sotw_a_superseded_response_the_client_may_hold_keeps_what_it_refers_to() -> None:
+    """A listener response replaced (by one the client will NACK) before its ACK arrived: the
+    client may hold the first, so the cluster it names is not removed until it answers (found
+    by the state machine: "listener l0 lost cluster c0")."""
+    s = SotwStream(World({"l0": ("tcp", "c0", "1")}, {}, {"c0": "1"}).snapshot(1))
+    [cds] = s.receive(SotwRequest(res.CLUSTER))
+    [empty] = s.receive(SotwRequest(res.LISTENER))
+    assert isinstance(cds, Send) and isinstance(empty, Send)
+    [lds] = s.receive(SotwRequest(res.CLUSTER, cds.version, cds.nonce))[1:]
+    assert isinstance(lds, Send) and [r.name for r in lds.resources] == ["l0"]
+    [bad] = s.update(World({"l0": ("http", "r0", "BAD")}, {"r0": ("c0", "1")}, {"c0": "1"}).snapshot(2))
+    assert isinstance(bad, Send) and bad.type_url == res.LISTENER
+    out = s.update(World({}, {}, {"c1": "1"}).snapshot(3))
+    [cds3] = [a for a in out if isinstance(a, Send) and a.type_url == res.CLUSTER]
+    assert {r.name for r in cds3.resources} == {"c0", "c1"}  # l0 -> c0 may be what the client holds
+    s.receive(SotwRequest(res.LISTENER, empty.version, empty.nonce))  # stale ACKs, in order
+    s.receive(SotwRequest(res.LISTENER, lds.version, lds.nonce))
+    assert set(s.types[res.LISTENER].acked) == {"l0"}  # it said so: it holds l0 -> c0
 
 
 def test_delta_nack_of_an_older_response_keeps_the_later_responses_view() -> None:

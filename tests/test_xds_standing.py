@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
-from repstage_mesh.xds.protocol import NodeInfo, SotwRequest, SotwStream, type_sync_state
+from repstage_mesh.xds.protocol import NodeInfo, SotwRequest, SotwStream
+from repstage_mesh.xds.sync_state import type_sync_state
 from repstage_mesh.xds.tracker import ProxyTracker
 
 CDS = res.CLUSTER

@@ -35,9 +35,8 @@ from .messages import (
     SotwRequest,
     Stale,
 )
-from .mirror import StreamMirror
 
-__all__ = ["Acked", "Action", "DeltaRequest", "DeltaStream", "Nacked", "NodeInfo", "ProtocolError", "Send", "SotwRequest", "SotwStream", "Stale", "digest_of", "type_sync_state"]
+__all__ = ["Acked", "Action", "DeltaRequest", "DeltaStream", "Nacked", "NodeInfo", "ProtocolError", "Send", "SotwRequest", "SotwStream", "Stale"]
 
 # --- shared machinery ------------------------------------------------------------------------
 
@@ -71,6 +70,9 @@ class _TypeState:
     told_missing: set[str] = field(default_factory=set)  # Delta
     sent: dict[str, str] = field(default_factory=dict)  # SotW: recent nonce -> version
     known_versions: dict[str, str] = field(default_factory=dict)  # Delta: what the client confirmed
+    # SotW: responses replaced by a newer one before the client answered them: it may have
+    # applied any of them, so what they refer to is kept until it answers a later one.
+    superseded: dict[str, Mapping[str, EncodedResource]] = field(default_factory=dict)
     asked_again: bool = False  # SotW: a request that is not an ACK: answer it even if unchanged
 
 
@@ -135,6 +137,8 @@ class _Stream:
         an older config, which may route to a demoted primary: left to expire) is not."""
         if self.snapshot is None:
             return []
+        from .sync_state import type_sync_state  # it reads the streams' state: imported when used
+
         if any(type_sync_state(self, type_url) not in ("synced", "idle") for type_url in self.types):
             return []  # the client lacks something newer (or refused it): let its lease run out
         actions: list[Action] = []
@@ -247,9 +251,33 @@ class SotwStream(_Stream):
     kind = "sotw"
 
     def _held_resources(self, state: _TypeState) -> Iterable[EncodedResource]:
+        # Oldest first: a resource kept for the client is its newest copy (`_desired`).
+        for resources in state.superseded.values():
+            yield from resources.values()
         yield from state.acked.values()
         for pending in state.pending.values():
             yield from pending.resources.values()
+
+    @staticmethod
+    def _answered(state: _TypeState, nonce: str, applied: bool) -> None:
+        """The client answered `nonce`, so every response before it was answered too (in order):
+        those superseded responses are no longer possibly held. A stale ACK says what it holds."""
+        if nonce in state.superseded:
+            if applied:
+                state.acked = state.superseded[nonce]
+            for key in list(state.superseded):
+                del state.superseded[key]
+                if key == nonce:
+                    break
+        elif nonce == state.last_nonce:
+            state.superseded.clear()
+
+    @staticmethod
+    def _supersede(state: _TypeState) -> None:
+        for nonce, pending in state.pending.items():
+            state.superseded[nonce] = pending.resources
+        while len(state.superseded) > _SENT_HISTORY:
+            del state.superseded[next(iter(state.superseded))]
 
     # Two shortcuts on the push/ACK hot path: an ACK that cannot change what any type should
     # hold skips the sync (`_plain_ack`), and a type found quiet is not worked out again until
@@ -266,7 +294,7 @@ class SotwStream(_Stream):
         a cluster's confirmation (gating) or the set of references the client holds (what is
         kept), and neither moves when what the ACK replaces referred to nothing the ACKed
         content does not refer to as well. The common ACK (EDS after a push) is this one."""
-        if not self.shortcuts or request.error is not None or request.type_url == res.CLUSTER:
+        if not self.shortcuts or request.error is not None or request.type_url == res.CLUSTER or state.superseded:
             return False
         pending = state.pending.get(request.response_nonce)
         if pending is None or request.response_nonce != state.last_nonce:
@@ -290,14 +318,16 @@ class SotwStream(_Stream):
         self.generation += 1
         actions: list[Action] = []
         if request.response_nonce:
+            self._answered(state, request.response_nonce, applied=request.error is None)
             if request.response_nonce != state.last_nonce:
                 # Ignored, as the protocol says; but a rejection of content we sent is
                 # remembered, so that content is never sent to this client again.
                 rejected = state.sent.get(request.response_nonce)
+                # What it says may have moved what the client holds (`_answered`): look again.
                 if request.error is not None and rejected is not None:
                     state.nacked.add(split_version(rejected)[1])
-                    return [Nacked(request.type_url, rejected, request.response_nonce, request.error)]
-                return [Stale(request.type_url, request.response_nonce)]
+                    return [Nacked(request.type_url, rejected, request.response_nonce, request.error), *self._sync()]
+                return [Stale(request.type_url, request.response_nonce), *self._sync()]
             pending = state.pending.pop(request.response_nonce, None)
             if pending is None and request.error is None:
                 # Not an ACK (that came before): the client asks again, e.g. a cluster whose
@@ -334,6 +364,7 @@ class SotwStream(_Stream):
             # The client watches nothing of this type (its last watch went, e.g. a leased cluster
             # expired): Envoy does not ACK an answer to that, which would stay pending forever.
             state.acked, state.pending = {}, {}
+            state.superseded.clear()
             return None
         if self.snapshot.index < state.floor:
             return None  # this replica is behind what the client already has
@@ -380,6 +411,7 @@ class SotwStream(_Stream):
             return None  # rejected once: never again to this client
         nonce = self._next_nonce()
         state.last_nonce = nonce
+        self._supersede(state)
         state.pending = {nonce: _Pending(nonce, version, desired, digest=digest)}  # only the latest counts
         state.sent[nonce] = version
         if len(state.sent) > _SENT_HISTORY:
@@ -398,6 +430,7 @@ class SotwStream(_Stream):
         # cluster (bench/xds_ttl.py), the whole set at the same version renews its TTL.
         nonce = self._next_nonce()
         state.last_nonce = nonce
+        self._supersede(state)
         state.pending = {nonce: _Pending(nonce, state.acked_version, desired, digest=state.acked_digest)}
         state.sent[nonce] = state.acked_version
         if len(state.sent) > _SENT_HISTORY:
@@ -542,43 +575,3 @@ class DeltaStream(_Stream):
         version = self.snapshot.version
         state.pending[nonce] = _Pending(nonce, version, leased)
         return Send(type_url, version, nonce, tuple(leased.values()), (), self.snapshot)
-
-
-def digest_of(resources: Mapping[str, EncodedResource]) -> str:
-    return set_digest(resources.values())
-
-
-# --- sync state, for the tracker ---------------------------------------------------------------
-
-
-def type_sync_state(stream: _Stream | StreamMirror, type_url: str) -> str:
-    """'synced', 'pending' (a response is in flight), 'nacked' (the client refused the current
-    content and keeps an older one), 'behind' (something newer is not yet sent), 'ahead' (the
-    client came back claiming a version newer than this replica's snapshot: nothing is sent to
-    it until the snapshot catches up) or 'idle'. A worker's stream (mirror.py): as the worker
-    worked it out."""
-    if isinstance(stream, StreamMirror):
-        return stream.sync_state(type_url)
-    state = stream.types.get(type_url)
-    if state is None or not state.requested or stream.snapshot is None:
-        return "idle"
-    if isinstance(stream, SotwStream) and not state.wildcard and not state.names:
-        return "idle"  # watches nothing of this type
-    if isinstance(stream, SotwStream) and state.floor > stream.snapshot.index and not state.pending:
-        return "ahead"
-    if state.pending:
-        return "pending"
-    desired = stream._desired(type_url, state)
-    if isinstance(stream, SotwStream):
-        selection = stream._selection(type_url, state)
-        digest = selection.digest if desired is selection.resources else set_digest(desired.values())
-        if state.acked_version and split_version(state.acked_version)[1] == digest:
-            return "synced"
-        return "nacked" if digest in state.nacked else "behind"
-    stale = [n for n, item in desired.items() if state.client_versions.get(n) != item.version]
-    extra = [n for n in state.client_versions if n not in desired]
-    if not stale and not extra:
-        return "synced"
-    if all(f"{n}:{desired[n].version}" in state.nacked for n in stale) and not extra:
-        return "nacked"
-    return "behind"

@@ -27,7 +27,8 @@ from .cache import EncodedResource, Snapshot
 from .limits import XdsLimits
 from .messages import Acked, Action, Nacked, NodeInfo, Send, Stale
 from .mirror import StreamMirror, mirror_wire
-from .protocol import DeltaStream, SotwStream, type_sync_state
+from .protocol import DeltaStream, SotwStream
+from .sync_state import type_sync_state
 from .tls import XdsSecurity
 from .tracker import ProxyTracker
 

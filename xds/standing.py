@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .mirror import StreamMirror
-from .protocol import SotwStream, type_sync_state
+from .protocol import SotwStream
+from .sync_state import type_sync_state
 
 if TYPE_CHECKING:
     from .tracker import ProxyRecord

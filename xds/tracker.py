@@ -32,8 +32,8 @@ from .protocol import (
     Send,
     SotwStream,
     Stale,
-    type_sync_state,
 )
+from .sync_state import type_sync_state
 
 Clock = Callable[[], float]
 

@@ -37,7 +37,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from repstage_mesh.telemetry._otel import _PROPAGATOR, _attrs
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds import standing
-from repstage_mesh.xds.protocol import Acked, Nacked, Send, type_sync_state
+from repstage_mesh.xds.protocol import Acked, Nacked, Send
+from repstage_mesh.xds.sync_state import type_sync_state
 from repstage_mesh.xds.tracker import ProxyRecord, ProxyTracker
 
 log = logging.getLogger(__name__)
