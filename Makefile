@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/python scripts/check_sizes.py
 
 test: $(STAMP) system-deps lint
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=20
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests
