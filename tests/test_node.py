@@ -480,7 +480,7 @@ async def test_forwarded_switchover_without_an_answer_is_unknown_not_500(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("repstage_mesh.api.forwarding.FORWARD_MARGIN", 0.2)
-    runner = web.AppRunner(SlowLeader().app)
+    runner = web.AppRunner(SlowLeader().app, shutdown_timeout=0.5)  # its handler never ends
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
