@@ -89,11 +89,13 @@ def timed(node: ControlPlaneNode, make: Callable[[int], tuple[str, str, bytes]],
     return samples
 
 
-def run(size: int, n: int, kinds: list[str]) -> list[dict[str, Any]]:
+def run(size: int, n: int, kinds: list[str], xds_workers: int | None = None) -> list[dict[str, Any]]:
     rows = []
     with workdir() as wd:
         config = base_config()
         nodes = raft_cluster(wd, size, config)
+        for node in nodes if xds_workers is not None else ():
+            node.config["xds"]["workers"] = xds_workers
         try:
             start_cluster(nodes, 60)
             lead = cluster_leader(nodes, 20)
@@ -128,9 +130,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--kinds", nargs="+", default=["put", "announce", "same"],
                         choices=["put", "announce", "same"])
+    parser.add_argument("--xds-workers", type=int, help="xds.workers of every node (default: the config's)")
     args = parser.parse_args()
     before = common.loadavg()
-    rows = run(args.nodes, args.n, args.kinds)
+    rows = run(args.nodes, args.n, args.kinds, args.xds_workers)
     print(f"load average before {before}, after {common.loadavg()}")
     print(table(rows))
 

@@ -385,6 +385,17 @@ def _vote_stored_before_sent(_: ReplicatedStore) -> None:
          "no longer stores the vote (setCurrentTerm) before it sends response_vote")
 
 
+def _leader_sends_then_counts(_: ReplicatedStore) -> None:
+    need(callable(getattr(SyncObj, "_SyncObj__sendAppendEntries", None)), "SyncObj.__sendAppendEntries is gone")
+    apply = inspect.getsource(SyncObj._checkCommandsToApply)
+    response = apply.find("'apply_command_response'")
+    need(response != -1 and apply.find("self.__sendAppendEntries()", response) != -1,
+         "_checkCommandsToApply no longer sends the leader's entries right after apply_command_response")
+    tick = inspect.getsource(SyncObj._onTick)
+    need("__getEntries(commitIdx, 1)" in tick,
+         "_onTick no longer reads the entry back (a synced read) before it counts it towards the commit")
+
+
 def _tcp_connection(_: ReplicatedStore) -> None:
     for name in ("_TcpConnection__processRead", "_TcpConnection__processParseMessage", "disconnect"):
         need(callable(getattr(TcpConnection, name, None)), f"TcpConnection.{name} is gone")
@@ -416,6 +427,9 @@ INTERNALS += [
              f"{DURABLE} DurableJournal.clear (the dump is fsync'd first)", _dump_before_clear),
     Internal(PYSYNCOBJ, "SyncObj._SyncObj__onMessageReceived stores the vote before response_vote",
              f"{DURABLE} (a vote is on disk before it is granted)", _vote_stored_before_sent),
+    Internal(PYSYNCOBJ, "SyncObj._SyncObj__sendAppendEntries follows apply_command_response; _onTick reads "
+             "the entry before it commits", f"{DURABLE} DurableSyncObj (the leader's msync overlaps replication)",
+             _leader_sends_then_counts),
     Internal(PYSYNCOBJ, "TcpConnection _TcpConnection__processRead, _TcpConnection__readBuffer, sendRandKey",
              f"{GUARD} GuardedConnection (frame limit before authentication)", _tcp_connection),
     Internal(PYSYNCOBJ, "TCPTransport _onNewIncomingConnection, addNode, _connections, _syncObj",

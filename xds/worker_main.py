@@ -35,6 +35,7 @@ class Worker:
         self.grace = 0.0  # what the streams get when the server stops (the node's stop says)
         self.cache = SnapshotCache()
         self.gc_policy = relay.GcPolicy()
+        self._profiles = 0  # -1 while profiling (_profile)
         loop = asyncio.get_running_loop()
         self.batcher = relay.FactBatcher(lambda: loop.call_soon(self.flush))
         self.tracker = relay.ReportingTracker(
@@ -58,6 +59,27 @@ class Worker:
             gc.freeze()
             log.debug("xDS worker: %d streams, %d objects frozen", len(self.server.streams), gc.get_freeze_count())
 
+    def _profile(self) -> None:
+        """Debugging the fan-out's CPU (bench/xds_fanout.py --profile-workers): with
+        REPSTAGE_XDS_WORKER_PROFILE=PREFIX set, cProfile the 3 s after each snapshot and write
+        the top functions to PREFIX.PID.N.txt."""
+        prefix = os.environ.get("REPSTAGE_XDS_WORKER_PROFILE")
+        if not prefix or self._profiles < 0:
+            return
+        import cProfile
+        import pstats
+
+        profiler, self._profiles = cProfile.Profile(), -1
+        profiler.enable()
+
+        def done(n: int = len(os.listdir(os.path.dirname(prefix) or "."))) -> None:
+            profiler.disable()
+            with open(f"{prefix}.{os.getpid()}.{n}.txt", "w") as out:
+                pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(45)
+            self._profiles = 0
+
+        asyncio.get_running_loop().call_later(3.0, done)
+
     def send(self, message: tuple[object, ...]) -> None:
         if not self.writer.is_closing():
             self.writer.write(relay.encode(message))
@@ -70,6 +92,7 @@ class Worker:
         """One message from the node; False when told to stop."""
         kind = message[0]
         if kind == "snapshot":
+            self._profile()
             group, wire = message[1], message[2]
             assert isinstance(group, str)
             self.cache.set_snapshot(group, relay.snapshot_from_wire(wire))  # type: ignore[arg-type]

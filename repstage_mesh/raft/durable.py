@@ -17,9 +17,14 @@ That covers the three points where Raft acknowledges: a follower answers AppendE
 counts its own entry towards the commit index (the count reads the entry back from the journal:
 synced by then), a vote is granted (pysyncobj stores the vote through `setCurrentTerm` before it
 sends `response_vote`). Follower appends of many entries in one message cost one msync, not
-one per entry. The leader msyncs before it sends its entries (it reads them back to send
-them), so a commit costs two flushes in a row, the leader's then a follower's; Raft would allow
-the leader's to overlap replication, pysyncobj's structure does not make that easy.
+one per entry. The leader's own flush overlaps replication, as Raft allows (its section
+10.2.1): `DurableSyncObj` sends AppendEntries (and the `apply_command_response` that precedes
+them for a command a follower forwarded) before the leader's msync and msyncs right after the
+send returns, before this tick goes on: the leader counts its own entry towards the commit
+index in a later tick, by then on disk. So a commit costs about one flush (the leader's and a
+follower's at the same time), not two in a row. A leader that loses power before its msync
+lost entries that only followers hold: not yet committed (a majority holds them or not), as when
+a leader dies before it sends.
 
 pysyncobj builds its journal with the module-level `pysyncobj.syncobj.createJournal(path)`;
 `install()` replaces that function (once per process) with one that builds a `DurableJournal`,
@@ -125,6 +130,7 @@ class DurableJournal(FileJournal):
         self._durable = options.durable
         self._dump_file = options.dump_file
         self._dirty = False
+        self._sending = False
         self.syncs = 0
         storer = DurableMetaStorer(journal_file + ".meta", options.durable)
         super().__init__(journal_file)
@@ -148,9 +154,20 @@ class DurableJournal(FileJournal):
         storer: DurableMetaStorer = self._FileJournal__metaStorer
         return storer
 
+    @contextlib.contextmanager
+    def leader_sending(self) -> Iterator[None]:
+        """The leader's AppendEntries go out before its own msync, which follows at once."""
+        self._sending = True
+        try:
+            yield
+        finally:
+            self._sending = False
+            self.sync()
+
     def sync(self) -> None:
-        """Put every mutation since the last sync on disk (msync, MS_SYNC). Cheap when clean."""
-        if not self._dirty:
+        """Put every mutation since the last sync on disk (msync, MS_SYNC). Cheap when clean.
+        Deferred while the leader sends its entries (`leader_sending`)."""
+        if not self._dirty or self._sending:
             return
         self._dirty = False
         if not self._durable:
@@ -221,8 +238,24 @@ def install() -> None:
     pysyncobj.syncobj.createJournal = _create_journal
 
 
-def sync_journal_of(sync_obj: Any) -> None:
-    """Sync the journal of a SyncObj if it is ours (called before every message it sends)."""
+class DurableSyncObj(pysyncobj.syncobj.SyncObj):
+    """pysyncobj's node, its leader's flush overlapping replication (see the module doc)."""
+
+    def _SyncObj__sendAppendEntries(self) -> None:
+        journal = self._SyncObj__raftLog
+        if not isinstance(journal, DurableJournal):
+            super()._SyncObj__sendAppendEntries()
+            return
+        with journal.leader_sending():
+            super()._SyncObj__sendAppendEntries()
+
+
+def sync_journal_of(sync_obj: Any, message: Any = None) -> None:
+    """Sync the journal of a SyncObj if it is ours (called before every message it sends).
+    Not for the index a leader gives a forwarded command (`apply_command_response`): no
+    acknowledgement, and the AppendEntries that follow it sync right after they are sent."""
+    if isinstance(message, dict) and message.get("type") == "apply_command_response":
+        return
     journal = getattr(sync_obj, "_SyncObj__raftLog", None)
     if isinstance(journal, DurableJournal):
         journal.sync()

@@ -93,7 +93,7 @@ class GuardedTCPTransport(TCPTransport):
             self._guard(conn)
 
     def send(self, node: Any, message: Any) -> bool:
-        sync_journal_of(self._syncObj)  # a follower's AppendEntries answer above all
+        sync_journal_of(self._syncObj, message)  # a follower's AppendEntries answer above all
         return bool(super().send(node, message))
 
 

@@ -308,7 +308,7 @@ class ReplicatedStore:
             with durable.journal_options(self._journal_options):
                 if self.peers:
                     assert self.self_address is not None
-                    sync = SyncObj(
+                    sync = durable.DurableSyncObj(
                         self.self_address, list(self.peers), conf=conf, consumers=[self._applier],
                         transportClass=self._transport,
                     )
