@@ -248,15 +248,29 @@ def test_a_worker_freezes_its_streams_once_their_count_settles() -> None:
     policy = relay.GcPolicy(churn=0.1, floor=100, quiet=1.0)
     policy.changed(0.0, 5000)  # a connect storm
     assert not policy.due(0.5, 5000)  # still moving
-    assert policy.due(1.5, 5000)  # settled: collect and freeze once
+    assert policy.due(1.5, 5000) == "full"  # settled: collect and freeze once
     assert not policy.due(2.5, 5000)  # nothing moved since
     policy.changed(3.0, 300)  # a few reconnects: under a tenth of the streams
     assert not policy.due(5.0, 5000)
     policy.changed(6.0, 300)  # 600 in all: collect the closed ones' garbage, freeze again
-    assert not policy.due(6.5, 5000) and policy.due(7.0, 5000)
+    assert not policy.due(6.5, 5000) and policy.due(7.0, 5000) == "full"
     few = relay.GcPolicy(floor=100)
     few.changed(0.0, 20)  # a handful of streams is not worth a collection
     assert not few.due(10.0, 20)
+
+
+def test_a_worker_freezes_what_a_push_left_once_the_push_is_over() -> None:
+    policy = relay.GcPolicy(quiet=1.0, settle=0.4, full_every=300.0)
+    policy.changed(0.0, 5000)
+    assert policy.due(1.0, 5000) == "full"
+    policy.active(10.0)  # a push and its ACKs
+    policy.active(10.6)
+    assert policy.due(10.8, 5000) is None  # still going
+    assert policy.due(11.0, 5000) == "young"  # over: the push's survivors are frozen
+    assert policy.due(11.5, 5000) is None  # nothing happened since
+    policy.active(400.0)  # long after the last full collection: the cyclic garbage goes too
+    assert policy.due(401.0, 5000) == "full"
+    assert policy.due(402.0, 5000) is None
 
 
 def test_the_batcher_counts_streams_opened_and_closed() -> None:

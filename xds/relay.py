@@ -17,8 +17,10 @@ the node's `ProxyTracker`, so its observers and waiters see every proxy as if it
 
 from __future__ import annotations
 
+import gc
 import pickle
 import struct
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -160,6 +162,8 @@ class FactBatcher:
         self._guards: list[tuple[str, str]] = []
         self._due = False
         self.churn = 0  # streams opened or closed (GcPolicy reads and resets it)
+        self.passes = 0  # drains with something to tell
+        self.last_pass = 0.0  # time.monotonic() of the last of them (GcPolicy.active)
 
     def _entry(self, stream_id: int) -> _News:
         if not self._due:
@@ -196,6 +200,8 @@ class FactBatcher:
     def drain(self, tracker: ProxyTracker) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]]]:
         """The facts of this pass, each with its stream's state now (read from `tracker`)."""
         news, self._news, self._due = self._news, {}, False
+        self.passes += 1
+        self.last_pass = time.monotonic()
         guards, self._guards = self._guards, []
         facts: list[tuple[Any, ...]] = []
         for stream_id, item in news.items():
@@ -233,32 +239,75 @@ class ReportingTracker(ProxyTracker):
 # --- worker side: the collector kept off the long-lived streams ----------------------------
 
 
-class GcPolicy:
-    """When a worker moves what it holds out of the cyclic collector's sight: Python's full
-    collections walk every object of every stream, which at thousands of streams cost as much
-    CPU as a push (bench/RESULTS.md). Once the stream count has settled (`quiet` seconds with
-    no stream opened or closed) after moving by `churn` (a share of the streams, or `floor`
-    streams), the worker collects once and freezes what survives (`gc.freeze`); the next
-    settled change unfreezes, collects the closed streams' garbage and freezes again. Sans-IO:
-    `due(now, opened_or_closed)` says when; the worker does it."""
+# A worker's collector thresholds: young collections every 10,000 allocations (most of a push's
+# temporary objects are gone by then, never walked) and the automatic full collection rare
+# (GcPolicy does it when it is cheap). Measured in bench/RESULTS.md (issue 17, "collector").
+GC_THRESHOLDS = (10_000, 10, 1_000)
 
-    def __init__(self, churn: float = 0.1, floor: int = 100, quiet: float = 1.0) -> None:
-        self.churn, self.floor, self.quiet = churn, floor, quiet
-        self.frozen_at_count = 0  # streams held at the last freeze
+
+def collect(move: str | None) -> None:
+    """Do what `GcPolicy.due` said: 'full' (unfreeze, collect all, freeze what survives),
+    'young' (collect the young generations, freeze what survives) or nothing."""
+    if move == "full":
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+    elif move == "young":
+        gc.collect(1)
+        gc.freeze()
+
+
+class GcPolicy:
+    """When a worker moves what it holds out of the cyclic collector's sight: Python's
+    collections walk every tracked object, and at thousands of streams the collections a push
+    triggers cost as much CPU as a sixth of the push (bench/RESULTS.md). Two moves, sans-IO
+    (`due(now, streams)` says which; the worker does it):
+
+    - "full": once the stream count has settled (`quiet` seconds with no stream opened or
+      closed) after moving by `churn` (a share of the streams, or `floor` streams), or every
+      `full_every` seconds after any activity: unfreeze, collect everything, freeze what
+      survives (closed streams' garbage is freed here);
+    - "young": after a burst of activity (a push and its ACKs), once `settle` seconds passed
+      with none: collect the young generations and freeze what survives, so the objects each
+      push leaves (the streams' new state) are not walked by the next push's collections. A
+      cycle that became garbage after reaching the oldest generation stays until the next
+      "full" (at most `full_every` seconds)."""
+
+    def __init__(
+        self, churn: float = 0.1, floor: int = 100, quiet: float = 1.0, full_every: float = 300.0, settle: float = 0.4
+    ) -> None:
+        self.churn, self.floor, self.quiet, self.full_every, self.settle = churn, floor, quiet, full_every, settle
+        self.frozen_at_count = 0  # streams held at the last full freeze
         self.changes = 0  # streams opened or closed since
         self.last_change = 0.0
+        self.last_full = 0.0
+        self.busy = False  # activity since the last freeze
+        self.last_busy = 0.0
 
     def changed(self, now: float, count: int = 1) -> None:
         self.changes += count
         self.last_change = now
 
-    def due(self, now: float, streams: int) -> bool:
-        if now - self.last_change < self.quiet:
-            return False
-        if self.changes < max(self.floor, self.churn * max(streams, self.frozen_at_count)):
-            return False
-        self.frozen_at_count, self.changes = streams, 0
-        return True
+    def active(self, now: float) -> None:
+        """The streams did something (a pass with facts to tell)."""
+        self.busy, self.last_busy = True, now
+
+    def due(self, now: float, streams: int) -> str | None:
+        """'full', 'young' or None (see the class doc)."""
+        if now - self.last_change >= self.quiet and self.changes >= max(
+            self.floor, self.churn * max(streams, self.frozen_at_count)
+        ):
+            return self._full(now, streams)
+        if not self.busy or now - self.last_busy < self.settle:
+            return None
+        if now - self.last_full >= self.full_every:
+            return self._full(now, streams)
+        self.busy = False
+        return "young"
+
+    def _full(self, now: float, streams: int) -> str:
+        self.frozen_at_count, self.changes, self.last_full, self.busy = streams, 0, now, False
+        return "full"
 
 
 # --- node side: the facts replayed into the node's tracker ------------------------------------
@@ -271,6 +320,7 @@ class FactReplay:
     def __init__(self, tracker: ProxyTracker) -> None:
         self.tracker = tracker
         self.live: set[int] = set()
+        self.churn = 0  # streams connected or gone (the node's GcPolicy reads and resets it)
 
     def apply(self, facts: list[tuple[Any, ...]]) -> None:
         tracker = self.tracker
@@ -280,6 +330,7 @@ class FactReplay:
                 view = StreamMirror(kind) if mirror is None else StreamMirror.from_wire(kind, mirror)
                 tracker.connect(stream_id, node, view)
                 self.live.add(stream_id)
+                self.churn += 1
             record = tracker.records.get(stream_id)
             if record is None or stream_id not in self.live:
                 continue
@@ -288,6 +339,7 @@ class FactReplay:
             if events or connect is None:
                 tracker.record(stream_id, [action_of(e) for e in events])
             if gone:
+                self.churn += 1
                 self.live.discard(stream_id)
                 tracker.disconnect(stream_id)
 

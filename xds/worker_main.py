@@ -36,6 +36,8 @@ class Worker:
         self.cache = SnapshotCache()
         self.gc_policy = relay.GcPolicy()
         self._profiles = 0  # -1 while profiling (_profile)
+        self._passes = 0  # the batcher's passes at the last tick
+        gc.set_threshold(*relay.GC_THRESHOLDS)
         loop = asyncio.get_running_loop()
         self.batcher = relay.FactBatcher(lambda: loop.call_soon(self.flush))
         self.tracker = relay.ReportingTracker(
@@ -48,20 +50,19 @@ class Worker:
         )
 
     def keep_gc(self) -> None:
-        """Collect once and freeze the streams' objects when their count settled (GcPolicy)."""
+        """Keep the streams' long-lived objects out of the collector's walks (GcPolicy)."""
         now = time.monotonic()
         if self.batcher.churn:
             self.gc_policy.changed(now, self.batcher.churn)
             self.batcher.churn = 0
-        if self.gc_policy.due(now, len(self.server.streams)):
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-            log.debug("xDS worker: %d streams, %d objects frozen", len(self.server.streams), gc.get_freeze_count())
+        if self.batcher.passes != self._passes:
+            self._passes = self.batcher.passes
+            self.gc_policy.active(self.batcher.last_pass)
+        relay.collect(self.gc_policy.due(now, len(self.server.streams)))
 
     def _profile(self) -> None:
-        """Debugging the fan-out's CPU (bench/xds_fanout.py --profile-workers): with
-        REPSTAGE_XDS_WORKER_PROFILE=PREFIX set, cProfile the 3 s after each snapshot and write
+        """Debugging the fan-out's CPU (bench/RESULTS.md, issue 17): with
+        REPSTAGE_XDS_WORKER_PROFILE=PREFIX in the node's environment, cProfile the 3 s after each snapshot and write
         the top functions to PREFIX.PID.N.txt."""
         prefix = os.environ.get("REPSTAGE_XDS_WORKER_PROFILE")
         if not prefix or self._profiles < 0:

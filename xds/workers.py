@@ -127,6 +127,10 @@ class WorkerPool:
         self._cancel_watch: Callable[[], None] | None = None
         self._stopping = False
         self._ticker: asyncio.Task[None] | None = None
+        # The node's own collector, as each worker's (relay.GcPolicy): its tracker holds a
+        # record of every stream the workers serve, and the replay of each push leaves new ones.
+        self.gc_policy = relay.GcPolicy()
+        self._last_facts = 0.0
 
     # --- the AdsServer face -------------------------------------------------------------------
 
@@ -178,12 +182,25 @@ class WorkerPool:
         return len(self.tracker.connected())
 
     async def _tick(self) -> None:
-        """The node is alive (relay.WorkerInit.node_silence)."""
+        """The node is alive (relay.WorkerInit.node_silence); and the node's collector."""
         frame = relay.encode(("tick",))
         while True:
             await asyncio.sleep(relay.WorkerInit.heartbeat)
             for worker in self._workers:
                 self._write(worker, frame)
+            self._keep_gc()
+
+    def _keep_gc(self) -> None:
+        now = time.monotonic()
+        churn = 0
+        for worker in self._workers:
+            if worker.replay is not None:
+                churn, worker.replay.churn = churn + worker.replay.churn, 0
+        if churn:
+            self.gc_policy.changed(now, churn)
+        if self._last_facts > self.gc_policy.last_busy:
+            self.gc_policy.active(self._last_facts)
+        relay.collect(self.gc_policy.due(now, len(self.tracker.records)))
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers if w.process is not None and w.process.returncode is None]
@@ -250,6 +267,7 @@ class WorkerPool:
                 continue
             facts, guards = message[1], message[2]
             worker.replay.apply(facts)  # type: ignore[arg-type]
+            self._last_facts = time.monotonic()
             guard = self.guard
             if guard is None:
                 continue
