@@ -31,6 +31,7 @@ from repstage_mesh.xds.protocol import (
     SotwStream,
     Stale,
 )
+from repstage_mesh.xds import mirror
 from repstage_mesh.xds.sync_state import type_sync_state
 
 TYPES = (res.CLUSTER, res.ENDPOINT, res.LISTENER, res.ROUTE)
@@ -243,6 +244,17 @@ class ProtocolMachine(RuleBasedStateMachine):
         for route in self.envoy.applied[res.ROUTE].values():
             for _t, name in route.refs:
                 assert name in self.envoy.applied[res.CLUSTER], f"route {route.name} lost cluster {name}"
+
+    @invariant()
+    def the_mirrored_sync_state_is_the_worked_out_one(self) -> None:
+        """What a worker tells the node of each type (mirror.mirror_wire, memoised per type)
+        is what `type_sync_state` works out from scratch, after every step."""
+        if self.stream.kind != "sotw":
+            return
+        for type_url, state in self.stream.types.items():
+            assert mirror._sotw_sync(self.stream, type_url, state, type_sync_state) == type_sync_state(
+                self.stream, type_url
+            ), f"{res.short_name(type_url)}: the memo is stale"
 
     def teardown(self) -> None:
         # Let the conversation settle, then everything referenced must have been sent.

@@ -74,6 +74,7 @@ class _TypeState:
     # applied any of them, so what they refer to is kept until it answers a later one.
     superseded: dict[str, Mapping[str, EncodedResource]] = field(default_factory=dict)
     asked_again: bool = False  # SotW: a request that is not an ACK: answer it even if unchanged
+    sync_memo: tuple[object, ...] | None = None  # SotW: mirror._sotw_sync's last answer and its key
 
 
 class _Stream:
@@ -435,6 +436,8 @@ class SotwStream(_Stream):
         state.sent[nonce] = state.acked_version
         if len(state.sent) > _SENT_HISTORY:
             del state.sent[next(iter(state.sent))]
+        if type_url == res.CLUSTER or _any_refs(items):
+            self.generation += 1  # clusters in flight again: what other types gate on moved
         return Send(type_url, state.acked_version, nonce, items, (), self.snapshot)
 
 

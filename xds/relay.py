@@ -204,12 +204,17 @@ class FactBatcher:
         self.last_pass = time.monotonic()
         guards, self._guards = self._guards, []
         facts: list[tuple[Any, ...]] = []
+        # Streams of one push say the same things (the same events, the same state after them):
+        # one object each, so the frame pickles each once and the node builds each once.
+        same: dict[Any, Any] = {}
         for stream_id, item in news.items():
             record = tracker.records.get(stream_id)
             mirror = None
             if record is not None and isinstance(record.stream, (SotwStream, DeltaStream)):
                 mirror = mirror_wire(record.stream, record.synced_index, type_sync_state)
-            facts.append((stream_id, item.connect, item.events, mirror, item.gone))
+                mirror = same.setdefault(mirror, mirror)
+            events = tuple(same.setdefault(e, e) for e in item.events)
+            facts.append((stream_id, item.connect, same.setdefault(events, events), mirror, item.gone))
         return facts, guards
 
 
@@ -324,6 +329,7 @@ class FactReplay:
 
     def apply(self, facts: list[tuple[Any, ...]]) -> None:
         tracker = self.tracker
+        actions: dict[Any, list[Action]] = {}  # the same events (one object: drain) once
         for stream_id, connect, events, mirror, gone in facts:
             if connect is not None:
                 node, kind = connect
@@ -337,7 +343,10 @@ class FactReplay:
             if mirror is not None and isinstance(record.stream, StreamMirror) and connect is None:
                 record.stream.update(mirror)
             if events or connect is None:
-                tracker.record(stream_id, [action_of(e) for e in events])
+                replayed = actions.get(id(events))
+                if replayed is None:
+                    replayed = actions[id(events)] = [action_of(e) for e in events]
+                tracker.record(stream_id, replayed)
             if gone:
                 self.churn += 1
                 self.live.discard(stream_id)
