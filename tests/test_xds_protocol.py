@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from repstage_mesh.xds import mirror
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot, split_version
 from repstage_mesh.xds.protocol import (
@@ -31,7 +32,6 @@ from repstage_mesh.xds.protocol import (
     SotwStream,
     Stale,
 )
-from repstage_mesh.xds import mirror
 from repstage_mesh.xds.sync_state import type_sync_state
 
 TYPES = (res.CLUSTER, res.ENDPOINT, res.LISTENER, res.ROUTE)
