@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from . import resources as res
@@ -40,8 +41,10 @@ __all__ = ["Acked", "Action", "DeltaRequest", "DeltaStream", "Nacked", "NodeInfo
 
 # --- shared machinery ------------------------------------------------------------------------
 
+_NONE: frozenset[str] = frozenset()  # one empty set for every stream's types (memory per stream)
 
-@dataclass
+
+@dataclass(slots=True)
 class _Pending:
     nonce: str
     version: str
@@ -50,11 +53,11 @@ class _Pending:
     digest: str = ""  # SotW: the set digest in `version`
 
 
-@dataclass
+@dataclass(slots=True)
 class _TypeState:
     requested: bool = False
     wildcard: bool = False
-    names: set[str] = field(default_factory=set)
+    names: AbstractSet[str] = _NONE  # replaced, never changed in place (as the others below)
     names_key: frozenset[str] = frozenset()  # SotW: `names`, frozen (the snapshot's memo key)
     acked: Mapping[str, EncodedResource] = field(default_factory=dict)  # read-only: replaced, never changed
     acked_version: str = ""
@@ -62,12 +65,12 @@ class _TypeState:
     quiet: tuple[str, int] | None = None  # SotW: (selection digest, generation) that sent nothing
     pending: dict[str, _Pending] = field(default_factory=dict)  # by nonce
     last_nonce: str = ""
-    nacked: set[str] = field(default_factory=set)  # SotW: set digests; Delta: "name:digest"
+    nacked: AbstractSet[str] = _NONE  # SotW: set digests; Delta: "name:digest"
     floor: int = -1  # SotW: index of the version the client came back with
     client_digest: str = ""  # SotW: digest of the version the client came back with
     held: dict[str, EncodedResource] = field(default_factory=dict)  # Delta: what the client has
     client_versions: dict[str, str] = field(default_factory=dict)  # Delta: name -> version
-    told_missing: set[str] = field(default_factory=set)  # Delta
+    told_missing: AbstractSet[str] = _NONE  # Delta
     sent: dict[str, str] = field(default_factory=dict)  # SotW: recent nonce -> version
     known_versions: dict[str, str] = field(default_factory=dict)  # Delta: what the client confirmed
     # SotW: responses replaced by a newer one before the client answered them: it may have
@@ -326,7 +329,7 @@ class SotwStream(_Stream):
                 rejected = state.sent.get(request.response_nonce)
                 # What it says may have moved what the client holds (`_answered`): look again.
                 if request.error is not None and rejected is not None:
-                    state.nacked.add(split_version(rejected)[1])
+                    state.nacked = {*state.nacked, split_version(rejected)[1]}
                     return [Nacked(request.type_url, rejected, request.response_nonce, request.error), *self._sync()]
                 return [Stale(request.type_url, request.response_nonce), *self._sync()]
             pending = state.pending.pop(request.response_nonce, None)
@@ -337,7 +340,7 @@ class SotwStream(_Stream):
                 state.asked_again = True
             if pending is not None:
                 if request.error is not None:
-                    state.nacked.add(split_version(pending.version)[1])
+                    state.nacked = {*state.nacked, split_version(pending.version)[1]}
                     actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
                 else:
                     state.acked, state.acked_version, state.acked_digest = (
@@ -351,8 +354,7 @@ class SotwStream(_Stream):
         state.requested = True
         names = set(request.resource_names)
         state.wildcard = "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES)
-        state.names = names - {"*"}
-        state.names_key = frozenset(state.names)
+        state.names = state.names_key = frozenset(names - {"*"}) or _NONE
         actions.extend(self._sync())
         return actions
 
@@ -472,7 +474,7 @@ class DeltaStream(_Stream):
                 actions.append(Stale(request.type_url, request.response_nonce))
             elif request.error is not None:
                 for name, item in pending.resources.items():
-                    state.nacked.add(f"{name}:{item.version}")
+                    state.nacked = {*state.nacked, f"{name}:{item.version}"}
                 self._replay(state)
                 actions.append(Nacked(request.type_url, pending.version, pending.nonce, request.error))
             else:
@@ -496,15 +498,18 @@ class DeltaStream(_Stream):
             state.wildcard = True
         if "*" in request.unsubscribe:
             state.wildcard = False
-        state.names |= subscribe - {"*"}
+        names = {*state.names, *(subscribe - {"*"})}
         for name in request.unsubscribe:
-            state.names.discard(name)
-            state.told_missing.discard(name)
+            names.discard(name)
+            if name in state.told_missing:
+                state.told_missing = state.told_missing - {name}
             if not state.wildcard:
                 state.held.pop(name, None)
                 state.client_versions.pop(name, None)
                 state.known_versions.pop(name, None)
-        state.told_missing -= subscribe  # a new subscription is answered afresh
+        state.names = names
+        if state.told_missing and subscribe:
+            state.told_missing = state.told_missing - subscribe  # a new subscription is answered afresh
         actions.extend(self._sync())
         return actions
 
@@ -559,7 +564,7 @@ class DeltaStream(_Stream):
         for name in removed:
             state.held.pop(name, None)
             state.client_versions.pop(name, None)
-        state.told_missing.update(missing)
+        state.told_missing = {*state.told_missing, *missing}
         version = self.snapshot.version
         all_removed = tuple(removed + missing)
         state.pending[nonce] = _Pending(nonce, version, updates, all_removed)

@@ -38,7 +38,7 @@ from .sync_state import type_sync_state
 Clock = Callable[[], float]
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeStatus:
     sent_version: str = ""
     sent_nonce: str = ""
@@ -51,10 +51,22 @@ class TypeStatus:
     last_ack_latency: float | None = None
     stale_requests: int = 0
     refused: bool = False  # the last answer for this type was a NACK
-    _sent_times: dict[str, float] = field(default_factory=dict, repr=False)
+    # nonce -> when, for the responses not answered yet; None when there is none (one record
+    # per stream and type: at 10,000s of streams an empty dict each is megabytes)
+    _sent_times: dict[str, float] | None = field(default=None, repr=False)
+
+    def answered(self, nonce: str) -> float | None:
+        """When the response `nonce` was sent (None if not known); it is answered now."""
+        times = self._sent_times
+        if times is None:
+            return None
+        sent = times.pop(nonce, None)
+        if not times:
+            self._sent_times = None
+        return sent
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyRecord:
     stream_id: int
     node: NodeInfo
@@ -231,20 +243,23 @@ class ProxyTracker:
                 st.sent_version, st.sent_nonce, st.sent_at = action.version, action.nonce, now
                 if record.first_sent_at is None:
                     record.first_sent_at = now
-                st._sent_times[action.nonce] = now
-                if len(st._sent_times) > 16:
-                    st._sent_times.pop(next(iter(st._sent_times)))
+                times = st._sent_times
+                if times is None:
+                    times = st._sent_times = {}
+                times[action.nonce] = now
+                if len(times) > 16:
+                    times.pop(next(iter(times)))
                 for obs in self.observers:
                     obs.on_send(record, action)
             elif isinstance(action, Acked):
                 st.acked_version, st.acked_at, st.refused = action.version, now, False
-                sent = st._sent_times.pop(action.nonce, None)
+                sent = st.answered(action.nonce)
                 st.last_ack_latency = None if sent is None else now - sent
                 for obs in self.observers:
                     obs.on_ack(record, action, st.last_ack_latency)
             elif isinstance(action, Nacked):
                 st.nacked_version, st.nacked_at, st.error, st.refused = action.version, now, action.error, True
-                st._sent_times.pop(action.nonce, None)
+                st.answered(action.nonce)
                 for obs in self.observers:
                     obs.on_nack(record, action)
             elif isinstance(action, Stale):
