@@ -388,6 +388,7 @@ class StreamState:
     versions: dict[str, str] = field(default_factory=dict)  # type -> the version it ACKed last
     reconnects: int = 0  # streams re-opened after the config was complete (server gone)
     reconnect_failures: int = 0  # re-opened streams that failed again (refused, cancelled)
+    failed_at: list[float] = field(default_factory=list)  # when (time.monotonic())
 
 
 async def run_stream(
@@ -407,6 +408,7 @@ async def run_stream(
                 # versions held; a failure of that new stream counts as a reconnect failure.
                 if state.reconnects and state.versions.get("reopened") == "1":
                     state.reconnect_failures += 1
+                    state.failed_at.append(time.monotonic())
                 state.reconnects += 1
                 state.versions["reopened"] = "1"
                 continue
@@ -504,6 +506,9 @@ async def client(port: int, streams: int, per_channel: int, services: int, delta
             elif cmd["cmd"] == "reconnects":
                 say({"reconnects": sum(s.reconnects for s in states),
                      "reconnect_failures": sum(s.reconnect_failures for s in states),
+                     # the old server's workers stop one after the other: a stream re-opened
+                     # at once may land on one still stopping; these failed on the new server
+                     "failures_on_new": sum(1 for s in states for t in s.failed_at if t > cmd["exited"]),
                      "responses_after": sum(1 for s in states if s.eds_received > cmd["since"]),
                      "failed": sum(t.done() for t in tasks)})
             elif cmd["cmd"] == "quit":
@@ -720,7 +725,8 @@ def restart_server(
     server.stop()
     t0 = time.monotonic()
     new = Proc(["--role", "server", "--port", str(port), "--first-version", str(version), *common_args,
-                *(["--gc-freeze"] if args.gc_freeze else [])], f"server-{streams}-restarted", log_dir)
+                *(["--gc-freeze"] if args.gc_freeze else []),
+                *(["--workers", str(args.workers)] if args.workers else [])], f"server-{streams}-restarted", log_dir)
     new.recv(30)
     new.send({"cmd": "wait_synced", "n": streams, "timeout": 120})
     synced = new.recv(150)
@@ -728,12 +734,13 @@ def restart_server(
     since = time.monotonic() - took  # an EDS response after the restart would be "something new"
     stats = []
     for c in clients:
-        c.send({"cmd": "reconnects", "since": since})
+        c.send({"cmd": "reconnects", "since": since, "exited": t0})
         stats.append(c.recv(30))
     return {
         "server": new, "synced_s": took, "connected": synced["connected"], "synced": synced["synced"],
         "reconnects": sum(st["reconnects"] for st in stats),
         "reconnect_failures": sum(st["reconnect_failures"] for st in stats),
+        "failures_on_new_server": sum(st["failures_on_new"] for st in stats),
         "eds_responses_after_restart": sum(st["responses_after"] for st in stats),
         "failed": sum(st["failed"] for st in stats), "load": load,
     }
