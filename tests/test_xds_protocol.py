@@ -450,3 +450,28 @@ def test_request_without_type_url_is_a_protocol_error(stream_cls: type[SotwStrea
 
     with pytest.raises(ProtocolError):
         stream_cls().receive(SotwRequest("") if stream_cls is SotwStream else DeltaRequest(""))  # type: ignore[arg-type]
+
+
+def test_sotw_a_listener_is_held_while_the_clusters_in_flight_drop_its_cluster() -> None:
+    """Found by the state machine: the client ACKed c0 long ago, a cluster update was NACKed,
+    and clusters without c0 are in flight; a listener naming c0 must wait (a SotW response is
+    the whole set: the one in flight removes c0), not go out on the strength of the old ACK."""
+    machine = ProtocolMachine()
+    machine.deliver_to_server()
+    machine.new_snapshot(world=World(listeners={}, routes={}, clusters={"c0": "1"}))
+    machine.new_snapshot(world=World(listeners={}, routes={}, clusters={"c1": "2", "c0": "3", "c2": "BAD", "c3": "3"}))
+    for step in ("envoy", "envoy", "server", "envoy", "server", "server", "envoy"):
+        getattr(machine, f"deliver_to_{step}")()
+    machine.new_snapshot(world=World(listeners={}, routes={}, clusters={"c1": "1"}))
+    machine.deliver_to_envoy()
+    machine.deliver_to_server()  # the NACK of the bad update, now stale
+    machine.new_snapshot(world=World(listeners={"l0": ("tcp", "c0", "1")}, routes={},
+                                     clusters={"c1": "2", "c0": "3", "c2": "BAD", "c3": "3"}))
+    assert not [s for s in machine.to_envoy if s.type_url == res.LISTENER], "l0 went out before c0 was confirmed"
+    while machine.to_envoy or machine.to_server:
+        if machine.to_envoy:
+            machine.deliver_to_envoy()
+        else:
+            machine.deliver_to_server()
+        machine.envoy_never_dangles()
+    machine.teardown()

@@ -224,12 +224,14 @@ class _Stream:
         state = self.types.get(type_url)
         if state is None or not state.requested:
             return True  # the client does not get this type from us: nothing to wait for
-        in_flight = any(
-            name in pending.resources or name in pending.removed for pending in state.pending.values()
-        )
-        if in_flight:
+        if self._in_flight(state, name):
             return False  # whatever the client has now may change with the response in flight
         return name in state.acked or self._confirmed_otherwise(state, name)
+
+    def _in_flight(self, state: _TypeState, name: str) -> bool:
+        """Does a response in flight change what the client holds of `name`? (Delta: it names
+        it, updated or removed.)"""
+        return any(name in pending.resources or name in pending.removed for pending in state.pending.values())
 
     def _confirmed_otherwise(self, state: _TypeState, name: str) -> bool:
         return False
@@ -291,6 +293,14 @@ class SotwStream(_Stream):
 
     def _names_key(self, state: _TypeState) -> frozenset[str]:
         return state.names_key
+
+    def _in_flight(self, state: _TypeState, name: str) -> bool:
+        """A SotW response is the whole set: one in flight that lacks `name` removes it, so the
+        client's ACKed copy is confirmed only if every response in flight carries it unchanged
+        (found by the state machine: a cluster update NACKed earlier, then clusters without c0
+        in flight, and a listener naming c0 went out on the strength of an older ACK)."""
+        held = state.acked.get(name)
+        return any(pending.resources.get(name) != held for pending in state.pending.values())
 
     def _plain_ack(self, request: SotwRequest, state: _TypeState) -> bool:
         """An ACK of the latest response, with the same subscription, of a type other than

@@ -11,7 +11,6 @@ slow proxy and never interleave.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import logging
 import time
@@ -339,19 +338,29 @@ class _Outbox:
         self.stream_id = stream_id
         self.server = server
         self.delta = delta
-        self.frames: collections.deque[bytes] = collections.deque()
+        # A list and a bare future, not a deque and an asyncio.Event (a deque each): ~1.2 KB
+        # less per stream; the list holds a frame or two.
+        self.frames: list[bytes] = []
         self.latest: Snapshot | None = None
         self.renewing = False
-        self.wake = asyncio.Event()
+        self._woken = False
+        self._waiter: asyncio.Future[None] | None = None
         self.overflow: LimitExceeded | None = None
+
+    def wake(self) -> None:
+        """The writer has something to do (at once, or when it is back from a write)."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def renew(self) -> None:
         self.renewing = True
-        self.wake.set()
+        self.wake()
 
     def snapshot(self, snapshot: Snapshot) -> None:
         self.latest = snapshot
-        self.wake.set()
+        self.wake()
 
     def emit(self, actions: list[Action]) -> None:
         if self.overflow is not None:
@@ -372,12 +381,17 @@ class _Outbox:
                 "(xds.limits.max_outgoing_queue)",
             )
         if self.frames:
-            self.wake.set()
+            self.wake()
 
     async def write(self, context: aio.ServicerContext) -> None:
         while self.overflow is None:
-            await self.wake.wait()
-            self.wake.clear()
+            if not self._woken:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            self._woken = False
             if self.latest is not None:
                 snapshot, self.latest = self.latest, None
                 self.emit(self.stream.update(snapshot))
@@ -385,4 +399,4 @@ class _Outbox:
                 self.renewing = False
                 self.emit(self.stream.renew())
             while self.frames:
-                await context.write(self.frames.popleft())
+                await context.write(self.frames.pop(0))
