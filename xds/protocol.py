@@ -295,12 +295,12 @@ class SotwStream(_Stream):
         return state.names_key
 
     def _in_flight(self, state: _TypeState, name: str) -> bool:
-        """A SotW response is the whole set: one in flight that lacks `name` removes it, so the
-        client's ACKed copy is confirmed only if every response in flight carries it unchanged
-        (found by the state machine: a cluster update NACKed earlier, then clusters without c0
-        in flight, and a listener naming c0 went out on the strength of an older ACK)."""
-        held = state.acked.get(name)
-        return any(pending.resources.get(name) != held for pending in state.pending.values())
+        """A SotW response is the whole set: any response in flight, or replaced before the
+        client answered it, may change what the client holds of `name` (one that lacks it
+        removes it; one that carries it may be NACKed after an earlier one was applied). Found
+        by the state machine: with clusters lacking c0 in flight, a listener naming c0 went out
+        on the strength of an older ACK."""
+        return bool(state.pending) or bool(state.superseded)
 
     def _plain_ack(self, request: SotwRequest, state: _TypeState) -> bool:
         """An ACK of the latest response, with the same subscription, of a type other than
