@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint unit integration bench bench-patroni chaos chaos-snapshots fuzz-api system-deps venv clean
+.PHONY: run test lint unit integration bench bench-patroni chaos chaos-snapshots soak fuzz-api system-deps venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ chaos: $(STAMP) system-deps
 
 chaos-snapshots: $(STAMP) system-deps
 	SNAPSHOT_CHAOS_RUNS=$(SNAPSHOT_CHAOS_RUNS) $(BIN)/pytest -q -s -m chaos integration/test_snapshot_chaos.py
+
+# The xDS protocol state machines, run long (the suite runs 100 examples of 30 steps each).
+SOAK_EXAMPLES ?= 600
+soak: $(STAMP)
+	PROTOCOL_EXAMPLES=$(SOAK_EXAMPLES) PROTOCOL_STEPS=40 $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_xds_protocol.py -k "TestSotwProtocol or TestDeltaProtocol"
 
 # The benchmarks behind bench/RESULTS.md (minutes, not seconds; never pass/fail on time).
 bench: $(STAMP)
