@@ -129,7 +129,9 @@ class WorkerPool:
         self._ticker: asyncio.Task[None] | None = None
         # The node's own collector, as each worker's (relay.GcPolicy): its tracker holds a
         # record of every stream the workers serve, and the replay of each push leaves new ones.
-        self.gc_policy = relay.GcPolicy()
+        # Its periodic full collection walks the whole node (Raft, API): once an hour, not
+        # every 5 minutes as in a worker (a pause of the node's loop delays a failover).
+        self.gc_policy = relay.GcPolicy(full_every=3600.0)
         self._last_facts = 0.0
 
     # --- the AdsServer face -------------------------------------------------------------------
