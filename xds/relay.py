@@ -232,9 +232,21 @@ class ReportingTracker(ProxyTracker):
         return record
 
     def record(self, stream_id: int, actions: list[Action]) -> None:
-        super().record(stream_id, actions)
-        if stream_id in self.records:
-            self.batcher.recorded(stream_id, actions)
+        """Only what the worker itself reads of a record (`refresh` works out `synced_index`
+        from the stream and which types were last NACKed); the sends, ACKs and NACKs with their
+        times are the node's to keep (`FactReplay` records them there)."""
+        record = self.records.get(stream_id)
+        if record is None:
+            return
+        for action in actions:
+            if isinstance(action, Nacked):
+                record.status(action.type_url).refused = True
+            elif isinstance(action, Acked):
+                status = record.types.get(action.type_url)
+                if status is not None:
+                    status.refused = False
+        self._changed(record)
+        self.batcher.recorded(stream_id, actions)
 
     def disconnect(self, stream_id: int) -> None:
         super().disconnect(stream_id)
