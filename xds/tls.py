@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,7 @@ class CertificateReloader:
         self.reloads = 0
         self._stamps = self._current_stamps()
         self.initial = self._load()
+        self._ssl: ssl.SSLContext | None = None
 
     def _current_stamps(self) -> tuple[tuple[int, int, int], ...]:
         return tuple(_stamp(p) for p in (self.files.cert_file, self.files.key_file, self.files.ca_file))
@@ -164,6 +166,18 @@ class CertificateReloader:
         log.info("xDS TLS: reloaded %s, %s and %s", *(str(p) for p in (self.files.cert_file, self.files.key_file, self.files.ca_file)))
         return config
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The h2 transport's context for the next handshake (http2.py), built again when
+        `fetch` saw a new usable set of files."""
+        if self.fetch() is not None or self._ssl is None:
+            try:
+                self._ssl = _server_context(self.files)
+            except (OSError, ssl.SSLError) as exc:
+                if self._ssl is None:
+                    raise
+                log.warning("xDS TLS: keeping the current certificate: %s", exc)
+        return self._ssl
+
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch, require_client_authentication=True)
 
@@ -175,3 +189,31 @@ def check_pair(cert_pem: bytes, key_pem: bytes, files: TlsFiles) -> None:
     public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if public != cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
         raise ValueError(f"{files.key_file} is not the key of {files.cert_file}")
+
+
+def _server_context(files: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert_file, files.key_file)
+    context.load_verify_locations(cafile=str(files.ca_file))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def auth_context_of(der: bytes | None) -> dict[str, list[bytes]]:
+    """grpcio's auth context (the keys `XdsSecurity` reads) for a verified client certificate."""
+    if not der:
+        return {"transport_security_type": [b"ssl"]}
+    cert = x509.load_der_x509_certificate(der)
+    auth: dict[str, list[bytes]] = {
+        "transport_security_type": [b"ssl"],
+        "x509_pem_cert": [cert.public_bytes(serialization.Encoding.PEM)],
+    }
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return auth
+    auth["peer_uri"] = [str(v).encode() for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    auth["peer_dns"] = [str(v).encode() for v in san.get_values_for_type(x509.DNSName)]
+    return auth

@@ -1,0 +1,574 @@
+"""ADS over HTTP/2 with python-hyper's `h2` (sans-IO) on asyncio: the `h2` transport of `AdsServer`.
+
+Why a second binding: grpcio's asyncio server spends ~60-80 µs of CPU per stream and push in
+`context.write` and the read of the ACK (a batch into C-core, its completion back through a
+poller thread, a future and a task step each; bench/RESULTS.md, issue 17). Here a push is
+synchronous: every stream's response is framed into its connection's `H2Connection` and each
+connection is written once per pass (100 streams on one connection: one `write`), and an ACK
+is parsed where its bytes arrive. h2 measured ~5 µs to send a message and ~8 µs to take one in.
+
+What this binding does of gRPC (the parts Envoy's and grpcio's clients use for ADS): the two
+ADS methods on `:path`, length-prefixed messages (uncompressed; a compressed one ends the
+call), `grpc-status`/`grpc-message` trailers (a trailers-only response when nothing was sent),
+HTTP/2 flow control both ways, server keepalive pings (a silent peer is dropped, as grpcio's
+`keepalive_time_ms`/`keepalive_timeout_ms` do), GOAWAY on stop, and TLS with ALPN `h2` and
+client certificates (`tls.ssl_context`: reloaded files are used by the next handshake).
+Every decision (limits, admission, identity, the protocol) is `AdsServer`'s, shared with the
+grpcio binding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from .limits import LimitExceeded
+from .protocol import DeltaStream, ProtocolError, SotwStream
+from .requests import parse_delta, parse_sotw
+from .server import _Outbox
+from .tls import Refusal, auth_context_of
+
+if TYPE_CHECKING:
+    from .server import AdsServer
+
+log = logging.getLogger(__name__)
+
+_METHODS = {
+    b"/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": "sotw",
+    b"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": "delta",
+}
+_STATUS = {  # gRPC status codes by name (grpc.StatusCode's numbers)
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
+    "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14,
+    "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+_PUMP_CHUNK = 256  # outboxes served per loop pass, so ACKs are read between chunks of a push
+_PREFIX = struct.Struct(">BI")
+
+
+def grpc_peer(address: Any) -> str:
+    """grpcio's peer string for a socket address ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000")."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
+    return f"unix:{address}"
+
+
+class H2Listener:
+    """The listening socket(s), the connections, and the pump that runs the streams' pushes."""
+
+    def __init__(self, server: AdsServer) -> None:
+        self.server = server
+        options = server.grpc_options
+        self.keepalive_time = float(options.get("grpc.keepalive_time_ms", 2_000)) / 1000
+        self.keepalive_timeout = float(options.get("grpc.keepalive_timeout_ms", 1_000)) / 1000
+        self.max_streams = int(options.get("grpc.max_concurrent_streams", 100_000))
+        self.reuse_port = bool(options.get("grpc.so_reuseport", 0))
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._dirty: list[_H2Outbox] = []
+        self._pumping = False
+        self._tls: Callable[[], ssl.SSLContext] | None = None
+
+    async def start(self, host: str, port: int, tls: Callable[[], ssl.SSLContext] | None) -> int:
+        self._tls = tls
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: _Connection(self), host, port, reuse_port=self.reuse_port or None, backlog=4096,
+            )
+        except OSError as exc:
+            raise OSError(f"xDS: cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+        sock: socket.socket = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def stop(self, grace: float | None) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self.connections):
+            conn.goaway()
+        if grace and self.connections:
+            deadline = time.monotonic() + grace
+            while self.connections and time.monotonic() < deadline:
+                await asyncio.sleep(min(0.05, grace))
+        for conn in list(self.connections):
+            conn.close_calls("UNAVAILABLE", "the xDS server is stopping")
+            conn.transport_abort()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._server = None
+
+    def mark(self, out: _H2Outbox) -> None:
+        """An outbox has something to do: the pump runs it in a later pass."""
+        self._dirty.append(out)
+        if not self._pumping:
+            self._pumping = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        batch, self._dirty = self._dirty[:_PUMP_CHUNK], self._dirty[_PUMP_CHUNK:]
+        touched: set[_Connection] = set()
+        for out in batch:
+            call = out.call
+            if not call.closed:
+                call.run_outbox()
+                touched.add(call.conn)
+        for conn in touched:
+            conn.flush()
+        if self._dirty:
+            asyncio.get_running_loop().call_soon(self._pump)
+        else:
+            self._pumping = False
+
+
+class _H2Outbox(_Outbox):
+    """The grpcio binding's outbox, woken into the listener's pump instead of a writer task."""
+
+    def __init__(self, call: _Call, stream: SotwStream | DeltaStream, stream_id: int, server: AdsServer,
+                 delta: bool) -> None:
+        super().__init__(stream, stream_id, server, delta)
+        self.call = call
+
+    def wake(self) -> None:
+        if not self._woken and not self.call.closed:
+            self._woken = True
+            self.call.conn.listener.mark(self)
+
+
+class _Call:
+    """One ADS call (an HTTP/2 stream) on a connection."""
+
+    __slots__ = (
+        "buffer",
+        "cancel_watch",
+        "closed",
+        "ending",
+        "conn",
+        "headers_sent",
+        "held",
+        "out",
+        "parse",
+        "partial",
+        "release",
+        "sid",
+        "stream",
+        "stream_id",
+        "unacked",
+    )
+
+    def __init__(self, conn: _Connection, sid: int, delta: bool) -> None:
+        server = conn.listener.server
+        self.conn = conn
+        self.sid = sid
+        stream: SotwStream | DeltaStream
+        if delta:
+            stream = DeltaStream()
+            stream.max_unacked = server.limits.max_unacked_delta
+        else:
+            stream = SotwStream()
+        self.stream = stream
+        self.parse = parse_delta if delta else parse_sotw
+        self.stream_id = next(server._ids)
+        self.out = _H2Outbox(self, stream, self.stream_id, server, delta)
+        self.partial = b""  # the rest of a response the peer's window did not take (prefixed)
+        self.buffer = bytearray()
+        self.release: Callable[[], None] | None = None
+        self.held = False
+        self.cancel_watch: Callable[[], None] | None = None
+        self.closed = False
+        self.headers_sent = False
+        self.ending: tuple[str, str] | None = None  # refused as it opened (_end)
+        self.unacked = 0  # request bytes taken in but not yet given back to the peer's window
+
+    # ---------------------------------------------------------------- requests
+    def data(self, data: bytes, flow: int) -> None:
+        if self.ending is not None:
+            self.finish(*self.ending)
+            return
+        self.buffer += data
+        self.unacked += flow
+        if not self.held:
+            self.take_requests()
+
+    def take_requests(self) -> None:
+        server = self.conn.listener.server
+        buf = self.buffer
+        while not self.closed and len(buf) >= 5:
+            compressed, length = _PREFIX.unpack_from(buf)
+            if compressed:
+                self.finish("UNIMPLEMENTED", "compressed xDS requests are not supported (send grpc-encoding identity)")
+                return
+            if length > server.limits.max_request_bytes:
+                self.over(LimitExceeded(
+                    "request_bytes",
+                    f"a request of {length} bytes; the limit is {server.limits.max_request_bytes} "
+                    "(xds.limits.max_request_bytes)",
+                ))
+                return
+            if len(buf) < 5 + length:
+                break
+            message = bytes(buf[5:5 + length])
+            del buf[:5 + length]
+            self.request(message)
+        if self.unacked and not self.closed:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.conn.h2.acknowledge_received_data(self.unacked, self.sid)
+            self.unacked = 0
+
+    def request(self, data: bytes) -> None:
+        server = self.conn.listener.server
+        stream = self.stream
+        try:
+            request = server._read(data, stream, self.parse)
+        except LimitExceeded as exc:
+            self.over(exc)
+            return
+        except Exception as exc:
+            self.finish("INVALID_ARGUMENT", f"cannot parse request: {exc}")
+            return
+        if self.cancel_watch is None:
+            refusal = server.open_stream(self.stream_id, stream, self.out, request, self.conn.auth)
+            if isinstance(refusal, Refusal):
+                self.refuse(refusal)
+                return
+            self.cancel_watch = refusal
+        try:
+            self.out.emit(stream.receive(request))
+        except ProtocolError as exc:
+            self.finish("INVALID_ARGUMENT", str(exc))
+            return
+        self.run_outbox(compute=False)
+
+    # ---------------------------------------------------------------- responses
+    def run_outbox(self, compute: bool = True) -> None:
+        """The writer's turn: the latest snapshot and renewals become frames, and the frames
+        go to the connection as far as flow control and the socket allow."""
+        out = self.out
+        if compute:
+            out._woken = False
+            if out.latest is not None:
+                snapshot, out.latest = out.latest, None
+                out.emit(self.stream.update(snapshot))
+            if out.renewing:
+                out.renewing = False
+                out.emit(self.stream.renew())
+        if out.overflow is not None:
+            self.over(out.overflow)
+            return
+        frames = out.frames
+        if not (frames or self.partial) or self.conn.paused or self.closed:
+            return
+        conn = self.conn.h2
+        if not self.headers_sent:
+            self.headers_sent = True
+            conn.send_headers(self.sid, ((b":status", b"200"), (b"content-type", b"application/grpc")))
+        self.conn.pending = True
+        while self.partial or frames:
+            window = conn.local_flow_control_window(self.sid)
+            if window <= 0:
+                return
+            if self.partial:
+                data = self.partial
+            else:
+                message = frames.pop(0)
+                data = _PREFIX.pack(0, len(message)) + message
+            self.partial = data[window:]  # the rest waits for the peer's WINDOW_UPDATE
+            self._send(data[:window])
+
+    def _send(self, data: bytes) -> None:
+        conn = self.conn.h2
+        limit = conn.max_outbound_frame_size
+        for start in range(0, len(data), limit):
+            conn.send_data(self.sid, data[start:start + limit])
+
+    # ---------------------------------------------------------------- ends
+    def refuse(self, refusal: Refusal, at_once: bool = True) -> None:
+        server = self.conn.listener.server
+        server.guard.on_refusal(refusal.reason)
+        server._log.log(refusal.reason, "xDS stream from %s refused: %s", self.conn.peer, refusal.message)
+        self._end(refusal.code, refusal.message, at_once)
+
+    def over(self, exc: LimitExceeded, at_once: bool = True) -> None:
+        server = self.conn.listener.server
+        server.guard.on_limit(exc.limit)
+        server._log.log(exc.limit, "xDS stream from %s closed: %s", self.conn.peer, exc)
+        self._end(exc.code, str(exc), at_once)
+
+    def _end(self, code: str, message: str, at_once: bool) -> None:
+        """A call refused as it opens ends when its first request arrives (or in 1 s): a gRPC
+        client whose stream ends before its first message is written sees INTERNAL, not the
+        status (grpcio's client fails that write)."""
+        if at_once:
+            self.finish(code, message)
+            return
+        self.ending = (code, message)
+        asyncio.get_running_loop().call_later(1.0, self._end_late)
+
+    def _end_late(self) -> None:
+        if self.ending is not None and not self.closed:
+            self.finish(*self.ending)
+            self.conn.flush()
+
+    def finish(self, code: str, message: str = "") -> None:
+        """End the call with a gRPC status (trailers; trailers-only when nothing was sent)."""
+        if self.closed:
+            return
+        trailers = [(b"grpc-status", str(_STATUS[code]).encode())]
+        if message:
+            trailers.append((b"grpc-message", urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()))
+        headers = trailers if self.headers_sent else [
+            (b":status", b"200"), (b"content-type", b"application/grpc"), *trailers]
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.conn.h2.send_headers(self.sid, headers, end_stream=True)
+        self.conn.pending = True
+        self.close()
+
+    def close(self) -> None:
+        """Forget the call (the peer is gone, or it was finished)."""
+        if self.closed:
+            return
+        self.closed = True
+        server = self.conn.listener.server
+        self.out.frames.clear()
+        self.partial = b""
+        self.conn.calls.pop(self.sid, None)
+        if self.cancel_watch is not None:
+            self.cancel_watch()
+            server.streams.pop(self.stream_id, None)
+            server._outboxes.pop(self.stream_id, None)
+            server.tracker.disconnect(self.stream_id)
+        if self.release is not None:
+            self.release()
+            self.release = None
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: its h2 state machine, its calls, its keepalive."""
+
+    def __init__(self, listener: H2Listener) -> None:
+        self.listener = listener
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        self.h2 = h2.connection.H2Connection(config)
+        self.calls: dict[int, _Call] = {}
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unknown"
+        self.auth: dict[str, list[bytes]] = {}
+        self.paused = False
+        self.pending = False  # h2 holds bytes to write
+        self._ping_due: asyncio.TimerHandle | None = None
+        self._ping_sent = 0.0
+        self._closed = False
+        self._early: list[bytes] | None = []  # what arrived before _begin
+
+    # ---------------------------------------------------------------- asyncio
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = grpc_peer(transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.listener.connections.add(self)
+        if self.listener._tls is not None:
+            transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._handshake(self.listener._tls()))
+            return
+        self._begin()
+
+    async def _handshake(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        try:
+            secure = await asyncio.wait_for(loop.start_tls(self.transport, self, context, server_side=True), 10.0)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("xDS TLS handshake with %s failed: %s", self.peer, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            self.listener.connections.discard(self)
+            return
+        if secure is None:
+            return
+        self.transport = secure
+        ssl_object = secure.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() not in ("h2", None):
+            secure.abort()
+            return
+        self.auth = auth_context_of(ssl_object.getpeercert(binary_form=True))
+        self._begin()
+
+    def _begin(self) -> None:
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.listener.max_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20,
+        })
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window((1 << 24) - 65_535)
+        self.flush()
+        self._schedule_ping()
+        early, self._early = self._early or [], None
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:  # TLS: the handshake is done but start_tls has not returned yet
+            self._early.append(data)
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("xDS HTTP/2 protocol error from %s: %s", self.peer, exc)
+            self.flush()
+            self.transport_abort()
+            return
+        for event in events:
+            self._event(event)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._ping_due is not None:
+            self._ping_due.cancel()
+        for call in list(self.calls.values()):
+            call.close()
+        self.listener.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for call in list(self.calls.values()):
+            if call.out.frames or call.partial:
+                call.run_outbox(compute=False)
+        self.flush()
+
+    # ---------------------------------------------------------------- h2 events
+    def _event(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.data(event.data, event.flow_controlled_length)
+            elif event.flow_controlled_length:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._open(event.stream_id, dict(event.headers))
+        elif isinstance(event, h2.events.WindowUpdated):
+            calls = self.calls.values() if event.stream_id == 0 else [self.calls.get(event.stream_id)]
+            for call in list(calls):
+                if call is not None and (call.out.frames or call.partial):
+                    call.run_outbox(compute=False)
+        elif isinstance(event, h2.events.StreamEnded):
+            call = self.calls.get(event.stream_id)
+            if call is not None and call.ending is not None:
+                call.finish(*call.ending)
+            elif call is not None:  # the client half-closed: the call is over (grpcio's handler returns)
+                call.take_requests()
+                call.finish("OK")
+        elif isinstance(event, h2.events.StreamReset):
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.close()
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._ping_sent = 0.0
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.close_calls("UNAVAILABLE", "the client closed the connection")
+            self.transport_abort()
+
+    def _open(self, sid: int, headers: dict[bytes, bytes]) -> None:
+        method = _METHODS.get(headers.get(b":path", b""))
+        server = self.listener.server
+        if method is None or not server.accepting:
+            self._trailers_only(sid, "UNIMPLEMENTED", f"unknown method {headers.get(b':path', b'')!r}")
+            return
+        call = _Call(self, sid, method == "delta")
+        self.calls[sid] = call
+        refusal = server.security.admit_peer(self.peer, self.auth)
+        if refusal is not None:
+            call.refuse(refusal, at_once=False)
+            return
+        try:
+            call.release = server.slots.take(self.peer)
+        except LimitExceeded as exc:
+            call.over(exc, at_once=False)
+            return
+        wait = server.admission.reserve(time.monotonic())
+        if wait > 0:  # a reconnect storm: the stream waits its turn, its first request unread
+            server.guard.on_limit("admission")
+            server.admission.waiting += 1
+            call.held = True
+            asyncio.get_running_loop().call_later(wait, self._admit, call)
+
+    def _admit(self, call: _Call) -> None:
+        self.listener.server.admission.waiting -= 1
+        call.held = False
+        if not call.closed:
+            call.take_requests()
+            self.flush()
+
+    def _trailers_only(self, sid: int, code: str, message: str) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                       (b"grpc-status", str(_STATUS[code]).encode()),
+                                       (b"grpc-message", urllib.parse.quote(message).encode())], end_stream=True)
+        self.pending = True
+
+    # ---------------------------------------------------------------- writing, pings, ends
+    def flush(self) -> None:
+        self.pending = False
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _schedule_ping(self) -> None:
+        if not self._closed and self.listener.keepalive_time > 0:
+            self._ping_due = asyncio.get_running_loop().call_later(self.listener.keepalive_time, self._ping)
+
+    def _ping(self) -> None:
+        if self._closed:
+            return
+        if self._ping_sent:
+            if time.monotonic() - self._ping_sent > self.listener.keepalive_timeout:
+                log.info("xDS: %s did not answer a keepalive ping within %.1f s: closing", self.peer,
+                         self.listener.keepalive_timeout)
+                self.close_calls("UNAVAILABLE", "keepalive ping not answered")
+                self.transport_abort()
+                return
+        else:
+            self._ping_sent = time.monotonic()
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.ping(struct.pack(">Q", int(self._ping_sent * 1e6)))
+            self.flush()
+        delay = self.listener.keepalive_timeout if self._ping_sent else self.listener.keepalive_time
+        self._ping_due = asyncio.get_running_loop().call_later(min(delay, self.listener.keepalive_time), self._ping)
+
+    def goaway(self) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.close_connection()
+        self.flush()
+
+    def close_calls(self, code: str, message: str) -> None:
+        for call in list(self.calls.values()):
+            call.finish(code, message)
+        self.flush()
+
+    def transport_abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
