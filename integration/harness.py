@@ -373,7 +373,8 @@ def workdir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if not os.environ.get("REPSTAGE_KEEP_WORKDIR"):  # debugging: keep the logs
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --- several control-plane nodes (a Raft cluster) ----------------------------------------------
