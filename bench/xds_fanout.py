@@ -129,7 +129,7 @@ def _cpu_all(pool: WorkerPool | None) -> float:
 
 async def serve(
     services: int, profile: Path | None, options: list[str], fast_parse: bool, gc_freeze: bool, ack_fast: bool,
-    listen_port: int = 0, first_version: int = 1, workers: int = 0,
+    listen_port: int = 0, first_version: int = 1, workers: int = 0, transport: str = "h2",
 ) -> None:
     import repstage_mesh.xds.server as xds_server
 
@@ -150,8 +150,8 @@ async def serve(
     version = first_version  # a restarted server (--restart) renders what the old one last had
     cache.set_snapshot("", common.build_snapshot(version, listen_ports, 19001 + version % 2))
     # --workers N: the node's WorkerPool (xds.workers); the ACKs are seen as the node sees them
-    pool = WorkerPool(workers, cache, tracker, "bench", limits=BENCH_LIMITS) if workers else None
-    server = pool or TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS)
+    pool = WorkerPool(workers, cache, tracker, "bench", limits=BENCH_LIMITS, transport=transport) if workers else None
+    server = pool or TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS, transport=transport)
     port = await server.start("127.0.0.1", listen_port)
     gc.collect()
     out = sys.stdout
@@ -655,6 +655,7 @@ def run_count(args: argparse.Namespace, streams: int, log_dir: Path) -> dict[str
     prof += ["--gc-freeze"] if args.gc_freeze else []
     prof += ["--ack-fast"] if args.ack_fast else []
     prof += ["--workers", str(args.workers)] if args.workers else []
+    prof += ["--transport", args.transport]
     if args.profile_server:
         prof += ["--profile-server", str(args.profile_server.with_suffix(f".{streams}.txt"))]
     load = common.loadavg()
@@ -726,7 +727,8 @@ def restart_server(
     t0 = time.monotonic()
     new = Proc(["--role", "server", "--port", str(port), "--first-version", str(version), *common_args,
                 *(["--gc-freeze"] if args.gc_freeze else []),
-                *(["--workers", str(args.workers)] if args.workers else [])], f"server-{streams}-restarted", log_dir)
+                *(["--workers", str(args.workers)] if args.workers else []), "--transport", args.transport],
+               f"server-{streams}-restarted", log_dir)
     new.recv(30)
     new.send({"cmd": "wait_synced", "n": streams, "timeout": 120})
     synced = new.recv(150)
@@ -758,6 +760,7 @@ def variant(args: argparse.Namespace) -> str:
         parts.append("ack-fast")
     if args.workers:
         parts.append(f"workers={args.workers}")
+    parts.append(args.transport)
     return "+".join(parts) or "as is"
 
 
@@ -851,11 +854,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="serve with N xDS worker processes on one port (xds.workers); 0: in the server process")
     parser.add_argument("--count", type=int)
+    parser.add_argument("--transport", choices=["h2", "grpc"], default="h2", help="xds.transport of the server")
     parser.add_argument("--cid", type=int, default=0)
     args = parser.parse_args()
     if args.role == "server":
         asyncio.run(serve(args.services, args.profile_server, args.server_option, args.fast_parse, args.gc_freeze,
-                          args.ack_fast, args.port or 0, args.first_version, args.workers))
+                          args.ack_fast, args.port or 0, args.first_version, args.workers, args.transport))
         return
     if args.role == "client":
         asyncio.run(client(args.port, args.count, args.per_channel, args.services, args.delta, args.parse, args.cid))

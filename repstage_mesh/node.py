@@ -510,7 +510,7 @@ def xds_limits(xds: XdsConfig) -> XdsLimits:
 
 
 def xds_server_args(xds: XdsConfig, guard: GuardObserver) -> dict[str, Any]:
-    return {"limits": xds_limits(xds), "security": xds_security(xds), "guard": guard}
+    return {"limits": xds_limits(xds), "security": xds_security(xds), "guard": guard, "transport": xds.transport}
 
 
 def xds_security(xds: XdsConfig) -> XdsSecurity:

@@ -106,6 +106,7 @@ class WorkerInit:
     name: str = "xds-worker"
     log_level: int = 20
     grpc_options: tuple[tuple[str, Any], ...] = ()
+    transport: str = "h2"  # server.TRANSPORTS
     # The node writes at least every `heartbeat` seconds; a worker that hears nothing for
     # `node_silence` exits (its listener closes): a frozen node's Envoys go to another node
     # instead of being served a config the node no longer renews.

@@ -46,7 +46,7 @@ class Worker:
         self.server = AdsServer(
             self.cache, self.tracker, init.control_plane_id, limits=init.limits, security=init.security,
             guard=self.batcher, first_stream_id=init.first_stream_id,
-            grpc_options=(*init.grpc_options, ("grpc.so_reuseport", 1)),
+            grpc_options=(*init.grpc_options, ("grpc.so_reuseport", 1)), transport=init.transport,
         )
 
     def keep_gc(self) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from . import relay
 from .cache import Snapshot, SnapshotCache
 from .limits import XdsLimits
-from .server import GuardObserver
+from .server import DEFAULT_TRANSPORT, GuardObserver
 from .tls import XdsSecurity
 from .tracker import ProxyTracker
 
@@ -104,10 +104,12 @@ class WorkerPool:
         group: str = "",
         restart_delay: float = 1.0,
         on_restart: Callable[[], None] | None = None,
+        transport: str = DEFAULT_TRANSPORT,
     ) -> None:
         if count < 1:
             raise ValueError("count: at least one worker")
         self.count = count
+        self.transport = transport
         self.cache = cache
         self.tracker = tracker
         self.control_plane_id = control_plane_id
@@ -246,6 +248,7 @@ class WorkerPool:
             self._host, self.port or 0, self.control_plane_id, worker_limits(self.limits, self.count),
             self.security, worker.spawn * STREAM_ID_STRIDE, self.tracker.never_acked_grace,
             name=f"xds-worker-{worker.slot}", log_level=logging.getLogger().getEffectiveLevel(),
+            transport=self.transport,
         )
         self._write(worker, relay.encode(("init", init)))
         if self._frame is not None:

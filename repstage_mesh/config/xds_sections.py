@@ -3,6 +3,8 @@ limits one client may cost."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pydantic import Field, FilePath, model_validator
@@ -94,6 +96,11 @@ class XdsConfig(Section):
         default=None, ge=0, le=256,
         description="xDS worker processes sharing xds.listen (SO_REUSEPORT); unset: one per core; "
         "0: xDS is served in the node process. README, 'xDS workers'",
+    )
+    transport: Literal["h2", "grpc"] = Field(
+        default="h2",
+        description="how xDS speaks gRPC: h2 (python-hyper's h2 on asyncio, ~3x less CPU and memory "
+        "per stream) or grpc (grpcio's asyncio server). README, 'xDS workers'",
     )
     primary_lease_ms: int | None = Field(
         default=None, ge=300, le=3_600_000,
