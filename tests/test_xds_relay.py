@@ -284,3 +284,20 @@ def test_the_batcher_counts_streams_opened_and_closed() -> None:
     proxies = [Proxy(worker, n, snapshot(5, "a")) for n in range(3)]
     proxies[0].leave()
     assert worker.batcher.churn == 4
+
+
+@pytest.mark.parametrize(
+    ("silent", "state", "gone"),
+    [
+        (1.0, "T", False),  # not silent long enough, whatever the state
+        (3.5, "T", True),  # stopped (SIGSTOP, a paused container): its Envoys must move
+        (3.5, "", True),  # cannot tell: as before, leave
+        (3.5, "Z", True),
+        (3.5, "R", False),  # running: busy (a reconnect storm), not frozen
+        (3.5, "S", False),
+        (29.0, "D", False),
+        (30.0, "S", True),  # a loop wedged for 10 x node_silence
+    ],
+)
+def test_a_worker_leaves_a_stopped_node_and_waits_for_a_busy_one(silent: float, state: str, gone: bool) -> None:
+    assert relay.node_is_gone(silent, 3.0, state) is gone

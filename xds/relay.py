@@ -114,6 +114,22 @@ class WorkerInit:
     node_silence: float = 3.0
 
 
+BUSY_NODE_FACTOR = 10  # a node that runs but says nothing is waited for this many node_silence
+
+
+def node_is_gone(silent: float, node_silence: float, state: str) -> bool:
+    """Should a worker that has heard nothing from its node for `silent` seconds exit? Yes when
+    the node is stopped (SIGSTOP, a paused container: state T/t), dead or unknown; a node that
+    runs or sleeps is busy (e.g. taking in a reconnect storm of tens of thousands of streams:
+    leaving it would disconnect them all again) and is waited for up to BUSY_NODE_FACTOR x
+    `node_silence` (a wedged loop)."""
+    if silent < node_silence:
+        return False
+    if state in ("R", "S", "D"):
+        return silent >= node_silence * BUSY_NODE_FACTOR
+    return True
+
+
 # --- worker side: facts, batched per event-loop pass ------------------------------------------
 
 Event = tuple[Any, ...]

@@ -109,7 +109,17 @@ class Worker:
         return True
 
 
-async def _serve(fd: int) -> int:
+def process_state(pid: int) -> str:
+    """The state letter of a process (Linux /proc: R running, S sleeping, D disk, T stopped, ...);
+    "" when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+async def _serve(fd: int, node_pid: int) -> int:
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     decoder = relay.FrameDecoder()
@@ -131,6 +141,7 @@ async def _serve(fd: int) -> int:
         await writer.drain()
         return 2
     worker.send(("ready", port))
+    heard = time.monotonic()
     try:
         while True:
             for message in pending:
@@ -139,8 +150,13 @@ async def _serve(fd: int) -> int:
             try:
                 data = await asyncio.wait_for(reader.read(1 << 20), init.node_silence)
             except TimeoutError:
-                log.warning("xDS worker: the node said nothing for %.1f s (frozen?): exiting", init.node_silence)
-                return 3
+                silent = time.monotonic() - heard
+                if relay.node_is_gone(silent, init.node_silence, process_state(node_pid)):
+                    log.warning("xDS worker: the node said nothing for %.1f s (frozen?): exiting", silent)
+                    return 3
+                log.warning("xDS worker: the node said nothing for %.1f s but it runs (busy): staying", silent)
+                continue
+            heard = time.monotonic()
             if not data:
                 return 0  # the node is gone
             pending = decoder.feed(data)
@@ -163,9 +179,10 @@ def _die_with(parent: int) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops us
+    node_pid = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
     if len(sys.argv) > 2:
-        _die_with(int(sys.argv[2]))
-    sys.exit(asyncio.run(_serve(int(sys.argv[1]))))
+        _die_with(node_pid)
+    sys.exit(asyncio.run(_serve(int(sys.argv[1]), node_pid)))
 
 
 if __name__ == "__main__":
