@@ -86,6 +86,25 @@ def test_the_tracker_keeps_a_bounded_number_of_disconnected_records() -> None:
     assert hits and set(hits) == {"disconnected_proxies"}
 
 
+def test_disconnected_records_are_forgotten_in_the_order_they_left_and_after_the_horizon() -> None:
+    clock = Clock()
+    tracker = ProxyTracker(clock=clock, max_disconnected=2, keep_disconnected=60.0)
+    for sid in (1, 2, 3):
+        connect(tracker, sid, snapshot(7), SotwRequest(CDS))
+    for sid in (3, 1, 2):  # the first to connect is not the first to leave
+        clock.now += 10
+        tracker.disconnect(sid)
+    connect(tracker, 4, snapshot(7), SotwRequest(CDS))
+    assert sorted(tracker.records) == [1, 2, 4]  # 3 left first
+    clock.now += 55  # 1 left 65 s ago, 2 left 55 s ago
+    connect(tracker, 5, snapshot(7), SotwRequest(CDS))
+    assert sorted(tracker.records) == [2, 4, 5]
+    tracker.disconnect(4)
+    clock.now += 61
+    connect(tracker, 6, snapshot(7), SotwRequest(CDS))
+    assert sorted(tracker.records) == [5, 6]
+
+
 def test_the_push_trace_does_not_wait_for_excused_proxies() -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor

@@ -13,6 +13,7 @@ primary), and the proxy's `lag()` carries Envoy's error text.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ class ProxyTracker:
         self.clock = clock
         self.keep_disconnected = keep_disconnected
         self.records: dict[int, ProxyRecord] = {}
+        self._gone: dict[int, float] = {}  # disconnected stream ids, in the order they left
         self.observers: list[TrackerObserver] = []
         self.waiters = Waiters()
 
@@ -228,6 +230,7 @@ class ProxyTracker:
         if record is None or record.disconnected_at is not None:
             return
         record.disconnected_at = self.clock()
+        self._gone[stream_id] = record.disconnected_at
         for obs in self.observers:
             obs.on_disconnect(record)
         self.waiters.changed(record)
@@ -302,14 +305,27 @@ class ProxyTracker:
         return [r.to_dict() for r in sorted(self.records.values(), key=lambda r: (r.node.id, r.stream_id))]
 
     def _prune(self) -> None:
-        horizon = self.clock() - self.keep_disconnected
-        gone = [s for s, r in self.records.items() if r.disconnected_at is not None]
-        if len(gone) > self.max_disconnected:
-            for sid in gone[: len(gone) - self.max_disconnected]:  # oldest first (dict order)
-                del self.records[sid]
+        """Forget disconnected records beyond `max_disconnected` (oldest first) and older than
+        `keep_disconnected`. O(records forgotten): it runs at every connect, and a reconnect
+        storm of 30,000 streams made a scan of every record at each one a multi-second stall."""
+        gone = self._gone
+        excess = len(gone) - self.max_disconnected
+        if excess > 0:
+            for sid in list(itertools.islice(gone, excess)):
+                self._forget(sid)
             if self.on_limit is not None:
                 self.on_limit("disconnected_proxies")
-        for sid in [s for s, r in self.records.items() if r.disconnected_at is not None and r.disconnected_at < horizon]:
+        horizon = self.clock() - self.keep_disconnected
+        while gone:
+            sid, at = next(iter(gone.items()))
+            if at >= horizon:
+                break
+            self._forget(sid)
+
+    def _forget(self, sid: int) -> None:
+        del self._gone[sid]
+        record = self.records.get(sid)
+        if record is not None and record.disconnected_at is not None:
             del self.records[sid]
 
 
