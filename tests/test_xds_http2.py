@@ -219,3 +219,42 @@ async def test_a_stop_ends_open_streams_with_unavailable(server: AdsServer) -> N
         client.close()
     finally:
         await channel.close()
+
+
+class _Guard:
+    def __init__(self) -> None:
+        self.limits: list[str] = []
+
+    def on_limit(self, limit: str) -> None:
+        self.limits.append(limit)
+
+    def on_refusal(self, reason: str) -> None:
+        pass
+
+
+async def test_a_peer_that_floods_pings_and_reads_nothing_is_disconnected() -> None:
+    guard = _Guard()
+    ads = AdsServer(SnapshotCache(), ProxyTracker(), limits=XdsLimits(max_connection_buffer_bytes=64 * 1024),
+                    guard=guard, transport="h2")
+    port = await ads.start("127.0.0.1", 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little room in the kernel for what we never read
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        pings = b"".join(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + struct.pack(">Q", i) for i in range(4096))
+        async with asyncio.timeout(20):
+            with contextlib.suppress(ConnectionError):
+                while "connection_buffer" not in guard.limits:
+                    writer.write(pings)
+                    await writer.drain()
+        assert "connection_buffer" in guard.limits
+        await eventually(lambda: not ads._h2 or not ads._h2.connections, "the connection is closed")
+        writer.close()
+    finally:
+        sock.close()
+        await ads.stop(0)

@@ -57,6 +57,7 @@ _STATUS = {  # gRPC status codes by name (grpc.StatusCode's numbers)
     "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14,
     "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
 }
+_FLUSH_AT = 256 * 1024  # bytes framed into one connection before it is written (and may pause)
 _PUMP_CHUNK = 256  # outboxes served per loop pass, so ACKs are read between chunks of a push
 _PREFIX = struct.Struct(">BI")
 
@@ -296,6 +297,9 @@ class _Call:
         limit = conn.max_outbound_frame_size
         for start in range(0, len(data), limit):
             conn.send_data(self.sid, data[start:start + limit])
+        self.conn.queued += len(data)
+        if self.conn.queued > _FLUSH_AT:  # a large push: let the socket say when it is full
+            self.conn.flush()
 
     # ---------------------------------------------------------------- ends
     def refuse(self, refusal: Refusal, at_once: bool = True) -> None:
@@ -371,6 +375,7 @@ class _Connection(asyncio.Protocol):
         self.auth: dict[str, list[bytes]] = {}
         self.paused = False
         self.pending = False  # h2 holds bytes to write
+        self.queued = 0  # bytes framed since the last flush
         self._ping_due: asyncio.TimerHandle | None = None
         self._last_read = time.monotonic()
         self._closed = False
@@ -534,9 +539,19 @@ class _Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- writing, pings, ends
     def flush(self) -> None:
         self.pending = False
+        self.queued = 0
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if not data or transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        limit = self.listener.server.limits.max_connection_buffer_bytes
+        if transport.get_write_buffer_size() > limit:
+            server = self.listener.server
+            server.guard.on_limit("connection_buffer")
+            server._log.log("connection_buffer", "xDS connection from %s closed: more than %d bytes wait for it "
+                            "to read (xds.limits.max_connection_buffer_bytes)", self.peer, limit)
+            transport.abort()
 
     def _schedule_ping(self) -> None:
         if not self._closed and self.listener.keepalive_time > 0:

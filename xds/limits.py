@@ -19,6 +19,7 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | `unacked_delta` | `max_unacked_delta` Delta responses of one type not yet ACKed: nothing more of that type is sent until the client answers |
 | `error_detail` | a NACK's error text longer than `max_error_detail_bytes` is cut to it (it is stored and shown in `/v1/proxies`) |
 | `admission` | more new streams than `admission_burst` at once, or faster than `admission_rate` per second: the new stream waits its turn (it is not refused), so a reconnect storm is served at a steady rate |
+| `connection_buffer` | more than `max_connection_buffer_bytes` wait to be written to one connection (h2 transport): a peer that sends (PINGs, SETTINGS) but reads nothing is disconnected |
 | `disconnected_proxies` | the tracker keeps at most `max_disconnected_proxies` disconnected proxies for `/v1/proxies`: the oldest are forgotten |
 """
 
@@ -46,6 +47,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "error_detail",
     "resource_name_bytes",
     "admission",
+    "connection_buffer",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -70,6 +72,7 @@ class XdsLimits:
     max_error_detail_bytes: int = 4096
     admission_rate: float = 2_000.0  # new streams served per second once the burst is used
     admission_burst: int = 500  # new streams served at once
+    max_connection_buffer_bytes: int = 64 * 1024 * 1024  # unwritten bytes of one connection (h2)
     known_type_urls: frozenset[str] = KNOWN_TYPE_URLS
 
     def __post_init__(self) -> None:
@@ -79,7 +82,7 @@ class XdsLimits:
             "max_request_bytes", "max_resource_names", "max_resource_name_bytes", "max_initial_resource_versions",
             "max_node_id_bytes", "max_node_metadata_bytes", "max_streams_per_peer",
             "max_streams", "max_outgoing_queue", "max_unacked_delta", "max_error_detail_bytes",
-            "admission_burst",
+            "admission_burst", "max_connection_buffer_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")

@@ -77,6 +77,11 @@ class XdsLimitsConfig(Section):
         default=2_000.0, gt=0, le=1_000_000, description="new streams served per second once the burst is used"
     )
     admission_burst: int = Field(default=500, ge=1, le=1_000_000, description="new streams served at once")
+    max_connection_buffer_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024,
+        description="bytes waiting to be written to one connection (h2 transport): a peer that sends but "
+        "reads nothing (its PING and SETTINGS answers pile up) is disconnected",
+    )
 
 
 class XdsConfig(Section):
