@@ -82,7 +82,7 @@ def probe_parts(prefix: str, envoys: int) -> list[dict[str, float]]:
     return rows
 
 
-def measure(envoys: int, runs: int, probe: bool = False) -> dict[str, Any]:
+def measure(envoys: int, runs: int, probe: bool = False, transport: str = "h2") -> dict[str, Any]:
     config = {
         "services": [{
             "name": SERVICE, "protocol": "tcp", "listen_port": free_low_port(),
@@ -91,6 +91,7 @@ def measure(envoys: int, runs: int, probe: bool = False) -> dict[str, Any]:
             "primary": "a",
         }],
         "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
+        "xds": {"listen": f"127.0.0.1:{free_low_port()}", "transport": transport},
     }
     fence, route, answered = [], [], []
     with workdir() as wd:
@@ -140,8 +141,9 @@ def main() -> None:
     parser.add_argument("--envoys", type=int, default=50)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--probe", action="store_true", help="time each part from the commit itself")
+    parser.add_argument("--transport", choices=["h2", "grpc"], default="h2", help="the node's xds.transport")
     args = parser.parse_args()
-    out = measure(args.envoys, args.runs, args.probe)
+    out = measure(args.envoys, args.runs, args.probe, args.transport)
     p = common.percentile
     both = out["fence"] + out["route"]
     print(f"{out['envoys']} Envoys, {out['runs']} switches, load {out['load_before']} -> {out['load_after']}")
