@@ -258,3 +258,43 @@ async def test_a_peer_that_floods_pings_and_reads_nothing_is_disconnected() -> N
     finally:
         sock.close()
         await ads.stop(0)
+
+
+async def test_a_push_that_fails_on_one_stream_closes_that_stream_and_reaches_the_others(
+    server: AdsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from repstage_mesh.xds.protocol import SotwStream
+
+    assert server.port is not None
+    channel = aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        clients = [AdsClient(channel) for _ in range(3)]
+        for i, client in enumerate(clients):
+            client.send(sotw_request(node_id=f"edge-{i}"))
+            first = await client.receive()
+            client.send(sotw_request(version=first.version_info, nonce=first.nonce))  # ACK
+        await eventually(lambda: all(r.synced_index >= 0 for r in server.tracker.connected() if r.refresh() is None),
+                         "all three ACKed")
+        (bad,) = [server.streams[r.stream_id] for r in server.tracker.connected() if r.node.id == "edge-1"]
+        update = SotwStream.update
+
+        def failing(self: SotwStream, snapshot: Snapshot) -> list[object]:
+            if self is bad:
+                raise RuntimeError("a bug")
+            return update(self, snapshot)  # type: ignore[return-value]
+
+        monkeypatch.setattr(SotwStream, "update", failing)
+        server.cache.set_snapshot("", _snapshot("2", size=11))
+        for i in (0, 2):
+            second = await clients[i].receive()
+            assert second.version_info.startswith("2-")
+            clients[i].send(sotw_request(version=second.version_info, nonce=second.nonce))
+        code, _ = await clients[1].status()
+        assert code == grpc.StatusCode.INTERNAL
+        assert len(server.streams) == 2
+        server.cache.set_snapshot("", _snapshot("3", size=12))  # the pump still runs
+        assert (await clients[0].receive()).version_info.startswith("3-")
+        for client in clients:
+            client.close()
+    finally:
+        await channel.close()

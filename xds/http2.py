@@ -125,17 +125,24 @@ class H2Listener:
     def _pump(self) -> None:
         batch, self._dirty = self._dirty[:_PUMP_CHUNK], self._dirty[_PUMP_CHUNK:]
         touched: set[_Connection] = set()
-        for out in batch:
-            call = out.call
-            if not call.closed:
-                call.run_outbox()
+        try:
+            for out in batch:
+                call = out.call
+                if call.closed:
+                    continue
                 touched.add(call.conn)
-        for conn in touched:
-            conn.flush()
-        if self._dirty:
-            asyncio.get_running_loop().call_soon(self._pump)
-        else:
-            self._pumping = False
+                try:
+                    call.run_outbox()
+                except Exception:  # a bug in one stream must not stop every other stream's pushes
+                    log.exception("xDS stream %d (%s): push failed; closing it", call.stream_id, call.conn.peer)
+                    call.finish("INTERNAL", "the server failed to push to this stream")
+            for conn in touched:
+                conn.flush()
+        finally:
+            if self._dirty:
+                asyncio.get_running_loop().call_soon(self._pump)
+            else:
+                self._pumping = False
 
 
 class _H2Outbox(_Outbox):
