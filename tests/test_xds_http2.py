@@ -298,3 +298,33 @@ async def test_a_push_that_fails_on_one_stream_closes_that_stream_and_reaches_th
             client.close()
     finally:
         await channel.close()
+
+
+async def test_a_request_that_fails_ends_its_call_and_not_the_connection(
+    server: AdsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from repstage_mesh.xds.protocol import SotwStream
+
+    receive = SotwStream.receive
+
+    def failing(self: SotwStream, request: object) -> list[object]:
+        if getattr(request, "node", None) is not None and request.node.id == "edge-bad":  # type: ignore[attr-defined]
+            raise RuntimeError("a bug")
+        return receive(self, request)  # type: ignore[arg-type,return-value]
+
+    monkeypatch.setattr(SotwStream, "receive", failing)
+    assert server.port is not None
+    channel = aio.insecure_channel(f"127.0.0.1:{server.port}")  # one connection for both calls
+    try:
+        good, bad = AdsClient(channel), AdsClient(channel)
+        good.send(sotw_request(node_id="edge-good"))
+        first = await good.receive()
+        good.send(sotw_request(version=first.version_info, nonce=first.nonce))
+        bad.send(sotw_request(node_id="edge-bad"))
+        code, _ = await bad.status()
+        assert code == grpc.StatusCode.INTERNAL
+        server.cache.set_snapshot("", _snapshot("2", size=11))
+        assert (await good.receive()).version_info.startswith("2-")
+        good.close()
+    finally:
+        await channel.close()

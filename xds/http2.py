@@ -233,7 +233,11 @@ class _Call:
                 break
             message = bytes(buf[5:5 + length])
             del buf[:5 + length]
-            self.request(message)
+            try:
+                self.request(message)
+            except Exception:  # a bug: this call ends, the connection's other calls go on
+                log.exception("xDS stream %d (%s): a request failed; closing it", self.stream_id, self.conn.peer)
+                self.finish("INTERNAL", "the server failed to handle this request")
         if self.unacked and not self.closed:
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.h2.acknowledge_received_data(self.unacked, self.sid)
