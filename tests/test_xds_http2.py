@@ -328,3 +328,18 @@ async def test_a_request_that_fails_ends_its_call_and_not_the_connection(
         good.close()
     finally:
         await channel.close()
+
+
+def test_grpc_message_is_percent_encoded_and_read_back_whole() -> None:
+    import urllib.parse
+
+    from repstage_mesh.xds.grpc_wire import grpc_peer, trailers
+
+    message = "node id 'édge-1' 100% wrong\r\n: see xds.limits"
+    (status, (name, value)) = trailers("PERMISSION_DENIED", message)
+    assert status == (b"grpc-status", b"7") and name == b"grpc-message"
+    assert value.isascii() and b"%25" in value and b"\r" not in value
+    assert urllib.parse.unquote(value.decode()) == message
+    assert trailers("OK", "") == [(b"grpc-status", b"0")]
+    assert grpc_peer(("127.0.0.1", 5000)) == "ipv4:127.0.0.1:5000"
+    assert grpc_peer(("::1", 5000, 0, 0)) == "ipv6:[::1]:5000"

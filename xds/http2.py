@@ -26,9 +26,8 @@ import socket
 import ssl
 import struct
 import time
-import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -36,6 +35,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from .grpc_wire import grpc_peer, trailers
 from .limits import LimitExceeded
 from .protocol import DeltaStream, ProtocolError, SotwStream
 from .requests import parse_delta, parse_sotw
@@ -51,23 +51,9 @@ _METHODS = {
     b"/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": "sotw",
     b"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": "delta",
 }
-_STATUS = {  # gRPC status codes by name (grpc.StatusCode's numbers)
-    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
-    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
-    "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14,
-    "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
-}
 _FLUSH_AT = 256 * 1024  # bytes framed into one connection before it is written (and may pause)
 _PUMP_CHUNK = 256  # outboxes served per loop pass, so ACKs are read between chunks of a push
 _PREFIX = struct.Struct(">BI")
-
-
-def grpc_peer(address: Any) -> str:
-    """grpcio's peer string for a socket address ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000")."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
-    return f"unix:{address}"
 
 
 class H2Listener:
@@ -344,11 +330,8 @@ class _Call:
         """End the call with a gRPC status (trailers; trailers-only when nothing was sent)."""
         if self.closed:
             return
-        trailers = [(b"grpc-status", str(_STATUS[code]).encode())]
-        if message:
-            trailers.append((b"grpc-message", urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode()))
-        headers = trailers if self.headers_sent else [
-            (b":status", b"200"), (b"content-type", b"application/grpc"), *trailers]
+        ending = trailers(code, message)
+        headers = ending if self.headers_sent else [(b":status", b"200"), (b"content-type", b"application/grpc"), *ending]
         with contextlib.suppress(h2.exceptions.H2Error):
             self.conn.h2.send_headers(self.sid, headers, end_stream=True)
         self.conn.pending = True
@@ -543,8 +526,7 @@ class _Connection(asyncio.Protocol):
     def _trailers_only(self, sid: int, code: str, message: str) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                                       (b"grpc-status", str(_STATUS[code]).encode()),
-                                       (b"grpc-message", urllib.parse.quote(message).encode())], end_stream=True)
+                                       *trailers(code, message)], end_stream=True)
         self.pending = True
 
     # ---------------------------------------------------------------- writing, pings, ends
