@@ -47,14 +47,14 @@ class Served:
         return AdsClient(self.channel, delta)
 
 
-async def serve(limits: XdsLimits) -> AsyncIterator[Served]:
+async def serve(limits: XdsLimits, transport: str = "h2") -> AsyncIterator[Served]:
     registry = CollectorRegistry()
     cache = SnapshotCache()
     cache.set_snapshot("", snapshot(5))
     tracker = ProxyTracker("cp-test")
     metrics = MeshMetrics(registry, "cp-test")
     tracker.observers.append(metrics)
-    server = AdsServer(cache, tracker, "cp-test", limits=limits, guard=metrics)
+    server = AdsServer(cache, tracker, "cp-test", limits=limits, guard=metrics, transport=transport)
     port = await server.start("127.0.0.1", 0)
     channel = aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -64,11 +64,11 @@ async def serve(limits: XdsLimits) -> AsyncIterator[Served]:
         await server.stop(0)
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[Served]:
+@pytest.fixture(params=["h2", "grpc"])  # both transports (xds.transport) apply every limit alike
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
     limits = XdsLimits(max_resource_names=50, max_streams_per_peer=4, max_streams=6,
                        max_initial_resource_versions=20, max_node_metadata_bytes=64)
-    async for s in serve(limits):
+    async for s in serve(limits, request.param):
         yield s
 
 

@@ -59,14 +59,15 @@ class Pki:
             os.replace(tmp, path)
 
 
-@pytest.fixture
-async def tls_server(tmp_path: Path) -> AsyncIterator[tuple[Pki, AdsServer, CollectorRegistry]]:
+@pytest.fixture(params=["h2", "grpc"])  # both transports (xds.transport)
+async def tls_server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Pki, AdsServer, CollectorRegistry]]:
     pki = Pki(tmp_path)
     cache = SnapshotCache()
     cache.set_snapshot("", _snapshot())
     registry = CollectorRegistry()
     metrics = MeshMetrics(registry, "cp")
-    server = AdsServer(cache, ProxyTracker(), "cp", security=XdsSecurity(tls=pki.files), guard=metrics)
+    server = AdsServer(cache, ProxyTracker(), "cp", security=XdsSecurity(tls=pki.files), guard=metrics,
+                       transport=request.param)
     await server.start("127.0.0.1", 0)
     try:
         yield pki, server, registry

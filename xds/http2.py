@@ -259,13 +259,7 @@ class _Call:
         go to the connection as far as flow control and the socket allow."""
         out = self.out
         if compute:
-            out._woken = False
-            if out.latest is not None:
-                snapshot, out.latest = out.latest, None
-                out.emit(self.stream.update(snapshot))
-            if out.renewing:
-                out.renewing = False
-                out.emit(self.stream.renew())
+            out.compute()
         if out.overflow is not None:
             self.over(out.overflow)
             return

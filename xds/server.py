@@ -434,12 +434,16 @@ class _Outbox:
                     await self._waiter
                 finally:
                     self._waiter = None
-            self._woken = False
-            if self.latest is not None:
-                snapshot, self.latest = self.latest, None
-                self.emit(self.stream.update(snapshot))
-            if self.renewing:
-                self.renewing = False
-                self.emit(self.stream.renew())
+            self.compute()
             while self.frames:
                 await context.write(self.frames.pop(0))
+
+    def compute(self) -> None:
+        """The writer's turn: the latest snapshot and a renewal become frames (either transport)."""
+        self._woken = False
+        if self.latest is not None:
+            snapshot, self.latest = self.latest, None
+            self.emit(self.stream.update(snapshot))
+        if self.renewing:
+            self.renewing = False
+            self.emit(self.stream.renew())
