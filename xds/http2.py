@@ -270,7 +270,6 @@ class _Call:
         if not self.headers_sent:
             self.headers_sent = True
             conn.send_headers(self.sid, ((b":status", b"200"), (b"content-type", b"application/grpc")))
-        self.conn.pending = True
         while self.partial or frames:
             window = conn.local_flow_control_window(self.sid)
             if window <= 0:
@@ -328,7 +327,6 @@ class _Call:
         headers = ending if self.headers_sent else [(b":status", b"200"), (b"content-type", b"application/grpc"), *ending]
         with contextlib.suppress(h2.exceptions.H2Error):
             self.conn.h2.send_headers(self.sid, headers, end_stream=True)
-        self.conn.pending = True
         self.close()
 
     def close(self) -> None:
@@ -362,7 +360,6 @@ class _Connection(asyncio.Protocol):
         self.peer = "unknown"
         self.auth: dict[str, list[bytes]] = {}
         self.paused = False
-        self.pending = False  # h2 holds bytes to write
         self.queued = 0  # bytes framed since the last flush
         self._ping_due: asyncio.TimerHandle | None = None
         self._last_read = time.monotonic()
@@ -521,11 +518,9 @@ class _Connection(asyncio.Protocol):
         with contextlib.suppress(h2.exceptions.H2Error):
             self.h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
                                        *trailers(code, message)], end_stream=True)
-        self.pending = True
 
     # ---------------------------------------------------------------- writing, pings, ends
     def flush(self) -> None:
-        self.pending = False
         self.queued = 0
         data = self.h2.data_to_send()
         transport = self.transport
