@@ -89,6 +89,19 @@ def timed(node: ControlPlaneNode, make: Callable[[int], tuple[str, str, bytes]],
     return samples
 
 
+def _cpu(lead: ControlPlaneNode, nodes: list[ControlPlaneNode]) -> dict[str, float]:
+    """CPU seconds so far: the leader node, the followers (summed), their xDS workers, this
+    client (each request's CPU shows where a change costs, beside its latency)."""
+    out = {"leader": 0.0, "leader workers": 0.0, "followers": 0.0, "follower workers": 0.0}
+    for node in nodes:
+        role = "leader" if node is lead else "followers"
+        out[role] += common.process_cpu(node.proc.pid)
+        workers = "leader workers" if node is lead else "follower workers"
+        out[workers] += sum(common.process_cpu(pid) for pid in common.children_of(node.proc.pid))
+    out["client"] = common.cpu_seconds()
+    return out
+
+
 def run(size: int, n: int, kinds: list[str], xds_workers: int | None = None) -> list[dict[str, Any]]:
     rows = []
     with workdir() as wd:
@@ -103,14 +116,17 @@ def run(size: int, n: int, kinds: list[str], xds_workers: int | None = None) -> 
             for kind in kinds:
                 make = _requests(kind, config)
                 for role, node in (("leader", lead), ("follower", follower)):
+                    cpu_before = _cpu(lead, nodes)
                     samples = timed(node, make, n)
+                    cpu = {k: (v - cpu_before[k]) * 1000 / (n + WARMUP) for k, v in _cpu(lead, nodes).items()}
                     rows.append({
                         "kind": kind, "on": role, "n": len(samples),
                         "p50": common.percentile(samples, 50) * 1000,
                         "p99": common.percentile(samples, 99) * 1000,
                     })
                     print(f"{kind:9} {role:9} n={len(samples)} p50 {rows[-1]['p50']:.2f} ms "
-                          f"p99 {rows[-1]['p99']:.2f} ms", flush=True)
+                          f"p99 {rows[-1]['p99']:.2f} ms; CPU ms per request: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()), flush=True)
         finally:
             for node in nodes:
                 node.stop()

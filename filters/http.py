@@ -169,6 +169,31 @@ def route_configuration(
     )
 
 
+def encoded_routes(entries: Sequence[RouteEntry]) -> bytes:
+    """The routes of `entries`, encoded as a virtual host's repeated `routes` field: a fragment
+    for `assembled_route_configuration`. A caller that keeps the fragments of what did not
+    change encodes only what did (one route configuration shared by many services)."""
+    return bytes(VirtualHost(routes=[_route(e) for e in entries]))
+
+
+def assembled_route_configuration(
+    name: str,
+    fragments: Sequence[bytes],
+    *,
+    virtual_host: str = "all",
+    domains: Sequence[str] = ("*",),
+) -> RouteConfiguration:
+    """`route_configuration` with routes encoded beforehand (`encoded_routes`), tried in the
+    order of `fragments`. `bytes()` of the result is exactly that of `route_configuration` with
+    all the entries; the routes travel as the virtual host's unknown fields (protobuf's own
+    rule: unknown fields are kept and written out again), so `virtual_hosts[0].routes` is
+    empty in Python: read them with `RouteConfiguration.parse(bytes(config))`. Only for routes
+    that name no cluster (what a snapshot's references are worked out from)."""
+    config = route_configuration(name, (), virtual_host=virtual_host, domains=domains)
+    config.virtual_hosts[0]._unknown_fields = b"".join(fragments)
+    return config
+
+
 def router_filter() -> HttpFilter:
     """The terminal router filter."""
     return HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))

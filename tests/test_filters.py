@@ -13,6 +13,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryTy
 from envoy_data_plane.envoy.config.core.v3 import ApiVersion, RoutingPriority
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
 from envoy_data_plane.envoy.config.listener.v3 import Listener
+from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -31,9 +32,11 @@ from repstage_mesh.filters import (
     RouteEntry,
     ToCluster,
     XdsConnection,
+    assembled_route_configuration,
     build_bootstrap,
     dns_cluster,
     eds_cluster,
+    encoded_routes,
     high_circuit_breakers,
     http_connection_manager,
     http_health_check,
@@ -317,6 +320,25 @@ def test_route_configuration_keeps_order_and_targets() -> None:
     assert got.num_retries == 2
     assert got.per_try_timeout == timedelta(seconds=1)
     assert got.retriable_status_codes == [502, 503]
+
+
+def test_assembled_route_configuration_encodes_as_the_whole_one() -> None:
+    """Routes encoded in pieces and joined give the bytes of the configuration built in one
+    piece (Envoy cannot tell them apart), in the order of the pieces."""
+    first = [
+        RouteEntry(path="/fence/db/a", target=DirectResponse(200, "primary\n")),
+        RouteEntry(path="/fence/db", authority="a", target=DirectResponse(200, "primary\n")),
+    ]
+    second = [RouteEntry(path="/fence/db/b", target=DirectResponse(503, "not primary\n"))]
+    last = [RouteEntry(prefix="/", target=DirectResponse(404))]
+    whole = route_configuration("r", [*first, *second, *last], virtual_host="fence")
+    assembled = assembled_route_configuration(
+        "r", [encoded_routes(first), encoded_routes(second), encoded_routes(last)], virtual_host="fence"
+    )
+    assert bytes(assembled) == bytes(whole)
+    (vhost,) = RouteConfiguration.parse(bytes(assembled)).virtual_hosts
+    assert [r.match.path or r.match.prefix for r in vhost.routes] == ["/fence/db/a", "/fence/db", "/fence/db/b", "/"]
+    assert encoded_routes([]) == b""
 
 
 def test_http_connection_manager_inline_routes() -> None:

@@ -354,8 +354,10 @@ def test_health_fence_lists_every_member_and_checks_through_the_fence() -> None:
 
 def fence_answers(resources: Resources) -> dict[tuple[str, str | None], int]:
     """(path, :authority or None) -> the status the fence answers."""
-    routes = resources[ROUTE_CONFIGURATION][naming.FENCE_ROUTES]
-    assert isinstance(routes, RouteConfiguration)
+    rendered = resources[ROUTE_CONFIGURATION][naming.FENCE_ROUTES]
+    assert isinstance(rendered, RouteConfiguration)
+    routes = RouteConfiguration.parse(bytes(rendered))  # the routes go out pre-encoded
+    assert routes.virtual_hosts[0].routes[-1].match.prefix == "/"  # the fallback is tried last
     answers: dict[tuple[str, str | None], int] = {}
     for route in routes.virtual_hosts[0].routes:
         match = route.match
@@ -384,6 +386,26 @@ def test_fence_answers_200_only_for_the_current_primary() -> None:
         ("/fence/pg", "b"): 503,
         ("/", None): 404,
     }
+
+
+def test_fence_routes_are_encoded_again_only_when_an_answer_changes() -> None:
+    """A change that leaves every service's members and primary alone (a port, a timeout)
+    gives the very same fence routes (the encoder reuses their bytes, however many services
+    there are); a new primary gives new ones."""
+    options = RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT)
+
+    def fence(pg_primary: str, b: Member = B) -> typing.Any:
+        pg = service("pg", pg_primary, protocol=ServiceProtocol.POSTGRES, members=(A, b), listen_port=15432)
+        return render(mesh(service(primary="c"), pg), options)
+
+    before = fence("a")[ROUTE_CONFIGURATION][naming.FENCE_ROUTES]
+    ported = fence("a", Member(name="b", address="127.0.0.1", port=7999))
+    assert ported[ROUTE_CONFIGURATION][naming.FENCE_ROUTES] is before
+    switched = fence("b")
+    assert switched[ROUTE_CONFIGURATION][naming.FENCE_ROUTES] is not before
+    assert fence_answers(switched)[("/fence/pg", "b")] == 200
+    assert fence_answers(switched)[("/fence/pg", "a")] == 503
+    assert fence_answers(switched)[("/fence/cache", "c")] == 200
 
 
 def test_health_fence_without_services_still_serves_the_fence() -> None:

@@ -21,7 +21,6 @@ How an *open* connection to a demoted primary is cut is the `PrimaryStrategy`:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -29,7 +28,7 @@ import betterproto2
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, LbEndpoint
 from envoy_data_plane.envoy.config.listener.v3 import Listener
-from envoy_data_plane.envoy.config.route.v3 import RetryPolicy
+from envoy_data_plane.envoy.config.route.v3 import RetryPolicy, RouteConfiguration
 
 from repstage_mesh.core import naming
 from repstage_mesh.core.models import MeshState, ServiceProtocol, ServiceState
@@ -42,9 +41,11 @@ from repstage_mesh.filters import (
     HealthStatus,
     RouteEntry,
     ToCluster,
+    assembled_route_configuration,
     collector_cluster,
     dns_cluster,
     eds_cluster,
+    encoded_routes,
     http_health_check,
     http_listener,
     is_ip_address,
@@ -155,6 +156,7 @@ def clear_render_cache() -> None:
     """Forget the render caches (tests; memory)."""
     for cached in (
         _service_resources, _cluster_options, _eds_cluster, _listener_resources, _fence_listeners, _collector,
+        _fence_fragment, _fence_routes,
     ):
         cached.cache_clear()
 
@@ -395,30 +397,48 @@ def _retry(options: RenderOptions) -> RetryPolicy:
 # --- the fence --------------------------------------------------------------------------------
 
 
-def _fence_entries(services: Iterable[ServiceState]) -> list[RouteEntry]:
+# A service's fence answers: its name, its members (in order) and its primary.
+FenceKey = tuple[str, tuple[str, ...], str | None]
+
+
+def _fence_key(service: ServiceState) -> FenceKey:
+    return (service.name, tuple(_member_names(service)), service.primary)
+
+
+@lru_cache(maxsize=8192)
+def _fence_fragment(key: FenceKey) -> bytes:
+    """One service's fence routes, encoded once per (members, primary): a change of primary
+    in a mesh of many services encodes that service's routes, not every service's."""
+    name, members, primary = key
     entries: list[RouteEntry] = []
-    for service in services:
-        for member in _member_names(service):
-            status = 200 if member == service.primary else 503
-            answer = DirectResponse(status, "primary\n" if status == 200 else "not primary\n")
-            entries.append(RouteEntry(path=naming.fence_path(service.name, member), target=answer))
-            entries.append(
-                RouteEntry(
-                    path=naming.fence_check_path(service.name), authority=member, target=answer
-                )
-            )
-    entries.append(
-        RouteEntry(prefix="/", target=DirectResponse(404, "unknown service or member\n"))
-    )
-    return entries
+    for member in members:
+        status = 200 if member == primary else 503
+        answer = DirectResponse(status, "primary\n" if status == 200 else "not primary\n")
+        entries.append(RouteEntry(path=naming.fence_path(name, member), target=answer))
+        entries.append(
+            RouteEntry(path=naming.fence_check_path(name), authority=member, target=answer)
+        )
+    return encoded_routes(entries)
+
+
+_FENCE_FALLBACK = encoded_routes(
+    [RouteEntry(prefix="/", target=DirectResponse(404, "unknown service or member\n"))]
+)
+
+
+@lru_cache(maxsize=8)
+def _fence_routes(keys: tuple[FenceKey, ...]) -> RouteConfiguration:
+    """The fence's one route configuration, the same object while no service's answers
+    changed (a put that leaves members and primary alone re-encodes nothing of it)."""
+    fragments = [_fence_fragment(key) for key in keys]
+    fragments.append(_FENCE_FALLBACK)
+    return assembled_route_configuration(naming.FENCE_ROUTES, fragments, virtual_host="fence")
 
 
 def _render_fence(services: list[ServiceState], options: RenderOptions, out: Resources) -> None:
     assert options.fence_port is not None
-    routes = route_configuration(
-        naming.FENCE_ROUTES, _fence_entries(services), virtual_host="fence"
-    )
-    out[ROUTE_CONFIGURATION][routes.name] = routes
+    routes = _fence_routes(tuple(_fence_key(s) for s in services))
+    out[ROUTE_CONFIGURATION][naming.FENCE_ROUTES] = routes
     for listener in _fence_listeners(options):
         out[LISTENER][listener.name] = listener
 
