@@ -71,7 +71,7 @@ def snapshot(index: int, salt: str, ttl: float | None = None) -> Snapshot:
 
 def test_a_worker_s_snapshot_is_the_node_s_bytes_not_encoded_again() -> None:
     snap = snapshot(7, "x", ttl=3.0)
-    (message,) = relay.FrameDecoder().feed(relay.encode(("snapshot", "", relay.snapshot_wire(snap))))
+    (message,) = relay.FrameDecoder().feed(relay.encode(("snapshot", "", relay.snapshot_wire(snap), 1)))
     copy = relay.snapshot_from_wire(message[2])
     assert copy.version == snap.version and copy.order == snap.order
     assert copy.resources == snap.resources
@@ -79,6 +79,64 @@ def test_a_worker_s_snapshot_is_the_node_s_bytes_not_encoded_again() -> None:
         mine, theirs = snap.selection(type_url, None), copy.selection(type_url, None)
         assert (mine.digest, mine.version) == (theirs.digest, theirs.version)
         assert snap.sotw_body(type_url, mine.items, mine.version) == copy.sotw_body(type_url, theirs.items, theirs.version)
+
+
+contents = st.dictionaries(
+    st.sampled_from([res.CLUSTER, res.ENDPOINT, res.LISTENER]),
+    st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.sampled_from(["1", "2", "3"]), max_size=4),
+    max_size=3,
+)
+
+
+def built(index: int, content: dict[str, dict[str, str]], before: Snapshot | None) -> Snapshot:
+    """A snapshot as the node's encoder builds it: an unchanged resource is the same object."""
+    resources: dict[str, dict[str, EncodedResource]] = {}
+    for type_url, by_name in content.items():
+        resources[type_url] = {}
+        for name, value in by_name.items():
+            old = before.resources.get(type_url, {}).get(name) if before is not None else None
+            data = f"{name}={value}".encode()
+            fresh = EncodedResource.from_bytes(type_url, name, data)
+            # Sometimes the same content comes back as a new object (a re-rendered resource).
+            resources[type_url][name] = old if old is not None and old.digest == fresh.digest and index % 2 else fresh
+    return Snapshot(str(index), resources)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(contents, min_size=1, max_size=8))
+def test_a_worker_that_applies_each_change_holds_the_node_s_snapshot(steps: list[dict[str, dict[str, str]]]) -> None:
+    node: Snapshot | None = None
+    worker: Snapshot | None = None
+    for index, content in enumerate(steps, 1):
+        snap = built(index, content, node)
+        if node is None:
+            (message,) = relay.FrameDecoder().feed(relay.encode(("snapshot", "", relay.snapshot_wire(snap), 1)))
+            worker = relay.snapshot_from_wire(message[2])
+        else:
+            delta = relay.snapshot_delta(node, snap)
+            (message,) = relay.FrameDecoder().feed(relay.encode(("delta", "", delta, index - 1, index)))
+            assert worker is not None
+            worker = relay.snapshot_from_delta(worker, message[2])
+            changed = sum(len(v) for v in delta[2].values())
+            assert changed <= sum(len(v) for v in snap.resources.values())
+        node = snap
+        assert worker.version == node.version and worker.order == node.order
+        assert {t: {n: r.digest for n, r in v.items()} for t, v in worker.resources.items()} == {
+            t: {n: r.digest for n, r in v.items()} for t, v in node.resources.items()
+        }
+
+
+def test_a_change_to_one_resource_sends_that_resource_only() -> None:
+    first = snapshot(7, "x")
+    endpoint = EncodedResource.from_bytes(res.ENDPOINT, "db", b"endpoints-y")
+    second = Snapshot("8", {res.CLUSTER: dict(first.resources[res.CLUSTER]), res.ENDPOINT: {"db": endpoint}})
+    version, _, changed, removed = relay.snapshot_delta(first, second)
+    assert version == "8" and removed == {}
+    assert changed == {res.CLUSTER: {}, res.ENDPOINT: {"db": endpoint}}
+    third = Snapshot("9", {res.ENDPOINT: {"db": endpoint}})  # the clusters are gone
+    _, _, changed, removed = relay.snapshot_delta(second, third)
+    assert changed == {res.ENDPOINT: {}} and removed == {}  # a type that is gone is not listed
+    assert res.CLUSTER not in relay.snapshot_from_delta(second, relay.snapshot_delta(second, third)).resources
 
 
 def test_per_node_limits_are_shared_between_workers_per_stream_ones_are_not() -> None:

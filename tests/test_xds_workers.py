@@ -6,6 +6,7 @@ The same with real Envoys: integration/test_xds_workers.py."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -15,11 +16,14 @@ import pytest
 from fakes import eventually
 from grpc import aio
 
+from repstage_mesh.xds import relay
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot, SnapshotCache
 from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.server import AdsServer
+from repstage_mesh.xds.tls import XdsSecurity
 from repstage_mesh.xds.tracker import ProxyTracker
+from repstage_mesh.xds.worker_main import Worker
 from repstage_mesh.xds.workers import STREAM_ID_STRIDE, WorkerPool, hold_port
 from tests.xds_client import CLUSTERS, AdsClient, sotw_request
 
@@ -100,11 +104,44 @@ async def test_a_pool_s_streams_are_the_node_s_and_a_dead_worker_s_come_back(poo
                          "the worker restarted")
         for record in tracker.records.values():  # the dead worker's streams only are gone
             assert record.connected == (record.stream_id // STREAM_ID_STRIDE == 2), record.key
+
+        # The new worker was sent the whole snapshot, then takes the next change as a delta:
+        # new connections (one each, as Envoys) until one reaches it once it listens.
+        pool.cache.set_snapshot("", snapshot(5))
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        for n in range(200):
+            channels.append(aio.insecure_channel(f"127.0.0.1:{pool.port}", options=own))
+            clients.append(client := AdsClient(channels[-1]))
+            client.send(sotw_request(CLUSTERS, node_id=f"late-{n}"))
+            assert (await client.receive()).version_info.startswith("5-")
+            await eventually(lambda n=n: any(r.node.id == f"late-{n}" for r in tracker.connected()), "the node sees it")
+            if any(r.node.id == f"late-{n}" and r.stream_id // STREAM_ID_STRIDE == 3 for r in tracker.connected()):
+                break
+        else:
+            raise AssertionError("no new connection reached the restarted worker")
     finally:
         for client in clients:
             client.close()
         for ch in channels:
             await ch.close()
+
+
+async def test_a_worker_that_misses_a_change_leaves_to_be_sent_the_whole_snapshot() -> None:
+    thresholds = gc.get_threshold()
+    init = relay.WorkerInit("127.0.0.1", 0, "cp", XdsLimits(), XdsSecurity(), STREAM_ID_STRIDE, 5.0)
+    try:
+        worker = Worker(init, None)  # type: ignore[arg-type]  # nothing is sent in this test
+        first, second, third = snapshot(3), snapshot(4), snapshot(5)
+        assert worker.handle(("snapshot", "", relay.snapshot_wire(first), 1))
+        assert worker.handle(("delta", "", relay.snapshot_delta(first, second), 1, 2))
+        held = worker.cache.get("")
+        assert held is not None and held.version == "4" and worker.seq == 2
+        assert held.resources[res.CLUSTER]["db"].any_bytes == second.resources[res.CLUSTER]["db"].any_bytes
+        # A delta against a snapshot it does not hold: it stops (the node restarts it).
+        assert not worker.handle(("delta", "", relay.snapshot_delta(first, third), 7, 8))
+        assert worker.cache.get("") is held
+    finally:
+        gc.set_threshold(*thresholds)
 
 
 async def test_a_limit_hit_in_a_worker_is_counted_by_the_node(pool: WorkerPool) -> None:

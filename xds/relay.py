@@ -3,8 +3,11 @@
 Over one socketpair per worker, in both directions, length-prefixed frames (`encode`,
 `FrameDecoder`): a 4-byte big-endian length, then a pickled message (both ends are this
 code, started by the node: the pipe is private to them). Node → worker: `("init", WorkerInit)`,
-`("snapshot", group, SnapshotWire)` (one frame encoded once per version and written to every
-worker: the resources' encoded bytes, digests and refs, never re-encoded), `("renew",)`,
+`("snapshot", group, SnapshotWire, seq)` (one frame encoded once per version and written to every
+worker: the resources' encoded bytes, digests and refs, never re-encoded; a worker's first),
+then `("delta", group, SnapshotDelta, base_seq, seq)` for each next one (only what changed:
+`snapshot_delta`; `seq` numbers the snapshots sent, and a worker whose copy is not `base_seq`
+leaves, to be started again with the whole snapshot), `("renew",)`,
 `("stop",)`, `("tick",)` (nothing to say: the node is alive). Worker → node: `("ready", port)` or `("failed", message)`, then `("facts",
 facts, guards)` once per event-loop pass in which anything happened (`FactBatcher`).
 
@@ -89,6 +92,45 @@ def snapshot_wire(snapshot: Snapshot) -> SnapshotWire:
 def snapshot_from_wire(wire: SnapshotWire) -> Snapshot:
     """The worker's copy: the same encoded resources, nothing encoded again."""
     version, order, resources = wire
+    return Snapshot(version, resources, order)
+
+
+# (version, order, {type: {name: resource}} of what is new or changed, {type: (removed names,)});
+# the new snapshot's types are exactly the keys of the first map.
+SnapshotDelta = tuple[
+    str, tuple[str, ...], Mapping[str, Mapping[str, EncodedResource]], Mapping[str, tuple[str, ...]]
+]
+
+
+def snapshot_delta(base: Snapshot, snapshot: Snapshot) -> SnapshotDelta:
+    """What `snapshot` changes of `base`: the resources that are new or whose content differs
+    (the encoder hands back the very same object for what did not change; an equal digest is
+    the same content too), and the names gone. A change to one service of a mesh of thousands
+    costs a frame of that service's resources, not of the whole mesh."""
+    changed: dict[str, dict[str, EncodedResource]] = {}
+    removed: dict[str, tuple[str, ...]] = {}
+    for type_url, by_name in snapshot.resources.items():
+        before = base.resources.get(type_url, {})
+        changed[type_url] = {
+            name: item for name, item in by_name.items()
+            if (old := before.get(name)) is None or (old is not item and old.digest != item.digest)
+        }  # fmt: skip
+        gone = tuple(name for name in before if name not in by_name)
+        if gone:
+            removed[type_url] = gone
+    return (snapshot.version, snapshot.order, changed, removed)
+
+
+def snapshot_from_delta(base: Snapshot, delta: SnapshotDelta) -> Snapshot:
+    """`base` with `delta` applied: the snapshot the node holds (the worker's copy of it)."""
+    version, order, changed, removed = delta
+    resources: dict[str, dict[str, EncodedResource]] = {}
+    for type_url, news in changed.items():
+        merged = dict(base.resources.get(type_url, {}))
+        for name in removed.get(type_url, ()):
+            merged.pop(name, None)
+        merged.update(news)
+        resources[type_url] = merged
     return Snapshot(version, resources, order)
 
 

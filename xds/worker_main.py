@@ -33,6 +33,7 @@ class Worker:
         self.init = init
         self.writer = writer
         self.grace = 0.0  # what the streams get when the server stops (the node's stop says)
+        self.seq = -1  # which of the node's snapshots this worker holds (relay: "snapshot", "delta")
         self.cache = SnapshotCache()
         self.gc_policy = relay.GcPolicy()
         self._profiles = 0  # -1 while profiling (_profile)
@@ -94,9 +95,22 @@ class Worker:
         kind = message[0]
         if kind == "snapshot":
             self._profile()
-            group, wire = message[1], message[2]
-            assert isinstance(group, str)
+            group, wire, seq = message[1], message[2], message[3]
+            assert isinstance(group, str) and isinstance(seq, int)
+            self.seq = seq
             self.cache.set_snapshot(group, relay.snapshot_from_wire(wire))  # type: ignore[arg-type]
+        elif kind == "delta":
+            self._profile()
+            group, delta, base_seq, seq = message[1], message[2], message[3], message[4]
+            assert isinstance(group, str) and isinstance(seq, int)
+            base = self.cache.get(group)
+            if base is None or base_seq != self.seq:
+                # Never seen: frames arrive in order and each is applied. Leaving is the way
+                # back: the node starts this worker again and sends it the whole snapshot.
+                log.error("xDS worker: a change to snapshot %s, but this worker holds %s", base_seq, self.seq)
+                return False
+            self.cache.set_snapshot(group, relay.snapshot_from_delta(base, delta))  # type: ignore[arg-type]
+            self.seq = seq
         elif kind == "renew":
             self.server.renew()
         elif kind == "stop":

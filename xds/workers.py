@@ -6,7 +6,9 @@ while a worker restarts, and port 0 picks one port for all), starts `count` proc
 (`python -m repstage_mesh.xds.worker_main`, spawned: never a fork of this asyncio/grpc
 process), each an `AdsServer` bound to that port with `grpc.so_reuseport` (the kernel spreads
 new connections over them). Each snapshot set in the node's cache is pickled once, with its
-resources' encoded bytes, and that one frame is written to every worker (relay.py). What the
+resources' encoded bytes, and that one frame is written to every worker (relay.py); after the
+first, a frame holds only what changed (a failover in a mesh of thousands of services sends
+that service's resources, not the mesh). What the
 workers' streams do comes back once per event-loop pass and is replayed into the node's
 `ProxyTracker` (relay.FactReplay), so `/v1/proxies`, the proxy waits, metrics and the push
 tracer see every proxy. A worker that exits is restarted at once (after `restart_delay` if it
@@ -125,7 +127,8 @@ class WorkerPool:
         self._held: socket.socket | None = None
         self._workers = [_Worker(slot) for slot in range(count)]
         self._spawns = 0
-        self._frame: bytes | None = None  # the current snapshot, encoded once
+        self._sent: Snapshot | None = None  # the snapshot the workers hold (after the frames written)
+        self._seq = 0  # numbers the snapshots sent: a delta names the one it applies to
         self._cancel_watch: Callable[[], None] | None = None
         self._stopping = False
         self._ticker: asyncio.Task[None] | None = None
@@ -212,9 +215,20 @@ class WorkerPool:
     # --- workers ------------------------------------------------------------------------------
 
     def _snapshot(self, group: str, snapshot: Snapshot) -> None:
-        self._frame = relay.encode(("snapshot", group, relay.snapshot_wire(snapshot)))
+        """One frame per new snapshot, written to every worker: what changed since the one
+        they hold (a worker that starts later is sent the whole of it: `_whole`)."""
+        base, self._sent = self._sent, snapshot
+        self._seq += 1
+        if base is None:
+            frame = self._whole()
+        else:
+            frame = relay.encode(("delta", group, relay.snapshot_delta(base, snapshot), self._seq - 1, self._seq))
         for worker in self._workers:
-            self._write(worker, self._frame)
+            self._write(worker, frame)
+
+    def _whole(self) -> bytes:
+        assert self._sent is not None
+        return relay.encode(("snapshot", self.group, relay.snapshot_wire(self._sent), self._seq))
 
     def _write(self, worker: _Worker, frame: bytes) -> None:
         writer = worker.writer
@@ -251,8 +265,8 @@ class WorkerPool:
             transport=self.transport,
         )
         self._write(worker, relay.encode(("init", init)))
-        if self._frame is not None:
-            self._write(worker, self._frame)
+        if self._sent is not None:
+            self._write(worker, self._whole())
         decoder = worker.decoder = relay.FrameDecoder()
         while True:
             data = await worker.reader.read(1 << 16)
