@@ -78,7 +78,12 @@ def probe_parts(prefix: str, envoys: int) -> list[dict[str, float]]:
         t0, sends = events[i][0], at["send"]
         values = (at["publish_start"][0] - t0, at["publish_end"][0] - at["publish_start"][0],
                   sends[0] - at["publish_end"][0], sends[-1] - sends[0], at["ack"][-1] - sends[-1], at["ack"][-1] - t0)
-        rows.append({name: v * 1000 for name, v in zip(PARTS, values, strict=True)})
+        row = {name: v * 1000 for name, v in zip(PARTS, values, strict=True)}
+        row["kind"] = events[i][2] if len(events[i]) > 2 else "?"
+        for e in window:  # commit -> the last ACK of each type this commit changed
+            if e[1] == "ack" and len(e) > 3:
+                row[f"last {e[3]} ACK"] = (e[0] - t0) * 1000
+        rows.append(row)
     return rows
 
 
@@ -111,6 +116,9 @@ def measure(envoys: int, runs: int, probe: bool = False, transport: str = "h2") 
 
             wait_until(synced, 120, 0.25, f"{envoys} Envoys synced")
             load = common.loadavg()
+            pids = [proc.process.pid for proc in procs]
+            idle = _cpu_rate(pids, node.proc.pid, 3.0)  # cores the Envoys and node use doing nothing
+            cpu_before, wall_before = _cpu_of(pids, node.proc.pid), time.monotonic()
             for i in range(runs):
                 member = "ba"[i % 2]
                 started = time.perf_counter()
@@ -127,13 +135,31 @@ def measure(envoys: int, runs: int, probe: bool = False, transport: str = "h2") 
                     continue
                 fence.append(f1 - f0)  # type: ignore[operator]
                 route.append(c1 - c0)  # type: ignore[operator]
+            wall = time.monotonic() - wall_before
+            cpu = [after - before - rate * wall for after, before, rate in
+                   zip(_cpu_of(pids, node.proc.pid), cpu_before, idle, strict=True)]
         finally:
             for proc in procs:
                 proc.stop()
             node.stop()
         parts = probe_parts(prefix, envoys) if probe else []
     return {"envoys": envoys, "runs": len(route), "load_before": load, "load_after": common.loadavg(),
-            "fence": fence, "route": route, "answered": answered, "parts": parts}
+            "fence": fence, "route": route, "answered": answered, "parts": parts,
+            "idle_cores": idle, "cpu_per_switch_ms": [c * 1000 / max(1, runs) for c in cpu]}
+
+
+def _cpu_of(envoys: list[int], node: int) -> tuple[float, float]:
+    """CPU seconds so far of the Envoys (summed) and of the node with its xDS workers."""
+    return (sum(common.process_cpu(pid) for pid in envoys),
+            common.process_cpu(node) + sum(common.process_cpu(pid) for pid in common.children_of(node)))
+
+
+def _cpu_rate(envoys: list[int], node: int, seconds: float) -> tuple[float, float]:
+    """Cores the Envoys and the node use while nothing changes (health checks, stats, ticks)."""
+    before = _cpu_of(envoys, node)
+    time.sleep(seconds)  # a measuring window, not synchronisation
+    after = _cpu_of(envoys, node)
+    return (after[0] - before[0]) / seconds, (after[1] - before[1]) / seconds
 
 
 def main() -> None:
@@ -154,10 +180,20 @@ def main() -> None:
     if both:
         print(f"  both commits: p50 {p(both, 50):.1f} ms, p99 {p(both, 99):.1f} ms "
               f"(POST answered p50 {p(out['answered'], 50):.0f} ms)")
+    print(f"  idle: the Envoys use {out['idle_cores'][0]:.2f} cores, the node {out['idle_cores'][1]:.2f}; "
+          f"CPU per switch (two commits) beyond idle: Envoys {out['cpu_per_switch_ms'][0]:.0f} ms, "
+          f"node {out['cpu_per_switch_ms'][1]:.0f} ms")
     if out["parts"]:
         print(f"  probe, {len(out['parts'])} commits (fence and route), ms: " + ", ".join(
             f"{name} p50 {p([r[name] for r in out['parts']], 50):.2f} / p99 {p([r[name] for r in out['parts']], 99):.2f}"
             for name in PARTS))
+        for kind in ("fence", "route"):
+            rows = [r for r in out["parts"] if r["kind"] == kind]
+            names = [*PARTS, *sorted({k for r in rows for k in r if k.startswith("last ") and k.endswith(" ACK")})]
+            if rows:
+                print(f"  probe, {kind} commits ({len(rows)}), p50 / p99 ms: " + ", ".join(
+                    f"{name} {p([r[name] for r in rows if name in r], 50):.2f} / "
+                    f"{p([r[name] for r in rows if name in r], 99):.2f}" for name in names if any(name in r for r in rows)))
     if os.environ.get("SWITCH_ACKS_JSON"):
         Path(os.environ["SWITCH_ACKS_JSON"]).write_text(json.dumps(out))
 

@@ -39,7 +39,7 @@ if _OUT:
     def apply(state: Any, command: Any, index: int) -> Any:
         result = _apply(state, command, index)
         if type(command).__name__ == "SetPrimary":
-            _log("applied")
+            _log("applied", "fence" if command.member is None else "route")
         return result
 
     _core_state.apply = apply
@@ -56,9 +56,9 @@ if _OUT:
     def record(self: Any, stream_id: int, actions: list[Any]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                _log("send", stream_id)
+                _log("send", stream_id, action.type_url.rsplit(".", 1)[-1])
             elif isinstance(action, Acked):
-                _log("ack", stream_id)
+                _log("ack", stream_id, action.type_url.rsplit(".", 1)[-1])
         _record(self, stream_id, actions)
 
     _tracker.ProxyTracker.record = record  # type: ignore[method-assign]
