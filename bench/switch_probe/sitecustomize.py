@@ -5,6 +5,10 @@ Writes one JSON line per event, on the node's monotonic clock: `applied` (a SetP
 applied by the state machine, on pysyncobj's thread: the commit), `publish_start` /
 `publish_end` (`Node._publish`: render and encode), `send` / `ack` (the tracker's records of a
 response sent and of its ACK). A bench tool, not part of the package.
+
+`SWITCH_PROBE_NO_PORT_FLIP=1`: an experiment, not a setting: the promoted member keeps its
+health-check port (render `_fence_port`), so Envoys keep its host instead of creating a fresh
+one (which is checked at once, hence routable at once; kept it waits up to a fence interval).
 """
 
 from __future__ import annotations
@@ -62,3 +66,8 @@ if _OUT:
         _record(self, stream_id, actions)
 
     _tracker.ProxyTracker.record = record  # type: ignore[method-assign]
+
+if os.environ.get("SWITCH_PROBE_NO_PORT_FLIP"):  # an experiment: the promoted member keeps its port
+    import repstage_mesh.render.envoy as _envoy
+
+    _envoy._fence_port = lambda fence, promotions: fence.fence_port  # type: ignore[assignment]
