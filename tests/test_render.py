@@ -408,6 +408,25 @@ def test_fence_routes_are_encoded_again_only_when_an_answer_changes() -> None:
     assert fence_answers(switched)[("/fence/cache", "c")] == 200
 
 
+def test_a_change_to_one_service_renders_that_service_only_in_a_large_mesh() -> None:
+    """Every other service's messages are the very objects of the last render (the encoder
+    reuses their bytes), one entry per service whatever the mesh's size."""
+    options = RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT)
+    many = [service(f"s{i:03}", "a", listen_port=20000 + i) for i in range(60)]
+    before = render(mesh(*many), options)
+    many[50] = service("s050", "b", listen_port=20050)
+    after = render(mesh(*many), options)
+    changed = {
+        (type_url, name) for type_url, by_name in after.items() for name, message in by_name.items()
+        if before[type_url].get(name) is not message
+    }
+    assert changed == {
+        (CLUSTER_LOAD_ASSIGNMENT, "s050-primary"), (ROUTE_CONFIGURATION, naming.FENCE_ROUTES),
+    }
+    assert fence_answers(after)[("/fence/s050", "b")] == 200
+    assert fence_answers(after)[("/fence/s049", "a")] == 200
+
+
 def test_health_fence_without_services_still_serves_the_fence() -> None:
     options = RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT)
     out = render(MeshState(), options)

@@ -234,8 +234,10 @@ class _Guard:
 
 async def test_a_peer_that_floods_pings_and_reads_nothing_is_disconnected() -> None:
     guard = _Guard()
+    # A long TCP_USER_TIMEOUT (the keepalive timeout): the kernel would otherwise abort a peer
+    # that keeps a zero window for 1 s, on a loaded machine before this limit is reached.
     ads = AdsServer(SnapshotCache(), ProxyTracker(), limits=XdsLimits(max_connection_buffer_bytes=64 * 1024),
-                    guard=guard, transport="h2")
+                    guard=guard, transport="h2", grpc_options=[("grpc.keepalive_timeout_ms", 60_000)])
     port = await ads.start("127.0.0.1", 0)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # little room in the kernel for what we never read

@@ -21,8 +21,9 @@ How an *open* connection to a demoted primary is cut is the `PrimaryStrategy`:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Hashable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import betterproto2
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
@@ -59,6 +60,7 @@ from repstage_mesh.filters import (
 from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
 Resources = dict[str, dict[str, betterproto2.Message]]
+_V = TypeVar("_V")
 
 
 DEFAULT_OPTIONS = RenderOptions()
@@ -105,6 +107,8 @@ def render(state: MeshState, options: RenderOptions = DEFAULT_OPTIONS, held: fro
     """
     out = _empty()
     services = [state.services[name] for name in sorted(state.services)]
+    _SERVICES.keep(state.services)
+    _FENCES.keep(state.services)
     for service in services:
         pools = _pools(state, service.name)
         for type_url, name, message in _service_resources(service, options, pools, service.name in held):
@@ -143,21 +147,51 @@ def _pools(state: MeshState, service: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((s.member, s.pool) for s in state.snapshots if s.service == service and s.pool != "in"))
 
 
-@lru_cache(maxsize=4096)
+class _LastByName(Generic[_V]):
+    """The last value made for each service name, with the key it was made for: one entry per
+    service, however many there are (an LRU bounded below the number of services would miss on
+    every render, each evicting the next). `keep` forgets services that are gone."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[Hashable, _V]] = {}
+
+    def get(self, name: str, key: Hashable, make: Callable[[], _V]) -> _V:
+        found = self._items.get(name)
+        if found is not None and found[0] == key:  # the same objects compare by identity first
+            return found[1]
+        value = make()
+        self._items[name] = (key, value)
+        return value
+
+    def keep(self, names: Collection[str]) -> None:
+        if len(self._items) > len(names):
+            for gone in [n for n in self._items if n not in names]:
+                del self._items[gone]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+ServiceResources = tuple[tuple[str, str, betterproto2.Message], ...]
+_SERVICES: _LastByName[ServiceResources] = _LastByName()
+
+
 def _service_resources(
     service: ServiceState, options: RenderOptions, pools: tuple[tuple[str, str], ...] = (), held: bool = False
-) -> tuple[tuple[str, str, betterproto2.Message], ...]:
-    out = _empty()
-    _render_service(service, options, out, dict(pools), held)
-    return tuple((t, n, m) for t, named in out.items() for n, m in named.items())
+) -> ServiceResources:
+    def make() -> ServiceResources:
+        out = _empty()
+        _render_service(service, options, out, dict(pools), held)
+        return tuple((t, n, m) for t, named in out.items() for n, m in named.items())
+
+    return _SERVICES.get(service.name, (service, options, pools, held), make)
 
 
 def clear_render_cache() -> None:
     """Forget the render caches (tests; memory)."""
-    for cached in (
-        _service_resources, _cluster_options, _eds_cluster, _listener_resources, _fence_listeners, _collector,
-        _fence_fragment, _fence_routes,
-    ):
+    _SERVICES.clear()
+    _FENCES.clear()
+    for cached in (_cluster_options, _eds_cluster, _listener_resources, _fence_listeners, _collector, _fence_routes):
         cached.cache_clear()
 
 
@@ -405,10 +439,16 @@ def _fence_key(service: ServiceState) -> FenceKey:
     return (service.name, tuple(_member_names(service)), service.primary)
 
 
-@lru_cache(maxsize=8192)
+_FENCES: _LastByName[bytes] = _LastByName()
+
+
 def _fence_fragment(key: FenceKey) -> bytes:
     """One service's fence routes, encoded once per (members, primary): a change of primary
     in a mesh of many services encodes that service's routes, not every service's."""
+    return _FENCES.get(key[0], key, lambda: _encode_fence(key))
+
+
+def _encode_fence(key: FenceKey) -> bytes:
     name, members, primary = key
     entries: list[RouteEntry] = []
     for member in members:
