@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import grpc
 import grpc.aio
+from h2_ads_client import H2Client, H2Stream
 
 from repstage_mesh.xds import resources as R
 from repstage_mesh.xds import wire
@@ -153,6 +154,7 @@ async def serve(
     pool = WorkerPool(workers, cache, tracker, "bench", limits=BENCH_LIMITS, transport=transport) if workers else None
     server = pool or TimedAdsServer(cache, tracker, "bench", limits=BENCH_LIMITS, transport=transport)
     port = await server.start("127.0.0.1", listen_port)
+    started_at = time.monotonic()
     gc.collect()
     out = sys.stdout
 
@@ -176,23 +178,25 @@ async def serve(
                 n, deadline = cmd["n"], time.monotonic() + cmd["timeout"]
                 while time.monotonic() < deadline and len(tracker.connected()) < n:
                     await asyncio.sleep(0.2)
+                all_connected = time.monotonic()
                 while time.monotonic() < deadline:
                     if all(r.synced(version) for r in tracker.connected()):
                         break
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(0.25)
                 connected = tracker.connected()
                 synced = sum(1 for r in connected if r.synced(version))
                 gc.collect()
                 if gc_freeze:  # experiment: long-lived stream state out of the collector's way
                     gc.freeze()
-                say({"connected": len(connected), "synced": synced, "rss": _rss_all(pool)})
+                say({"connected": len(connected), "synced": synced, "rss": _rss_all(pool),
+                     "all_connected_at": all_connected, "synced_at": time.monotonic(), "started_at": started_at})
             elif cmd["cmd"] == "push":
                 version += 1
                 snap = common.build_snapshot(version, listen_ports, 19001 + version % 2)  # before t0
                 expected = len(tracker.connected())
                 watch.arm(version, expected)
                 profiler = cProfile.Profile() if profile else None
-                c0 = _cpu_all(pool)
+                c0, n0 = _cpu_all(pool), time.process_time()
                 if profiler is not None:
                     profiler.enable()
                 t0 = time.monotonic()
@@ -205,11 +209,11 @@ async def serve(
                     profiler.disable()
                     with open(profile, "w") as f:
                         pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
-                cpu = _cpu_all(pool) - c0
+                cpu, node_cpu = _cpu_all(pool) - c0, time.process_time() - n0
                 say({
                     "version": version, "t0": t0, "set_snapshot": t1 - t0, "expected": expected,
                     "acks": [a - t0 for a in watch.acks], "nacks": watch.nacks,
-                    "last_write": _WRITE_DONE[0] - t0, "cpu": cpu, "wall": t_end - t0,
+                    "last_write": _WRITE_DONE[0] - t0, "cpu": cpu, "node_cpu": node_cpu, "wall": t_end - t0,
                     "rss": _rss_all(pool),
                 })
             elif cmd["cmd"] == "quit":
@@ -452,36 +456,79 @@ async def ads_stream(
                     ready.set()
 
 
-async def client(port: int, streams: int, per_channel: int, services: int, delta: bool, parse_name: str, cid: int) -> None:
+def h2_client(
+    port: int, states: list[StreamState], per_channel: int, names: list[str], delta: bool, parse: Any, cid: int,
+    ready: asyncio.Event, counter: list[int],
+) -> H2Client:
+    """The same streams as run_stream's, on bench/h2_ads_client.py (`--client h2`)."""
+    total = len(states)
+
+    def first_requests(stream: H2Stream) -> list[bytes]:
+        held = stream.state.versions
+        return [
+            delta_request(t, names if t == R.ENDPOINT else [], node_id=stream.node_id if k == 0 else "") if delta
+            else sotw_request(t, names if t == R.ENDPOINT else [], held.get(t, ""), node_id=stream.node_id if k == 0 else "")
+            for k, t in enumerate(TYPES)
+        ]
+
+    def answer(stream: H2Stream, data: bytes) -> bytes:
+        now = time.monotonic()
+        state = stream.state
+        version, type_url, nonce = parse(data, delta)
+        state.versions[type_url] = version
+        state.versions["reopened"] = "0"
+        if type_url == R.ENDPOINT:
+            state.eds_version, state.eds_received = version_index(version), now
+        if len(state.initial) < len(TYPES):
+            state.initial.add(type_url)
+            if len(state.initial) == len(TYPES):
+                counter[0] += 1
+                if counter[0] >= total:
+                    ready.set()
+        if delta:
+            return delta_request(type_url, nonce=nonce)
+        return sotw_request(type_url, names if type_url == R.ENDPOINT else (), version, nonce)
+
+    streams = [H2Stream(f"c{cid}-{i}", st) for i, st in enumerate(states)]
+    return H2Client(port, streams, per_channel, TYPES, DELTA_METHOD if delta else SOTW_METHOD, first_requests, answer)
+
+
+async def client(
+    port: int, streams: int, per_channel: int, services: int, delta: bool, parse_name: str, cid: int, kind: str,
+) -> None:
     parse = parse_betterproto if parse_name == "betterproto" else scan_response
     names = common.service_names(services)
-    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts)
-        for _ in range(math.ceil(streams / per_channel))
-    ]
     states = [StreamState() for _ in range(streams)]
     ready = asyncio.Event()
     counter = [0]
     out = sys.stdout
+    lean = h2_client(port, states, per_channel, names, delta, parse, cid, ready, counter) if kind == "h2" else None
+    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
+    channels = [] if lean is not None else [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=opts)
+        for _ in range(math.ceil(streams / per_channel))
+    ]
 
     def say(obj: dict[str, Any]) -> None:
         out.write(json.dumps(obj) + "\n")
         out.flush()
 
     t_start = time.monotonic()
-    tasks = [
+    tasks = [] if lean is not None else [
         asyncio.create_task(
             run_stream(channels[i // per_channel], f"c{cid}-{i}", names, delta, parse, states[i], ready, counter, streams)
         )
         for i in range(streams)
     ]
+    if lean is not None:
+        await lean.start()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ready.wait(), float(os.environ.get("FANOUT_READY_TIMEOUT", "120")))
     hist = [0] * (len(TYPES) + 1)
     for st in states:
         hist[len(st.initial)] += 1
     errors = [repr(t.exception())[:1500] for t in tasks if t.done() and not t.cancelled() and t.exception()]
+    errors += lean.errors if lean is not None else []
     say({"ready": counter[0], "connect_s": time.monotonic() - t_start, "rss": common.rss_bytes(),
          "types_received_histogram": hist, "errors": errors[:3], "failed": len(errors),
          "retries": sum(st.retries for st in states), "streams_retried": sum(1 for st in states if st.retries),
@@ -514,6 +561,8 @@ async def client(port: int, streams: int, per_channel: int, services: int, delta
             elif cmd["cmd"] == "quit":
                 break
     finally:
+        if lean is not None:
+            lean.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -669,7 +718,7 @@ def run_count(args: argparse.Namespace, streams: int, log_dir: Path) -> dict[str
         for k, share in enumerate(shares):
             clients.append(Proc(
                 ["--role", "client", "--port", str(port), "--count", str(share), "--per-channel", str(args.per_channel),
-                 "--parse", args.parse, "--cid", str(k), *common_args],
+                 "--parse", args.parse, "--cid", str(k), "--client", args.client, *common_args],
                 f"client{k}-{streams}", log_dir,
             ))
         readies = [c.recv(150) for c in clients]
@@ -740,6 +789,8 @@ def restart_server(
         stats.append(c.recv(30))
     return {
         "server": new, "synced_s": took, "connected": synced["connected"], "synced": synced["synced"],
+        "listening_s": synced["started_at"] - t0, "all_connected_s": synced["all_connected_at"] - t0,
+        "all_synced_s": synced["synced_at"] - t0,
         "reconnects": sum(st["reconnects"] for st in stats),
         "reconnect_failures": sum(st["reconnect_failures"] for st in stats),
         "failures_on_new_server": sum(st["failures_on_new"] for st in stats),
@@ -761,7 +812,7 @@ def variant(args: argparse.Namespace) -> str:
     if args.workers:
         parts.append(f"workers={args.workers}")
     parts.append(args.transport)
-    return "+".join(parts) or "as is"
+    return "+".join(parts) + f", {args.client} clients"
 
 
 def summarise(run: dict[str, Any]) -> dict[str, Any]:
@@ -773,7 +824,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
             "acked": len(acks), "ack_p50": common.percentile(acks, 50), "ack_p99": common.percentile(acks, 99),
             "ack_max": max(acks) if acks else math.nan, "all": max(acks) if len(acks) >= n else math.nan,
             "recv_p50": common.percentile(p["received"], 50), "recv_max": max(p["received"], default=math.nan),
-            "last_write": p["last_write"], "set_snapshot": p["set_snapshot"], "server_cpu": p["cpu"],
+            "last_write": p["last_write"], "set_snapshot": p["set_snapshot"], "server_cpu": p["cpu"], "node_cpu": p.get("node_cpu", math.nan),
             "client_cpu": sum(p["client_cpu"]), "wall": p["wall"],
         })
     # the median push by total time represents the run
@@ -789,14 +840,14 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
 def table(args: argparse.Namespace, sums: list[dict[str, Any]]) -> str:
     head = (
         "| server | mode | streams | connect s (retries) | ACKed | per-stream ACK p50 | p99 | max (= all ACKed) | client got EDS p50 | max | server last write "
-        "| set_snapshot | server CPU s | client CPU s | server RSS MB | RSS/stream KB | max of each push | load avg |"
+        "| set_snapshot | server CPU s (node) | client CPU s | server RSS MB | RSS/stream KB | max of each push | load avg |"
     )
     lines = [head, "|---|---|" + "---:|" * 15 + "---|"]
     for s in sums:
         lines.append(
             f"| {s['variant']} | {s['mode']} | {s['streams']} | {s['connect_s']:.0f} ({s['retries']}) | {s['acked']} | {common.ms(s['ack_p50'])} | {common.ms(s['ack_p99'])} "
             f"| {common.ms(s['ack_max'])} | {common.ms(s['recv_p50'])} | {common.ms(s['recv_max'])} "
-            f"| {common.ms(s['last_write'])} | {common.ms(s['set_snapshot'])} | {s['server_cpu']:.2f} "
+            f"| {common.ms(s['last_write'])} | {common.ms(s['set_snapshot'])} | {s['server_cpu']:.2f} ({s['node_cpu']:.2f}) "
             f"| {s['client_cpu']:.2f} | {s['rss_mb']:.0f} | {s['per_stream_kb']:.1f} | {s['all_pushes_max']} | {s['load']} |"
         )
     return "\n".join(lines)
@@ -856,13 +907,16 @@ def main() -> None:
     parser.add_argument("--count", type=int)
     parser.add_argument("--transport", choices=["h2", "grpc"], default="h2", help="xds.transport of the server")
     parser.add_argument("--cid", type=int, default=0)
+    parser.add_argument("--client", choices=["h2", "grpc"], default="h2",
+                        help="the simulated proxies: h2 (bench/h2_ads_client.py, lean) or grpcio's asyncio client")
     args = parser.parse_args()
     if args.role == "server":
         asyncio.run(serve(args.services, args.profile_server, args.server_option, args.fast_parse, args.gc_freeze,
                           args.ack_fast, args.port or 0, args.first_version, args.workers, args.transport))
         return
     if args.role == "client":
-        asyncio.run(client(args.port, args.count, args.per_channel, args.services, args.delta, args.parse, args.cid))
+        asyncio.run(client(args.port, args.count, args.per_channel, args.services, args.delta, args.parse, args.cid,
+                           args.client))
         return
     print(common.machine())
     if args.role == "micro":

@@ -345,3 +345,22 @@ def test_grpc_message_is_percent_encoded_and_read_back_whole() -> None:
     assert trailers("OK", "") == [(b"grpc-status", b"0")]
     assert grpc_peer(("127.0.0.1", 5000)) == "ipv4:127.0.0.1:5000"
     assert grpc_peer(("::1", 5000, 0, 0)) == "ipv6:[::1]:5000"
+
+
+async def test_a_server_started_without_serving_refuses_until_told_then_serves() -> None:
+    """workers.py binds every worker first and lets them all accept together (relay.WorkerInit.hold)."""
+    cache = SnapshotCache()
+    cache.set_snapshot("", _snapshot("1"))
+    ads = AdsServer(cache, ProxyTracker(), "cp", transport="h2")
+    port = await ads.start("127.0.0.1", 0, serving=False)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+        await ads.serve_now()
+        await ads.serve_now()  # once is enough; again changes nothing
+        async with raw(ads) as client:
+            client.call(1)
+            client.send(1, _message(sotw_request(node_id="edge-1")))
+            await client.until(lambda: len(client.data.get(1, b"")) > 5)
+    finally:
+        await ads.stop(0)

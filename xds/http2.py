@@ -72,17 +72,26 @@ class H2Listener:
         self._pumping = False
         self._tls: Callable[[], ssl.SSLContext] | None = None
 
-    async def start(self, host: str, port: int, tls: Callable[[], ssl.SSLContext] | None) -> int:
+    async def start(
+        self, host: str, port: int, tls: Callable[[], ssl.SSLContext] | None, serving: bool = True
+    ) -> int:
+        """Bind; listen too unless `serving` is False (then `serve_now` listens: a socket bound
+        with SO_REUSEPORT and not listening is given no connection by the kernel)."""
         self._tls = tls
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
                 lambda: _Connection(self), host, port, reuse_port=self.reuse_port or None, backlog=4096,
+                start_serving=serving,
             )
         except OSError as exc:
             raise OSError(f"xDS: cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    async def serve_now(self) -> None:
+        if self._server is not None and not self._server.is_serving():
+            await self._server.start_serving()
 
     async def stop(self, grace: float | None) -> None:
         if self._server is None:

@@ -149,6 +149,9 @@ class WorkerInit:
     log_level: int = 20
     grpc_options: tuple[tuple[str, Any], ...] = ()
     transport: str = "h2"  # server.TRANSPORTS
+    # Bound but not accepting until the node says ("listen",): the first workers of a node
+    # start taking connections together (workers.py), not the quickest one all of a storm.
+    hold: bool = False
     # The node writes at least every `heartbeat` seconds; a worker that hears nothing for
     # `node_silence` exits (its listener closes): a frozen node's Envoys go to another node
     # instead of being served a config the node no longer renews.

@@ -176,9 +176,12 @@ class AdsServer:
             },
         )
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, serving: bool = True) -> int:
+        """Bind and listen. `serving=False` (the h2 transport): bound, but no connection is
+        taken until `serve_now` (workers.py starts every worker's accepting at once, so a
+        reconnect storm is spread over all of them); grpcio's server always listens at once."""
         if self.transport == "h2":
-            return await self._start_h2(host, port)
+            return await self._start_h2(host, port, serving)
         # grpc's own cap is above ours, so a request between the two is counted (request_bytes).
         receive_cap = self.limits.max_request_bytes + 64 * 1024
         server = aio.server(options=[*self.grpc_options.items(), ("grpc.max_receive_message_length", receive_cap)])
@@ -200,16 +203,23 @@ class AdsServer:
         self._log_listening(host, bound)
         return bound
 
-    async def _start_h2(self, host: str, port: int) -> int:
+    async def _start_h2(self, host: str, port: int, serving: bool) -> int:
         from .http2 import H2Listener
 
         listener = H2Listener(self)
         if self.security.tls is not None:
             self.reloader = CertificateReloader(self.security.tls)
-        bound = await listener.start(host, port, self.reloader.ssl_context if self.reloader is not None else None)
+        bound = await listener.start(
+            host, port, self.reloader.ssl_context if self.reloader is not None else None, serving=serving
+        )
         self._h2, self.port = listener, bound
         self._log_listening(host, bound)
         return bound
+
+    async def serve_now(self) -> None:
+        """Start taking connections (after `start(..., serving=False)`; nothing otherwise)."""
+        if self._h2 is not None:
+            await self._h2.serve_now()
 
     def _log_listening(self, host: str, bound: int) -> None:
         tls = self.security.tls

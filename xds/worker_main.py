@@ -149,7 +149,7 @@ async def _serve(fd: int, node_pid: int) -> int:
                         format=f"%(asctime)s %(levelname)s {init.name} %(name)s: %(message)s")
     worker = Worker(init, writer)
     try:
-        port = await worker.server.start(init.host, init.port)
+        port = await worker.server.start(init.host, init.port, serving=not init.hold)
     except OSError as exc:
         worker.send(("failed", str(exc)))
         await writer.drain()
@@ -159,7 +159,10 @@ async def _serve(fd: int, node_pid: int) -> int:
     try:
         while True:
             for message in pending:
-                if not worker.handle(message):
+                if message[0] == "listen":
+                    await worker.server.serve_now()
+                    worker.send(("listening",))
+                elif not worker.handle(message):
                     return 0
             try:
                 data = await asyncio.wait_for(reader.read(1 << 20), init.node_silence)

@@ -152,7 +152,9 @@ class WorkerPool:
             self._snapshot(self.group, snapshot)
         self._cancel_watch = self.cache.watch(self.group, self._snapshot)
         try:
-            await asyncio.gather(*(self._spawn(worker) for worker in self._workers))
+            # Every worker binds first; then all start accepting together (relay.WorkerInit.hold).
+            await asyncio.gather(*(self._spawn(worker, hold=True) for worker in self._workers))
+            await asyncio.gather(*(self._listen(worker) for worker in self._workers))
         except BaseException:
             await self.stop(0)
             raise
@@ -244,7 +246,7 @@ class WorkerPool:
             return
         writer.write(frame)
 
-    async def _spawn(self, worker: _Worker) -> None:
+    async def _spawn(self, worker: _Worker, hold: bool = False) -> None:
         self._spawns += 1
         worker.spawn = self._spawns
         ours, theirs = socket.socketpair()
@@ -262,7 +264,7 @@ class WorkerPool:
             self._host, self.port or 0, self.control_plane_id, worker_limits(self.limits, self.count),
             self.security, worker.spawn * STREAM_ID_STRIDE, self.tracker.never_acked_grace,
             name=f"xds-worker-{worker.slot}", log_level=logging.getLogger().getEffectiveLevel(),
-            transport=self.transport,
+            transport=self.transport, hold=hold,
         )
         self._write(worker, relay.encode(("init", init)))
         if self._sent is not None:
@@ -279,6 +281,22 @@ class WorkerPool:
         if first[0] != "ready":
             raise OSError(str(first[1]) if len(first) > 1 else "xDS worker failed")
         self._handle(worker, rest)
+
+    async def _listen(self, worker: _Worker) -> None:
+        """Tell a worker started with `hold` to take connections; until it says it does."""
+        if worker.writer is None or worker.reader is None:
+            raise OSError(f"xDS worker {worker.slot} exited before it listened")
+        self._write(worker, relay.encode(("listen",)))
+        while True:
+            data = await worker.reader.read(1 << 16)
+            if not data:
+                raise OSError(f"xDS worker {worker.slot} exited before it listened")
+            messages = worker.decoder.feed(data)
+            for k, message in enumerate(messages):
+                if message[0] == "listening":
+                    self._handle(worker, messages[:k] + messages[k + 1:])
+                    return
+            self._handle(worker, messages)
 
     def _handle(self, worker: _Worker, messages: list[tuple[object, ...]]) -> None:
         for message in messages:
