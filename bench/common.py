@@ -215,9 +215,10 @@ class EnvoyProc:
 
 
 def start_envoy(
-    node_id: str, xds_port: int, delta: bool, base_id: int, *, debug_config_log: bool = False
+    node_id: str, xds_port: int, delta: bool, base_id: int, *, debug_config_log: bool = False, nice: int = 0
 ) -> EnvoyProc:
-    """One Envoy (concurrency 1) on its own base id and admin port, taking everything over ADS."""
+    """One Envoy (concurrency 1) on its own base id and admin port, taking everything over ADS
+    (`nice`: run it at that niceness, below the control plane sharing its cores)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"xdsbench-{node_id}-"))
     admin = free_port()
     boot = BOOTSTRAP.format(
@@ -231,6 +232,8 @@ def start_envoy(
     ]
     if debug_config_log:
         cmd += ["--component-log-level", "config:debug"]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return EnvoyProc(node_id, admin, base_id, proc, log_path, workdir)
 

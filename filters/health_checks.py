@@ -41,20 +41,24 @@ def _health_check(
     *,
     tcp: HealthCheckTcpHealthCheck | None = None,
     http: HealthCheckHttpHealthCheck | None = None,
+    reuse_connection: bool = False,
+    unhealthy_interval: timedelta | None = None,
 ) -> HealthCheck:
     _check_timing(interval, timeout, unhealthy_threshold, healthy_threshold)
+    if unhealthy_interval is not None and unhealthy_interval < interval:
+        raise ValueError(f"unhealthy_interval: must be at least interval ({interval}), got {unhealthy_interval}")
     return HealthCheck(
         timeout=timeout,
         interval=interval,
-        no_traffic_interval=interval,
+        # Envoy reads the no-traffic intervals until the cluster has made a connection.
+        no_traffic_interval=unhealthy_interval or interval,
         no_traffic_healthy_interval=interval,
-        unhealthy_interval=interval,
+        unhealthy_interval=unhealthy_interval or interval,
         unhealthy_edge_interval=interval,
         healthy_edge_interval=interval,
         unhealthy_threshold=unhealthy_threshold,
         healthy_threshold=healthy_threshold,
-        # A new connection per check: a check must notice a peer that stopped answering.
-        reuse_connection=False,
+        reuse_connection=reuse_connection,
         tcp_health_check=tcp,
         http_health_check=http,
     )
@@ -82,8 +86,16 @@ def http_health_check(
     timeout: timedelta = DEFAULT_TIMEOUT,
     unhealthy_threshold: int = 1,
     healthy_threshold: int = 1,
+    reuse_connection: bool = False,
+    unhealthy_interval: timedelta | None = None,
 ) -> HealthCheck:
-    """An HTTP/1.1 GET of `path`; any status outside `expected_statuses` fails the host."""
+    """An HTTP/1.1 GET of `path`; any status outside `expected_statuses` fails the host.
+
+    By default each check opens a new connection (a check must notice a peer that accepts no
+    new one) and a failed host is checked as often as a healthy one. `reuse_connection` keeps
+    one connection per host (for a peer that cannot fail that way, e.g. Envoy's own loopback
+    listener); `unhealthy_interval` checks a failed host less often (its first check after the
+    failure still comes one `interval` later, `unhealthy_edge_interval`)."""
     if not path.startswith("/"):
         raise ValueError(f"path: must start with '/', got {path!r}")
     if not expected_statuses:
@@ -96,4 +108,5 @@ def http_health_check(
         host=host or "",
         expected_statuses=[Int64Range(start=s, end=s + 1) for s in sorted(set(expected_statuses))],
     )
-    return _health_check(interval, timeout, unhealthy_threshold, healthy_threshold, http=http)
+    return _health_check(interval, timeout, unhealthy_threshold, healthy_threshold, http=http,
+                         reuse_connection=reuse_connection, unhealthy_interval=unhealthy_interval)

@@ -270,6 +270,11 @@ CASES = [
         "also in read_write",
     ),
     ('envoy: {listen_address: "example.com"}\n', "envoy.listen_address", "expected an IP address"),
+    (
+        "envoy: {fence_interval_ms: 200, fence_unhealthy_interval_ms: 150}\n",
+        "envoy.fence_unhealthy_interval_ms",
+        "must be at least fence_interval_ms (200)",
+    ),
     ('consul: {address: "ftp://x"}\n', "consul.address", "http(s):// URL"),
     ('consul: {register_address: "0.0.0.0"}\n', "consul.register_address", "HOST:PORT"),
     ('consul: {register_address: "0.0.0.0:8080"}\n', "consul.register_address", "wildcard"),

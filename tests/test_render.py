@@ -326,7 +326,11 @@ def test_health_fence_lists_every_member_and_checks_through_the_fence() -> None:
     assert cluster.ignore_health_on_host_removal is True
     (check,) = cluster.health_checks
     assert check.http_health_check.path == "/fence/cache"  # type: ignore[union-attr]
-    assert check.interval == check.no_traffic_interval == timedelta(milliseconds=300)
+    assert check.interval == check.no_traffic_healthy_interval == timedelta(milliseconds=300)
+    # Not set: a failed host is checked as often; the check keeps its connection (Envoy's own listener)
+    assert check.unhealthy_interval == check.no_traffic_interval == timedelta(milliseconds=300)
+    assert check.unhealthy_edge_interval == check.healthy_edge_interval == timedelta(milliseconds=300)
+    assert check.reuse_connection is True
     assert (check.unhealthy_threshold, check.healthy_threshold) == (3, 1)  # timeouts only; a 503 fails at once
     assignment = out[CLUSTER_LOAD_ASSIGNMENT]["cache-primary"]
     assert isinstance(assignment, ClusterLoadAssignment)
@@ -630,3 +634,22 @@ def test_a_promoted_member_checks_on_the_other_fence_port_and_a_demoted_one_keep
     assert ports(state) == second  # fencing off changes no host
     state, _ = apply(state, SetPrimary(service="pg", member="a"), 4)
     assert ports(state) == {"a": FENCE_PORT, "b": FENCE_PORT + 1}
+
+
+def test_health_fence_checks_members_that_are_not_the_primary_less_often() -> None:
+    """The primary at fence_interval (its demotion must close connections within it); a failed
+    host at fence_unhealthy_interval, also before any traffic (Envoy's no-traffic intervals);
+    the first check after a failure still one fence_interval later."""
+    options = RenderOptions(
+        primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT,
+        fence_interval=timedelta(milliseconds=100), fence_unhealthy_interval=timedelta(milliseconds=700),
+    )
+    cluster = render(mesh(service(primary="b")), options)[CLUSTER]["cache-primary"]
+    assert isinstance(cluster, Cluster)
+    (check,) = cluster.health_checks
+    assert check.interval == check.no_traffic_healthy_interval == timedelta(milliseconds=100)
+    assert check.unhealthy_edge_interval == check.healthy_edge_interval == timedelta(milliseconds=100)
+    assert check.unhealthy_interval == check.no_traffic_interval == timedelta(milliseconds=700)
+    with pytest.raises(ValueError, match="fence_unhealthy_interval: must be at least fence_interval"):
+        RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT,
+                      fence_interval=timedelta(milliseconds=100), fence_unhealthy_interval=timedelta(milliseconds=50))

@@ -21,6 +21,7 @@ from repstage_mesh.config.checks import (
     replicated_problems,
     service_problems,
 )
+from repstage_mesh.config.envoy_sections import ENVOY_COLLECTOR_CLUSTER, EnvoyConfig
 from repstage_mesh.config.loading import load_config
 from repstage_mesh.config.operator import (
     HOOK_ENV_ALLOW_LIST,
@@ -31,12 +32,10 @@ from repstage_mesh.config.operator import (
 )
 from repstage_mesh.config.sections import (
     ENV_PREFIX,
-    ENVOY_COLLECTOR_CLUSTER,
     ApiConfig,
     ApiTls,
     ApiTokens,
     ConsulConfig,
-    EnvoyConfig,
     FailoversConfig,
     LogConfig,
     NamedToken,

@@ -7,7 +7,6 @@ import re
 import socket
 import ssl
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -27,7 +26,6 @@ from pydantic import (
 from repstage_mesh.config.snapshot_sections import SnapshotActionFields
 from repstage_mesh.core.addresses import parse_host_port
 from repstage_mesh.core.models import NAME_PATTERN, Name, ServiceSpec
-from repstage_mesh.render.options import PrimaryStrategy, RenderOptions
 
 ENV_PREFIX = "REPSTAGE_"
 ENV_DELIMITER = "__"
@@ -403,49 +401,6 @@ class RaftConfig(Section):
     @property
     def multi_node(self) -> bool:
         return bool(self.peers)
-
-
-class EnvoyConfig(Section):
-    """How replicated state is rendered for Envoy. Identical on every control-plane node."""
-
-    listen_address: IPAddress = Field(
-        default="0.0.0.0", description="where rendered listeners bind"
-    )
-    primary_strategy: PrimaryStrategy = Field(
-        default=PrimaryStrategy.HEALTH_FENCE,
-        description="how open connections to a demoted primary are closed (see bench/close_on_switch.md)",
-    )
-    fence_port: Annotated[int, Field(ge=1, le=65534)] = Field(
-        default=15990,
-        description="health_fence: two loopback ports on each Envoy, fence_port and fence_port + 1, for the fence listeners",
-    )
-    admin_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
-        default=9901,
-        description="the Envoys' admin port (bootstrap --admin-port); only checked: no service may use it (null: not checked)",
-    )
-    fence_interval_ms: int = Field(
-        default=100, ge=10, le=10_000,
-        description="health_fence: how often Envoy re-checks who the primary is; bounds how long an open connection to a demoted primary survives",
-    )
-
-    def render_options(self, telemetry: TelemetryConfig | None = None) -> RenderOptions:
-        """`telemetry` with envoy_tracing on adds Envoy's OpenTelemetry tracer to HTTP listeners
-        and the collector's cluster."""
-        interval = timedelta(milliseconds=self.fence_interval_ms)
-        collector = telemetry.envoy_collector() if telemetry is not None else None
-        return RenderOptions(
-            bind_address=self.listen_address,
-            primary_strategy=self.primary_strategy,
-            fence_port=self.fence_port,
-            fence_interval=interval,
-            fence_timeout=min(timedelta(seconds=1), interval * 10),
-            tracing_collector_cluster=ENVOY_COLLECTOR_CLUSTER if collector is not None else None,
-            tracing_collector_address=collector,
-            tracing_sampling_percent=telemetry.envoy_sampling_percent if telemetry is not None else 100.0,
-        )
-
-
-ENVOY_COLLECTOR_CLUSTER = "repstage-otel-collector"
 
 
 def _collector_host_port(value: str) -> tuple[str, int]:

@@ -34,13 +34,13 @@ from repstage_mesh.config.checks import (
     reserved_ports,
     service_problems,
 )
+from repstage_mesh.config.envoy_sections import EnvoyConfig
 from repstage_mesh.config.operator import HookSpec, Secrets, SecretSource, hook_problems
 from repstage_mesh.config.sections import (
     ENV_DELIMITER,
     ENV_PREFIX,
     ApiConfig,
     ConsulConfig,
-    EnvoyConfig,
     FailoversConfig,
     LogConfig,
     NodeConfig,

@@ -62,6 +62,9 @@ class RenderOptions(BaseModel):
     )
     fence_interval: timedelta = Field(default=timedelta(milliseconds=250), gt=timedelta(0))
     fence_timeout: timedelta = Field(default=timedelta(milliseconds=200), gt=timedelta(0))
+    fence_unhealthy_interval: timedelta | None = Field(
+        default=None, description="how often a failed host (not the primary) is checked; None: fence_interval"
+    )
 
     @field_validator("bind_address", "fence_address")
     @classmethod
@@ -80,6 +83,8 @@ class RenderOptions(BaseModel):
     def _fence(self) -> RenderOptions:
         if self.primary_strategy is PrimaryStrategy.HEALTH_FENCE and self.fence_port is None:
             raise ValueError("fence_port: required by the health_fence strategy")
+        if self.fence_unhealthy_interval is not None and self.fence_unhealthy_interval < self.fence_interval:
+            raise ValueError("fence_unhealthy_interval: must be at least fence_interval")
         return self
 
 
