@@ -641,6 +641,7 @@ def micro(n: int, services: int) -> str:
         tracker.connect(i, NodeInfo(id=f"n{i}"), st)
     us, _ = cpu(lambda ia: tracker.record(ia[0], ia[1]), list(enumerate(sends)))
     rows.append(("tracker.record(Send)", us))
+    rows += _micro_relay(synced_streams(SotwStream), snap2, names)
     us, _ = cpu(lambda f: scan_response(f, False), frames)
     rows.append(("client: scan_response (version/type/nonce only)", us))
     us, _ = cpu(lambda f: parse_betterproto(f, False), frames)
@@ -648,6 +649,46 @@ def micro(n: int, services: int) -> str:
     lines = [f"| per stream, {n} streams, {services} service(s) | µs CPU |", "|---|---:|"]
     lines += [f"| {name} | {value:.1f} |" for name, value in rows]
     return "\n".join(lines)
+
+
+def _micro_relay(streams: list[Any], snap: Any, names: list[str]) -> list[tuple[str, float]]:
+    """A worker's bookkeeping per stream and push (relay.py), and the node's replay of it: the
+    push's Send and the ACK, each recorded, drained into a frame (one mirror per stream) and
+    replayed into the node's tracker."""
+    from repstage_mesh.xds import relay
+    from repstage_mesh.xds.protocol import NodeInfo
+    from repstage_mesh.xds.server import parse_sotw
+
+    batcher = relay.FactBatcher()
+    worker = relay.ReportingTracker(batcher, control_plane="bench")
+    node = ProxyTracker("bench")
+    replay = relay.FactReplay(node)
+    for i, st in enumerate(streams):
+        worker.connect(i, NodeInfo(id=f"n{i}"), st)
+    replay.apply(relay.FrameDecoder().feed(relay.encode(("facts", *batcher.drain(worker))))[0][1])
+    rows: list[tuple[str, float]] = []
+    sends = [st.update(snap) for st in streams]
+    for label, actions in (("Send", sends), ("Acked", None)):
+        if actions is None:
+            actions = [st.receive(parse_sotw(sotw_request(a[0].type_url, names, a[0].version, a[0].nonce)))
+                       for st, a in zip(streams, sends, strict=True)]
+        gc.collect()
+        c0 = time.process_time()
+        for i, acts in enumerate(actions):
+            worker.record(i, acts)
+        c1 = time.process_time()
+        facts, guards = batcher.drain(worker)
+        c2 = time.process_time()
+        frame = relay.encode(("facts", facts, guards))
+        c3 = time.process_time()
+        replay.apply(relay.FrameDecoder().feed(frame)[0][1])
+        c4 = time.process_time()
+        n = len(streams)
+        rows += [(f"worker: ReportingTracker.record({label})", (c1 - c0) / n * 1e6),
+                 (f"worker: FactBatcher.drain after {label} (the mirror)", (c2 - c1) / n * 1e6),
+                 (f"worker: the frame to the node ({len(frame) / n:.0f} bytes per stream)", (c3 - c2) / n * 1e6),
+                 (f"node: decode and FactReplay.apply ({label})", (c4 - c3) / n * 1e6)]
+    return rows
 
 
 # ============================================================ driver ===========================

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import betterproto2
 
@@ -178,8 +179,9 @@ class Snapshot:
     def get(self, type_url: str) -> Mapping[str, EncodedResource]:
         return self.resources.get(type_url, {})
 
-    @property
+    @cached_property
     def index(self) -> int:
+        """The version as a number (read for every stream on every push and ACK: parsed once)."""
         return int(self.version)
 
     def dangling_references(self) -> set[res.Ref]:
