@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -453,3 +454,12 @@ def test_readme_example_config_parses(tmp_path: Path) -> None:
         pytest.skip(f"README.md has no {START} ... {END} markers yet (the lead adds the example)")
     settings = load_config(write(tmp_path, example), env={})
     assert settings.services, "the README example should declare at least one service"
+
+
+def test_fence_unhealthy_interval_follows_the_fence_interval_unless_set(tmp_path: Path) -> None:
+    """Not set: 5 fence intervals, so a slow fence_interval_ms alone never makes a config invalid."""
+    slow = load_config(write(tmp_path, "envoy: {fence_interval_ms: 2000}\n"), env={})
+    assert slow.envoy.render_options().fence_unhealthy_interval == timedelta(seconds=10)
+    assert load_config(None, env={}).envoy.render_options().fence_unhealthy_interval == timedelta(milliseconds=500)
+    set_ = load_config(write(tmp_path, "envoy: {fence_interval_ms: 200, fence_unhealthy_interval_ms: 200}\n"), env={})
+    assert set_.envoy.render_options().fence_unhealthy_interval == timedelta(milliseconds=200)

@@ -36,14 +36,21 @@ class EnvoyConfig(Section):
         default=100, ge=10, le=10_000,
         description="health_fence: how often Envoy re-checks who the primary is; bounds how long an open connection to a demoted primary survives",
     )
-    fence_unhealthy_interval_ms: int = Field(
-        default=500, ge=10, le=60_000,
-        description="health_fence: how often Envoy re-checks a member that is not the primary (a replica, a demoted primary: its promotion makes it a new host, checked at once); at least fence_interval_ms",
+    fence_unhealthy_interval_ms: int | None = Field(
+        default=None, ge=10, le=60_000,
+        description="health_fence: how often Envoy re-checks a member that is not the primary (a replica, a demoted primary: its promotion makes it a new host, checked at once); at least fence_interval_ms; default 5 x fence_interval_ms",
     )
+
+    @property
+    def unhealthy_interval_ms(self) -> int:
+        """`fence_unhealthy_interval_ms`, or 5 x `fence_interval_ms` when it is not set."""
+        if self.fence_unhealthy_interval_ms is None:
+            return UNHEALTHY_FACTOR * self.fence_interval_ms
+        return self.fence_unhealthy_interval_ms
 
     @model_validator(mode="after")
     def _fence_intervals(self) -> EnvoyConfig:
-        if self.fence_unhealthy_interval_ms < self.fence_interval_ms:
+        if self.fence_unhealthy_interval_ms is not None and self.fence_unhealthy_interval_ms < self.fence_interval_ms:
             raise ValueError(
                 f"fence_unhealthy_interval_ms: must be at least fence_interval_ms ({self.fence_interval_ms}), "
                 f"got {self.fence_unhealthy_interval_ms}"
@@ -61,7 +68,7 @@ class EnvoyConfig(Section):
             fence_port=self.fence_port,
             fence_interval=interval,
             fence_timeout=min(timedelta(seconds=1), interval * 10),
-            fence_unhealthy_interval=timedelta(milliseconds=self.fence_unhealthy_interval_ms),
+            fence_unhealthy_interval=timedelta(milliseconds=self.unhealthy_interval_ms),
             tracing_collector_cluster=ENVOY_COLLECTOR_CLUSTER if collector is not None else None,
             tracing_collector_address=collector,
             tracing_sampling_percent=telemetry.envoy_sampling_percent if telemetry is not None else 100.0,
@@ -69,3 +76,4 @@ class EnvoyConfig(Section):
 
 
 ENVOY_COLLECTOR_CLUSTER = "repstage-otel-collector"
+UNHEALTHY_FACTOR = 5  # fence_unhealthy_interval_ms when not set: this many fence intervals
