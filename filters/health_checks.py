@@ -50,8 +50,9 @@ def _health_check(
     return HealthCheck(
         timeout=timeout,
         interval=interval,
-        # Envoy reads the no-traffic intervals until the cluster has made a connection.
-        no_traffic_interval=unhealthy_interval or interval,
+        # Not the unhealthy interval before traffic: a host whose first check fails (at an Envoy's
+        # start its checks can run before the listener they go to exists) would wait for it.
+        no_traffic_interval=interval,
         no_traffic_healthy_interval=interval,
         unhealthy_interval=unhealthy_interval or interval,
         unhealthy_edge_interval=interval,
@@ -94,8 +95,9 @@ def http_health_check(
     By default each check opens a new connection (a check must notice a peer that accepts no
     new one) and a failed host is checked as often as a healthy one. `reuse_connection` keeps
     one connection per host (for a peer that cannot fail that way, e.g. Envoy's own loopback
-    listener); `unhealthy_interval` checks a failed host less often (its first check after the
-    failure still comes one `interval` later, `unhealthy_edge_interval`)."""
+    listener); `unhealthy_interval` checks a failed host less often once the cluster has carried
+    traffic (the first check after a failure still comes one `interval` later,
+    `unhealthy_edge_interval`; before any traffic every host is checked every `interval`)."""
     if not path.startswith("/"):
         raise ValueError(f"path: must start with '/', got {path!r}")
     if not expected_statuses:

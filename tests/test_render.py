@@ -638,8 +638,10 @@ def test_a_promoted_member_checks_on_the_other_fence_port_and_a_demoted_one_keep
 
 def test_health_fence_checks_members_that_are_not_the_primary_less_often() -> None:
     """The primary at fence_interval (its demotion must close connections within it); a failed
-    host at fence_unhealthy_interval, also before any traffic (Envoy's no-traffic intervals);
-    the first check after a failure still one fence_interval later."""
+    host at fence_unhealthy_interval once the cluster carried traffic; the first check after a
+    failure one fence_interval later, and every host at fence_interval before any traffic (at an
+    Envoy's start the checks can run before the fence listener exists: the primary's first one
+    fails, and its next must not wait for the long interval)."""
     options = RenderOptions(
         primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT,
         fence_interval=timedelta(milliseconds=100), fence_unhealthy_interval=timedelta(milliseconds=700),
@@ -649,7 +651,8 @@ def test_health_fence_checks_members_that_are_not_the_primary_less_often() -> No
     (check,) = cluster.health_checks
     assert check.interval == check.no_traffic_healthy_interval == timedelta(milliseconds=100)
     assert check.unhealthy_edge_interval == check.healthy_edge_interval == timedelta(milliseconds=100)
-    assert check.unhealthy_interval == check.no_traffic_interval == timedelta(milliseconds=700)
+    assert check.unhealthy_interval == timedelta(milliseconds=700)
+    assert check.no_traffic_interval == timedelta(milliseconds=100)
     with pytest.raises(ValueError, match="fence_unhealthy_interval: must be at least fence_interval"):
         RenderOptions(primary_strategy=PrimaryStrategy.HEALTH_FENCE, fence_port=FENCE_PORT,
                       fence_interval=timedelta(milliseconds=100), fence_unhealthy_interval=timedelta(milliseconds=50))
