@@ -213,7 +213,8 @@ async def serve(
                 say({
                     "version": version, "t0": t0, "set_snapshot": t1 - t0, "expected": expected,
                     "acks": [a - t0 for a in watch.acks], "nacks": watch.nacks,
-                    "last_write": _WRITE_DONE[0] - t0, "cpu": cpu, "node_cpu": node_cpu, "wall": t_end - t0,
+                    # only the in-process grpc transport records it (not workers, not h2)
+                    "last_write": _WRITE_DONE[0] - t0 if _WRITE_DONE[0] >= t0 else math.nan, "cpu": cpu, "node_cpu": node_cpu, "wall": t_end - t0,
                     "rss": _rss_all(pool),
                 })
             elif cmd["cmd"] == "quit":
