@@ -425,36 +425,49 @@ async def run_stream(
             backoff = min(backoff * 2, 2.0)
 
 
+def opening_requests(node_id: str, names: list[str], delta: bool, state: StreamState) -> list[bytes]:
+    """A stream's first requests, one per type (the node id in the first; held versions)."""
+    return [
+        delta_request(t, names if t == R.ENDPOINT else [], node_id=node_id if k == 0 else "") if delta
+        else sotw_request(t, names if t == R.ENDPOINT else [], state.versions.get(t, ""), node_id=node_id if k == 0 else "")
+        for k, t in enumerate(TYPES)
+    ]
+
+
+def take_response(
+    data: bytes, names: list[str], delta: bool, parse: Any, state: StreamState, ready: asyncio.Event,
+    counter: list[int], total: int,
+) -> bytes:
+    """Record a response (its version; when EDS arrived) and return its ACK."""
+    now = time.monotonic()
+    version, type_url, nonce = parse(data, delta)
+    state.versions[type_url] = version
+    state.versions["reopened"] = "0"  # the re-opened stream works
+    if type_url == R.ENDPOINT:
+        state.eds_version, state.eds_received = version_index(version), now
+    if len(state.initial) < len(TYPES):
+        state.initial.add(type_url)
+        if len(state.initial) == len(TYPES):
+            counter[0] += 1
+            if counter[0] >= total:
+                ready.set()
+    if delta:
+        return delta_request(type_url, nonce=nonce)
+    return sotw_request(type_url, names if type_url == R.ENDPOINT else (), version, nonce)
+
+
 async def ads_stream(
     channel: grpc.aio.Channel, node_id: str, names: list[str], delta: bool, parse: Any,
     state: StreamState, ready: asyncio.Event, counter: list[int], total: int,
 ) -> None:
     call = channel.stream_stream(DELTA_METHOD if delta else SOTW_METHOD)(wait_for_ready=bool(state.reconnects))
-    for k, type_url in enumerate(TYPES):
-        subscribe = names if type_url == R.ENDPOINT else []
-        nid = node_id if k == 0 else ""
-        held = state.versions.get(type_url, "")
-        await call.write(delta_request(type_url, subscribe, node_id=nid) if delta else sotw_request(type_url, subscribe, held, node_id=nid))
+    for request in opening_requests(node_id, names, delta, state):
+        await call.write(request)
     while True:
         data = await call.read()
         if data is grpc.aio.EOF:
             return
-        now = time.monotonic()
-        version, type_url, nonce = parse(data, delta)
-        state.versions[type_url] = version
-        state.versions["reopened"] = "0"  # the re-opened stream works
-        if type_url == R.ENDPOINT:
-            state.eds_version, state.eds_received = version_index(version), now
-        if delta:
-            await call.write(delta_request(type_url, nonce=nonce))
-        else:
-            await call.write(sotw_request(type_url, names if type_url == R.ENDPOINT else (), version, nonce))
-        if len(state.initial) < len(TYPES):
-            state.initial.add(type_url)
-            if len(state.initial) == len(TYPES):
-                counter[0] += 1
-                if counter[0] >= total:
-                    ready.set()
+        await call.write(take_response(data, names, delta, parse, state, ready, counter, total))
 
 
 def h2_client(
@@ -465,30 +478,10 @@ def h2_client(
     total = len(states)
 
     def first_requests(stream: H2Stream) -> list[bytes]:
-        held = stream.state.versions
-        return [
-            delta_request(t, names if t == R.ENDPOINT else [], node_id=stream.node_id if k == 0 else "") if delta
-            else sotw_request(t, names if t == R.ENDPOINT else [], held.get(t, ""), node_id=stream.node_id if k == 0 else "")
-            for k, t in enumerate(TYPES)
-        ]
+        return opening_requests(stream.node_id, names, delta, stream.state)
 
     def answer(stream: H2Stream, data: bytes) -> bytes:
-        now = time.monotonic()
-        state = stream.state
-        version, type_url, nonce = parse(data, delta)
-        state.versions[type_url] = version
-        state.versions["reopened"] = "0"
-        if type_url == R.ENDPOINT:
-            state.eds_version, state.eds_received = version_index(version), now
-        if len(state.initial) < len(TYPES):
-            state.initial.add(type_url)
-            if len(state.initial) == len(TYPES):
-                counter[0] += 1
-                if counter[0] >= total:
-                    ready.set()
-        if delta:
-            return delta_request(type_url, nonce=nonce)
-        return sotw_request(type_url, names if type_url == R.ENDPOINT else (), version, nonce)
+        return take_response(data, names, delta, parse, stream.state, ready, counter, total)
 
     streams = [H2Stream(f"c{cid}-{i}", st) for i, st in enumerate(states)]
     return H2Client(port, streams, per_channel, TYPES, DELTA_METHOD if delta else SOTW_METHOD, first_requests, answer)
