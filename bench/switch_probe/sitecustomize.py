@@ -67,7 +67,64 @@ if _OUT:
 
     _tracker.ProxyTracker.record = record  # type: ignore[method-assign]
 
+    # In an xDS worker process: when a change arrives from the node, and the worker's own sends
+    # and ACKs (`set_snapshot` in every process; `wsend`/`wack`, before they reach the node as facts).
+    from repstage_mesh.xds import cache as _cache
+    from repstage_mesh.xds import relay as _relay
+
+    _set_snapshot = _cache.SnapshotCache.set_snapshot
+
+    def set_snapshot(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _log("set_snapshot")
+        return _set_snapshot(self, *args, **kwargs)
+
+    _cache.SnapshotCache.set_snapshot = set_snapshot  # type: ignore[method-assign]
+    _wrecord = _relay.ReportingTracker.record
+
+    def wrecord(self: Any, stream_id: int, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                _log("wsend", stream_id)
+            elif isinstance(action, Acked):
+                _log("wack", stream_id)
+        _wrecord(self, stream_id, actions)
+
+    _relay.ReportingTracker.record = wrecord  # type: ignore[method-assign]
+
 if os.environ.get("SWITCH_PROBE_NO_PORT_FLIP"):  # an experiment: the promoted member keeps its port
     import repstage_mesh.render.envoy as _envoy
 
     _envoy._fence_port = lambda fence, promotions: fence.fence_port  # type: ignore[assignment]
+
+if os.environ.get("SWITCH_PROBE_STATIC_FENCE"):  # an experiment: the fence routes never change
+    import repstage_mesh.render.envoy as _envoy_static
+
+    _envoy_static._fence_key = lambda service: (  # type: ignore[assignment]
+        service.name, tuple(_envoy_static._member_names(service)), None)
+
+if _OUT and os.environ.get("SWITCH_PROBE_SPANS"):  # how long the node's own steps take, where
+    import repstage_mesh.decide.records as _records
+    import repstage_mesh.failover.history as _history
+    import repstage_mesh.failover.runner as _runner
+    import repstage_mesh.failover.steplog as _steplog
+    from repstage_mesh.xds import progress as _progress
+
+    def _timed(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.monotonic()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _events.append([start, "span", label, time.monotonic() - start])
+
+        setattr(owner, name, wrapper)
+
+    _timed(_records.FailoverRecord, "as_dict", "as_dict")
+    _timed(_history.HistoryPublisher, "changed", "history.changed")
+    _timed(_steplog.StepLog, "changed", "steplog.changed")
+    _timed(_runner.FailoverRunner, "_changed", "runner._changed")
+    _timed(_relay.FactReplay, "apply", "facts.apply")
+    _timed(_progress.Waiters, "changed", "waiters.changed")
+    _timed(_node.Node, "_flush", "node._flush")
