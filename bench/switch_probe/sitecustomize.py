@@ -9,6 +9,9 @@ response sent and of its ACK). A bench tool, not part of the package.
 `SWITCH_PROBE_NO_PORT_FLIP=1`: an experiment, not a setting: the promoted member keeps its
 health-check port (render `_fence_port`), so Envoys keep its host instead of creating a fresh
 one (which is checked at once, hence routable at once; kept it waits up to a fence interval).
+`SWITCH_PROBE_STATIC_FENCE=1`: another experiment: the fence routes never change (every member
+answered 503), so a commit sends the endpoints alone. `SWITCH_PROBE_SPANS=1`: `span` events, how
+long the node's record keeping, fact replay, waiters and publish took.
 """
 
 from __future__ import annotations
