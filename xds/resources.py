@@ -7,16 +7,12 @@ references, nothing of how resources are chosen or sent.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cache
+from typing import TYPE_CHECKING
 
-import betterproto2
-from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
-from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
-from envoy_data_plane.envoy.config.listener.v3 import Listener
-from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
-from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
-    HttpConnectionManager,
-)
-from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
+if TYPE_CHECKING:
+    import betterproto2
+    from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
 
 PREFIX = "type.googleapis.com/"
 CLUSTER = PREFIX + "envoy.config.cluster.v3.Cluster"
@@ -38,18 +34,25 @@ SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds", S
 _HCM = PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY = PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 
-MESSAGE_TYPES: dict[str, type[betterproto2.Message]] = {
-    CLUSTER: Cluster,
-    ENDPOINT: ClusterLoadAssignment,
-    LISTENER: Listener,
-    ROUTE: RouteConfiguration,
-}
+
+@cache
+def message_types() -> dict[str, type[betterproto2.Message]]:
+    """The message class of each type URL. Imported when first asked: the xDS workers only
+    relay encoded bytes and never build a resource, and importing these classes is most of a
+    process's start (about a second of CPU each on the 2-core machine)."""
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster
+    from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment
+    from envoy_data_plane.envoy.config.listener.v3 import Listener
+    from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+
+    return {CLUSTER: Cluster, ENDPOINT: ClusterLoadAssignment, LISTENER: Listener, ROUTE: RouteConfiguration}
+
 
 Ref = tuple[str, str]  # (type_url, resource name)
 
 
 def type_url_of(message: betterproto2.Message) -> str:
-    for url, cls in MESSAGE_TYPES.items():
+    for url, cls in message_types().items():
         if isinstance(message, cls):
             return url
     raise TypeError(f"no xDS type URL known for {type(message).__name__}")
@@ -65,6 +68,14 @@ def references(type_url: str, message: betterproto2.Message) -> frozenset[Ref]:
 
 
 def _refs(type_url: str, message: betterproto2.Message) -> Iterator[Ref]:
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
+    from envoy_data_plane.envoy.config.listener.v3 import Listener
+    from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+        HttpConnectionManager,
+    )
+    from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
+
     if type_url == CLUSTER and isinstance(message, Cluster):
         if message.type == ClusterDiscoveryType.EDS:
             eds = message.eds_cluster_config
