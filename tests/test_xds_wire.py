@@ -112,3 +112,38 @@ def test_parse_delta_matches_betterproto2(type_url: str, sub: list[str], unsub: 
     assert (parsed.type_url, list(parsed.subscribe), list(parsed.unsubscribe), dict(parsed.initial_versions),
             parsed.response_nonce) == (type_url, sub, unsub, initial, nonce)
     assert parsed.error == (None if error is None else (error or "code 3"))
+
+
+# --- the node: read by the wire scan, as betterproto2 reads it -----------------------------------
+
+import pytest  # noqa: E402
+from envoy_data_plane.google.protobuf import Struct  # noqa: E402
+
+from repstage_mesh.xds.limits import XdsLimits  # noqa: E402
+from repstage_mesh.xds.requests import NodeReading, node_info, parse_node  # noqa: E402
+
+_meta_values = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
+
+
+@given(texts, texts, texts, st.one_of(st.none(), st.dictionaries(st.text(max_size=6), _meta_values, max_size=3)))
+def test_parse_node_matches_betterproto2(ident: str, cluster: str, agent: str, meta: dict[str, object] | None) -> None:
+    node = Node(id=ident, cluster=cluster, user_agent_name=agent,
+                metadata=Struct.from_dict(meta) if meta is not None else None)
+    assert parse_node(bytes(node)) == node_info(Node.parse(bytes(node)))
+
+
+def test_parse_node_cuts_the_user_agent_between_characters_and_drops_big_metadata() -> None:
+    limits = XdsLimits(max_node_id_bytes=7, max_node_metadata_bytes=40)
+    node = Node(id="edge-1", user_agent_name="é" * 10, metadata=Struct.from_dict({"k": "v" * 60}))
+    reading = NodeReading()
+    info = parse_node(bytes(node), limits, reading)
+    assert info is not None and info.user_agent == "ééé"  # 7 bytes cut to 6: no half character
+    assert info.metadata == {} and reading.dropped_metadata > 40
+
+
+def test_parse_node_merges_metadata_given_twice_and_refuses_an_id_that_is_not_utf8() -> None:
+    one, two = bytes(Node(metadata=Struct.from_dict({"a": "1"}))), bytes(Node(metadata=Struct.from_dict({"b": "2"})))
+    info = parse_node(one + two + bytes(Node(id="edge-2")))
+    assert info is not None and info.metadata == {"a": "1", "b": "2"} and info.id == "edge-2"
+    with pytest.raises(UnicodeDecodeError):
+        parse_node(b"\x0a\x02\xff\xfe")
