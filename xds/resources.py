@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cache
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ def references(type_url: str, message: betterproto2.Message) -> frozenset[Ref]:
     return frozenset(_refs(type_url, message))
 
 
-def _refs(type_url: str, message: betterproto2.Message) -> Iterator[Ref]:
+@cache
+def _ref_classes() -> SimpleNamespace:
+    """What `_refs` reads, imported once when first needed (see `message_types`)."""
     from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType
     from envoy_data_plane.envoy.config.listener.v3 import Listener
     from envoy_data_plane.envoy.config.route.v3 import RouteConfiguration
@@ -76,11 +79,19 @@ def _refs(type_url: str, message: betterproto2.Message) -> Iterator[Ref]:
     )
     from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3 import TcpProxy
 
-    if type_url == CLUSTER and isinstance(message, Cluster):
-        if message.type == ClusterDiscoveryType.EDS:
+    return SimpleNamespace(
+        Cluster=Cluster, EDS=ClusterDiscoveryType.EDS, Listener=Listener, RouteConfiguration=RouteConfiguration,
+        HttpConnectionManager=HttpConnectionManager, TcpProxy=TcpProxy,
+    )
+
+
+def _refs(type_url: str, message: betterproto2.Message) -> Iterator[Ref]:
+    k = _ref_classes()
+    if type_url == CLUSTER and isinstance(message, k.Cluster):
+        if message.type == k.EDS:
             eds = message.eds_cluster_config
             yield ENDPOINT, (eds.service_name if eds and eds.service_name else message.name)
-    elif type_url == LISTENER and isinstance(message, Listener):
+    elif type_url == LISTENER and isinstance(message, k.Listener):
         chains = list(message.filter_chains)
         if message.default_filter_chain is not None:
             chains.append(message.default_filter_chain)
@@ -90,19 +101,19 @@ def _refs(type_url: str, message: betterproto2.Message) -> Iterator[Ref]:
                 if typed is None:
                     continue
                 if typed.type_url == _TCP_PROXY:
-                    proxy = TcpProxy.parse(typed.value)
+                    proxy = k.TcpProxy.parse(typed.value)
                     if proxy.cluster:
                         yield CLUSTER, proxy.cluster
                     if proxy.weighted_clusters is not None:
                         for wc in proxy.weighted_clusters.clusters:
                             yield CLUSTER, wc.name
                 elif typed.type_url == _HCM:
-                    hcm = HttpConnectionManager.parse(typed.value)
+                    hcm = k.HttpConnectionManager.parse(typed.value)
                     if hcm.rds is not None:
                         yield ROUTE, hcm.rds.route_config_name
                     if hcm.route_config is not None:
                         yield from _route_refs(hcm.route_config)
-    elif type_url == ROUTE and isinstance(message, RouteConfiguration):
+    elif type_url == ROUTE and isinstance(message, k.RouteConfiguration):
         yield from _route_refs(message)
 
 
