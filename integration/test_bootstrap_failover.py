@@ -28,7 +28,11 @@ from repstage_mesh.filters import XDS_SERVER_GRPC_OPTIONS, build_bootstrap
 
 HERE = Path(__file__).resolve().parent
 ENVOY = HERE.parent / ".venv" / "bin" / "envoy"
-pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason="envoy binary not installed")
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = [
+    pytest.mark.serial,
+    pytest.mark.skipif(not ENVOY.exists(), reason="envoy binary not installed"),
+]
 
 
 def free_port() -> int:

@@ -26,6 +26,9 @@ from integration.chaos.mesh import CTL_MEMBERS, call, chaos_mesh
 from integration.chaos.suite import Chaos
 from integration.harness import wait_until, workdir
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 
 def _ctl_state(mesh: object) -> tuple[str | None, int]:
     def read() -> tuple[str | None, int] | None:

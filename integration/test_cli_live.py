@@ -78,7 +78,7 @@ def live() -> Iterator[Live]:
             "envoy": {"listen_address": "127.0.0.1", "fence_port": free_low_port(2)},
         }
         cp = ControlPlaneNode(wd, cfg)
-        envoy = Envoy(wd, "edge-cli", [cp.xds_address])
+        envoy = Envoy(wd, "edge-cli", [cp.xds_address], subprocess_cli=True)  # `repstage-mesh bootstrap` itself
         try:
             cp.start()
             envoy.start()

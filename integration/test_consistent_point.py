@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pytest
 import redis
 
 from repstage_mesh.snapshots.actions.scratch import ScratchOptions, scratch_redis
@@ -45,6 +46,9 @@ from .harness import (
     wait_until,
     workdir,
 )
+
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
 
 
 @dataclass
@@ -72,7 +76,7 @@ class _Ok(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def http_backend() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server.server_address[1]

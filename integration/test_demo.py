@@ -6,7 +6,12 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
+
 from .harness import REPSTAGE
+
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
 
 
 def test_the_demo_fails_over_and_exits_by_itself() -> None:

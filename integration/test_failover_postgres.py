@@ -18,6 +18,9 @@ import pytest
 from .databases import PostgresPair, postgres_bindir, postgres_pair
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 SERVICE = "db"
 TABLE_DDL = "CREATE TABLE w (id serial PRIMARY KEY, n integer NOT NULL UNIQUE)"
 

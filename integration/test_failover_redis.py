@@ -17,6 +17,9 @@ from repstage_mesh.cli.workload import RedisWriter
 from .databases import RedisGroup, redis_group
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 Writer = RedisWriter  # SET w:<n> <n> through Envoy, every failure counted
 
 

@@ -28,6 +28,9 @@ import redis
 from .databases import RedisGroup, redis_group, redis_server_binary
 from .harness import ControlPlaneNode, Envoy, free_low_port, http_json, wait_until, workdir
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 SERVICE = "cache"
 MIN_INTERVAL = 4.0  # leadership.min_failover_interval, seconds
 FLAP_SECONDS = 10.0

@@ -18,6 +18,9 @@ import pytest
 from .cluster3 import Cluster3, cluster3, two_tcp_members
 from .harness import ControlPlaneNode, Envoy, ask_once, cluster_leader, http_json, wait_until
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 SERVICE = "orders"
 PRIMARY = f"/v1/services/{SERVICE}/primary"
 GENEROUS = 30.0  # seconds: correctness, not speed (the keepalive bound is ~1 s)

@@ -47,6 +47,9 @@ from .harness import (
     workdir,
 )
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 SERVICES = ("orders", "cache")
 MEMBERS = ("a", "b", "c")
 CLIENTS = 4

@@ -28,6 +28,9 @@ from integration import netns
 from integration.databases import redis_server_binary
 from integration.harness import wait_until, workdir
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 RW = "netns-read-write-token"
 RO = "netns-read-only-token"
 PASSWORD = "netns-raft-password"

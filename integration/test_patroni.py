@@ -25,6 +25,9 @@ import pytest
 from .harness import ControlPlaneNode, Envoy, free_low_port, wait_until, workdir
 from .patroni import PATRONI_VENV, PatroniCluster, host_of, missing, patroni_cluster
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 
 @dataclass
 class PatroniMesh:

@@ -25,6 +25,9 @@ from repstage_mesh.failover.promote import postgres_promote, postgres_repoint_st
 
 from .databases import HOST, PostgresPair, postgres_pair_fixture
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 __all__ = ["postgres_pair_fixture"]  # pytest finds the fixture here
 
 

@@ -38,6 +38,9 @@ from .harness import (
     workdir,
 )
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 SERVICE = "orders"  # switched between members a and b by the tests
 STABLE = "stable"  # never switched: the traffic probe during a kill goes through it
 PRIMARY = f"/v1/services/{SERVICE}/primary"

@@ -23,6 +23,9 @@ import pytest
 
 from integration.test_replication import NodeProcess, free_port, process_leader, put
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 GIB = 1 << 30
 CHUNK = 1 << 20
 

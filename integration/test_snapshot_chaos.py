@@ -24,6 +24,9 @@ from bench.common import loadavg
 
 from .snapshot_chaos import PHASES, ROLES, RunResult, one_run, snapshot_mesh, table
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 BOUND = 2.0  # seconds: the failover's commit -> the member back in every Envoy's read cluster
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "RESULTS.md"
 RUNS = int(os.environ.get("SNAPSHOT_CHAOS_RUNS", "20"))

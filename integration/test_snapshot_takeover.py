@@ -27,6 +27,9 @@ from .harness import (
     workdir,
 )
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 
 @dataclass
 class Cluster:

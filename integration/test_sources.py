@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from repstage_mesh.core.models import ServiceSpec
@@ -24,6 +25,9 @@ from .databases import (
     postgres_pair_fixture,
     redis_group_fixture,
 )
+
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
 
 __all__ = ["postgres_pair_fixture", "redis_group_fixture"]  # pytest finds the fixtures here
 

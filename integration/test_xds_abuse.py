@@ -29,7 +29,11 @@ from .harness import (
 )
 from .xds_abuse import Abuse, run
 
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed")
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = [
+    pytest.mark.serial,
+    pytest.mark.skipif(redis_server_binary() is None, reason="redis-server not installed"),
+]
 CACHE = "cache"
 
 

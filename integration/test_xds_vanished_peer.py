@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from integration import netns
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot, SnapshotCache
@@ -20,6 +22,9 @@ from repstage_mesh.xds.server import AdsServer
 from repstage_mesh.xds.tls import XdsSecurity
 from repstage_mesh.xds.tracker import ProxyTracker
 from tests.fakes import eventually
+
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = """

@@ -31,6 +31,9 @@ from .harness import (
     workdir,
 )
 
+# timing windows that need the machine's cores: run alone (pyproject.toml, markers)
+pytestmark = pytest.mark.serial
+
 PRIMARY = "/v1/services/orders/primary"
 ENVOYS = 4
 

@@ -178,7 +178,7 @@ class ConsulStandIn:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Bind every node's agent (the first one on `port`, 0: a free one); the first's address."""
         for n, node in enumerate(self.nodes.values()):
-            node.runner = web.AppRunner(self._make_app(node.name), handle_signals=False)
+            node.runner = web.AppRunner(self._make_app(node.name), handle_signals=False, access_log=None)
             await node.runner.setup()
             await web.TCPSite(node.runner, host, port if n == 0 else 0).start()
             bound = node.runner.addresses[0]

@@ -17,7 +17,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repstage_mesh.config import (
     ConfigError,
@@ -29,8 +29,10 @@ from repstage_mesh.config import (
 )
 from repstage_mesh.core.errors import MeshError
 from repstage_mesh.core.models import MeshState
-from repstage_mesh.node import Node
 from repstage_mesh.telemetry import logs
+
+if TYPE_CHECKING:
+    from repstage_mesh.node import Node
 
 log = logging.getLogger("repstage_mesh.node")
 
@@ -57,7 +59,12 @@ async def run_until_signalled(start: Callable[[], Awaitable[Node]]) -> None:
 
 async def start_node(settings: Settings) -> Node:
     """Build and start a node; when the start fails, stop what did start (Raft, the xDS server)
-    before raising, so that the data directory and the ports are free again."""
+    before raising, so that the data directory and the ports are free again.
+
+    The node's modules (Raft, xDS, the API, the probes' clients: ~1.5 s of imports) are loaded
+    here, after the config was read and checked: a refused start says why at once."""
+    from repstage_mesh.node import Node
+
     node = Node(settings)
     node.on_apply(_replicated_conflicts(settings))
     try:
