@@ -34,6 +34,7 @@ import json
 import math
 import os
 import pstats
+import struct
 import subprocess
 import sys
 import time
@@ -636,6 +637,7 @@ def micro(n: int, services: int) -> str:
     us, _ = cpu(lambda ia: tracker.record(ia[0], ia[1]), list(enumerate(sends)))
     rows.append(("tracker.record(Send)", us))
     rows += _micro_relay(synced_streams(SotwStream), snap2, names)
+    rows += _micro_transport(acks, frames)
     us, _ = cpu(lambda f: scan_response(f, False), frames)
     rows.append(("client: scan_response (version/type/nonce only)", us))
     us, _ = cpu(lambda f: parse_betterproto(f, False), frames)
@@ -682,6 +684,77 @@ def _micro_relay(streams: list[Any], snap: Any, names: list[str]) -> list[tuple[
                  (f"worker: FactBatcher.drain after {label} (the mirror)", (c2 - c1) / n * 1e6),
                  (f"worker: the frame to the node ({len(frame) / n:.0f} bytes per stream)", (c3 - c2) / n * 1e6),
                  (f"node: decode and FactReplay.apply ({label})", (c4 - c3) / n * 1e6)]
+    return rows
+
+
+def _micro_transport(acks: list[bytes], frames: list[bytes]) -> list[tuple[str, float]]:
+    """The h2 transport's framing per stream and push, 100 streams on one connection: an ACK's
+    DATA frame taken in and its window given back, and a response's DATA frame written, by h2
+    (the transport before the ninth pass) and by xds/h2_raw.py (what it does now for open calls)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    from repstage_mesh.xds.h2_raw import CONNECTION_WINDOW, STREAM_WINDOW, RawFraming
+
+    def pair() -> tuple[Any, Any, list[int]]:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        for conn, is_client in ((client, True), (server, False)):
+            conn.local_settings = h2.settings.Settings(
+                client=is_client, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW})
+            conn.initiate_connection()
+            conn.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
+        for _ in range(2):
+            server.receive_data(client.data_to_send())
+            client.receive_data(server.data_to_send())
+        sids = [client.get_next_available_stream_id() + 2 * i for i in range(100)]
+        for sid in sids:
+            client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b":authority", b"a")])
+        server.receive_data(client.data_to_send())
+        for sid in sids:
+            server.send_headers(sid, [(b":status", b"200")])
+        client.receive_data(server.data_to_send())
+        return client, server, sids
+
+    prefix = struct.Struct(">BI")
+    ack = prefix.pack(0, len(acks[0])) + acks[0]
+    response = prefix.pack(0, len(frames[0])) + frames[0]
+    rounds = 20
+    rows: list[tuple[str, float]] = []
+    for label in ("h2", "h2_raw"):
+        client, server, sids = pair()
+        raw = RawFraming(server)
+        calls = {sid: type("Call", (), {"sid": sid, "raw_held": 0, "raw_unacked": 0})() for sid in sids}
+        chunks = []
+        for _ in range(rounds):
+            for sid in sids:
+                client.send_data(sid, ack)
+            chunks.append(client.data_to_send())
+        gc.collect()
+        c0 = time.process_time()
+        for chunk in chunks:
+            if label == "h2":
+                for event in server.receive_data(chunk):
+                    if isinstance(event, h2.events.DataReceived):
+                        server.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                server.data_to_send()
+            else:
+                raw.receive(chunk, calls.get, server.receive_data, lambda call, data, raw=raw: raw.read(call))
+                raw.take_output()
+        c1 = time.process_time()
+        for _ in range(rounds):
+            for sid in sids:
+                if label == "h2":
+                    server.send_data(sid, response)
+                else:
+                    raw.send(sid, response)
+            raw.take_output()
+        c2 = time.process_time()
+        count = rounds * len(sids)
+        rows += [(f"transport ({label}): take in an ACK's DATA frame, give its window back", (c1 - c0) / count * 1e6),
+                 (f"transport ({label}): write a response's DATA frame", (c2 - c1) / count * 1e6)]
     return rows
 
 

@@ -35,6 +35,15 @@ def _message(data: bytes, compressed: int = 0) -> bytes:
     return struct.pack(">BI", compressed, len(data)) + data
 
 
+def _responses(data: bytes | bytearray) -> list[DiscoveryResponse]:
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        (length,) = struct.unpack_from(">I", data, pos + 1)
+        out.append(DiscoveryResponse.parse(bytes(data[pos + 5:pos + 5 + length])))
+        pos += 5 + length
+    return out
+
+
 class RawH2:
     """One HTTP/2 connection driven by hand (python-hyper's h2 on the client side)."""
 
@@ -154,6 +163,28 @@ async def test_requests_split_over_frames_and_sharing_one_are_all_read(server: A
         (record,) = server.tracker.connected()
         record.refresh()
         assert record.types[CLUSTERS].acked_version == response.version_info
+
+
+async def test_requests_past_the_stream_window_are_all_read(server: AdsServer) -> None:
+    """The transport reads DATA of open calls outside h2 and gives the window back itself: a
+    client that respects it sends twice the stream window of ACKs and is never left waiting."""
+    names = tuple(f"{i:0>200}" for i in range(14))
+    async with raw(server) as client:
+        client.call(1)
+        client.send(1, _message(sotw_request(names=names, node_id="edge-1")))
+        await client.until(lambda: len(client.data.get(1, b"")) > 5)
+        response = DiscoveryResponse.parse(bytes(client.data[1][5:]))
+        ack = _message(sotw_request(names=names, version=response.version_info, nonce=response.nonce))
+        sent = 0
+        while sent < 2 * (1 << 20):
+            await client.until(lambda: client.h2.local_flow_control_window(1) >= len(ack))
+            client.send(1, ack)
+            sent += len(ack)
+        await client.until(lambda: client.h2.local_flow_control_window(1) >= 1_000)
+        last = _responses(client.data[1])[-1]  # the server answered the subscription again meanwhile
+        client.send(1, _message(sotw_request(names=("other",), version=last.version_info, nonce=last.nonce)))
+        (stream,) = server.streams.values()
+        await eventually(lambda: stream.types[CLUSTERS].names == frozenset({"other"}), "every request read")
 
 
 async def test_what_grpc_clients_never_send_ends_the_call_with_a_status(server: AdsServer) -> None:

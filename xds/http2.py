@@ -36,6 +36,7 @@ import h2.exceptions
 import h2.settings
 
 from .grpc_wire import grpc_peer, trailers
+from .h2_raw import CONNECTION_WINDOW, STREAM_WINDOW, RawFraming
 from .limits import LimitExceeded
 from .protocol import DeltaStream, ProtocolError, SotwStream
 from .requests import parse_delta, parse_sotw
@@ -54,6 +55,7 @@ _METHODS = {
 _FLUSH_AT = 256 * 1024  # bytes framed into one connection before it is written (and may pause)
 _PUMP_CHUNK = 256  # outboxes served per loop pass, so ACKs are read between chunks of a push
 _PREFIX = struct.Struct(">BI")
+
 
 
 class H2Listener:
@@ -158,21 +160,8 @@ class _Call:
     """One ADS call (an HTTP/2 stream) on a connection."""
 
     __slots__ = (
-        "buffer",
-        "cancel_watch",
-        "closed",
-        "conn",
-        "ending",
-        "headers_sent",
-        "held",
-        "out",
-        "parse",
-        "partial",
-        "release",
-        "sid",
-        "stream",
-        "stream_id",
-        "unacked",
+        "buffer", "cancel_watch", "closed", "conn", "ending", "headers_sent", "held", "out", "parse",
+        "partial", "raw_held", "raw_unacked", "release", "sid", "stream", "stream_id", "unacked",
     )
 
     def __init__(self, conn: _Connection, sid: int, delta: bool) -> None:
@@ -197,7 +186,9 @@ class _Call:
         self.closed = False
         self.headers_sent = False
         self.ending: tuple[str, str] | None = None  # refused as it opened (_end)
-        self.unacked = 0  # request bytes taken in but not yet given back to the peer's window
+        self.unacked = 0  # request bytes taken in by h2 but not yet given back to the peer's window
+        self.raw_unacked = 0  # the same, of the DATA frames read outside h2
+        self.raw_held = 0  # bytes read outside h2 not yet given back by a WINDOW_UPDATE
 
     # ---------------------------------------------------------------- requests
     def data(self, data: bytes, flow: int) -> None:
@@ -206,6 +197,12 @@ class _Call:
             return
         self.buffer += data
         self.unacked += flow
+        if not self.held:
+            self.take_requests()
+
+    def raw_data(self, data: bytes) -> None:
+        """A DATA frame read outside h2 (h2_raw: its flow control is counted there)."""
+        self.buffer += data
         if not self.held:
             self.take_requests()
 
@@ -237,6 +234,8 @@ class _Call:
             with contextlib.suppress(h2.exceptions.H2Error):
                 self.conn.h2.acknowledge_received_data(self.unacked, self.sid)
             self.unacked = 0
+        if self.raw_unacked and not self.closed:
+            self.conn.raw.read(self)
 
     def request(self, data: bytes) -> None:
         server = self.conn.listener.server
@@ -292,10 +291,7 @@ class _Call:
             self._send(data[:window])
 
     def _send(self, data: bytes) -> None:
-        conn = self.conn.h2
-        limit = conn.max_outbound_frame_size
-        for start in range(0, len(data), limit):
-            conn.send_data(self.sid, data[start:start + limit])
+        self.conn.raw.send(self.sid, data)
         self.conn.queued += len(data)
         if self.conn.queued > _FLUSH_AT:  # a large push: let the socket say when it is full
             self.conn.flush()
@@ -344,6 +340,7 @@ class _Call:
             return
         self.closed = True
         server = self.conn.listener.server
+        self.conn.raw.release(self.raw_unacked)  # taken in, never read: the connection's still
         self.out.frames.clear()
         self.partial = b""
         self.conn.calls.pop(self.sid, None)
@@ -374,6 +371,7 @@ class _Connection(asyncio.Protocol):
         self._last_read = time.monotonic()
         self._closed = False
         self._early: list[bytes] | None = []  # what arrived before _begin
+        self.raw = RawFraming(self.h2)  # DATA frames of open calls, read and written outside h2
 
     # ---------------------------------------------------------------- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -417,10 +415,10 @@ class _Connection(asyncio.Protocol):
     def _begin(self) -> None:
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.listener.max_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
         })
         self.h2.initiate_connection()
-        self.h2.increment_flow_control_window((1 << 24) - 65_535)
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
         self.flush()
         self._schedule_ping()
         early, self._early = self._early or [], None
@@ -433,15 +431,24 @@ class _Connection(asyncio.Protocol):
             return
         self._last_read = time.monotonic()
         try:
-            events = self.h2.receive_data(data)
+            self._receive(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("xDS HTTP/2 protocol error from %s: %s", self.peer, exc)
             self.flush()
             self.transport_abort()
             return
-        for event in events:
-            self._event(event)
         self.flush()
+
+    def _receive(self, data: bytes) -> None:
+        self.raw.receive(data, self._open_call, self._h2_receive, _Call.raw_data)
+
+    def _open_call(self, sid: int) -> _Call | None:
+        call = self.calls.get(sid)
+        return call if call is not None and not call.closed and call.ending is None else None
+
+    def _h2_receive(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            self._event(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -531,7 +538,7 @@ class _Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- writing, pings, ends
     def flush(self) -> None:
         self.queued = 0
-        data = self.h2.data_to_send()
+        data = self.raw.take_output()
         transport = self.transport
         if not data or transport is None or transport.is_closing():
             return

@@ -113,17 +113,23 @@ def _sotw_sync(stream: Any, type_url: str, state: Any, sync_state: Callable[[Any
     NACKed, that floor); and, through what other types hold or gate, the stream's
     `generation`, which every change that can move another type's wanted content bumps
     (protocol.py: a response of clusters or of resources that refer to something, any request
-    but a plain ACK). `tests/test_xds_relay.py` compares the mirror with the worker's own view
-    after random pushes, ACKs and NACKs."""
+    but a plain ACK). Two shortcuts, each what `sync_state` would answer: a type with a response
+    in flight is 'pending'; and while the stream holds the very snapshot of the last answer, the
+    type's own answers and `generation` decide it without the selections (a push's ACK: the
+    types it left alone). `tests/test_xds_relay.py` compares the mirror with the worker's own
+    view after random pushes, ACKs and NACKs."""
     snapshot = stream.snapshot
     if snapshot is None or not state.requested:
         return sync_state(stream, type_url)
-    key = (stream.generation, state.last_nonce, bool(state.pending), state.acked_version, len(state.nacked),
-           state.floor, state.floor > snapshot.index, stream._selection(type_url, state).digest,
-           snapshot.selection(type_url, None).digest)
+    if state.pending and (state.wildcard or state.names):
+        return "pending"
+    own = (stream.generation, state.last_nonce, bool(state.pending), state.acked_version, len(state.nacked),
+           state.floor)
     memo = state.sync_memo
-    if memo is not None and memo[0] == key:
+    if memo is not None and memo[2] is snapshot and memo[3] == own:
         return str(memo[1])
-    sync = sync_state(stream, type_url)
-    state.sync_memo = (key, sync)
+    key = (own, state.floor > snapshot.index, stream._selection(type_url, state).digest,
+           snapshot.selection(type_url, None).digest)
+    sync = str(memo[1]) if memo is not None and memo[0] == key else sync_state(stream, type_url)
+    state.sync_memo = (key, sync, snapshot, own)
     return sync
