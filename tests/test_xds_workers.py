@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from fakes import eventually
@@ -161,3 +162,28 @@ async def test_a_limit_hit_in_a_worker_is_counted_by_the_node(pool: WorkerPool) 
         code, _ = await client.status()
         assert code.name == "RESOURCE_EXHAUSTED"
     await eventually(lambda: hits == ["resource_names"], "the worker's limit hit reaches the node")
+
+
+async def test_workers_run_the_node_s_code_whatever_directory_the_node_started_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m` puts the working directory first on sys.path: a `repstage_mesh` there (another
+    checkout) must not be what the workers import."""
+    bogus = tmp_path / "repstage_mesh"
+    bogus.mkdir()
+    (bogus / "__init__.py").write_text("raise ImportError('the wrong repstage_mesh')\n")
+    monkeypatch.chdir(tmp_path)
+    cache = SnapshotCache()
+    cache.set_snapshot("", snapshot(3))
+    workers = WorkerPool(1, cache, ProxyTracker(control_plane="cp"), "cp", restart_delay=0.2)
+    await workers.start("127.0.0.1", 0)
+    channel = aio.insecure_channel(f"127.0.0.1:{workers.port}")
+    try:
+        client = AdsClient(channel)
+        client.send(sotw_request(CLUSTERS, node_id="envoy-cwd"))
+        assert (await client.receive()).version_info.startswith("3-")
+        assert workers.restarts == 0
+        client.close()
+    finally:
+        await channel.close()
+        await workers.stop(0)

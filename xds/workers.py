@@ -79,6 +79,22 @@ def hold_port(host: str, port: int) -> socket.socket:
     return held
 
 
+
+def worker_command() -> list[str]:
+    """`python -P -m <this package>.worker_main`: `-P` keeps the working directory off the
+    worker's `sys.path` (with `-m` Python puts it first), so a `repstage_mesh` directory where
+    `serve` was started (another checkout, another version) is not what the workers run."""
+    return [sys.executable, "-P", "-m", f"{__package__}.worker_main"]
+
+
+def worker_environment() -> dict[str, str]:
+    """The node's environment with the directory its own top-level package came from first on
+    `PYTHONPATH`: the workers import the very code the node runs."""
+    top = sys.modules[(__package__ or __name__).split(".")[0]]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(top.__file__ or "")))
+    paths = [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
 class _Worker:
     def __init__(self, slot: int) -> None:
         self.slot = slot
@@ -252,8 +268,8 @@ class WorkerPool:
         ours, theirs = socket.socketpair()
         try:
             worker.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "repstage_mesh.xds.worker_main", str(theirs.fileno()), str(os.getpid()),
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                *worker_command(), str(theirs.fileno()), str(os.getpid()),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL, env=worker_environment(),
             )
         finally:
             theirs.close()
