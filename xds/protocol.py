@@ -1,18 +1,18 @@
 """The xDS stream protocol as a state machine with no I/O (h11 style).
 
 One `SotwStream` or `DeltaStream` per gRPC stream. Feed it what the client said
-(`receive(request)`) and what the cache holds (`update(snapshot)`); it returns actions:
-`Send` a response, and the `Acked` / `Nacked` / `Stale` facts the proxy tracker records. The
-server binds these to grpcio; the tests drive them with hypothesis, without sockets.
+(`receive(request)`) and what the cache holds (`update(snapshot)`); it returns actions: `Send`
+a response, and the `Acked` / `Nacked` / `Stale` facts the proxy tracker records (the server's
+transports move the bytes; the tests drive it with hypothesis, without sockets).
 
 What it guarantees (each is a property test in tests/test_xds_protocol.py):
 - nonces are unique per stream;
 - a NACKed content is never sent again to that stream (Envoy keeps its last good config);
 - versions never go backwards on a stream, and a client coming back with a newer version than
   this replica holds is not sent anything older;
-- ADS ordering: clusters, endpoints, listeners, routes; a cluster (or endpoint, or route) that
-  a listener or cluster the client holds still refers to is kept until the referring
-  resource has been replaced and ACKed, so removals go out after the additions;
+- ADS ordering: clusters, endpoints, listeners, routes; a cluster (or endpoint, or route) that a
+  listener or cluster the client holds still refers to is kept until the referring resource has
+  been replaced and ACKed, so removals go out after the additions;
 - every route/endpoint name a sent listener or cluster refers to is sent when subscribed.
 """
 
@@ -78,6 +78,7 @@ class _TypeState:
     superseded: dict[str, Mapping[str, EncodedResource]] = field(default_factory=dict)
     asked_again: bool = False  # SotW: a request that is not an ACK: answer it even if unchanged
     sync_memo: tuple[object, ...] | None = None  # SotW: mirror._sotw_sync's last answer and its key
+    selection_memo: tuple[object, ...] | None = None  # (snapshot, names key, its Selection): _Stream._selection
 
 
 class _Stream:
@@ -172,8 +173,12 @@ class _Stream:
         return frozenset(state.names)
 
     def _selection(self, type_url: str, state: _TypeState) -> Selection:
-        assert self.snapshot is not None
-        return self.snapshot.selection(type_url, None if state.wildcard else self._names_key(state))
+        snapshot, names, memo = self.snapshot, None if state.wildcard else self._names_key(state), state.selection_memo
+        assert snapshot is not None  # the memo: a push reads the selection several times
+        if memo is not None and memo[0] is snapshot and memo[1] is names:
+            return memo[2]  # type: ignore[return-value]
+        state.selection_memo = (snapshot, names, found := snapshot.selection(type_url, names))
+        return found
 
     def _desired(self, type_url: str, state: _TypeState) -> Mapping[str, EncodedResource]:
         """What the client should hold of `type_url`. Read-only: when nothing is kept or held

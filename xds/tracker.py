@@ -99,8 +99,13 @@ class ProxyRecord:
         if snap is None or snap.index <= self.synced_index:
             return
         types = self.stream.types
-        if not any(state.requested for state in types.values()) or any(state.pending for state in types.values()):
-            return  # nothing asked for yet (a new stream), or a response in flight
+        requested = False
+        for state in types.values():
+            if state.pending:
+                return  # a response in flight
+            requested = requested or state.requested
+        if not requested:
+            return  # nothing asked for yet (a new stream)
         # With nothing in flight, a type is synced unless its last answer was a NACK: the
         # protocol sends every difference at once (gated listeners go out on the cluster ACK).
         # Only a refused type needs the full comparison (cheap path: no digest per ACK).
