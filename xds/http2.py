@@ -57,7 +57,6 @@ _PUMP_CHUNK = 256  # outboxes served per loop pass, so ACKs are read between chu
 _PREFIX = struct.Struct(">BI")
 
 
-
 class H2Listener:
     """The listening socket(s), the connections, and the pump that runs the streams' pushes."""
 
