@@ -221,11 +221,14 @@ class EnvoyProc:
 
 
 def start_envoy(
-    node_id: str, xds_port: int, delta: bool, base_id: int, *, debug_config_log: bool = False, nice: int = 0
+    node_id: str, xds_port: int, delta: bool, base_id: int, *, debug_config_log: bool = False, nice: int = 0,
+    parent: Path | None = None,
 ) -> EnvoyProc:
     """One Envoy (concurrency 1) on its own base id and admin port, taking everything over ADS
-    (`nice`: run it at that niceness, below the control plane sharing its cores)."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"xdsbench-{node_id}-"))
+    (`nice`: run it at that niceness, below the control plane sharing its cores). Its bootstrap
+    and log go to a new directory under `parent` (the caller removes it) or, without one, under
+    the system's temporary directory, kept for the report to point at."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"xdsbench-{node_id}-", dir=parent))
     admin = free_port()
     boot = BOOTSTRAP.format(
         node_id=node_id, admin=admin, api_type="DELTA_GRPC" if delta else "GRPC", xds_port=xds_port

@@ -106,7 +106,7 @@ def measure(envoys: int, runs: int, probe: bool = False, transport: str = "h2", 
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROBE), os.environ.get("PYTHONPATH")]))
         node = ControlPlaneNode(wd, config, name="cp-1").start()
         xds_port = int(node.xds_address.rsplit(":", 1)[1])
-        procs = [common.start_envoy(f"edge-{i}", xds_port, False, base, nice=nice)
+        procs = [common.start_envoy(f"edge-{i}", xds_port, False, base, nice=nice, parent=wd)
                  for i, base in enumerate(common.base_ids(envoys))]
         try:
             def synced() -> bool:

@@ -22,6 +22,9 @@ class NodeInfo:
     user_agent: str = ""
 
 
+_STAR = frozenset({"*"})
+
+
 @dataclass(frozen=True)
 class SotwRequest:
     type_url: str
@@ -30,6 +33,17 @@ class SotwRequest:
     resource_names: tuple[str, ...] = ()
     error: str | None = None
     node: NodeInfo | None = None
+    # Worked out once per request (and a request's bytes seen again are parsed once: server.py),
+    # so the streams that send the same ACK share one set: `resource_names` without "*", and
+    # whether "*" was among them.
+    names_key: frozenset[str] = field(init=False, repr=False, compare=False)
+    star: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = frozenset(self.resource_names)
+        star = "*" in names
+        object.__setattr__(self, "names_key", names - _STAR if star else names)
+        object.__setattr__(self, "star", star)
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,9 @@ def mirror_wire(stream: Any, synced_index: int, sync_state: Callable[[Any, str],
     return (snap.version if snap is not None else None, synced_index, types)
 
 
+_IN_FLIGHT = object()  # `_TypeState.sync_memo` taken while a response was in flight
+
+
 def _sotw_sync(stream: Any, type_url: str, state: Any, sync_state: Callable[[Any, str], str]) -> str:
     """`sync_state(stream, type_url)`, memoised on the type's state (`_TypeState.sync_memo`).
 
@@ -113,21 +116,31 @@ def _sotw_sync(stream: Any, type_url: str, state: Any, sync_state: Callable[[Any
     NACKed, that floor); and, through what other types hold or gate, the stream's
     `generation`, which every change that can move another type's wanted content bumps
     (protocol.py: a response of clusters or of resources that refer to something, any request
-    but a plain ACK). Two shortcuts, each what `sync_state` would answer: a type with a response
-    in flight is 'pending'; and while the stream holds the very snapshot of the last answer, the
+    but a plain ACK). Three shortcuts, each what `sync_state` would answer: a type with a response
+    in flight is 'pending'; while the stream holds the very snapshot of the last answer, the
     type's own answers and `generation` decide it without the selections (a push's ACK: the
-    types it left alone). `tests/test_xds_relay.py` compares the mirror with the worker's own
+    types it left alone); and the type a push's plain ACK answered is 'synced' (below). `tests/test_xds_relay.py` compares the mirror with the worker's own
     view after random pushes, ACKs and NACKs."""
     snapshot = stream.snapshot
     if snapshot is None or not state.requested:
         return sync_state(stream, type_url)
-    if state.pending and (state.wildcard or state.names):
-        return "pending"
-    own = (stream.generation, state.last_nonce, bool(state.pending), state.acked_version, len(state.nacked),
-           state.floor)
     memo = state.sync_memo
-    if memo is not None and memo[2] is snapshot and memo[3] == own:
-        return str(memo[1])
+    generation, nonce = stream.generation, state.last_nonce
+    if state.pending and (state.wildcard or state.names):
+        if memo is None or memo[0] is not _IN_FLIGHT or memo[2] is not snapshot or memo[3] != (generation, nonce):
+            state.sync_memo = (_IN_FLIGHT, "pending", snapshot, (generation, nonce))
+        return "pending"
+    own = (generation, nonce, bool(state.pending), state.acked_version, len(state.nacked), state.floor)
+    if memo is not None and memo[2] is snapshot:
+        if memo[3] == own:
+            return str(memo[1])
+        if memo[0] is _IN_FLIGHT and memo[3] == (generation, nonce) and not state.nacked:
+            # What was in flight when the memo was taken was answered with nothing else moving
+            # (the same snapshot, no newer response, no request but a plain ACK: any other bumps
+            # `generation`): a plain ACK, after which the protocol has nothing to send
+            # (`_plain_ack`); with no content ever refused, that is 'synced'.
+            state.sync_memo = (None, "synced", snapshot, own)
+            return "synced"
     key = (own, state.floor > snapshot.index, stream._selection(type_url, state).digest,
            snapshot.selection(type_url, None).digest)
     sync = str(memo[1]) if memo is not None and memo[0] == key else sync_state(stream, type_url)

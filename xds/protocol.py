@@ -318,11 +318,10 @@ class SotwStream(_Stream):
         pending = state.pending.get(request.response_nonce)
         if pending is None or request.response_nonce != state.last_nonce:
             return False
-        names = request.resource_names
-        if "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES):
+        if request.star or (not request.resource_names and request.type_url in res.FULL_STATE_TYPES):
             if not state.wildcard:
                 return False
-        elif state.wildcard or len(names) != len(state.names_key) or state.names_key != frozenset(names):
+        elif state.wildcard or state.names_key != request.names_key:
             return False
         refs = [ref for item in state.acked.values() for ref in item.refs]
         return not refs or set(refs) <= {ref for item in pending.resources.values() for ref in item.refs}
@@ -367,9 +366,8 @@ class SotwStream(_Stream):
             state.floor, state.client_digest = split_version(request.version_info)
             state.acked_version, state.acked_digest = request.version_info, state.client_digest
         state.requested = True
-        names = set(request.resource_names)
-        state.wildcard = "*" in names or (not names and request.type_url in res.FULL_STATE_TYPES)
-        state.names = state.names_key = frozenset(names - {"*"}) or _NONE
+        state.wildcard = request.star or (not request.resource_names and request.type_url in res.FULL_STATE_TYPES)
+        state.names = state.names_key = request.names_key or _NONE  # shared by the streams that sent the same
         actions.extend(self._sync())
         return actions
 
@@ -392,11 +390,12 @@ class SotwStream(_Stream):
             return None  # nothing moved since this type was found to need nothing
         replaced = state.pending.get(state.last_nonce)
         send = self._compute_send(type_url, state, selection)
-        if send is None:
-            state.quiet = quiet
-        elif type_url == res.CLUSTER or _any_refs(send.resources) or (
+        # Quiet only until something is sent: a push of B, then back to A before B's ACK, must
+        # send A again though A was once found to need nothing (it did, with A held).
+        state.quiet = quiet if send is None else None
+        if send is not None and (type_url == res.CLUSTER or _any_refs(send.resources) or (
             replaced is not None and _any_refs(replaced.resources.values())
-        ):
+        )):
             # What other types depend on moved: a cluster's confirmation (gating) or the
             # references the client holds. A response of resources that refer to nothing
             # (endpoints, the common push) moves neither.

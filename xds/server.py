@@ -11,6 +11,7 @@ slow proxy and never interleave.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -70,6 +71,18 @@ _GRPC_OPTIONS = [
 ]
 
 
+# Requests of at most this many bytes are kept by their bytes once parsed, at most this many of
+# each kind (then forgotten all at once): ~0.5 MiB at most per server.
+_PARSED_BYTES = 1024
+_PARSED_ENTRIES = 512
+
+
+@functools.lru_cache(maxsize=4096)
+def _sotw_tail(nonce: str, control_plane_id: str) -> bytes:
+    """Streams in step number their responses alike: one push's tails are mostly the same."""
+    return wire.sotw_tail(nonce, control_plane_id)
+
+
 def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
     if delta:
         return wire.delta_response(
@@ -81,7 +94,7 @@ def frame(send: Send, control_plane_id: str, delta: bool) -> bytes:
             control_plane_id,
         )
     body = send.snapshot.sotw_body(send.type_url, send.resources, send.version)
-    return body + wire.sotw_tail(send.nonce, control_plane_id)
+    return body + _sotw_tail(send.nonce, control_plane_id)
 
 
 class _QuietLog:
@@ -157,6 +170,10 @@ class AdsServer:
         self._h2: H2Listener | None = None
         self.port: int | None = None
         self.streams: dict[int, SotwStream | DeltaStream] = {}
+        # Requests seen again, parsed once: the streams of one push send the same ACK bytes
+        # (the same version, nonce and names), and a parse without a node or an error detail is
+        # a plain value of its bytes (`_read`).
+        self._parsed: dict[Callable[..., Any], dict[bytes, Any]] = {parse_sotw: {}, parse_delta: {}}
         self._outboxes: dict[int, _Outbox] = {}
         self.accepting = True
 
@@ -366,14 +383,23 @@ class AdsServer:
                 f"a request of {len(data)} bytes; the limit is {limits.max_request_bytes} "
                 "(xds.limits.max_request_bytes)",
             )
-        reading = NodeReading()
-        request = parse(data, limits, reading)
-        if reading.dropped_metadata:
-            self.guard.on_limit("node_metadata")
-        if reading.cut_error:
-            self.guard.on_limit("error_detail")
+        seen = self._parsed.get(parse)
+        request = seen.get(data) if seen is not None else None
+        if request is None:
+            reading = NodeReading()
+            request = parse(data, limits, reading)
+            if reading.dropped_metadata:
+                self.guard.on_limit("node_metadata")
+            if reading.cut_error:
+                self.guard.on_limit("error_detail")
+            if seen is not None and len(data) <= _PARSED_BYTES and request.node is None and request.error is None:
+                if len(seen) >= _PARSED_ENTRIES:
+                    seen.clear()
+                seen[data] = request
         if isinstance(stream, SotwStream):
-            check_names(stream, request.type_url, request.resource_names, limits)
+            state = stream.types.get(request.type_url)
+            if state is None or state.names != request.names_key:  # the same names: the same count
+                check_names(stream, request.type_url, request.names_key, limits)
         else:
             check_names(stream, request.type_url, request.subscribe, limits, request.unsubscribe)
         return request
