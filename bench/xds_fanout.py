@@ -616,6 +616,12 @@ def micro(n: int, services: int) -> str:
     rows.append(("server.parse_sotw(ACK) (wire scan)", us))
     us, reqs2 = cpu(fast_parse_sotw, acks)
     rows.append((f"  experiment: fast_parse_sotw(ACK) (wire scan; same result: {reqs2 == reqs})", us))
+    from repstage_mesh.xds.cache import SnapshotCache
+    from repstage_mesh.xds.server import AdsServer
+
+    reader = AdsServer(SnapshotCache(), ProxyTracker("bench"))
+    us, _ = cpu(lambda sa: reader._read(sa[1], sa[0], parse_sotw), list(zip(streams, acks, strict=True)))
+    rows.append(("server._read(ACK): limits checked, the same bytes as another stream's parsed once", us))
     us, _ = cpu(lambda sr: sr[0].receive(sr[1]), list(zip(streams, reqs, strict=True)))
     rows.append(("protocol: stream.receive(ACK) (a plain ACK: no sync)", us))
     snap3 = common.build_snapshot(3, ports, 19002)
