@@ -41,12 +41,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_HANDED_OUT: set[int] = set()  # a port free now is free for the next pick too: never twice
+
+
 def _free_low_port(count: int = 1) -> int:
-    """Ports below the ephemeral range, so no outgoing connection takes them first."""
+    """`count` consecutive ports below the ephemeral range (so no outgoing connection takes them
+    first), none handed out before by this process (the demo's ports are bound later, together)."""
     import random
 
     for _ in range(500):
         port = random.randrange(20000, 30000)
+        if _HANDED_OUT.intersection(range(port, port + count)):
+            continue
         socks = [socket.socket() for _ in range(count)]
         try:
             for i, sock in enumerate(socks):
@@ -56,6 +62,7 @@ def _free_low_port(count: int = 1) -> int:
         finally:
             for sock in socks:
                 sock.close()
+        _HANDED_OUT.update(range(port, port + count))
         return port
     raise RuntimeError("no free ports")
 
