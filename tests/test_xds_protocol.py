@@ -174,6 +174,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.nacked: set[tuple[str, str]] = set()  # (type, digest or name:version)
         self.last_index: dict[str, int] = {}
         self.world: World | None = None
+        self.before: World | None = None
         self.sent: dict[str, Send] = {}
 
     def _take(self, actions: list[Action]) -> None:
@@ -203,13 +204,21 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule(world=worlds())
     def new_snapshot(self, world: World) -> None:
         self.version += 1
-        self.world = world
+        self.before, self.world = self.world, world
         snapshot = world.snapshot(self.version)
         shadow = self._shadow()
         actions = self.stream.update(snapshot)
         if shadow is not None:
             assert actions == shadow.update(snapshot), "a shortcut answered otherwise than the full sync"
         self._take(actions)
+
+    @precondition(lambda self: self.before is not None)
+    @rule()
+    def back_to_the_world_before(self) -> None:
+        """A flap: the config before the last one again (a failover, then a failback), often while
+        the last one is still on its way."""
+        assert self.before is not None
+        self.new_snapshot(self.before)
 
     def _shadow(self) -> SotwStream | None:
         """A copy of a SotW stream without the hot-path shortcuts (`SotwStream.shortcuts`)."""
