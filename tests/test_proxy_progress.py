@@ -20,6 +20,7 @@ from fakes import FakePlane, eventually
 from repstage_mesh.api.app import build_app
 from repstage_mesh.api.progress import PeerProgress
 from repstage_mesh.failover.proxies import Progress, await_proxies, local_progress
+from repstage_mesh.xds import relay
 from repstage_mesh.xds import resources as res
 from repstage_mesh.xds.cache import EncodedResource, Snapshot
 from repstage_mesh.xds.protocol import NodeInfo, Send, SotwRequest, SotwStream
@@ -87,6 +88,34 @@ def test_a_waiter_with_nobody_behind_is_done_at_once_and_a_disconnect_releases_i
     tracker.disconnect(1)
     assert waiter.done and waiter.reached == {}
     assert proxy.record.synced_index == -1
+
+
+def test_a_gate_is_waited_for_like_a_proxy_but_never_counted_as_one() -> None:
+    """An xDS worker (relay.WorkerGate): until it holds the index, a stream it opened may not be
+    known to the node yet; the wait does not end on the proxies the node knows."""
+    tracker = ProxyTracker()
+    gate = relay.WorkerGate("xds-worker-0")
+    gate.synced_index = 5
+    tracker.gate_changed(gate)
+    assert tracker.wait_for(5).done  # it holds 5
+    woken: list[int] = []
+    waiter = tracker.wait_for(7, on_done=lambda: woken.append(1))
+    assert not waiter.done  # nobody connected, but the worker has not taken 7
+    [lag] = waiter.lagging()
+    assert (lag.proxy, lag.state, lag.synced_index) == ("xds-worker-0", "pending", 5)
+    proxy = Proxy(tracker, 1, snapshot(7, "a"))  # its connect comes with the worker's facts
+    gate.synced_index = 7
+    tracker.gate_changed(gate)  # ... and the worker's `holds` after them
+    assert not waiter.done and list(waiter.behind) == ["envoy-1#1"]
+    proxy.ack()
+    assert woken == [1] and list(waiter.reached) == ["envoy-1#1"]  # the gate is not a proxy
+    assert [r["node_id"] for r in tracker.to_list()] == ["envoy-1"]
+
+    late = tracker.wait_for(9)
+    gate.connected = False  # the worker is gone (its streams are marked gone too)
+    tracker.gate_changed(gate)
+    tracker.disconnect(1)
+    assert late.done and tracker.gates == {} and late.reached == {}
 
 
 def test_a_nack_is_not_fenced_and_carries_envoys_error() -> None:

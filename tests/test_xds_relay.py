@@ -358,4 +358,4 @@ def test_the_batcher_counts_streams_opened_and_closed() -> None:
     ],
 )
 def test_a_worker_leaves_a_stopped_node_and_waits_for_a_busy_one(silent: float, state: str, gone: bool) -> None:
-    assert relay.node_is_gone(silent, 3.0, state) is gone
+    assert relay.peer_is_gone(silent, 3.0, state) is gone

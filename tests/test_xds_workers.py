@@ -6,6 +6,7 @@ The same with real Envoys: integration/test_xds_workers.py."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -98,6 +99,8 @@ async def test_a_pool_s_streams_are_the_node_s_and_a_dead_worker_s_come_back(poo
             client.send(sotw_request(CLUSTERS, version=pushed.version_info, nonce=pushed.nonce))
         waiter = tracker.wait_for(4)
         await eventually(lambda: waiter.done, "the node's waiter woken by the workers' ACKs")
+        assert sorted(tracker.gates) == ["xds-worker-0", "xds-worker-1"]  # each worker holds 4
+        assert all(g.synced_index == 4 for g in tracker.gates.values())
 
         victim = pool.pids()[0]  # worker slot 0, its first start: stream ids from 1 * STRIDE
         os.kill(victim, signal.SIGKILL)
@@ -127,6 +130,50 @@ async def test_a_pool_s_streams_are_the_node_s_and_a_dead_worker_s_come_back(poo
             await ch.close()
 
 
+async def test_a_frozen_worker_is_killed_and_started_again_and_its_streams_are_not_waited_for(
+    pool: WorkerPool,
+) -> None:
+    """SIGSTOP (a frozen cgroup, a debugger): the worker reads nothing and says nothing, so no
+    pipe closes. The node notices its silence (it answers every tick), kills it and starts
+    another; until then a failover would wait for its streams to the deadline."""
+    tracker = pool.tracker
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [aio.insecure_channel(f"127.0.0.1:{pool.port}", options=own) for _ in range(8)]
+    clients = [AdsClient(ch) for ch in channels]
+    frozen: int | None = None
+    try:
+        for n, client in enumerate(clients):
+            client.send(sotw_request(CLUSTERS, node_id=f"envoy-{n}"))
+            first = await client.receive()
+            client.send(sotw_request(CLUSTERS, version=first.version_info, nonce=first.nonce))
+        await eventually(lambda: len(tracker.connected()) == 8 and all(r.synced(3) for r in tracker.connected()),
+                         "every stream synced")
+        spawns = {r.stream_id // STREAM_ID_STRIDE for r in tracker.connected()}
+        victim_spawn = 1 if 1 in spawns else 2
+        frozen = next(w.process.pid for w in pool._workers if w.spawn == victim_spawn and w.process is not None)
+        os.kill(frozen, signal.SIGSTOP)
+        await eventually(lambda: pool.restarts == 1 and len(pool.pids()) == 2 and frozen not in pool.pids(),
+                         "the frozen worker killed and another started", timeout=15.0)
+        for record in tracker.records.values():  # the frozen worker's streams only are gone
+            assert record.connected == (record.stream_id // STREAM_ID_STRIDE != victim_spawn), record.key
+
+        pool.cache.set_snapshot("", snapshot(4))  # the live streams' ACKs are all a wait needs
+        for n, client in enumerate(clients):
+            if any(r.node.id == f"envoy-{n}" for r in tracker.connected()):
+                pushed = await client.receive()
+                client.send(sotw_request(CLUSTERS, version=pushed.version_info, nonce=pushed.nonce))
+        waiter = tracker.wait_for(4)
+        await eventually(lambda: waiter.done, "the wait satisfied by the live streams")
+    finally:
+        if frozen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
+        for client in clients:
+            client.close()
+        for ch in channels:
+            await ch.close()
+
+
 async def test_a_worker_that_misses_a_change_leaves_to_be_sent_the_whole_snapshot() -> None:
     thresholds = gc.get_threshold()
     init = relay.WorkerInit("127.0.0.1", 0, "cp", XdsLimits(), XdsSecurity(), STREAM_ID_STRIDE, 5.0)
@@ -137,6 +184,7 @@ async def test_a_worker_that_misses_a_change_leaves_to_be_sent_the_whole_snapsho
         assert worker.handle(("delta", "", relay.snapshot_delta(first, second), 1, 2))
         held = worker.cache.get("")
         assert held is not None and held.version == "4" and worker.seq == 2
+        assert worker.batcher.holds == 4  # told to the node after this pass's facts (relay.WorkerGate)
         assert held.resources[res.CLUSTER]["db"].any_bytes == second.resources[res.CLUSTER]["db"].any_bytes
         # A delta against a snapshot it does not hold: it stops (the node restarts it).
         assert not worker.handle(("delta", "", relay.snapshot_delta(first, third), 7, 8))

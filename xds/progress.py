@@ -28,6 +28,12 @@ class Progressing(Protocol):
     @property
     def synced_index(self) -> int: ...
 
+    @property
+    def gate(self) -> bool:
+        """True for a gate (`ProxyTracker.gates`, e.g. an xDS worker), not a proxy: waited for
+        like one, never counted among those that reached the index."""
+        ...
+
     def lag(self) -> tuple[str, str]: ...
 
     def excused(self, min_index: int) -> bool: ...
@@ -87,7 +93,7 @@ class IndexWaiter:
             self.behind.pop(key, None)
         elif record.synced_index >= self.min_index:
             self.behind.pop(key, None)
-            if key not in self.reached:
+            if key not in self.reached and not record.gate:
                 self.reached[key] = self.clock()
         else:
             self.behind[key] = record

@@ -9,7 +9,10 @@ then `("delta", group, SnapshotDelta, base_seq, seq)` for each next one (only wh
 `snapshot_delta`; `seq` numbers the snapshots sent, and a worker whose copy is not `base_seq`
 leaves, to be started again with the whole snapshot), `("renew",)`,
 `("stop",)`, `("tick",)` (nothing to say: the node is alive). Worker → node: `("ready", port)` or `("failed", message)`, then `("facts",
-facts, guards)` once per event-loop pass in which anything happened (`FactBatcher`).
+facts, guards, holds)` once per event-loop pass in which anything happened (`FactBatcher`;
+`holds` is the index of the snapshot the worker holds, told in the pass after it took it, so
+the node has had every stream the worker opened before: `WorkerGate`), and `("alive",)` for
+each tick.
 
 A fact is one stream's news of that pass: `(stream_id, connect, events, mirror, gone)`;
 `connect` is `(NodeInfo, kind)` on the pass it connected, `events` what the tracker recorded
@@ -154,25 +157,38 @@ class WorkerInit:
     hold: bool = False
     # The node writes at least every `heartbeat` seconds; a worker that hears nothing for
     # `node_silence` exits (its listener closes): a frozen node's Envoys go to another node
-    # instead of being served a config the node no longer renews.
+    # instead of being served a config the node no longer renews. The worker answers each tick,
+    # and the node applies the same rule to it (workers.py: a frozen worker is killed and
+    # started again, not left holding its streams and its share of new connections).
     heartbeat: float = 0.5
     node_silence: float = 3.0
 
 
-BUSY_NODE_FACTOR = 10  # a node that runs but says nothing is waited for this many node_silence
+BUSY_NODE_FACTOR = 10  # a peer that runs but says nothing is waited for this many node_silence
 
 
-def node_is_gone(silent: float, node_silence: float, state: str) -> bool:
-    """Should a worker that has heard nothing from its node for `silent` seconds exit? Yes when
-    the node is stopped (SIGSTOP, a paused container: state T/t), dead or unknown; a node that
-    runs or sleeps is busy (e.g. taking in a reconnect storm of tens of thousands of streams:
-    leaving it would disconnect them all again) and is waited for up to BUSY_NODE_FACTOR x
-    `node_silence` (a wedged loop)."""
-    if silent < node_silence:
+def peer_is_gone(silent: float, silence: float, state: str) -> bool:
+    """Should a process that has heard nothing from its peer for `silent` seconds give it up?
+    A worker asks it of its node (and exits), the node of each worker (and kills it: the worker
+    answers every tick). Yes when the peer is stopped (SIGSTOP, a paused container: state T/t),
+    dead or unknown; a peer that runs or sleeps is busy (e.g. taking in a reconnect storm of
+    tens of thousands of streams: leaving it would disconnect them all again) and is waited for
+    up to BUSY_NODE_FACTOR x `silence` (a wedged loop)."""
+    if silent < silence:
         return False
     if state in ("R", "S", "D"):
-        return silent >= node_silence * BUSY_NODE_FACTOR
+        return silent >= silence * BUSY_NODE_FACTOR
     return True
+
+
+def process_state(pid: int) -> str:
+    """The state letter of a process (Linux /proc: R running, S sleeping, D disk, T stopped, ...);
+    "" when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 # --- worker side: facts, batched per event-loop pass ------------------------------------------
@@ -226,6 +242,15 @@ class FactBatcher:
         self.churn = 0  # streams opened or closed (GcPolicy reads and resets it)
         self.passes = 0  # drains with something to tell
         self.last_pass = 0.0  # time.monotonic() of the last of them (GcPolicy.active)
+        self.holds = -1  # the index of the snapshot the worker holds (sent with each drain)
+
+    def took(self, index: int) -> None:
+        """The worker took the snapshot at `index`: the node is told with this pass's facts,
+        after the connects of every stream that may have been sent the snapshot before."""
+        self.holds = index
+        if not self._due:
+            self._due = True
+            self.schedule()
 
     def _entry(self, stream_id: int) -> _News:
         if not self._due:
@@ -390,6 +415,29 @@ class GcPolicy:
 
 
 # --- node side: the facts replayed into the node's tracker ------------------------------------
+
+
+class WorkerGate:
+    """One worker as the node's waiters see it (progress.Progressing, `ProxyTracker.gates`):
+    behind until the worker says it holds the index waited for. A worker gives a stream that
+    connects the snapshot it holds, and the node learns of the stream from its next facts;
+    without the gate a wait for index N could end on the ACKs of the streams the node knows
+    while a stream just opened on a worker that had not yet read N was sent N-1 (the routes
+    before a fence). The worker's `holds` comes after the facts of every stream it opened before
+    it took N, so once every gate holds N, every such stream is one the wait follows."""
+
+    gate = True  # not a proxy (progress.Progressing)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.connected = True  # False once the worker is gone: not waited for
+        self.synced_index = -1
+
+    def lag(self) -> tuple[str, str]:
+        return "pending", "this node's xDS worker has not taken the snapshot yet"
+
+    def excused(self, min_index: int) -> bool:
+        return False
 
 
 class FactReplay:

@@ -17,13 +17,13 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from . import resources as res
 from . import standing
 from .cache import split_version
 from .mirror import StreamMirror
-from .progress import Behind, IndexWaiter, Waiters, behind_of
+from .progress import Behind, IndexWaiter, Progressing, Waiters, behind_of
 from .protocol import (
     Acked,
     Action,
@@ -81,6 +81,7 @@ class ProxyRecord:
     never_acked_grace: float = 10.0  # see standing.never_acked
     first_sent_at: float | None = None  # the first response on this stream
     clock: Clock = field(default=time.time, repr=False)
+    gate: ClassVar[bool] = False  # a proxy (progress.Progressing)
 
     @property
     def connected(self) -> bool:
@@ -217,6 +218,17 @@ class ProxyTracker:
         self._gone: dict[int, float] = {}  # disconnected stream ids, in the order they left
         self.observers: list[TrackerObserver] = []
         self.waiters = Waiters()
+        # What every wait also waits for besides the proxies (relay.WorkerGate: the node's
+        # xDS workers, until each holds the index); not proxies: not listed, not counted.
+        self.gates: dict[str, Progressing] = {}
+
+    def gate_changed(self, gate: Progressing) -> None:
+        """A gate is new, moved, or gone (`connected` False: then forgotten)."""
+        if gate.connected:
+            self.gates[gate.key] = gate
+        elif self.gates.get(gate.key) is gate:
+            del self.gates[gate.key]
+        self.waiters.changed(gate)
 
     def connect(self, stream_id: int, node: NodeInfo, stream: SotwStream | DeltaStream | StreamMirror) -> ProxyRecord:
         self._prune()
@@ -288,10 +300,10 @@ class ProxyTracker:
         self, min_index: int, on_done: Callable[[], None] | None = None, clock: Clock | None = None
     ) -> IndexWaiter:
         """A waiter satisfied when every connected proxy holds a snapshot at or after
-        `min_index`; `on_done` runs on the ACK that satisfies it (at once if nobody is behind).
+        `min_index` (and every gate: `gates`); `on_done` runs on the ACK that satisfies it (at once if nobody is behind).
         Cancel it with `cancel(waiter)` when giving up."""
         waiter = IndexWaiter(min_index, clock or self.clock, on_done)
-        return self.waiters.add(waiter, self.connected())
+        return self.waiters.add(waiter, [*self.connected(), *self.gates.values()])
 
     def cancel(self, waiter: IndexWaiter) -> None:
         self.waiters.cancel(waiter)

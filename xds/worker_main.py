@@ -21,7 +21,7 @@ import sys
 import time
 
 from . import relay
-from .cache import SnapshotCache
+from .cache import Snapshot, SnapshotCache
 from .server import AdsServer
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,11 @@ class Worker:
 
     def flush(self) -> None:
         facts, guards = self.batcher.drain(self.tracker)
-        self.send(("facts", facts, guards))
+        self.send(("facts", facts, guards, self.batcher.holds))
+
+    def _took(self, group: str, snapshot: Snapshot) -> None:
+        self.cache.set_snapshot(group, snapshot)
+        self.batcher.took(snapshot.index)
 
     def handle(self, message: tuple[object, ...]) -> bool:
         """One message from the node; False when told to stop."""
@@ -98,7 +102,7 @@ class Worker:
             group, wire, seq = message[1], message[2], message[3]
             assert isinstance(group, str) and isinstance(seq, int)
             self.seq = seq
-            self.cache.set_snapshot(group, relay.snapshot_from_wire(wire))  # type: ignore[arg-type]
+            self._took(group, relay.snapshot_from_wire(wire))  # type: ignore[arg-type]
         elif kind == "delta":
             self._profile()
             group, delta, base_seq, seq = message[1], message[2], message[3], message[4]
@@ -109,8 +113,8 @@ class Worker:
                 # back: the node starts this worker again and sends it the whole snapshot.
                 log.error("xDS worker: a change to snapshot %s, but this worker holds %s", base_seq, self.seq)
                 return False
-            self.cache.set_snapshot(group, relay.snapshot_from_delta(base, delta))  # type: ignore[arg-type]
             self.seq = seq
+            self._took(group, relay.snapshot_from_delta(base, delta))  # type: ignore[arg-type]
         elif kind == "renew":
             self.server.renew()
         elif kind == "stop":
@@ -118,19 +122,10 @@ class Worker:
             return False
         elif kind == "tick":
             self.keep_gc()
+            self.send(("alive",))  # the node's watch on its workers (relay.peer_is_gone)
         else:
             log.warning("xDS worker: unknown message %r from the node", kind)
         return True
-
-
-def process_state(pid: int) -> str:
-    """The state letter of a process (Linux /proc: R running, S sleeping, D disk, T stopped, ...);
-    "" when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 async def _serve(fd: int, node_pid: int) -> int:
@@ -168,7 +163,7 @@ async def _serve(fd: int, node_pid: int) -> int:
                 data = await asyncio.wait_for(reader.read(1 << 20), init.node_silence)
             except TimeoutError:
                 silent = time.monotonic() - heard
-                if relay.node_is_gone(silent, init.node_silence, process_state(node_pid)):
+                if relay.peer_is_gone(silent, init.node_silence, relay.process_state(node_pid)):
                     log.warning("xDS worker: the node said nothing for %.1f s (frozen?): exiting", silent)
                     return 3
                 log.warning("xDS worker: the node said nothing for %.1f s but it runs (busy): staying", silent)

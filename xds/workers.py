@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STREAM_ID_STRIDE = 1 << 40  # worker spawn n numbers its streams from n * STRIDE
 MAX_UNREAD = 256 << 20  # bytes written to a worker and not read by it: it is wedged
+WORKER_SILENCE = relay.WorkerInit.node_silence  # a stopped worker silent this long is killed (`_watch`)
 
 
 def worker_limits(limits: XdsLimits, count: int) -> XdsLimits:
@@ -106,6 +107,8 @@ class _Worker:
         self.started_at = 0.0
         self.task: asyncio.Task[None] | None = None
         self.decoder = relay.FrameDecoder()
+        self.heard = 0.0  # when it last said anything (it answers every tick: `_watch`)
+        self.gate: relay.WorkerGate | None = None  # what the node's waits see of it
 
 
 class WorkerPool:
@@ -167,6 +170,7 @@ class WorkerPool:
         if snapshot is not None:
             self._snapshot(self.group, snapshot)
         self._cancel_watch = self.cache.watch(self.group, self._snapshot)
+        self._ticker = asyncio.create_task(self._tick(), name="xds-worker-ticks")  # watches the starts too
         try:
             # Every worker binds first; then all start accepting together (relay.WorkerInit.hold).
             await asyncio.gather(*(self._spawn(worker, hold=True) for worker in self._workers))
@@ -176,7 +180,6 @@ class WorkerPool:
             raise
         for worker in self._workers:
             worker.task = asyncio.create_task(self._supervise(worker), name=f"xds-worker-{worker.slot}")
-        self._ticker = asyncio.create_task(self._tick(), name="xds-worker-ticks")
         log.info("xDS served by %d worker processes on %s:%d", self.count, host, self.port)
         return self.port
 
@@ -207,13 +210,36 @@ class WorkerPool:
         return len(self.tracker.connected())
 
     async def _tick(self) -> None:
-        """The node is alive (relay.WorkerInit.node_silence); and the node's collector."""
+        """The node is alive (relay.WorkerInit.node_silence), each worker too (`_watch`); and
+        the node's collector."""
         frame = relay.encode(("tick",))
         while True:
             await asyncio.sleep(relay.WorkerInit.heartbeat)
             for worker in self._workers:
                 self._write(worker, frame)
+                self._watch(worker)
             self._keep_gc()
+
+    def _watch(self, worker: _Worker) -> None:
+        """Kill a worker that has said nothing for WORKER_SILENCE while stopped (SIGSTOP, its
+        cgroup frozen), or for 10x that while it runs (a wedged loop): until then it holds its
+        streams (a failover would wait for them to its deadline and count them missed) and the
+        kernel keeps handing it new connections. Its supervisor then sees the pipe close, marks
+        its streams disconnected and starts another (as for a worker that died)."""
+        process = worker.process
+        if process is None or process.returncode is not None or worker.writer is None:
+            return
+        silent = time.monotonic() - worker.heard
+        if silent < WORKER_SILENCE:
+            return
+        state = relay.process_state(process.pid)
+        if not relay.peer_is_gone(silent, WORKER_SILENCE, state):
+            return
+        log.warning("xDS worker %d (pid %d, state %s) said nothing for %.1f s: killing it, its streams are "
+                    "disconnected and another starts", worker.slot, process.pid, state or "?", silent)
+        worker.heard = time.monotonic()  # once: the kill closes its pipe
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
     def _keep_gc(self) -> None:
         now = time.monotonic()
@@ -273,9 +299,12 @@ class WorkerPool:
             )
         finally:
             theirs.close()
-        worker.started_at = time.monotonic()
+        worker.started_at = worker.heard = time.monotonic()
         worker.reader, worker.writer = await asyncio.open_unix_connection(sock=ours)
         worker.replay = relay.FactReplay(self.tracker)
+        self._ungate(worker)
+        worker.gate = relay.WorkerGate(f"xds-worker-{worker.slot}")
+        self.tracker.gate_changed(worker.gate)  # waits wait for it until it holds their index
         init = relay.WorkerInit(
             self._host, self.port or 0, self.control_plane_id, worker_limits(self.limits, self.count),
             self.security, worker.spawn * STREAM_ID_STRIDE, self.tracker.never_acked_grace,
@@ -290,6 +319,7 @@ class WorkerPool:
             data = await worker.reader.read(1 << 16)
             if not data:
                 raise OSError(f"xDS worker {worker.slot} exited before it was ready")
+            worker.heard = time.monotonic()
             messages = decoder.feed(data)
             if messages:
                 break
@@ -307,6 +337,7 @@ class WorkerPool:
             data = await worker.reader.read(1 << 16)
             if not data:
                 raise OSError(f"xDS worker {worker.slot} exited before it listened")
+            worker.heard = time.monotonic()
             messages = worker.decoder.feed(data)
             for k, message in enumerate(messages):
                 if message[0] == "listening":
@@ -318,9 +349,13 @@ class WorkerPool:
         for message in messages:
             if message[0] != "facts" or worker.replay is None:
                 continue
-            facts, guards = message[1], message[2]
+            facts, guards, holds = message[1], message[2], message[3]
             worker.replay.apply(facts)  # type: ignore[arg-type]
             self._last_facts = time.monotonic()
+            gate = worker.gate
+            if gate is not None and holds != gate.synced_index:  # after its facts: WorkerGate
+                gate.synced_index = holds  # type: ignore[assignment]
+                self.tracker.gate_changed(gate)
             guard = self.guard
             if guard is None:
                 continue
@@ -334,6 +369,7 @@ class WorkerPool:
             if self._stopping:
                 return
             lost = worker.replay.lost() if worker.replay is not None else 0
+            self._ungate(worker)
             code = await self._end(worker, 1.0)
             self.restarts += 1
             if self.on_restart is not None:
@@ -361,15 +397,24 @@ class WorkerPool:
                 data = await reader.read(1 << 20)
                 if not data:
                     return
+                worker.heard = time.monotonic()
                 self._handle(worker, decoder.feed(data))
         except (OSError, relay.FrameError) as exc:
             log.warning("xDS worker %d: %s", worker.slot, exc)
+
+    def _ungate(self, worker: _Worker) -> None:
+        """The worker is gone: the waits stop waiting for it (its streams are marked gone too)."""
+        gate, worker.gate = worker.gate, None
+        if gate is not None:
+            gate.connected = False
+            self.tracker.gate_changed(gate)
 
     async def _end(self, worker: _Worker, grace: float) -> int | None:
         """Ask the worker to stop (its streams get `grace` seconds), then kill it if it has not
         exited 2 s later; returns its exit code."""
         process, writer = worker.process, worker.writer
         worker.writer = worker.reader = None
+        self._ungate(worker)
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.write(relay.encode(("stop", grace)))

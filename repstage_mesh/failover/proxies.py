@@ -101,7 +101,7 @@ async def local_progress(tracker: ProxyTracker, node_id: str, min_index: int, wa
         acked_ago={key: max(0.0, now - at) for key, at in waiter.reached.items()},
         behind=waiter.lagging(),
         low_water=tracker.low_water(),
-        connected=len(waiter.reached) + len(waiter.behind),
+        connected=len(waiter.reached) + sum(not r.gate for r in waiter.behind.values()),
     )
 
 
