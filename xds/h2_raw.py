@@ -42,7 +42,7 @@ _CLOSED = h2.connection.ConnectionState.CLOSED
 
 
 class RawCall(Protocol):
-    """What this path reads and keeps on a call (the transport's `_Call`)."""
+    """What this path reads and keeps on a call (the transport's `h2_call.Call`)."""
 
     sid: int
     raw_held: int  # bytes read here not yet given back to the call's window

@@ -31,17 +31,16 @@ from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 
 from .grpc_wire import grpc_peer, trailers
+from .h2_call import Call, H2Outbox
 from .h2_raw import CONNECTION_WINDOW, STREAM_WINDOW, RawFraming
 from .limits import LimitExceeded
-from .protocol import DeltaStream, ProtocolError, SotwStream
-from .requests import parse_delta, parse_sotw
-from .server import _Outbox
-from .tls import Refusal, auth_context_of
+from .tls import auth_context_of
 
 if TYPE_CHECKING:
     from .server import AdsServer
@@ -52,9 +51,7 @@ _METHODS = {
     b"/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": "sotw",
     b"/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": "delta",
 }
-_FLUSH_AT = 256 * 1024  # bytes framed into one connection before it is written (and may pause)
 _PUMP_CHUNK = 256  # outboxes served per loop pass, so ACKs are read between chunks of a push
-_PREFIX = struct.Struct(">BI")
 
 
 class H2Listener:
@@ -69,7 +66,7 @@ class H2Listener:
         self.reuse_port = bool(options.get("grpc.so_reuseport", 0))
         self.connections: set[_Connection] = set()
         self._server: asyncio.base_events.Server | None = None
-        self._dirty: list[_H2Outbox] = []
+        self._dirty: list[H2Outbox] = []
         self._pumping = False
         self._tls: Callable[[], ssl.SSLContext] | None = None
 
@@ -111,7 +108,7 @@ class H2Listener:
             await asyncio.wait_for(self._server.wait_closed(), 1.0)
         self._server = None
 
-    def mark(self, out: _H2Outbox) -> None:
+    def mark(self, out: H2Outbox) -> None:
         """An outbox has something to do: the pump runs it in a later pass."""
         self._dirty.append(out)
         if not self._pumping:
@@ -141,218 +138,6 @@ class H2Listener:
                 self._pumping = False
 
 
-class _H2Outbox(_Outbox):
-    """The grpcio binding's outbox, woken into the listener's pump instead of a writer task."""
-
-    def __init__(self, call: _Call, stream: SotwStream | DeltaStream, stream_id: int, server: AdsServer,
-                 delta: bool) -> None:
-        super().__init__(stream, stream_id, server, delta)
-        self.call = call
-
-    def wake(self) -> None:
-        if not self._woken and not self.call.closed:
-            self._woken = True
-            self.call.conn.listener.mark(self)
-
-
-class _Call:
-    """One ADS call (an HTTP/2 stream) on a connection."""
-
-    __slots__ = (
-        "buffer", "cancel_watch", "closed", "conn", "ending", "headers_sent", "held", "out", "parse",
-        "partial", "raw_held", "raw_unacked", "release", "sid", "stream", "stream_id", "unacked",
-    )
-
-    def __init__(self, conn: _Connection, sid: int, delta: bool) -> None:
-        server = conn.listener.server
-        self.conn = conn
-        self.sid = sid
-        stream: SotwStream | DeltaStream
-        if delta:
-            stream = DeltaStream()
-            stream.max_unacked = server.limits.max_unacked_delta
-        else:
-            stream = SotwStream()
-        self.stream = stream
-        self.parse = parse_delta if delta else parse_sotw
-        self.stream_id = next(server._ids)
-        self.out = _H2Outbox(self, stream, self.stream_id, server, delta)
-        self.partial = b""  # the rest of a response the peer's window did not take (prefixed)
-        self.buffer = bytearray()
-        self.release: Callable[[], None] | None = None
-        self.held = False
-        self.cancel_watch: Callable[[], None] | None = None
-        self.closed = False
-        self.headers_sent = False
-        self.ending: tuple[str, str] | None = None  # refused as it opened (_end)
-        self.unacked = 0  # request bytes taken in by h2 but not yet given back to the peer's window
-        self.raw_unacked = 0  # the same, of the DATA frames read outside h2
-        self.raw_held = 0  # bytes read outside h2 not yet given back by a WINDOW_UPDATE
-
-    # ---------------------------------------------------------------- requests
-    def data(self, data: bytes, flow: int) -> None:
-        if self.ending is not None:
-            self.finish(*self.ending)
-            return
-        self.buffer += data
-        self.unacked += flow
-        if not self.held:
-            self.take_requests()
-
-    def raw_data(self, data: bytes) -> None:
-        """A DATA frame read outside h2 (h2_raw: its flow control is counted there)."""
-        self.buffer += data
-        if not self.held:
-            self.take_requests()
-
-    def take_requests(self) -> None:
-        server = self.conn.listener.server
-        buf = self.buffer
-        while not self.closed and len(buf) >= 5:
-            compressed, length = _PREFIX.unpack_from(buf)
-            if compressed:
-                self.finish("UNIMPLEMENTED", "compressed xDS requests are not supported (send grpc-encoding identity)")
-                return
-            if length > server.limits.max_request_bytes:
-                self.over(LimitExceeded(
-                    "request_bytes",
-                    f"a request of {length} bytes; the limit is {server.limits.max_request_bytes} "
-                    "(xds.limits.max_request_bytes)",
-                ))
-                return
-            if len(buf) < 5 + length:
-                break
-            message = bytes(buf[5:5 + length])
-            del buf[:5 + length]
-            try:
-                self.request(message)
-            except Exception:  # a bug: this call ends, the connection's other calls go on
-                log.exception("xDS stream %d (%s): a request failed; closing it", self.stream_id, self.conn.peer)
-                self.finish("INTERNAL", "the server failed to handle this request")
-        if self.unacked and not self.closed:
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.conn.h2.acknowledge_received_data(self.unacked, self.sid)
-            self.unacked = 0
-        if self.raw_unacked and not self.closed:
-            self.conn.raw.read(self)
-
-    def request(self, data: bytes) -> None:
-        server = self.conn.listener.server
-        stream = self.stream
-        try:
-            request = server._read(data, stream, self.parse)
-        except LimitExceeded as exc:
-            self.over(exc)
-            return
-        except Exception as exc:
-            self.finish("INVALID_ARGUMENT", f"cannot parse request: {exc}")
-            return
-        if self.cancel_watch is None:
-            refusal = server.open_stream(self.stream_id, stream, self.out, request, self.conn.auth)
-            if isinstance(refusal, Refusal):
-                self.refuse(refusal)
-                return
-            self.cancel_watch = refusal
-        try:
-            self.out.emit(stream.receive(request))
-        except ProtocolError as exc:
-            self.finish("INVALID_ARGUMENT", str(exc))
-            return
-        self.run_outbox(compute=False)
-
-    # ---------------------------------------------------------------- responses
-    def run_outbox(self, compute: bool = True) -> None:
-        """The writer's turn: the latest snapshot and renewals become frames, and the frames
-        go to the connection as far as flow control and the socket allow."""
-        out = self.out
-        if compute:
-            out.compute()
-        if out.overflow is not None:
-            self.over(out.overflow)
-            return
-        frames = out.frames
-        if not (frames or self.partial) or self.conn.paused or self.closed:
-            return
-        conn = self.conn.h2
-        if not self.headers_sent:
-            self.headers_sent = True
-            conn.send_headers(self.sid, ((b":status", b"200"), (b"content-type", b"application/grpc")))
-        while self.partial or frames:
-            window = conn.local_flow_control_window(self.sid)
-            if window <= 0:
-                return
-            if self.partial:
-                data = self.partial
-            else:
-                message = frames.pop(0)
-                data = _PREFIX.pack(0, len(message)) + message
-            self.partial = data[window:]  # the rest waits for the peer's WINDOW_UPDATE
-            self._send(data[:window])
-
-    def _send(self, data: bytes) -> None:
-        self.conn.raw.send(self.sid, data)
-        self.conn.queued += len(data)
-        if self.conn.queued > _FLUSH_AT:  # a large push: let the socket say when it is full
-            self.conn.flush()
-
-    # ---------------------------------------------------------------- ends
-    def refuse(self, refusal: Refusal, at_once: bool = True) -> None:
-        server = self.conn.listener.server
-        server.guard.on_refusal(refusal.reason)
-        server._log.log(refusal.reason, "xDS stream from %s refused: %s", self.conn.peer, refusal.message)
-        self._end(refusal.code, refusal.message, at_once)
-
-    def over(self, exc: LimitExceeded, at_once: bool = True) -> None:
-        server = self.conn.listener.server
-        server.guard.on_limit(exc.limit)
-        server._log.log(exc.limit, "xDS stream from %s closed: %s", self.conn.peer, exc)
-        self._end(exc.code, str(exc), at_once)
-
-    def _end(self, code: str, message: str, at_once: bool) -> None:
-        """A call refused as it opens ends when its first request arrives (or in 1 s): a gRPC
-        client whose stream ends before its first message is written sees INTERNAL, not the
-        status (grpcio's client fails that write)."""
-        if at_once:
-            self.finish(code, message)
-            return
-        self.ending = (code, message)
-        asyncio.get_running_loop().call_later(1.0, self._end_late)
-
-    def _end_late(self) -> None:
-        if self.ending is not None and not self.closed:
-            self.finish(*self.ending)
-            self.conn.flush()
-
-    def finish(self, code: str, message: str = "") -> None:
-        """End the call with a gRPC status (trailers; trailers-only when nothing was sent)."""
-        if self.closed:
-            return
-        ending = trailers(code, message)
-        headers = ending if self.headers_sent else [(b":status", b"200"), (b"content-type", b"application/grpc"), *ending]
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self.conn.h2.send_headers(self.sid, headers, end_stream=True)
-        self.close()
-
-    def close(self) -> None:
-        """Forget the call (the peer is gone, or it was finished)."""
-        if self.closed:
-            return
-        self.closed = True
-        server = self.conn.listener.server
-        self.conn.raw.release(self.raw_unacked)  # taken in, never read: the connection's still
-        self.out.frames.clear()
-        self.partial = b""
-        self.conn.calls.pop(self.sid, None)
-        if self.cancel_watch is not None:
-            self.cancel_watch()
-            server.streams.pop(self.stream_id, None)
-            server._outboxes.pop(self.stream_id, None)
-            server.tracker.disconnect(self.stream_id)
-        if self.release is not None:
-            self.release()
-            self.release = None
-
-
 class _Connection(asyncio.Protocol):
     """One client connection: its h2 state machine, its calls, its keepalive."""
 
@@ -360,12 +145,16 @@ class _Connection(asyncio.Protocol):
         self.listener = listener
         config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         self.h2 = h2.connection.H2Connection(config)
-        self.calls: dict[int, _Call] = {}
+        self.calls: dict[int, Call] = {}
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown"
         self.auth: dict[str, list[bytes]] = {}
         self.paused = False
         self.queued = 0  # bytes framed since the last flush
+        self.held = 0  # bytes of responses framed for its calls, waiting for the peer's windows
+        self.blocked: dict[int, Call] = {}  # calls waiting for the connection's window
+        self.starved: dict[int, Call] = {}  # calls waiting for their own stream's window
+        self.early_resets = 0  # streams its client reset before their first response
         self._ping_due: asyncio.TimerHandle | None = None
         self._last_read = time.monotonic()
         self._closed = False
@@ -439,14 +228,16 @@ class _Connection(asyncio.Protocol):
         self.flush()
 
     def _receive(self, data: bytes) -> None:
-        self.raw.receive(data, self._open_call, self._h2_receive, _Call.raw_data)
+        self.raw.receive(data, self._open_call, self._h2_receive, Call.raw_data)
 
-    def _open_call(self, sid: int) -> _Call | None:
+    def _open_call(self, sid: int) -> Call | None:
         call = self.calls.get(sid)
         return call if call is not None and not call.closed and call.ending is None else None
 
     def _h2_receive(self, data: bytes) -> None:
         for event in self.h2.receive_data(data):
+            if self.transport is None or self.transport.is_closing():
+                return  # closed for what the client did (early_resets): the rest is not served
             self._event(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -479,10 +270,16 @@ class _Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.RequestReceived):
             self._open(event.stream_id, dict(event.headers))
         elif isinstance(event, h2.events.WindowUpdated):
-            calls = self.calls.values() if event.stream_id == 0 else [self.calls.get(event.stream_id)]
-            for call in list(calls):
+            if event.stream_id == 0:
+                self._resume(self.blocked)
+            else:
+                call = self.starved.pop(event.stream_id, None) or self.blocked.pop(event.stream_id, None)
                 if call is not None and (call.out.frames or call.partial):
                     call.run_outbox(compute=False)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            window = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+            if window is not None and window.new_value > (window.original_value or 0):
+                self._resume(self.starved)  # every stream's window moved (RFC 9113 6.9.2)
         elif isinstance(event, h2.events.StreamEnded):
             call = self.calls.get(event.stream_id)
             if call is not None and call.ending is not None:
@@ -493,10 +290,42 @@ class _Connection(asyncio.Protocol):
         elif isinstance(event, h2.events.StreamReset):
             call = self.calls.get(event.stream_id)
             if call is not None:
+                if not call.headers_sent:
+                    self._reset_early()
                 call.close()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.close_calls("UNAVAILABLE", "the client closed the connection")
             self.transport_abort()
+
+    def _reset_early(self) -> None:
+        """A stream reset by the client before its first response: a few are a client changing
+        its mind, thousands an attack that costs it two frames each (CVE-2023-44487)."""
+        self.early_resets += 1
+        server = self.listener.server
+        limit = server.limits.max_early_resets
+        if self.early_resets == limit + 1:
+            server.guard.on_limit("early_resets")
+            server._log.log("early_resets", "xDS connection from %s closed: its client reset more than %d streams "
+                            "before their first response (xds.limits.max_early_resets)", self.peer, limit)
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.flush()
+            self.close_calls("UNAVAILABLE", "too many streams reset before their first response")
+            self.transport_abort()
+
+    def _resume(self, waiting: dict[int, Call]) -> None:
+        """Let the calls of `waiting` (taken out of it) write; each that is blocked again goes
+        back to the set of what blocks it. O(calls resumed), however many calls the connection
+        has: a flood of 1-byte WINDOW_UPDATEs no longer walks every stream (or stalls the
+        worker's other connections)."""
+        calls = list(waiting.values())
+        waiting.clear()
+        for n, call in enumerate(calls):
+            if self.h2.outbound_flow_control_window <= 0:
+                self.blocked.update((c.sid, c) for c in calls[n:] if not c.closed)
+                return
+            if not call.closed and (call.out.frames or call.partial):
+                call.run_outbox(compute=False)
 
     def _open(self, sid: int, headers: dict[bytes, bytes]) -> None:
         method = _METHODS.get(headers.get(b":path", b""))
@@ -504,7 +333,7 @@ class _Connection(asyncio.Protocol):
         if method is None or not server.accepting:
             self._trailers_only(sid, "UNIMPLEMENTED", f"unknown method {headers.get(b':path', b'')!r}")
             return
-        call = _Call(self, sid, method == "delta")
+        call = Call(self, sid, method == "delta")
         self.calls[sid] = call
         refusal = server.security.admit_peer(self.peer, self.auth)
         if refusal is not None:
@@ -520,11 +349,12 @@ class _Connection(asyncio.Protocol):
             server.guard.on_limit("admission")
             server.admission.waiting += 1
             call.held = True
-            asyncio.get_running_loop().call_later(wait, self._admit, call)
+            call.admit_at = asyncio.get_running_loop().call_later(wait, self._admit, call)
 
-    def _admit(self, call: _Call) -> None:
+    def _admit(self, call: Call) -> None:
         self.listener.server.admission.waiting -= 1
         call.held = False
+        call.admit_at = None
         if not call.closed:
             call.take_requests()
             self.flush()
@@ -539,11 +369,14 @@ class _Connection(asyncio.Protocol):
         self.queued = 0
         data = self.raw.take_output()
         transport = self.transport
-        if not data or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             return
-        transport.write(data)
+        if data:
+            transport.write(data)
         limit = self.listener.server.limits.max_connection_buffer_bytes
-        if transport.get_write_buffer_size() > limit:
+        # Unwritten bytes and responses held back by the peer's windows alike: a peer that
+        # keeps its windows shut and asks again and again must not hold the process's memory.
+        if transport.get_write_buffer_size() + self.held > limit:
             server = self.listener.server
             server.guard.on_limit("connection_buffer")
             server._log.log("connection_buffer", "xDS connection from %s closed: more than %d bytes wait for it "

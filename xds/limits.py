@@ -18,8 +18,9 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | `outgoing_queue` | more than `max_outgoing_queue` responses waiting for a client that does not read: closed (RESOURCE_EXHAUSTED) |
 | `unacked_delta` | `max_unacked_delta` Delta responses of one type not yet ACKed: nothing more of that type is sent until the client answers |
 | `error_detail` | a NACK's error text longer than `max_error_detail_bytes` is cut to it (it is stored and shown in `/v1/proxies`) |
-| `admission` | more new streams than `admission_burst` at once, or faster than `admission_rate` per second: the new stream waits its turn (it is not refused), so a reconnect storm is served at a steady rate |
-| `connection_buffer` | more than `max_connection_buffer_bytes` wait to be written to one connection (h2 transport): a peer that sends (PINGs, SETTINGS) but reads nothing is disconnected |
+| `admission` | more new streams than `admission_burst` at once, or faster than `admission_rate` per second: the new stream waits its turn (it is not refused), so a reconnect storm is served at a steady rate; a stream reset while it waits hands its turn back (h2 transport: HEADERS + RST_STREAM floods, CVE-2023-44487, do not queue honest streams) |
+| `connection_buffer` | more than `max_connection_buffer_bytes` wait to be written to one connection or, framed, for the peer's flow-control windows (h2 transport): a peer that sends (PINGs, SETTINGS, the same ACK again) but reads nothing, or keeps its windows shut, is disconnected |
+| `early_resets` | a connection's client reset more than `max_early_resets` streams before their first response (HEADERS then RST_STREAM, CVE-2023-44487's pattern; h2 transport): GOAWAY (ENHANCE_YOUR_CALM) and the connection is closed |
 | `disconnected_proxies` | the tracker keeps at most `max_disconnected_proxies` disconnected proxies for `/v1/proxies`: the oldest are forgotten |
 """
 
@@ -48,6 +49,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "resource_name_bytes",
     "admission",
     "connection_buffer",
+    "early_resets",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -73,6 +75,7 @@ class XdsLimits:
     admission_rate: float = 2_000.0  # new streams served per second once the burst is used
     admission_burst: int = 500  # new streams served at once
     max_connection_buffer_bytes: int = 64 * 1024 * 1024  # unwritten bytes of one connection (h2)
+    max_early_resets: int = 100  # streams a connection's client resets before their first response (h2)
     known_type_urls: frozenset[str] = KNOWN_TYPE_URLS
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ class XdsLimits:
             "max_request_bytes", "max_resource_names", "max_resource_name_bytes", "max_initial_resource_versions",
             "max_node_id_bytes", "max_node_metadata_bytes", "max_streams_per_peer",
             "max_streams", "max_outgoing_queue", "max_unacked_delta", "max_error_detail_bytes",
-            "admission_burst", "max_connection_buffer_bytes",
+            "admission_burst", "max_connection_buffer_bytes", "max_early_resets",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
@@ -248,3 +251,8 @@ class AdmissionGate:
         self.due = due + self.interval
         wait = due - self.tolerance - now
         return wait if wait > 1e-9 else 0.0  # (float sums: a burst's last one is not 1e-15 late)
+
+    def release(self) -> None:
+        """A stream told to wait left before its turn (a client that opens and resets streams
+        at once, CVE-2023-44487's pattern): the turn is given back, not spent."""
+        self.due -= self.interval

@@ -79,8 +79,14 @@ class XdsLimitsConfig(Section):
     admission_burst: int = Field(default=500, ge=1, le=1_000_000, description="new streams served at once")
     max_connection_buffer_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024 * 1024,
-        description="bytes waiting to be written to one connection (h2 transport): a peer that sends but "
-        "reads nothing (its PING and SETTINGS answers pile up) is disconnected",
+        description="bytes waiting to be written to one connection, and responses framed for it that wait "
+        "for the peer's flow-control windows (h2 transport): a peer that sends but reads nothing (its PING "
+        "and SETTINGS answers, re-asked responses pile up), or keeps its windows shut, is disconnected",
+    )
+    max_early_resets: int = Field(
+        default=100, ge=1, le=1_000_000,
+        description="streams one connection's client may reset before their first response (h2 transport; "
+        "HEADERS then RST_STREAM floods, CVE-2023-44487): over it the connection is closed (GOAWAY)",
     )
 
 
