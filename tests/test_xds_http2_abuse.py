@@ -205,3 +205,24 @@ async def test_a_connection_that_resets_too_many_streams_before_their_first_resp
         attacker.close()
         honest.close()
         await server.stop(0)
+
+
+async def test_a_stream_that_half_closes_while_it_waits_its_turn_is_not_served_ahead_of_it() -> None:
+    cache = SnapshotCache()
+    cache.set_snapshot("", _snapshot("1"))
+    server = AdsServer(cache, ProxyTracker(), "cp", transport="h2",
+                       limits=XdsLimits(admission_burst=1, admission_rate=0.5))  # the second waits 2 s
+    port = await server.start("127.0.0.1", 0)
+    client = await RawH2.connect(port)
+    try:
+        client.call(1)
+        client.send(1, _message(sotw_request(node_id="first")))
+        await client.until(lambda: len(client.data.get(1, b"")) > 5)
+        client.call(3)
+        client.send(3, _message(sotw_request(node_id="second")), end=True)  # and half-closed at once
+        await client.until(lambda: client.status(3) is not None)
+        assert client.status(3) == (0, "") and not client.data.get(3)  # ended, nothing computed for it
+        assert len(server.tracker.records) == 1  # only the first stream was ever opened
+    finally:
+        client.close()
+        await server.stop(0)

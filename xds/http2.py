@@ -285,7 +285,8 @@ class _Connection(asyncio.Protocol):
             if call is not None and call.ending is not None:
                 call.finish(*call.ending)
             elif call is not None:  # the client half-closed: the call is over (grpcio's handler returns)
-                call.take_requests()
+                if not call.held:  # one waiting its turn is not served ahead of it by half-closing
+                    call.take_requests()
                 call.finish("OK")
         elif isinstance(event, h2.events.StreamReset):
             call = self.calls.get(event.stream_id)
