@@ -226,3 +226,23 @@ async def test_a_stream_that_half_closes_while_it_waits_its_turn_is_not_served_a
     finally:
         client.close()
         await server.stop(0)
+
+
+async def test_a_connection_that_floods_settings_is_closed(guarded: tuple[AdsServer, _Guard]) -> None:
+    """Each SETTINGS that changes the initial window makes h2 walk every stream of the
+    connection (5,000 on 1,000 streams held the loop ~1 s): 10 a second, 100 at once, then GOAWAY."""
+    server, guard = guarded
+    assert server.port is not None
+    client = await RawH2.connect(server.port)
+    try:
+        await client.until(lambda: client.h2.remote_settings.initial_window_size == 1 << 20)
+        client.writer.write(b"".join(struct.pack(">I", 6)[1:] + b"\x04\x00" + struct.pack(">I", 0)
+                                     + struct.pack(">HI", 4, 65_535 + k % 2) for k in range(500)))
+        await client.writer.drain()
+        await eventually(lambda: guard.limits.count("settings_frames") == 1, "the limit hit once")
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.until(lambda: any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events))
+        [goaway] = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        client.close()

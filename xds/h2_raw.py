@@ -37,6 +37,7 @@ _STREAM_RETURN_AT = STREAM_WINDOW // 4
 _CONNECTION_RETURN_AT = CONNECTION_WINDOW // 4
 _HEADER_BLOCK = frozenset((0x1, 0x5, 0x9))  # HEADERS, PUSH_PROMISE, CONTINUATION
 _END_HEADERS = 0x4
+_SETTINGS, _ACK = 0x4, 0x1  # a SETTINGS frame and its ACK flag
 _PADDED_OR_END = 0x9
 _CLOSED = h2.connection.ConnectionState.CLOSED
 
@@ -102,6 +103,12 @@ class RawFraming:
                     continue
             elif kind in _HEADER_BLOCK:
                 self._header_block = not flags & _END_HEADERS
+            elif kind == _SETTINGS and not flags & _ACK and not self._header_block:
+                # h2 alone, up to it: the transport counts SETTINGS (one can make h2 walk every
+                # stream) and may close the connection before h2 reads the next one.
+                to_h2(bytes(buf[pos if slow < 0 else slow:min(end, size)]))
+                slow, pos = -1, min(end, size)
+                continue
             if slow < 0:
                 slow = pos
             pos = min(end, size)

@@ -155,6 +155,8 @@ class _Connection(asyncio.Protocol):
         self.blocked: dict[int, Call] = {}  # calls waiting for the connection's window
         self.starved: dict[int, Call] = {}  # calls waiting for their own stream's window
         self.early_resets = 0  # streams its client reset before their first response
+        self.settings_tokens = 10 * listener.server.limits.max_settings_per_second  # `_settings_frame`
+        self.settings_at = time.monotonic()
         self._ping_due: asyncio.TimerHandle | None = None
         self._last_read = time.monotonic()
         self._closed = False
@@ -235,6 +237,8 @@ class _Connection(asyncio.Protocol):
         return call if call is not None and not call.closed and call.ending is None else None
 
     def _h2_receive(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # closed for what the client did (`_calm`): h2 reads no more of it
         for event in self.h2.receive_data(data):
             if self.transport is None or self.transport.is_closing():
                 return  # closed for what the client did (early_resets): the rest is not served
@@ -277,6 +281,7 @@ class _Connection(asyncio.Protocol):
                 if call is not None and (call.out.frames or call.partial):
                     call.run_outbox(compute=False)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._settings_frame()
             window = event.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
             if window is not None and window.new_value > (window.original_value or 0):
                 self._resume(self.starved)  # every stream's window moved (RFC 9113 6.9.2)
@@ -302,17 +307,33 @@ class _Connection(asyncio.Protocol):
         """A stream reset by the client before its first response: a few are a client changing
         its mind, thousands an attack that costs it two frames each (CVE-2023-44487)."""
         self.early_resets += 1
-        server = self.listener.server
-        limit = server.limits.max_early_resets
+        limit = self.listener.server.limits.max_early_resets
         if self.early_resets == limit + 1:
-            server.guard.on_limit("early_resets")
-            server._log.log("early_resets", "xDS connection from %s closed: its client reset more than %d streams "
-                            "before their first response (xds.limits.max_early_resets)", self.peer, limit)
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
-            self.flush()
-            self.close_calls("UNAVAILABLE", "too many streams reset before their first response")
-            self.transport_abort()
+            self._calm("early_resets", f"its client reset more than {limit} streams before their first response "
+                       "(xds.limits.max_early_resets)")
+
+    def _settings_frame(self) -> None:
+        """A SETTINGS frame: h2 walks every stream of the connection when one changes the initial
+        window (5,000 frames on 1,000 streams held the loop ~1 s), so a client gets
+        `max_settings_per_second` of them, averaged over 10 s (a token bucket)."""
+        rate = self.listener.server.limits.max_settings_per_second
+        now = time.monotonic()
+        self.settings_tokens = min(10 * rate, self.settings_tokens + (now - self.settings_at) * rate) - 1
+        self.settings_at = now
+        if self.settings_tokens < 0:
+            self._calm("settings_frames", f"its client sent SETTINGS faster than {rate:g} a second "
+                       "(xds.limits.max_settings_per_second)")
+
+    def _calm(self, limit: str, why: str) -> None:
+        """Close the connection for what its client did: GOAWAY (ENHANCE_YOUR_CALM), then abort."""
+        server = self.listener.server
+        server.guard.on_limit(limit)
+        server._log.log(limit, "xDS connection from %s closed: %s", self.peer, why)
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.flush()
+        self.close_calls("UNAVAILABLE", why)
+        self.transport_abort()
 
     def _resume(self, waiting: dict[int, Call]) -> None:
         """Let the calls of `waiting` (taken out of it) write; each that is blocked again goes

@@ -21,6 +21,7 @@ client cannot create metric labels, per-type state or cache entries by inventing
 | `admission` | more new streams than `admission_burst` at once, or faster than `admission_rate` per second: the new stream waits its turn (it is not refused), so a reconnect storm is served at a steady rate; a stream reset while it waits hands its turn back (h2 transport: HEADERS + RST_STREAM floods, CVE-2023-44487, do not queue honest streams) |
 | `connection_buffer` | more than `max_connection_buffer_bytes` wait to be written to one connection or, framed, for the peer's flow-control windows (h2 transport): a peer that sends (PINGs, SETTINGS, the same ACK again) but reads nothing, or keeps its windows shut, is disconnected |
 | `early_resets` | a connection's client reset more than `max_early_resets` streams before their first response (HEADERS then RST_STREAM, CVE-2023-44487's pattern; h2 transport): GOAWAY (ENHANCE_YOUR_CALM) and the connection is closed |
+| `settings_frames` | a connection's client sends SETTINGS frames faster than `max_settings_per_second` (averaged over 10 s; h2 walks every stream of the connection for one that changes the initial window; h2 transport): GOAWAY (ENHANCE_YOUR_CALM) and the connection is closed |
 | `disconnected_proxies` | the tracker keeps at most `max_disconnected_proxies` disconnected proxies for `/v1/proxies`: the oldest are forgotten |
 """
 
@@ -50,6 +51,7 @@ LIMIT_NAMES: tuple[str, ...] = (
     "admission",
     "connection_buffer",
     "early_resets",
+    "settings_frames",
 )
 
 KNOWN_TYPE_URLS: frozenset[str] = frozenset(res.ADS_ORDER)
@@ -76,11 +78,14 @@ class XdsLimits:
     admission_burst: int = 500  # new streams served at once
     max_connection_buffer_bytes: int = 64 * 1024 * 1024  # unwritten bytes of one connection (h2)
     max_early_resets: int = 100  # streams a connection's client resets before their first response (h2)
+    max_settings_per_second: float = 10.0  # SETTINGS frames from a connection's client, over 10 s (h2)
     known_type_urls: frozenset[str] = KNOWN_TYPE_URLS
 
     def __post_init__(self) -> None:
         if not self.admission_rate > 0:
             raise ValueError("admission_rate: must be above 0")
+        if not self.max_settings_per_second > 0:
+            raise ValueError("max_settings_per_second: must be above 0")
         for name in (
             "max_request_bytes", "max_resource_names", "max_resource_name_bytes", "max_initial_resource_versions",
             "max_node_id_bytes", "max_node_metadata_bytes", "max_streams_per_peer",

@@ -88,6 +88,12 @@ class XdsLimitsConfig(Section):
         description="streams one connection's client may reset before their first response (h2 transport; "
         "HEADERS then RST_STREAM floods, CVE-2023-44487): over it the connection is closed (GOAWAY)",
     )
+    max_settings_per_second: float = Field(
+        default=10.0, gt=0, le=1_000_000,
+        description="SETTINGS frames one connection's client may send a second, averaged over 10 s (h2 "
+        "transport; each that changes the initial window makes h2 walk every stream): over it the "
+        "connection is closed (GOAWAY)",
+    )
 
 
 class XdsConfig(Section):
