@@ -42,8 +42,10 @@ async def guarded() -> AsyncIterator[tuple[AdsServer, _Guard]]:
     cache.set_snapshot("", _snapshot("1", size=100))
     guard = _Guard()
     ads = AdsServer(cache, ProxyTracker(), "cp", transport="h2", guard=guard,
-                    # resets are not limited here: what a reset stream's turn does is tested
-                    limits=XdsLimits(max_connection_buffer_bytes=1 << 20, max_early_resets=1_000_000),
+                    # resets are not limited here (what a reset stream's turn does is tested), and
+                    # past the burst of 500 every new stream waits, however slowly the pairs are read
+                    limits=XdsLimits(max_connection_buffer_bytes=1 << 20, max_early_resets=1_000_000,
+                                     admission_rate=10.0),
                     grpc_options=[("grpc.keepalive_timeout_ms", 60_000)])
     await ads.start("127.0.0.1", 0)
     try:
@@ -73,10 +75,10 @@ async def test_streams_reset_while_they_wait_their_turn_give_the_turn_back(
     assert server.port is not None
     client = await RawH2.connect(server.port)
     try:
-        n = 3_000  # past the default burst (500): ~2,000-2,500 booked turns, ~1 s at 2,000/s
+        n = 3_000  # past the burst (500): 2,500 booked turns, 250 s at 10/s
         client.writer.write(_headers_and_resets(1, n))
         await client.writer.drain()
-        await eventually(lambda: guard.limits.count("admission") >= 1_500 and server.slots.total == 0,
+        await eventually(lambda: guard.limits.count("admission") >= 2_400 and server.slots.total == 0,
                          "the pairs read")
         assert server.admission.waiting == 0  # no reset stream's timer left holding it
         wait = server.admission.reserve(time.monotonic())  # the next honest stream's turn
@@ -171,7 +173,7 @@ async def test_an_honest_stream_on_another_connection_is_served_after_the_resets
     try:
         attacker.writer.write(_headers_and_resets(1, 3_000))
         await attacker.writer.drain()
-        await eventually(lambda: guard.limits.count("admission") >= 1_500, "the resets read")
+        await eventually(lambda: guard.limits.count("admission") >= 2_400, "the resets read")
         honest.call(1)
         honest.send(1, _message(sotw_request(node_id="honest")))
         await honest.until(lambda: len(honest.data.get(1, b"")) > 5, timeout=10)
