@@ -21,19 +21,8 @@ from repstage_mesh.xds.limits import XdsLimits
 from repstage_mesh.xds.server import AdsServer
 from repstage_mesh.xds.tracker import ProxyTracker
 from tests.fakes import eventually
-from tests.test_xds_http2 import RawH2, _message, _snapshot
+from tests.test_xds_http2 import RawH2, _Guard, _message, _snapshot
 from tests.xds_client import SOTW, sotw_request
-
-
-class _Guard:
-    def __init__(self) -> None:
-        self.limits: list[str] = []
-
-    def on_limit(self, limit: str) -> None:
-        self.limits.append(limit)
-
-    def on_refusal(self, reason: str) -> None:
-        pass
 
 
 @pytest.fixture
@@ -52,6 +41,14 @@ async def guarded() -> AsyncIterator[tuple[AdsServer, _Guard]]:
         yield ads, guard
     finally:
         await ads.stop(0)
+
+
+async def _goaway(client: RawH2) -> int | None:
+    """The error code of the GOAWAY the server sent (read until it comes or the connection ends)."""
+    with contextlib.suppress(EOFError, ConnectionError):
+        await client.until(lambda: any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events))
+    [goaway] = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+    return goaway.error_code
 
 
 def _headers_and_resets(first_sid: int, count: int) -> bytes:
@@ -196,10 +193,7 @@ async def test_a_connection_that_resets_too_many_streams_before_their_first_resp
         attacker.writer.write(_headers_and_resets(1, 500))
         await attacker.writer.drain()
         await eventually(lambda: guard.limits.count("early_resets") == 1, "the limit hit once")
-        with contextlib.suppress(EOFError, ConnectionError):
-            await attacker.until(lambda: any(isinstance(e, h2.events.ConnectionTerminated) for e in attacker.events))
-        [goaway] = [e for e in attacker.events if isinstance(e, h2.events.ConnectionTerminated)]
-        assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert await _goaway(attacker) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
         assert server._h2 is not None
         await eventually(lambda: len(server._h2.connections) == 1, "only the honest connection is left")  # type: ignore[union-attr]
         assert server.slots.total == 1  # the honest stream
@@ -242,9 +236,6 @@ async def test_a_connection_that_floods_settings_is_closed(guarded: tuple[AdsSer
                                      + struct.pack(">HI", 4, 65_535 + k % 2) for k in range(500)))
         await client.writer.drain()
         await eventually(lambda: guard.limits.count("settings_frames") == 1, "the limit hit once")
-        with contextlib.suppress(EOFError, ConnectionError):
-            await client.until(lambda: any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events))
-        [goaway] = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
-        assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert await _goaway(client) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     finally:
         client.close()
